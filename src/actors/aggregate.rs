@@ -1,0 +1,324 @@
+//! The generic aggregate actor: activation by replay, pipelined persistence, passivation.
+//! It routes and persists; every rule is in the aggregate's `decide`.
+
+use super::registry::{ExecError, Registry, Runtime};
+use crate::domain::{Aggregate, Ctx, Decision};
+use crate::events::{codec, EventStore, ExpectedVersion, NewEvent, StoreError};
+use crate::metrics::stream_kind;
+use actix::prelude::*;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// Shortest interval between two idleness checks.
+const IDLE_CHECK_MIN: Duration = Duration::from_millis(100);
+
+/// Runs one command. Answered once the outcome is durable.
+pub struct Execute<A: Aggregate> {
+    pub command: A::Command,
+}
+
+impl<A: Aggregate> Message for Execute<A> {
+    type Result = Result<A::Reply, ExecError<A::Error>>;
+}
+
+/// Returns a copy of the state and its version, once durable.
+pub struct GetState<A>(pub std::marker::PhantomData<A>);
+
+impl<A: Aggregate> Message for GetState<A> {
+    type Result = Result<(A, u64), ExecError<A::Error>>;
+}
+
+impl<A: Aggregate> Handler<GetState<A>> for AggregateActor<A> {
+    type Result = ResponseActFuture<Self, Result<(A, u64), ExecError<A::Error>>>;
+
+    fn handle(&mut self, _: GetState<A>, _: &mut Context<Self>) -> Self::Result {
+        if let Err(e) = self.usable() {
+            return Box::pin(fut::ready(Err(e)));
+        }
+        let snapshot = (self.state.clone(), self.version);
+        self.when_durable(self.version, Ok(snapshot))
+    }
+}
+
+/// One aggregate instance.
+pub struct AggregateActor<A: Aggregate> {
+    stream: String,
+    kind: String,
+    incarnation: u64,
+    registry: Weak<Registry<A>>,
+    runtime: Arc<Runtime>,
+    state: A,
+    /// Version including events handed to the journal but not yet acknowledged.
+    version: u64,
+    /// Highest version the journal has acknowledged.
+    durable: watch::Sender<u64>,
+    in_flight: usize,
+    /// Set when activation or an append failed: the in-memory state is not to be trusted.
+    broken: bool,
+    passivating: bool,
+    last_active: Instant,
+    events_since_snapshot: u64,
+}
+
+impl<A: Aggregate> AggregateActor<A> {
+    pub(super) fn new(
+        stream: String,
+        incarnation: u64,
+        registry: Weak<Registry<A>>,
+        runtime: Arc<Runtime>,
+    ) -> Self {
+        let kind = stream_kind(&stream).to_owned();
+        AggregateActor {
+            stream,
+            kind,
+            incarnation,
+            registry,
+            runtime,
+            state: A::default(),
+            version: 0,
+            durable: watch::channel(0).0,
+            in_flight: 0,
+            broken: false,
+            passivating: false,
+            last_active: Instant::now(),
+            events_since_snapshot: 0,
+        }
+    }
+
+    fn usable(&self) -> Result<(), ExecError<A::Error>> {
+        if self.broken {
+            Err(ExecError::Unavailable(format!(
+                "{} is restarting",
+                self.stream
+            )))
+        } else if self.passivating {
+            Err(ExecError::Unavailable(format!(
+                "{} is passivating",
+                self.stream
+            )))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Leaves the registry and stops; held replies are answered `Unavailable`.
+    fn break_down(&mut self, ctx: &mut Context<Self>, why: &str) {
+        if !self.broken {
+            tracing::warn!(stream = %self.stream, why, "actor stops; the next message replays the log");
+        }
+        self.broken = true;
+        self.leave_registry();
+        ctx.stop();
+    }
+
+    fn leave_registry(&self) {
+        if let Some(registry) = self.registry.upgrade() {
+            registry.forget(&self.stream, self.incarnation);
+        }
+    }
+
+    /// Answers `result` once everything up to `version` is durable.
+    fn when_durable<T: 'static>(
+        &self,
+        version: u64,
+        result: Result<T, ExecError<A::Error>>,
+    ) -> ResponseActFuture<Self, Result<T, ExecError<A::Error>>> {
+        if *self.durable.borrow() >= version {
+            return Box::pin(fut::ready(result));
+        }
+        let mut durable = self.durable.subscribe();
+        let stream = self.stream.clone();
+        Box::pin(
+            async move {
+                match durable.wait_for(|d| *d >= version).await {
+                    Ok(_) => result,
+                    Err(_) => Err(ExecError::Unavailable(format!("{stream} stopped"))),
+                }
+            }
+            .into_actor(self),
+        )
+    }
+
+    fn maybe_snapshot(&mut self) {
+        let every = self.runtime.config.snapshot_every_events;
+        if every == 0 || self.events_since_snapshot < every || self.in_flight > 0 {
+            return;
+        }
+        // Nothing in flight: the in-memory state is exactly the durable state.
+        match codec::encode(&self.state) {
+            Ok(bytes) => {
+                if let Err(e) = self
+                    .runtime
+                    .store
+                    .save_snapshot(&self.stream, self.version, &bytes)
+                {
+                    tracing::warn!(stream = %self.stream, error = %e, "snapshot not saved");
+                }
+                self.events_since_snapshot = 0;
+            }
+            Err(e) => tracing::warn!(stream = %self.stream, error = %e, "snapshot not encoded"),
+        }
+    }
+}
+
+/// Loads the latest snapshot and replays the rest of the stream. Blocking.
+fn load<A: Aggregate>(store: &dyn EventStore, stream: &str) -> Result<(A, u64), StoreError> {
+    let (mut state, mut version) = match store.load_snapshot(stream)? {
+        Some((version, bytes)) => match codec::decode::<A>(&bytes) {
+            Ok(state) => (state, version),
+            Err(e) => {
+                // A snapshot is an optimisation; replaying from zero is always correct.
+                tracing::warn!(stream, error = %e, "ignoring undecodable snapshot");
+                (A::default(), 0)
+            }
+        },
+        None => (A::default(), 0),
+    };
+    for envelope in store.read_stream(stream, version + 1)? {
+        let event = A::unwrap(&envelope.event).ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "{stream}@{} holds a {} event",
+                envelope.version,
+                envelope.event.type_name()
+            ))
+        })?;
+        state.evolve(event);
+        version = envelope.version;
+    }
+    Ok((state, version))
+}
+
+impl<A: Aggregate> Actor for AggregateActor<A> {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(self.runtime.config.mailbox_capacity);
+        self.runtime
+            .metrics
+            .actors_active
+            .with_label_values(&[&self.kind])
+            .inc();
+        self.runtime
+            .metrics
+            .actor_activations_total
+            .with_label_values(&[&self.kind])
+            .inc();
+
+        // Replay before the first message: `wait` holds the mailbox until the state is loaded.
+        let store = self.runtime.store.clone();
+        let stream = self.stream.clone();
+        let loading = tokio::task::spawn_blocking(move || load::<A>(&*store, &stream));
+        ctx.wait(
+            loading
+                .into_actor(self)
+                .map(|loaded, act, ctx| match loaded {
+                    Ok(Ok((state, version))) => {
+                        act.state = state;
+                        act.version = version;
+                        act.durable.send_replace(version);
+                    }
+                    Ok(Err(e)) => act.break_down(ctx, &format!("activation failed: {e}")),
+                    Err(e) => act.break_down(ctx, &format!("activation task failed: {e}")),
+                }),
+        );
+
+        let idle = self.runtime.config.idle_passivate;
+        ctx.run_interval((idle / 2).max(IDLE_CHECK_MIN), move |act, ctx| {
+            if act.in_flight == 0 && !act.passivating && act.last_active.elapsed() >= idle {
+                act.passivating = true;
+                act.leave_registry();
+                act.runtime
+                    .metrics
+                    .actor_passivations_total
+                    .with_label_values(&[&act.kind])
+                    .inc();
+                ctx.stop();
+            }
+        });
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        self.runtime
+            .metrics
+            .actors_active
+            .with_label_values(&[&self.kind])
+            .dec();
+        self.leave_registry();
+    }
+}
+
+impl<A: Aggregate> Handler<Execute<A>> for AggregateActor<A> {
+    type Result = ResponseActFuture<Self, Result<A::Reply, ExecError<A::Error>>>;
+
+    fn handle(&mut self, msg: Execute<A>, ctx: &mut Context<Self>) -> Self::Result {
+        self.last_active = Instant::now();
+        if let Err(e) = self.usable() {
+            return Box::pin(fut::ready(Err(e)));
+        }
+        let now = Ctx {
+            now_ms: self.runtime.clock.now_ms(),
+        };
+        let (events, reply) = match self.state.decide(&msg.command, &now) {
+            Ok(Decision::Emit(events, reply)) if !events.is_empty() => (events, reply),
+            Ok(Decision::Emit(_, reply)) | Ok(Decision::Reply(reply)) => {
+                return self.when_durable(self.version, Ok(reply))
+            }
+            Err(refusal) => {
+                return self.when_durable(self.version, Err(ExecError::Rejected(refusal)))
+            }
+        };
+
+        // Pipelined persistence: apply now, hold the reply until the journal acknowledges.
+        let expected = self.version;
+        for event in &events {
+            self.state.evolve(event);
+        }
+        let count = events.len() as u64;
+        self.version += count;
+        let correlation_id = A::correlation_id(&msg.command);
+        let new_events = events
+            .into_iter()
+            .map(|e| NewEvent {
+                event: A::wrap(e),
+                correlation_id: correlation_id.clone(),
+            })
+            .collect();
+        let ack = match self.runtime.store.append(
+            self.incarnation,
+            self.stream.clone(),
+            ExpectedVersion::Exact(expected),
+            new_events,
+        ) {
+            Ok(ack) => ack,
+            Err(e) => {
+                // Not submitted: the in-memory state is ahead of the log. Start over from it.
+                self.break_down(ctx, &format!("append not submitted: {e}"));
+                return Box::pin(fut::ready(Err(match e {
+                    crate::events::AppendError::Overloaded => ExecError::Overloaded,
+                    other => ExecError::Unavailable(other.to_string()),
+                })));
+            }
+        };
+        self.in_flight += 1;
+        Box::pin(ack.into_actor(self).map(move |appended, act, ctx| {
+            act.in_flight -= 1;
+            match appended {
+                Ok(appended) => {
+                    act.durable.send_if_modified(|d| {
+                        let advanced = appended.last_version > *d;
+                        *d = (*d).max(appended.last_version);
+                        advanced
+                    });
+                    act.events_since_snapshot += count;
+                    act.maybe_snapshot();
+                    Ok(reply)
+                }
+                Err(e) => {
+                    act.break_down(ctx, &format!("append failed: {e}"));
+                    Err(ExecError::Unavailable(e.to_string()))
+                }
+            }
+        }))
+    }
+}

@@ -1,0 +1,416 @@
+//! Configuration: a TOML file whose every field has a built-in default, so `hongbao serve`
+//! runs with no file at all. Unknown fields are refused (a typo must not silently fall back to
+//! a default). Secrets resolve in this order: environment (`HONGBAO_*`), the config file, then
+//! `keys.toml` in the data directory, generated on first start when nothing else gives them.
+
+use crate::actors::ActorConfig;
+use crate::events::sled_store::JournalConfig;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the log, views and generated keys live.
+    pub data_dir: PathBuf,
+    pub server: ServerConfig,
+    pub journal: JournalSection,
+    pub actors: ActorSection,
+    pub limits: Limits,
+    pub auth: AuthConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    pub addr: String,
+    /// HTTP worker threads; 0 means one per core.
+    pub workers: usize,
+    /// Largest request body accepted (413 beyond).
+    pub request_body_bytes_max: usize,
+    /// How long a graceful shutdown waits for in-flight requests.
+    pub shutdown_timeout_s: u64,
+    /// How long a read waits for its projection to reach the log head before answering with
+    /// what it has (read-your-writes for a client that just got a 2xx).
+    pub read_wait_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JournalSection {
+    pub batch_events_max: usize,
+    pub queue_requests_max: usize,
+    pub append_events_max: usize,
+    pub cache_bytes: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ActorSection {
+    pub idle_passivate_s: u64,
+    pub mailbox_capacity: usize,
+    pub snapshot_every_events: u64,
+    pub command_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest amount one command may move, in fen.
+    pub amount_fen_max: u64,
+    /// Largest page a listing returns.
+    pub page_items_max: usize,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    pub admin_key: Option<String>,
+    pub issuer_key: Option<String>,
+    pub gateway_key: Option<String>,
+    pub token_secret: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("data"),
+            server: ServerConfig::default(),
+            journal: JournalSection::default(),
+            actors: ActorSection::default(),
+            limits: Limits::default(),
+            auth: AuthConfig::default(),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            addr: "127.0.0.1:8080".into(),
+            workers: 0,
+            request_body_bytes_max: 64 * 1024,
+            shutdown_timeout_s: 30,
+            read_wait_ms: 1000,
+        }
+    }
+}
+
+impl Default for JournalSection {
+    fn default() -> Self {
+        let j = JournalConfig::default();
+        JournalSection {
+            batch_events_max: j.batch_events_max,
+            queue_requests_max: j.queue_requests_max,
+            append_events_max: j.append_events_max,
+            cache_bytes: j.cache_bytes,
+        }
+    }
+}
+
+impl Default for ActorSection {
+    fn default() -> Self {
+        let a = ActorConfig::default();
+        ActorSection {
+            idle_passivate_s: a.idle_passivate.as_secs(),
+            mailbox_capacity: a.mailbox_capacity,
+            snapshot_every_events: a.snapshot_every_events,
+            command_timeout_ms: a.command_timeout.as_millis() as u64,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            // 1 billion yuan: far above any campaign movement, far below overflow.
+            amount_fen_max: 100_000_000_000,
+            page_items_max: 500,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid setting: {0}")]
+    Invalid(String),
+    #[error("cannot write generated keys to {path}: {source}")]
+    WriteKeys {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+impl Config {
+    /// Reads a config file (every field optional).
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.display().to_string(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: "<inline>".into(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            (
+                "journal.batch_events_max",
+                self.journal.batch_events_max as u64,
+            ),
+            (
+                "journal.queue_requests_max",
+                self.journal.queue_requests_max as u64,
+            ),
+            (
+                "journal.append_events_max",
+                self.journal.append_events_max as u64,
+            ),
+            (
+                "actors.mailbox_capacity",
+                self.actors.mailbox_capacity as u64,
+            ),
+            ("actors.command_timeout_ms", self.actors.command_timeout_ms),
+            (
+                "server.request_body_bytes_max",
+                self.server.request_body_bytes_max as u64,
+            ),
+            ("limits.amount_fen_max", self.limits.amount_fen_max),
+            ("limits.page_items_max", self.limits.page_items_max as u64),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!("{name} must be positive")));
+            }
+        }
+        if self.limits.amount_fen_max > i64::MAX as u64 {
+            return Err(ConfigError::Invalid(
+                "limits.amount_fen_max must fit in i64".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn journal(&self) -> JournalConfig {
+        JournalConfig {
+            batch_events_max: self.journal.batch_events_max,
+            queue_requests_max: self.journal.queue_requests_max,
+            append_events_max: self.journal.append_events_max,
+            cache_bytes: self.journal.cache_bytes,
+        }
+    }
+
+    pub fn actors(&self) -> ActorConfig {
+        ActorConfig {
+            idle_passivate: Duration::from_secs(self.actors.idle_passivate_s),
+            mailbox_capacity: self.actors.mailbox_capacity,
+            snapshot_every_events: self.actors.snapshot_every_events,
+            command_timeout: Duration::from_millis(self.actors.command_timeout_ms),
+        }
+    }
+}
+
+/// The secrets the server runs with.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Keys {
+    pub admin: String,
+    pub issuer: String,
+    pub gateway: String,
+    pub token_secret: String,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Keys { .. }") // never log secrets
+    }
+}
+
+/// File in the data directory holding generated keys.
+pub const KEYS_FILE: &str = "keys.toml";
+
+/// Minimum length of a configured key, so that a placeholder like "x" is refused.
+const KEY_CHARS_MIN: usize = 16;
+
+impl Keys {
+    /// Resolves the keys: environment, then config, then the data directory's `keys.toml`,
+    /// generating that file (mode 0600) for whatever is still missing. Returns the keys and,
+    /// when a file was written, its path.
+    pub fn resolve(
+        auth: &AuthConfig,
+        data_dir: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<(Keys, Option<PathBuf>), ConfigError> {
+        let path = data_dir.join(KEYS_FILE);
+        let stored: AuthConfig = match std::fs::read_to_string(&path) {
+            Ok(text) => toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?,
+            Err(_) => AuthConfig::default(),
+        };
+        let mut generated = stored.clone();
+        let mut wrote = false;
+        let mut pick = |var: &str,
+                        configured: &Option<String>,
+                        stored: &Option<String>,
+                        slot: &mut Option<String>|
+         -> Result<String, ConfigError> {
+            if let Some(value) = env(var)
+                .filter(|v| !v.is_empty())
+                .or_else(|| configured.clone())
+            {
+                if value.len() < KEY_CHARS_MIN {
+                    return Err(ConfigError::Invalid(format!(
+                        "{var} (or its config field) must be at least {KEY_CHARS_MIN} characters"
+                    )));
+                }
+                return Ok(value);
+            }
+            if let Some(value) = stored.clone() {
+                return Ok(value);
+            }
+            let value = random_key();
+            *slot = Some(value.clone());
+            wrote = true;
+            Ok(value)
+        };
+        let keys = Keys {
+            admin: pick(
+                "HONGBAO_ADMIN_KEY",
+                &auth.admin_key,
+                &stored.admin_key,
+                &mut generated.admin_key,
+            )?,
+            issuer: pick(
+                "HONGBAO_ISSUER_KEY",
+                &auth.issuer_key,
+                &stored.issuer_key,
+                &mut generated.issuer_key,
+            )?,
+            gateway: pick(
+                "HONGBAO_GATEWAY_KEY",
+                &auth.gateway_key,
+                &stored.gateway_key,
+                &mut generated.gateway_key,
+            )?,
+            token_secret: pick(
+                "HONGBAO_TOKEN_SECRET",
+                &auth.token_secret,
+                &stored.token_secret,
+                &mut generated.token_secret,
+            )?,
+        };
+        if !wrote {
+            return Ok((keys, None));
+        }
+        std::fs::create_dir_all(data_dir).map_err(|source| ConfigError::WriteKeys {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let text = format!(
+            "# Generated by hongbao on first start. Keep secret. Environment variables\n\
+             # HONGBAO_ADMIN_KEY, HONGBAO_ISSUER_KEY, HONGBAO_GATEWAY_KEY, HONGBAO_TOKEN_SECRET\n\
+             # and the [auth] section of the config file override these.\n{}",
+            toml::to_string(&generated).unwrap_or_default()
+        );
+        write_private(&path, &text).map_err(|source| ConfigError::WriteKeys {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok((keys, Some(path)))
+    }
+}
+
+fn random_key() -> String {
+    let bytes: [u8; 24] = rand::random();
+    hex::encode(bytes)
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("toml.tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    std::fs::write(path, text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_the_built_in_defaults_and_typos_are_refused() {
+        // Goal: no configuration is needed, and a misspelt field is an error, not a default.
+        let config = Config::from_toml("").unwrap();
+        assert_eq!(config.data_dir, PathBuf::from("data"));
+        assert_eq!(config.server.addr, "127.0.0.1:8080");
+        assert!(Config::from_toml("[server]\nadr = \"x\"").is_err());
+        assert!(Config::from_toml("[journal]\nbatch_events_max = 0").is_err());
+        let tuned = Config::from_toml("[journal]\nbatch_events_max = 64").unwrap();
+        assert_eq!(tuned.journal().batch_events_max, 64);
+    }
+
+    #[test]
+    fn keys_come_from_env_then_config_then_a_generated_file() {
+        // Goal: precedence is env > config > keys.toml, generated once and then reused.
+        let dir = tempfile::tempdir().unwrap();
+        let none = |_: &str| None;
+        let (first, wrote) = Keys::resolve(&AuthConfig::default(), dir.path(), none).unwrap();
+        assert!(wrote.is_some());
+        let (again, wrote_again) = Keys::resolve(&AuthConfig::default(), dir.path(), none).unwrap();
+        assert_eq!(first, again);
+        assert!(wrote_again.is_none());
+
+        let auth = AuthConfig {
+            admin_key: Some("config-admin-key-0001".into()),
+            ..Default::default()
+        };
+        let env =
+            |var: &str| (var == "HONGBAO_GATEWAY_KEY").then(|| "env-gateway-key-00001".to_string());
+        let (keys, _) = Keys::resolve(&auth, dir.path(), env).unwrap();
+        assert_eq!(keys.admin, "config-admin-key-0001");
+        assert_eq!(keys.gateway, "env-gateway-key-00001");
+        assert_eq!(keys.issuer, first.issuer);
+
+        let short = AuthConfig {
+            admin_key: Some("x".into()),
+            ..Default::default()
+        };
+        assert!(Keys::resolve(&short, dir.path(), none).is_err());
+    }
+}

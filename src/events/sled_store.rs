@@ -1,0 +1,684 @@
+//! The sled event store and its group-commit journal.
+//!
+//! One thread, the journal writer, owns every write to the log. Appenders (actors, flows) send
+//! requests into a bounded queue and await a oneshot acknowledgement. The writer takes the first
+//! waiting request, drains whatever else is queued (up to `batch_events_max` events), checks
+//! each request's expected version, encodes and hash-chains the accepted events, writes them all
+//! with one atomic `apply_batch`, calls `flush()` once, and only then acknowledges every request
+//! of the batch and publishes the batch to live subscribers. Throughput therefore grows with
+//! concurrency (one flush serves the whole batch) instead of being capped by the flush rate.
+//!
+//! Layout, all in the `journal` tree so that one `apply_batch` covers a record and its index:
+//! - `L` + seq (u64 big endian) -> stored record (`[prev_hash][hash][format][body]`);
+//! - `S` + stream + `0x00` + first version (u64 BE) -> first seq (u64 BE) + count (u32 BE):
+//!   one index entry per append, whose events have consecutive versions and sequences.
+//!
+//! Snapshots live in the `snapshots` tree (`stream -> version (u64 BE) + encoded state`) and are
+//! written without a flush: a snapshot lost in a crash only costs a longer replay.
+//!
+//! Failure policy (fail-stop): if a write or flush fails, the writer cannot know what reached
+//! the disk, so it answers every request of that batch and every later one with
+//! `Unavailable`, marks the store unhealthy (`/readyz` turns red) and stops. A restart recovers
+//! from what sled made durable; nothing unacknowledged was promised.
+
+use super::{
+    AppendAck, AppendError, Appended, Envelope, EventStore, ExpectedVersion, Hash, LiveBatch,
+    NewEvent, StoreError, GENESIS_HASH,
+};
+use crate::clock::Clock;
+use crate::metrics::{stream_kind, Metrics};
+use futures::future::BoxFuture;
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+const LOG_PREFIX: u8 = b'L';
+const INDEX_PREFIX: u8 = b'S';
+/// Streams whose versions the writer keeps in memory before it forgets them all (they are
+/// re-read from the index on demand): bounds the writer's memory on campaigns with many users.
+const VERSION_CACHE_STREAMS_MAX: usize = 1_000_000;
+/// Fenced (stream, writer) pairs kept before the set is cleared; refusals are rare.
+const FENCED_WRITERS_MAX: usize = 100_000;
+/// Batches a live subscriber may fall behind before it reads from the store instead.
+const LIVE_BATCHES_MAX: usize = 1024;
+
+/// Journal tuning, from the `[journal]` config section.
+#[derive(Debug, Clone, Copy)]
+pub struct JournalConfig {
+    /// Most events written with one flush.
+    pub batch_events_max: usize,
+    /// Most append requests waiting for the writer; appenders wait beyond that (backpressure).
+    pub queue_requests_max: usize,
+    /// Most events one append may carry.
+    pub append_events_max: usize,
+    /// sled page cache size.
+    pub cache_bytes: u64,
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        JournalConfig {
+            batch_events_max: 4096,
+            queue_requests_max: 65_536,
+            append_events_max: 1024,
+            cache_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+enum JournalMsg {
+    Append(AppendRequest),
+    Close(oneshot::Sender<()>),
+}
+
+struct AppendRequest {
+    writer: u64,
+    stream: String,
+    expected: ExpectedVersion,
+    events: Vec<NewEvent>,
+    reply: oneshot::Sender<Result<Appended, AppendError>>,
+}
+
+/// The sled-backed [`EventStore`].
+pub struct SledStore {
+    db: sled::Db,
+    journal: sled::Tree,
+    snapshots: sled::Tree,
+    queue: mpsc::Sender<JournalMsg>,
+    head: Arc<AtomicU64>,
+    healthy: Arc<AtomicBool>,
+    live: broadcast::Sender<LiveBatch>,
+    metrics: Arc<Metrics>,
+    config: JournalConfig,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+fn log_key(seq: u64) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = LOG_PREFIX;
+    key[1..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn index_prefix(stream: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(stream.len() + 10);
+    key.push(INDEX_PREFIX);
+    key.extend_from_slice(stream.as_bytes());
+    key.push(0);
+    key
+}
+
+fn index_key(stream: &str, first_version: u64) -> Vec<u8> {
+    let mut key = index_prefix(stream);
+    key.extend_from_slice(&first_version.to_be_bytes());
+    key
+}
+
+/// End (exclusive) of a stream's index range: the prefix with its 0x00 separator bumped.
+fn index_end(stream: &str) -> Vec<u8> {
+    let mut key = index_prefix(stream);
+    *key.last_mut().expect("prefix is never empty") = 1;
+    key
+}
+
+fn be_u64(bytes: &[u8]) -> Result<u64, StoreError> {
+    let array: [u8; 8] = bytes
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("integer of wrong width".into()))?;
+    Ok(u64::from_be_bytes(array))
+}
+
+/// An index entry: (first version, first seq, count).
+fn decode_index(key: &[u8], value: &[u8]) -> Result<(u64, u64, u64), StoreError> {
+    if key.len() < 9 || value.len() != 12 {
+        return Err(StoreError::Corrupt("malformed stream index entry".into()));
+    }
+    let first_version = be_u64(&key[key.len() - 8..])?;
+    let first_seq = be_u64(&value[..8])?;
+    let count = u32::from_be_bytes(value[8..12].try_into().expect("4 bytes")) as u64;
+    Ok((first_version, first_seq, count))
+}
+
+fn io(e: sled::Error) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+/// The last version of a stream according to the index (0 if it has none).
+fn stream_version(journal: &sled::Tree, stream: &str) -> Result<u64, StoreError> {
+    match journal
+        .range(index_prefix(stream)..index_end(stream))
+        .next_back()
+    {
+        None => Ok(0),
+        Some(entry) => {
+            let (key, value) = entry.map_err(io)?;
+            let (first_version, _, count) = decode_index(&key, &value)?;
+            Ok(first_version + count - 1)
+        }
+    }
+}
+
+impl SledStore {
+    /// Opens (or creates) the log in `dir` and starts the journal writer.
+    pub fn open(
+        dir: &Path,
+        config: JournalConfig,
+        clock: Arc<dyn Clock>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<SledStore>, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(e.to_string()))?;
+        let db = sled::Config::new()
+            .path(dir.join("log"))
+            .cache_capacity(config.cache_bytes)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                    StoreError::Locked(dir.display().to_string())
+                }
+                sled::Error::Io(ref io) if io.to_string().contains("lock") => {
+                    StoreError::Locked(dir.display().to_string())
+                }
+                other => io(other),
+            })?;
+        let journal = db.open_tree("journal").map_err(io)?;
+        let snapshots = db.open_tree("snapshots").map_err(io)?;
+
+        // Recover the tail of the chain: the last record's sequence and hash.
+        let (last_seq, last_hash) = match journal.range(log_key(0)..=log_key(u64::MAX)).next_back()
+        {
+            None => (0, GENESIS_HASH),
+            Some(entry) => {
+                let (key, value) = entry.map_err(io)?;
+                let envelope = Envelope::decode_stored(&value)?;
+                if be_u64(&key[1..])? != envelope.seq {
+                    return Err(StoreError::Corrupt(format!(
+                        "record under key {} says seq {}",
+                        be_u64(&key[1..])?,
+                        envelope.seq
+                    )));
+                }
+                (envelope.seq, envelope.hash)
+            }
+        };
+
+        let (queue, receiver) = mpsc::channel(config.queue_requests_max);
+        let head = Arc::new(AtomicU64::new(last_seq));
+        let healthy = Arc::new(AtomicBool::new(true));
+        let (live, _) = broadcast::channel(LIVE_BATCHES_MAX);
+        metrics.log_head_seq.set(last_seq as i64);
+
+        let writer = Writer {
+            db: db.clone(),
+            journal: journal.clone(),
+            receiver,
+            next_seq: last_seq + 1,
+            last_hash,
+            versions: HashMap::new(),
+            fenced: HashSet::new(),
+            head: head.clone(),
+            healthy: healthy.clone(),
+            live: live.clone(),
+            clock,
+            metrics: metrics.clone(),
+            config,
+        };
+        let handle = std::thread::Builder::new()
+            .name("hongbao-journal".into())
+            .spawn(move || writer.run())
+            .map_err(|e| StoreError::Io(e.to_string()))?;
+
+        Ok(Arc::new(SledStore {
+            db,
+            journal,
+            snapshots,
+            queue,
+            head,
+            healthy,
+            live,
+            metrics,
+            config,
+            writer: Mutex::new(Some(handle)),
+        }))
+    }
+
+    /// The underlying database, for projections that keep their views beside the log.
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    /// A stream's last version according to the durable index.
+    pub fn stream_version(&self, stream: &str) -> Result<u64, StoreError> {
+        stream_version(&self.journal, stream)
+    }
+
+    /// Every index entry of every stream, as (stream, first version, first seq, count); for
+    /// `hongbao verify`.
+    pub fn index_entries(
+        &self,
+    ) -> impl Iterator<Item = Result<(String, u64, u64, u64), StoreError>> + '_ {
+        self.journal.scan_prefix([INDEX_PREFIX]).map(|entry| {
+            let (key, value) = entry.map_err(io)?;
+            let (first_version, first_seq, count) = decode_index(&key, &value)?;
+            let stream = String::from_utf8(key[1..key.len() - 9].to_vec())
+                .map_err(|_| StoreError::Corrupt("stream id is not UTF-8".into()))?;
+            Ok((stream, first_version, first_seq, count))
+        })
+    }
+
+    /// Raw stored records from `from_seq` on, for verification and export (no decoding).
+    pub fn raw_records(
+        &self,
+        from_seq: u64,
+    ) -> impl Iterator<Item = Result<(u64, sled::IVec), StoreError>> + '_ {
+        self.journal
+            .range(log_key(from_seq)..=log_key(u64::MAX))
+            .map(|entry| {
+                let (key, value) = entry.map_err(io)?;
+                Ok((be_u64(&key[1..])?, value))
+            })
+    }
+}
+
+impl EventStore for SledStore {
+    fn append(
+        &self,
+        writer: u64,
+        stream: String,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendAck, AppendError> {
+        if events.len() > self.config.append_events_max {
+            return Err(AppendError::TooLarge {
+                max: self.config.append_events_max,
+            });
+        }
+        let started = Instant::now();
+        let (reply, ack) = oneshot::channel();
+        let request = AppendRequest {
+            writer,
+            stream,
+            expected,
+            events,
+            reply,
+        };
+        match self.queue.try_send(JournalMsg::Append(request)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => return Err(AppendError::Overloaded),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                return Err(AppendError::Unavailable("the journal is closed".into()))
+            }
+        }
+        let latency = self.metrics.journal_append_seconds.clone();
+        Ok(Box::pin(async move {
+            let result = ack
+                .await
+                .map_err(|_| AppendError::Unavailable("the journal stopped".into()))?;
+            latency.observe(started.elapsed().as_secs_f64());
+            result
+        }))
+    }
+
+    fn read_stream(&self, stream: &str, from_version: u64) -> Result<Vec<Envelope>, StoreError> {
+        let from_version = from_version.max(1);
+        let start = index_key(stream, from_version);
+        let mut entries = Vec::new();
+        // The entry that may cover `from_version` starts at or before it.
+        if let Some(entry) = self
+            .journal
+            .range(index_prefix(stream)..=start.clone())
+            .next_back()
+        {
+            let (key, value) = entry.map_err(io)?;
+            entries.push(decode_index(&key, &value)?);
+        }
+        for entry in self.journal.range(start..index_end(stream)) {
+            let (key, value) = entry.map_err(io)?;
+            let decoded = decode_index(&key, &value)?;
+            if entries.last() != Some(&decoded) {
+                entries.push(decoded);
+            }
+        }
+        let mut out = Vec::new();
+        for (first_version, first_seq, count) in entries {
+            if first_version + count <= from_version {
+                continue;
+            }
+            let records = self
+                .journal
+                .range(log_key(first_seq)..log_key(first_seq + count));
+            for (i, record) in records.enumerate() {
+                let (_, value) = record.map_err(io)?;
+                let envelope = Envelope::decode_stored(&value)?;
+                let version = first_version + i as u64;
+                // Pair assertion: the index and the record agree.
+                if envelope.stream != stream || envelope.version != version {
+                    return Err(StoreError::Corrupt(format!(
+                        "index says {stream}@{version} at seq {}, record says {}@{}",
+                        first_seq + i as u64,
+                        envelope.stream,
+                        envelope.version
+                    )));
+                }
+                if version >= from_version {
+                    out.push(envelope);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn read_all(&self, from_seq: u64, limit: usize) -> Result<Vec<Arc<Envelope>>, StoreError> {
+        let mut out = Vec::with_capacity(limit.min(4096));
+        for record in self
+            .journal
+            .range(log_key(from_seq.max(1))..=log_key(u64::MAX))
+            .take(limit)
+        {
+            let (_, value) = record.map_err(io)?;
+            out.push(Arc::new(Envelope::decode_stored(&value)?));
+        }
+        Ok(out)
+    }
+
+    fn head(&self) -> u64 {
+        self.head.load(Ordering::Acquire)
+    }
+
+    fn live(&self) -> broadcast::Receiver<LiveBatch> {
+        self.live.subscribe()
+    }
+
+    fn save_snapshot(&self, stream: &str, version: u64, state: &[u8]) -> Result<(), StoreError> {
+        let mut value = Vec::with_capacity(8 + state.len());
+        value.extend_from_slice(&version.to_be_bytes());
+        value.extend_from_slice(state);
+        self.snapshots
+            .insert(stream.as_bytes(), value)
+            .map_err(io)?;
+        Ok(())
+    }
+
+    fn load_snapshot(&self, stream: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        match self.snapshots.get(stream.as_bytes()).map_err(io)? {
+            None => Ok(None),
+            Some(value) if value.len() > 8 => Ok(Some((be_u64(&value[..8])?, value[8..].to_vec()))),
+            Some(_) => Err(StoreError::Corrupt(format!(
+                "snapshot of {stream} is too short"
+            ))),
+        }
+    }
+
+    fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    fn close(&self) -> BoxFuture<'static, Result<(), StoreError>> {
+        let queue = self.queue.clone();
+        let handle = self.writer.lock().map(|mut h| h.take()).unwrap_or(None);
+        let db = self.db.clone();
+        Box::pin(async move {
+            let (done, closed) = oneshot::channel();
+            if queue.send(JournalMsg::Close(done)).await.is_ok() {
+                let _ = closed.await;
+            }
+            if let Some(handle) = handle {
+                let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+            }
+            // Snapshots and projection views written since the last journal flush.
+            db.flush_async().await.map(|_| ()).map_err(io)
+        })
+    }
+}
+
+/// The journal writer: the only code that writes the log.
+struct Writer {
+    db: sled::Db,
+    journal: sled::Tree,
+    receiver: mpsc::Receiver<JournalMsg>,
+    next_seq: u64,
+    last_hash: Hash,
+    /// Last version of recently written streams; authoritative for streams it holds because
+    /// this thread is the only writer.
+    versions: HashMap<String, u64>,
+    /// Writers one of whose appends to a stream was refused: their later appends to it are too.
+    fenced: HashSet<(String, u64)>,
+    head: Arc<AtomicU64>,
+    healthy: Arc<AtomicBool>,
+    live: broadcast::Sender<LiveBatch>,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+    config: JournalConfig,
+}
+
+/// A request of the current batch whose events were accepted, waiting for the flush.
+struct Pending {
+    reply: oneshot::Sender<Result<Appended, AppendError>>,
+    appended: Appended,
+}
+
+impl Writer {
+    fn run(mut self) {
+        let mut batch = Vec::new();
+        let mut close = None;
+        while close.is_none() {
+            let Some(first) = self.receiver.blocking_recv() else {
+                break;
+            };
+            let mut events = 0;
+            for msg in
+                std::iter::once(first).chain(std::iter::from_fn(|| self.receiver.try_recv().ok()))
+            {
+                match msg {
+                    JournalMsg::Append(request) => {
+                        events += request.events.len();
+                        batch.push(request);
+                        if events >= self.config.batch_events_max {
+                            break;
+                        }
+                    }
+                    JournalMsg::Close(done) => {
+                        close = Some(done);
+                        break;
+                    }
+                }
+            }
+            if !self.write(std::mem::take(&mut batch)) {
+                self.fail_remaining();
+                break;
+            }
+        }
+        let _ = self.db.flush();
+        drop(self.db);
+        if let Some(done) = close {
+            let _ = done.send(());
+        }
+    }
+
+    /// The version of `stream` as the writer knows it.
+    fn version_of(&mut self, stream: &str) -> Result<u64, StoreError> {
+        if let Some(&version) = self.versions.get(stream) {
+            return Ok(version);
+        }
+        if self.versions.len() >= VERSION_CACHE_STREAMS_MAX {
+            self.versions.clear();
+        }
+        let version = stream_version(&self.journal, stream)?;
+        self.versions.insert(stream.to_owned(), version);
+        Ok(version)
+    }
+
+    /// Writes one batch. Returns false if the store must stop (fail-stop).
+    fn write(&mut self, requests: Vec<AppendRequest>) -> bool {
+        let now_ms = self.clock.now_ms();
+        let mut batch = sled::Batch::default();
+        let mut pending: Vec<Pending> = Vec::with_capacity(requests.len());
+        let mut published: Vec<Arc<Envelope>> = Vec::new();
+        for request in requests {
+            let current = match self.version_of(&request.stream) {
+                Ok(v) => v,
+                Err(e) => {
+                    let _ = request
+                        .reply
+                        .send(Err(AppendError::Unavailable(e.to_string())));
+                    continue;
+                }
+            };
+            let fenced = request.writer != 0
+                && self
+                    .fenced
+                    .contains(&(request.stream.clone(), request.writer));
+            let expected = match request.expected {
+                ExpectedVersion::Exact(expected) => expected,
+                ExpectedVersion::Any => current,
+            };
+            if fenced || expected != current {
+                self.metrics.journal_conflicts_total.inc();
+                if request.writer != 0 {
+                    if self.fenced.len() >= FENCED_WRITERS_MAX {
+                        self.fenced.clear();
+                    }
+                    self.fenced.insert((request.stream.clone(), request.writer));
+                }
+                let _ = request.reply.send(Err(AppendError::Conflict {
+                    stream: request.stream,
+                    expected,
+                    actual: current,
+                }));
+                continue;
+            }
+            if request.events.is_empty() {
+                let appended = Appended {
+                    last_version: current,
+                    envelopes: Vec::new(),
+                };
+                pending.push(Pending {
+                    reply: request.reply,
+                    appended,
+                });
+                continue;
+            }
+            let first_seq = self.next_seq;
+            let count = request.events.len() as u64;
+            let envelopes: Vec<Envelope> = request
+                .events
+                .into_iter()
+                .enumerate()
+                .map(|(i, new)| Envelope {
+                    seq: first_seq + i as u64,
+                    stream: request.stream.clone(),
+                    version: current + 1 + i as u64,
+                    event_id: rand::random(),
+                    correlation_id: new.correlation_id,
+                    recorded_at_ms: now_ms,
+                    schema_version: new.event.schema_version(),
+                    event: new.event,
+                    prev_hash: GENESIS_HASH,
+                    hash: GENESIS_HASH,
+                })
+                .collect();
+            // Encode the whole request before chaining any of it, so that a refusal leaves the
+            // batch's chain untouched.
+            let records: Result<Vec<Vec<u8>>, _> =
+                envelopes.iter().map(Envelope::encode_record).collect();
+            let records = match records {
+                Ok(records) => records,
+                Err(e) => {
+                    tracing::error!(error = %e, stream = %request.stream, "cannot encode event");
+                    let _ = request
+                        .reply
+                        .send(Err(AppendError::Unavailable(e.to_string())));
+                    continue;
+                }
+            };
+            let envelopes: Vec<Arc<Envelope>> = envelopes
+                .into_iter()
+                .zip(records)
+                .map(|(mut envelope, record)| {
+                    let (hash, stored) = super::seal(&self.last_hash, &record);
+                    envelope.prev_hash = self.last_hash;
+                    envelope.hash = hash;
+                    self.last_hash = hash;
+                    batch.insert(&log_key(envelope.seq), stored);
+                    Arc::new(envelope)
+                })
+                .collect();
+            let mut index_value = [0u8; 12];
+            index_value[..8].copy_from_slice(&first_seq.to_be_bytes());
+            index_value[8..].copy_from_slice(&(count as u32).to_be_bytes());
+            batch.insert(index_key(&request.stream, current + 1), &index_value);
+            self.next_seq += count;
+            self.versions
+                .insert(request.stream.clone(), current + count);
+            self.metrics
+                .events_appended_total
+                .with_label_values(&[stream_kind(&request.stream)])
+                .inc_by(count);
+            published.extend(envelopes.iter().cloned());
+            let appended = Appended {
+                last_version: current + count,
+                envelopes,
+            };
+            pending.push(Pending {
+                reply: request.reply,
+                appended,
+            });
+        }
+        if published.is_empty() {
+            for p in pending {
+                let _ = p.reply.send(Ok(p.appended));
+            }
+            return true;
+        }
+
+        let flush_started = Instant::now();
+        let written = self
+            .journal
+            .apply_batch(batch)
+            .and_then(|_| self.db.flush());
+        if let Err(e) = written {
+            tracing::error!(error = %e, "journal write failed; stopping the journal (fail-stop)");
+            for p in pending {
+                let _ = p
+                    .reply
+                    .send(Err(AppendError::Unavailable(format!("write failed: {e}"))));
+            }
+            return false;
+        }
+        self.metrics
+            .journal_flush_seconds
+            .observe(flush_started.elapsed().as_secs_f64());
+        self.metrics
+            .journal_batch_events
+            .observe(published.len() as f64);
+        let head = self.next_seq - 1;
+        self.head.store(head, Ordering::Release);
+        self.metrics.log_head_seq.set(head as i64);
+        let _ = self.live.send(Arc::new(published));
+        for p in pending {
+            let _ = p.reply.send(Ok(p.appended));
+        }
+        true
+    }
+
+    /// After a failure: refuse everything still queued, mark the store unhealthy.
+    fn fail_remaining(&mut self) {
+        self.healthy.store(false, Ordering::Release);
+        self.receiver.close();
+        while let Ok(msg) = self.receiver.try_recv() {
+            match msg {
+                JournalMsg::Append(request) => {
+                    let _ = request.reply.send(Err(AppendError::Unavailable(
+                        "the journal has stopped".into(),
+                    )));
+                }
+                JournalMsg::Close(done) => {
+                    let _ = done.send(());
+                }
+            }
+        }
+    }
+}

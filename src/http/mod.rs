@@ -1,0 +1,416 @@
+//! The HTTP layer (actix-web): parse, authorise, call an actor or read a projection, map
+//! errors. [`Application::build`] opens the store, starts the projections and binds the
+//! listener (port 0 in tests); [`Application::run_until_stopped`] serves until SIGINT/SIGTERM
+//! or a [`ServerHandle`] stop, then shuts down in order: stop accepting, finish in-flight
+//! requests (their replies wait for their flush), let the projections catch up, close the
+//! journal (flush), return.
+
+pub mod auth;
+pub mod error;
+pub mod ops;
+pub mod wallets;
+
+use crate::actors::{Registry, Runtime};
+use crate::clock::Clock;
+use crate::config::{Config, ConfigError, Keys};
+use crate::domain::wallet::Wallet;
+use crate::events::sled_store::SledStore;
+use crate::events::{EventStore, StoreError};
+use crate::ids::Id;
+use crate::metrics::Metrics;
+use crate::projections::{wallet::WalletView, Projection, Projections};
+use actix_web::body::MessageBody;
+use actix_web::dev::{Server, ServerHandle, ServiceRequest, ServiceResponse};
+use actix_web::middleware::{from_fn, Next};
+use actix_web::{web, App, HttpResponse, HttpServer};
+use error::{json_error, ApiError};
+use serde::Serialize;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+use utoipa::{OpenApi, ToSchema};
+
+/// The error body every 4xx/5xx carries (plus code-specific fields).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// Machine-readable reason, snake_case.
+    pub code: String,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "hongbao",
+        description = "Event-sourced money engine for peak-traffic campaigns. Money is integer fen. \
+                       Every command is idempotent by its business id.",
+    ),
+    paths(
+        wallets::deposit,
+        wallets::get_wallet,
+        wallets::get_ledger,
+        ops::healthz,
+        ops::readyz,
+        ops::metrics,
+        ops::openapi,
+    ),
+    components(schemas(
+        ErrorBody,
+        wallets::DepositRequest,
+        wallets::DepositResponse,
+        wallets::WalletResponse,
+        wallets::BalancesBody,
+        wallets::PendingBody,
+        wallets::LedgerLine,
+        wallets::LedgerPage,
+    )),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "wallet", description = "Balances, ledger, deposits"),
+        (name = "operations", description = "Health, readiness, metrics, this document"),
+    )
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// Everything a handler may use.
+pub struct AppState {
+    pub config: Config,
+    pub keys: Keys,
+    pub store: Arc<SledStore>,
+    pub wallets: Arc<Registry<Wallet>>,
+    pub projections: Arc<Projections>,
+    pub metrics: Arc<Metrics>,
+    pub openapi: String,
+}
+
+/// Parses an id from a path or body field, or answers 400 `invalid_id`.
+pub fn parse_id(field: &str, raw: &str) -> Result<Id, ApiError> {
+    Id::parse(raw).map_err(|e| ApiError::invalid_id(field, e))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot open the event log: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("server error: {0}")]
+    Server(std::io::Error),
+}
+
+/// A built, bound, not yet running server.
+pub struct Application {
+    port: u16,
+    server: Server,
+    state: web::Data<AppState>,
+    keys_file: Option<PathBuf>,
+}
+
+impl Application {
+    /// Opens the store in the configured data directory, resolves keys (generating them on
+    /// first start), starts the projections and binds `config.server.addr`.
+    pub async fn build(config: Config, clock: Arc<dyn Clock>) -> Result<Application, ServeError> {
+        config.validate()?;
+        let metrics = Arc::new(Metrics::new());
+        let (keys, keys_file) =
+            Keys::resolve(&config.auth, &config.data_dir, |v| std::env::var(v).ok())?;
+        let store = SledStore::open(
+            &config.data_dir,
+            config.journal(),
+            clock.clone(),
+            metrics.clone(),
+        )?;
+        let dyn_store: Arc<dyn EventStore> = store.clone();
+        let views: Vec<Arc<dyn Projection>> = vec![Arc::new(WalletView)];
+        let projections = Arc::new(Projections::start(
+            dyn_store.clone(),
+            store.db(),
+            views,
+            metrics.clone(),
+        )?);
+        let runtime = Arc::new(Runtime {
+            store: dyn_store,
+            clock,
+            metrics: metrics.clone(),
+            config: config.actors(),
+        });
+        let openapi = ApiDoc::openapi().to_json().unwrap_or_else(|_| "{}".into());
+        let state = web::Data::new(AppState {
+            keys,
+            store,
+            wallets: Registry::new(runtime),
+            projections,
+            metrics,
+            openapi,
+            config: config.clone(),
+        });
+
+        let listener =
+            TcpListener::bind(&config.server.addr).map_err(|source| ServeError::Bind {
+                addr: config.server.addr.clone(),
+                source,
+            })?;
+        let port = listener.local_addr().map_err(ServeError::Server)?.port();
+        let workers = match config.server.workers {
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+            n => n,
+        };
+        let app_state = state.clone();
+        let body_max = config.server.request_body_bytes_max;
+        let server =
+            HttpServer::new(move || {
+                App::new()
+                    .app_data(app_state.clone())
+                    .app_data(
+                        web::JsonConfig::default()
+                            .limit(body_max)
+                            .content_type_required(false)
+                            .error_handler(|e, _| json_error(e).into()),
+                    )
+                    .app_data(web::PathConfig::default().error_handler(|e, _| {
+                        ApiError::malformed(format!("invalid path: {e}")).into()
+                    }))
+                    .app_data(web::QueryConfig::default().error_handler(|e, _| {
+                        ApiError::malformed(format!("invalid query: {e}")).into()
+                    }))
+                    .wrap(from_fn(observe))
+                    .configure(routes)
+            })
+            .workers(workers)
+            .shutdown_timeout(config.server.shutdown_timeout_s)
+            .disable_signals()
+            .listen(listener)
+            .map_err(|source| ServeError::Bind {
+                addr: config.server.addr.clone(),
+                source,
+            })?
+            .run();
+        Ok(Application {
+            port,
+            server,
+            state,
+            keys_file,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Path of the keys file written on this start, if keys were generated.
+    pub fn generated_keys_file(&self) -> Option<&PathBuf> {
+        self.keys_file.as_ref()
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.state.keys
+    }
+
+    /// A handle to stop the server (gracefully with `stop(true)`).
+    pub fn handle(&self) -> ServerHandle {
+        self.server.handle()
+    }
+
+    /// Serves until stopped by SIGINT/SIGTERM or the handle, then shuts down in order.
+    pub async fn run_until_stopped(self) -> Result<(), ServeError> {
+        let handle = self.server.handle();
+        let signals = actix_web::rt::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("signal received; finishing in-flight requests");
+            handle.stop(true).await;
+        });
+        let served = self.server.await;
+        signals.abort();
+        let started = Instant::now();
+        self.state.projections.stop().await;
+        let closed = self.state.store.close().await;
+        tracing::info!(
+            head = self.state.store.head(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "journal flushed and closed"
+        );
+        served.map_err(ServeError::Server)?;
+        closed?;
+        Ok(())
+    }
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/v1/wallets/{uid}/change/deposits")
+            .route(web::post().to(wallets::deposit))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/wallets/{uid}")
+            .route(web::get().to(wallets::get_wallet))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/wallets/{uid}/ledger")
+            .route(web::get().to(wallets::get_ledger))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .route("/healthz", web::get().to(ops::healthz))
+    .route("/readyz", web::get().to(ops::readyz))
+    .route("/metrics", web::get().to(ops::metrics))
+    .route("/openapi.json", web::get().to(ops::openapi))
+    .default_service(web::to(no_route));
+}
+
+async fn no_route() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::new(
+        actix_web::http::StatusCode::NOT_FOUND,
+        "no_route",
+        "no such endpoint; see /openapi.json",
+    ))
+}
+
+async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::new(
+        actix_web::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not accept that method; see /openapi.json",
+    ))
+}
+
+/// Records every request's latency by route pattern, method and status.
+async fn observe(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let started = Instant::now();
+    let route = req
+        .match_pattern()
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = req.method().as_str().to_owned();
+    let metrics = req
+        .app_data::<web::Data<AppState>>()
+        .map(|s| s.metrics.clone());
+    let response = next.call(req).await;
+    if let Some(metrics) = metrics {
+        let status = match &response {
+            Ok(r) => r.status().as_u16(),
+            Err(e) => e.as_response_error().status_code().as_u16(),
+        };
+        metrics
+            .http_request_duration_seconds
+            .with_label_values(&[&route, &method, &status.to_string()])
+            .observe(started.elapsed().as_secs_f64());
+    }
+    response
+}
+
+/// A server running on its own thread (own actix system): for tests, the load generator and
+/// embedding. Stopped gracefully by [`RunningServer::stop`] or on drop.
+pub struct RunningServer {
+    pub port: u16,
+    pub keys: Keys,
+    handle: ServerHandle,
+    thread: Option<std::thread::JoinHandle<Result<(), String>>>,
+}
+
+impl RunningServer {
+    pub fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServer, ServeError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("hongbao-server".into())
+            .spawn(move || {
+                actix_web::rt::System::new().block_on(async move {
+                    match Application::build(config, clock).await {
+                        Ok(app) => {
+                            let _ = tx.send(Ok((app.port(), app.keys().clone(), app.handle())));
+                            app.run_until_stopped().await.map_err(|e| e.to_string())
+                        }
+                        Err(e) => {
+                            let message = e.to_string();
+                            let _ = tx.send(Err(e));
+                            Err(message)
+                        }
+                    }
+                })
+            })
+            .map_err(ServeError::Server)?;
+        let (port, keys, handle) = rx
+            .recv()
+            .map_err(|_| ServeError::Server(std::io::Error::other("server thread died")))??;
+        Ok(RunningServer {
+            port,
+            keys,
+            handle,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops gracefully (in-flight requests finish, journal flushed) and waits.
+    pub fn stop(mut self) -> Result<(), String> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<(), String> {
+        let Some(thread) = self.thread.take() else {
+            return Ok(());
+        };
+        let handle = self.handle.clone();
+        let _ = std::thread::spawn(move || {
+            actix_web::rt::System::new().block_on(handle.stop(true));
+        })
+        .join();
+        thread
+            .join()
+            .map_err(|_| "server thread panicked".to_string())?
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}

@@ -1,0 +1,278 @@
+//! Wallet endpoints: deposits (admin), the wallet page and its ledger (gateway).
+
+use super::auth::{Caller, Role};
+use super::error::ApiError;
+use super::{parse_id, AppState, ErrorBody};
+use crate::clock::rfc3339;
+use crate::domain::wallet::{Account, Entry, WalletCommand};
+use crate::events::EventStore;
+use crate::money::Fen;
+use crate::projections::wallet::{self as view, Direction, LedgerEntry};
+use actix_web::{web, HttpResponse};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+use utoipa::{IntoParams, ToSchema};
+
+/// Ledger entries shown on the wallet page.
+const WALLET_PAGE_LEDGER_ITEMS: usize = 20;
+/// Default page size of the ledger listing.
+const LEDGER_PAGE_ITEMS_DEFAULT: usize = 50;
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DepositRequest {
+    /// Idempotency key of the top-up.
+    #[schema(example = "topup-20261122-0001")]
+    pub order_id: String,
+    /// Fen, positive.
+    #[schema(example = 10000, minimum = 1)]
+    pub amount: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DepositResponse {
+    pub order_id: String,
+    /// Always `change`.
+    pub account: String,
+    pub amount: u64,
+    /// The change balance right after this deposit (the same on every retry).
+    pub balance_after: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BalancesBody {
+    pub activity: u64,
+    pub change: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PendingBody {
+    pub order_id: String,
+    pub kind: String,
+    pub amount: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LedgerLine {
+    /// Global log sequence of the movement; pass it as `before` to page.
+    pub seq: u64,
+    /// RFC 3339 time the movement was recorded.
+    pub at: String,
+    /// Why the money moved: deposit, reward, withdrawal, withdrawal_refund.
+    pub entry: String,
+    /// activity or change.
+    pub account: String,
+    /// credit or debit.
+    pub direction: String,
+    pub amount: u64,
+    pub order_id: String,
+    /// Balance of `account` after the movement.
+    pub balance_after: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WalletResponse {
+    pub uid: String,
+    pub balances: BalancesBody,
+    /// Accepted rewards not yet credited (R6).
+    pub pending: Vec<PendingBody>,
+    /// Latest movements first.
+    pub ledger: Vec<LedgerLine>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LedgerPage {
+    pub uid: String,
+    pub ledger: Vec<LedgerLine>,
+    /// Pass as `before` for the next (older) page; absent on the last page.
+    pub next_before: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerQuery {
+    /// Only entries with a smaller sequence.
+    pub before: Option<u64>,
+    /// Page size (default 50, at most the configured maximum).
+    pub limit: Option<usize>,
+}
+
+fn account_name(account: Account) -> &'static str {
+    match account {
+        Account::Activity => "activity",
+        Account::Change => "change",
+    }
+}
+
+fn line(entry: LedgerEntry) -> LedgerLine {
+    LedgerLine {
+        seq: entry.seq,
+        at: rfc3339(entry.at_ms),
+        entry: entry.entry.as_str().to_owned(),
+        account: account_name(entry.account).to_owned(),
+        direction: match entry.direction {
+            Direction::Credit => "credit",
+            Direction::Debit => "debit",
+        }
+        .to_owned(),
+        amount: entry.amount.as_u64(),
+        order_id: entry.order_id,
+        balance_after: entry.balance_after.as_u64(),
+    }
+}
+
+/// Tops up a user's change balance (stands in for a real cashier top-up).
+#[utoipa::path(
+    post,
+    path = "/v1/wallets/{uid}/change/deposits",
+    tag = "wallet",
+    params(("uid" = String, Path, description = "User id")),
+    request_body = DepositRequest,
+    responses(
+        (status = 201, description = "Durable; a retry with the same order id gets the same body", body = DepositResponse),
+        (status = 400, description = "Malformed body or id", body = ErrorBody),
+        (status = 401, description = "Missing or unknown key", body = ErrorBody),
+        (status = 403, description = "Not an admin key", body = ErrorBody),
+        (status = 409, description = "idempotency_conflict: order id used with another amount", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 422, description = "invalid_amount / amount_too_large / balance_overflow", body = ErrorBody),
+        (status = 503, description = "Outcome unknown or overloaded: retry with the same order id", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn deposit(
+    caller: Caller,
+    state: web::Data<AppState>,
+    uid: web::Path<String>,
+    body: web::Json<DepositRequest>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require(&[])?;
+    let uid = parse_id("uid", &uid)?;
+    let order_id = parse_id("order_id", &body.order_id)?;
+    let amount = Fen::parse_amount(body.amount, state.config.limits.amount_fen_max)
+        .map_err(|e| ApiError::invalid_amount("amount", e))?;
+    let command = WalletCommand::Credit {
+        entry: Entry::Deposit,
+        order_id,
+        amount,
+    };
+    let movement = state.wallets.execute(uid.as_str(), command).await?;
+    Ok(HttpResponse::Created().json(DepositResponse {
+        order_id: movement.order_id.to_string(),
+        account: account_name(movement.account).to_owned(),
+        amount: movement.amount.as_u64(),
+        balance_after: movement.balance_after.as_u64(),
+    }))
+}
+
+/// Waits (bounded) until the wallet view has applied everything durable when the read began,
+/// so a client sees its own acknowledged writes.
+async fn catch_up(state: &AppState) {
+    let head = state.store.head();
+    let wait = Duration::from_millis(state.config.server.read_wait_ms);
+    if !state.projections.wait_for(view::NAME, head, wait).await {
+        tracing::warn!(
+            head,
+            "wallet view lagging; answering from its last checkpoint"
+        );
+    }
+}
+
+fn wallet_tree(state: &AppState) -> Result<&sled::Tree, ApiError> {
+    state.projections.tree(view::NAME).ok_or_else(|| {
+        ApiError::unavailable("projection_missing", "the wallet view is not running")
+    })
+}
+
+fn store_error(e: crate::events::StoreError) -> ApiError {
+    tracing::error!(error = %e, "wallet view read failed");
+    ApiError::unavailable(
+        "view_unavailable",
+        "the wallet view cannot be read right now",
+    )
+}
+
+/// The wallet page: balances, pending rewards and the latest ledger entries.
+#[utoipa::path(
+    get,
+    path = "/v1/wallets/{uid}",
+    tag = "wallet",
+    params(("uid" = String, Path, description = "User id")),
+    responses(
+        (status = 200, description = "Balances (zero for an unknown uid), pending, latest ledger entries", body = WalletResponse),
+        (status = 400, description = "Invalid uid", body = ErrorBody),
+        (status = 401, description = "Missing or unknown key", body = ErrorBody),
+        (status = 403, description = "Issuer keys may not read wallets", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn get_wallet(
+    caller: Caller,
+    state: web::Data<AppState>,
+    uid: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require(&[Role::Gateway])?;
+    let uid = parse_id("uid", &uid)?;
+    catch_up(&state).await;
+    let tree = wallet_tree(&state)?;
+    let balances = view::balances(tree, uid.as_str()).map_err(store_error)?;
+    let ledger =
+        view::ledger(tree, uid.as_str(), None, WALLET_PAGE_LEDGER_ITEMS).map_err(store_error)?;
+    Ok(HttpResponse::Ok().json(WalletResponse {
+        uid: uid.to_string(),
+        balances: BalancesBody {
+            activity: balances.activity.as_u64(),
+            change: balances.change.as_u64(),
+        },
+        pending: Vec::new(),
+        ledger: ledger.into_iter().map(line).collect(),
+    }))
+}
+
+/// The ledger, latest first, paged by sequence.
+#[utoipa::path(
+    get,
+    path = "/v1/wallets/{uid}/ledger",
+    tag = "wallet",
+    params(("uid" = String, Path, description = "User id"), LedgerQuery),
+    responses(
+        (status = 200, description = "One page of the ledger", body = LedgerPage),
+        (status = 400, description = "Invalid uid or query", body = ErrorBody),
+        (status = 401, description = "Missing or unknown key", body = ErrorBody),
+        (status = 403, description = "Issuer keys may not read wallets", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn get_ledger(
+    caller: Caller,
+    state: web::Data<AppState>,
+    uid: web::Path<String>,
+    query: web::Query<LedgerQuery>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require(&[Role::Gateway])?;
+    let uid = parse_id("uid", &uid)?;
+    let limit_max = state.config.limits.page_items_max;
+    let limit = query.limit.unwrap_or(LEDGER_PAGE_ITEMS_DEFAULT);
+    if limit == 0 || limit > limit_max {
+        return Err(ApiError::malformed(format!(
+            "limit must be between 1 and {limit_max}"
+        )));
+    }
+    catch_up(&state).await;
+    let tree = wallet_tree(&state)?;
+    // One extra entry tells whether an older page exists.
+    let mut entries =
+        view::ledger(tree, uid.as_str(), query.before, limit + 1).map_err(store_error)?;
+    let more = entries.len() > limit;
+    entries.truncate(limit);
+    let next_before = if more {
+        entries.last().map(|e| e.seq)
+    } else {
+        None
+    };
+    Ok(HttpResponse::Ok().json(LedgerPage {
+        uid: uid.to_string(),
+        ledger: entries.into_iter().map(line).collect(),
+        next_before,
+    }))
+}

@@ -1,0 +1,34 @@
+//! hongbao: an actor-based, event-sourced money engine for peak-traffic campaigns.
+//!
+//! # Layout
+//! Arrows point down only: a module may use the ones below it, never the ones above.
+//!
+//! - `main.rs`: the command line (`serve`, `verify`, `projections`, `loadgen`); it only parses
+//!   arguments and calls the library.
+//! - [`http`]: actix-web handlers. Parse, authorise, call an actor or read a projection, map
+//!   errors (all in `http::error`). No business rule and no store access lives here.
+//! - [`projections`]: read models fed by the global log, each with a checkpoint written
+//!   atomically with its view, rebuildable from zero.
+//! - [`actors`]: the actor runtime (activation by replay, pipelined persistence, passivation)
+//!   and the registries of wallet (and later packet, batch, order) actors.
+//! - [`domain`]: pure state machines, `decide`/`evolve` per aggregate. No I/O, no clock.
+//! - [`events`]: envelope, codec, hash chain, the `EventStore` trait and the sled store with its
+//!   group-commit journal.
+//! - [`money`], [`ids`], [`clock`], [`config`], [`metrics`]: the small shared vocabulary.
+//! - [`verify`]: the offline log checker behind `hongbao verify`.
+//! - [`loadgen`]: the project's own load generator and its hello-world baseline.
+
+#![forbid(unsafe_code)]
+
+pub mod actors;
+pub mod clock;
+pub mod config;
+pub mod domain;
+pub mod events;
+pub mod http;
+pub mod ids;
+pub mod loadgen;
+pub mod metrics;
+pub mod money;
+pub mod projections;
+pub mod verify;

@@ -1,0 +1,182 @@
+//! Journal benchmarks without HTTP: durable appends through the group-commit journal at a given
+//! number of appends in flight, and raw sled `apply_batch` + `flush()` at a given batch size
+//! (the ceiling the journal is compared with), measured in the same run.
+
+use crate::clock::SystemClock;
+use crate::domain::wallet::{Entry, WalletEvent};
+use crate::domain::Event;
+use crate::events::sled_store::{JournalConfig, SledStore};
+use crate::events::{EventStore, ExpectedVersion, NewEvent};
+use crate::ids::Id;
+use crate::metrics::Metrics;
+use crate::money::Fen;
+use hdrhistogram::Histogram;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct JournalRun {
+    pub in_flight: usize,
+    pub events: u64,
+    pub per_second: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// Mean events per flush over the run.
+    pub mean_batch: f64,
+    /// Mean flush duration over the run.
+    pub mean_flush_ms: f64,
+    /// Mean size of a stored record (hash header + format byte + body).
+    pub record_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct RawRun {
+    pub batch: usize,
+    pub records_per_second: f64,
+    pub flush_p50_ms: f64,
+}
+
+fn sample_event(n: u64) -> Event {
+    Event::Wallet(WalletEvent::Credited {
+        entry: Entry::Deposit,
+        order_id: Id::parse(&format!("bench-order-{n}")).expect("valid id"),
+        amount: Fen::new(100),
+        balance_after: Fen::new(100 * (n + 1)),
+    })
+}
+
+/// Appends one event per request from `in_flight` concurrent appenders (distinct streams, each
+/// with optimistic concurrency, as actors do) for `warmup + duration`.
+pub fn journal_run(
+    dir: &Path,
+    in_flight: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> std::io::Result<JournalRun> {
+    let metrics = Arc::new(Metrics::new());
+    let store = SledStore::open(
+        dir,
+        JournalConfig::default(),
+        Arc::new(SystemClock),
+        metrics.clone(),
+    )
+    .map_err(std::io::Error::other)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let (events, latency) = runtime.block_on(async {
+        let measure_from = Instant::now() + warmup;
+        let until = measure_from + duration;
+        let tasks: Vec<_> = (0..in_flight)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let stream = format!("bench:{i}");
+                    let mut version = store.stream_version(&stream).unwrap_or(0);
+                    let mut latency =
+                        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+                    let mut events = 0u64;
+                    while Instant::now() < until {
+                        let started = Instant::now();
+                        let event = NewEvent {
+                            event: sample_event(version),
+                            correlation_id: format!("bench-order-{version}"),
+                        };
+                        let ack = match store.append(
+                            i as u64 + 1,
+                            stream.clone(),
+                            ExpectedVersion::Exact(version),
+                            vec![event],
+                        ) {
+                            Ok(ack) => ack,
+                            Err(_) => {
+                                tokio::task::yield_now().await;
+                                continue;
+                            }
+                        };
+                        if let Ok(appended) = ack.await {
+                            version = appended.last_version;
+                            if started >= measure_from {
+                                events += 1;
+                                let _ =
+                                    latency.record((started.elapsed().as_micros() as u64).max(1));
+                            }
+                        }
+                    }
+                    (events, latency)
+                })
+            })
+            .collect();
+        let mut events = 0;
+        let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+        for task in tasks {
+            if let Ok((n, h)) = task.await {
+                events += n;
+                let _ = latency.add(&h);
+            }
+        }
+        (events, latency)
+    });
+    let batches = metrics.journal_batch_events.get_sample_count().max(1) as f64;
+    let mean_batch = metrics.journal_batch_events.get_sample_sum() / batches;
+    let mean_flush_ms = metrics.journal_flush_seconds.get_sample_sum() * 1000.0
+        / metrics.journal_flush_seconds.get_sample_count().max(1) as f64;
+    let sample: Vec<usize> = store
+        .raw_records(1)
+        .take(1000)
+        .filter_map(|r| r.ok())
+        .map(|(_, v)| v.len())
+        .collect();
+    let record_bytes = sample.iter().sum::<usize>() / sample.len().max(1);
+    runtime
+        .block_on(store.close())
+        .map_err(std::io::Error::other)?;
+    Ok(JournalRun {
+        in_flight,
+        events,
+        per_second: events as f64 / duration.as_secs_f64(),
+        p50_ms: latency.value_at_quantile(0.5) as f64 / 1000.0,
+        p99_ms: latency.value_at_quantile(0.99) as f64 / 1000.0,
+        mean_batch,
+        mean_flush_ms,
+        record_bytes,
+    })
+}
+
+/// Raw sled: batches of `batch` inserts of `value_bytes` each, `apply_batch` then `flush()`,
+/// for `duration`. The ceiling for a journal writing the same records at the same batch size.
+pub fn raw_sled(
+    dir: &Path,
+    batch: usize,
+    value_bytes: usize,
+    duration: Duration,
+) -> std::io::Result<RawRun> {
+    let db = sled::Config::new()
+        .path(dir)
+        .mode(sled::Mode::HighThroughput)
+        .open()
+        .map_err(std::io::Error::other)?;
+    let tree = db.open_tree("raw").map_err(std::io::Error::other)?;
+    let value = vec![0x5au8; value_bytes];
+    let mut flushes = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+    let mut key = 0u64;
+    let started = Instant::now();
+    while started.elapsed() < duration {
+        let mut b = sled::Batch::default();
+        for _ in 0..batch {
+            key += 1;
+            b.insert(&key.to_be_bytes(), value.as_slice());
+        }
+        tree.apply_batch(b).map_err(std::io::Error::other)?;
+        let flush_started = Instant::now();
+        db.flush().map_err(std::io::Error::other)?;
+        let _ = flushes.record((flush_started.elapsed().as_micros() as u64).max(1));
+    }
+    Ok(RawRun {
+        batch,
+        records_per_second: key as f64 / started.elapsed().as_secs_f64(),
+        flush_p50_ms: flushes.value_at_quantile(0.5) as f64 / 1000.0,
+    })
+}

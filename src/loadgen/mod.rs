@@ -1,0 +1,378 @@
+//! `hongbao loadgen`: the project's own load generator.
+//!
+//! Scenarios:
+//! - `hello`: an in-process actix-web hello-world endpoint, the HTTP ceiling of this machine;
+//! - `deposits`: `POST /v1/wallets/{uid}/change/deposits` end to end (in-process server on a
+//!   temporary data directory, or `--target`), each followed by the hello baseline at the same
+//!   concurrency so the ratio comes from one run;
+//! - `journal`: durable appends through the journal without HTTP, beside raw sled
+//!   `apply_batch` + `flush()` at the journal's observed batch size and at 1/16/256/1024.
+//!
+//! Every run prints requests/s and p50/p99/p99.9 latency from an hdrhistogram.
+
+pub mod client;
+pub mod hello;
+pub mod journal;
+
+use crate::clock::SystemClock;
+use crate::config::{AuthConfig, Config};
+use crate::http::RunningServer;
+use client::{post_json, RequestFactory, RunResult};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// actix-web hello world: the HTTP ceiling of this machine.
+    Hello,
+    /// Admin deposits over HTTP, end to end, beside the hello baseline.
+    Deposits,
+    /// Durable appends through the journal (no HTTP), beside raw sled batch+flush.
+    Journal,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoadgenArgs {
+    /// What to drive.
+    #[arg(value_enum)]
+    pub scenario: Scenario,
+    /// Requests (or appends) in flight; a comma-separated list runs each in turn.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,256,1024")]
+    pub in_flight: Vec<usize>,
+    /// Measured seconds per run.
+    #[arg(long, default_value_t = 5)]
+    pub duration_s: u64,
+    /// Seconds of warm-up before measuring, per run.
+    #[arg(long, default_value_t = 1)]
+    pub warmup_s: u64,
+    /// Drive an already running server (http://HOST:PORT) instead of an in-process one.
+    #[arg(long, value_name = "URL")]
+    pub target: Option<String>,
+    /// Admin key for --target.
+    #[arg(long, env = "HONGBAO_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
+    /// Data directory for the in-process server or journal (default: a fresh temporary one).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Skip the hello-world baseline runs.
+    #[arg(long)]
+    pub no_baseline: bool,
+    /// Client threads.
+    #[arg(long, default_value_t = 1)]
+    pub client_threads: usize,
+    /// Server HTTP workers for in-process servers (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub server_workers: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadgenError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("cannot start the server: {0}")]
+    Serve(#[from] crate::http::ServeError),
+    #[error("{0}")]
+    Usage(String),
+}
+
+fn workers(n: usize) -> usize {
+    if n == 0 {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    } else {
+        n
+    }
+}
+
+fn header() {
+    println!(
+        "{:<10} {:>9} {:>10} {:>10} {:>8} {:>11} {:>9} {:>9} {:>9} {:>12} {:>7}",
+        "scenario",
+        "in_flight",
+        "requests",
+        "ok",
+        "errors",
+        "req/s",
+        "p50_ms",
+        "p99_ms",
+        "p999_ms",
+        "hello_req/s",
+        "ratio"
+    );
+}
+
+fn row(name: &str, r: &RunResult, baseline: Option<&RunResult>) {
+    let (hello, ratio) = match baseline {
+        Some(b) => (
+            format!("{:.0}", b.per_second()),
+            format!("{:.2}", r.per_second() / b.per_second().max(1e-9)),
+        ),
+        None => ("-".into(), "-".into()),
+    };
+    println!(
+        "{:<10} {:>9} {:>10} {:>10} {:>8} {:>11.0} {:>9.2} {:>9.2} {:>9.2} {:>12} {:>7}",
+        name,
+        r.in_flight,
+        r.requests,
+        r.ok(),
+        r.requests - r.ok(),
+        r.per_second(),
+        r.quantile_ms(0.5),
+        r.quantile_ms(0.99),
+        r.quantile_ms(0.999),
+        hello,
+        ratio
+    );
+    let errors: Vec<String> = r
+        .statuses
+        .iter()
+        .filter(|(s, _)| !(200..300).contains(*s))
+        .map(|(s, n)| {
+            format!(
+                "{}x{}",
+                n,
+                if *s == 0 {
+                    "transport".into()
+                } else {
+                    s.to_string()
+                }
+            )
+        })
+        .collect();
+    if !errors.is_empty() {
+        println!("{:<10} non-2xx: {}", "", errors.join(", "));
+    }
+}
+
+fn hello_run(args: &LoadgenArgs, in_flight: usize) -> Result<RunResult, LoadgenError> {
+    let server = hello::HelloServer::start(workers(args.server_workers))?;
+    let addr = server.addr;
+    let make: RequestFactory = Arc::new(move |c, n| {
+        post_json(
+            addr,
+            "/hello",
+            None,
+            format!("{{\"order_id\":\"h-{c}-{n}\",\"amount\":100}}"),
+        )
+    });
+    Ok(client::drive(
+        addr,
+        in_flight,
+        Duration::from_secs(args.warmup_s),
+        Duration::from_secs(args.duration_s),
+        args.client_threads,
+        make,
+    )?)
+}
+
+/// Reads a counter-like sample (`name value`) from a Prometheus exposition.
+fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+fn scrape(addr: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
+        return String::new();
+    };
+    let _ = write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    );
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text);
+    text
+}
+
+fn deposits(args: &LoadgenArgs) -> Result<(), LoadgenError> {
+    let temp = tempfile::tempdir()?;
+    let (server, addr, key) = match &args.target {
+        Some(url) => {
+            let hostport = url.trim_start_matches("http://").trim_end_matches('/');
+            let addr: SocketAddr = hostport.parse().map_err(|_| {
+                LoadgenError::Usage(format!("--target must be http://IP:PORT, got {url}"))
+            })?;
+            let key = args.admin_key.clone().ok_or_else(|| {
+                LoadgenError::Usage("--target needs --admin-key (or HONGBAO_ADMIN_KEY)".into())
+            })?;
+            (None, addr, key)
+        }
+        None => {
+            let mut config = Config {
+                data_dir: args
+                    .data_dir
+                    .clone()
+                    .unwrap_or_else(|| temp.path().to_path_buf()),
+                ..Config::default()
+            };
+            config.server.addr = "127.0.0.1:0".into();
+            config.server.workers = args.server_workers;
+            let key = format!("loadgen-admin-{}", hex::encode(rand::random::<[u8; 8]>()));
+            config.auth = AuthConfig {
+                admin_key: Some(key.clone()),
+                issuer_key: Some(format!(
+                    "loadgen-issuer-{}",
+                    hex::encode(rand::random::<[u8; 8]>())
+                )),
+                gateway_key: Some(format!(
+                    "loadgen-gateway-{}",
+                    hex::encode(rand::random::<[u8; 8]>())
+                )),
+                token_secret: Some(format!(
+                    "loadgen-secret-{}",
+                    hex::encode(rand::random::<[u8; 8]>())
+                )),
+            };
+            let server = RunningServer::start(config, Arc::new(SystemClock))?;
+            let addr: SocketAddr = ([127, 0, 0, 1], server.port).into();
+            (Some(server), addr, key)
+        }
+    };
+    header();
+    let run_id: u32 = rand::random();
+    for &in_flight in &args.in_flight {
+        let key = key.clone();
+        let make: RequestFactory = Arc::new(move |c, n| {
+            post_json(
+                addr,
+                &format!("/v1/wallets/lg{c}/change/deposits"),
+                Some(&key),
+                format!("{{\"order_id\":\"lg-{run_id}-{c}-{n}\",\"amount\":100}}"),
+            )
+        });
+        let before = scrape(addr);
+        let result = client::drive(
+            addr,
+            in_flight,
+            Duration::from_secs(args.warmup_s),
+            Duration::from_secs(args.duration_s),
+            args.client_threads,
+            make,
+        )?;
+        let after = scrape(addr);
+        let baseline = if args.no_baseline {
+            None
+        } else {
+            Some(hello_run(args, in_flight)?)
+        };
+        row("deposits", &result, None);
+        if let Some(b) = &baseline {
+            row("hello", b, None);
+            row("ratio", &result, Some(b));
+        }
+        let batches = metric_value(&after, "hongbao_journal_batch_events_count")
+            - metric_value(&before, "hongbao_journal_batch_events_count");
+        let events = metric_value(&after, "hongbao_journal_batch_events_sum")
+            - metric_value(&before, "hongbao_journal_batch_events_sum");
+        let flush_s = metric_value(&after, "hongbao_journal_flush_seconds_sum")
+            - metric_value(&before, "hongbao_journal_flush_seconds_sum");
+        if batches > 0.0 {
+            println!(
+                "{:<10} journal: {:.1} events/flush, mean flush {:.3} ms, {:.0} flushes/s",
+                "",
+                events / batches,
+                flush_s * 1000.0 / batches,
+                batches / (args.duration_s + args.warmup_s) as f64
+            );
+        }
+    }
+    if let Some(server) = server {
+        server.stop().map_err(LoadgenError::Usage)?;
+    }
+    Ok(())
+}
+
+fn journal(args: &LoadgenArgs) -> Result<(), LoadgenError> {
+    let base = match &args.data_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            tempfile::tempdir_in(dir)?
+        }
+        None => tempfile::tempdir()?,
+    };
+    let warmup = Duration::from_secs(args.warmup_s);
+    let duration = Duration::from_secs(args.duration_s);
+    println!(
+        "{:<10} {:>9} {:>10} {:>12} {:>9} {:>9} {:>11} {:>10} {:>14} {:>9}",
+        "scenario",
+        "in_flight",
+        "events",
+        "durable/s",
+        "p50_ms",
+        "p99_ms",
+        "batch_mean",
+        "flush_ms",
+        "raw_sled/s@b",
+        "vs_raw"
+    );
+    for &in_flight in &args.in_flight {
+        let dir = base.path().join(format!("journal-{in_flight}"));
+        let run = journal::journal_run(&dir, in_flight, warmup, duration)?;
+        let batch = (run.mean_batch.round() as usize).max(1);
+        let raw = journal::raw_sled(
+            &base.path().join(format!("raw-{in_flight}")),
+            batch,
+            run.record_bytes,
+            duration,
+        )?;
+        println!(
+            "{:<10} {:>9} {:>10} {:>12.0} {:>9.3} {:>9.3} {:>11.1} {:>10.3} {:>14} {:>9.2}",
+            "journal",
+            in_flight,
+            run.events,
+            run.per_second,
+            run.p50_ms,
+            run.p99_ms,
+            run.mean_batch,
+            run.mean_flush_ms,
+            format!("{:.0}@{}", raw.records_per_second, batch),
+            run.per_second / raw.records_per_second.max(1e-9)
+        );
+    }
+    println!();
+    println!(
+        "{:<10} {:>9} {:>14} {:>14}",
+        "raw sled", "batch", "records/s", "flush_p50_ms"
+    );
+    for batch in [1usize, 16, 256, 1024] {
+        let raw = journal::raw_sled(
+            &base.path().join(format!("raw-fixed-{batch}")),
+            batch,
+            170,
+            duration,
+        )?;
+        println!(
+            "{:<10} {:>9} {:>14.0} {:>14.3}",
+            "raw", batch, raw.records_per_second, raw.flush_p50_ms
+        );
+    }
+    Ok(())
+}
+
+/// Runs a scenario and prints its table.
+pub fn run(args: LoadgenArgs) -> Result<(), LoadgenError> {
+    if args.in_flight.contains(&0) {
+        return Err(LoadgenError::Usage(
+            "--in-flight values must be positive".into(),
+        ));
+    }
+    match args.scenario {
+        Scenario::Hello => {
+            header();
+            for &in_flight in &args.in_flight {
+                row("hello", &hello_run(&args, in_flight)?, None);
+            }
+            Ok(())
+        }
+        Scenario::Deposits => deposits(&args),
+        Scenario::Journal => journal(&args),
+    }
+}

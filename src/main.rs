@@ -1,0 +1,260 @@
+//! The `hongbao` command line. It only parses arguments and calls the library.
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use hongbao::clock::SystemClock;
+use hongbao::config::Config;
+use hongbao::events::sled_store::SledStore;
+use hongbao::events::EventStore;
+use hongbao::http::Application;
+use hongbao::metrics::Metrics;
+use hongbao::projections::{self, wallet::WalletView, Projection};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(
+    name = "hongbao",
+    version,
+    about = "Event-sourced money engine for peak-traffic campaigns",
+    long_about = "hongbao keeps every movement of money as an event in an append-only, \
+                  hash-chained log (sled, in the data directory). `serve` runs the HTTP API; \
+                  the other commands read the log for operators and auditors. Commands that \
+                  read the log need the server stopped (the log is locked while it runs)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct Common {
+    /// TOML config file; every field has a built-in default.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data directory holding the log, the views and generated keys [default: data/].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the HTTP API until SIGINT/SIGTERM (graceful: in-flight requests finish, log flushed).
+    Serve {
+        #[command(flatten)]
+        common: Common,
+        /// Listen address [default: 127.0.0.1:8080].
+        #[arg(long, value_name = "HOST:PORT")]
+        addr: Option<String>,
+    },
+    /// Check the whole log: hash chain, sequence contiguity, per-stream versions, stream index.
+    Verify {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Operate on projections (query views).
+    Projections {
+        #[command(subcommand)]
+        command: ProjectionsCommand,
+    },
+    /// Load generator: drive a scenario and print throughput and latency percentiles.
+    Loadgen(hongbao::loadgen::LoadgenArgs),
+}
+
+#[derive(Subcommand)]
+enum ProjectionsCommand {
+    /// Rebuild a view (or all) from zero by replaying the log.
+    Rebuild {
+        /// Projection name (`wallets`); all when omitted.
+        name: Option<String>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// List projections with their checkpoints.
+    List {
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+fn load_config(common: &Common) -> anyhow::Result<Config> {
+    let mut config = match &common.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(dir) = &common.data_dir {
+        config.data_dir = dir.clone();
+    }
+    Ok(config)
+}
+
+fn init_logging(default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .try_init();
+}
+
+fn all_projections() -> Vec<Arc<dyn Projection>> {
+    vec![Arc::new(WalletView)]
+}
+
+fn open_store(config: &Config) -> anyhow::Result<Arc<SledStore>> {
+    if !config.data_dir.join("log").exists() {
+        bail!(
+            "no log in {} (start `hongbao serve` first, or pass --data-dir)",
+            config.data_dir.display()
+        );
+    }
+    SledStore::open(
+        &config.data_dir,
+        config.journal(),
+        Arc::new(SystemClock),
+        Arc::new(Metrics::new()),
+    )
+    .with_context(|| format!("opening the log in {}", config.data_dir.display()))
+}
+
+fn progress_bar(total: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{what} [{{bar:40}}] {{pos}}/{{len}} events ({{per_sec}}, eta {{eta}})"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+fn serve(common: Common, addr: Option<String>) -> anyhow::Result<ExitCode> {
+    init_logging("info");
+    let mut config = load_config(&common)?;
+    if let Some(addr) = addr {
+        config.server.addr = addr;
+    }
+    actix_web::rt::System::new().block_on(async move {
+        let app = Application::build(config.clone(), Arc::new(SystemClock)).await?;
+        if let Some(path) = app.generated_keys_file() {
+            tracing::info!(path = %path.display(), "generated API keys (admin, issuer, gateway) and the token secret");
+        }
+        tracing::info!(
+            addr = %config.server.addr,
+            port = app.port(),
+            data_dir = %config.data_dir.display(),
+            "hongbao listening; keys in {}",
+            config.data_dir.join(hongbao::config::KEYS_FILE).display()
+        );
+        app.run_until_stopped().await?;
+        tracing::info!("stopped cleanly");
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn verify(common: Common) -> anyhow::Result<ExitCode> {
+    let config = load_config(&common)?;
+    let store = open_store(&config)?;
+    let bar = progress_bar(store.head(), "verifying");
+    let report = hongbao::verify::verify_log(&store, |done, _| bar.set_position(done))?;
+    bar.finish_and_clear();
+    println!("records checked:        {}", report.records);
+    println!("streams:                {}", report.streams);
+    println!("stream index entries:   {}", report.index_entries);
+    println!(
+        "hash chain:             {}",
+        if report.ok() { "ok" } else { "see below" }
+    );
+    match report.violation {
+        None => {
+            println!("result: OK (chain intact, sequence contiguous from 1, stream versions continuous, index complete)");
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(violation) => {
+            println!("result: FAILED: {violation}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+fn rebuild(name: Option<String>, common: Common) -> anyhow::Result<ExitCode> {
+    let config = load_config(&common)?;
+    let chosen: Vec<_> = all_projections()
+        .into_iter()
+        .filter(|p| name.as_deref().is_none_or(|n| n == p.name()))
+        .collect();
+    if chosen.is_empty() {
+        let names: Vec<_> = all_projections().iter().map(|p| p.name()).collect();
+        bail!(
+            "unknown projection {:?}; known: {}",
+            name.unwrap_or_default(),
+            names.join(", ")
+        );
+    }
+    let store = open_store(&config)?;
+    for projection in chosen {
+        let bar = progress_bar(store.head(), projection.name());
+        let started = std::time::Instant::now();
+        let at = projections::rebuild(
+            store.as_ref(),
+            store.db(),
+            projection.as_ref(),
+            |done, _| bar.set_position(done),
+        )?;
+        bar.finish_and_clear();
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "rebuilt {}: {} events in {:.2} s ({:.0} events/s)",
+            projection.name(),
+            at,
+            secs,
+            at as f64 / secs.max(1e-9)
+        );
+    }
+    store.db().flush().context("flushing the rebuilt views")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn list(common: Common) -> anyhow::Result<ExitCode> {
+    let config = load_config(&common)?;
+    let store = open_store(&config)?;
+    println!("log head: {}", store.head());
+    for projection in all_projections() {
+        let tree = projections::view_tree(store.db(), projection.name())?;
+        println!(
+            "{:<12} checkpoint {}",
+            projection.name(),
+            projections::checkpoint(&tree)?
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { common, addr } => serve(common, addr),
+        Command::Verify { common } => verify(common),
+        Command::Projections {
+            command: ProjectionsCommand::Rebuild { name, common },
+        } => rebuild(name, common),
+        Command::Projections {
+            command: ProjectionsCommand::List { common },
+        } => list(common),
+        Command::Loadgen(args) => {
+            init_logging("warn");
+            hongbao::loadgen::run(args)
+                .map(|_| ExitCode::SUCCESS)
+                .map_err(anyhow::Error::from)
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

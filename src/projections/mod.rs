@@ -1,0 +1,332 @@
+//! Read models fed by the global log.
+//!
+//! Each [`Projection`] owns one sled tree (`view:<name>`) that holds its view and, under
+//! [`CHECKPOINT_KEY`], the sequence of the last event it applied. Every batch of events is
+//! applied through a [`ViewTx`] and written with one atomic `apply_batch` that includes the new
+//! checkpoint, so after a crash a view is always exactly "the log up to its checkpoint" and the
+//! runner resumes from there. A projection whose code version differs from the stored one is
+//! rebuilt from zero on start; `hongbao projections rebuild` does the same on demand.
+//!
+//! The runner is one thread that follows the log through a [`Subscription`] and publishes each
+//! projection's checkpoint on a watch channel, so that a reader can wait until a view has
+//! caught up with an event it knows was acknowledged (read-your-writes).
+
+pub mod wallet;
+
+use crate::events::{codec, Envelope, EventStore, StoreError, Subscription};
+use crate::metrics::Metrics;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Key of the checkpoint inside a view tree. Data keys never start with 0x00.
+pub const CHECKPOINT_KEY: &[u8] = b"\x00checkpoint";
+/// Key of the projection code version inside a view tree.
+pub const VERSION_KEY: &[u8] = b"\x00version";
+/// Events applied per atomic view write.
+const APPLY_BATCH_EVENTS_MAX: usize = 4096;
+
+/// A read model.
+pub trait Projection: Send + Sync + 'static {
+    /// Stable name; the view lives in the tree `view:<name>`.
+    fn name(&self) -> &'static str;
+    /// Bumped when the view's layout or meaning changes: the view is then rebuilt.
+    fn version(&self) -> u32;
+    /// Applies one event. Events of no interest are ignored.
+    fn apply(&self, tx: &mut ViewTx<'_>, envelope: &Envelope) -> Result<(), StoreError>;
+}
+
+/// Writes of one batch, readable before they are committed.
+pub struct ViewTx<'a> {
+    tree: &'a sled::Tree,
+    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl<'a> ViewTx<'a> {
+    pub fn new(tree: &'a sled::Tree) -> ViewTx<'a> {
+        ViewTx {
+            tree,
+            writes: BTreeMap::new(),
+        }
+    }
+
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(pending) = self.writes.get(key) {
+            return Ok(pending.clone());
+        }
+        Ok(self
+            .tree
+            .get(key)
+            .map_err(|e| StoreError::Io(e.to_string()))?
+            .map(|v| v.to_vec()))
+    }
+
+    pub fn insert(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.writes.insert(key, Some(value));
+    }
+
+    pub fn remove(&mut self, key: Vec<u8>) {
+        self.writes.insert(key, None);
+    }
+
+    /// Writes everything and the checkpoint atomically.
+    pub fn commit(self, checkpoint: u64) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (key, value) in self.writes {
+            match value {
+                Some(value) => batch.insert(key, value),
+                None => batch.remove(key),
+            }
+        }
+        batch.insert(CHECKPOINT_KEY, &checkpoint.to_be_bytes());
+        self.tree
+            .apply_batch(batch)
+            .map_err(|e| StoreError::Io(e.to_string()))
+    }
+}
+
+/// The tree a projection's view lives in.
+pub fn view_tree(db: &sled::Db, name: &str) -> Result<sled::Tree, StoreError> {
+    db.open_tree(format!("view:{name}"))
+        .map_err(|e| StoreError::Io(e.to_string()))
+}
+
+/// The last sequence applied to a view (0: none).
+pub fn checkpoint(tree: &sled::Tree) -> Result<u64, StoreError> {
+    match tree
+        .get(CHECKPOINT_KEY)
+        .map_err(|e| StoreError::Io(e.to_string()))?
+    {
+        None => Ok(0),
+        Some(v) => {
+            Ok(u64::from_be_bytes(v.as_ref().try_into().map_err(|_| {
+                StoreError::Corrupt("bad checkpoint".into())
+            })?))
+        }
+    }
+}
+
+fn stored_version(tree: &sled::Tree) -> Result<Option<u32>, StoreError> {
+    Ok(tree
+        .get(VERSION_KEY)
+        .map_err(|e| StoreError::Io(e.to_string()))?
+        .and_then(|v| v.as_ref().try_into().ok().map(u32::from_be_bytes)))
+}
+
+/// Empties a view and stamps it with the projection's version; its checkpoint becomes 0.
+pub fn reset(tree: &sled::Tree, version: u32) -> Result<(), StoreError> {
+    tree.clear().map_err(|e| StoreError::Io(e.to_string()))?;
+    tree.insert(VERSION_KEY, &version.to_be_bytes())
+        .map_err(|e| StoreError::Io(e.to_string()))?;
+    Ok(())
+}
+
+/// Applies a batch of events (those after the view's checkpoint) and commits.
+pub fn apply_events(
+    projection: &dyn Projection,
+    tree: &sled::Tree,
+    events: &[Arc<Envelope>],
+    after: u64,
+) -> Result<u64, StoreError> {
+    let mut tx = ViewTx::new(tree);
+    let mut last = after;
+    for envelope in events.iter().filter(|e| e.seq > after) {
+        projection.apply(&mut tx, envelope)?;
+        last = envelope.seq;
+    }
+    if last > after {
+        tx.commit(last)?;
+    }
+    Ok(last)
+}
+
+/// Rebuilds a view from zero, reporting progress as (applied seq, head seq).
+pub fn rebuild(
+    store: &dyn EventStore,
+    db: &sled::Db,
+    projection: &dyn Projection,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<u64, StoreError> {
+    let tree = view_tree(db, projection.name())?;
+    reset(&tree, projection.version())?;
+    let head = store.head();
+    let mut at = 0;
+    loop {
+        let events = store.read_all(at + 1, APPLY_BATCH_EVENTS_MAX)?;
+        if events.is_empty() {
+            break;
+        }
+        at = apply_events(projection, &tree, &events, at)?;
+        progress(at, head);
+    }
+    Ok(at)
+}
+
+/// The running projections and their published checkpoints.
+pub struct Projections {
+    checkpoints: BTreeMap<&'static str, watch::Receiver<u64>>,
+    trees: BTreeMap<&'static str, sled::Tree>,
+    stop: watch::Sender<bool>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Projections {
+    /// Opens every view (rebuilding those whose version changed) and starts the runner thread.
+    pub fn start(
+        store: Arc<dyn EventStore>,
+        db: &sled::Db,
+        projections: Vec<Arc<dyn Projection>>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Projections, StoreError> {
+        let mut running = Vec::new();
+        let mut checkpoints = BTreeMap::new();
+        let mut trees = BTreeMap::new();
+        for projection in projections {
+            let tree = view_tree(db, projection.name())?;
+            if stored_version(&tree)? != Some(projection.version()) {
+                tracing::info!(
+                    projection = projection.name(),
+                    "view version changed; rebuilding"
+                );
+                reset(&tree, projection.version())?;
+            }
+            let at = checkpoint(&tree)?;
+            let (publish, subscribe) = watch::channel(at);
+            checkpoints.insert(projection.name(), subscribe);
+            trees.insert(projection.name(), tree.clone());
+            running.push(Running {
+                projection,
+                tree,
+                at,
+                publish,
+                stalled: false,
+            });
+        }
+        let (stop, stop_rx) = watch::channel(false);
+        let thread = std::thread::Builder::new()
+            .name("hongbao-projections".into())
+            .spawn(move || run(store, running, stop_rx, metrics))
+            .map_err(|e| StoreError::Io(e.to_string()))?;
+        Ok(Projections {
+            checkpoints,
+            trees,
+            stop,
+            thread: std::sync::Mutex::new(Some(thread)),
+        })
+    }
+
+    /// The view tree of a projection, for its query functions.
+    pub fn tree(&self, name: &str) -> Option<&sled::Tree> {
+        self.trees.get(name)
+    }
+
+    /// The checkpoint a projection has published.
+    pub fn checkpoint(&self, name: &str) -> u64 {
+        self.checkpoints.get(name).map(|c| *c.borrow()).unwrap_or(0)
+    }
+
+    /// Waits until the projection has applied `seq`, at most `timeout`. True if it has.
+    pub async fn wait_for(&self, name: &str, seq: u64, timeout: Duration) -> bool {
+        let Some(rx) = self.checkpoints.get(name) else {
+            return false;
+        };
+        let mut rx = rx.clone();
+        if *rx.borrow() >= seq {
+            return true;
+        }
+        let reached = tokio::time::timeout(timeout, rx.wait_for(|c| *c >= seq)).await;
+        matches!(reached, Ok(Ok(_)))
+    }
+
+    /// Asks the runner to catch up with the head and stop; waits for it.
+    pub async fn stop(&self) {
+        let _ = self.stop.send(true);
+        let thread = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+struct Running {
+    projection: Arc<dyn Projection>,
+    tree: sled::Tree,
+    at: u64,
+    publish: watch::Sender<u64>,
+    /// Set when an event could not be applied: the view stays at its checkpoint (it must not
+    /// skip the event) until a restart or a rebuild.
+    stalled: bool,
+}
+
+fn run(
+    store: Arc<dyn EventStore>,
+    mut running: Vec<Running>,
+    mut stop: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "projection runner cannot start");
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let from = running.iter().map(|r| r.at).min().unwrap_or(0) + 1;
+        let mut subscription = Subscription::new(store, from, APPLY_BATCH_EVENTS_MAX);
+        loop {
+            tokio::select! {
+                events = subscription.next() => match events {
+                    Ok(events) => apply_all(&mut running, &events, &metrics),
+                    Err(e) => {
+                        tracing::error!(error = %e, "projection runner cannot read the log; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                },
+                _ = stop.wait_for(|s| *s) => {
+                    // Catch up with whatever is durable, then stop.
+                    while let Ok(events) = subscription.try_next() {
+                        if events.is_empty() {
+                            break;
+                        }
+                        apply_all(&mut running, &events, &metrics);
+                    }
+                    return;
+                }
+            }
+        }
+    });
+}
+
+fn apply_all(running: &mut [Running], events: &[Arc<Envelope>], metrics: &Metrics) {
+    for r in running.iter_mut().filter(|r| !r.stalled) {
+        match apply_events(r.projection.as_ref(), &r.tree, events, r.at) {
+            Ok(last) => {
+                r.at = last;
+                r.publish.send_replace(last);
+                metrics
+                    .projection_checkpoint_seq
+                    .with_label_values(&[r.projection.name()])
+                    .set(last as i64);
+            }
+            Err(e) => {
+                r.stalled = true;
+                tracing::error!(
+                    projection = r.projection.name(),
+                    checkpoint = r.at,
+                    error = %e,
+                    "projection cannot apply an event; it stays at its checkpoint"
+                );
+            }
+        }
+    }
+}
+
+/// Decodes a view value written with the codec.
+pub fn decode_view<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    Ok(codec::decode(bytes)?)
+}
