@@ -147,10 +147,13 @@ pub fn journal_run(
 
 /// Raw sled: batches of `batch` inserts of `value_bytes` each, `apply_batch` then `flush()`,
 /// for `duration`. The ceiling for a journal writing the same records at the same batch size.
+/// With `with_index`, each record also gets a 12-byte entry under a stream-like key, as the
+/// journal's stream index does: the ceiling for the journal's actual write pattern.
 pub fn raw_sled(
     dir: &Path,
     batch: usize,
     value_bytes: usize,
+    with_index: bool,
     duration: Duration,
 ) -> std::io::Result<RawRun> {
     let db = sled::Config::new()
@@ -167,7 +170,18 @@ pub fn raw_sled(
         let mut b = sled::Batch::default();
         for _ in 0..batch {
             key += 1;
-            b.insert(&key.to_be_bytes(), value.as_slice());
+            let mut record_key = vec![b'L'];
+            record_key.extend_from_slice(&key.to_be_bytes());
+            b.insert(record_key, value.as_slice());
+            if with_index {
+                // Spread like wallet ids: a multiplicative hash over 100k streams.
+                let stream = format!("wallet:lg{}", key.wrapping_mul(2_654_435_761) % 100_000);
+                let mut index_key = vec![b'S'];
+                index_key.extend_from_slice(stream.as_bytes());
+                index_key.push(0);
+                index_key.extend_from_slice(&(key / 100_000 + 1).to_be_bytes());
+                b.insert(index_key, &[0u8; 12][..]);
+            }
         }
         tree.apply_batch(b).map_err(std::io::Error::other)?;
         let flush_started = Instant::now();

@@ -263,11 +263,7 @@ fn deposits(args: &LoadgenArgs) -> Result<(), LoadgenError> {
         } else {
             Some(hello_run(args, in_flight)?)
         };
-        row("deposits", &result, None);
-        if let Some(b) = &baseline {
-            row("hello", b, None);
-            row("ratio", &result, Some(b));
-        }
+        row("deposits", &result, baseline.as_ref());
         let batches = metric_value(&after, "hongbao_journal_batch_events_count")
             - metric_value(&before, "hongbao_journal_batch_events_count");
         let events = metric_value(&after, "hongbao_journal_batch_events_sum")
@@ -301,30 +297,30 @@ fn journal(args: &LoadgenArgs) -> Result<(), LoadgenError> {
     let warmup = Duration::from_secs(args.warmup_s);
     let duration = Duration::from_secs(args.duration_s);
     println!(
-        "{:<10} {:>9} {:>10} {:>12} {:>9} {:>9} {:>11} {:>10} {:>14} {:>9}",
+        "{:<10} {:>9} {:>10} {:>10} {:>8} {:>8} {:>7} {:>8} {:>14} {:>7} {:>14} {:>7}",
         "scenario",
         "in_flight",
         "events",
         "durable/s",
         "p50_ms",
         "p99_ms",
-        "batch_mean",
+        "batch",
         "flush_ms",
-        "raw_sled/s@b",
-        "vs_raw"
+        "raw@batch",
+        "vs_raw",
+        "raw+idx@batch",
+        "vs_idx"
     );
     for &in_flight in &args.in_flight {
         let dir = base.path().join(format!("journal-{in_flight}"));
         let run = journal::journal_run(&dir, in_flight, warmup, duration)?;
         let batch = (run.mean_batch.round() as usize).max(1);
-        let raw = journal::raw_sled(
-            &base.path().join(format!("raw-{in_flight}")),
-            batch,
-            run.record_bytes,
-            duration,
-        )?;
+        let raw_dir = base.path().join(format!("raw-{in_flight}"));
+        let raw = journal::raw_sled(&raw_dir, batch, run.record_bytes, false, duration)?;
+        let idx_dir = base.path().join(format!("raw-index-{in_flight}"));
+        let indexed = journal::raw_sled(&idx_dir, batch, run.record_bytes, true, duration)?;
         println!(
-            "{:<10} {:>9} {:>10} {:>12.0} {:>9.3} {:>9.3} {:>11.1} {:>10.3} {:>14} {:>9.2}",
+            "{:<10} {:>9} {:>10} {:>10.0} {:>8.3} {:>8.3} {:>7.1} {:>8.3} {:>14} {:>7.2} {:>14} {:>7.2}",
             "journal",
             in_flight,
             run.events,
@@ -334,7 +330,9 @@ fn journal(args: &LoadgenArgs) -> Result<(), LoadgenError> {
             run.mean_batch,
             run.mean_flush_ms,
             format!("{:.0}@{}", raw.records_per_second, batch),
-            run.per_second / raw.records_per_second.max(1e-9)
+            run.per_second / raw.records_per_second.max(1e-9),
+            format!("{:.0}@{}", indexed.records_per_second, batch),
+            run.per_second / indexed.records_per_second.max(1e-9),
         );
     }
     println!();
@@ -347,6 +345,7 @@ fn journal(args: &LoadgenArgs) -> Result<(), LoadgenError> {
             &base.path().join(format!("raw-fixed-{batch}")),
             batch,
             170,
+            false,
             duration,
         )?;
         println!(

@@ -1,0 +1,304 @@
+//! The real binary under SIGKILL and SIGTERM: every acknowledged deposit survives exactly once.
+
+use super::{ADMIN, GATEWAY, ISSUER, SECRET};
+use serde_json::Value;
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+struct Server {
+    child: Child,
+    port: u16,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+/// Starts `hongbao serve` on a free port and waits until it listens.
+fn start(dir: &Path) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hongbao"))
+        .args([
+            "serve",
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--addr",
+            "127.0.0.1:0",
+        ])
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "info")
+        .env("HONGBAO_ADMIN_KEY", ADMIN)
+        .env("HONGBAO_ISSUER_KEY", ISSUER)
+        .env("HONGBAO_GATEWAY_KEY", GATEWAY)
+        .env("HONGBAO_TOKEN_SECRET", SECRET)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("binary starts");
+    let stderr = child.stderr.take().unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("hongbao listening") {
+                    if let Some(port) = line
+                        .split("port=")
+                        .nth(1)
+                        .and_then(|r| r.split_whitespace().next())
+                    {
+                        let _ = tx.send(port.parse::<u16>().unwrap());
+                    }
+                }
+                log.lock().unwrap().push(line);
+            }
+        });
+    }
+    let port = rx
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| panic!("server did not start:\n{}", log.lock().unwrap().join("\n")));
+    Server { child, port, log }
+}
+
+impl Server {
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no exit after SIGTERM:\n{}",
+                self.log.lock().unwrap().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill9(mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Acked {
+    uid: String,
+    order: String,
+    amount: i64,
+    balance_after: i64,
+}
+
+/// Fires deposits from `workers` concurrent loops until the server stops answering.
+async fn fire(base: String, workers: usize, acked: Arc<Mutex<Vec<Acked>>>) {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let tasks: Vec<_> = (0..workers)
+        .map(|w| {
+            let (client, base, acked) = (client.clone(), base.clone(), acked.clone());
+            tokio::spawn(async move {
+                for n in 0.. {
+                    let uid = format!("c{}", w % 8);
+                    let order = format!("w{w}-n{n}");
+                    let amount = (n % 97 + 1) as i64;
+                    let sent = client
+                        .post(format!("{base}/v1/wallets/{uid}/change/deposits"))
+                        .bearer_auth(ADMIN)
+                        .json(&serde_json::json!({"order_id": order, "amount": amount}))
+                        .send()
+                        .await;
+                    let Ok(response) = sent else { return };
+                    if response.status().as_u16() != 201 {
+                        // 503 during shutdown: not acknowledged; stop this loop.
+                        return;
+                    }
+                    let Ok(body) = response.json::<Value>().await else {
+                        return;
+                    };
+                    let balance_after = body["balance_after"].as_i64().unwrap();
+                    acked.lock().unwrap().push(Acked {
+                        uid,
+                        order,
+                        amount,
+                        balance_after,
+                    });
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+async fn ledger(client: &reqwest::Client, base: &str, uid: &str) -> (i64, Vec<Value>) {
+    let mut entries = Vec::new();
+    let mut before: Option<u64> = None;
+    loop {
+        let url = match before {
+            Some(b) => format!("{base}/v1/wallets/{uid}/ledger?limit=500&before={b}"),
+            None => format!("{base}/v1/wallets/{uid}/ledger?limit=500"),
+        };
+        let page: Value = client
+            .get(url)
+            .bearer_auth(GATEWAY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        entries.extend(page["ledger"].as_array().unwrap().iter().cloned());
+        match page["next_before"].as_u64() {
+            Some(b) => before = Some(b),
+            None => break,
+        }
+    }
+    let wallet: Value = client
+        .get(format!("{base}/v1/wallets/{uid}"))
+        .bearer_auth(GATEWAY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    (wallet["balances"]["change"].as_i64().unwrap(), entries)
+}
+
+/// After a restart: every acknowledged deposit is in its ledger exactly once, no order twice,
+/// balance = sum of the ledger, and retrying an acknowledged deposit replays its answer.
+async fn check_survivors(base: &str, acked: &[Acked]) {
+    let client = reqwest::Client::new();
+    let mut by_uid: HashMap<&str, Vec<&Acked>> = HashMap::new();
+    for a in acked {
+        by_uid.entry(a.uid.as_str()).or_default().push(a);
+    }
+    for uid in (0..8).map(|i| format!("c{i}")) {
+        let (balance, entries) = ledger(&client, base, &uid).await;
+        let orders: Vec<&str> = entries
+            .iter()
+            .map(|e| e["order_id"].as_str().unwrap())
+            .collect();
+        let unique: HashSet<&str> = orders.iter().copied().collect();
+        assert_eq!(unique.len(), orders.len(), "{uid}: an order appears twice");
+        assert_eq!(
+            balance,
+            entries
+                .iter()
+                .map(|e| e["amount"].as_i64().unwrap())
+                .sum::<i64>(),
+            "{uid}: balance != ledger"
+        );
+        for a in by_uid.get(uid.as_str()).map(Vec::as_slice).unwrap_or(&[]) {
+            assert!(
+                unique.contains(a.order.as_str()),
+                "acknowledged {} lost",
+                a.order
+            );
+        }
+    }
+    if let Some(a) = acked.last() {
+        let replay: Value = client
+            .post(format!("{base}/v1/wallets/{}/change/deposits", a.uid))
+            .bearer_auth(ADMIN)
+            .json(&serde_json::json!({"order_id": a.order, "amount": a.amount}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            replay["balance_after"].as_i64(),
+            Some(a.balance_after),
+            "retry after restart changed the answer"
+        );
+    }
+}
+
+fn verify(dir: &Path) {
+    let output = Command::new(env!("CARGO_BIN_EXE_hongbao"))
+        .args(["verify", "--data-dir", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "verify failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("result: OK"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_burst_loses_no_acknowledged_deposit() {
+    // Goal: SIGKILL while 32 clients deposit; after restart every 201 is there exactly once.
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let firing = tokio::spawn(fire(server.base(), 32, acked.clone()));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while acked.lock().unwrap().len() < 500 {
+        assert!(Instant::now() < deadline, "too few deposits acknowledged");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.kill9();
+    firing.await.unwrap();
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= 500);
+
+    let server = start(dir.path());
+    check_survivors(&server.base(), &acked).await;
+    assert!(server.terminate().success());
+    verify(dir.path());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
+    // Goal: SIGTERM under load: exit status 0, and every acknowledged deposit survives.
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let firing = tokio::spawn(fire(server.base(), 32, acked.clone()));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while acked.lock().unwrap().len() < 300 {
+        assert!(Instant::now() < deadline, "too few deposits acknowledged");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let log = server.log.clone();
+    let status = tokio::task::spawn_blocking(move || server.terminate())
+        .await
+        .unwrap();
+    assert!(
+        status.success(),
+        "exit {status:?}:\n{}",
+        log.lock().unwrap().join("\n")
+    );
+    assert!(log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("journal flushed and closed")));
+    firing.await.unwrap();
+    let acked = acked.lock().unwrap().clone();
+
+    let server = start(dir.path());
+    check_survivors(&server.base(), &acked).await;
+    assert!(server.terminate().success());
+    verify(dir.path());
+}

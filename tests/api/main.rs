@@ -1,0 +1,108 @@
+//! HTTP tests against the real server: in-process on port 0 with a fresh data directory
+//! (`spawn_app`), and the real binary for crash and shutdown tests. One binary.
+
+mod crash;
+mod ops;
+mod wallets;
+
+use hongbao::clock::SystemClock;
+use hongbao::config::{AuthConfig, Config};
+use hongbao::http::RunningServer;
+use serde_json::Value;
+use std::sync::Arc;
+
+pub const ADMIN: &str = "test-admin-key-0000000001";
+pub const ISSUER: &str = "test-issuer-key-000000001";
+pub const GATEWAY: &str = "test-gateway-key-00000001";
+pub const SECRET: &str = "test-token-secret-0000001";
+
+pub struct TestApp {
+    pub server: RunningServer,
+    pub base: String,
+    pub client: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+pub fn test_config(dir: &std::path::Path) -> Config {
+    let mut config = Config {
+        data_dir: dir.to_path_buf(),
+        ..Config::default()
+    };
+    config.server.addr = "127.0.0.1:0".into();
+    config.server.workers = 2;
+    config.server.request_body_bytes_max = 4096;
+    config.auth = AuthConfig {
+        admin_key: Some(ADMIN.into()),
+        issuer_key: Some(ISSUER.into()),
+        gateway_key: Some(GATEWAY.into()),
+        token_secret: Some(SECRET.into()),
+    };
+    config
+}
+
+pub fn spawn_app() -> TestApp {
+    if std::env::var("TEST_LOG").is_ok() {
+        let _ = tracing_subscriber::fmt().with_env_filter("info").try_init();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = RunningServer::start(test_config(dir.path()), Arc::new(SystemClock))
+        .expect("server starts");
+    let base = server.base_url();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(512)
+        .build()
+        .unwrap();
+    TestApp {
+        server,
+        base,
+        client,
+        _dir: dir,
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub async fn post(&self, path: &str, key: Option<&str>, body: &str) -> (u16, Value) {
+        let mut request = self
+            .client
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body.to_owned());
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await.expect("request sent");
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    pub async fn get(&self, path: &str, key: Option<&str>) -> (u16, Value) {
+        let mut request = self.client.get(self.url(path));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await.expect("request sent");
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    pub async fn deposit(&self, uid: &str, order: &str, amount: i64) -> (u16, Value) {
+        self.post(
+            &format!("/v1/wallets/{uid}/change/deposits"),
+            Some(ADMIN),
+            &format!(r#"{{"order_id":"{order}","amount":{amount}}}"#),
+        )
+        .await
+    }
+}
