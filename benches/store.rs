@@ -7,13 +7,10 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use hongbao::clock::SystemClock;
-use hongbao::domain::wallet::{Entry, WalletEvent};
-use hongbao::domain::Event;
 use hongbao::events::sled_store::{JournalConfig, SledStore};
-use hongbao::events::{EventStore, ExpectedVersion, NewEvent};
-use hongbao::ids::Id;
+use hongbao::events::{EventStore, ExpectedVersion};
+use hongbao::loadgen::journal::sample_event;
 use hongbao::metrics::Metrics;
-use hongbao::money::Fen;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -52,18 +49,6 @@ fn raw_sled(c: &mut Criterion) {
     group.finish();
 }
 
-fn event(n: u64) -> NewEvent {
-    NewEvent {
-        event: Event::Wallet(WalletEvent::Credited {
-            entry: Entry::Deposit,
-            order_id: Id::parse(&format!("bench-order-{n}")).unwrap(),
-            amount: Fen::new(100),
-            balance_after: Fen::new(100 * (n + 1)),
-        }),
-        correlation_id: format!("bench-order-{n}"),
-    }
-}
-
 fn journal(c: &mut Criterion) {
     let mut group = c.benchmark_group("journal_durable_append");
     group.measurement_time(Duration::from_secs(5));
@@ -100,7 +85,7 @@ fn journal(c: &mut Criterion) {
                                             0,
                                             stream.clone(),
                                             ExpectedVersion::Any,
-                                            vec![event(n)],
+                                            vec![sample_event(n)],
                                         )
                                         .unwrap();
                                     ack.await.unwrap();

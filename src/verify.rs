@@ -86,35 +86,32 @@ pub fn verify_log(
     // The index: contiguous per stream, pointing at the right records, covering all of them.
     let mut indexed: HashMap<String, u64> = HashMap::new();
     for entry in store.index_entries() {
-        let (stream, first_version, first_seq, count) = entry?;
+        let (stream, entry) = entry?;
         report.index_entries += 1;
         let covered = indexed.entry(stream.clone()).or_insert(0);
-        if first_version != *covered + 1 || count == 0 {
+        if entry.first_version != *covered + 1 {
             report.violation = Some(format!(
-                "index of {stream} jumps from version {covered} to {first_version}"
+                "index of {stream} jumps from version {covered} to {}",
+                entry.first_version
             ));
             return Ok(report);
         }
-        for (i, record) in store
-            .raw_records(first_seq)
-            .take(count as usize)
-            .enumerate()
-        {
-            let (seq, stored) = record?;
-            let envelope = Envelope::decode_stored(&stored)?;
-            let version = first_version + i as u64;
-            if seq != first_seq + i as u64
-                || envelope.stream != stream
-                || envelope.version != version
-            {
+        for (seq, version) in entry.positions() {
+            let stored = store.raw_records(seq).next().transpose()?;
+            let holds = match &stored {
+                Some((at, bytes)) if *at == seq => Envelope::decode_stored(bytes)
+                    .map(|e| e.stream == stream && e.version == version)
+                    .unwrap_or(false),
+                _ => false,
+            };
+            if !holds {
                 report.violation = Some(format!(
-                    "index says {stream}@{version} is at seq {}, the log disagrees",
-                    first_seq + i as u64
+                    "index says {stream}@{version} is at seq {seq}, the log disagrees"
                 ));
                 return Ok(report);
             }
         }
-        *covered = first_version + count - 1;
+        *covered = entry.last_version();
     }
     if indexed != versions {
         let missing = versions

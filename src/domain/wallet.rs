@@ -20,7 +20,7 @@ use crate::money::{Fen, MoneyError};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
-/// The two balances of a wallet.
+/// The balances of a wallet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Account {
@@ -28,6 +28,18 @@ pub enum Account {
     Activity,
     /// The in-app purse: top-ups, C2C packets.
     Change,
+    /// Campaign subsidies: spendable on B2C packets, not withdrawable.
+    Subsidy,
+}
+
+impl Account {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Account::Activity => "activity",
+            Account::Change => "change",
+            Account::Subsidy => "subsidy",
+        }
+    }
 }
 
 /// Why money moved. Fixes the account and the counterparty (for the conservation audit).
@@ -43,6 +55,8 @@ pub enum Entry {
     Withdrawal,
     /// A failed withdrawal's money back from payout-in-transit into `activity`.
     WithdrawalRefund,
+    /// A subsidy reward credited from a campaign budget into `subsidy`.
+    SubsidyReward,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,12 +70,15 @@ impl Entry {
         match self {
             Entry::Deposit => Account::Change,
             Entry::Reward | Entry::Withdrawal | Entry::WithdrawalRefund => Account::Activity,
+            Entry::SubsidyReward => Account::Subsidy,
         }
     }
 
     fn direction(self) -> Direction {
         match self {
-            Entry::Deposit | Entry::Reward | Entry::WithdrawalRefund => Direction::Credit,
+            Entry::Deposit | Entry::Reward | Entry::WithdrawalRefund | Entry::SubsidyReward => {
+                Direction::Credit
+            }
             Entry::Withdrawal => Direction::Debit,
         }
     }
@@ -80,6 +97,7 @@ impl Entry {
             Entry::Reward => "reward",
             Entry::Withdrawal => "withdrawal",
             Entry::WithdrawalRefund => "withdrawal_refund",
+            Entry::SubsidyReward => "subsidy_reward",
         }
     }
 }
@@ -87,11 +105,14 @@ impl Entry {
 /// Commands a wallet accepts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WalletCommand {
-    /// Adds money to the entry's account (deposit, reward).
+    /// Adds money to the entry's account (deposit, reward). `source` names where the money
+    /// comes from when an order id alone does not (a reward's activity); it is part of the
+    /// payload for idempotency.
     Credit {
         entry: Entry,
         order_id: Id,
         amount: Fen,
+        source: Option<Id>,
     },
     /// Takes money from the entry's account (withdrawal); never below zero.
     Debit {
@@ -113,46 +134,36 @@ impl WalletCommand {
     }
 }
 
-/// Facts about a wallet. `balance_after` is the entry account's balance after the movement, so
-/// the ledger view and the audit can check every step without recomputing from zero.
+/// One movement as recorded. `balance_after` is the entry account's balance after it, so the
+/// ledger view and the audit can check every step without recomputing from zero.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Line {
+    pub entry: Entry,
+    pub order_id: Id,
+    pub amount: Fen,
+    pub balance_after: Fen,
+    /// Where the money came from when the order id alone does not say (a reward's activity).
+    pub source: Option<Id>,
+}
+
+/// Facts about a wallet.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WalletEvent {
-    Credited {
-        entry: Entry,
-        order_id: Id,
-        amount: Fen,
-        balance_after: Fen,
-    },
-    Debited {
-        entry: Entry,
-        order_id: Id,
-        amount: Fen,
-        balance_after: Fen,
-    },
+    Credited(Line),
+    Debited(Line),
 }
 
 impl WalletEvent {
     pub fn type_name(&self) -> &'static str {
         match self {
-            WalletEvent::Credited { .. } => "wallet.credited",
-            WalletEvent::Debited { .. } => "wallet.debited",
+            WalletEvent::Credited(_) => "wallet.credited",
+            WalletEvent::Debited(_) => "wallet.debited",
         }
     }
 
-    pub fn parts(&self) -> (Entry, &Id, Fen, Fen) {
+    pub fn line(&self) -> &Line {
         match self {
-            WalletEvent::Credited {
-                entry,
-                order_id,
-                amount,
-                balance_after,
-            }
-            | WalletEvent::Debited {
-                entry,
-                order_id,
-                amount,
-                balance_after,
-            } => (*entry, order_id, *amount, *balance_after),
+            WalletEvent::Credited(line) | WalletEvent::Debited(line) => line,
         }
     }
 }
@@ -160,11 +171,8 @@ impl WalletEvent {
 /// The answer to an accepted command (new or replayed).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Movement {
-    pub entry: Entry,
+    pub line: Line,
     pub account: Account,
-    pub order_id: Id,
-    pub amount: Fen,
-    pub balance_after: Fen,
     /// True when this is the original outcome of an earlier identical command.
     pub replayed: bool,
 }
@@ -190,16 +198,18 @@ pub enum WalletError {
 }
 
 /// What the wallet remembers of an accepted movement: enough to answer a retry identically.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Recorded {
     pub amount: Fen,
     pub balance_after: Fen,
+    pub source: Option<Id>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Wallet {
     pub activity: Fen,
     pub change: Fen,
+    pub subsidy: Fen,
     /// Every accepted movement by `(entry, order_id)`: the idempotency memory.
     pub entries: HashMap<(Entry, Id), Recorded>,
 }
@@ -209,6 +219,7 @@ impl Wallet {
         match account {
             Account::Activity => self.activity,
             Account::Change => self.change,
+            Account::Subsidy => self.subsidy,
         }
     }
 
@@ -216,47 +227,48 @@ impl Wallet {
         match account {
             Account::Activity => &mut self.activity,
             Account::Change => &mut self.change,
+            Account::Subsidy => &mut self.subsidy,
         }
     }
 
-    fn replayed(entry: Entry, order_id: &Id, recorded: Recorded) -> Movement {
+    fn movement(line: Line, replayed: bool) -> Movement {
         Movement {
-            entry,
-            account: entry.account(),
-            order_id: order_id.clone(),
-            amount: recorded.amount,
-            balance_after: recorded.balance_after,
-            replayed: true,
+            account: line.entry.account(),
+            line,
+            replayed,
         }
     }
 
     fn emit(event: WalletEvent) -> Decision<WalletEvent, Movement> {
-        let (entry, order_id, amount, balance_after) = event.parts();
-        let reply = Movement {
-            entry,
-            account: entry.account(),
-            order_id: order_id.clone(),
-            amount,
-            balance_after,
-            replayed: false,
-        };
+        let reply = Self::movement(event.line().clone(), false);
         Decision::Emit(vec![event], reply)
     }
 
-    /// The original outcome of `(entry, order_id)` if the same amount was recorded, a conflict
-    /// if another amount was, `None` if the key is new.
+    /// The original outcome of `(entry, order_id)` if it was recorded with the same payload
+    /// (`amount` and `source`, when given), a conflict if with another, `None` if the key is new.
     fn recall(
         &self,
         entry: Entry,
         order_id: &Id,
-        amount: Option<Fen>,
+        payload: Option<(Fen, &Option<Id>)>,
     ) -> Option<Result<Decision<WalletEvent, Movement>, WalletError>> {
-        let recorded = *self.entries.get(&(entry, order_id.clone()))?;
-        Some(match amount {
-            Some(amount) if amount != recorded.amount => Err(WalletError::IdempotencyConflict {
-                order_id: order_id.clone(),
-            }),
-            _ => Ok(Decision::Reply(Self::replayed(entry, order_id, recorded))),
+        let recorded = self.entries.get(&(entry, order_id.clone()))?;
+        Some(match payload {
+            Some((amount, source)) if amount != recorded.amount || *source != recorded.source => {
+                Err(WalletError::IdempotencyConflict {
+                    order_id: order_id.clone(),
+                })
+            }
+            _ => Ok(Decision::Reply(Self::movement(
+                Line {
+                    entry,
+                    order_id: order_id.clone(),
+                    amount: recorded.amount,
+                    balance_after: recorded.balance_after,
+                    source: recorded.source.clone(),
+                },
+                true,
+            ))),
         })
     }
 }
@@ -279,6 +291,7 @@ impl Aggregate for Wallet {
                 entry,
                 order_id,
                 amount,
+                source,
             } => {
                 if entry.direction() != Direction::Credit || entry.refund_of().is_some() {
                     return Err(WalletError::WrongEntry { entry: *entry });
@@ -286,19 +299,20 @@ impl Aggregate for Wallet {
                 if amount.is_zero() {
                     return Err(WalletError::ZeroAmount);
                 }
-                if let Some(outcome) = self.recall(*entry, order_id, Some(*amount)) {
+                if let Some(outcome) = self.recall(*entry, order_id, Some((*amount, source))) {
                     return outcome;
                 }
                 let balance_after = self
                     .balance(entry.account())
                     .checked_add(*amount)
                     .map_err(|_| WalletError::Overflow)?;
-                Ok(Self::emit(WalletEvent::Credited {
+                Ok(Self::emit(WalletEvent::Credited(Line {
                     entry: *entry,
                     order_id: order_id.clone(),
                     amount: *amount,
                     balance_after,
-                }))
+                    source: source.clone(),
+                })))
             }
             WalletCommand::Debit {
                 entry,
@@ -311,7 +325,7 @@ impl Aggregate for Wallet {
                 if amount.is_zero() {
                     return Err(WalletError::ZeroAmount);
                 }
-                if let Some(outcome) = self.recall(*entry, order_id, Some(*amount)) {
+                if let Some(outcome) = self.recall(*entry, order_id, Some((*amount, &None))) {
                     return outcome;
                 }
                 let account = entry.account();
@@ -324,12 +338,13 @@ impl Aggregate for Wallet {
                     },
                     MoneyError::Overflow => WalletError::Overflow,
                 })?;
-                Ok(Self::emit(WalletEvent::Debited {
+                Ok(Self::emit(WalletEvent::Debited(Line {
                     entry: *entry,
                     order_id: order_id.clone(),
                     amount: *amount,
                     balance_after,
-                }))
+                    source: None,
+                })))
             }
             WalletCommand::Refund { entry, order_id } => {
                 let Some(debit_entry) = entry.refund_of() else {
@@ -347,34 +362,37 @@ impl Aggregate for Wallet {
                     .balance(entry.account())
                     .checked_add(debit.amount)
                     .map_err(|_| WalletError::Overflow)?;
-                Ok(Self::emit(WalletEvent::Credited {
+                Ok(Self::emit(WalletEvent::Credited(Line {
                     entry: *entry,
                     order_id: order_id.clone(),
                     amount: debit.amount,
                     balance_after,
-                }))
+                    source: None,
+                })))
             }
         }
     }
 
     fn evolve(&mut self, event: &WalletEvent) {
-        let (entry, order_id, amount, balance_after) = event.parts();
+        let line = event.line();
+        let account = line.entry.account();
         // The event carries the resulting balance; it is the fact. Pair assertion: in debug
         // builds, check that it agrees with the arithmetic the decision made.
         debug_assert_eq!(
             match event {
-                WalletEvent::Credited { .. } => self.balance(entry.account()).checked_add(amount),
-                WalletEvent::Debited { .. } => self.balance(entry.account()).checked_sub(amount),
+                WalletEvent::Credited(_) => self.balance(account).checked_add(line.amount),
+                WalletEvent::Debited(_) => self.balance(account).checked_sub(line.amount),
             },
-            Ok(balance_after),
+            Ok(line.balance_after),
             "wallet event disagrees with the state it applies to"
         );
-        *self.balance_mut(entry.account()) = balance_after;
+        *self.balance_mut(account) = line.balance_after;
         self.entries.insert(
-            (entry, order_id.clone()),
+            (line.entry, line.order_id.clone()),
             Recorded {
-                amount,
-                balance_after,
+                amount: line.amount,
+                balance_after: line.balance_after,
+                source: line.source.clone(),
             },
         );
     }
@@ -390,6 +408,8 @@ impl Aggregate for Wallet {
     fn unwrap(event: &Event) -> Option<&WalletEvent> {
         match event {
             Event::Wallet(e) => Some(e),
+            #[allow(unreachable_patterns)]
+            _ => None,
         }
     }
 }
@@ -411,6 +431,7 @@ mod tests {
             entry: Entry::Deposit,
             order_id: id(order),
             amount: Fen::new(amount),
+            source: None,
         }
     }
 
@@ -427,6 +448,7 @@ mod tests {
             entry: Entry::Reward,
             order_id: id(order),
             amount: Fen::new(amount),
+            source: Some(id("act1")),
         }
     }
 
@@ -443,12 +465,13 @@ mod tests {
     }
 
     fn credited(entry: Entry, order: &str, amount: u64, after: u64) -> WalletEvent {
-        WalletEvent::Credited {
+        WalletEvent::Credited(Line {
             entry,
             order_id: id(order),
             amount: Fen::new(amount),
             balance_after: Fen::new(after),
-        }
+            source: (entry == Entry::Reward).then(|| id("act1")),
+        })
     }
 
     fn events_of(decision: Decision<WalletEvent, Movement>) -> Vec<WalletEvent> {
@@ -479,8 +502,8 @@ mod tests {
         match wallet.decide(&deposit("d1", 100), &CTX).unwrap() {
             Decision::Reply(m) => {
                 assert!(m.replayed);
-                assert_eq!(m.balance_after, Fen::new(100));
-                assert_eq!(m.amount, Fen::new(100));
+                assert_eq!(m.line.balance_after, Fen::new(100));
+                assert_eq!(m.line.amount, Fen::new(100));
             }
             other => panic!("expected a replay, got {other:?}"),
         }
@@ -494,6 +517,44 @@ mod tests {
             wallet.decide(&deposit("d1", 101), &CTX),
             Err(WalletError::IdempotencyConflict { order_id: id("d1") })
         );
+    }
+
+    #[test]
+    fn a_reward_from_another_source_under_the_same_order_is_a_conflict() {
+        // Goal: the same order id credited from two activities is refused, not replayed, so a
+        // second activity's reward is never mistaken for the first one's credit.
+        let wallet = given(&[credited(Entry::Reward, "r1", 100, 100)]);
+        let other = WalletCommand::Credit {
+            entry: Entry::Reward,
+            order_id: id("r1"),
+            amount: Fen::new(100),
+            source: Some(id("act2")),
+        };
+        assert_eq!(
+            wallet.decide(&other, &CTX),
+            Err(WalletError::IdempotencyConflict { order_id: id("r1") })
+        );
+        assert!(
+            matches!(wallet.decide(&reward("r1", 100), &CTX), Ok(Decision::Reply(m)) if m.replayed)
+        );
+    }
+
+    #[test]
+    fn subsidy_rewards_land_in_their_own_account() {
+        // Goal: subsidies are kept apart from withdrawable activity income.
+        let wallet = Wallet::default();
+        let cmd = WalletCommand::Credit {
+            entry: Entry::SubsidyReward,
+            order_id: id("s1"),
+            amount: Fen::new(30),
+            source: Some(id("act1")),
+        };
+        let Ok(Decision::Emit(events, reply)) = wallet.decide(&cmd, &CTX) else {
+            panic!()
+        };
+        assert_eq!(reply.account, Account::Subsidy);
+        let wallet = replay(wallet, &events);
+        assert_eq!((wallet.subsidy, wallet.activity), (Fen::new(30), Fen::ZERO));
     }
 
     #[test]
@@ -511,12 +572,13 @@ mod tests {
         let events = events_of(wallet.decide(&withdraw("w1", 100), &CTX).unwrap());
         assert_eq!(
             events,
-            vec![WalletEvent::Debited {
+            vec![WalletEvent::Debited(Line {
                 entry: Entry::Withdrawal,
                 order_id: id("w1"),
                 amount: Fen::new(100),
-                balance_after: Fen::ZERO
-            }]
+                balance_after: Fen::ZERO,
+                source: None,
+            })]
         );
     }
 
@@ -647,12 +709,12 @@ mod tests {
             let rebuilt = replay(Wallet::default(), &log);
             prop_assert_eq!(&rebuilt, &live);
             // Conservation per account, computed with wide integers so nothing can overflow.
-            for account in [Account::Activity, Account::Change] {
+            for account in [Account::Activity, Account::Change, Account::Subsidy] {
                 let mut sum: i128 = 0;
                 for e in &log {
                     match e {
-                        WalletEvent::Credited { entry, amount, .. } if entry.account() == account => sum += amount.as_u64() as i128,
-                        WalletEvent::Debited { entry, amount, .. } if entry.account() == account => sum -= amount.as_u64() as i128,
+                        WalletEvent::Credited(l) if l.entry.account() == account => sum += l.amount.as_u64() as i128,
+                        WalletEvent::Debited(l) if l.entry.account() == account => sum -= l.amount.as_u64() as i128,
                         _ => {}
                     }
                     prop_assert!(sum >= 0);

@@ -88,7 +88,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::wallet::{Entry, WalletEvent};
+    use crate::domain::wallet::{Entry, Line, WalletEvent};
     use crate::ids::Id;
     use crate::money::Fen;
 
@@ -101,12 +101,13 @@ mod tests {
             correlation_id: "d1".into(),
             recorded_at_ms: 1_700_000_000_000,
             schema_version: 1,
-            event: Event::Wallet(WalletEvent::Credited {
+            event: Event::Wallet(WalletEvent::Credited(Line {
                 entry: Entry::Deposit,
                 order_id: Id::parse("d1").unwrap(),
                 amount: Fen::new(5),
                 balance_after: Fen::new(5),
-            }),
+                source: None,
+            })),
         }
     }
 

@@ -131,15 +131,68 @@ fn be_u64(bytes: &[u8]) -> Result<u64, StoreError> {
     Ok(u64::from_be_bytes(array))
 }
 
-/// An index entry: (first version, first seq, count).
-fn decode_index(key: &[u8], value: &[u8]) -> Result<(u64, u64, u64), StoreError> {
-    if key.len() < 9 || value.len() != 12 {
+/// Bytes of one run in an index value: first seq (u64 BE) + count (u32 BE).
+const INDEX_RUN_BYTES: usize = 12;
+
+/// An index entry: a stream's events written in one batch. Their versions are consecutive from
+/// `first_version`; their sequences form `runs` of consecutive seqs (several when other streams'
+/// events were interleaved in the batch).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub first_version: u64,
+    /// (first seq, count) per run, in version order.
+    pub runs: Vec<(u64, u64)>,
+}
+
+impl IndexEntry {
+    pub fn count(&self) -> u64 {
+        self.runs.iter().map(|(_, n)| n).sum()
+    }
+
+    pub fn last_version(&self) -> u64 {
+        self.first_version + self.count() - 1
+    }
+
+    /// (seq, version) of every event of the entry, in order.
+    pub fn positions(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.runs
+            .iter()
+            .flat_map(|&(seq, n)| seq..seq + n)
+            .zip(self.first_version..)
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut value = Vec::with_capacity(self.runs.len() * INDEX_RUN_BYTES);
+        for &(seq, n) in &self.runs {
+            value.extend_from_slice(&seq.to_be_bytes());
+            value.extend_from_slice(&(n as u32).to_be_bytes());
+        }
+        value
+    }
+}
+
+fn decode_index(key: &[u8], value: &[u8]) -> Result<IndexEntry, StoreError> {
+    if key.len() < 9 || value.is_empty() || !value.len().is_multiple_of(INDEX_RUN_BYTES) {
         return Err(StoreError::Corrupt("malformed stream index entry".into()));
     }
     let first_version = be_u64(&key[key.len() - 8..])?;
-    let first_seq = be_u64(&value[..8])?;
-    let count = u32::from_be_bytes(value[8..12].try_into().expect("4 bytes")) as u64;
-    Ok((first_version, first_seq, count))
+    let runs = value
+        .chunks_exact(INDEX_RUN_BYTES)
+        .map(|run| {
+            let seq = be_u64(&run[..8])?;
+            let n = u32::from_be_bytes(run[8..12].try_into().expect("4 bytes")) as u64;
+            if n == 0 {
+                return Err(StoreError::Corrupt(
+                    "empty run in stream index entry".into(),
+                ));
+            }
+            Ok((seq, n))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(IndexEntry {
+        first_version,
+        runs,
+    })
 }
 
 fn io(e: sled::Error) -> StoreError {
@@ -155,8 +208,7 @@ fn stream_version(journal: &sled::Tree, stream: &str) -> Result<u64, StoreError>
         None => Ok(0),
         Some(entry) => {
             let (key, value) = entry.map_err(io)?;
-            let (first_version, _, count) = decode_index(&key, &value)?;
-            Ok(first_version + count - 1)
+            Ok(decode_index(&key, &value)?.last_version())
         }
     }
 }
@@ -255,17 +307,16 @@ impl SledStore {
         stream_version(&self.journal, stream)
     }
 
-    /// Every index entry of every stream, as (stream, first version, first seq, count); for
-    /// `hongbao verify`.
+    /// Every index entry of every stream, with its stream; for `hongbao verify`.
     pub fn index_entries(
         &self,
-    ) -> impl Iterator<Item = Result<(String, u64, u64, u64), StoreError>> + '_ {
+    ) -> impl Iterator<Item = Result<(String, IndexEntry), StoreError>> + '_ {
         self.journal.scan_prefix([INDEX_PREFIX]).map(|entry| {
             let (key, value) = entry.map_err(io)?;
-            let (first_version, first_seq, count) = decode_index(&key, &value)?;
+            let decoded = decode_index(&key, &value)?;
             let stream = String::from_utf8(key[1..key.len() - 9].to_vec())
                 .map_err(|_| StoreError::Corrupt("stream id is not UTF-8".into()))?;
-            Ok((stream, first_version, first_seq, count))
+            Ok((stream, decoded))
         })
     }
 
@@ -343,28 +394,32 @@ impl EventStore for SledStore {
             }
         }
         let mut out = Vec::new();
-        for (first_version, first_seq, count) in entries {
-            if first_version + count <= from_version {
+        for entry in entries {
+            if entry.last_version() < from_version {
                 continue;
             }
-            let records = self
-                .journal
-                .range(log_key(first_seq)..log_key(first_seq + count));
-            for (i, record) in records.enumerate() {
-                let (_, value) = record.map_err(io)?;
-                let envelope = Envelope::decode_stored(&value)?;
-                let version = first_version + i as u64;
-                // Pair assertion: the index and the record agree.
-                if envelope.stream != stream || envelope.version != version {
-                    return Err(StoreError::Corrupt(format!(
-                        "index says {stream}@{version} at seq {}, record says {}@{}",
-                        first_seq + i as u64,
-                        envelope.stream,
-                        envelope.version
-                    )));
-                }
-                if version >= from_version {
-                    out.push(envelope);
+            let mut positions = entry.positions();
+            for &(first_seq, n) in &entry.runs {
+                for record in self
+                    .journal
+                    .range(log_key(first_seq)..log_key(first_seq + n))
+                {
+                    let (_, value) = record.map_err(io)?;
+                    let envelope = Envelope::decode_stored(&value)?;
+                    let (seq, version) = positions.next().unwrap_or((0, 0));
+                    // Pair assertion: the index and the record agree.
+                    if envelope.seq != seq
+                        || envelope.stream != stream
+                        || envelope.version != version
+                    {
+                        return Err(StoreError::Corrupt(format!(
+                            "index says {stream}@{version} at seq {seq}, record {} says {}@{}",
+                            envelope.seq, envelope.stream, envelope.version
+                        )));
+                    }
+                    if version >= from_version {
+                        out.push(envelope);
+                    }
                 }
             }
         }
@@ -517,6 +572,7 @@ impl Writer {
         let mut batch = sled::Batch::default();
         let mut pending: Vec<Pending> = Vec::with_capacity(requests.len());
         let mut published: Vec<Arc<Envelope>> = Vec::new();
+        let mut index: HashMap<String, IndexEntry> = HashMap::new();
         for request in requests {
             let current = match self.version_of(&request.stream) {
                 Ok(v) => v,
@@ -606,10 +662,18 @@ impl Writer {
                     Arc::new(envelope)
                 })
                 .collect();
-            let mut index_value = [0u8; 12];
-            index_value[..8].copy_from_slice(&first_seq.to_be_bytes());
-            index_value[8..].copy_from_slice(&(count as u32).to_be_bytes());
-            batch.insert(index_key(&request.stream, current + 1), &index_value);
+            // One index entry per stream per batch: a hot stream's many appends in one batch
+            // cost one index write, not one each.
+            let entry = index
+                .entry(request.stream.clone())
+                .or_insert_with(|| IndexEntry {
+                    first_version: current + 1,
+                    runs: Vec::new(),
+                });
+            match entry.runs.last_mut() {
+                Some((seq, n)) if *seq + *n == first_seq => *n += count,
+                _ => entry.runs.push((first_seq, count)),
+            }
             self.next_seq += count;
             self.versions
                 .insert(request.stream.clone(), current + count);
@@ -634,6 +698,9 @@ impl Writer {
             return true;
         }
 
+        for (stream, entry) in index {
+            batch.insert(index_key(&stream, entry.first_version), entry.encode());
+        }
         let flush_started = Instant::now();
         let written = self
             .journal

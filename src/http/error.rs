@@ -6,7 +6,7 @@
 //! becomes a 500: extractor failures are mapped here too.
 
 use crate::actors::ExecError;
-use crate::domain::wallet::{Account, WalletError};
+use crate::domain::wallet::WalletError;
 use crate::ids::IdError;
 use crate::money::AmountError;
 use actix_web::http::{header, StatusCode};
@@ -125,13 +125,6 @@ impl ResponseError for ApiError {
     }
 }
 
-fn account_name(account: Account) -> &'static str {
-    match account {
-        Account::Activity => "activity",
-        Account::Change => "change",
-    }
-}
-
 impl From<WalletError> for ApiError {
     fn from(e: WalletError) -> ApiError {
         let message = e.to_string();
@@ -145,7 +138,7 @@ impl From<WalletError> for ApiError {
                 balance,
                 requested,
             } => ApiError::new(StatusCode::CONFLICT, "insufficient_balance", message)
-                .with("account", account_name(account))
+                .with("account", account.as_str())
                 .with("balance", balance.as_u64())
                 .with("requested", requested.as_u64()),
             WalletError::Overflow => ApiError::new(

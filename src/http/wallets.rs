@@ -4,7 +4,7 @@ use super::auth::{Caller, Role};
 use super::error::ApiError;
 use super::{parse_id, AppState, ErrorBody};
 use crate::clock::rfc3339;
-use crate::domain::wallet::{Account, Entry, WalletCommand};
+use crate::domain::wallet::{Entry, WalletCommand};
 use crate::events::EventStore;
 use crate::money::Fen;
 use crate::projections::wallet::{self as view, Direction, LedgerEntry};
@@ -41,8 +41,12 @@ pub struct DepositResponse {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct BalancesBody {
+    /// Campaign income (cash rewards), withdrawable.
     pub activity: u64,
+    /// The in-app purse (top-ups, C2C packets).
     pub change: u64,
+    /// Subsidies (B2C packets), not withdrawable.
+    pub subsidy: u64,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -68,6 +72,9 @@ pub struct LedgerLine {
     pub order_id: String,
     /// Balance of `account` after the movement.
     pub balance_after: u64,
+    /// For rewards: the activity whose budget paid.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub activity_id: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -97,19 +104,12 @@ pub struct LedgerQuery {
     pub limit: Option<usize>,
 }
 
-fn account_name(account: Account) -> &'static str {
-    match account {
-        Account::Activity => "activity",
-        Account::Change => "change",
-    }
-}
-
 fn line(entry: LedgerEntry) -> LedgerLine {
     LedgerLine {
         seq: entry.seq,
         at: rfc3339(entry.at_ms),
         entry: entry.entry.as_str().to_owned(),
-        account: account_name(entry.account).to_owned(),
+        account: entry.account.as_str().to_owned(),
         direction: match entry.direction {
             Direction::Credit => "credit",
             Direction::Debit => "debit",
@@ -118,6 +118,7 @@ fn line(entry: LedgerEntry) -> LedgerLine {
         amount: entry.amount.as_u64(),
         order_id: entry.order_id,
         balance_after: entry.balance_after.as_u64(),
+        activity_id: entry.source,
     }
 }
 
@@ -155,13 +156,14 @@ pub async fn deposit(
         entry: Entry::Deposit,
         order_id,
         amount,
+        source: None,
     };
     let movement = state.wallets.execute(uid.as_str(), command).await?;
     Ok(HttpResponse::Created().json(DepositResponse {
-        order_id: movement.order_id.to_string(),
-        account: account_name(movement.account).to_owned(),
-        amount: movement.amount.as_u64(),
-        balance_after: movement.balance_after.as_u64(),
+        order_id: movement.line.order_id.to_string(),
+        account: movement.account.as_str().to_owned(),
+        amount: movement.line.amount.as_u64(),
+        balance_after: movement.line.balance_after.as_u64(),
     }))
 }
 
@@ -223,6 +225,7 @@ pub async fn get_wallet(
         balances: BalancesBody {
             activity: balances.activity.as_u64(),
             change: balances.change.as_u64(),
+            subsidy: balances.subsidy.as_u64(),
         },
         pending: Vec::new(),
         ledger: ledger.into_iter().map(line).collect(),

@@ -3,7 +3,7 @@
 //! (the ceiling the journal is compared with), measured in the same run.
 
 use crate::clock::SystemClock;
-use crate::domain::wallet::{Entry, WalletEvent};
+use crate::domain::wallet::{Entry, Line, WalletEvent};
 use crate::domain::Event;
 use crate::events::sled_store::{JournalConfig, SledStore};
 use crate::events::{EventStore, ExpectedVersion, NewEvent};
@@ -37,13 +37,19 @@ pub struct RawRun {
     pub flush_p50_ms: f64,
 }
 
-fn sample_event(n: u64) -> Event {
-    Event::Wallet(WalletEvent::Credited {
-        entry: Entry::Deposit,
-        order_id: Id::parse(&format!("bench-order-{n}")).expect("valid id"),
-        amount: Fen::new(100),
-        balance_after: Fen::new(100 * (n + 1)),
-    })
+/// A typical small event (a deposit with a realistic order id), as benchmarks and tests append.
+pub fn sample_event(n: u64) -> NewEvent {
+    let order_id = format!("bench-order-{n}");
+    NewEvent {
+        event: Event::Wallet(WalletEvent::Credited(Line {
+            entry: Entry::Deposit,
+            order_id: Id::parse(&order_id).expect("valid id"),
+            amount: Fen::new(100),
+            balance_after: Fen::new(100 * (n + 1)),
+            source: None,
+        })),
+        correlation_id: order_id,
+    }
 }
 
 /// Appends one event per request from `in_flight` concurrent appenders (distinct streams, each
@@ -80,10 +86,7 @@ pub fn journal_run(
                     let mut events = 0u64;
                     while Instant::now() < until {
                         let started = Instant::now();
-                        let event = NewEvent {
-                            event: sample_event(version),
-                            correlation_id: format!("bench-order-{version}"),
-                        };
+                        let event = sample_event(version);
                         let ack = match store.append(
                             i as u64 + 1,
                             stream.clone(),

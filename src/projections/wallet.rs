@@ -18,6 +18,7 @@ pub const NAME: &str = "wallets";
 pub struct Balances {
     pub activity: Fen,
     pub change: Fen,
+    pub subsidy: Fen,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +38,8 @@ pub struct LedgerEntry {
     pub amount: Fen,
     pub order_id: String,
     pub balance_after: Fen,
+    /// The activity a reward came from.
+    pub source: Option<String>,
 }
 
 fn balances_key(uid: &str) -> Vec<u8> {
@@ -69,7 +72,7 @@ impl Projection for WalletView {
     }
 
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn apply(&self, tx: &mut ViewTx<'_>, envelope: &Envelope) -> Result<(), StoreError> {
@@ -82,32 +85,34 @@ impl Projection for WalletView {
         let uid = envelope.stream.strip_prefix("wallet:").ok_or_else(|| {
             StoreError::Corrupt(format!("wallet event on stream {}", envelope.stream))
         })?;
-        let (entry, order_id, amount, balance_after) = event.parts();
+        let line = event.line();
         let direction = match event {
-            WalletEvent::Credited { .. } => Direction::Credit,
-            WalletEvent::Debited { .. } => Direction::Debit,
+            WalletEvent::Credited(_) => Direction::Credit,
+            WalletEvent::Debited(_) => Direction::Debit,
         };
         let key = balances_key(uid);
         let mut balances: Balances = match tx.get(&key)? {
             Some(bytes) => decode_view(&bytes)?,
             None => Balances::default(),
         };
-        match entry.account() {
-            Account::Activity => balances.activity = balance_after,
-            Account::Change => balances.change = balance_after,
+        match line.entry.account() {
+            Account::Activity => balances.activity = line.balance_after,
+            Account::Change => balances.change = line.balance_after,
+            Account::Subsidy => balances.subsidy = line.balance_after,
         }
         tx.insert(key, codec::encode(&balances)?);
-        let line = LedgerEntry {
+        let entry = LedgerEntry {
             seq: envelope.seq,
             at_ms: envelope.recorded_at_ms,
-            entry,
-            account: entry.account(),
+            entry: line.entry,
+            account: line.entry.account(),
             direction,
-            amount,
-            order_id: order_id.to_string(),
-            balance_after,
+            amount: line.amount,
+            order_id: line.order_id.to_string(),
+            balance_after: line.balance_after,
+            source: line.source.as_ref().map(|s| s.to_string()),
         };
-        tx.insert(ledger_key(uid, envelope.seq), codec::encode(&line)?);
+        tx.insert(ledger_key(uid, envelope.seq), codec::encode(&entry)?);
         Ok(())
     }
 }

@@ -236,7 +236,7 @@ async fn an_unknown_wallet_reads_as_empty() {
     assert_eq!(status, 200);
     assert_eq!(
         wallet["balances"],
-        serde_json::json!({"activity": 0, "change": 0})
+        serde_json::json!({"activity": 0, "change": 0, "subsidy": 0})
     );
     assert_eq!(wallet["pending"], Value::Array(vec![]));
     assert_eq!(wallet["ledger"], Value::Array(vec![]));

@@ -32,6 +32,7 @@ fn deposit(order: &str, amount: u64) -> WalletCommand {
         entry: Entry::Deposit,
         order_id: Id::parse(order).unwrap(),
         amount: Fen::new(amount),
+        source: None,
     }
 }
 
@@ -73,7 +74,7 @@ fn identical_concurrent_commands_have_one_effect_and_the_same_answer() {
         let replies: Vec<_> = replies.into_iter().map(|r| r.unwrap()).collect();
         assert!(replies
             .iter()
-            .all(|m| m.balance_after == Fen::new(70) && m.amount == Fen::new(70)));
+            .all(|m| m.line.balance_after == Fen::new(70) && m.line.amount == Fen::new(70)));
         assert_eq!(replies.iter().filter(|m| !m.replayed).count(), 1);
         let conflict = wallets.execute("u2", deposit("same", 71)).await;
         assert!(matches!(
@@ -106,9 +107,9 @@ fn an_idle_actor_passivates_and_a_new_one_replays_the_same_state() {
         poll_until("passivation", || wallets.active() == 0).await;
         let again = wallets.execute("u3", deposit("d4", 10)).await.unwrap();
         assert!(again.replayed, "idempotency must survive passivation");
-        assert_eq!(again.balance_after, Fen::new(50));
+        assert_eq!(again.line.balance_after, Fen::new(50));
         let next = wallets.execute("u3", deposit("d5", 10)).await.unwrap();
-        assert_eq!(next.balance_after, Fen::new(60));
+        assert_eq!(next.line.balance_after, Fen::new(60));
         assert_eq!(
             metrics
                 .actor_activations_total

@@ -6,13 +6,9 @@ mod projections;
 mod store;
 
 use hongbao::clock::ManualClock;
-use hongbao::domain::wallet::{Entry, WalletEvent};
-use hongbao::domain::Event;
 use hongbao::events::sled_store::{JournalConfig, SledStore};
 use hongbao::events::NewEvent;
-use hongbao::ids::Id;
 use hongbao::metrics::Metrics;
-use hongbao::money::Fen;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -28,15 +24,7 @@ pub fn open(dir: &Path) -> Arc<SledStore> {
 
 /// A wallet event usable as generic payload in store tests.
 pub fn event(n: u64) -> NewEvent {
-    NewEvent {
-        event: Event::Wallet(WalletEvent::Credited {
-            entry: Entry::Deposit,
-            order_id: Id::parse(&format!("o{n}")).unwrap(),
-            amount: Fen::new(n + 1),
-            balance_after: Fen::new(n + 1),
-        }),
-        correlation_id: format!("o{n}"),
-    }
+    hongbao::loadgen::journal::sample_event(n)
 }
 
 pub fn runtime() -> tokio::runtime::Runtime {

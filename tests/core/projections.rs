@@ -1,7 +1,7 @@
 //! Projections: the incremental wallet view equals a rebuild from zero, checkpoints advance.
 
 use super::{open, runtime};
-use hongbao::domain::wallet::{Entry, WalletEvent};
+use hongbao::domain::wallet::{Entry, Line, WalletEvent};
 use hongbao::domain::Event;
 use hongbao::events::{EventStore, ExpectedVersion, NewEvent};
 use hongbao::ids::Id;
@@ -14,19 +14,21 @@ use std::time::Duration;
 fn movement(n: u64, debit: bool, after: u64) -> NewEvent {
     let order_id = Id::parse(&format!("o{n}")).unwrap();
     let event = if debit {
-        WalletEvent::Debited {
+        WalletEvent::Debited(Line {
             entry: Entry::Withdrawal,
             order_id,
             amount: Fen::new(1),
             balance_after: Fen::new(after),
-        }
+            source: None,
+        })
     } else {
-        WalletEvent::Credited {
+        WalletEvent::Credited(Line {
             entry: Entry::Reward,
             order_id,
             amount: Fen::new(1),
             balance_after: Fen::new(after),
-        }
+            source: Some(Id::parse("act1").unwrap()),
+        })
     };
     NewEvent {
         event: Event::Wallet(event),

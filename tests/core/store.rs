@@ -116,7 +116,10 @@ fn concurrent_appends_get_a_contiguous_global_order_and_per_stream_order() {
                             .await
                             .unwrap();
                         assert_eq!(acked.last_version, v + 1);
-                        assert_eq!(acked.envelopes[0].correlation_id, format!("o{v}"));
+                        assert_eq!(
+                            acked.envelopes[0].correlation_id,
+                            format!("bench-order-{v}")
+                        );
                     }
                 })
             })
@@ -312,4 +315,62 @@ proptest! {
         let report = verify_log(&store, |_, _| ()).unwrap();
         prop_assert!(report.ok(), "verify failed: {:?}", report);
     }
+}
+
+#[test]
+fn a_hot_stream_gets_one_index_entry_per_batch_and_reads_back_in_order() {
+    // Goal: many pipelined appends to one stream, interleaved with other streams, share index
+    // entries (runs of seqs) and still read back in version order from any version.
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    runtime().block_on(async {
+        let mut acks = Vec::new();
+        for v in 0..200u64 {
+            acks.push(
+                store
+                    .append(1, "s:hot".into(), ExpectedVersion::Exact(v), vec![event(v)])
+                    .unwrap(),
+            );
+            acks.push(
+                store
+                    .append(
+                        0,
+                        format!("s:cold{v}"),
+                        ExpectedVersion::Exact(0),
+                        vec![event(v)],
+                    )
+                    .unwrap(),
+            );
+        }
+        for ack in acks {
+            ack.await.unwrap();
+        }
+    });
+    let hot = store.read_stream("s:hot", 1).unwrap();
+    assert_eq!(
+        hot.iter().map(|e| e.version).collect::<Vec<_>>(),
+        (1..=200).collect::<Vec<_>>()
+    );
+    assert!(hot.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert_eq!(
+        store
+            .read_stream("s:hot", 150)
+            .unwrap()
+            .first()
+            .map(|e| e.version),
+        Some(150)
+    );
+    let hot_entries = store
+        .index_entries()
+        .filter(|e| e.as_ref().unwrap().0 == "s:hot")
+        .count();
+    assert!(
+        hot_entries < 200,
+        "{hot_entries} index entries for 200 appends: not merged"
+    );
+    assert!(
+        store.index_entries().any(|e| e.unwrap().1.runs.len() > 1),
+        "no interleaved runs exercised"
+    );
+    assert!(verify_log(&store, |_, _| ()).unwrap().ok());
 }
