@@ -49,6 +49,8 @@ pub struct JournalSection {
 #[serde(default, deny_unknown_fields)]
 pub struct ActorSection {
     pub idle_passivate_s: u64,
+    pub active_soft_max: usize,
+    pub idle_under_pressure_ms: u64,
     pub mailbox_capacity: usize,
     pub snapshot_every_events: u64,
     pub command_timeout_ms: u64,
@@ -114,6 +116,8 @@ impl Default for ActorSection {
         let a = ActorConfig::default();
         ActorSection {
             idle_passivate_s: a.idle_passivate.as_secs(),
+            active_soft_max: a.active_soft_max,
+            idle_under_pressure_ms: a.idle_under_pressure.as_millis() as u64,
             mailbox_capacity: a.mailbox_capacity,
             snapshot_every_events: a.snapshot_every_events,
             command_timeout_ms: a.command_timeout.as_millis() as u64,
@@ -225,6 +229,8 @@ impl Config {
     pub fn actors(&self) -> ActorConfig {
         ActorConfig {
             idle_passivate: Duration::from_secs(self.actors.idle_passivate_s),
+            active_soft_max: self.actors.active_soft_max,
+            idle_under_pressure: Duration::from_millis(self.actors.idle_under_pressure_ms),
             mailbox_capacity: self.actors.mailbox_capacity,
             snapshot_every_events: self.actors.snapshot_every_events,
             command_timeout: Duration::from_millis(self.actors.command_timeout_ms),

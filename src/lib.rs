@@ -31,4 +31,5 @@ pub mod loadgen;
 pub mod metrics;
 pub mod money;
 pub mod projections;
+pub mod tokens;
 pub mod verify;

@@ -21,6 +21,16 @@ pub struct Metrics {
     pub actor_activations_total: IntCounterVec,
     pub actor_passivations_total: IntCounterVec,
     pub projection_checkpoint_seq: IntGaugeVec,
+    pub rewards_accepted_total: IntCounterVec,
+    pub rewards_refused_total: IntCounterVec,
+    pub rewards_credited_total: IntCounterVec,
+    pub rewards_voided_total: IntCounterVec,
+    pub reward_pending: IntGaugeVec,
+    pub reward_lane_backlog: IntGaugeVec,
+    pub reward_lane_lag_seconds: prometheus::GaugeVec,
+    pub reward_lane_throttled_total: IntCounterVec,
+    pub reward_tokens_refused_total: IntCounterVec,
+    pub budget_remaining_fen: IntGaugeVec,
 }
 
 /// Latency buckets from 50 us to about 13 s: covers a cached read and a stalled flush alike.
@@ -110,7 +120,77 @@ impl Metrics {
         )
         .expect("metric definition");
 
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels).expect("metric definition")
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            IntGaugeVec::new(Opts::new(name, help), labels).expect("metric definition")
+        };
+        let rewards_accepted_total = counter(
+            "hongbao_rewards_accepted_total",
+            "Rewards accepted (durable), by kind",
+            &["kind"],
+        );
+        let rewards_refused_total = counter(
+            "hongbao_rewards_refused_total",
+            "Rewards refused at intake, by reason",
+            &["reason"],
+        );
+        let rewards_credited_total = counter(
+            "hongbao_rewards_credited_total",
+            "Rewards credited (money) or delivered (items), by kind and path (lane or force)",
+            &["kind", "path"],
+        );
+        let rewards_voided_total = counter(
+            "hongbao_rewards_voided_total",
+            "Accepted rewards voided, by reason",
+            &["reason"],
+        );
+        let reward_pending = gauge(
+            "hongbao_reward_pending",
+            "Rewards accepted and not yet settled, by kind",
+            &["kind"],
+        );
+        let reward_lane_backlog = gauge(
+            "hongbao_reward_lane_backlog",
+            "Rewards queued or in flight in the crediting lanes, by kind",
+            &["kind"],
+        );
+        let reward_lane_lag_seconds = prometheus::GaugeVec::new(
+            Opts::new(
+                "hongbao_reward_lane_lag_seconds",
+                "Age of the oldest reward waiting in a crediting lane, by kind",
+            ),
+            &["kind"],
+        )
+        .expect("metric definition");
+        let reward_lane_throttled_total = counter(
+            "hongbao_reward_lane_throttled_total",
+            "Times a crediting lane waited for its rate limit, by kind",
+            &["kind"],
+        );
+        let reward_tokens_refused_total = counter(
+            "hongbao_reward_tokens_refused_total",
+            "Presented reward tokens refused (forged, altered, malformed, other uid), by reason",
+            &["reason"],
+        );
+        let budget_remaining_fen = gauge(
+            "hongbao_budget_remaining_fen",
+            "Remaining budget per activity and kind",
+            &["activity", "kind"],
+        );
+
         let metrics = Metrics {
+            rewards_accepted_total,
+            rewards_refused_total,
+            rewards_credited_total,
+            rewards_voided_total,
+            reward_pending,
+            reward_lane_backlog,
+            reward_lane_lag_seconds,
+            reward_lane_throttled_total,
+            reward_tokens_refused_total,
+            budget_remaining_fen,
             registry,
             http_request_duration_seconds,
             journal_batch_events,
@@ -141,6 +221,16 @@ impl Metrics {
             Box::new(self.actor_activations_total.clone()),
             Box::new(self.actor_passivations_total.clone()),
             Box::new(self.projection_checkpoint_seq.clone()),
+            Box::new(self.rewards_accepted_total.clone()),
+            Box::new(self.rewards_refused_total.clone()),
+            Box::new(self.rewards_credited_total.clone()),
+            Box::new(self.rewards_voided_total.clone()),
+            Box::new(self.reward_pending.clone()),
+            Box::new(self.reward_lane_backlog.clone()),
+            Box::new(self.reward_lane_lag_seconds.clone()),
+            Box::new(self.reward_lane_throttled_total.clone()),
+            Box::new(self.reward_tokens_refused_total.clone()),
+            Box::new(self.budget_remaining_fen.clone()),
         ];
         for collector in collectors {
             self.registry

@@ -6,12 +6,14 @@ use crate::domain::{Aggregate, Ctx, Decision};
 use crate::events::{codec, EventStore, ExpectedVersion, NewEvent, StoreError};
 use crate::metrics::stream_kind;
 use actix::prelude::*;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
-/// Shortest interval between two idleness checks.
-const IDLE_CHECK_MIN: Duration = Duration::from_millis(100);
+/// Largest encoded state stored as a snapshot; a larger state (an activity with millions of
+/// orders) is rebuilt by replay instead of rewriting a huge value again and again.
+const SNAPSHOT_BYTES_MAX: usize = 64 * 1024 * 1024;
 
 /// Runs one command. Answered once the outcome is durable.
 pub struct Execute<A: Aggregate> {
@@ -20,6 +22,33 @@ pub struct Execute<A: Aggregate> {
 
 impl<A: Aggregate> Message for Execute<A> {
     type Result = Result<A::Reply, ExecError<A::Error>>;
+}
+
+/// Sent by the registry's sweeper to an actor idle for longer than `idle_for`.
+pub struct Passivate {
+    pub idle_for: Duration,
+}
+
+impl Message for Passivate {
+    type Result = ();
+}
+
+impl<A: Aggregate> Handler<Passivate> for AggregateActor<A> {
+    type Result = ();
+
+    fn handle(&mut self, msg: Passivate, ctx: &mut Context<Self>) {
+        // Re-checked here: a message may have arrived since the sweeper looked.
+        if self.in_flight == 0 && !self.passivating && self.idle() >= msg.idle_for {
+            self.passivating = true;
+            self.leave_registry();
+            self.runtime
+                .metrics
+                .actor_passivations_total
+                .with_label_values(&[&self.kind])
+                .inc();
+            ctx.stop();
+        }
+    }
 }
 
 /// Returns a copy of the state and its version, once durable.
@@ -57,8 +86,41 @@ pub struct AggregateActor<A: Aggregate> {
     /// Set when activation or an append failed: the in-memory state is not to be trusted.
     broken: bool,
     passivating: bool,
-    last_active: Instant,
+    /// Last time a command arrived, shared with the registry's sweeper.
+    last_active: Arc<ActivityClock>,
     events_since_snapshot: u64,
+}
+
+/// A coarse "last active" timestamp readable from the sweeper thread without a message.
+#[derive(Debug)]
+pub struct ActivityClock {
+    origin: Instant,
+    last_ms: AtomicU64,
+}
+
+impl ActivityClock {
+    pub fn new() -> ActivityClock {
+        ActivityClock {
+            origin: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    pub fn touch(&self) {
+        self.last_ms
+            .store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    pub fn idle(&self) -> Duration {
+        let now = self.origin.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+    }
+}
+
+impl Default for ActivityClock {
+    fn default() -> Self {
+        ActivityClock::new()
+    }
 }
 
 impl<A: Aggregate> AggregateActor<A> {
@@ -67,6 +129,7 @@ impl<A: Aggregate> AggregateActor<A> {
         incarnation: u64,
         registry: Weak<Registry<A>>,
         runtime: Arc<Runtime>,
+        last_active: Arc<ActivityClock>,
     ) -> Self {
         let kind = stream_kind(&stream).to_owned();
         AggregateActor {
@@ -81,9 +144,13 @@ impl<A: Aggregate> AggregateActor<A> {
             in_flight: 0,
             broken: false,
             passivating: false,
-            last_active: Instant::now(),
+            last_active,
             events_since_snapshot: 0,
         }
+    }
+
+    fn idle(&self) -> Duration {
+        self.last_active.idle()
     }
 
     fn usable(&self) -> Result<(), ExecError<A::Error>> {
@@ -142,11 +209,18 @@ impl<A: Aggregate> AggregateActor<A> {
 
     fn maybe_snapshot(&mut self) {
         let every = self.runtime.config.snapshot_every_events;
-        if every == 0 || self.events_since_snapshot < every || self.in_flight > 0 {
+        // Geometric spacing (at least every quarter of the stream) keeps the total cost of
+        // snapshotting a growing state linear in its size.
+        let due = every.max(self.version / 4);
+        if every == 0 || self.events_since_snapshot < due || self.in_flight > 0 {
             return;
         }
         // Nothing in flight: the in-memory state is exactly the durable state.
         match codec::encode(&self.state) {
+            Ok(bytes) if bytes.len() > SNAPSHOT_BYTES_MAX => {
+                tracing::info!(stream = %self.stream, bytes = bytes.len(), "state too large to snapshot; activation will replay");
+                self.events_since_snapshot = 0;
+            }
             Ok(bytes) => {
                 if let Err(e) = self
                     .runtime
@@ -205,37 +279,16 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
             .with_label_values(&[&self.kind])
             .inc();
 
-        // Replay before the first message: `wait` holds the mailbox until the state is loaded.
-        let store = self.runtime.store.clone();
-        let stream = self.stream.clone();
-        let loading = tokio::task::spawn_blocking(move || load::<A>(&*store, &stream));
-        ctx.wait(
-            loading
-                .into_actor(self)
-                .map(|loaded, act, ctx| match loaded {
-                    Ok(Ok((state, version))) => {
-                        act.state = state;
-                        act.version = version;
-                        act.durable.send_replace(version);
-                    }
-                    Ok(Err(e)) => act.break_down(ctx, &format!("activation failed: {e}")),
-                    Err(e) => act.break_down(ctx, &format!("activation task failed: {e}")),
-                }),
-        );
-
-        let idle = self.runtime.config.idle_passivate;
-        ctx.run_interval((idle / 2).max(IDLE_CHECK_MIN), move |act, ctx| {
-            if act.in_flight == 0 && !act.passivating && act.last_active.elapsed() >= idle {
-                act.passivating = true;
-                act.leave_registry();
-                act.runtime
-                    .metrics
-                    .actor_passivations_total
-                    .with_label_values(&[&act.kind])
-                    .inc();
-                ctx.stop();
+        // Replay before the first message. Inline: sled reads are microseconds for the usual
+        // stream, and a hop to the blocking pool would cost more than the read itself.
+        match load::<A>(&*self.runtime.store, &self.stream) {
+            Ok((state, version)) => {
+                self.state = state;
+                self.version = version;
+                self.durable.send_replace(version);
             }
-        });
+            Err(e) => self.break_down(ctx, &format!("activation failed: {e}")),
+        }
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
@@ -252,7 +305,7 @@ impl<A: Aggregate> Handler<Execute<A>> for AggregateActor<A> {
     type Result = ResponseActFuture<Self, Result<A::Reply, ExecError<A::Error>>>;
 
     fn handle(&mut self, msg: Execute<A>, ctx: &mut Context<Self>) -> Self::Result {
-        self.last_active = Instant::now();
+        self.last_active.touch();
         if let Err(e) = self.usable() {
             return Box::pin(fut::ready(Err(e)));
         }

@@ -19,11 +19,12 @@
 //!   leaves the registry and answers every held reply `Unavailable`; the journal fences its
 //!   later queued appends (see `EventStore::append`), and the next message activates a fresh
 //!   incarnation from exactly what is durable.
-//! - **Activation** loads the latest snapshot and replays the rest of the stream before the
-//!   first message is handled (messages wait in the mailbox meanwhile).
-//! - **Passivation**: an actor idle for `idle_passivate` with no append in flight leaves the
-//!   registry and stops; messages that raced with it are re-sent to a new incarnation by the
-//!   registry, which is safe because nothing of them was processed.
+//! - **Activation** loads the latest snapshot and replays the rest of the stream in `started`,
+//!   before the first message is handled.
+//! - **Passivation**: the registry's sweeper asks actors idle for `idle_passivate` (or, while
+//!   more than `active_soft_max` are live, for `idle_under_pressure`) to stop; an actor with an
+//!   append in flight refuses. It leaves the registry first; messages that raced with it are
+//!   re-sent to a new incarnation by the registry, safe because nothing of them was processed.
 //! - **Snapshots**: every `snapshot_every_events` events, when nothing is in flight (so the
 //!   snapshot holds only durable events), the actor stores its encoded state.
 //! - **Bounded mailbox**: `mailbox_capacity` messages; senders beyond it wait (backpressure), and
@@ -43,6 +44,9 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy)]
 pub struct ActorConfig {
     pub idle_passivate: Duration,
+    /// Live actors per registry beyond which `idle_under_pressure` applies.
+    pub active_soft_max: usize,
+    pub idle_under_pressure: Duration,
     pub mailbox_capacity: usize,
     pub snapshot_every_events: u64,
     pub command_timeout: Duration,
@@ -52,6 +56,8 @@ impl Default for ActorConfig {
     fn default() -> Self {
         ActorConfig {
             idle_passivate: Duration::from_secs(300),
+            active_soft_max: 100_000,
+            idle_under_pressure: Duration::from_secs(5),
             mailbox_capacity: 1024,
             snapshot_every_events: 1000,
             command_timeout: Duration::from_secs(10),

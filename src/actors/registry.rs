@@ -1,6 +1,6 @@
 //! The registry: stream id -> live actor, activation on demand, retries across incarnations.
 
-use super::aggregate::{AggregateActor, Execute, GetState};
+use super::aggregate::{ActivityClock, AggregateActor, Execute, GetState, Passivate};
 use super::ActorConfig;
 use crate::clock::Clock;
 use crate::domain::Aggregate;
@@ -10,6 +10,7 @@ use actix::{Actor, Addr, MailboxError};
 use dashmap::DashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Times a command is offered to an incarnation before the caller gets the last error: covers
 /// an actor that passivated or broke while the message was on its way.
@@ -47,7 +48,11 @@ pub enum ExecError<E> {
 struct Handle<A: Aggregate> {
     addr: Addr<AggregateActor<A>>,
     incarnation: u64,
+    last_active: Arc<ActivityClock>,
 }
+
+/// Longest pause of the sweeper between two looks at the registry.
+const SWEEP_INTERVAL_MAX: Duration = Duration::from_secs(1);
 
 /// Live actors of one aggregate type, by stream id.
 pub struct Registry<A: Aggregate> {
@@ -56,11 +61,47 @@ pub struct Registry<A: Aggregate> {
 }
 
 impl<A: Aggregate> Registry<A> {
+    /// Creates the registry and its sweeper thread, which passivates idle actors: those idle
+    /// for `idle_passivate`, or, while more than `active_soft_max` actors are live, those idle
+    /// for `idle_under_pressure` (a campaign touches millions of wallets once each; keeping
+    /// them all for minutes would cost gigabytes). The thread ends with the registry.
     pub fn new(runtime: Arc<Runtime>) -> Arc<Registry<A>> {
-        Arc::new(Registry {
+        let registry = Arc::new(Registry {
             runtime,
             actors: DashMap::new(),
-        })
+        });
+        let weak = Arc::downgrade(&registry);
+        let config = registry.runtime.config;
+        let interval = (config.idle_under_pressure.min(config.idle_passivate) / 2)
+            .clamp(Duration::from_millis(10), SWEEP_INTERVAL_MAX);
+        let spawned = std::thread::Builder::new()
+            .name(format!("hongbao-sweep-{}", A::STREAM_PREFIX))
+            .spawn(move || loop {
+                std::thread::sleep(interval);
+                let Some(registry) = weak.upgrade() else {
+                    return;
+                };
+                registry.sweep();
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the actor sweeper; idle actors stay active");
+        }
+        registry
+    }
+
+    /// Asks idle actors to passivate.
+    fn sweep(&self) {
+        let config = self.runtime.config;
+        let idle_for = if self.actors.len() > config.active_soft_max {
+            config.idle_under_pressure.min(config.idle_passivate)
+        } else {
+            config.idle_passivate
+        };
+        for handle in self.actors.iter() {
+            if handle.last_active.idle() >= idle_for {
+                handle.addr.do_send(Passivate { idle_for });
+            }
+        }
     }
 
     pub fn runtime(&self) -> &Arc<Runtime> {
@@ -135,14 +176,20 @@ impl<A: Aggregate> Registry<A> {
         }
         let handle = self.actors.entry(stream.to_owned()).or_insert_with(|| {
             let incarnation = INCARNATIONS.fetch_add(1, Ordering::Relaxed);
+            let last_active = Arc::new(ActivityClock::new());
             let addr = AggregateActor::<A>::new(
                 stream.to_owned(),
                 incarnation,
                 Arc::downgrade(self),
                 self.runtime.clone(),
+                last_active.clone(),
             )
             .start();
-            Handle { addr, incarnation }
+            Handle {
+                addr,
+                incarnation,
+                last_active,
+            }
         });
         (handle.addr.clone(), handle.incarnation)
     }

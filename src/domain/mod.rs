@@ -10,6 +10,7 @@
 //! Variants are only ever appended (the codec encodes the variant index), and an event whose
 //! shape must change gets a new variant or a new schema version with an upcaster, never an edit.
 
+pub mod activity;
 pub mod wallet;
 
 use crate::clock::Millis;
@@ -64,6 +65,7 @@ pub trait Aggregate:
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
     Wallet(wallet::WalletEvent),
+    Activity(activity::ActivityEvent),
 }
 
 impl Event {
@@ -71,6 +73,7 @@ impl Event {
     pub fn type_name(&self) -> &'static str {
         match self {
             Event::Wallet(e) => e.type_name(),
+            Event::Activity(e) => e.type_name(),
         }
     }
 

@@ -408,7 +408,6 @@ impl Aggregate for Wallet {
     fn unwrap(event: &Event) -> Option<&WalletEvent> {
         match event {
             Event::Wallet(e) => Some(e),
-            #[allow(unreachable_patterns)]
             _ => None,
         }
     }

@@ -11,6 +11,7 @@
 //! projection's checkpoint on a watch channel, so that a reader can wait until a view has
 //! caught up with an event it knows was acknowledged (read-your-writes).
 
+pub mod rewards;
 pub mod wallet;
 
 use crate::events::{codec, Envelope, EventStore, StoreError, Subscription};

@@ -76,10 +76,7 @@ impl Projection for WalletView {
     }
 
     fn apply(&self, tx: &mut ViewTx<'_>, envelope: &Envelope) -> Result<(), StoreError> {
-        // Irrefutable while the wallet is the only aggregate; other kinds are ignored here.
-        #[allow(irrefutable_let_patterns)]
-        let Event::Wallet(event) = &envelope.event
-        else {
+        let Event::Wallet(event) = &envelope.event else {
             return Ok(());
         };
         let uid = envelope.stream.strip_prefix("wallet:").ok_or_else(|| {

@@ -159,16 +159,42 @@ fn snapshots_are_taken_and_activation_from_them_equals_full_replay() {
         let (reloaded, version) = wallets.state("u4").await.unwrap();
         assert_eq!(version, 12);
         assert_eq!(reloaded, live);
+        let events = store.read_stream("wallet:u4", 1).unwrap();
         let replayed = hongbao::domain::replay(
             Wallet::default(),
-            store
-                .read_stream("wallet:u4", 1)
-                .unwrap()
+            events
                 .iter()
-                .map(|e| match &e.event {
-                    hongbao::domain::Event::Wallet(w) => w,
-                }),
+                .filter_map(|e| <Wallet as hongbao::domain::Aggregate>::unwrap(&e.event)),
         );
         assert_eq!(replayed, live);
+    });
+}
+
+#[test]
+fn under_pressure_idle_actors_are_passivated_sooner() {
+    // Goal: with more live actors than the soft maximum, actors idle for the short pressure
+    // threshold are passivated, so a campaign touching many wallets once does not keep them all.
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    actix_rt::System::new().block_on(async {
+        let config = ActorConfig {
+            idle_passivate: Duration::from_secs(300),
+            active_soft_max: 10,
+            idle_under_pressure: Duration::from_millis(100),
+            ..ActorConfig::default()
+        };
+        let (wallets, _) = registry(store.clone(), config);
+        for i in 0..50 {
+            wallets
+                .execute(&format!("p{i}"), deposit("d", 1))
+                .await
+                .unwrap();
+        }
+        assert!(wallets.active() > 10);
+        poll_until("pressure passivation", || wallets.active() <= 10).await;
+        // Below the soft maximum the long idle time applies again: a fresh actor stays.
+        wallets.execute("p-new", deposit("d", 1)).await.unwrap();
+        actix_rt::time::sleep(Duration::from_millis(400)).await;
+        assert!(wallets.active() >= 1);
     });
 }

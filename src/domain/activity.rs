@@ -1,0 +1,867 @@
+//! The activity aggregate: a campaign activity's budgets and the rewards accepted against them.
+//!
+//! The activity is the intake of rewards: `Accept` checks idempotency and the remaining budget
+//! and records `RewardAccepted`, one event per reward, in the activity's stream. Budget and
+//! acceptance live in one aggregate so that "accepted never exceeds budget" is a local rule
+//! checked by one actor, in order, with no cross-actor protocol; the actor's pipelined
+//! persistence lets one flush serve every reward of a journal batch, so the budget does not cap
+//! intake at one flush per reward.
+//!
+//! Rules (all in [`Activity::decide`]):
+//! - an order id is accepted once per activity; the same payload again replays the original
+//!   outcome, another payload is [`ActivityError::IdempotencyConflict`];
+//! - cash and subsidy rewards consume the activity's budget of their kind:
+//!   `accepted + amount <= budget`, else [`ActivityError::BudgetExhausted`]; an activity without
+//!   a budget accepts without limit unless the caller requires budgets (`--require-budgets`);
+//! - a budget may be raised, never lowered below what is already accepted;
+//! - an item reward is delivered once; a reward is voided once (its budget is returned), only
+//!   while it is neither delivered nor credited elsewhere.
+//!
+//! Idempotency memory is keyed by a 128-bit digest of the order id (collision odds ~1e-24 at
+//! 100 million orders) and holds a 64-bit payload fingerprint: about 40 bytes per order instead
+//! of the whole request.
+
+use super::{Aggregate, Ctx, Decision, Event};
+use crate::domain::wallet::{Entry, WalletCommand};
+use crate::ids::Id;
+use crate::money::Fen;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+
+/// What a reward gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RewardKind {
+    /// Money into the user's activity balance (withdrawable).
+    Cash,
+    /// Money into the user's subsidy balance (spendable on B2C packets).
+    Subsidy,
+    /// A coupon of `batch_id`, issued by the coupon lanes.
+    Coupon,
+    /// A physical or virtual item, delivered by its own lane.
+    Item,
+}
+
+impl RewardKind {
+    pub const ALL: [RewardKind; 4] = [
+        RewardKind::Cash,
+        RewardKind::Subsidy,
+        RewardKind::Coupon,
+        RewardKind::Item,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RewardKind::Cash => "cash",
+            RewardKind::Subsidy => "subsidy",
+            RewardKind::Coupon => "coupon",
+            RewardKind::Item => "item",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<RewardKind> {
+        RewardKind::ALL.into_iter().find(|k| k.as_str() == text)
+    }
+
+    /// The wallet entry a money reward is credited with; `None` for coupons and items.
+    pub fn wallet_entry(self) -> Option<Entry> {
+        match self {
+            RewardKind::Cash => Some(Entry::Reward),
+            RewardKind::Subsidy => Some(Entry::SubsidyReward),
+            RewardKind::Coupon | RewardKind::Item => None,
+        }
+    }
+}
+
+/// Most `ext` fields a reward may carry, and their sizes.
+pub const EXT_FIELDS_MAX: usize = 16;
+pub const EXT_KEY_CHARS_MAX: usize = 64;
+pub const EXT_VALUE_CHARS_MAX: usize = 256;
+
+/// A reward as requested and, once accepted, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reward {
+    pub order_id: Id,
+    pub uid: Id,
+    pub scene: Id,
+    pub kind: RewardKind,
+    pub amount: Fen,
+    pub device_id: Option<Id>,
+    pub app_id: Option<Id>,
+    /// The coupon batch of a coupon reward.
+    pub batch_id: Option<Id>,
+    pub ext: BTreeMap<String, String>,
+}
+
+fn digest(parts: &[&[u8]]) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        // Length-prefixed, so that field boundaries cannot shift.
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part);
+    }
+    hasher.finalize().into()
+}
+
+/// 128-bit key of an order id in the idempotency memory.
+pub fn order_key(order_id: &Id) -> u128 {
+    let d = digest(&[order_id.as_str().as_bytes()]);
+    u128::from_be_bytes(d[..16].try_into().expect("16 bytes"))
+}
+
+impl Reward {
+    /// 64-bit fingerprint of everything but the order id: "same payload" means equal
+    /// fingerprints.
+    pub fn fingerprint(&self) -> u64 {
+        let opt = |o: &Option<Id>| {
+            o.as_ref()
+                .map(|i| i.as_str().to_owned())
+                .unwrap_or_default()
+        };
+        let ext: Vec<u8> = self
+            .ext
+            .iter()
+            .flat_map(|(k, v)| [k.as_bytes(), b"\0", v.as_bytes(), b"\0"].concat())
+            .collect();
+        let d = digest(&[
+            self.uid.as_str().as_bytes(),
+            self.scene.as_str().as_bytes(),
+            self.kind.as_str().as_bytes(),
+            &self.amount.as_u64().to_be_bytes(),
+            opt(&self.device_id).as_bytes(),
+            opt(&self.app_id).as_bytes(),
+            opt(&self.batch_id).as_bytes(),
+            &ext,
+        ]);
+        u64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
+    }
+}
+
+/// What a reward token carries: enough to credit the reward without a lookup, bound together
+/// by the token's signature (see `crate::tokens`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RewardClaim {
+    pub activity_id: Id,
+    pub order_id: Id,
+    pub uid: Id,
+    pub kind: RewardKind,
+    pub amount: Fen,
+}
+
+impl RewardClaim {
+    pub fn of(activity_id: &Id, reward: &Reward) -> RewardClaim {
+        RewardClaim {
+            activity_id: activity_id.clone(),
+            order_id: reward.order_id.clone(),
+            uid: reward.uid.clone(),
+            kind: reward.kind,
+            amount: reward.amount,
+        }
+    }
+
+    /// The wallet command that credits this reward. The crediting lanes and force-credit both
+    /// use it, so both paths send the identical, idempotent command: whichever comes second is
+    /// a replay. `None` for coupons and items (no money).
+    pub fn credit_command(&self) -> Option<WalletCommand> {
+        Some(WalletCommand::Credit {
+            entry: self.kind.wallet_entry()?,
+            order_id: self.order_id.clone(),
+            amount: self.amount,
+            source: Some(self.activity_id.clone()),
+        })
+    }
+}
+
+/// Why an accepted reward was voided (its budget returned).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VoidReason {
+    /// The order id had already been credited from another activity: order ids are globally
+    /// unique by contract, and a reuse must not consume a second budget.
+    DuplicateOrderId,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Budgets {
+    pub cash: Fen,
+    pub subsidy: Fen,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ActivityCommand {
+    /// Sets the budget totals (raising is allowed, lowering below what is accepted is not).
+    SetBudget(Budgets),
+    Accept {
+        reward: Reward,
+        require_budget: bool,
+    },
+    /// The item lane delivered an item reward.
+    MarkDelivered {
+        order_id: Id,
+    },
+    Void {
+        order_id: Id,
+        reason: VoidReason,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ActivityEvent {
+    BudgetSet(Budgets),
+    RewardAccepted(Reward),
+    RewardDelivered {
+        order_id: Id,
+    },
+    RewardVoided {
+        order_id: Id,
+        kind: RewardKind,
+        amount: Fen,
+        reason: VoidReason,
+    },
+}
+
+impl ActivityEvent {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            ActivityEvent::BudgetSet(_) => "activity.budget_set",
+            ActivityEvent::RewardAccepted(_) => "activity.reward_accepted",
+            ActivityEvent::RewardDelivered { .. } => "activity.reward_delivered",
+            ActivityEvent::RewardVoided { .. } => "activity.reward_voided",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ActivityReply {
+    Budget {
+        budget: Option<Budgets>,
+        accepted: Budgets,
+    },
+    /// `replayed`: the original outcome of an identical earlier request.
+    Accepted {
+        replayed: bool,
+    },
+    Delivered,
+    Voided,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ActivityError {
+    #[error("order {order_id} was already accepted with a different payload")]
+    IdempotencyConflict { order_id: Id },
+    #[error("the {kind:?} budget has {remaining} left, {requested} requested")]
+    BudgetExhausted {
+        kind: RewardKind,
+        remaining: Fen,
+        requested: Fen,
+    },
+    #[error("this activity has no budget and budgets are required")]
+    BudgetNotSet,
+    #[error("the {kind:?} budget cannot go below the {accepted} already accepted")]
+    BudgetBelowAccepted {
+        kind: RewardKind,
+        accepted: Fen,
+        requested: Fen,
+    },
+    #[error("no accepted reward with order id {order_id}")]
+    UnknownOrder { order_id: Id },
+    #[error("order {order_id} is not in a state that allows this")]
+    WrongState { order_id: Id },
+    #[error("the accepted total would overflow")]
+    Overflow,
+    #[error("amount must be positive")]
+    ZeroAmount,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OrderState {
+    Accepted,
+    Delivered,
+    Voided,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderMemo {
+    pub fingerprint: u64,
+    pub kind: RewardKind,
+    pub amount: Fen,
+    pub state: OrderState,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Activity {
+    pub budget: Option<Budgets>,
+    /// Accepted money per kind, net of voided rewards.
+    pub accepted: Budgets,
+    pub orders: HashMap<u128, OrderMemo>,
+}
+
+impl Activity {
+    fn accepted_of(&self, kind: RewardKind) -> Fen {
+        match kind {
+            RewardKind::Cash => self.accepted.cash,
+            RewardKind::Subsidy => self.accepted.subsidy,
+            RewardKind::Coupon | RewardKind::Item => Fen::ZERO,
+        }
+    }
+
+    fn accepted_mut(&mut self, kind: RewardKind) -> Option<&mut Fen> {
+        match kind {
+            RewardKind::Cash => Some(&mut self.accepted.cash),
+            RewardKind::Subsidy => Some(&mut self.accepted.subsidy),
+            RewardKind::Coupon | RewardKind::Item => None,
+        }
+    }
+
+    /// Remaining budget of a money kind (`None`: unlimited).
+    pub fn remaining(&self, kind: RewardKind) -> Option<Fen> {
+        let budget = self.budget?;
+        let total = match kind {
+            RewardKind::Cash => budget.cash,
+            RewardKind::Subsidy => budget.subsidy,
+            RewardKind::Coupon | RewardKind::Item => return None,
+        };
+        Some(
+            total
+                .checked_sub(self.accepted_of(kind))
+                .unwrap_or(Fen::ZERO),
+        )
+    }
+
+    pub fn order(&self, order_id: &Id) -> Option<&OrderMemo> {
+        self.orders.get(&order_key(order_id))
+    }
+
+    fn accept(
+        &self,
+        reward: &Reward,
+        require_budget: bool,
+    ) -> Result<Decision<ActivityEvent, ActivityReply>, ActivityError> {
+        if reward.amount.is_zero() {
+            return Err(ActivityError::ZeroAmount);
+        }
+        if let Some(memo) = self.order(&reward.order_id) {
+            return if memo.fingerprint == reward.fingerprint() {
+                Ok(Decision::Reply(ActivityReply::Accepted { replayed: true }))
+            } else {
+                Err(ActivityError::IdempotencyConflict {
+                    order_id: reward.order_id.clone(),
+                })
+            };
+        }
+        if reward.kind.wallet_entry().is_some() {
+            self.accepted_of(reward.kind)
+                .checked_add(reward.amount)
+                .map_err(|_| ActivityError::Overflow)?;
+            match self.remaining(reward.kind) {
+                Some(remaining) if reward.amount > remaining => {
+                    return Err(ActivityError::BudgetExhausted {
+                        kind: reward.kind,
+                        remaining,
+                        requested: reward.amount,
+                    })
+                }
+                None if require_budget => return Err(ActivityError::BudgetNotSet),
+                _ => {}
+            }
+        }
+        Ok(Decision::Emit(
+            vec![ActivityEvent::RewardAccepted(reward.clone())],
+            ActivityReply::Accepted { replayed: false },
+        ))
+    }
+
+    fn budget_reply(&self) -> ActivityReply {
+        ActivityReply::Budget {
+            budget: self.budget,
+            accepted: self.accepted,
+        }
+    }
+}
+
+impl Aggregate for Activity {
+    type Command = ActivityCommand;
+    type Event = ActivityEvent;
+    type Reply = ActivityReply;
+    type Error = ActivityError;
+
+    const STREAM_PREFIX: &'static str = "activity";
+
+    fn decide(
+        &self,
+        command: &ActivityCommand,
+        _ctx: &Ctx,
+    ) -> Result<Decision<ActivityEvent, ActivityReply>, ActivityError> {
+        match command {
+            ActivityCommand::SetBudget(budget) => {
+                for (kind, requested) in [
+                    (RewardKind::Cash, budget.cash),
+                    (RewardKind::Subsidy, budget.subsidy),
+                ] {
+                    let accepted = self.accepted_of(kind);
+                    if requested < accepted {
+                        return Err(ActivityError::BudgetBelowAccepted {
+                            kind,
+                            accepted,
+                            requested,
+                        });
+                    }
+                }
+                if self.budget == Some(*budget) {
+                    return Ok(Decision::Reply(self.budget_reply()));
+                }
+                let reply = ActivityReply::Budget {
+                    budget: Some(*budget),
+                    accepted: self.accepted,
+                };
+                Ok(Decision::Emit(
+                    vec![ActivityEvent::BudgetSet(*budget)],
+                    reply,
+                ))
+            }
+            ActivityCommand::Accept {
+                reward,
+                require_budget,
+            } => self.accept(reward, *require_budget),
+            ActivityCommand::MarkDelivered { order_id } => {
+                let memo = self
+                    .order(order_id)
+                    .ok_or_else(|| ActivityError::UnknownOrder {
+                        order_id: order_id.clone(),
+                    })?;
+                match (memo.kind, memo.state) {
+                    (RewardKind::Item, OrderState::Delivered) => {
+                        Ok(Decision::Reply(ActivityReply::Delivered))
+                    }
+                    (RewardKind::Item, OrderState::Accepted) => Ok(Decision::Emit(
+                        vec![ActivityEvent::RewardDelivered {
+                            order_id: order_id.clone(),
+                        }],
+                        ActivityReply::Delivered,
+                    )),
+                    _ => Err(ActivityError::WrongState {
+                        order_id: order_id.clone(),
+                    }),
+                }
+            }
+            ActivityCommand::Void { order_id, reason } => {
+                let memo = self
+                    .order(order_id)
+                    .ok_or_else(|| ActivityError::UnknownOrder {
+                        order_id: order_id.clone(),
+                    })?;
+                match memo.state {
+                    OrderState::Voided => Ok(Decision::Reply(ActivityReply::Voided)),
+                    OrderState::Accepted => Ok(Decision::Emit(
+                        vec![ActivityEvent::RewardVoided {
+                            order_id: order_id.clone(),
+                            kind: memo.kind,
+                            amount: memo.amount,
+                            reason: *reason,
+                        }],
+                        ActivityReply::Voided,
+                    )),
+                    OrderState::Delivered => Err(ActivityError::WrongState {
+                        order_id: order_id.clone(),
+                    }),
+                }
+            }
+        }
+    }
+
+    fn evolve(&mut self, event: &ActivityEvent) {
+        match event {
+            ActivityEvent::BudgetSet(budget) => self.budget = Some(*budget),
+            ActivityEvent::RewardAccepted(reward) => {
+                if let Some(total) = self.accepted_mut(reward.kind) {
+                    // Checked in decide; saturating here keeps evolve total (it never judges).
+                    *total = total
+                        .checked_add(reward.amount)
+                        .unwrap_or(Fen::new(u64::MAX));
+                }
+                self.orders.insert(
+                    order_key(&reward.order_id),
+                    OrderMemo {
+                        fingerprint: reward.fingerprint(),
+                        kind: reward.kind,
+                        amount: reward.amount,
+                        state: OrderState::Accepted,
+                    },
+                );
+            }
+            ActivityEvent::RewardDelivered { order_id } => {
+                if let Some(memo) = self.orders.get_mut(&order_key(order_id)) {
+                    memo.state = OrderState::Delivered;
+                }
+            }
+            ActivityEvent::RewardVoided {
+                order_id,
+                kind,
+                amount,
+                ..
+            } => {
+                if let Some(total) = self.accepted_mut(*kind) {
+                    *total = total.checked_sub(*amount).unwrap_or(Fen::ZERO);
+                }
+                if let Some(memo) = self.orders.get_mut(&order_key(order_id)) {
+                    memo.state = OrderState::Voided;
+                }
+            }
+        }
+    }
+
+    fn correlation_id(command: &ActivityCommand) -> String {
+        match command {
+            ActivityCommand::SetBudget(_) => "budget".into(),
+            ActivityCommand::Accept { reward, .. } => reward.order_id.to_string(),
+            ActivityCommand::MarkDelivered { order_id }
+            | ActivityCommand::Void { order_id, .. } => order_id.to_string(),
+        }
+    }
+
+    fn wrap(event: ActivityEvent) -> Event {
+        Event::Activity(event)
+    }
+
+    fn unwrap(event: &Event) -> Option<&ActivityEvent> {
+        match event {
+            Event::Activity(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::replay;
+    use crate::domain::wallet::Wallet;
+    use proptest::prelude::*;
+
+    const CTX: Ctx = Ctx { now_ms: 0 };
+
+    fn id(s: &str) -> Id {
+        Id::parse(s).unwrap()
+    }
+
+    fn reward(order: &str, kind: RewardKind, amount: u64) -> Reward {
+        Reward {
+            order_id: id(order),
+            uid: id("u1"),
+            scene: id("rain"),
+            kind,
+            amount: Fen::new(amount),
+            device_id: None,
+            app_id: None,
+            batch_id: None,
+            ext: BTreeMap::new(),
+        }
+    }
+
+    fn accept(order: &str, amount: u64) -> ActivityCommand {
+        ActivityCommand::Accept {
+            reward: reward(order, RewardKind::Cash, amount),
+            require_budget: false,
+        }
+    }
+
+    fn budget(cash: u64, subsidy: u64) -> ActivityEvent {
+        ActivityEvent::BudgetSet(Budgets {
+            cash: Fen::new(cash),
+            subsidy: Fen::new(subsidy),
+        })
+    }
+
+    fn given(events: &[ActivityEvent]) -> Activity {
+        replay(Activity::default(), events)
+    }
+
+    #[test]
+    fn a_reward_within_budget_is_accepted_as_one_event() {
+        // Given a cash budget of 100, when 60 is requested, then one RewardAccepted.
+        let activity = given(&[budget(100, 0)]);
+        let decision = activity.decide(&accept("o1", 60), &CTX).unwrap();
+        assert_eq!(
+            decision,
+            Decision::Emit(
+                vec![ActivityEvent::RewardAccepted(reward(
+                    "o1",
+                    RewardKind::Cash,
+                    60
+                ))],
+                ActivityReply::Accepted { replayed: false }
+            )
+        );
+    }
+
+    #[test]
+    fn a_reward_beyond_the_remaining_budget_is_refused_with_what_remains() {
+        // Given 100 budget and 60 accepted, when 41 is requested, then budget_exhausted(40).
+        let activity = given(&[
+            budget(100, 0),
+            ActivityEvent::RewardAccepted(reward("o1", RewardKind::Cash, 60)),
+        ]);
+        assert_eq!(
+            activity.decide(&accept("o2", 41), &CTX),
+            Err(ActivityError::BudgetExhausted {
+                kind: RewardKind::Cash,
+                remaining: Fen::new(40),
+                requested: Fen::new(41)
+            })
+        );
+        assert!(matches!(
+            activity.decide(&accept("o2", 40), &CTX),
+            Ok(Decision::Emit(..))
+        ));
+    }
+
+    #[test]
+    fn kinds_have_separate_budgets_and_items_none() {
+        // Given a subsidy budget of 0, subsidies are refused while cash and items pass.
+        let activity = given(&[budget(10, 0)]);
+        let subsidy = ActivityCommand::Accept {
+            reward: reward("s", RewardKind::Subsidy, 1),
+            require_budget: false,
+        };
+        assert!(matches!(
+            activity.decide(&subsidy, &CTX),
+            Err(ActivityError::BudgetExhausted {
+                kind: RewardKind::Subsidy,
+                ..
+            })
+        ));
+        let item = ActivityCommand::Accept {
+            reward: reward("i", RewardKind::Item, 1_000),
+            require_budget: true,
+        };
+        assert!(matches!(
+            activity.decide(&item, &CTX),
+            Ok(Decision::Emit(..))
+        ));
+    }
+
+    #[test]
+    fn without_a_budget_rewards_pass_unless_budgets_are_required() {
+        // Goal: the development default accepts; --require-budgets refuses.
+        let activity = Activity::default();
+        assert!(matches!(
+            activity.decide(&accept("o1", 5), &CTX),
+            Ok(Decision::Emit(..))
+        ));
+        let strict = ActivityCommand::Accept {
+            reward: reward("o1", RewardKind::Cash, 5),
+            require_budget: true,
+        };
+        assert_eq!(
+            activity.decide(&strict, &CTX),
+            Err(ActivityError::BudgetNotSet)
+        );
+    }
+
+    #[test]
+    fn a_retry_replays_and_another_payload_conflicts() {
+        // Given o1 accepted, the same request replays; another amount or uid is a conflict.
+        let activity = given(&[ActivityEvent::RewardAccepted(reward(
+            "o1",
+            RewardKind::Cash,
+            60,
+        ))]);
+        assert_eq!(
+            activity.decide(&accept("o1", 60), &CTX),
+            Ok(Decision::Reply(ActivityReply::Accepted { replayed: true }))
+        );
+        assert_eq!(
+            activity.decide(&accept("o1", 61), &CTX),
+            Err(ActivityError::IdempotencyConflict { order_id: id("o1") })
+        );
+        let mut other_uid = reward("o1", RewardKind::Cash, 60);
+        other_uid.uid = id("u2");
+        let cmd = ActivityCommand::Accept {
+            reward: other_uid,
+            require_budget: false,
+        };
+        assert!(matches!(
+            activity.decide(&cmd, &CTX),
+            Err(ActivityError::IdempotencyConflict { .. })
+        ));
+    }
+
+    #[test]
+    fn a_budget_can_rise_but_not_fall_below_what_is_accepted() {
+        // Given 60 accepted of 100, lowering to 50 is refused, to 60 or raising is fine.
+        let activity = given(&[
+            budget(100, 0),
+            ActivityEvent::RewardAccepted(reward("o1", RewardKind::Cash, 60)),
+        ]);
+        let set = |cash| {
+            ActivityCommand::SetBudget(Budgets {
+                cash: Fen::new(cash),
+                subsidy: Fen::ZERO,
+            })
+        };
+        assert!(matches!(
+            activity.decide(&set(50), &CTX),
+            Err(ActivityError::BudgetBelowAccepted { .. })
+        ));
+        assert!(matches!(
+            activity.decide(&set(60), &CTX),
+            Ok(Decision::Emit(..))
+        ));
+        assert!(matches!(
+            activity.decide(&set(100), &CTX),
+            Ok(Decision::Reply(_))
+        ));
+    }
+
+    #[test]
+    fn voiding_returns_the_budget_once_and_items_are_delivered_once() {
+        // Goal: void and delivery are idempotent state transitions.
+        let mut activity = given(&[
+            budget(100, 0),
+            ActivityEvent::RewardAccepted(reward("o1", RewardKind::Cash, 60)),
+        ]);
+        let void = ActivityCommand::Void {
+            order_id: id("o1"),
+            reason: VoidReason::DuplicateOrderId,
+        };
+        let Ok(Decision::Emit(events, _)) = activity.decide(&void, &CTX) else {
+            panic!()
+        };
+        activity = replay(activity, &events);
+        assert_eq!(activity.accepted.cash, Fen::ZERO);
+        assert_eq!(
+            activity.decide(&void, &CTX),
+            Ok(Decision::Reply(ActivityReply::Voided))
+        );
+
+        let mut activity = given(&[ActivityEvent::RewardAccepted(reward(
+            "i1",
+            RewardKind::Item,
+            1,
+        ))]);
+        let deliver = ActivityCommand::MarkDelivered { order_id: id("i1") };
+        let Ok(Decision::Emit(events, _)) = activity.decide(&deliver, &CTX) else {
+            panic!()
+        };
+        activity = replay(activity, &events);
+        assert_eq!(
+            activity.decide(&deliver, &CTX),
+            Ok(Decision::Reply(ActivityReply::Delivered))
+        );
+        let late_void = ActivityCommand::Void {
+            order_id: id("i1"),
+            reason: VoidReason::DuplicateOrderId,
+        };
+        assert!(matches!(
+            activity.decide(&late_void, &CTX),
+            Err(ActivityError::WrongState { .. })
+        ));
+        assert!(matches!(
+            activity.decide(
+                &ActivityCommand::MarkDelivered {
+                    order_id: id("nope")
+                },
+                &CTX
+            ),
+            Err(ActivityError::UnknownOrder { .. })
+        ));
+    }
+
+    #[derive(Debug, Clone)]
+    enum IntakeOp {
+        Accept(u8, u64),
+        SetBudget(u64),
+        Void(u8),
+    }
+
+    fn intake_op() -> impl Strategy<Value = IntakeOp> {
+        prop_oneof![
+            6 => (0u8..24, 1u64..400).prop_map(|(o, a)| IntakeOp::Accept(o, a)),
+            1 => (0u64..3_000).prop_map(IntakeOp::SetBudget),
+            1 => (0u8..24).prop_map(IntakeOp::Void),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn no_interleaving_of_rewards_retries_and_budget_changes_accepts_beyond_the_budget(
+            ops in proptest::collection::vec(intake_op(), 1..120)
+        ) {
+            // Goal: accepted <= budget at every step, accepted equals the live (non-voided)
+            // rewards, and replaying the log gives the live state.
+            let mut live = Activity::default();
+            let mut log = Vec::new();
+            let mut amounts: HashMap<u8, u64> = HashMap::new();
+            for op in ops {
+                let cmd = match op {
+                    // A retry of an order reuses its first amount; a new amount is a conflict.
+                    IntakeOp::Accept(o, a) => accept(&format!("o{o}"), *amounts.entry(o).or_insert(a)),
+                    IntakeOp::SetBudget(cash) => ActivityCommand::SetBudget(Budgets { cash: Fen::new(cash), subsidy: Fen::ZERO }),
+                    IntakeOp::Void(o) => ActivityCommand::Void { order_id: id(&format!("o{o}")), reason: VoidReason::DuplicateOrderId },
+                };
+                if let Ok(Decision::Emit(events, _)) = live.decide(&cmd, &CTX) {
+                    for e in events {
+                        live.evolve(&e);
+                        log.push(e);
+                    }
+                }
+                if let Some(b) = live.budget {
+                    prop_assert!(live.accepted.cash <= b.cash, "accepted {:?} > budget {:?}", live.accepted.cash, b.cash);
+                }
+                let live_sum: u64 = live.orders.values().filter(|m| m.state == OrderState::Accepted).map(|m| m.amount.as_u64()).sum();
+                prop_assert_eq!(live_sum, live.accepted.cash.as_u64());
+            }
+            prop_assert_eq!(replay(Activity::default(), &log), live);
+        }
+
+        #[test]
+        fn lane_credit_force_credit_and_retries_credit_each_order_exactly_once(
+            amounts in proptest::collection::vec(1u64..1_000, 1..12),
+            schedule in proptest::collection::vec((0usize..12, proptest::bool::ANY), 0..80),
+        ) {
+            // Goal: whatever the interleaving of the lane (which credits from the accepted
+            // event), force-credit (which credits from a presented token) and retries of
+            // either, each accepted order moves money into the wallet exactly once.
+            let activity_id = id("act1");
+            let rewards: Vec<Reward> = amounts
+                .iter()
+                .enumerate()
+                .map(|(i, a)| reward(&format!("r{i}"), if i % 3 == 0 { RewardKind::Subsidy } else { RewardKind::Cash }, *a))
+                .collect();
+            // What a token for the reward carries, as force-credit decodes it.
+            let token = |r: &Reward| RewardClaim {
+                activity_id: id("act1"),
+                order_id: r.order_id.clone(),
+                uid: r.uid.clone(),
+                kind: r.kind,
+                amount: r.amount,
+            };
+            let mut wallet = Wallet::default();
+            let mut credits = vec![0u32; rewards.len()];
+            // The schedule, then the lane's pass over every order again, as after a restart
+            // from an old checkpoint.
+            let steps = schedule
+                .iter()
+                .map(|(i, force)| (i % rewards.len(), *force))
+                .chain((0..rewards.len()).map(|i| (i, false)));
+            for (i, force) in steps {
+                let claim = if force { token(&rewards[i]) } else { RewardClaim::of(&activity_id, &rewards[i]) };
+                let command = claim.credit_command().expect("money reward");
+                match wallet.decide(&command, &CTX).unwrap() {
+                    Decision::Emit(events, _) => {
+                        credits[i] += 1;
+                        for e in events {
+                            wallet.evolve(&e);
+                        }
+                    }
+                    Decision::Reply(m) => prop_assert!(m.replayed),
+                }
+            }
+            prop_assert!(credits.iter().all(|&n| n == 1), "credits per order: {:?}", credits);
+            let total = |kind| rewards.iter().filter(|r| r.kind == kind).map(|r| r.amount.as_u64()).sum::<u64>();
+            prop_assert_eq!(wallet.activity.as_u64(), total(RewardKind::Cash));
+            prop_assert_eq!(wallet.subsidy.as_u64(), total(RewardKind::Subsidy));
+        }
+    }
+}
