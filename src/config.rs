@@ -18,7 +18,41 @@ pub struct Config {
     pub journal: JournalSection,
     pub actors: ActorSection,
     pub limits: Limits,
+    pub rewards: RewardsSection,
     pub auth: AuthConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RewardsSection {
+    /// Refuse rewards for activities without a budget (`serve --require-budgets` sets it).
+    pub require_budgets: bool,
+    /// Crediting rate per kind (per second); 0 means unlimited.
+    pub cash_per_s: u32,
+    pub subsidy_per_s: u32,
+    pub item_per_s: u32,
+    /// Credits running at once across lanes.
+    pub lane_in_flight_max: usize,
+    /// Accepted rewards held in memory by the lanes.
+    pub lane_queue_max: usize,
+    pub lane_checkpoint_interval_ms: u64,
+}
+
+impl Default for RewardsSection {
+    fn default() -> Self {
+        let lanes = crate::flows::reward_lanes::LaneConfig::default();
+        let rate = |kind| lanes.rate_per_s.get(&kind).copied().unwrap_or(0);
+        use crate::domain::activity::RewardKind;
+        RewardsSection {
+            require_budgets: false,
+            cash_per_s: rate(RewardKind::Cash),
+            subsidy_per_s: rate(RewardKind::Subsidy),
+            item_per_s: rate(RewardKind::Item),
+            lane_in_flight_max: lanes.in_flight_max,
+            lane_queue_max: lanes.queue_max,
+            lane_checkpoint_interval_ms: lanes.checkpoint_interval.as_millis() as u64,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -82,6 +116,7 @@ impl Default for Config {
             journal: JournalSection::default(),
             actors: ActorSection::default(),
             limits: Limits::default(),
+            rewards: RewardsSection::default(),
             auth: AuthConfig::default(),
         }
     }
@@ -203,6 +238,15 @@ impl Config {
             ),
             ("limits.amount_fen_max", self.limits.amount_fen_max),
             ("limits.page_items_max", self.limits.page_items_max as u64),
+            (
+                "rewards.lane_in_flight_max",
+                self.rewards.lane_in_flight_max as u64,
+            ),
+            ("rewards.lane_queue_max", self.rewards.lane_queue_max as u64),
+            (
+                "rewards.lane_checkpoint_interval_ms",
+                self.rewards.lane_checkpoint_interval_ms,
+            ),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -223,6 +267,22 @@ impl Config {
             queue_requests_max: self.journal.queue_requests_max,
             append_events_max: self.journal.append_events_max,
             cache_bytes: self.journal.cache_bytes,
+        }
+    }
+
+    pub fn lanes(&self) -> crate::flows::reward_lanes::LaneConfig {
+        use crate::domain::activity::RewardKind;
+        crate::flows::reward_lanes::LaneConfig {
+            rate_per_s: [
+                (RewardKind::Cash, self.rewards.cash_per_s),
+                (RewardKind::Subsidy, self.rewards.subsidy_per_s),
+                (RewardKind::Item, self.rewards.item_per_s),
+            ]
+            .into_iter()
+            .collect(),
+            in_flight_max: self.rewards.lane_in_flight_max,
+            queue_max: self.rewards.lane_queue_max,
+            checkpoint_interval: Duration::from_millis(self.rewards.lane_checkpoint_interval_ms),
         }
     }
 

@@ -25,6 +25,7 @@ pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod events;
+pub mod flows;
 pub mod http;
 pub mod ids;
 pub mod loadgen;

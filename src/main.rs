@@ -14,7 +14,7 @@ use hongbao::events::sled_store::SledStore;
 use hongbao::events::EventStore;
 use hongbao::http::Application;
 use hongbao::metrics::Metrics;
-use hongbao::projections::{self, wallet::WalletView, Projection};
+use hongbao::projections::{self, Projection};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -54,6 +54,9 @@ enum Command {
         /// Listen address [default: 127.0.0.1:8080].
         #[arg(long, value_name = "HOST:PORT")]
         addr: Option<String>,
+        /// Refuse rewards for activities that have no budget (409 budget_not_set).
+        #[arg(long)]
+        require_budgets: bool,
     },
     /// Check the whole log: hash chain, sequence contiguity, per-stream versions, stream index.
     Verify {
@@ -107,7 +110,7 @@ fn init_logging(default_level: &str) {
 }
 
 fn all_projections() -> Vec<Arc<dyn Projection>> {
-    vec![Arc::new(WalletView)]
+    projections::all(Arc::new(Metrics::new()))
 }
 
 fn open_store(config: &Config) -> anyhow::Result<Arc<SledStore>> {
@@ -137,12 +140,13 @@ fn progress_bar(total: u64, what: &str) -> ProgressBar {
     bar
 }
 
-fn serve(common: Common, addr: Option<String>) -> anyhow::Result<ExitCode> {
+fn serve(common: Common, addr: Option<String>, require_budgets: bool) -> anyhow::Result<ExitCode> {
     init_logging("info");
     let mut config = load_config(&common)?;
     if let Some(addr) = addr {
         config.server.addr = addr;
     }
+    config.rewards.require_budgets |= require_budgets;
     actix_web::rt::System::new().block_on(async move {
         let app = Application::build(config.clone(), Arc::new(SystemClock)).await?;
         if let Some(path) = app.generated_keys_file() {
@@ -242,7 +246,11 @@ fn list(common: Common) -> anyhow::Result<ExitCode> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve { common, addr } => serve(common, addr),
+        Command::Serve {
+            common,
+            addr,
+            require_budgets,
+        } => serve(common, addr, require_budgets),
         Command::Verify { common } => verify(common),
         Command::Projections {
             command: ProjectionsCommand::Rebuild { name, common },

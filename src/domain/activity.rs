@@ -74,6 +74,12 @@ impl RewardKind {
     }
 }
 
+impl std::fmt::Display for RewardKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Most `ext` fields a reward may carry, and their sizes.
 pub const EXT_FIELDS_MAX: usize = 16;
 pub const EXT_KEY_CHARS_MAX: usize = 64;
@@ -196,12 +202,12 @@ pub enum ActivityCommand {
         reward: Reward,
         require_budget: bool,
     },
-    /// The item lane delivered an item reward.
-    MarkDelivered {
-        order_id: Id,
-    },
+    /// The item lane delivered an item reward (`uid` as in the accepted reward, so that views
+    /// can settle it without a lookup).
+    MarkDelivered { order_id: Id, uid: Id },
     Void {
         order_id: Id,
+        uid: Id,
         reason: VoidReason,
     },
 }
@@ -212,9 +218,11 @@ pub enum ActivityEvent {
     RewardAccepted(Reward),
     RewardDelivered {
         order_id: Id,
+        uid: Id,
     },
     RewardVoided {
         order_id: Id,
+        uid: Id,
         kind: RewardKind,
         amount: Fen,
         reason: VoidReason,
@@ -250,7 +258,7 @@ pub enum ActivityReply {
 pub enum ActivityError {
     #[error("order {order_id} was already accepted with a different payload")]
     IdempotencyConflict { order_id: Id },
-    #[error("the {kind:?} budget has {remaining} left, {requested} requested")]
+    #[error("the {kind} budget has {remaining} left, {requested} requested")]
     BudgetExhausted {
         kind: RewardKind,
         remaining: Fen,
@@ -258,7 +266,7 @@ pub enum ActivityError {
     },
     #[error("this activity has no budget and budgets are required")]
     BudgetNotSet,
-    #[error("the {kind:?} budget cannot go below the {accepted} already accepted")]
+    #[error("the {kind} budget cannot go below the {accepted} already accepted")]
     BudgetBelowAccepted {
         kind: RewardKind,
         accepted: Fen,
@@ -424,7 +432,7 @@ impl Aggregate for Activity {
                 reward,
                 require_budget,
             } => self.accept(reward, *require_budget),
-            ActivityCommand::MarkDelivered { order_id } => {
+            ActivityCommand::MarkDelivered { order_id, uid } => {
                 let memo = self
                     .order(order_id)
                     .ok_or_else(|| ActivityError::UnknownOrder {
@@ -437,6 +445,7 @@ impl Aggregate for Activity {
                     (RewardKind::Item, OrderState::Accepted) => Ok(Decision::Emit(
                         vec![ActivityEvent::RewardDelivered {
                             order_id: order_id.clone(),
+                            uid: uid.clone(),
                         }],
                         ActivityReply::Delivered,
                     )),
@@ -445,7 +454,11 @@ impl Aggregate for Activity {
                     }),
                 }
             }
-            ActivityCommand::Void { order_id, reason } => {
+            ActivityCommand::Void {
+                order_id,
+                uid,
+                reason,
+            } => {
                 let memo = self
                     .order(order_id)
                     .ok_or_else(|| ActivityError::UnknownOrder {
@@ -456,6 +469,7 @@ impl Aggregate for Activity {
                     OrderState::Accepted => Ok(Decision::Emit(
                         vec![ActivityEvent::RewardVoided {
                             order_id: order_id.clone(),
+                            uid: uid.clone(),
                             kind: memo.kind,
                             amount: memo.amount,
                             reason: *reason,
@@ -490,7 +504,7 @@ impl Aggregate for Activity {
                     },
                 );
             }
-            ActivityEvent::RewardDelivered { order_id } => {
+            ActivityEvent::RewardDelivered { order_id, .. } => {
                 if let Some(memo) = self.orders.get_mut(&order_key(order_id)) {
                     memo.state = OrderState::Delivered;
                 }
@@ -515,7 +529,7 @@ impl Aggregate for Activity {
         match command {
             ActivityCommand::SetBudget(_) => "budget".into(),
             ActivityCommand::Accept { reward, .. } => reward.order_id.to_string(),
-            ActivityCommand::MarkDelivered { order_id }
+            ActivityCommand::MarkDelivered { order_id, .. }
             | ActivityCommand::Void { order_id, .. } => order_id.to_string(),
         }
     }
@@ -723,6 +737,7 @@ mod tests {
         ]);
         let void = ActivityCommand::Void {
             order_id: id("o1"),
+            uid: id("u1"),
             reason: VoidReason::DuplicateOrderId,
         };
         let Ok(Decision::Emit(events, _)) = activity.decide(&void, &CTX) else {
@@ -740,7 +755,10 @@ mod tests {
             RewardKind::Item,
             1,
         ))]);
-        let deliver = ActivityCommand::MarkDelivered { order_id: id("i1") };
+        let deliver = ActivityCommand::MarkDelivered {
+            order_id: id("i1"),
+            uid: id("u1"),
+        };
         let Ok(Decision::Emit(events, _)) = activity.decide(&deliver, &CTX) else {
             panic!()
         };
@@ -751,6 +769,7 @@ mod tests {
         );
         let late_void = ActivityCommand::Void {
             order_id: id("i1"),
+            uid: id("u1"),
             reason: VoidReason::DuplicateOrderId,
         };
         assert!(matches!(
@@ -760,7 +779,8 @@ mod tests {
         assert!(matches!(
             activity.decide(
                 &ActivityCommand::MarkDelivered {
-                    order_id: id("nope")
+                    order_id: id("nope"),
+                    uid: id("u1")
                 },
                 &CTX
             ),
@@ -798,7 +818,7 @@ mod tests {
                     // A retry of an order reuses its first amount; a new amount is a conflict.
                     IntakeOp::Accept(o, a) => accept(&format!("o{o}"), *amounts.entry(o).or_insert(a)),
                     IntakeOp::SetBudget(cash) => ActivityCommand::SetBudget(Budgets { cash: Fen::new(cash), subsidy: Fen::ZERO }),
-                    IntakeOp::Void(o) => ActivityCommand::Void { order_id: id(&format!("o{o}")), reason: VoidReason::DuplicateOrderId },
+                    IntakeOp::Void(o) => ActivityCommand::Void { order_id: id(&format!("o{o}")), uid: id("u1"), reason: VoidReason::DuplicateOrderId },
                 };
                 if let Ok(Decision::Emit(events, _)) = live.decide(&cmd, &CTX) {
                     for e in events {

@@ -6,6 +6,7 @@
 //! becomes a 500: extractor failures are mapped here too.
 
 use crate::actors::ExecError;
+use crate::domain::activity::ActivityError;
 use crate::domain::wallet::WalletError;
 use crate::ids::IdError;
 use crate::money::AmountError;
@@ -160,6 +161,49 @@ impl From<WalletError> for ApiError {
                     "internal",
                     "internal error",
                 )
+            }
+        }
+    }
+}
+
+impl From<ActivityError> for ApiError {
+    fn from(e: ActivityError) -> ApiError {
+        let message = e.to_string();
+        match e {
+            ActivityError::IdempotencyConflict { order_id } => {
+                ApiError::new(StatusCode::CONFLICT, "idempotency_conflict", message)
+                    .with("order_id", order_id.to_string())
+            }
+            ActivityError::BudgetExhausted {
+                kind,
+                remaining,
+                requested,
+            } => ApiError::new(StatusCode::CONFLICT, "budget_exhausted", message)
+                .with("kind", kind.as_str())
+                .with("remaining", remaining.as_u64())
+                .with("requested", requested.as_u64()),
+            ActivityError::BudgetNotSet => {
+                ApiError::new(StatusCode::CONFLICT, "budget_not_set", message)
+            }
+            ActivityError::BudgetBelowAccepted {
+                kind,
+                accepted,
+                requested,
+            } => ApiError::new(StatusCode::CONFLICT, "budget_below_accepted", message)
+                .with("kind", kind.as_str())
+                .with("accepted", accepted.as_u64())
+                .with("requested", requested.as_u64()),
+            ActivityError::UnknownOrder { .. } => {
+                ApiError::new(StatusCode::NOT_FOUND, "unknown_order", message)
+            }
+            ActivityError::WrongState { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "wrong_state", message)
+            }
+            ActivityError::Overflow => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "amount_overflow", message)
+            }
+            ActivityError::ZeroAmount => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_amount", message)
             }
         }
     }

@@ -8,17 +8,21 @@
 pub mod auth;
 pub mod error;
 pub mod ops;
+pub mod rewards;
 pub mod wallets;
 
 use crate::actors::{Registry, Runtime};
 use crate::clock::Clock;
 use crate::config::{Config, ConfigError, Keys};
+use crate::domain::activity::Activity;
 use crate::domain::wallet::Wallet;
 use crate::events::sled_store::SledStore;
 use crate::events::{EventStore, StoreError};
+use crate::flows::reward_lanes::RewardLanes;
 use crate::ids::Id;
 use crate::metrics::Metrics;
-use crate::projections::{wallet::WalletView, Projection, Projections};
+use crate::projections::Projections;
+use crate::tokens::TokenSigner;
 use actix_web::body::MessageBody;
 use actix_web::dev::{Server, ServerHandle, ServiceRequest, ServiceResponse};
 use actix_web::middleware::{from_fn, Next};
@@ -51,6 +55,15 @@ pub struct ErrorBody {
         wallets::deposit,
         wallets::get_wallet,
         wallets::get_ledger,
+        rewards::send_reward,
+        rewards::rain,
+        rewards::fireworks,
+        rewards::cards,
+        rewards::reward_status,
+        rewards::set_budget,
+        rewards::get_activity,
+        rewards::force_credit,
+        rewards::list_rewards,
         ops::healthz,
         ops::readyz,
         ops::metrics,
@@ -65,10 +78,22 @@ pub struct ErrorBody {
         wallets::PendingBody,
         wallets::LedgerLine,
         wallets::LedgerPage,
+        rewards::RewardRequest,
+        rewards::ShortcutRequest,
+        rewards::RewardAccepted,
+        rewards::RewardStatusBody,
+        rewards::BudgetRequest,
+        rewards::MoneyPair,
+        rewards::ActivityBody,
+        rewards::ForceCreditRequest,
+        rewards::ForceCreditResponse,
+        rewards::Refusal,
+        rewards::UserReward,
     )),
     modifiers(&BearerAuth),
     tags(
-        (name = "wallet", description = "Balances, ledger, deposits"),
+        (name = "wallet", description = "Balances, ledger, deposits, force-credit, reward list"),
+        (name = "rewards", description = "Reward intake, scenario shortcuts, status, budgets"),
         (name = "operations", description = "Health, readiness, metrics, this document"),
     )
 )]
@@ -93,9 +118,39 @@ pub struct AppState {
     pub keys: Keys,
     pub store: Arc<SledStore>,
     pub wallets: Arc<Registry<Wallet>>,
+    pub activities: Arc<Registry<Activity>>,
+    pub signer: TokenSigner,
+    pub lanes: RewardLanes,
     pub projections: Arc<Projections>,
     pub metrics: Arc<Metrics>,
     pub openapi: String,
+}
+
+/// A projection's tree, once the projection has applied everything durable when the read
+/// began (waiting at most `read_wait_ms`): a client sees its own acknowledged writes. On a
+/// timeout the view is answered as it is, and the lag is logged.
+pub async fn read_view<'a>(state: &'a AppState, name: &str) -> Result<&'a sled::Tree, ApiError> {
+    let head = state.store.head();
+    let wait = std::time::Duration::from_millis(state.config.server.read_wait_ms);
+    if !state.projections.wait_for(name, head, wait).await {
+        tracing::warn!(
+            head,
+            projection = name,
+            "view lagging; answering from its last checkpoint"
+        );
+    }
+    state.projections.tree(name).ok_or_else(|| {
+        ApiError::unavailable(
+            "projection_missing",
+            format!("the {name} view is not running"),
+        )
+    })
+}
+
+/// A failed view read: logged, answered 503.
+pub fn view_error(e: StoreError) -> ApiError {
+    tracing::error!(error = %e, "view read failed");
+    ApiError::unavailable("view_unavailable", "a view cannot be read right now; retry")
 }
 
 /// Parses an id from a path or body field, or answers 400 `invalid_id`.
@@ -141,7 +196,7 @@ impl Application {
             metrics.clone(),
         )?;
         let dyn_store: Arc<dyn EventStore> = store.clone();
-        let views: Vec<Arc<dyn Projection>> = vec![Arc::new(WalletView)];
+        let views = crate::projections::all(metrics.clone());
         let projections = Arc::new(Projections::start(
             dyn_store.clone(),
             store.db(),
@@ -149,16 +204,30 @@ impl Application {
             metrics.clone(),
         )?);
         let runtime = Arc::new(Runtime {
-            store: dyn_store,
-            clock,
+            store: dyn_store.clone(),
+            clock: clock.clone(),
             metrics: metrics.clone(),
             config: config.actors(),
         });
+        let wallets = Registry::new(runtime.clone());
+        let activities = Registry::new(runtime);
+        let lanes = RewardLanes::start(
+            dyn_store,
+            store.db(),
+            wallets.clone(),
+            activities.clone(),
+            config.lanes(),
+            clock,
+            metrics.clone(),
+        )?;
         let openapi = ApiDoc::openapi().to_json().unwrap_or_else(|_| "{}".into());
         let state = web::Data::new(AppState {
+            signer: TokenSigner::new(&keys.token_secret),
             keys,
             store,
-            wallets: Registry::new(runtime),
+            wallets,
+            activities,
+            lanes,
             projections,
             metrics,
             openapi,
@@ -244,6 +313,7 @@ impl Application {
         let served = self.server.await;
         signals.abort();
         let started = Instant::now();
+        self.state.lanes.stop().await;
         self.state.projections.stop().await;
         let closed = self.state.store.close().await;
         tracing::info!(
@@ -294,11 +364,41 @@ fn routes(cfg: &mut web::ServiceConfig) {
             .route(web::get().to(wallets::get_ledger))
             .default_service(web::to(method_not_allowed)),
     )
+    .service(
+        resource("/v1/wallets/{uid}/force-credit").route(web::post().to(rewards::force_credit)),
+    )
+    .service(resource("/v1/wallets/{uid}/rewards").route(web::get().to(rewards::list_rewards)))
+    .service(resource("/v1/rewards").route(web::post().to(rewards::send_reward)))
+    .service(resource("/v1/rewards/{order_id}").route(web::get().to(rewards::reward_status)))
+    .service(
+        resource("/v1/activities/{activity_id}/rain/{round}/rewards")
+            .route(web::post().to(rewards::rain)),
+    )
+    .service(
+        resource("/v1/activities/{activity_id}/fireworks/rewards")
+            .route(web::post().to(rewards::fireworks)),
+    )
+    .service(
+        resource("/v1/activities/{activity_id}/cards/rewards")
+            .route(web::post().to(rewards::cards)),
+    )
+    .service(
+        resource("/v1/admin/activities/{activity_id}/budget")
+            .route(web::put().to(rewards::set_budget)),
+    )
+    .service(
+        resource("/v1/admin/activities/{activity_id}").route(web::get().to(rewards::get_activity)),
+    )
     .route("/healthz", web::get().to(ops::healthz))
     .route("/readyz", web::get().to(ops::readyz))
     .route("/metrics", web::get().to(ops::metrics))
     .route("/openapi.json", web::get().to(ops::openapi))
     .default_service(web::to(no_route));
+}
+
+/// A resource whose unsupported methods get the JSON 405.
+fn resource(path: &str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(method_not_allowed))
 }
 
 async fn no_route() -> Result<HttpResponse, ApiError> {

@@ -2,15 +2,13 @@
 
 use super::auth::{Caller, Role};
 use super::error::ApiError;
-use super::{parse_id, AppState, ErrorBody};
+use super::{parse_id, read_view, view_error, AppState, ErrorBody};
 use crate::clock::rfc3339;
 use crate::domain::wallet::{Entry, WalletCommand};
-use crate::events::EventStore;
 use crate::money::Fen;
 use crate::projections::wallet::{self as view, Direction, LedgerEntry};
 use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
-use std::time::Duration;
 use utoipa::{IntoParams, ToSchema};
 
 /// Ledger entries shown on the wallet page.
@@ -52,6 +50,7 @@ pub struct BalancesBody {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct PendingBody {
     pub order_id: String,
+    pub activity_id: String,
     pub kind: String,
     pub amount: u64,
 }
@@ -167,33 +166,6 @@ pub async fn deposit(
     }))
 }
 
-/// Waits (bounded) until the wallet view has applied everything durable when the read began,
-/// so a client sees its own acknowledged writes.
-async fn catch_up(state: &AppState) {
-    let head = state.store.head();
-    let wait = Duration::from_millis(state.config.server.read_wait_ms);
-    if !state.projections.wait_for(view::NAME, head, wait).await {
-        tracing::warn!(
-            head,
-            "wallet view lagging; answering from its last checkpoint"
-        );
-    }
-}
-
-fn wallet_tree(state: &AppState) -> Result<&sled::Tree, ApiError> {
-    state.projections.tree(view::NAME).ok_or_else(|| {
-        ApiError::unavailable("projection_missing", "the wallet view is not running")
-    })
-}
-
-fn store_error(e: crate::events::StoreError) -> ApiError {
-    tracing::error!(error = %e, "wallet view read failed");
-    ApiError::unavailable(
-        "view_unavailable",
-        "the wallet view cannot be read right now",
-    )
-}
-
 /// The wallet page: balances, pending rewards and the latest ledger entries.
 #[utoipa::path(
     get,
@@ -215,11 +187,13 @@ pub async fn get_wallet(
 ) -> Result<HttpResponse, ApiError> {
     caller.require(&[Role::Gateway])?;
     let uid = parse_id("uid", &uid)?;
-    catch_up(&state).await;
-    let tree = wallet_tree(&state)?;
-    let balances = view::balances(tree, uid.as_str()).map_err(store_error)?;
+    let tree = read_view(&state, view::NAME).await?;
+    // Balances and pending rewards (R6) come from one value: a reward is either pending or
+    // credited in it, never both or neither.
+    let view::WalletRecord { balances, pending } =
+        view::record(tree, uid.as_str()).map_err(view_error)?;
     let ledger =
-        view::ledger(tree, uid.as_str(), None, WALLET_PAGE_LEDGER_ITEMS).map_err(store_error)?;
+        view::ledger(tree, uid.as_str(), None, WALLET_PAGE_LEDGER_ITEMS).map_err(view_error)?;
     Ok(HttpResponse::Ok().json(WalletResponse {
         uid: uid.to_string(),
         balances: BalancesBody {
@@ -227,7 +201,16 @@ pub async fn get_wallet(
             change: balances.change.as_u64(),
             subsidy: balances.subsidy.as_u64(),
         },
-        pending: Vec::new(),
+        pending: pending
+            .into_iter()
+            .take(super::rewards::REWARD_LIST_ITEMS_MAX)
+            .map(|p| PendingBody {
+                order_id: p.order_id,
+                activity_id: p.activity_id,
+                kind: p.kind.as_str().into(),
+                amount: p.amount.as_u64(),
+            })
+            .collect(),
         ledger: ledger.into_iter().map(line).collect(),
     }))
 }
@@ -261,11 +244,10 @@ pub async fn get_ledger(
             "limit must be between 1 and {limit_max}"
         )));
     }
-    catch_up(&state).await;
-    let tree = wallet_tree(&state)?;
+    let tree = read_view(&state, view::NAME).await?;
     // One extra entry tells whether an older page exists.
     let mut entries =
-        view::ledger(tree, uid.as_str(), query.before, limit + 1).map_err(store_error)?;
+        view::ledger(tree, uid.as_str(), query.before, limit + 1).map_err(view_error)?;
     let more = entries.len() > limit;
     entries.truncate(limit);
     let next_before = if more {

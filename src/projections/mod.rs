@@ -28,6 +28,14 @@ pub const VERSION_KEY: &[u8] = b"\x00version";
 /// Events applied per atomic view write.
 const APPLY_BATCH_EVENTS_MAX: usize = 4096;
 
+/// Every projection the server runs, in the order the runner applies them.
+pub fn all(metrics: Arc<Metrics>) -> Vec<Arc<dyn Projection>> {
+    vec![
+        Arc::new(wallet::WalletView),
+        Arc::new(rewards::RewardsView { metrics }),
+    ]
+}
+
 /// A read model.
 pub trait Projection: Send + Sync + 'static {
     /// Stable name; the view lives in the tree `view:<name>`.

@@ -3,15 +3,13 @@
 //!
 //! Keys in `view:rewards`:
 //! - `r` + order id + `0x00` + activity -> [`RewardRecord`]
-//! - `p` + uid + `0x00` + order id + `0x00` + activity -> [`PendingReward`] (accepted, not yet
-//!   credited, delivered or voided)
 //! - `u` + uid + `0x00` + seq (u64 BE) -> (activity, order id): the user's rewards in order
 //! - `a` + activity -> [`ActivityTotals`]
 //! - `k` + kind -> [`KindTotals`] (for the pending-depth metric)
 
 use super::{decode_view, Projection, ViewTx};
 use crate::domain::activity::{ActivityEvent, Reward, RewardKind};
-use crate::domain::wallet::WalletEvent;
+use crate::domain::wallet::{Entry, WalletEvent};
 use crate::domain::Event;
 use crate::events::{codec, Envelope, StoreError};
 use crate::metrics::Metrics;
@@ -49,14 +47,6 @@ pub struct RewardRecord {
     pub settled_at_ms: Option<i64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PendingReward {
-    pub activity_id: String,
-    pub order_id: String,
-    pub kind: RewardKind,
-    pub amount: Fen,
-}
-
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ActivityTotals {
     pub budget: Option<(Fen, Fen)>,
@@ -84,13 +74,6 @@ fn key(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
 
 fn record_key(order_id: &str, activity: &str) -> Vec<u8> {
     key(b'r', &[order_id.as_bytes(), activity.as_bytes()])
-}
-
-fn pending_key(uid: &str, order_id: &str, activity: &str) -> Vec<u8> {
-    key(
-        b'p',
-        &[uid.as_bytes(), order_id.as_bytes(), activity.as_bytes()],
-    )
 }
 
 fn kind_key(kind: RewardKind) -> Vec<u8> {
@@ -173,7 +156,6 @@ impl RewardsView {
         }
         record.status = status;
         record.settled_at_ms = Some(at_ms);
-        tx.remove(pending_key(record.reward.uid.as_str(), order_id, activity));
         tx.insert(k, codec::encode(&record)?);
         self.bump_kind(tx, record.reward.kind, 0, 1)?;
         Ok(Some(record))
@@ -210,16 +192,6 @@ impl Projection for RewardsView {
                             settled_at_ms: None,
                         };
                         tx.insert(record_key(order_id, activity), codec::encode(&record)?);
-                        let pending = PendingReward {
-                            activity_id: activity.to_owned(),
-                            order_id: order_id.to_owned(),
-                            kind: reward.kind,
-                            amount: reward.amount,
-                        };
-                        tx.insert(
-                            pending_key(uid, order_id, activity),
-                            codec::encode(&pending)?,
-                        );
                         tx.insert(
                             key(b'u', &[uid.as_bytes(), &envelope.seq.to_be_bytes()]),
                             codec::encode(&(activity, order_id))?,
@@ -245,7 +217,7 @@ impl Projection for RewardsView {
                             }
                         })?;
                     }
-                    ActivityEvent::RewardDelivered { order_id } => {
+                    ActivityEvent::RewardDelivered { order_id, .. } => {
                         self.settle(
                             tx,
                             order_id.as_str(),
@@ -283,12 +255,9 @@ impl Projection for RewardsView {
                 }
             }
             Event::Wallet(WalletEvent::Credited(line)) => {
-                if let (Some(_), Some(activity)) = (
-                    crate::domain::activity::RewardKind::ALL
-                        .iter()
-                        .find(|k| k.wallet_entry() == Some(line.entry)),
-                    &line.source,
-                ) {
+                if let (Entry::Reward | Entry::SubsidyReward, Some(activity)) =
+                    (line.entry, &line.source)
+                {
                     self.settle(
                         tx,
                         line.order_id.as_str(),
@@ -315,21 +284,6 @@ pub fn by_order(tree: &sled::Tree, order_id: &str) -> Result<Vec<RewardRecord>, 
     prefix.extend_from_slice(order_id.as_bytes());
     prefix.push(0);
     tree.scan_prefix(prefix)
-        .map(|item| decode_view(&item.map_err(io)?.1))
-        .collect()
-}
-
-/// A user's pending rewards (at most `limit`).
-pub fn pending(
-    tree: &sled::Tree,
-    uid: &str,
-    limit: usize,
-) -> Result<Vec<PendingReward>, StoreError> {
-    let mut prefix = vec![b'p'];
-    prefix.extend_from_slice(uid.as_bytes());
-    prefix.push(0);
-    tree.scan_prefix(prefix)
-        .take(limit)
         .map(|item| decode_view(&item.map_err(io)?.1))
         .collect()
 }

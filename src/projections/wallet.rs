@@ -1,11 +1,13 @@
-//! The wallet view: balances and the ledger (every movement with the balance after it),
-//! latest first and paged by sequence.
+//! The wallet view: balances, pending rewards (R6) and the ledger (every movement with the
+//! balance after it), latest first and paged by sequence.
 //!
 //! Keys in `view:wallets`:
-//! - `b` + uid -> [`Balances`]
-//! - `l` + uid + `0x00` + seq (u64 BE) -> [`LedgerEntry`]
+//! - `b` + uid -> [`WalletRecord`]: balances and pending rewards in one value, so that a read
+//!   of the wallet page sees a reward either pending or credited, never both or neither;
+//! - `l` + uid + `0x00` + seq (u64 BE) -> [`LedgerEntry`].
 
 use super::{decode_view, Projection, ViewTx};
+use crate::domain::activity::{ActivityEvent, RewardKind};
 use crate::domain::wallet::{Account, Entry, WalletEvent};
 use crate::domain::Event;
 use crate::events::{codec, Envelope, StoreError};
@@ -19,6 +21,22 @@ pub struct Balances {
     pub activity: Fen,
     pub change: Fen,
     pub subsidy: Fen,
+}
+
+/// A reward accepted for the user and not yet credited, delivered or voided.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingReward {
+    pub activity_id: String,
+    pub order_id: String,
+    pub kind: RewardKind,
+    pub amount: Fen,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WalletRecord {
+    pub balances: Balances,
+    /// In acceptance order.
+    pub pending: Vec<PendingReward>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,7 +60,7 @@ pub struct LedgerEntry {
     pub source: Option<String>,
 }
 
-fn balances_key(uid: &str) -> Vec<u8> {
+fn record_key(uid: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(uid.len() + 1);
     key.push(b'b');
     key.extend_from_slice(uid.as_bytes());
@@ -63,22 +81,45 @@ fn ledger_key(uid: &str, seq: u64) -> Vec<u8> {
     key
 }
 
+fn load(tx: &ViewTx<'_>, uid: &str) -> Result<WalletRecord, StoreError> {
+    match tx.get(&record_key(uid))? {
+        Some(bytes) => decode_view(&bytes),
+        None => Ok(WalletRecord::default()),
+    }
+}
+
+fn store(tx: &mut ViewTx<'_>, uid: &str, record: &WalletRecord) -> Result<(), StoreError> {
+    tx.insert(record_key(uid), codec::encode(record)?);
+    Ok(())
+}
+
+fn settle(
+    tx: &mut ViewTx<'_>,
+    uid: &str,
+    activity: &str,
+    order_id: &str,
+) -> Result<(), StoreError> {
+    let mut record = load(tx, uid)?;
+    let before = record.pending.len();
+    record
+        .pending
+        .retain(|p| !(p.order_id == order_id && p.activity_id == activity));
+    if record.pending.len() != before {
+        store(tx, uid, &record)?;
+    }
+    Ok(())
+}
+
 /// The wallet projection.
 pub struct WalletView;
 
-impl Projection for WalletView {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn version(&self) -> u32 {
-        2
-    }
-
-    fn apply(&self, tx: &mut ViewTx<'_>, envelope: &Envelope) -> Result<(), StoreError> {
-        let Event::Wallet(event) = &envelope.event else {
-            return Ok(());
-        };
+impl WalletView {
+    fn apply_wallet(
+        &self,
+        tx: &mut ViewTx<'_>,
+        envelope: &Envelope,
+        event: &WalletEvent,
+    ) -> Result<(), StoreError> {
         let uid = envelope.stream.strip_prefix("wallet:").ok_or_else(|| {
             StoreError::Corrupt(format!("wallet event on stream {}", envelope.stream))
         })?;
@@ -87,17 +128,19 @@ impl Projection for WalletView {
             WalletEvent::Credited(_) => Direction::Credit,
             WalletEvent::Debited(_) => Direction::Debit,
         };
-        let key = balances_key(uid);
-        let mut balances: Balances = match tx.get(&key)? {
-            Some(bytes) => decode_view(&bytes)?,
-            None => Balances::default(),
-        };
+        let mut record = load(tx, uid)?;
         match line.entry.account() {
-            Account::Activity => balances.activity = line.balance_after,
-            Account::Change => balances.change = line.balance_after,
-            Account::Subsidy => balances.subsidy = line.balance_after,
+            Account::Activity => record.balances.activity = line.balance_after,
+            Account::Change => record.balances.change = line.balance_after,
+            Account::Subsidy => record.balances.subsidy = line.balance_after,
         }
-        tx.insert(key, codec::encode(&balances)?);
+        // A reward credit settles its pending line in the same write as the balance.
+        if let (Entry::Reward | Entry::SubsidyReward, Some(source)) = (line.entry, &line.source) {
+            record.pending.retain(|p| {
+                !(p.order_id == line.order_id.as_str() && p.activity_id == source.as_str())
+            });
+        }
+        store(tx, uid, &record)?;
         let entry = LedgerEntry {
             seq: envelope.seq,
             at_ms: envelope.recorded_at_ms,
@@ -114,15 +157,61 @@ impl Projection for WalletView {
     }
 }
 
+impl Projection for WalletView {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn version(&self) -> u32 {
+        3
+    }
+
+    fn apply(&self, tx: &mut ViewTx<'_>, envelope: &Envelope) -> Result<(), StoreError> {
+        match &envelope.event {
+            Event::Wallet(event) => self.apply_wallet(tx, envelope, event),
+            Event::Activity(event) => {
+                let activity = envelope
+                    .stream
+                    .strip_prefix("activity:")
+                    .unwrap_or_default();
+                match event {
+                    ActivityEvent::RewardAccepted(reward) => {
+                        let uid = reward.uid.as_str();
+                        let mut record = load(tx, uid)?;
+                        record.pending.push(PendingReward {
+                            activity_id: activity.to_owned(),
+                            order_id: reward.order_id.to_string(),
+                            kind: reward.kind,
+                            amount: reward.amount,
+                        });
+                        store(tx, uid, &record)
+                    }
+                    ActivityEvent::RewardDelivered { order_id, uid }
+                    | ActivityEvent::RewardVoided { order_id, uid, .. } => {
+                        settle(tx, uid.as_str(), activity, order_id.as_str())
+                    }
+                    ActivityEvent::BudgetSet(_) => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+fn io(e: sled::Error) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+/// A wallet's balances and pending rewards (empty for a wallet never seen): one consistent read.
+pub fn record(tree: &sled::Tree, uid: &str) -> Result<WalletRecord, StoreError> {
+    match tree.get(record_key(uid)).map_err(io)? {
+        Some(bytes) => decode_view(&bytes),
+        None => Ok(WalletRecord::default()),
+    }
+}
+
 /// A wallet's balances (zero for a wallet never seen).
 pub fn balances(tree: &sled::Tree, uid: &str) -> Result<Balances, StoreError> {
-    match tree
-        .get(balances_key(uid))
-        .map_err(|e| StoreError::Io(e.to_string()))?
-    {
-        Some(bytes) => decode_view(&bytes),
-        None => Ok(Balances::default()),
-    }
+    Ok(record(tree, uid)?.balances)
 }
 
 /// Up to `limit` ledger entries with `seq < before` (all if `before` is `None`), latest first.
@@ -137,9 +226,6 @@ pub fn ledger(
     tree.range(start..end)
         .rev()
         .take(limit)
-        .map(|item| {
-            let (_, value) = item.map_err(|e| StoreError::Io(e.to_string()))?;
-            decode_view(&value)
-        })
+        .map(|item| decode_view(&item.map_err(io)?.1))
         .collect()
 }

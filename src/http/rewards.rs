@@ -1,0 +1,726 @@
+//! Reward endpoints: intake (issuer), scenario shortcuts (R7), status, budgets (admin),
+//! force-credit and the user's reward list (gateway).
+
+use super::auth::{Caller, Role};
+use super::error::ApiError;
+use super::{parse_id, read_view, view_error, AppState, ErrorBody};
+use crate::clock::rfc3339;
+use crate::domain::activity::{
+    ActivityCommand, ActivityReply, Budgets, Reward, RewardClaim, RewardKind, EXT_FIELDS_MAX,
+    EXT_KEY_CHARS_MAX, EXT_VALUE_CHARS_MAX,
+};
+use crate::ids::Id;
+use crate::money::Fen;
+use crate::projections::rewards::{self as view, RewardRecord};
+use actix_web::{web, HttpResponse};
+use futures::future::join_all;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use utoipa::{IntoParams, ToSchema};
+
+/// Tokens one force-credit call may present.
+pub const FORCE_CREDIT_TOKENS_MAX: usize = 100;
+/// Pending rewards shown on the wallet page, and rewards listed per call.
+pub const REWARD_LIST_ITEMS_MAX: usize = 100;
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RewardRequest {
+    /// Globally unique; the idempotency key.
+    #[schema(example = "rain:cny2026:3:u42")]
+    pub order_id: String,
+    pub uid: String,
+    pub activity_id: String,
+    pub scene: String,
+    /// cash | subsidy | coupon | item
+    #[schema(example = "cash")]
+    pub kind: String,
+    /// Fen for cash and subsidy; a count for coupon and item.
+    pub amount: i64,
+    pub device_id: Option<String>,
+    pub app_id: Option<String>,
+    /// Required for coupon rewards.
+    pub batch_id: Option<String>,
+    /// Free-form fields kept with the reward (at most 16).
+    pub ext: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ShortcutRequest {
+    pub uid: String,
+    pub amount: i64,
+    /// Default cash.
+    pub kind: Option<String>,
+    pub device_id: Option<String>,
+    pub app_id: Option<String>,
+    pub ext: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RewardAccepted {
+    pub order_id: String,
+    /// Present it to force-credit the reward (URL-safe).
+    pub token: String,
+    /// Always `accepted`.
+    pub status: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RewardStatusBody {
+    pub order_id: String,
+    pub activity_id: String,
+    pub uid: String,
+    pub kind: String,
+    pub amount: u64,
+    /// accepted | credited | voided
+    pub status: String,
+    pub accepted_at: String,
+    pub settled_at: Option<String>,
+    /// Other activities that accepted the same order id (a contract violation by the caller).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub also_in: Vec<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetRequest {
+    /// Total cash budget in fen.
+    pub cash: u64,
+    /// Total subsidy budget in fen.
+    pub subsidy: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MoneyPair {
+    pub cash: u64,
+    pub subsidy: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ActivityBody {
+    pub activity_id: String,
+    /// Null while no budget is set (unlimited unless budgets are required).
+    pub budget: Option<MoneyPair>,
+    pub accepted: MoneyPair,
+    pub remaining: Option<MoneyPair>,
+    /// Rewards accepted (all kinds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rewards: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForceCreditRequest {
+    /// Reward tokens (1-100) as returned at acceptance.
+    pub tokens: Vec<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Refusal {
+    pub order_id: String,
+    pub code: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ForceCreditResponse {
+    /// Credited by this call.
+    pub credited: Vec<String>,
+    /// Credited before (by the lane or an earlier call).
+    pub already: Vec<String>,
+    /// Coupon and item tokens: nothing to credit to a balance.
+    pub skipped: Vec<String>,
+    /// Not credited: the order id was credited from another activity.
+    pub refused: Vec<Refusal>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UserReward {
+    pub order_id: String,
+    pub activity_id: String,
+    pub kind: String,
+    pub amount: u64,
+    pub status: String,
+    pub token: String,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct StatusQuery {
+    /// Pick the activity when an order id was reused across activities.
+    pub activity_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// accepted (pending) or all (default).
+    pub status: Option<String>,
+    /// At most 100 (default).
+    pub limit: Option<usize>,
+}
+
+fn optional_id(field: &str, raw: &Option<String>) -> Result<Option<Id>, ApiError> {
+    raw.as_deref().map(|r| parse_id(field, r)).transpose()
+}
+
+fn parse_kind(raw: &str) -> Result<RewardKind, ApiError> {
+    RewardKind::parse(raw).ok_or_else(|| {
+        ApiError::new(
+            actix_web::http::StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_kind",
+            "kind must be cash, subsidy, coupon or item",
+        )
+    })
+}
+
+fn check_ext(ext: Option<BTreeMap<String, String>>) -> Result<BTreeMap<String, String>, ApiError> {
+    let ext = ext.unwrap_or_default();
+    let too_large = ext.len() > EXT_FIELDS_MAX
+        || ext.iter().any(|(k, v)| {
+            k.is_empty()
+                || k.chars().count() > EXT_KEY_CHARS_MAX
+                || v.chars().count() > EXT_VALUE_CHARS_MAX
+        });
+    if too_large {
+        return Err(ApiError::new(
+            actix_web::http::StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_ext",
+            format!("ext holds at most {EXT_FIELDS_MAX} fields, keys of 1-{EXT_KEY_CHARS_MAX} and values of at most {EXT_VALUE_CHARS_MAX} characters"),
+        ));
+    }
+    Ok(ext)
+}
+
+/// Accepts a validated reward and answers 202 with its token.
+async fn accept(
+    state: &AppState,
+    activity_id: Id,
+    reward: Reward,
+) -> Result<HttpResponse, ApiError> {
+    let kind = reward.kind;
+    let command = ActivityCommand::Accept {
+        reward: reward.clone(),
+        require_budget: state.config.rewards.require_budgets,
+    };
+    match state
+        .activities
+        .execute(activity_id.as_str(), command)
+        .await
+    {
+        Ok(ActivityReply::Accepted { replayed }) => {
+            if !replayed {
+                state
+                    .metrics
+                    .rewards_accepted_total
+                    .with_label_values(&[kind.as_str()])
+                    .inc();
+            }
+            let token = state.signer.sign(&RewardClaim::of(&activity_id, &reward));
+            Ok(HttpResponse::Accepted().json(RewardAccepted {
+                order_id: reward.order_id.to_string(),
+                token,
+                status: "accepted".into(),
+            }))
+        }
+        Ok(other) => {
+            tracing::error!(reply = ?other, "unexpected activity reply to Accept");
+            Err(ApiError::unavailable(
+                "unavailable",
+                "unexpected reply; retry with the same order id",
+            ))
+        }
+        Err(e) => {
+            let error = ApiError::from(e);
+            state
+                .metrics
+                .rewards_refused_total
+                .with_label_values(&[error.code])
+                .inc();
+            Err(error)
+        }
+    }
+}
+
+/// Sends a reward: durable before the answer; the token binds order, uid, kind and amount.
+#[utoipa::path(
+    post, path = "/v1/rewards", tag = "rewards", request_body = RewardRequest,
+    responses(
+        (status = 202, description = "Accepted and durable; the same request again gets the same body", body = RewardAccepted),
+        (status = 400, description = "Malformed body or id", body = ErrorBody),
+        (status = 401, description = "Missing or unknown key", body = ErrorBody),
+        (status = 403, description = "Not an issuer key", body = ErrorBody),
+        (status = 409, description = "idempotency_conflict / budget_exhausted (with remaining) / budget_not_set", body = ErrorBody),
+        (status = 422, description = "invalid_amount / amount_too_large / invalid_kind / batch_id_required / invalid_ext", body = ErrorBody),
+        (status = 503, description = "Outcome unknown: retry with the same order id", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn send_reward(
+    caller: Caller,
+    state: web::Data<AppState>,
+    body: web::Json<RewardRequest>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require(&[Role::Issuer])?;
+    let body = body.into_inner();
+    let activity_id = parse_id("activity_id", &body.activity_id)?;
+    let kind = parse_kind(&body.kind)?;
+    let batch_id = optional_id("batch_id", &body.batch_id)?;
+    if kind == RewardKind::Coupon && batch_id.is_none() {
+        return Err(ApiError::new(
+            actix_web::http::StatusCode::UNPROCESSABLE_ENTITY,
+            "batch_id_required",
+            "a coupon reward names its batch_id",
+        ));
+    }
+    let reward = Reward {
+        order_id: parse_id("order_id", &body.order_id)?,
+        uid: parse_id("uid", &body.uid)?,
+        scene: parse_id("scene", &body.scene)?,
+        kind,
+        amount: Fen::parse_amount(body.amount, state.config.limits.amount_fen_max)
+            .map_err(|e| ApiError::invalid_amount("amount", e))?,
+        device_id: optional_id("device_id", &body.device_id)?,
+        app_id: optional_id("app_id", &body.app_id)?,
+        batch_id,
+        ext: check_ext(body.ext)?,
+    };
+    accept(&state, activity_id, reward).await
+}
+
+/// Builds and accepts a scenario reward whose order id is derived (R7).
+async fn shortcut(
+    state: &AppState,
+    activity: &str,
+    scene: &str,
+    order_id: String,
+    body: ShortcutRequest,
+) -> Result<HttpResponse, ApiError> {
+    let activity_id = parse_id("activity_id", activity)?;
+    let kind = match &body.kind {
+        Some(k) => parse_kind(k)?,
+        None => RewardKind::Cash,
+    };
+    if kind == RewardKind::Coupon {
+        return Err(ApiError::new(
+            actix_web::http::StatusCode::UNPROCESSABLE_ENTITY,
+            "batch_id_required",
+            "coupon rewards go through POST /v1/rewards with a batch_id",
+        ));
+    }
+    let reward = Reward {
+        order_id: parse_id("order_id (derived)", &order_id)?,
+        uid: parse_id("uid", &body.uid)?,
+        scene: parse_id("scene", scene)?,
+        kind,
+        amount: Fen::parse_amount(body.amount, state.config.limits.amount_fen_max)
+            .map_err(|e| ApiError::invalid_amount("amount", e))?,
+        device_id: optional_id("device_id", &body.device_id)?,
+        app_id: optional_id("app_id", &body.app_id)?,
+        batch_id: None,
+        ext: check_ext(body.ext)?,
+    };
+    accept(state, activity_id, reward).await
+}
+
+/// Red-packet rain: one reward per user per round; order id `rain:<activity>:<round>:<uid>`.
+#[utoipa::path(
+    post, path = "/v1/activities/{activity_id}/rain/{round}/rewards", tag = "rewards",
+    params(("activity_id" = String, Path), ("round" = String, Path)), request_body = ShortcutRequest,
+    responses((status = 202, body = RewardAccepted), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = []))
+)]
+pub async fn rain(
+    caller: Caller,
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+    body: web::Json<ShortcutRequest>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require(&[Role::Issuer])?;
+    let (activity, round) = path.into_inner();
+    parse_id("round", &round)?;
+    let order_id = format!("rain:{activity}:{round}:{}", body.uid);
+    shortcut(&state, &activity, "rain", order_id, body.into_inner()).await
+}
+
+/// Fireworks show: one reward per user; order id `fireworks:<activity>:<uid>`.
+#[utoipa::path(
+    post, path = "/v1/activities/{activity_id}/fireworks/rewards", tag = "rewards",
+    params(("activity_id" = String, Path)), request_body = ShortcutRequest,
+    responses((status = 202, body = RewardAccepted), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = []))
+)]
+pub async fn fireworks(
+    caller: Caller,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    body: web::Json<ShortcutRequest>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require(&[Role::Issuer])?;
+    let activity = path.into_inner();
+    let order_id = format!("fireworks:{activity}:{}", body.uid);
+    shortcut(&state, &activity, "fireworks", order_id, body.into_inner()).await
+}
+
+/// Card collection draw: one reward per user; order id `cards:<activity>:<uid>`.
+#[utoipa::path(
+    post, path = "/v1/activities/{activity_id}/cards/rewards", tag = "rewards",
+    params(("activity_id" = String, Path)), request_body = ShortcutRequest,
+    responses((status = 202, body = RewardAccepted), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = []))
+)]
+pub async fn cards(
+    caller: Caller,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    body: web::Json<ShortcutRequest>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require(&[Role::Issuer])?;
+    let activity = path.into_inner();
+    let order_id = format!("cards:{activity}:{}", body.uid);
+    shortcut(&state, &activity, "cards", order_id, body.into_inner()).await
+}
+
+/// A reward's status: accepted (pending) or credited (or voided).
+#[utoipa::path(
+    get, path = "/v1/rewards/{order_id}", tag = "rewards",
+    params(("order_id" = String, Path), StatusQuery),
+    responses((status = 200, body = RewardStatusBody), (status = 404, description = "unknown_order", body = ErrorBody)),
+    security(("bearer" = []))
+)]
+pub async fn reward_status(
+    caller: Caller,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    query: web::Query<StatusQuery>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require(&[Role::Issuer, Role::Gateway])?;
+    let order_id = parse_id("order_id", &path)?;
+    let tree = read_view(&state, view::NAME).await?;
+    let mut records = view::by_order(tree, order_id.as_str()).map_err(view_error)?;
+    records.sort_by_key(|r| r.accepted_seq);
+    let chosen = match &query.activity_id {
+        Some(a) => records.iter().position(|r| &r.activity_id == a),
+        None => (!records.is_empty()).then_some(0),
+    };
+    let Some(index) = chosen else {
+        return Err(ApiError::new(
+            actix_web::http::StatusCode::NOT_FOUND,
+            "unknown_order",
+            format!("no reward with order id {order_id}"),
+        ));
+    };
+    let record = records.remove(index);
+    Ok(HttpResponse::Ok().json(RewardStatusBody {
+        order_id: record.reward.order_id.to_string(),
+        activity_id: record.activity_id.clone(),
+        uid: record.reward.uid.to_string(),
+        kind: record.reward.kind.as_str().into(),
+        amount: record.reward.amount.as_u64(),
+        status: record.status.as_str().into(),
+        accepted_at: rfc3339(record.accepted_at_ms),
+        settled_at: record.settled_at_ms.map(rfc3339),
+        also_in: records.into_iter().map(|r| r.activity_id).collect(),
+    }))
+}
+
+fn pair(b: Budgets) -> MoneyPair {
+    MoneyPair {
+        cash: b.cash.as_u64(),
+        subsidy: b.subsidy.as_u64(),
+    }
+}
+
+fn remaining(budget: Budgets, accepted: Budgets) -> MoneyPair {
+    MoneyPair {
+        cash: budget
+            .cash
+            .checked_sub(accepted.cash)
+            .unwrap_or(Fen::ZERO)
+            .as_u64(),
+        subsidy: budget
+            .subsidy
+            .checked_sub(accepted.subsidy)
+            .unwrap_or(Fen::ZERO)
+            .as_u64(),
+    }
+}
+
+/// Sets an activity's budget totals; raising is allowed, lowering below what is accepted is 409.
+#[utoipa::path(
+    put, path = "/v1/admin/activities/{activity_id}/budget", tag = "rewards",
+    params(("activity_id" = String, Path)), request_body = BudgetRequest,
+    responses((status = 200, body = ActivityBody), (status = 409, description = "budget_below_accepted", body = ErrorBody)),
+    security(("bearer" = []))
+)]
+pub async fn set_budget(
+    caller: Caller,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    body: web::Json<BudgetRequest>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require(&[])?;
+    let activity_id = parse_id("activity_id", &path)?;
+    if body.cash > i64::MAX as u64 || body.subsidy > i64::MAX as u64 {
+        return Err(ApiError::malformed(
+            "budgets must fit in a signed 64-bit integer",
+        ));
+    }
+    let budget = Budgets {
+        cash: Fen::new(body.cash),
+        subsidy: Fen::new(body.subsidy),
+    };
+    match state
+        .activities
+        .execute(activity_id.as_str(), ActivityCommand::SetBudget(budget))
+        .await?
+    {
+        ActivityReply::Budget {
+            budget: Some(budget),
+            accepted,
+        } => Ok(HttpResponse::Ok().json(ActivityBody {
+            activity_id: activity_id.to_string(),
+            budget: Some(pair(budget)),
+            accepted: pair(accepted),
+            remaining: Some(remaining(budget, accepted)),
+            rewards: None,
+        })),
+        other => {
+            tracing::error!(reply = ?other, "unexpected activity reply to SetBudget");
+            Err(ApiError::unavailable(
+                "unavailable",
+                "unexpected reply; retry",
+            ))
+        }
+    }
+}
+
+/// An activity's budget, accepted totals and remaining budget.
+#[utoipa::path(
+    get, path = "/v1/admin/activities/{activity_id}", tag = "rewards",
+    params(("activity_id" = String, Path)),
+    responses((status = 200, body = ActivityBody), (status = 404, description = "unknown_activity", body = ErrorBody)),
+    security(("bearer" = []))
+)]
+pub async fn get_activity(
+    caller: Caller,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require(&[])?;
+    let activity_id = parse_id("activity_id", &path)?;
+    let tree = read_view(&state, view::NAME).await?;
+    let Some(totals) = view::activity(tree, activity_id.as_str()).map_err(view_error)? else {
+        return Err(ApiError::new(
+            actix_web::http::StatusCode::NOT_FOUND,
+            "unknown_activity",
+            format!("no budget or reward for activity {activity_id}"),
+        ));
+    };
+    let accepted = Budgets {
+        cash: totals.accepted_cash,
+        subsidy: totals.accepted_subsidy,
+    };
+    let budget = totals
+        .budget
+        .map(|(cash, subsidy)| Budgets { cash, subsidy });
+    Ok(HttpResponse::Ok().json(ActivityBody {
+        activity_id: activity_id.to_string(),
+        budget: budget.map(pair),
+        accepted: pair(accepted),
+        remaining: budget.map(|b| remaining(b, accepted)),
+        rewards: Some(totals.rewards),
+    }))
+}
+
+/// Credits presented tokens at once (R5), idempotently with the crediting lanes.
+#[utoipa::path(
+    post, path = "/v1/wallets/{uid}/force-credit", tag = "wallet",
+    params(("uid" = String, Path)), request_body = ForceCreditRequest,
+    responses(
+        (status = 200, body = ForceCreditResponse),
+        (status = 401, description = "invalid_token: a token is forged, altered or malformed; nothing was credited", body = ErrorBody),
+        (status = 403, description = "token_uid_mismatch: a token belongs to another user; nothing was credited", body = ErrorBody),
+        (status = 503, description = "Some credits unconfirmed: retry the call (idempotent)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn force_credit(
+    caller: Caller,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    body: web::Json<ForceCreditRequest>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require(&[Role::Gateway])?;
+    let uid = parse_id("uid", &path)?;
+    let claims = verify_tokens(&state, &uid, &body.tokens)?;
+    let mut response = ForceCreditResponse {
+        credited: vec![],
+        already: vec![],
+        skipped: vec![],
+        refused: vec![],
+    };
+    let credits = claims.iter().filter_map(|claim| {
+        let command = claim.credit_command()?;
+        let (wallets, uid) = (state.wallets.clone(), uid.clone());
+        Some(async move { (claim, wallets.execute(uid.as_str(), command).await) })
+    });
+    for claim in claims.iter().filter(|c| c.credit_command().is_none()) {
+        response.skipped.push(claim.order_id.to_string());
+    }
+    for (claim, result) in join_all(credits).await {
+        let order_id = claim.order_id.to_string();
+        match result {
+            Ok(movement) if movement.replayed => response.already.push(order_id),
+            Ok(_) => {
+                state
+                    .metrics
+                    .rewards_credited_total
+                    .with_label_values(&[claim.kind.as_str(), "force"])
+                    .inc();
+                response.credited.push(order_id)
+            }
+            Err(crate::actors::ExecError::Rejected(
+                crate::domain::wallet::WalletError::IdempotencyConflict { .. },
+            )) => response.refused.push(Refusal {
+                order_id,
+                code: "duplicate_order_id".into(),
+            }),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(HttpResponse::Ok().json(response))
+}
+
+/// Verifies every token before anything is credited: one bad token fails the whole call.
+fn verify_tokens(
+    state: &AppState,
+    uid: &Id,
+    tokens: &[String],
+) -> Result<Vec<RewardClaim>, ApiError> {
+    if tokens.is_empty() || tokens.len() > FORCE_CREDIT_TOKENS_MAX {
+        return Err(ApiError::new(
+            actix_web::http::StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_tokens",
+            format!("present 1 to {FORCE_CREDIT_TOKENS_MAX} tokens"),
+        ));
+    }
+    let mut claims = Vec::with_capacity(tokens.len());
+    for (i, token) in tokens.iter().enumerate() {
+        let claim = state.signer.verify(token).map_err(|e| {
+            state
+                .metrics
+                .reward_tokens_refused_total
+                .with_label_values(&[e.reason()])
+                .inc();
+            ApiError::new(
+                actix_web::http::StatusCode::UNAUTHORIZED,
+                "invalid_token",
+                format!("token {i}: {e}"),
+            )
+            .with("index", i as u64)
+        })?;
+        if &claim.uid != uid {
+            state
+                .metrics
+                .reward_tokens_refused_total
+                .with_label_values(&["other_uid"])
+                .inc();
+            return Err(ApiError::new(
+                actix_web::http::StatusCode::FORBIDDEN,
+                "token_uid_mismatch",
+                format!("token {i} belongs to another user"),
+            )
+            .with("index", i as u64));
+        }
+        claims.push(claim);
+    }
+    Ok(claims)
+}
+
+/// The user's rewards with their tokens (R2), latest first.
+#[utoipa::path(
+    get, path = "/v1/wallets/{uid}/rewards", tag = "wallet",
+    params(("uid" = String, Path), ListQuery),
+    responses((status = 200, body = [UserReward])),
+    security(("bearer" = []))
+)]
+pub async fn list_rewards(
+    caller: Caller,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    query: web::Query<ListQuery>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require(&[Role::Gateway])?;
+    let uid = parse_id("uid", &path)?;
+    let limit = query.limit.unwrap_or(REWARD_LIST_ITEMS_MAX);
+    if limit == 0 || limit > REWARD_LIST_ITEMS_MAX {
+        return Err(ApiError::malformed(format!(
+            "limit must be between 1 and {REWARD_LIST_ITEMS_MAX}"
+        )));
+    }
+    let only_pending = match query.status.as_deref() {
+        None | Some("all") => false,
+        Some("accepted") => true,
+        Some(_) => return Err(ApiError::malformed("status must be accepted or all")),
+    };
+    let tree = read_view(&state, view::NAME).await?;
+    let entry = |activity: &str,
+                 reward_uid: &Id,
+                 order: &str,
+                 kind: RewardKind,
+                 amount: Fen,
+                 status: &str|
+     -> Option<UserReward> {
+        let claim = RewardClaim {
+            activity_id: Id::parse(activity).ok()?,
+            order_id: Id::parse(order).ok()?,
+            uid: reward_uid.clone(),
+            kind,
+            amount,
+        };
+        Some(UserReward {
+            token: state.signer.sign(&claim),
+            order_id: order.to_owned(),
+            activity_id: activity.to_owned(),
+            kind: kind.as_str().into(),
+            amount: amount.as_u64(),
+            status: status.into(),
+        })
+    };
+    let list: Vec<UserReward> = if only_pending {
+        let wallets = read_view(&state, crate::projections::wallet::NAME).await?;
+        crate::projections::wallet::record(wallets, uid.as_str())
+            .map_err(view_error)?
+            .pending
+            .into_iter()
+            .take(limit)
+            .filter_map(|p| {
+                entry(
+                    &p.activity_id,
+                    &uid,
+                    &p.order_id,
+                    p.kind,
+                    p.amount,
+                    "accepted",
+                )
+            })
+            .collect()
+    } else {
+        view::of_user(tree, uid.as_str(), limit)
+            .map_err(view_error)?
+            .into_iter()
+            .filter_map(|r: RewardRecord| {
+                entry(
+                    &r.activity_id,
+                    &r.reward.uid,
+                    r.reward.order_id.as_str(),
+                    r.reward.kind,
+                    r.reward.amount,
+                    r.status.as_str(),
+                )
+            })
+            .collect()
+    };
+    Ok(HttpResponse::Ok().json(list))
+}
