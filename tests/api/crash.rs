@@ -17,6 +17,11 @@ struct Server {
 
 /// Starts `hongbao serve` on a free port and waits until it listens.
 fn start(dir: &Path) -> Server {
+    start_with(dir, &[])
+}
+
+/// As `start`, with extra command-line arguments.
+fn start_with(dir: &Path, extra: &[&str]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_hongbao"))
         .args([
             "serve",
@@ -25,6 +30,7 @@ fn start(dir: &Path) -> Server {
             "--addr",
             "127.0.0.1:0",
         ])
+        .args(extra)
         .env("NO_COLOR", "1")
         .env("RUST_LOG", "info")
         .env("HONGBAO_ADMIN_KEY", ADMIN)
@@ -301,4 +307,155 @@ async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
     check_survivors(&server.base(), &acked).await;
     assert!(server.terminate().success());
     verify(dir.path());
+}
+
+/// Fires cash rewards from `workers` loops (8 users) until the server stops answering.
+async fn fire_rewards(base: String, workers: usize, acked: Arc<Mutex<Vec<Acked>>>) {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let tasks: Vec<_> = (0..workers)
+        .map(|w| {
+            let (client, base, acked) = (client.clone(), base.clone(), acked.clone());
+            tokio::spawn(async move {
+                for n in 0.. {
+                    let uid = format!("r{}", w % 8);
+                    let order = format!("rw{w}-n{n}");
+                    let amount = (n % 13 + 1) as i64;
+                    let body = serde_json::json!({
+                        "order_id": order, "uid": uid, "activity_id": "crash", "scene": "rain",
+                        "kind": "cash", "amount": amount,
+                    });
+                    let sent = client
+                        .post(format!("{base}/v1/rewards"))
+                        .bearer_auth(ISSUER)
+                        .json(&body)
+                        .send()
+                        .await;
+                    match sent {
+                        Ok(r) if r.status().as_u16() == 202 => acked.lock().unwrap().push(Acked {
+                            uid,
+                            order,
+                            amount,
+                            balance_after: 0,
+                        }),
+                        _ => return,
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_reward_burst_then_every_accepted_reward_is_credited_exactly_once() {
+    // Goal: SIGKILL while rewards arrive and a throttled lane has a backlog; after restart the
+    // lanes resume from their checkpoint and every 202 ends credited, once, nothing else is.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("hongbao.toml");
+    std::fs::write(&config, "[rewards]\ncash_per_s = 2000\n").unwrap();
+    let config = config.to_str().unwrap().to_owned();
+    let data = dir.path().join("data");
+    let server = start_with(&data, &["--config", &config]);
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let firing = tokio::spawn(fire_rewards(server.base(), 32, acked.clone()));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while acked.lock().unwrap().len() < 3000 {
+        assert!(Instant::now() < deadline, "too few rewards accepted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.kill9();
+    firing.await.unwrap();
+    let acked = acked.lock().unwrap().clone();
+
+    let server = start_with(&data, &["--config", &config]);
+    let client = reqwest::Client::new();
+    let mut expected: HashMap<String, HashMap<String, i64>> = HashMap::new();
+    for a in &acked {
+        expected
+            .entry(a.uid.clone())
+            .or_default()
+            .insert(a.order.clone(), a.amount);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for uid in (0..8).map(|i| format!("r{i}")) {
+        // Wait until nothing is pending for the user, then compare the ledger with the 202s.
+        loop {
+            let wallet: Value = client
+                .get(format!("{}/v1/wallets/{uid}", server.base()))
+                .bearer_auth(GATEWAY)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if wallet["pending"].as_array().unwrap().is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "rewards still pending after restart: {wallet}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (balance, entries) = ledger_activity(&client, &server.base(), &uid).await;
+        let orders: Vec<&str> = entries
+            .iter()
+            .map(|e| e["order_id"].as_str().unwrap())
+            .collect();
+        let unique: HashSet<&str> = orders.iter().copied().collect();
+        assert_eq!(unique.len(), orders.len(), "{uid}: a reward credited twice");
+        let mine = expected.get(&uid).cloned().unwrap_or_default();
+        for order in mine.keys() {
+            assert!(
+                unique.contains(order.as_str()),
+                "{uid}: accepted {order} never credited"
+            );
+        }
+        // Credited but not acknowledged is allowed (accepted, answer lost in the kill); the
+        // sum must match the ledger.
+        assert_eq!(
+            balance,
+            entries
+                .iter()
+                .map(|e| e["amount"].as_i64().unwrap())
+                .sum::<i64>()
+        );
+    }
+    assert!(server.terminate().success());
+    verify(&data);
+}
+
+async fn ledger_activity(client: &reqwest::Client, base: &str, uid: &str) -> (i64, Vec<Value>) {
+    let page: Value = client
+        .get(format!("{base}/v1/wallets/{uid}/ledger?limit=500"))
+        .bearer_auth(GATEWAY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        page["next_before"].is_null(),
+        "more than one page: raise the limit"
+    );
+    let wallet: Value = client
+        .get(format!("{base}/v1/wallets/{uid}"))
+        .bearer_auth(GATEWAY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    (
+        wallet["balances"]["activity"].as_i64().unwrap(),
+        page["ledger"].as_array().unwrap().clone(),
+    )
 }

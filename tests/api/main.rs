@@ -3,6 +3,7 @@
 
 mod crash;
 mod ops;
+mod rewards;
 mod wallets;
 
 use hongbao::clock::SystemClock;
@@ -41,12 +42,18 @@ pub fn test_config(dir: &std::path::Path) -> Config {
 }
 
 pub fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {})
+}
+
+/// A server with a configuration tweak (lane rates, required budgets, ...).
+pub fn spawn_app_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
     if std::env::var("TEST_LOG").is_ok() {
         let _ = tracing_subscriber::fmt().with_env_filter("info").try_init();
     }
     let dir = tempfile::tempdir().unwrap();
-    let server = RunningServer::start(test_config(dir.path()), Arc::new(SystemClock))
-        .expect("server starts");
+    let mut config = test_config(dir.path());
+    tweak(&mut config);
+    let server = RunningServer::start(config, Arc::new(SystemClock)).expect("server starts");
     let base = server.base_url();
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(512)
@@ -81,6 +88,82 @@ impl TestApp {
             status,
             serde_json::from_str(&text).unwrap_or(Value::String(text)),
         )
+    }
+
+    pub async fn put(&self, path: &str, key: Option<&str>, body: &str) -> (u16, Value) {
+        let mut request = self
+            .client
+            .put(self.url(path))
+            .header("content-type", "application/json")
+            .body(body.to_owned());
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await.expect("request sent");
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// Sends a cash reward.
+    pub async fn reward(
+        &self,
+        activity: &str,
+        order: &str,
+        uid: &str,
+        amount: i64,
+    ) -> (u16, Value) {
+        self.reward_of(activity, order, uid, "cash", amount).await
+    }
+
+    pub async fn reward_of(
+        &self,
+        activity: &str,
+        order: &str,
+        uid: &str,
+        kind: &str,
+        amount: i64,
+    ) -> (u16, Value) {
+        let body = serde_json::json!({
+            "order_id": order, "uid": uid, "activity_id": activity, "scene": "test",
+            "kind": kind, "amount": amount,
+        });
+        self.post("/v1/rewards", Some(ISSUER), &body.to_string())
+            .await
+    }
+
+    pub async fn set_budget(&self, activity: &str, cash: u64, subsidy: u64) -> (u16, Value) {
+        self.put(
+            &format!("/v1/admin/activities/{activity}/budget"),
+            Some(ADMIN),
+            &format!(r#"{{"cash":{cash},"subsidy":{subsidy}}}"#),
+        )
+        .await
+    }
+
+    pub async fn wallet(&self, uid: &str) -> Value {
+        let (status, wallet) = self.get(&format!("/v1/wallets/{uid}"), Some(GATEWAY)).await;
+        assert_eq!(status, 200, "{wallet}");
+        wallet
+    }
+
+    /// Polls until `done(wallet)` holds for the user, at most 30 s.
+    pub async fn wait_wallet(&self, uid: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let wallet = self.wallet(uid).await;
+            if done(&wallet) {
+                return wallet;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}: {wallet}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 
     pub async fn get(&self, path: &str, key: Option<&str>) -> (u16, Value) {
