@@ -5,6 +5,9 @@
 //! - `deposits`: `POST /v1/wallets/{uid}/change/deposits` end to end (in-process server on a
 //!   temporary data directory, or `--target`), each followed by the hello baseline at the same
 //!   concurrency so the ratio comes from one run;
+//! - `rewards`: `POST /v1/rewards` for one hot activity and 200,000 users: acceptance rate and
+//!   latency beside hello-world, the lanes' crediting rate during the run, the backlog left,
+//!   and how long the lanes take to drain it;
 //! - `journal`: durable appends through the journal without HTTP, beside raw sled
 //!   `apply_batch` + `flush()` at the journal's observed batch size and at 1/16/256/1024.
 //!
@@ -29,6 +32,8 @@ pub enum Scenario {
     Hello,
     /// Admin deposits over HTTP, end to end, beside the hello baseline.
     Deposits,
+    /// Reward intake over HTTP (one hot activity, many users) and the crediting lanes behind it.
+    Rewards,
     /// Durable appends through the journal (no HTTP), beside raw sled batch+flush.
     Journal,
 }
@@ -53,6 +58,12 @@ pub struct LoadgenArgs {
     /// Admin key for --target.
     #[arg(long, env = "HONGBAO_ADMIN_KEY", hide_env_values = true)]
     pub admin_key: Option<String>,
+    /// Issuer key for --target (rewards).
+    #[arg(long, env = "HONGBAO_ISSUER_KEY", hide_env_values = true)]
+    pub issuer_key: Option<String>,
+    /// Config file for the in-process server (its data directory and keys are overridden).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Data directory for the in-process server or journal (default: a fresh temporary one).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
@@ -178,64 +189,115 @@ fn metric_value(text: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn scrape(addr: SocketAddr) -> String {
+/// One blocking HTTP/1.1 request on a fresh connection; returns the status and the body.
+fn http_once(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: &str,
+) -> (u16, String) {
     use std::io::{Read, Write};
     let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
-        return String::new();
+        return (0, String::new());
     };
+    let auth = key
+        .map(|k| format!("authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
     let _ = write!(
         stream,
-        "GET /metrics HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\n{auth}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
     );
     let mut text = String::new();
     let _ = stream.read_to_string(&mut text);
-    text
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
 }
 
-fn deposits(args: &LoadgenArgs) -> Result<(), LoadgenError> {
-    let temp = tempfile::tempdir()?;
-    let (server, addr, key) = match &args.target {
-        Some(url) => {
+fn scrape(addr: SocketAddr) -> String {
+    http_once(addr, "GET", "/metrics", None, "").1
+}
+
+/// The server a scenario drives: in-process on a temporary data directory, or `--target`.
+struct Target {
+    server: Option<RunningServer>,
+    addr: SocketAddr,
+    admin_key: String,
+    issuer_key: String,
+    _temp: tempfile::TempDir,
+}
+
+impl Target {
+    fn new(args: &LoadgenArgs) -> Result<Target, LoadgenError> {
+        let temp = tempfile::tempdir()?;
+        if let Some(url) = &args.target {
             let hostport = url.trim_start_matches("http://").trim_end_matches('/');
             let addr: SocketAddr = hostport.parse().map_err(|_| {
                 LoadgenError::Usage(format!("--target must be http://IP:PORT, got {url}"))
             })?;
-            let key = args.admin_key.clone().ok_or_else(|| {
-                LoadgenError::Usage("--target needs --admin-key (or HONGBAO_ADMIN_KEY)".into())
-            })?;
-            (None, addr, key)
-        }
-        None => {
-            let mut config = Config {
-                data_dir: args
-                    .data_dir
-                    .clone()
-                    .unwrap_or_else(|| temp.path().to_path_buf()),
-                ..Config::default()
+            let needed = |key: &Option<String>, flag: &str| {
+                key.clone()
+                    .ok_or_else(|| LoadgenError::Usage(format!("--target needs {flag}")))
             };
-            config.server.addr = "127.0.0.1:0".into();
-            config.server.workers = args.server_workers;
-            let key = format!("loadgen-admin-{}", hex::encode(rand::random::<[u8; 8]>()));
-            config.auth = AuthConfig {
-                admin_key: Some(key.clone()),
-                issuer_key: Some(format!(
-                    "loadgen-issuer-{}",
-                    hex::encode(rand::random::<[u8; 8]>())
-                )),
-                gateway_key: Some(format!(
-                    "loadgen-gateway-{}",
-                    hex::encode(rand::random::<[u8; 8]>())
-                )),
-                token_secret: Some(format!(
-                    "loadgen-secret-{}",
-                    hex::encode(rand::random::<[u8; 8]>())
-                )),
-            };
-            let server = RunningServer::start(config, Arc::new(SystemClock))?;
-            let addr: SocketAddr = ([127, 0, 0, 1], server.port).into();
-            (Some(server), addr, key)
+            return Ok(Target {
+                server: None,
+                addr,
+                admin_key: needed(&args.admin_key, "--admin-key (or HONGBAO_ADMIN_KEY)")?,
+                issuer_key: needed(&args.issuer_key, "--issuer-key (or HONGBAO_ISSUER_KEY)")?,
+                _temp: temp,
+            });
         }
-    };
+        let mut config = match &args.config {
+            Some(path) => {
+                Config::from_file(path).map_err(|e| LoadgenError::Usage(e.to_string()))?
+            }
+            None => Config::default(),
+        };
+        config.data_dir = args
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| temp.path().to_path_buf());
+        config.server.addr = "127.0.0.1:0".into();
+        config.server.workers = args.server_workers;
+        let key = |role: &str| format!("loadgen-{role}-{}", hex::encode(rand::random::<[u8; 8]>()));
+        let (admin_key, issuer_key) = (key("admin"), key("issuer"));
+        config.auth = AuthConfig {
+            admin_key: Some(admin_key.clone()),
+            issuer_key: Some(issuer_key.clone()),
+            gateway_key: Some(key("gateway")),
+            token_secret: Some(key("secret")),
+        };
+        let server = RunningServer::start(config, Arc::new(SystemClock))?;
+        let addr: SocketAddr = ([127, 0, 0, 1], server.port).into();
+        Ok(Target {
+            server: Some(server),
+            addr,
+            admin_key,
+            issuer_key,
+            _temp: temp,
+        })
+    }
+
+    fn stop(self) -> Result<(), LoadgenError> {
+        match self.server {
+            Some(server) => server.stop().map_err(LoadgenError::Usage),
+            None => Ok(()),
+        }
+    }
+}
+
+fn deposits(args: &LoadgenArgs) -> Result<(), LoadgenError> {
+    let target = Target::new(args)?;
+    let (addr, key) = (target.addr, target.admin_key.clone());
     header();
     let run_id: u32 = rand::random();
     for &in_flight in &args.in_flight {
@@ -280,10 +342,7 @@ fn deposits(args: &LoadgenArgs) -> Result<(), LoadgenError> {
             );
         }
     }
-    if let Some(server) = server {
-        server.stop().map_err(LoadgenError::Usage)?;
-    }
-    Ok(())
+    target.stop()
 }
 
 fn journal(args: &LoadgenArgs) -> Result<(), LoadgenError> {
@@ -356,6 +415,127 @@ fn journal(args: &LoadgenArgs) -> Result<(), LoadgenError> {
     Ok(())
 }
 
+fn rewards(args: &LoadgenArgs) -> Result<(), LoadgenError> {
+    let target = Target::new(args)?;
+    let addr = target.addr;
+    let activity = format!("lg{}", rand::random::<u32>());
+    // A budget far above what a run can accept: the budget check runs on every reward.
+    let (status, body) = http_once(
+        addr,
+        "PUT",
+        &format!("/v1/admin/activities/{activity}/budget"),
+        Some(&target.admin_key),
+        r#"{"cash":1000000000000000,"subsidy":0}"#,
+    );
+    if status != 200 {
+        return Err(LoadgenError::Usage(format!(
+            "setting the budget failed: {status} {body}"
+        )));
+    }
+    println!(
+        "{:<8} {:>9} {:>9} {:>10} {:>8} {:>8} {:>8} {:>10} {:>6} {:>11} {:>9} {:>9} {:>11}",
+        "rewards",
+        "in_flight",
+        "accepted",
+        "accepted/s",
+        "p50_ms",
+        "p99_ms",
+        "p999_ms",
+        "hello/s",
+        "ratio",
+        "credited/s",
+        "backlog",
+        "drain_s",
+        "credit/s_all"
+    );
+    let credited = |text: &str| {
+        metric_value(
+            text,
+            "hongbao_rewards_credited_total{kind=\"cash\",path=\"lane\"}",
+        )
+    };
+    let pending = |text: &str| metric_value(text, "hongbao_reward_pending{kind=\"cash\"}");
+    let run_id: u32 = rand::random();
+    for &in_flight in &args.in_flight {
+        let key = target.issuer_key.clone();
+        let activity = activity.clone();
+        // Each reward for a different user, as in a red-packet rain: 200,000 users.
+        let make: RequestFactory = Arc::new(move |c, n| {
+            let user = (c as u64 * 1_000_003 + n) % 200_000;
+            post_json(
+                addr,
+                "/v1/rewards",
+                Some(&key),
+                format!(
+                    r#"{{"order_id":"lg-{run_id}-{in_flight}-{c}-{n}","uid":"u{user}","activity_id":"{activity}","scene":"rain","kind":"cash","amount":{}}}"#,
+                    n % 500 + 1
+                ),
+            )
+        });
+        let before = scrape(addr);
+        let started = std::time::Instant::now();
+        let result = client::drive(
+            addr,
+            in_flight,
+            Duration::from_secs(args.warmup_s),
+            Duration::from_secs(args.duration_s),
+            args.client_threads,
+            make,
+        )?;
+        let run_s = started.elapsed().as_secs_f64();
+        let after = scrape(addr);
+        let credited_in_run = credited(&after) - credited(&before);
+        let backlog = pending(&after);
+        // Let the lanes drain the backlog before the next run (and measure how long it takes).
+        let drain_started = std::time::Instant::now();
+        let mut drained = after.clone();
+        while pending(&drained) > 0.0 && drain_started.elapsed() < Duration::from_secs(120) {
+            std::thread::sleep(Duration::from_millis(50));
+            drained = scrape(addr);
+        }
+        let drain_s = drain_started.elapsed().as_secs_f64();
+        let credited_total = credited(&drained) - credited(&before);
+        let baseline = if args.no_baseline {
+            None
+        } else {
+            Some(hello_run(args, in_flight)?)
+        };
+        let (hello, ratio) = match &baseline {
+            Some(b) => (
+                format!("{:.0}", b.per_second()),
+                format!("{:.2}", result.per_second() / b.per_second().max(1e-9)),
+            ),
+            None => ("-".into(), "-".into()),
+        };
+        println!(
+            "{:<8} {:>9} {:>9} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>10} {:>6} {:>11.0} {:>9.0} {:>9.2} {:>11.0}",
+            "rewards",
+            in_flight,
+            result.ok(),
+            result.per_second(),
+            result.quantile_ms(0.5),
+            result.quantile_ms(0.99),
+            result.quantile_ms(0.999),
+            hello,
+            ratio,
+            credited_in_run / run_s,
+            backlog,
+            drain_s,
+            credited_total / (run_s + drain_s)
+        );
+        let errors: Vec<String> = result
+            .statuses
+            .iter()
+            .filter(|(s, _)| !(200..300).contains(*s))
+            .map(|(s, n)| format!("{n}x{s}"))
+            .collect();
+        if !errors.is_empty() {
+            println!("{:<8} non-2xx: {}", "", errors.join(", "));
+        }
+    }
+    target.stop()
+}
+
 /// Runs a scenario and prints its table.
 pub fn run(args: LoadgenArgs) -> Result<(), LoadgenError> {
     if args.in_flight.contains(&0) {
@@ -372,6 +552,7 @@ pub fn run(args: LoadgenArgs) -> Result<(), LoadgenError> {
             Ok(())
         }
         Scenario::Deposits => deposits(&args),
+        Scenario::Rewards => rewards(&args),
         Scenario::Journal => journal(&args),
     }
 }
