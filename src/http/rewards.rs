@@ -9,9 +9,11 @@ use crate::domain::activity::{
     ActivityCommand, ActivityReply, Budgets, Reward, RewardClaim, RewardKind, EXT_FIELDS_MAX,
     EXT_KEY_CHARS_MAX, EXT_VALUE_CHARS_MAX,
 };
+use crate::domain::wallet::Entry;
 use crate::ids::Id;
 use crate::money::Fen;
-use crate::projections::rewards::{self as view, RewardRecord};
+use crate::projections::rewards as view;
+use crate::projections::wallet as wallet_view;
 use actix_web::{web, HttpResponse};
 use futures::future::join_all;
 use serde::{Deserialize, Serialize};
@@ -76,7 +78,8 @@ pub struct RewardStatusBody {
     /// accepted | credited | voided
     pub status: String,
     pub accepted_at: String,
-    pub settled_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub voided_at: Option<String>,
     /// Other activities that accepted the same order id (a contract violation by the caller).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub also_in: Vec<String>,
@@ -154,7 +157,7 @@ pub struct StatusQuery {
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
-    /// accepted (pending) or all (default).
+    /// accepted (pending only) or all (default: pending, then credited money rewards).
     pub status: Option<String>,
     /// At most 100 (default).
     pub limit: Option<usize>,
@@ -397,10 +400,11 @@ pub async fn reward_status(
     caller.require(&[Role::Issuer, Role::Gateway])?;
     let order_id = parse_id("order_id", &path)?;
     let tree = read_view(&state, view::NAME).await?;
+    let wallets = read_view(&state, wallet_view::NAME).await?;
     let mut records = view::by_order(tree, order_id.as_str()).map_err(view_error)?;
-    records.sort_by_key(|r| r.accepted_seq);
+    records.sort_by_key(|(r, _)| r.accepted_seq);
     let chosen = match &query.activity_id {
-        Some(a) => records.iter().position(|r| &r.activity_id == a),
+        Some(a) => records.iter().position(|(r, _)| &r.activity_id == a),
         None => (!records.is_empty()).then_some(0),
     };
     let Some(index) = chosen else {
@@ -410,17 +414,28 @@ pub async fn reward_status(
             format!("no reward with order id {order_id}"),
         ));
     };
-    let record = records.remove(index);
+    let (record, voided_at) = records.remove(index);
+    // Pending lives in the wallet view, which settles it atomically with the credit.
+    let pending = wallet_view::record(wallets, record.reward.uid.as_str())
+        .map_err(view_error)?
+        .pending
+        .iter()
+        .any(|p| p.order_id == order_id.as_str() && p.activity_id == record.activity_id);
+    let status = match (voided_at, pending) {
+        (Some(_), _) => "voided",
+        (None, true) => "accepted",
+        (None, false) => "credited",
+    };
     Ok(HttpResponse::Ok().json(RewardStatusBody {
         order_id: record.reward.order_id.to_string(),
         activity_id: record.activity_id.clone(),
         uid: record.reward.uid.to_string(),
         kind: record.reward.kind.as_str().into(),
         amount: record.reward.amount.as_u64(),
-        status: record.status.as_str().into(),
+        status: status.into(),
         accepted_at: rfc3339(record.accepted_at_ms),
-        settled_at: record.settled_at_ms.map(rfc3339),
-        also_in: records.into_iter().map(|r| r.activity_id).collect(),
+        voided_at: voided_at.map(rfc3339),
+        also_in: records.into_iter().map(|(r, _)| r.activity_id).collect(),
     }))
 }
 
@@ -664,9 +679,8 @@ pub async fn list_rewards(
         Some("accepted") => true,
         Some(_) => return Err(ApiError::malformed("status must be accepted or all")),
     };
-    let tree = read_view(&state, view::NAME).await?;
-    let entry = |activity: &str,
-                 reward_uid: &Id,
+    let wallets = read_view(&state, wallet_view::NAME).await?;
+    let token = |activity: &str,
                  order: &str,
                  kind: RewardKind,
                  amount: Fen,
@@ -675,7 +689,7 @@ pub async fn list_rewards(
         let claim = RewardClaim {
             activity_id: Id::parse(activity).ok()?,
             order_id: Id::parse(order).ok()?,
-            uid: reward_uid.clone(),
+            uid: uid.clone(),
             kind,
             amount,
         };
@@ -688,39 +702,45 @@ pub async fn list_rewards(
             status: status.into(),
         })
     };
-    let list: Vec<UserReward> = if only_pending {
-        let wallets = read_view(&state, crate::projections::wallet::NAME).await?;
-        crate::projections::wallet::record(wallets, uid.as_str())
-            .map_err(view_error)?
-            .pending
-            .into_iter()
-            .take(limit)
-            .filter_map(|p| {
-                entry(
-                    &p.activity_id,
-                    &uid,
-                    &p.order_id,
-                    p.kind,
-                    p.amount,
-                    "accepted",
-                )
-            })
-            .collect()
-    } else {
-        view::of_user(tree, uid.as_str(), limit)
-            .map_err(view_error)?
-            .into_iter()
-            .filter_map(|r: RewardRecord| {
-                entry(
-                    &r.activity_id,
-                    &r.reward.uid,
-                    r.reward.order_id.as_str(),
-                    r.reward.kind,
-                    r.reward.amount,
-                    r.status.as_str(),
-                )
-            })
-            .collect()
-    };
+    // Pending rewards first (oldest first), then credited money rewards from the ledger
+    // (latest first): both come from the wallet view.
+    let mut list: Vec<UserReward> = wallet_view::record(wallets, uid.as_str())
+        .map_err(view_error)?
+        .pending
+        .into_iter()
+        .filter_map(|p| token(&p.activity_id, &p.order_id, p.kind, p.amount, "accepted"))
+        .take(limit)
+        .collect();
+    if !only_pending && list.len() < limit {
+        let mut before = None;
+        'pages: loop {
+            let page = wallet_view::ledger(
+                wallets,
+                uid.as_str(),
+                before,
+                state.config.limits.page_items_max,
+            )
+            .map_err(view_error)?;
+            let Some(last) = page.last() else { break };
+            before = Some(last.seq);
+            for line in page {
+                let kind = match line.entry {
+                    Entry::Reward => RewardKind::Cash,
+                    Entry::SubsidyReward => RewardKind::Subsidy,
+                    _ => continue,
+                };
+                let Some(activity) = &line.source else {
+                    continue;
+                };
+                if let Some(reward) = token(activity, &line.order_id, kind, line.amount, "credited")
+                {
+                    list.push(reward);
+                }
+                if list.len() >= limit {
+                    break 'pages;
+                }
+            }
+        }
+    }
     Ok(HttpResponse::Ok().json(list))
 }

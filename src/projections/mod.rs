@@ -44,6 +44,15 @@ pub trait Projection: Send + Sync + 'static {
     fn version(&self) -> u32;
     /// Applies one event. Events of no interest are ignored.
     fn apply(&self, tx: &mut ViewTx<'_>, envelope: &Envelope) -> Result<(), StoreError>;
+
+    /// Applies a batch (committed atomically with the checkpoint afterwards). Override to
+    /// aggregate hot values (totals) once per batch instead of once per event.
+    fn apply_batch(&self, tx: &mut ViewTx<'_>, events: &[&Envelope]) -> Result<(), StoreError> {
+        for envelope in events {
+            self.apply(tx, envelope)?;
+        }
+        Ok(())
+    }
 }
 
 /// Writes of one batch, readable before they are committed.
@@ -138,15 +147,17 @@ pub fn apply_events(
     events: &[Arc<Envelope>],
     after: u64,
 ) -> Result<u64, StoreError> {
+    let fresh: Vec<&Envelope> = events
+        .iter()
+        .filter(|e| e.seq > after)
+        .map(|e| e.as_ref())
+        .collect();
+    let Some(last) = fresh.last().map(|e| e.seq) else {
+        return Ok(after);
+    };
     let mut tx = ViewTx::new(tree);
-    let mut last = after;
-    for envelope in events.iter().filter(|e| e.seq > after) {
-        projection.apply(&mut tx, envelope)?;
-        last = envelope.seq;
-    }
-    if last > after {
-        tx.commit(last)?;
-    }
+    projection.apply_batch(&mut tx, &fresh)?;
+    tx.commit(last)?;
     Ok(last)
 }
 

@@ -1,11 +1,15 @@
-//! The rewards view: every reward's status, each user's pending rewards (R6) and reward list
-//! (R2), and per-activity budget totals.
+//! The rewards view: each accepted reward by order id (for `GET /v1/rewards/{order_id}`),
+//! voided rewards, and totals per activity (budget, accepted) and per kind (pending depth).
+//!
+//! One write per accepted reward: whether it is still pending is read from the wallet view
+//! (which settles pending rewards atomically with the credit), so a credit costs this view no
+//! write at all. Totals are aggregated in memory per batch and written once per batch.
 //!
 //! Keys in `view:rewards`:
 //! - `r` + order id + `0x00` + activity -> [`RewardRecord`]
-//! - `u` + uid + `0x00` + seq (u64 BE) -> (activity, order id): the user's rewards in order
+//! - `v` + order id + `0x00` + activity -> voided-at (epoch ms, i64 BE)
 //! - `a` + activity -> [`ActivityTotals`]
-//! - `k` + kind -> [`KindTotals`] (for the pending-depth metric)
+//! - `k` + kind -> [`KindTotals`]
 
 use super::{decode_view, Projection, ViewTx};
 use crate::domain::activity::{ActivityEvent, Reward, RewardKind};
@@ -15,36 +19,17 @@ use crate::events::{codec, Envelope, StoreError};
 use crate::metrics::Metrics;
 use crate::money::Fen;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 pub const NAME: &str = "rewards";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RewardStatus {
-    Accepted,
-    Credited,
-    Voided,
-}
-
-impl RewardStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RewardStatus::Accepted => "accepted",
-            RewardStatus::Credited => "credited",
-            RewardStatus::Voided => "voided",
-        }
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RewardRecord {
     pub activity_id: String,
     pub reward: Reward,
-    pub status: RewardStatus,
     pub accepted_seq: u64,
     pub accepted_at_ms: i64,
-    pub settled_at_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,13 +61,16 @@ fn record_key(order_id: &str, activity: &str) -> Vec<u8> {
     key(b'r', &[order_id.as_bytes(), activity.as_bytes()])
 }
 
+fn voided_key(order_id: &str, activity: &str) -> Vec<u8> {
+    key(b'v', &[order_id.as_bytes(), activity.as_bytes()])
+}
+
 fn kind_key(kind: RewardKind) -> Vec<u8> {
     key(b'k', &[kind.as_str().as_bytes()])
 }
 
-/// The rewards projection; it also keeps the pending and budget gauges current.
-pub struct RewardsView {
-    pub metrics: Arc<Metrics>,
+fn activity_key(activity: &str) -> Vec<u8> {
+    key(b'a', &[activity.as_bytes()])
 }
 
 fn get<T: serde::de::DeserializeOwned>(
@@ -92,73 +80,125 @@ fn get<T: serde::de::DeserializeOwned>(
     tx.get(key)?.map(|bytes| decode_view(&bytes)).transpose()
 }
 
+/// The rewards projection; it also keeps the pending and budget gauges current.
+pub struct RewardsView {
+    pub metrics: Arc<Metrics>,
+}
+
+/// Totals touched by one batch, loaded once and written once.
+#[derive(Default)]
+struct BatchTotals {
+    activities: HashMap<String, ActivityTotals>,
+    kinds: HashMap<RewardKind, KindTotals>,
+}
+
+impl BatchTotals {
+    fn activity(
+        &mut self,
+        tx: &ViewTx<'_>,
+        activity: &str,
+    ) -> Result<&mut ActivityTotals, StoreError> {
+        if !self.activities.contains_key(activity) {
+            let totals = get(tx, &activity_key(activity))?.unwrap_or_default();
+            self.activities.insert(activity.to_owned(), totals);
+        }
+        Ok(self.activities.get_mut(activity).expect("just inserted"))
+    }
+
+    fn kind(&mut self, tx: &ViewTx<'_>, kind: RewardKind) -> Result<&mut KindTotals, StoreError> {
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.kinds.entry(kind) {
+            slot.insert(get(tx, &kind_key(kind))?.unwrap_or_default());
+        }
+        Ok(self.kinds.get_mut(&kind).expect("just inserted"))
+    }
+}
+
+fn add(total: &mut Fen, kind: RewardKind, amount: Fen, target: RewardKind) {
+    if kind == target {
+        *total = total.checked_add(amount).unwrap_or(*total);
+    }
+}
+
+fn sub(total: &mut Fen, kind: RewardKind, amount: Fen, target: RewardKind) {
+    if kind == target {
+        *total = total.checked_sub(amount).unwrap_or(Fen::ZERO);
+    }
+}
+
 impl RewardsView {
-    fn bump_kind(
+    fn apply_one(
         &self,
         tx: &mut ViewTx<'_>,
-        kind: RewardKind,
-        accepted: u64,
-        settled: u64,
+        totals: &mut BatchTotals,
+        envelope: &Envelope,
     ) -> Result<(), StoreError> {
-        let k = kind_key(kind);
-        let mut totals: KindTotals = get(tx, &k)?.unwrap_or_default();
-        totals.accepted += accepted;
-        totals.settled += settled;
-        self.metrics
-            .reward_pending
-            .with_label_values(&[kind.as_str()])
-            .set(totals.accepted.saturating_sub(totals.settled) as i64);
-        tx.insert(k, codec::encode(&totals)?);
-        Ok(())
-    }
-
-    fn update_activity(
-        &self,
-        tx: &mut ViewTx<'_>,
-        activity: &str,
-        change: impl FnOnce(&mut ActivityTotals),
-    ) -> Result<(), StoreError> {
-        let k = key(b'a', &[activity.as_bytes()]);
-        let mut totals: ActivityTotals = get(tx, &k)?.unwrap_or_default();
-        change(&mut totals);
-        if let Some((cash, subsidy)) = totals.budget {
-            let remaining = |budget: Fen, accepted: Fen| {
-                budget.checked_sub(accepted).unwrap_or(Fen::ZERO).as_u64() as i64
-            };
-            self.metrics
-                .budget_remaining_fen
-                .with_label_values(&[activity, "cash"])
-                .set(remaining(cash, totals.accepted_cash));
-            self.metrics
-                .budget_remaining_fen
-                .with_label_values(&[activity, "subsidy"])
-                .set(remaining(subsidy, totals.accepted_subsidy));
+        match &envelope.event {
+            Event::Activity(event) => {
+                let activity = envelope.stream.strip_prefix("activity:").ok_or_else(|| {
+                    StoreError::Corrupt(format!("activity event on stream {}", envelope.stream))
+                })?;
+                match event {
+                    ActivityEvent::BudgetSet(b) => {
+                        totals.activity(tx, activity)?.budget = Some((b.cash, b.subsidy))
+                    }
+                    ActivityEvent::RewardAccepted(reward) => {
+                        let record = RewardRecord {
+                            activity_id: activity.to_owned(),
+                            reward: reward.clone(),
+                            accepted_seq: envelope.seq,
+                            accepted_at_ms: envelope.recorded_at_ms,
+                        };
+                        tx.insert(
+                            record_key(reward.order_id.as_str(), activity),
+                            codec::encode(&record)?,
+                        );
+                        totals.kind(tx, reward.kind)?.accepted += 1;
+                        let t = totals.activity(tx, activity)?;
+                        t.rewards += 1;
+                        add(
+                            &mut t.accepted_cash,
+                            reward.kind,
+                            reward.amount,
+                            RewardKind::Cash,
+                        );
+                        add(
+                            &mut t.accepted_subsidy,
+                            reward.kind,
+                            reward.amount,
+                            RewardKind::Subsidy,
+                        );
+                    }
+                    ActivityEvent::RewardDelivered { .. } => {
+                        totals.kind(tx, RewardKind::Item)?.settled += 1
+                    }
+                    ActivityEvent::RewardVoided {
+                        order_id,
+                        kind,
+                        amount,
+                        ..
+                    } => {
+                        tx.insert(
+                            voided_key(order_id.as_str(), activity),
+                            envelope.recorded_at_ms.to_be_bytes().to_vec(),
+                        );
+                        totals.kind(tx, *kind)?.settled += 1;
+                        let t = totals.activity(tx, activity)?;
+                        sub(&mut t.accepted_cash, *kind, *amount, RewardKind::Cash);
+                        sub(&mut t.accepted_subsidy, *kind, *amount, RewardKind::Subsidy);
+                    }
+                }
+            }
+            Event::Wallet(WalletEvent::Credited(line)) if line.source.is_some() => {
+                let kind = match line.entry {
+                    Entry::Reward => RewardKind::Cash,
+                    Entry::SubsidyReward => RewardKind::Subsidy,
+                    _ => return Ok(()),
+                };
+                totals.kind(tx, kind)?.settled += 1;
+            }
+            _ => {}
         }
-        tx.insert(k, codec::encode(&totals)?);
         Ok(())
-    }
-
-    /// Marks a reward settled (credited, delivered or voided) and drops it from pending.
-    fn settle(
-        &self,
-        tx: &mut ViewTx<'_>,
-        order_id: &str,
-        activity: &str,
-        status: RewardStatus,
-        at_ms: i64,
-    ) -> Result<Option<RewardRecord>, StoreError> {
-        let k = record_key(order_id, activity);
-        let Some(mut record) = get::<RewardRecord>(tx, &k)? else {
-            return Ok(None);
-        };
-        if record.status != RewardStatus::Accepted {
-            return Ok(None);
-        }
-        record.status = status;
-        record.settled_at_ms = Some(at_ms);
-        tx.insert(k, codec::encode(&record)?);
-        self.bump_kind(tx, record.reward.kind, 0, 1)?;
-        Ok(Some(record))
     }
 }
 
@@ -168,106 +208,39 @@ impl Projection for RewardsView {
     }
 
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn apply(&self, tx: &mut ViewTx<'_>, envelope: &Envelope) -> Result<(), StoreError> {
-        match &envelope.event {
-            Event::Activity(event) => {
-                let activity = envelope.stream.strip_prefix("activity:").ok_or_else(|| {
-                    StoreError::Corrupt(format!("activity event on stream {}", envelope.stream))
-                })?;
-                match event {
-                    ActivityEvent::BudgetSet(b) => self
-                        .update_activity(tx, activity, |t| t.budget = Some((b.cash, b.subsidy)))?,
-                    ActivityEvent::RewardAccepted(reward) => {
-                        let order_id = reward.order_id.as_str();
-                        let uid = reward.uid.as_str();
-                        let record = RewardRecord {
-                            activity_id: activity.to_owned(),
-                            reward: reward.clone(),
-                            status: RewardStatus::Accepted,
-                            accepted_seq: envelope.seq,
-                            accepted_at_ms: envelope.recorded_at_ms,
-                            settled_at_ms: None,
-                        };
-                        tx.insert(record_key(order_id, activity), codec::encode(&record)?);
-                        tx.insert(
-                            key(b'u', &[uid.as_bytes(), &envelope.seq.to_be_bytes()]),
-                            codec::encode(&(activity, order_id))?,
-                        );
-                        self.bump_kind(tx, reward.kind, 1, 0)?;
-                        let (kind, amount) = (reward.kind, reward.amount);
-                        self.update_activity(tx, activity, |t| {
-                            t.rewards += 1;
-                            match kind {
-                                RewardKind::Cash => {
-                                    t.accepted_cash = t
-                                        .accepted_cash
-                                        .checked_add(amount)
-                                        .unwrap_or(t.accepted_cash)
-                                }
-                                RewardKind::Subsidy => {
-                                    t.accepted_subsidy = t
-                                        .accepted_subsidy
-                                        .checked_add(amount)
-                                        .unwrap_or(t.accepted_subsidy)
-                                }
-                                RewardKind::Coupon | RewardKind::Item => {}
-                            }
-                        })?;
-                    }
-                    ActivityEvent::RewardDelivered { order_id, .. } => {
-                        self.settle(
-                            tx,
-                            order_id.as_str(),
-                            activity,
-                            RewardStatus::Credited,
-                            envelope.recorded_at_ms,
-                        )?;
-                    }
-                    ActivityEvent::RewardVoided {
-                        order_id,
-                        kind,
-                        amount,
-                        ..
-                    } => {
-                        self.settle(
-                            tx,
-                            order_id.as_str(),
-                            activity,
-                            RewardStatus::Voided,
-                            envelope.recorded_at_ms,
-                        )?;
-                        let (kind, amount) = (*kind, *amount);
-                        self.update_activity(tx, activity, |t| match kind {
-                            RewardKind::Cash => {
-                                t.accepted_cash =
-                                    t.accepted_cash.checked_sub(amount).unwrap_or(Fen::ZERO)
-                            }
-                            RewardKind::Subsidy => {
-                                t.accepted_subsidy =
-                                    t.accepted_subsidy.checked_sub(amount).unwrap_or(Fen::ZERO)
-                            }
-                            RewardKind::Coupon | RewardKind::Item => {}
-                        })?;
-                    }
-                }
+        self.apply_batch(tx, &[envelope])
+    }
+
+    fn apply_batch(&self, tx: &mut ViewTx<'_>, events: &[&Envelope]) -> Result<(), StoreError> {
+        let mut totals = BatchTotals::default();
+        for envelope in events {
+            self.apply_one(tx, &mut totals, envelope)?;
+        }
+        for (kind, t) in totals.kinds {
+            self.metrics
+                .reward_pending
+                .with_label_values(&[kind.as_str()])
+                .set(t.accepted.saturating_sub(t.settled) as i64);
+            tx.insert(kind_key(kind), codec::encode(&t)?);
+        }
+        for (activity, t) in totals.activities {
+            if let Some((cash, subsidy)) = t.budget {
+                let left = |budget: Fen, accepted: Fen| {
+                    budget.checked_sub(accepted).unwrap_or(Fen::ZERO).as_u64() as i64
+                };
+                let gauge = &self.metrics.budget_remaining_fen;
+                gauge
+                    .with_label_values(&[&activity, "cash"])
+                    .set(left(cash, t.accepted_cash));
+                gauge
+                    .with_label_values(&[&activity, "subsidy"])
+                    .set(left(subsidy, t.accepted_subsidy));
             }
-            Event::Wallet(WalletEvent::Credited(line)) => {
-                if let (Entry::Reward | Entry::SubsidyReward, Some(activity)) =
-                    (line.entry, &line.source)
-                {
-                    self.settle(
-                        tx,
-                        line.order_id.as_str(),
-                        activity.as_str(),
-                        RewardStatus::Credited,
-                        envelope.recorded_at_ms,
-                    )?;
-                }
-            }
-            _ => {}
+            tx.insert(activity_key(&activity), codec::encode(&t)?);
         }
         Ok(())
     }
@@ -278,33 +251,24 @@ fn io(e: sled::Error) -> StoreError {
 }
 
 /// The rewards recorded under an order id (one, unless an order id was reused across
-/// activities).
-pub fn by_order(tree: &sled::Tree, order_id: &str) -> Result<Vec<RewardRecord>, StoreError> {
+/// activities), each with whether it was voided.
+pub fn by_order(
+    tree: &sled::Tree,
+    order_id: &str,
+) -> Result<Vec<(RewardRecord, Option<i64>)>, StoreError> {
     let mut prefix = vec![b'r'];
     prefix.extend_from_slice(order_id.as_bytes());
     prefix.push(0);
     tree.scan_prefix(prefix)
-        .map(|item| decode_view(&item.map_err(io)?.1))
+        .map(|item| {
+            let record: RewardRecord = decode_view(&item.map_err(io)?.1)?;
+            let voided = tree
+                .get(voided_key(order_id, &record.activity_id))
+                .map_err(io)?
+                .and_then(|v| v.as_ref().try_into().ok().map(i64::from_be_bytes));
+            Ok((record, voided))
+        })
         .collect()
-}
-
-/// A user's rewards, latest first (at most `limit`), with their current status.
-pub fn of_user(
-    tree: &sled::Tree,
-    uid: &str,
-    limit: usize,
-) -> Result<Vec<RewardRecord>, StoreError> {
-    let mut prefix = vec![b'u'];
-    prefix.extend_from_slice(uid.as_bytes());
-    prefix.push(0);
-    let mut out = Vec::new();
-    for item in tree.scan_prefix(prefix).rev().take(limit) {
-        let (activity, order_id): (String, String) = decode_view(&item.map_err(io)?.1)?;
-        if let Some(bytes) = tree.get(record_key(&order_id, &activity)).map_err(io)? {
-            out.push(decode_view(&bytes)?);
-        }
-    }
-    Ok(out)
 }
 
 /// An activity's budget and accepted totals, if it was ever seen.
@@ -312,7 +276,7 @@ pub fn activity(
     tree: &sled::Tree,
     activity_id: &str,
 ) -> Result<Option<ActivityTotals>, StoreError> {
-    tree.get(key(b'a', &[activity_id.as_bytes()]))
+    tree.get(activity_key(activity_id))
         .map_err(io)?
         .map(|bytes| decode_view(&bytes))
         .transpose()

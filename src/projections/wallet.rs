@@ -2,9 +2,15 @@
 //! balance after it), latest first and paged by sequence.
 //!
 //! Keys in `view:wallets`:
-//! - `b` + uid -> [`WalletRecord`]: balances and pending rewards in one value, so that a read
-//!   of the wallet page sees a reward either pending or credited, never both or neither;
+//! - `b` + uid -> [`BalanceRecord`]: the balances and a version bumped on every change;
+//! - `p` + uid + `0x00` + activity + `0x00` + order id -> [`PendingReward`];
 //! - `l` + uid + `0x00` + seq (u64 BE) -> [`LedgerEntry`].
+//!
+//! A credit removes its pending key and changes the balance in one atomic batch. A reader
+//! ([`record`]) reads the balance record, scans the pending keys, and reads the balance record
+//! again; if its version moved, a credit committed in between and it reads again. So a reward
+//! is seen either pending or credited, never both or neither, and accepting a reward costs a
+//! single small write (no read-modify-write of the user's record).
 
 use super::{decode_view, Projection, ViewTx};
 use crate::domain::activity::{ActivityEvent, RewardKind};
@@ -32,12 +38,25 @@ pub struct PendingReward {
     pub amount: Fen,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// What `b` + uid holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalanceRecord {
+    pub balances: Balances,
+    /// Bumped on every change, so a reader can tell that a credit committed under it.
+    pub version: u64,
+}
+
+/// A consistent read of a wallet: balances and pending rewards as of one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WalletRecord {
     pub balances: Balances,
-    /// In acceptance order.
+    /// By activity and order id.
     pub pending: Vec<PendingReward>,
 }
+
+/// Attempts at a consistent read before answering with the last one (a wallet credited
+/// continuously); each attempt is two point reads and one short scan.
+const CONSISTENT_READ_ATTEMPTS_MAX: usize = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -67,6 +86,22 @@ fn record_key(uid: &str) -> Vec<u8> {
     key
 }
 
+fn pending_prefix(uid: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(uid.len() + 2);
+    key.push(b'p');
+    key.extend_from_slice(uid.as_bytes());
+    key.push(0);
+    key
+}
+
+fn pending_key(uid: &str, activity: &str, order_id: &str) -> Vec<u8> {
+    let mut key = pending_prefix(uid);
+    key.extend_from_slice(activity.as_bytes());
+    key.push(0);
+    key.extend_from_slice(order_id.as_bytes());
+    key
+}
+
 fn ledger_prefix(uid: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(uid.len() + 10);
     key.push(b'l');
@@ -79,35 +114,6 @@ fn ledger_key(uid: &str, seq: u64) -> Vec<u8> {
     let mut key = ledger_prefix(uid);
     key.extend_from_slice(&seq.to_be_bytes());
     key
-}
-
-fn load(tx: &ViewTx<'_>, uid: &str) -> Result<WalletRecord, StoreError> {
-    match tx.get(&record_key(uid))? {
-        Some(bytes) => decode_view(&bytes),
-        None => Ok(WalletRecord::default()),
-    }
-}
-
-fn store(tx: &mut ViewTx<'_>, uid: &str, record: &WalletRecord) -> Result<(), StoreError> {
-    tx.insert(record_key(uid), codec::encode(record)?);
-    Ok(())
-}
-
-fn settle(
-    tx: &mut ViewTx<'_>,
-    uid: &str,
-    activity: &str,
-    order_id: &str,
-) -> Result<(), StoreError> {
-    let mut record = load(tx, uid)?;
-    let before = record.pending.len();
-    record
-        .pending
-        .retain(|p| !(p.order_id == order_id && p.activity_id == activity));
-    if record.pending.len() != before {
-        store(tx, uid, &record)?;
-    }
-    Ok(())
 }
 
 /// The wallet projection.
@@ -128,19 +134,22 @@ impl WalletView {
             WalletEvent::Credited(_) => Direction::Credit,
             WalletEvent::Debited(_) => Direction::Debit,
         };
-        let mut record = load(tx, uid)?;
+        let key = record_key(uid);
+        let mut record: BalanceRecord = match tx.get(&key)? {
+            Some(bytes) => decode_view(&bytes)?,
+            None => BalanceRecord::default(),
+        };
         match line.entry.account() {
             Account::Activity => record.balances.activity = line.balance_after,
             Account::Change => record.balances.change = line.balance_after,
             Account::Subsidy => record.balances.subsidy = line.balance_after,
         }
-        // A reward credit settles its pending line in the same write as the balance.
+        record.version += 1;
+        tx.insert(key, codec::encode(&record)?);
+        // A reward credit settles its pending line in the same batch as the balance.
         if let (Entry::Reward | Entry::SubsidyReward, Some(source)) = (line.entry, &line.source) {
-            record.pending.retain(|p| {
-                !(p.order_id == line.order_id.as_str() && p.activity_id == source.as_str())
-            });
+            tx.remove(pending_key(uid, source.as_str(), line.order_id.as_str()));
         }
-        store(tx, uid, &record)?;
         let entry = LedgerEntry {
             seq: envelope.seq,
             at_ms: envelope.recorded_at_ms,
@@ -163,7 +172,7 @@ impl Projection for WalletView {
     }
 
     fn version(&self) -> u32 {
-        3
+        4
     }
 
     fn apply(&self, tx: &mut ViewTx<'_>, envelope: &Envelope) -> Result<(), StoreError> {
@@ -176,19 +185,22 @@ impl Projection for WalletView {
                     .unwrap_or_default();
                 match event {
                     ActivityEvent::RewardAccepted(reward) => {
-                        let uid = reward.uid.as_str();
-                        let mut record = load(tx, uid)?;
-                        record.pending.push(PendingReward {
+                        let pending = PendingReward {
                             activity_id: activity.to_owned(),
                             order_id: reward.order_id.to_string(),
                             kind: reward.kind,
                             amount: reward.amount,
-                        });
-                        store(tx, uid, &record)
+                        };
+                        let key =
+                            pending_key(reward.uid.as_str(), activity, reward.order_id.as_str());
+                        tx.insert(key, codec::encode(&pending)?);
+                        Ok(())
                     }
                     ActivityEvent::RewardDelivered { order_id, uid }
                     | ActivityEvent::RewardVoided { order_id, uid, .. } => {
-                        settle(tx, uid.as_str(), activity, order_id.as_str())
+                        // No balance moves: a reader may see it pending or not, both true.
+                        tx.remove(pending_key(uid.as_str(), activity, order_id.as_str()));
+                        Ok(())
                     }
                     ActivityEvent::BudgetSet(_) => Ok(()),
                 }
@@ -201,17 +213,38 @@ fn io(e: sled::Error) -> StoreError {
     StoreError::Io(e.to_string())
 }
 
-/// A wallet's balances and pending rewards (empty for a wallet never seen): one consistent read.
-pub fn record(tree: &sled::Tree, uid: &str) -> Result<WalletRecord, StoreError> {
+fn balance_record(tree: &sled::Tree, uid: &str) -> Result<BalanceRecord, StoreError> {
     match tree.get(record_key(uid)).map_err(io)? {
         Some(bytes) => decode_view(&bytes),
-        None => Ok(WalletRecord::default()),
+        None => Ok(BalanceRecord::default()),
+    }
+}
+
+/// A wallet's balances and pending rewards (empty for a wallet never seen), consistent with
+/// each other: the balance record is read before and after the pending scan and the read is
+/// repeated if a credit committed in between.
+pub fn record(tree: &sled::Tree, uid: &str) -> Result<WalletRecord, StoreError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let before = balance_record(tree, uid)?;
+        let pending = tree
+            .scan_prefix(pending_prefix(uid))
+            .map(|item| decode_view(&item.map_err(io)?.1))
+            .collect::<Result<Vec<PendingReward>, _>>()?;
+        let after = balance_record(tree, uid)?;
+        if before == after || attempt >= CONSISTENT_READ_ATTEMPTS_MAX {
+            return Ok(WalletRecord {
+                balances: after.balances,
+                pending,
+            });
+        }
     }
 }
 
 /// A wallet's balances (zero for a wallet never seen).
 pub fn balances(tree: &sled::Tree, uid: &str) -> Result<Balances, StoreError> {
-    Ok(record(tree, uid)?.balances)
+    Ok(balance_record(tree, uid)?.balances)
 }
 
 /// Up to `limit` ledger entries with `seq < before` (all if `before` is `None`), latest first.
