@@ -34,3 +34,14 @@ pub mod money;
 pub mod projections;
 pub mod tokens;
 pub mod verify;
+
+/// Lowers the calling thread's scheduling priority (nice 19 on Linux). Used by threads whose
+/// work may lag during a burst (projections, crediting lanes) so that intake keeps the CPU:
+/// the log is the source of truth, and they catch up when the burst ends.
+pub fn background_priority(what: &str) {
+    if let Err(e) =
+        thread_priority::set_current_thread_priority(thread_priority::ThreadPriority::Min)
+    {
+        tracing::debug!(thread = what, error = ?e, "cannot lower thread priority");
+    }
+}

@@ -210,7 +210,7 @@ fn rebuild(name: Option<String>, common: Common) -> anyhow::Result<ExitCode> {
         let started = std::time::Instant::now();
         let at = projections::rebuild(
             store.as_ref(),
-            store.db(),
+            store.state_db(),
             projection.as_ref(),
             |done, _| bar.set_position(done),
         )?;
@@ -224,7 +224,10 @@ fn rebuild(name: Option<String>, common: Common) -> anyhow::Result<ExitCode> {
             at as f64 / secs.max(1e-9)
         );
     }
-    store.db().flush().context("flushing the rebuilt views")?;
+    store
+        .state_db()
+        .flush()
+        .context("flushing the rebuilt views")?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -233,7 +236,7 @@ fn list(common: Common) -> anyhow::Result<ExitCode> {
     let store = open_store(&config)?;
     println!("log head: {}", store.head());
     for projection in all_projections() {
-        let tree = projections::view_tree(store.db(), projection.name())?;
+        let tree = projections::view_tree(store.state_db(), projection.name())?;
         println!(
             "{:<12} checkpoint {}",
             projection.name(),

@@ -13,6 +13,10 @@
 //! - `S` + stream + `0x00` + first version (u64 BE) -> first seq (u64 BE) + count (u32 BE):
 //!   one index entry per append, whose events have consecutive versions and sequences.
 //!
+//! The log has a sled database of its own (`<data>/log`), so that each journal flush writes the
+//! journal and nothing else. Derived state lives in a second one (`<data>/state`): snapshots,
+//! projection views and flow checkpoints, flushed by sled in the background and on close.
+//!
 //! Snapshots live in the `snapshots` tree (`stream -> version (u64 BE) + encoded state`) and are
 //! written without a flush: a snapshot lost in a crash only costs a longer replay.
 //!
@@ -85,6 +89,7 @@ struct AppendRequest {
 /// The sled-backed [`EventStore`].
 pub struct SledStore {
     db: sled::Db,
+    state: sled::Db,
     journal: sled::Tree,
     snapshots: sled::Tree,
     queue: mpsc::Sender<JournalMsg>,
@@ -222,22 +227,26 @@ impl SledStore {
         metrics: Arc<Metrics>,
     ) -> Result<Arc<SledStore>, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(e.to_string()))?;
-        let db = sled::Config::new()
-            .path(dir.join("log"))
-            .cache_capacity(config.cache_bytes)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => {
-                    StoreError::Locked(dir.display().to_string())
-                }
-                sled::Error::Io(ref io) if io.to_string().contains("lock") => {
-                    StoreError::Locked(dir.display().to_string())
-                }
-                other => io(other),
-            })?;
+        let open = |name: &str, cache_bytes: u64| {
+            sled::Config::new()
+                .path(dir.join(name))
+                .cache_capacity(cache_bytes)
+                .mode(sled::Mode::HighThroughput)
+                .open()
+                .map_err(|e| match e {
+                    sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                        StoreError::Locked(dir.display().to_string())
+                    }
+                    sled::Error::Io(ref io) if io.to_string().contains("lock") => {
+                        StoreError::Locked(dir.display().to_string())
+                    }
+                    other => io(other),
+                })
+        };
+        let db = open("log", config.cache_bytes)?;
+        let state = open("state", config.cache_bytes)?;
         let journal = db.open_tree("journal").map_err(io)?;
-        let snapshots = db.open_tree("snapshots").map_err(io)?;
+        let snapshots = state.open_tree("snapshots").map_err(io)?;
 
         // Recover the tail of the chain: the last record's sequence and hash.
         let (last_seq, last_hash) = match journal.range(log_key(0)..=log_key(u64::MAX)).next_back()
@@ -285,6 +294,7 @@ impl SledStore {
 
         Ok(Arc::new(SledStore {
             db,
+            state,
             journal,
             snapshots,
             queue,
@@ -297,9 +307,16 @@ impl SledStore {
         }))
     }
 
-    /// The underlying database, for projections that keep their views beside the log.
-    pub fn db(&self) -> &sled::Db {
+    /// The log's database (journal only): flushed by every journal batch.
+    pub fn log_db(&self) -> &sled::Db {
         &self.db
+    }
+
+    /// The state database beside the log: snapshots, projection views, flow checkpoints.
+    /// Derived data, so it is not flushed with the journal (each journal flush writes only the
+    /// log); sled flushes it in the background and on close.
+    pub fn state_db(&self) -> &sled::Db {
+        &self.state
     }
 
     /// A stream's last version according to the durable index.
@@ -474,7 +491,7 @@ impl EventStore for SledStore {
     fn close(&self) -> BoxFuture<'static, Result<(), StoreError>> {
         let queue = self.queue.clone();
         let handle = self.writer.lock().map(|mut h| h.take()).unwrap_or(None);
-        let db = self.db.clone();
+        let state = self.state.clone();
         Box::pin(async move {
             let (done, closed) = oneshot::channel();
             if queue.send(JournalMsg::Close(done)).await.is_ok() {
@@ -483,8 +500,8 @@ impl EventStore for SledStore {
             if let Some(handle) = handle {
                 let _ = tokio::task::spawn_blocking(move || handle.join()).await;
             }
-            // Snapshots and projection views written since the last journal flush.
-            db.flush_async().await.map(|_| ()).map_err(io)
+            // Snapshots, views and checkpoints written since sled's last background flush.
+            state.flush_async().await.map(|_| ()).map_err(io)
         })
     }
 }

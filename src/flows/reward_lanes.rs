@@ -135,6 +135,8 @@ impl RewardLanes {
             metrics,
         };
         arbiter.spawn(async move {
+            // Crediting is the peak-shaving side: under saturation, intake keeps the CPU.
+            crate::background_priority("reward-lanes");
             lanes.run(store, stop_rx).await;
             let _ = done_tx.send(());
         });

@@ -295,6 +295,22 @@ impl Target {
     }
 }
 
+/// Prints the journal's batching between two scrapes of /metrics.
+fn journal_line(before: &str, after: &str, seconds: f64) {
+    let delta = |name: &str| metric_value(after, name) - metric_value(before, name);
+    let batches = delta("hongbao_journal_batch_events_count");
+    if batches > 0.0 {
+        println!(
+            "{:<10} journal: {:.1} events/flush, mean flush {:.3} ms, {:.0} flushes/s, {:.0} events/s",
+            "",
+            delta("hongbao_journal_batch_events_sum") / batches,
+            delta("hongbao_journal_flush_seconds_sum") * 1000.0 / batches,
+            batches / seconds,
+            delta("hongbao_journal_batch_events_sum") / seconds,
+        );
+    }
+}
+
 fn deposits(args: &LoadgenArgs) -> Result<(), LoadgenError> {
     let target = Target::new(args)?;
     let (addr, key) = (target.addr, target.admin_key.clone());
@@ -326,21 +342,7 @@ fn deposits(args: &LoadgenArgs) -> Result<(), LoadgenError> {
             Some(hello_run(args, in_flight)?)
         };
         row("deposits", &result, baseline.as_ref());
-        let batches = metric_value(&after, "hongbao_journal_batch_events_count")
-            - metric_value(&before, "hongbao_journal_batch_events_count");
-        let events = metric_value(&after, "hongbao_journal_batch_events_sum")
-            - metric_value(&before, "hongbao_journal_batch_events_sum");
-        let flush_s = metric_value(&after, "hongbao_journal_flush_seconds_sum")
-            - metric_value(&before, "hongbao_journal_flush_seconds_sum");
-        if batches > 0.0 {
-            println!(
-                "{:<10} journal: {:.1} events/flush, mean flush {:.3} ms, {:.0} flushes/s",
-                "",
-                events / batches,
-                flush_s * 1000.0 / batches,
-                batches / (args.duration_s + args.warmup_s) as f64
-            );
-        }
+        journal_line(&before, &after, (args.duration_s + args.warmup_s) as f64);
     }
     target.stop()
 }
@@ -446,7 +448,7 @@ fn rewards(args: &LoadgenArgs) -> Result<(), LoadgenError> {
         "credited/s",
         "backlog",
         "drain_s",
-        "credit/s_all"
+        "drain/s"
     );
     let credited = |text: &str| {
         metric_value(
@@ -495,6 +497,7 @@ fn rewards(args: &LoadgenArgs) -> Result<(), LoadgenError> {
         }
         let drain_s = drain_started.elapsed().as_secs_f64();
         let credited_total = credited(&drained) - credited(&before);
+        // Rewards counted in `credited_in_run` were credited before the drain began.
         let baseline = if args.no_baseline {
             None
         } else {
@@ -521,8 +524,10 @@ fn rewards(args: &LoadgenArgs) -> Result<(), LoadgenError> {
             credited_in_run / run_s,
             backlog,
             drain_s,
-            credited_total / (run_s + drain_s)
+            // Crediting alone, intake stopped: the lanes' capacity with no limit binding.
+            (credited_total - credited_in_run) / drain_s.max(1e-9)
         );
+        journal_line(&before, &after, run_s);
         let errors: Vec<String> = result
             .statuses
             .iter()

@@ -52,7 +52,7 @@ fn the_incremental_view_equals_a_rebuild_and_pages_latest_first() {
     let rt = runtime();
     let live = Projections::start(
         store.clone(),
-        store.db(),
+        store.state_db(),
         vec![Arc::new(view::WalletView)],
         Arc::new(Metrics::new()),
     )
@@ -95,10 +95,16 @@ fn the_incremental_view_equals_a_rebuild_and_pages_latest_first() {
         assert!(older.iter().all(|e| e.seq < page[4].seq));
 
         let incremental = dump(tree);
-        let rebuilt_at =
-            projections::rebuild(store.as_ref(), store.db(), &view::WalletView, |_, _| {}).unwrap();
+        let rebuilt_at = projections::rebuild(
+            store.as_ref(),
+            store.state_db(),
+            &view::WalletView,
+            |_, _| {},
+        )
+        .unwrap();
         assert_eq!(rebuilt_at, 90);
-        let rebuilt = dump(&projections::view_tree(store.db(), view::WalletView.name()).unwrap());
+        let rebuilt =
+            dump(&projections::view_tree(store.state_db(), view::WalletView.name()).unwrap());
         assert_eq!(rebuilt, incremental);
     });
 }

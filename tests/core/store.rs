@@ -177,7 +177,7 @@ fn the_hash_chain_links_every_record_and_a_tampered_byte_is_named() {
     assert!(verify_log(&store, |_, _| {}).unwrap().ok());
 
     // Flip one byte of record 13's body, directly in sled.
-    let journal = store.db().open_tree("journal").unwrap();
+    let journal = store.log_db().open_tree("journal").unwrap();
     let mut key = vec![b'L'];
     key.extend_from_slice(&13u64.to_be_bytes());
     let mut value = journal.get(&key).unwrap().unwrap().to_vec();
