@@ -34,9 +34,11 @@
 
 mod aggregate;
 mod registry;
+mod switchboard;
 
 pub use aggregate::AggregateActor;
 pub use registry::{ExecError, Registry, Runtime};
+pub use switchboard::SwitchBoard;
 
 use std::time::Duration;
 

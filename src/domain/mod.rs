@@ -11,6 +11,7 @@
 //! shape must change gets a new variant or a new schema version with an upcaster, never an edit.
 
 pub mod activity;
+pub mod switches;
 pub mod wallet;
 
 use crate::clock::Millis;
@@ -66,6 +67,7 @@ pub trait Aggregate:
 pub enum Event {
     Wallet(wallet::WalletEvent),
     Activity(activity::ActivityEvent),
+    Switches(switches::SwitchEvent),
 }
 
 impl Event {
@@ -74,6 +76,7 @@ impl Event {
         match self {
             Event::Wallet(e) => e.type_name(),
             Event::Activity(e) => e.type_name(),
+            Event::Switches(_) => "switches.switch_set",
         }
     }
 

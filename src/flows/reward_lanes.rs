@@ -39,6 +39,8 @@ use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 
 const FLOW: &str = "reward-lanes";
+/// The switch that pauses dispatching.
+const SWITCH: &str = "reward_lanes";
 /// Lanes in dispatch priority order.
 const PRIORITY: [RewardKind; 3] = [RewardKind::Cash, RewardKind::Subsidy, RewardKind::Item];
 /// Backoff bounds for transient failures.
@@ -109,6 +111,7 @@ impl RewardLanes {
         wallets: Arc<Registry<Wallet>>,
         activities: Arc<Registry<Activity>>,
         config: LaneConfig,
+        switches: watch::Receiver<BTreeMap<String, bool>>,
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
     ) -> Result<RewardLanes, StoreError> {
@@ -137,7 +140,7 @@ impl RewardLanes {
         arbiter.spawn(async move {
             // Crediting is the peak-shaving side: under saturation, intake keeps the CPU.
             crate::background_priority("reward-lanes");
-            lanes.run(store, stop_rx).await;
+            lanes.run(store, stop_rx, switches).await;
             let _ = done_tx.send(());
         });
         Ok(RewardLanes {
@@ -329,17 +332,29 @@ impl Lanes {
         }
     }
 
-    async fn run(mut self, store: Arc<dyn EventStore>, mut stop: watch::Receiver<bool>) {
+    async fn run(
+        mut self,
+        store: Arc<dyn EventStore>,
+        mut stop: watch::Receiver<bool>,
+        mut switches: watch::Receiver<BTreeMap<String, bool>>,
+    ) {
         let mut subscription = Subscription::new(store, self.read_to + 1, 4096);
         let mut running = FuturesUnordered::new();
         let mut tick = tokio::time::interval(self.config.checkpoint_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let throttled = self.dispatch(&mut running);
+            // The `reward_lanes` switch pauses dispatching (rewards keep queueing, pending).
+            let enabled = switches.borrow().get(SWITCH).copied().unwrap_or(true);
+            let throttled = if enabled {
+                self.dispatch(&mut running)
+            } else {
+                None
+            };
             let room = self.queued() < self.config.queue_max;
             tokio::select! {
                 biased;
-                changed = stop.changed() => if changed.is_err() || *stop.borrow() { break },
+                                changed = stop.changed() => if changed.is_err() || *stop.borrow() { break },
+                Ok(()) = switches.changed() => {}
                 Some((item, outcome)) = running.next(), if !running.is_empty() => self.complete(item, outcome),
                 events = subscription.next(), if room => match events {
                     Ok(events) => self.enqueue(&events),

@@ -11,7 +11,7 @@ pub mod ops;
 pub mod rewards;
 pub mod wallets;
 
-use crate::actors::{Registry, Runtime};
+use crate::actors::{Registry, Runtime, SwitchBoard};
 use crate::clock::Clock;
 use crate::config::{Config, ConfigError, Keys};
 use crate::domain::activity::Activity;
@@ -67,10 +67,13 @@ pub struct ErrorBody {
         ops::healthz,
         ops::readyz,
         ops::metrics,
-        ops::openapi,
+                ops::openapi,
+        ops::set_switch,
+        ops::list_switches,
     ),
     components(schemas(
-        ErrorBody,
+                ErrorBody,
+        ops::SwitchRequest,
         wallets::DepositRequest,
         wallets::DepositResponse,
         wallets::WalletResponse,
@@ -119,6 +122,7 @@ pub struct AppState {
     pub store: Arc<SledStore>,
     pub wallets: Arc<Registry<Wallet>>,
     pub activities: Arc<Registry<Activity>>,
+    pub switches: SwitchBoard,
     pub signer: TokenSigner,
     pub lanes: RewardLanes,
     pub projections: Arc<Projections>,
@@ -210,13 +214,17 @@ impl Application {
             config: config.actors(),
         });
         let wallets = Registry::new(runtime.clone());
-        let activities = Registry::new(runtime);
+        let activities = Registry::new(runtime.clone());
+        let switches = SwitchBoard::load(Registry::new(runtime))
+            .await
+            .map_err(|e| ServeError::Store(StoreError::Io(format!("cannot load switches: {e}"))))?;
         let lanes = RewardLanes::start(
             dyn_store,
             store.state_db(),
             wallets.clone(),
             activities.clone(),
             config.lanes(),
+            switches.subscribe(),
             clock,
             metrics.clone(),
         )?;
@@ -227,6 +235,7 @@ impl Application {
             store,
             wallets,
             activities,
+            switches,
             lanes,
             projections,
             metrics,
@@ -351,7 +360,7 @@ async fn wait_for_signal() {
 /// Every route. actix-router tries resources in this order (regular expressions for
 /// parameterised paths), so the peak-traffic endpoints come first.
 fn routes(cfg: &mut web::ServiceConfig) {
-    let routes: [(&str, actix_web::Route); 16] = [
+    let routes: [(&str, actix_web::Route); 18] = [
         // Peak traffic: reward intake.
         ("/v1/rewards", web::post().to(rewards::send_reward)),
         (
@@ -397,6 +406,8 @@ fn routes(cfg: &mut web::ServiceConfig) {
             "/v1/admin/activities/{activity_id}",
             web::get().to(rewards::get_activity),
         ),
+        ("/v1/admin/switches/{name}", web::put().to(ops::set_switch)),
+        ("/v1/admin/switches", web::get().to(ops::list_switches)),
         // Operations.
         ("/healthz", web::get().to(ops::healthz)),
         ("/readyz", web::get().to(ops::readyz)),

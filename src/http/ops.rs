@@ -1,6 +1,10 @@
 //! Operations endpoints: liveness, readiness, metrics, the OpenAPI document. No key needed.
 
-use super::AppState;
+use super::auth::Caller;
+use super::error::ApiError;
+use super::{AppState, ErrorBody};
+use crate::actors::ExecError;
+use crate::domain::switches::SwitchError;
 use crate::events::EventStore;
 use crate::projections::wallet as wallet_view;
 use actix_web::{web, HttpResponse};
@@ -49,4 +53,61 @@ pub async fn openapi(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("application/json")
         .body(state.openapi.clone())
+}
+
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchRequest {
+    pub on: bool,
+}
+
+/// Turns a degradation switch on or off (recorded as an event). Known switches:
+/// `reward_lanes` (off pauses crediting; rewards keep being accepted, pending).
+#[utoipa::path(put, path = "/v1/admin/switches/{name}", tag = "operations",
+    params(("name" = String, Path)), request_body = SwitchRequest,
+    responses(
+        (status = 200, description = "Every switch with its value, after the change", body = Object),
+        (status = 404, description = "unknown_switch", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn set_switch(
+    caller: Caller,
+    state: web::Data<AppState>,
+    name: web::Path<String>,
+    body: web::Json<SwitchRequest>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require(&[])?;
+    let all = state
+        .switches
+        .set(&name, body.on)
+        .await
+        .map_err(|e| match e {
+            ExecError::Rejected(SwitchError::Unknown(name)) => ApiError::new(
+                actix_web::http::StatusCode::NOT_FOUND,
+                "unknown_switch",
+                format!("no switch named {name}; see GET /v1/admin/switches"),
+            ),
+            ExecError::Unavailable(why) => {
+                tracing::warn!(why, "switch change unconfirmed");
+                ApiError::unavailable("unavailable", "the change could not be confirmed; retry")
+            }
+            ExecError::Overloaded => ApiError::unavailable("overloaded", "retry shortly"),
+            ExecError::Timeout => {
+                ApiError::unavailable("timeout", "the change was not confirmed in time; retry")
+            }
+        })?;
+    tracing::info!(switch = %name, on = body.on, "switch set");
+    Ok(HttpResponse::Ok().json(all))
+}
+
+/// Every degradation switch with its current value.
+#[utoipa::path(get, path = "/v1/admin/switches", tag = "operations",
+    responses((status = 200, description = "name -> on", body = Object)),
+    security(("bearer" = [])))]
+pub async fn list_switches(
+    caller: Caller,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require(&[])?;
+    Ok(HttpResponse::Ok().json(state.switches.all()))
 }

@@ -67,6 +67,10 @@ pub struct LoadgenArgs {
     /// Data directory for the in-process server or journal (default: a fresh temporary one).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// rewards: pause the crediting lanes (switch reward_lanes) during each run, then resume
+    /// them and measure the drain: intake and crediting capacities measured apart.
+    #[arg(long)]
+    pub pause_lanes: bool,
     /// Skip the hello-world baseline runs.
     #[arg(long)]
     pub no_baseline: bool,
@@ -474,6 +478,19 @@ fn rewards(args: &LoadgenArgs) -> Result<(), LoadgenError> {
                 ),
             )
         });
+        let set_lanes = |on: bool| {
+            let body = format!(r#"{{"on":{on}}}"#);
+            http_once(
+                addr,
+                "PUT",
+                "/v1/admin/switches/reward_lanes",
+                Some(&target.admin_key),
+                &body,
+            )
+        };
+        if args.pause_lanes {
+            set_lanes(false);
+        }
         let before = scrape(addr);
         let started = std::time::Instant::now();
         let result = client::drive(
@@ -489,6 +506,9 @@ fn rewards(args: &LoadgenArgs) -> Result<(), LoadgenError> {
         let credited_in_run = credited(&after) - credited(&before);
         let backlog = pending(&after);
         // Let the lanes drain the backlog before the next run (and measure how long it takes).
+        if args.pause_lanes {
+            set_lanes(true);
+        }
         let drain_started = std::time::Instant::now();
         let mut drained = after.clone();
         while pending(&drained) > 0.0 && drain_started.elapsed() < Duration::from_secs(120) {

@@ -205,6 +205,7 @@ impl Projection for WalletView {
                     ActivityEvent::BudgetSet(_) => Ok(()),
                 }
             }
+            _ => Ok(()),
         }
     }
 }

@@ -459,3 +459,62 @@ async fn an_order_id_reused_in_another_activity_is_voided_not_credited_twice() {
     );
     assert_eq!(status["also_in"], serde_json::json!(["second"]));
 }
+
+#[tokio::test]
+async fn pausing_the_lanes_keeps_rewards_pending_until_they_resume() {
+    // Goal: the reward_lanes switch pauses crediting (peak shaving by hand) without refusing
+    // intake; turning it back on credits the backlog. Unknown switches are 404.
+    let app = spawn_app();
+    let (status, all) = app
+        .put(
+            "/v1/admin/switches/reward_lanes",
+            Some(ADMIN),
+            r#"{"on":false}"#,
+        )
+        .await;
+    assert_eq!((status, all["reward_lanes"].as_bool()), (200, Some(false)));
+    for i in 0..20 {
+        assert_eq!(
+            app.reward("pause", &format!("p{i}"), "paused-user", 5)
+                .await
+                .0,
+            202
+        );
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let wallet = app.wallet("paused-user").await;
+    assert_eq!(wallet["pending"].as_array().unwrap().len(), 20);
+    assert_eq!(wallet["balances"]["activity"], 0);
+    let (_, listed) = app.get("/v1/admin/switches", Some(ADMIN)).await;
+    assert_eq!(listed["reward_lanes"], false);
+    assert_eq!(
+        app.put(
+            "/v1/admin/switches/reward_lanes",
+            Some(GATEWAY),
+            r#"{"on":true}"#
+        )
+        .await
+        .0,
+        403
+    );
+    assert_eq!(
+        app.put("/v1/admin/switches/no_such", Some(ADMIN), r#"{"on":true}"#)
+            .await
+            .1["code"],
+        "unknown_switch"
+    );
+    assert_eq!(
+        app.put(
+            "/v1/admin/switches/reward_lanes",
+            Some(ADMIN),
+            r#"{"on":true}"#
+        )
+        .await
+        .0,
+        200
+    );
+    app.wait_wallet("paused-user", "credits after resume", |w| {
+        w["balances"]["activity"] == 100
+    })
+    .await;
+}

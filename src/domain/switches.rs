@@ -1,0 +1,149 @@
+//! Degradation switches (P9, and crediting pause for operators): named on/off flags changed
+//! at run time by an admin, recorded as events so that the audit sees every change.
+
+use super::{Aggregate, Ctx, Decision, Event};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Every switch, with its default: an unknown name is refused, so a typo cannot silently
+/// create a switch nobody reads.
+pub const KNOWN: &[(&str, bool, &str)] = &[(
+    "reward_lanes",
+    true,
+    "Crediting lanes dispatch credits (off: rewards are still accepted and queue up, pending)",
+)];
+
+/// The default of a known switch.
+pub fn default_of(name: &str) -> Option<bool> {
+    KNOWN
+        .iter()
+        .find(|(n, _, _)| *n == name)
+        .map(|(_, on, _)| *on)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetSwitch {
+    pub name: String,
+    pub on: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SwitchEvent {
+    SwitchSet { name: String, on: bool },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SwitchError {
+    #[error("no switch named {0}")]
+    Unknown(String),
+}
+
+/// The switches' state: only those set away from their default are stored.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Switches {
+    pub set: BTreeMap<String, bool>,
+}
+
+impl Switches {
+    pub fn is_on(&self, name: &str) -> bool {
+        self.set
+            .get(name)
+            .copied()
+            .or_else(|| default_of(name))
+            .unwrap_or(false)
+    }
+
+    /// Every known switch with its current value.
+    pub fn all(&self) -> BTreeMap<String, bool> {
+        KNOWN
+            .iter()
+            .map(|(name, _, _)| (name.to_string(), self.is_on(name)))
+            .collect()
+    }
+}
+
+impl Aggregate for Switches {
+    type Command = SetSwitch;
+    type Event = SwitchEvent;
+    type Reply = BTreeMap<String, bool>;
+    type Error = SwitchError;
+
+    const STREAM_PREFIX: &'static str = "switches";
+
+    fn decide(
+        &self,
+        command: &SetSwitch,
+        _ctx: &Ctx,
+    ) -> Result<Decision<SwitchEvent, Self::Reply>, SwitchError> {
+        if default_of(&command.name).is_none() {
+            return Err(SwitchError::Unknown(command.name.clone()));
+        }
+        if self.is_on(&command.name) == command.on {
+            return Ok(Decision::Reply(self.all()));
+        }
+        let mut after = self.clone();
+        let event = SwitchEvent::SwitchSet {
+            name: command.name.clone(),
+            on: command.on,
+        };
+        after.evolve(&event);
+        Ok(Decision::Emit(vec![event], after.all()))
+    }
+
+    fn evolve(&mut self, event: &SwitchEvent) {
+        let SwitchEvent::SwitchSet { name, on } = event;
+        self.set.insert(name.clone(), *on);
+    }
+
+    fn correlation_id(command: &SetSwitch) -> String {
+        format!("switch:{}", command.name)
+    }
+
+    fn wrap(event: SwitchEvent) -> Event {
+        Event::Switches(event)
+    }
+
+    fn unwrap(event: &Event) -> Option<&SwitchEvent> {
+        match event {
+            Event::Switches(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CTX: Ctx = Ctx { now_ms: 0 };
+
+    #[test]
+    fn switches_default_flip_and_refuse_unknown_names() {
+        // Goal: known switches start at their default, a change is one event, a repeat is a
+        // no-op, an unknown name is refused.
+        let switches = Switches::default();
+        assert!(switches.is_on("reward_lanes"));
+        let off = SetSwitch {
+            name: "reward_lanes".into(),
+            on: false,
+        };
+        let Ok(Decision::Emit(events, all)) = switches.decide(&off, &CTX) else {
+            panic!()
+        };
+        assert_eq!(all.get("reward_lanes"), Some(&false));
+        let switches = crate::domain::replay(switches, &events);
+        assert!(!switches.is_on("reward_lanes"));
+        assert!(matches!(
+            switches.decide(&off, &CTX),
+            Ok(Decision::Reply(_))
+        ));
+        let typo = SetSwitch {
+            name: "reward_lane".into(),
+            on: false,
+        };
+        assert_eq!(
+            switches.decide(&typo, &CTX),
+            Err(SwitchError::Unknown("reward_lane".into()))
+        );
+    }
+}
