@@ -104,17 +104,21 @@ pub struct RewardLanes {
 }
 
 impl RewardLanes {
-    /// Starts the lanes on a new arbiter. Must be called within an actix system.
+    /// Starts the lanes on a new arbiter, with the store, clock and metrics of the registries'
+    /// runtime. Must be called within an actix system.
     pub fn start(
-        store: Arc<dyn EventStore>,
         db: &sled::Db,
         wallets: Arc<Registry<Wallet>>,
         activities: Arc<Registry<Activity>>,
         config: LaneConfig,
         switches: watch::Receiver<BTreeMap<String, bool>>,
-        clock: Arc<dyn Clock>,
-        metrics: Arc<Metrics>,
     ) -> Result<RewardLanes, StoreError> {
+        let runtime = wallets.runtime().clone();
+        let (store, clock, metrics) = (
+            runtime.store.clone(),
+            runtime.clock.clone(),
+            runtime.metrics.clone(),
+        );
         let tree = db
             .open_tree(CHECKPOINT_TREE)
             .map_err(|e| StoreError::Io(e.to_string()))?;

@@ -219,14 +219,11 @@ impl Application {
             .await
             .map_err(|e| ServeError::Store(StoreError::Io(format!("cannot load switches: {e}"))))?;
         let lanes = RewardLanes::start(
-            dyn_store,
             store.state_db(),
             wallets.clone(),
             activities.clone(),
             config.lanes(),
             switches.subscribe(),
-            clock,
-            metrics.clone(),
         )?;
         let openapi = ApiDoc::openapi().to_json().unwrap_or_else(|_| "{}".into());
         let state = web::Data::new(AppState {
