@@ -46,6 +46,8 @@ const INDEX_PREFIX: u8 = b'S';
 const VERSION_CACHE_STREAMS_MAX: usize = 1_000_000;
 /// Fenced (stream, writer) pairs kept before the set is cleared; refusals are rare.
 const FENCED_WRITERS_MAX: usize = 100_000;
+/// Background flush interval of the state database (views, snapshots, checkpoints).
+const STATE_FLUSH_INTERVAL_MS: u64 = 2_000;
 /// Batches a live subscriber may fall behind before it reads from the store instead.
 const LIVE_BATCHES_MAX: usize = 1024;
 
@@ -227,11 +229,12 @@ impl SledStore {
         metrics: Arc<Metrics>,
     ) -> Result<Arc<SledStore>, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(e.to_string()))?;
-        let open = |name: &str, cache_bytes: u64| {
+        let open = |name: &str, cache_bytes: u64, flush_every_ms: Option<u64>| {
             sled::Config::new()
                 .path(dir.join(name))
                 .cache_capacity(cache_bytes)
                 .mode(sled::Mode::HighThroughput)
+                .flush_every_ms(flush_every_ms)
                 .open()
                 .map_err(|e| match e {
                     sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => {
@@ -243,8 +246,10 @@ impl SledStore {
                     other => io(other),
                 })
         };
-        let db = open("log", config.cache_bytes)?;
-        let state = open("state", config.cache_bytes)?;
+        // The log is flushed by the journal itself, batch by batch: no background flusher.
+        let db = open("log", config.cache_bytes, None)?;
+        // Derived state: flushed in the background, seldom (a crash costs replay, not data).
+        let state = open("state", config.cache_bytes, Some(STATE_FLUSH_INTERVAL_MS))?;
         let journal = db.open_tree("journal").map_err(io)?;
         let snapshots = state.open_tree("snapshots").map_err(io)?;
 

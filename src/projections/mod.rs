@@ -285,6 +285,8 @@ fn run(
     mut stop: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
 ) {
+    // Views may lag during a burst; intake keeps the CPU and they catch up from the log.
+    crate::background_priority("projections");
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
