@@ -107,8 +107,24 @@ struct Acked {
     balance_after: i64,
 }
 
-/// Fires deposits from `workers` concurrent loops until the server stops answering.
-async fn fire(base: String, workers: usize, acked: Arc<Mutex<Vec<Acked>>>) {
+/// One request a firing loop sends: the path, the JSON body, the key, the status that means
+/// "acknowledged", and what to remember of it.
+struct Shot {
+    path: String,
+    body: Value,
+    key: &'static str,
+    acknowledged: u16,
+    acked: Acked,
+}
+
+/// Fires requests from `workers` concurrent loops until the server stops answering (or answers
+/// anything but the acknowledgement, e.g. 503 during shutdown); records what was acknowledged.
+async fn fire_with(
+    base: String,
+    workers: usize,
+    acked: Arc<Mutex<Vec<Acked>>>,
+    shot: fn(usize, u64) -> Shot,
+) {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
@@ -118,30 +134,22 @@ async fn fire(base: String, workers: usize, acked: Arc<Mutex<Vec<Acked>>>) {
             let (client, base, acked) = (client.clone(), base.clone(), acked.clone());
             tokio::spawn(async move {
                 for n in 0.. {
-                    let uid = format!("c{}", w % 8);
-                    let order = format!("w{w}-n{n}");
-                    let amount = (n % 97 + 1) as i64;
+                    let mut shot = shot(w, n);
                     let sent = client
-                        .post(format!("{base}/v1/wallets/{uid}/change/deposits"))
-                        .bearer_auth(ADMIN)
-                        .json(&serde_json::json!({"order_id": order, "amount": amount}))
+                        .post(format!("{base}{}", shot.path))
+                        .bearer_auth(shot.key)
+                        .json(&shot.body)
                         .send()
                         .await;
                     let Ok(response) = sent else { return };
-                    if response.status().as_u16() != 201 {
-                        // 503 during shutdown: not acknowledged; stop this loop.
+                    if response.status().as_u16() != shot.acknowledged {
                         return;
                     }
                     let Ok(body) = response.json::<Value>().await else {
                         return;
                     };
-                    let balance_after = body["balance_after"].as_i64().unwrap();
-                    acked.lock().unwrap().push(Acked {
-                        uid,
-                        order,
-                        amount,
-                        balance_after,
-                    });
+                    shot.acked.balance_after = body["balance_after"].as_i64().unwrap_or(0);
+                    acked.lock().unwrap().push(shot.acked);
                 }
             })
         })
@@ -149,6 +157,30 @@ async fn fire(base: String, workers: usize, acked: Arc<Mutex<Vec<Acked>>>) {
     for t in tasks {
         let _ = t.await;
     }
+}
+
+/// Fires deposits (8 wallets) until the server stops answering.
+async fn fire(base: String, workers: usize, acked: Arc<Mutex<Vec<Acked>>>) {
+    fire_with(base, workers, acked, |w, n| {
+        let (uid, order, amount) = (
+            format!("c{}", w % 8),
+            format!("w{w}-n{n}"),
+            (n % 97 + 1) as i64,
+        );
+        Shot {
+            path: format!("/v1/wallets/{uid}/change/deposits"),
+            body: serde_json::json!({"order_id": order, "amount": amount}),
+            key: ADMIN,
+            acknowledged: 201,
+            acked: Acked {
+                uid,
+                order,
+                amount,
+                balance_after: 0,
+            },
+        }
+    })
+    .await
 }
 
 async fn ledger(client: &reqwest::Client, base: &str, uid: &str) -> (i64, Vec<Value>) {
@@ -309,46 +341,31 @@ async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
     verify(dir.path());
 }
 
-/// Fires cash rewards from `workers` loops (8 users) until the server stops answering.
+/// Fires cash rewards (8 users) until the server stops answering.
 async fn fire_rewards(base: String, workers: usize, acked: Arc<Mutex<Vec<Acked>>>) {
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
-    let tasks: Vec<_> = (0..workers)
-        .map(|w| {
-            let (client, base, acked) = (client.clone(), base.clone(), acked.clone());
-            tokio::spawn(async move {
-                for n in 0.. {
-                    let uid = format!("r{}", w % 8);
-                    let order = format!("rw{w}-n{n}");
-                    let amount = (n % 13 + 1) as i64;
-                    let body = serde_json::json!({
-                        "order_id": order, "uid": uid, "activity_id": "crash", "scene": "rain",
-                        "kind": "cash", "amount": amount,
-                    });
-                    let sent = client
-                        .post(format!("{base}/v1/rewards"))
-                        .bearer_auth(ISSUER)
-                        .json(&body)
-                        .send()
-                        .await;
-                    match sent {
-                        Ok(r) if r.status().as_u16() == 202 => acked.lock().unwrap().push(Acked {
-                            uid,
-                            order,
-                            amount,
-                            balance_after: 0,
-                        }),
-                        _ => return,
-                    }
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        let _ = t.await;
-    }
+    fire_with(base, workers, acked, |w, n| {
+        let (uid, order, amount) = (
+            format!("r{}", w % 8),
+            format!("rw{w}-n{n}"),
+            (n % 13 + 1) as i64,
+        );
+        Shot {
+            path: "/v1/rewards".into(),
+            body: serde_json::json!({
+                "order_id": order, "uid": uid, "activity_id": "crash", "scene": "rain",
+                "kind": "cash", "amount": amount,
+            }),
+            key: ISSUER,
+            acknowledged: 202,
+            acked: Acked {
+                uid,
+                order,
+                amount,
+                balance_after: 0,
+            },
+        }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -72,12 +72,21 @@ impl TestApp {
         format!("{}{}", self.base, path)
     }
 
-    pub async fn post(&self, path: &str, key: Option<&str>, body: &str) -> (u16, Value) {
-        let mut request = self
-            .client
-            .post(self.url(path))
-            .header("content-type", "application/json")
-            .body(body.to_owned());
+    /// Sends a request with an optional JSON body and bearer key; returns status and body
+    /// (parsed JSON, or the raw text as a JSON string).
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: Option<&str>,
+        body: Option<&str>,
+    ) -> (u16, Value) {
+        let mut request = self.client.request(method, self.url(path));
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(body.to_owned());
+        }
         if let Some(key) = key {
             request = request.bearer_auth(key);
         }
@@ -90,22 +99,13 @@ impl TestApp {
         )
     }
 
+    pub async fn post(&self, path: &str, key: Option<&str>, body: &str) -> (u16, Value) {
+        self.send(reqwest::Method::POST, path, key, Some(body))
+            .await
+    }
+
     pub async fn put(&self, path: &str, key: Option<&str>, body: &str) -> (u16, Value) {
-        let mut request = self
-            .client
-            .put(self.url(path))
-            .header("content-type", "application/json")
-            .body(body.to_owned());
-        if let Some(key) = key {
-            request = request.bearer_auth(key);
-        }
-        let response = request.send().await.expect("request sent");
-        let status = response.status().as_u16();
-        let text = response.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        self.send(reqwest::Method::PUT, path, key, Some(body)).await
     }
 
     /// Sends a cash reward.
@@ -167,17 +167,7 @@ impl TestApp {
     }
 
     pub async fn get(&self, path: &str, key: Option<&str>) -> (u16, Value) {
-        let mut request = self.client.get(self.url(path));
-        if let Some(key) = key {
-            request = request.bearer_auth(key);
-        }
-        let response = request.send().await.expect("request sent");
-        let status = response.status().as_u16();
-        let text = response.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        self.send(reqwest::Method::GET, path, key, None).await
     }
 
     pub async fn deposit(&self, uid: &str, order: &str, amount: i64) -> (u16, Value) {
