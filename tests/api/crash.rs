@@ -107,6 +107,15 @@ struct Acked {
     balance_after: i64,
 }
 
+/// Waits (at most 20 s) until `count` requests were acknowledged.
+async fn wait_acked(acked: &Mutex<Vec<Acked>>, count: usize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while acked.lock().unwrap().len() < count {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// One request a firing loop sends: the path, the JSON body, the key, the status that means
 /// "acknowledged", and what to remember of it.
 struct Shot {
@@ -290,11 +299,7 @@ async fn kill_9_mid_burst_loses_no_acknowledged_deposit() {
     let server = start(dir.path());
     let acked = Arc::new(Mutex::new(Vec::new()));
     let firing = tokio::spawn(fire(server.base(), 32, acked.clone()));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while acked.lock().unwrap().len() < 500 {
-        assert!(Instant::now() < deadline, "too few deposits acknowledged");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_acked(&acked, 500, "too few deposits acknowledged").await;
     server.kill9();
     firing.await.unwrap();
     let acked = acked.lock().unwrap().clone();
@@ -313,11 +318,7 @@ async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
     let server = start(dir.path());
     let acked = Arc::new(Mutex::new(Vec::new()));
     let firing = tokio::spawn(fire(server.base(), 32, acked.clone()));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while acked.lock().unwrap().len() < 300 {
-        assert!(Instant::now() < deadline, "too few deposits acknowledged");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_acked(&acked, 300, "too few deposits acknowledged").await;
     let log = server.log.clone();
     let status = tokio::task::spawn_blocking(move || server.terminate())
         .await
@@ -380,11 +381,7 @@ async fn kill_9_mid_reward_burst_then_every_accepted_reward_is_credited_exactly_
     let server = start_with(&data, &["--config", &config]);
     let acked = Arc::new(Mutex::new(Vec::new()));
     let firing = tokio::spawn(fire_rewards(server.base(), 32, acked.clone()));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while acked.lock().unwrap().len() < 3000 {
-        assert!(Instant::now() < deadline, "too few rewards accepted");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_acked(&acked, 3000, "too few rewards accepted").await;
     server.kill9();
     firing.await.unwrap();
     let acked = acked.lock().unwrap().clone();
