@@ -33,12 +33,12 @@
 //!   wait for their flush; then the journal is closed. Actor state needs no saving: it is the log.
 
 mod aggregate;
+mod board;
 mod registry;
-mod switchboard;
 
 pub use aggregate::AggregateActor;
+pub use board::Board;
 pub use registry::{ExecError, Registry, Runtime};
-pub use switchboard::SwitchBoard;
 
 use std::time::Duration;
 

@@ -24,6 +24,7 @@ use crate::clock::Clock;
 use crate::domain::activity::{
     Activity, ActivityCommand, ActivityError, ActivityEvent, RewardClaim, RewardKind, VoidReason,
 };
+use crate::domain::switches::Switches;
 use crate::domain::wallet::{Wallet, WalletError};
 use crate::domain::Event;
 use crate::events::{Envelope, EventStore, StoreError, Subscription};
@@ -111,7 +112,7 @@ impl RewardLanes {
         wallets: Arc<Registry<Wallet>>,
         activities: Arc<Registry<Activity>>,
         config: LaneConfig,
-        switches: watch::Receiver<BTreeMap<String, bool>>,
+        switches: watch::Receiver<Switches>,
     ) -> Result<RewardLanes, StoreError> {
         let runtime = wallets.runtime().clone();
         let (store, clock, metrics) = (
@@ -340,7 +341,7 @@ impl Lanes {
         mut self,
         store: Arc<dyn EventStore>,
         mut stop: watch::Receiver<bool>,
-        mut switches: watch::Receiver<BTreeMap<String, bool>>,
+        mut switches: watch::Receiver<Switches>,
     ) {
         let mut subscription = Subscription::new(store, self.read_to + 1, 4096);
         let mut running = FuturesUnordered::new();
@@ -348,7 +349,7 @@ impl Lanes {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // The `reward_lanes` switch pauses dispatching (rewards keep queueing, pending).
-            let enabled = switches.borrow().get(SWITCH).copied().unwrap_or(true);
+            let enabled = switches.borrow().is_on(SWITCH);
             let throttled = if enabled {
                 self.dispatch(&mut running)
             } else {

@@ -11,10 +11,11 @@ pub mod ops;
 pub mod rewards;
 pub mod wallets;
 
-use crate::actors::{Registry, Runtime, SwitchBoard};
+use crate::actors::{Board, Registry, Runtime};
 use crate::clock::Clock;
 use crate::config::{Config, ConfigError, Keys};
 use crate::domain::activity::Activity;
+use crate::domain::switches::Switches;
 use crate::domain::wallet::Wallet;
 use crate::events::sled_store::SledStore;
 use crate::events::{EventStore, StoreError};
@@ -122,7 +123,7 @@ pub struct AppState {
     pub store: Arc<SledStore>,
     pub wallets: Arc<Registry<Wallet>>,
     pub activities: Arc<Registry<Activity>>,
-    pub switches: SwitchBoard,
+    pub switches: Board<Switches>,
     pub signer: TokenSigner,
     pub lanes: RewardLanes,
     pub projections: Arc<Projections>,
@@ -215,7 +216,7 @@ impl Application {
         });
         let wallets = Registry::new(runtime.clone());
         let activities = Registry::new(runtime.clone());
-        let switches = SwitchBoard::load(Registry::new(runtime))
+        let switches = Board::load(Registry::new(runtime))
             .await
             .map_err(|e| ServeError::Store(StoreError::Io(format!("cannot load switches: {e}"))))?;
         let lanes = RewardLanes::start(

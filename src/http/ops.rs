@@ -4,7 +4,7 @@ use super::auth::Caller;
 use super::error::ApiError;
 use super::{AppState, ErrorBody};
 use crate::actors::ExecError;
-use crate::domain::switches::SwitchError;
+use crate::domain::switches::{SetSwitch, SwitchError, Switches};
 use crate::events::EventStore;
 use crate::projections::wallet as wallet_view;
 use actix_web::{web, HttpResponse};
@@ -77,25 +77,25 @@ pub async fn set_switch(
     body: web::Json<SwitchRequest>,
 ) -> Result<HttpResponse, ApiError> {
     caller.require(&[])?;
-    let all = state
-        .switches
-        .set(&name, body.on)
-        .await
-        .map_err(|e| match e {
-            ExecError::Rejected(SwitchError::Unknown(name)) => ApiError::new(
-                actix_web::http::StatusCode::NOT_FOUND,
-                "unknown_switch",
-                format!("no switch named {name}; see GET /v1/admin/switches"),
-            ),
-            ExecError::Unavailable(why) => {
-                tracing::warn!(why, "switch change unconfirmed");
-                ApiError::unavailable("unavailable", "the change could not be confirmed; retry")
-            }
-            ExecError::Overloaded => ApiError::unavailable("overloaded", "retry shortly"),
-            ExecError::Timeout => {
-                ApiError::unavailable("timeout", "the change was not confirmed in time; retry")
-            }
-        })?;
+    let command = SetSwitch {
+        name: name.to_string(),
+        on: body.on,
+    };
+    let all = state.switches.execute(command).await.map_err(|e| match e {
+        ExecError::Rejected(SwitchError::Unknown(name)) => ApiError::new(
+            actix_web::http::StatusCode::NOT_FOUND,
+            "unknown_switch",
+            format!("no switch named {name}; see GET /v1/admin/switches"),
+        ),
+        ExecError::Unavailable(why) => {
+            tracing::warn!(why, "switch change unconfirmed");
+            ApiError::unavailable("unavailable", "the change could not be confirmed; retry")
+        }
+        ExecError::Overloaded => ApiError::unavailable("overloaded", "retry shortly"),
+        ExecError::Timeout => {
+            ApiError::unavailable("timeout", "the change was not confirmed in time; retry")
+        }
+    })?;
     tracing::info!(switch = %name, on = body.on, "switch set");
     Ok(HttpResponse::Ok().json(all))
 }
@@ -109,5 +109,5 @@ pub async fn list_switches(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     caller.require(&[])?;
-    Ok(HttpResponse::Ok().json(state.switches.all()))
+    Ok(HttpResponse::Ok().json(state.switches.with(Switches::all)))
 }
