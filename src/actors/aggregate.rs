@@ -329,7 +329,15 @@ impl<A: Aggregate> Handler<Execute<A>> for AggregateActor<A> {
         }
         let count = events.len() as u64;
         self.version += count;
-        let correlation_id = A::correlation_id(&msg.command);
+        let mut correlation_id = A::correlation_id(&msg.command);
+        if correlation_id.is_empty() {
+            correlation_id = self
+                .stream
+                .split_once(':')
+                .map(|(_, id)| id)
+                .unwrap_or_default()
+                .to_owned();
+        }
         let new_events = events
             .into_iter()
             .map(|e| NewEvent {

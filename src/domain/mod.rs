@@ -13,6 +13,7 @@
 pub mod activity;
 pub mod switches;
 pub mod wallet;
+pub mod withdrawal;
 
 use crate::clock::Millis;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -55,7 +56,8 @@ pub trait Aggregate:
     /// Applies a fact. No rules, no refusals: the event already happened.
     fn evolve(&mut self, event: &Self::Event);
 
-    /// The business order id a command carries, recorded as the events' correlation id.
+    /// The business order id a command carries, recorded as the events' correlation id. Empty
+    /// when the stream id is the order id (the runtime then uses the stream's id).
     fn correlation_id(command: &Self::Command) -> String;
 
     fn wrap(event: Self::Event) -> Event;
@@ -68,6 +70,9 @@ pub enum Event {
     Wallet(wallet::WalletEvent),
     Activity(activity::ActivityEvent),
     Switches(switches::SwitchEvent),
+    Withdrawal(withdrawal::WithdrawalEvent),
+    Policy(withdrawal::PolicyEvent),
+    Payee(withdrawal::PayeeEvent),
 }
 
 impl Event {
@@ -77,6 +82,9 @@ impl Event {
             Event::Wallet(e) => e.type_name(),
             Event::Activity(e) => e.type_name(),
             Event::Switches(_) => "switches.switch_set",
+            Event::Withdrawal(e) => e.type_name(),
+            Event::Policy(_) => "policy.policy_set",
+            Event::Payee(_) => "payee.method_bound",
         }
     }
 

@@ -1,0 +1,1226 @@
+//! Withdrawals from the activity balance (W2-W10): the order state machine, the policy gates
+//! and the compensation rules.
+//!
+//! An order is its own aggregate (`withdrawal:<order id>`):
+//!
+//! ```text
+//! pending_debit --Debited--> pending_payout --PayoutStarted--> paying --PayoutSucceeded--> succeeded
+//!      |                          ^                              |
+//!      |                          +----PayoutAttemptFailed-------+   (attempts left)
+//!      |                                                         |
+//!      +--DebitRefused / DebitAbandoned--> failed   failed <--PayoutParked (no attempt left)
+//!                                                      |
+//!                                   (debited) --Refunded--> refunded
+//! ```
+//!
+//! Rules (all in [`WithdrawalOrder::decide`]): an order is requested once (same payload:
+//! replay, other payload: conflict); the debit is recorded once; a payout attempt starts only
+//! from `pending_payout` and its outcome is recorded only for the attempt in progress; after
+//! `max_attempts` failed attempts the order is parked (dead-letter) and fails; a failed order
+//! whose debit happened is refunded exactly once. [`compensation`] says what the sweeper does
+//! with an order that is not final after the configured age (W9).
+
+use super::{Aggregate, Ctx, Decision, Event};
+use crate::clock::Millis;
+use crate::ids::Id;
+use crate::money::Fen;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Where a payout goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Channel {
+    Bank,
+    Alipay,
+    /// The in-app cashier (the user's change purse), an external system here like the others.
+    Change,
+}
+
+impl Channel {
+    pub const ALL: [Channel; 3] = [Channel::Bank, Channel::Alipay, Channel::Change];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Bank => "bank",
+            Channel::Alipay => "alipay",
+            Channel::Change => "change",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Channel> {
+        Channel::ALL.into_iter().find(|c| c.as_str() == text)
+    }
+}
+
+impl std::fmt::Display for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A bound payout method.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayoutMethod {
+    pub method_id: Id,
+    pub channel: Channel,
+    pub account: String,
+}
+
+/// Longest payout account (card number, Alipay login, ...).
+pub const ACCOUNT_CHARS_MAX: usize = 64;
+
+/// The id of a method: derived from its channel and account, so binding the same account twice
+/// gives the same id (idempotent without a client-supplied id).
+pub fn method_id(channel: Channel, account: &str) -> Id {
+    let digest: [u8; 32] = Sha256::new()
+        .chain_update(channel.as_str().as_bytes())
+        .chain_update([0u8])
+        .chain_update(account.as_bytes())
+        .finalize()
+        .into();
+    Id::parse(&format!("m-{}", hex::encode(&digest[..8]))).expect("hex ids are valid")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OrderState {
+    PendingDebit,
+    PendingPayout,
+    Paying,
+    Succeeded,
+    Failed,
+    Refunded,
+}
+
+impl OrderState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderState::PendingDebit => "pending_debit",
+            OrderState::PendingPayout => "pending_payout",
+            OrderState::Paying => "paying",
+            OrderState::Succeeded => "succeeded",
+            OrderState::Failed => "failed",
+            OrderState::Refunded => "refunded",
+        }
+    }
+}
+
+/// What a withdrawal asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WithdrawalRequest {
+    pub uid: Id,
+    pub amount: Fen,
+    pub method: PayoutMethod,
+}
+
+/// A payout attempt's definite outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PayoutResult {
+    Succeeded,
+    /// Refused, throttled, or an unknown outcome that the channel's record showed as not paid.
+    Failed {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WithdrawalCommand {
+    Request(WithdrawalRequest),
+    /// The wallet debited the amount.
+    RecordDebit,
+    /// The wallet refused the debit (insufficient balance): the order fails, nothing moved.
+    RecordDebitRefused {
+        reason: String,
+    },
+    /// Compensation: the order stayed in `pending_debit`; it fails (a debit that did happen is
+    /// refunded next, see [`compensation`]). `debited` says what the wallet's record showed.
+    Abandon {
+        debited: bool,
+    },
+    StartPayout,
+    RecordPayout {
+        attempt: u32,
+        result: PayoutResult,
+        max_attempts: u32,
+    },
+    RecordRefund,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WithdrawalEvent {
+    Requested {
+        request: WithdrawalRequest,
+        at_ms: Millis,
+    },
+    Debited {
+        at_ms: Millis,
+    },
+    DebitRefused {
+        reason: String,
+        at_ms: Millis,
+    },
+    DebitAbandoned {
+        debited: bool,
+        at_ms: Millis,
+    },
+    PayoutStarted {
+        attempt: u32,
+        at_ms: Millis,
+    },
+    PayoutSucceeded {
+        attempt: u32,
+        at_ms: Millis,
+    },
+    PayoutAttemptFailed {
+        attempt: u32,
+        reason: String,
+        at_ms: Millis,
+    },
+    /// The last attempt failed: parked in the dead-letter set, the order fails.
+    PayoutParked {
+        attempts: u32,
+        reason: String,
+        at_ms: Millis,
+    },
+    Refunded {
+        at_ms: Millis,
+    },
+}
+
+impl WithdrawalEvent {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            WithdrawalEvent::Requested { .. } => "withdrawal.requested",
+            WithdrawalEvent::Debited { .. } => "withdrawal.debited",
+            WithdrawalEvent::DebitRefused { .. } => "withdrawal.debit_refused",
+            WithdrawalEvent::DebitAbandoned { .. } => "withdrawal.debit_abandoned",
+            WithdrawalEvent::PayoutStarted { .. } => "withdrawal.payout_started",
+            WithdrawalEvent::PayoutSucceeded { .. } => "withdrawal.payout_succeeded",
+            WithdrawalEvent::PayoutAttemptFailed { .. } => "withdrawal.payout_attempt_failed",
+            WithdrawalEvent::PayoutParked { .. } => "withdrawal.payout_parked",
+            WithdrawalEvent::Refunded { .. } => "withdrawal.refunded",
+        }
+    }
+
+    /// The state the event leads to.
+    pub fn state_after(&self, debited: bool) -> OrderState {
+        match self {
+            WithdrawalEvent::Requested { .. } => OrderState::PendingDebit,
+            WithdrawalEvent::Debited { .. } | WithdrawalEvent::PayoutAttemptFailed { .. } => {
+                OrderState::PendingPayout
+            }
+            WithdrawalEvent::DebitRefused { .. } | WithdrawalEvent::PayoutParked { .. } => {
+                OrderState::Failed
+            }
+            WithdrawalEvent::DebitAbandoned { .. } => OrderState::Failed,
+            WithdrawalEvent::PayoutStarted { .. } => OrderState::Paying,
+            WithdrawalEvent::PayoutSucceeded { .. } => OrderState::Succeeded,
+            WithdrawalEvent::Refunded { .. } => {
+                debug_assert!(debited, "a refund without a debit");
+                OrderState::Refunded
+            }
+        }
+    }
+
+    pub fn at_ms(&self) -> Millis {
+        match self {
+            WithdrawalEvent::Requested { at_ms, .. }
+            | WithdrawalEvent::Debited { at_ms }
+            | WithdrawalEvent::DebitRefused { at_ms, .. }
+            | WithdrawalEvent::DebitAbandoned { at_ms, .. }
+            | WithdrawalEvent::PayoutStarted { at_ms, .. }
+            | WithdrawalEvent::PayoutSucceeded { at_ms, .. }
+            | WithdrawalEvent::PayoutAttemptFailed { at_ms, .. }
+            | WithdrawalEvent::PayoutParked { at_ms, .. }
+            | WithdrawalEvent::Refunded { at_ms } => *at_ms,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WithdrawalError {
+    #[error("order was already requested with a different payload")]
+    IdempotencyConflict,
+    #[error("no withdrawal with this order id")]
+    Unknown,
+    #[error("the order is {} and cannot do this", .0.as_str())]
+    WrongState(OrderState),
+    #[error("attempt {got} is not the attempt in progress ({expected})")]
+    WrongAttempt { expected: u32, got: u32 },
+}
+
+/// The order as a state machine, and its history (for `GET /v1/withdrawals/{order_id}`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WithdrawalOrder {
+    pub request: Option<WithdrawalRequest>,
+    pub state: Option<OrderState>,
+    /// The wallet debited the amount (set once, never cleared: a refund is separate).
+    pub debited: bool,
+    pub refunded: bool,
+    pub attempts: u32,
+    pub parked: bool,
+    pub failure: Option<String>,
+    pub history: Vec<(OrderState, Millis)>,
+    pub created_at_ms: Millis,
+}
+
+impl WithdrawalOrder {
+    pub fn is_final(&self) -> bool {
+        match self.state {
+            Some(OrderState::Succeeded | OrderState::Refunded) => true,
+            // A failed order is final once nothing is owed back.
+            Some(OrderState::Failed) => !self.debited || self.refunded,
+            _ => false,
+        }
+    }
+
+    fn in_state(&self, expected: OrderState) -> Result<(), WithdrawalError> {
+        match self.state {
+            None => Err(WithdrawalError::Unknown),
+            Some(s) if s == expected => Ok(()),
+            Some(s) => Err(WithdrawalError::WrongState(s)),
+        }
+    }
+
+    fn emit(
+        &self,
+        event: WithdrawalEvent,
+    ) -> Result<Decision<WithdrawalEvent, WithdrawalOrder>, WithdrawalError> {
+        let mut after = self.clone();
+        after.evolve(&event);
+        Ok(Decision::Emit(vec![event], after))
+    }
+
+    fn same(&self) -> Result<Decision<WithdrawalEvent, WithdrawalOrder>, WithdrawalError> {
+        Ok(Decision::Reply(self.clone()))
+    }
+}
+
+impl Aggregate for WithdrawalOrder {
+    type Command = WithdrawalCommand;
+    type Event = WithdrawalEvent;
+    type Reply = WithdrawalOrder;
+    type Error = WithdrawalError;
+
+    const STREAM_PREFIX: &'static str = "withdrawal";
+
+    fn decide(
+        &self,
+        command: &WithdrawalCommand,
+        ctx: &Ctx,
+    ) -> Result<Decision<WithdrawalEvent, WithdrawalOrder>, WithdrawalError> {
+        let at_ms = ctx.now_ms;
+        match command {
+            WithdrawalCommand::Request(request) => match &self.request {
+                Some(existing) if existing == request => self.same(),
+                Some(_) => Err(WithdrawalError::IdempotencyConflict),
+                None => self.emit(WithdrawalEvent::Requested {
+                    request: request.clone(),
+                    at_ms,
+                }),
+            },
+            WithdrawalCommand::RecordDebit => {
+                if self.debited {
+                    return self.same();
+                }
+                self.in_state(OrderState::PendingDebit)?;
+                self.emit(WithdrawalEvent::Debited { at_ms })
+            }
+            WithdrawalCommand::RecordDebitRefused { reason } => {
+                if self.state == Some(OrderState::Failed) && !self.debited {
+                    return self.same();
+                }
+                self.in_state(OrderState::PendingDebit)?;
+                self.emit(WithdrawalEvent::DebitRefused {
+                    reason: reason.clone(),
+                    at_ms,
+                })
+            }
+            WithdrawalCommand::Abandon { debited } => {
+                self.in_state(OrderState::PendingDebit)?;
+                self.emit(WithdrawalEvent::DebitAbandoned {
+                    debited: *debited,
+                    at_ms,
+                })
+            }
+            WithdrawalCommand::StartPayout => {
+                if self.state == Some(OrderState::Paying) {
+                    return self.same();
+                }
+                self.in_state(OrderState::PendingPayout)?;
+                self.emit(WithdrawalEvent::PayoutStarted {
+                    attempt: self.attempts + 1,
+                    at_ms,
+                })
+            }
+            WithdrawalCommand::RecordPayout {
+                attempt,
+                result,
+                max_attempts,
+            } => {
+                match (self.state, result) {
+                    (Some(OrderState::Succeeded), PayoutResult::Succeeded) => return self.same(),
+                    (
+                        Some(OrderState::PendingPayout | OrderState::Failed),
+                        PayoutResult::Failed { .. },
+                    ) if *attempt <= self.attempts => return self.same(),
+                    _ => {}
+                }
+                self.in_state(OrderState::Paying)?;
+                if *attempt != self.attempts {
+                    return Err(WithdrawalError::WrongAttempt {
+                        expected: self.attempts,
+                        got: *attempt,
+                    });
+                }
+                match result {
+                    PayoutResult::Succeeded => self.emit(WithdrawalEvent::PayoutSucceeded {
+                        attempt: *attempt,
+                        at_ms,
+                    }),
+                    PayoutResult::Failed { reason } if *attempt < *max_attempts => {
+                        self.emit(WithdrawalEvent::PayoutAttemptFailed {
+                            attempt: *attempt,
+                            reason: reason.clone(),
+                            at_ms,
+                        })
+                    }
+                    PayoutResult::Failed { reason } => self.emit(WithdrawalEvent::PayoutParked {
+                        attempts: *attempt,
+                        reason: reason.clone(),
+                        at_ms,
+                    }),
+                }
+            }
+            WithdrawalCommand::RecordRefund => {
+                if self.refunded {
+                    return self.same();
+                }
+                self.in_state(OrderState::Failed)?;
+                if !self.debited {
+                    return Err(WithdrawalError::WrongState(OrderState::Failed));
+                }
+                self.emit(WithdrawalEvent::Refunded { at_ms })
+            }
+        }
+    }
+
+    fn evolve(&mut self, event: &WithdrawalEvent) {
+        match event {
+            WithdrawalEvent::Requested { request, at_ms } => {
+                self.request = Some(request.clone());
+                self.created_at_ms = *at_ms;
+            }
+            WithdrawalEvent::Debited { .. } => self.debited = true,
+            WithdrawalEvent::DebitRefused { reason, .. } => self.failure = Some(reason.clone()),
+            WithdrawalEvent::DebitAbandoned { debited, .. } => {
+                self.debited |= *debited;
+                self.failure = Some("not debited in time (compensation)".into());
+            }
+            WithdrawalEvent::PayoutStarted { attempt, .. } => self.attempts = *attempt,
+            WithdrawalEvent::PayoutSucceeded { .. } => {}
+            WithdrawalEvent::PayoutAttemptFailed { reason, .. } => {
+                self.failure = Some(reason.clone())
+            }
+            WithdrawalEvent::PayoutParked { reason, .. } => {
+                self.parked = true;
+                self.failure = Some(reason.clone());
+            }
+            WithdrawalEvent::Refunded { .. } => self.refunded = true,
+        }
+        let state = event.state_after(self.debited);
+        self.state = Some(state);
+        self.history.push((state, event.at_ms()));
+    }
+
+    fn correlation_id(_: &WithdrawalCommand) -> String {
+        // The order id is the stream id; the runtime sets it (see `Registry::execute`).
+        String::new()
+    }
+
+    fn wrap(event: WithdrawalEvent) -> Event {
+        Event::Withdrawal(event)
+    }
+
+    fn unwrap(event: &Event) -> Option<&WithdrawalEvent> {
+        match event {
+            Event::Withdrawal(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// What the compensation sweeper does with an order that is not final after the configured age
+/// (W9), or `None` if it is final or young.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compensation {
+    /// `pending_debit`: fail it; refund if the wallet shows the debit did happen.
+    AbandonDebit,
+    /// `pending_payout`: pay (hand it to the payout lane again).
+    Pay,
+    /// `paying`: ask the channel; adopt its result, re-send if it has no record.
+    QueryChannel,
+    /// `failed` after a debit: refund once.
+    Refund,
+}
+
+pub fn compensation(order: &WithdrawalOrder, now_ms: Millis, age_ms: i64) -> Option<Compensation> {
+    if order.is_final() || now_ms - order.created_at_ms < age_ms {
+        return None;
+    }
+    match order.state? {
+        OrderState::PendingDebit => Some(Compensation::AbandonDebit),
+        OrderState::PendingPayout => Some(Compensation::Pay),
+        OrderState::Paying => Some(Compensation::QueryChannel),
+        OrderState::Failed => Some(Compensation::Refund),
+        OrderState::Succeeded | OrderState::Refunded => None,
+    }
+}
+
+/// One stage of a staged opening: from `at_ms`, buckets below `open_below` may withdraw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stage {
+    pub at_ms: Millis,
+    pub open_below: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedOpening {
+    pub modulo: u64,
+    /// Sorted by time, `open_below` not decreasing.
+    pub schedule: Vec<Stage>,
+}
+
+/// A time window `[from, to)` in which withdrawals are closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Window {
+    pub from_ms: Millis,
+    pub to_ms: Millis,
+}
+
+/// Withdrawal policy (W3-W5), changed at run time by an admin (as events).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WithdrawalPolicy {
+    pub min_amount: Fen,
+    pub closed_windows: Vec<Window>,
+    pub staged_opening: Option<StagedOpening>,
+}
+
+/// The seed's minimum: 1 yuan.
+pub const MIN_AMOUNT_DEFAULT: Fen = Fen::new(100);
+/// Limits on a policy's size.
+pub const WINDOWS_MAX: usize = 64;
+pub const STAGES_MAX: usize = 256;
+
+impl Default for WithdrawalPolicy {
+    fn default() -> Self {
+        WithdrawalPolicy {
+            min_amount: MIN_AMOUNT_DEFAULT,
+            closed_windows: Vec::new(),
+            staged_opening: None,
+        }
+    }
+}
+
+/// Why a withdrawal is refused before any money moves.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Gate {
+    #[error("the minimum withdrawal is {min}")]
+    BelowMinimum { min: Fen },
+    #[error("withdrawals are closed")]
+    WindowClosed { opens_at_ms: Millis },
+    #[error("withdrawals are not yet open for this user")]
+    NotYetOpenForUser { opens_at_ms: Option<Millis> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid policy: {0}")]
+pub struct PolicyError(pub String);
+
+/// The staged-opening bucket of a user: `uid mod N` for a numeric uid, a stable hash otherwise.
+pub fn bucket(uid: &Id, modulo: u64) -> u64 {
+    let modulo = modulo.max(1);
+    match uid.as_str().parse::<u64>() {
+        Ok(n) => n % modulo,
+        Err(_) => {
+            let digest: [u8; 32] = Sha256::digest(uid.as_str().as_bytes()).into();
+            u64::from_be_bytes(digest[..8].try_into().expect("8 bytes")) % modulo
+        }
+    }
+}
+
+impl WithdrawalPolicy {
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        if self.min_amount.is_zero() {
+            return Err(PolicyError("min_amount must be positive".into()));
+        }
+        if self.closed_windows.len() > WINDOWS_MAX {
+            return Err(PolicyError(format!("at most {WINDOWS_MAX} closed windows")));
+        }
+        if let Some(w) = self.closed_windows.iter().find(|w| w.from_ms >= w.to_ms) {
+            return Err(PolicyError(format!(
+                "window from {} is not before to {}",
+                w.from_ms, w.to_ms
+            )));
+        }
+        if let Some(staged) = &self.staged_opening {
+            if staged.modulo == 0 {
+                return Err(PolicyError("staged_opening.modulo must be positive".into()));
+            }
+            if staged.schedule.is_empty() || staged.schedule.len() > STAGES_MAX {
+                return Err(PolicyError(format!(
+                    "staged_opening.schedule holds 1 to {STAGES_MAX} stages"
+                )));
+            }
+            let ordered = staged
+                .schedule
+                .windows(2)
+                .all(|p| p[0].at_ms < p[1].at_ms && p[0].open_below <= p[1].open_below);
+            if !ordered {
+                return Err(PolicyError(
+                    "stages must be in time order with open_below not decreasing".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The gates of W3-W5, in that order. Pure: the time is given.
+    pub fn check(&self, uid: &Id, amount: Fen, now_ms: Millis) -> Result<(), Gate> {
+        if amount < self.min_amount {
+            return Err(Gate::BelowMinimum {
+                min: self.min_amount,
+            });
+        }
+        if self
+            .closed_windows
+            .iter()
+            .any(|w| w.from_ms <= now_ms && now_ms < w.to_ms)
+        {
+            // Opens when no window covers the moment: follow overlapping windows to the end.
+            let mut opens_at_ms = now_ms;
+            while let Some(w) = self
+                .closed_windows
+                .iter()
+                .find(|w| w.from_ms <= opens_at_ms && opens_at_ms < w.to_ms)
+            {
+                opens_at_ms = w.to_ms;
+            }
+            return Err(Gate::WindowClosed { opens_at_ms });
+        }
+        if let Some(staged) = &self.staged_opening {
+            let b = bucket(uid, staged.modulo);
+            let open_now = staged
+                .schedule
+                .iter()
+                .rev()
+                .find(|s| s.at_ms <= now_ms)
+                .is_some_and(|s| b < s.open_below);
+            if !open_now {
+                let opens_at_ms = staged
+                    .schedule
+                    .iter()
+                    .find(|s| s.at_ms > now_ms && b < s.open_below)
+                    .map(|s| s.at_ms);
+                return Err(Gate::NotYetOpenForUser { opens_at_ms });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The policy as a singleton aggregate (`policy:global`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyState {
+    pub policy: WithdrawalPolicy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PolicyEvent {
+    PolicySet(WithdrawalPolicy),
+}
+
+impl Aggregate for PolicyState {
+    type Command = WithdrawalPolicy;
+    type Event = PolicyEvent;
+    type Reply = WithdrawalPolicy;
+    type Error = PolicyError;
+
+    const STREAM_PREFIX: &'static str = "policy";
+
+    fn decide(
+        &self,
+        policy: &WithdrawalPolicy,
+        _: &Ctx,
+    ) -> Result<Decision<PolicyEvent, WithdrawalPolicy>, PolicyError> {
+        policy.validate()?;
+        if &self.policy == policy {
+            return Ok(Decision::Reply(policy.clone()));
+        }
+        Ok(Decision::Emit(
+            vec![PolicyEvent::PolicySet(policy.clone())],
+            policy.clone(),
+        ))
+    }
+
+    fn evolve(&mut self, event: &PolicyEvent) {
+        let PolicyEvent::PolicySet(policy) = event;
+        self.policy = policy.clone();
+    }
+
+    fn correlation_id(_: &WithdrawalPolicy) -> String {
+        "withdrawal-policy".into()
+    }
+
+    fn wrap(event: PolicyEvent) -> Event {
+        Event::Policy(event)
+    }
+
+    fn unwrap(event: &Event) -> Option<&PolicyEvent> {
+        match event {
+            Event::Policy(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// Most payout methods a user may bind.
+pub const METHODS_PER_USER_MAX: usize = 16;
+
+/// A user's bound payout methods (`payee:<uid>`), W2.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Payee {
+    pub methods: Vec<PayoutMethod>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindMethod {
+    pub channel: Channel,
+    pub account: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PayeeEvent {
+    MethodBound(PayoutMethod),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PayeeError {
+    #[error("accounts are 1-{ACCOUNT_CHARS_MAX} printable characters")]
+    InvalidAccount,
+    #[error("at most {METHODS_PER_USER_MAX} payout methods per user")]
+    TooMany,
+}
+
+impl Payee {
+    pub fn method(&self, method_id: &Id) -> Option<&PayoutMethod> {
+        self.methods.iter().find(|m| &m.method_id == method_id)
+    }
+}
+
+impl Aggregate for Payee {
+    type Command = BindMethod;
+    type Event = PayeeEvent;
+    type Reply = PayoutMethod;
+    type Error = PayeeError;
+
+    const STREAM_PREFIX: &'static str = "payee";
+
+    fn decide(
+        &self,
+        command: &BindMethod,
+        _: &Ctx,
+    ) -> Result<Decision<PayeeEvent, PayoutMethod>, PayeeError> {
+        let account = command.account.trim();
+        if account.is_empty()
+            || account.chars().count() > ACCOUNT_CHARS_MAX
+            || account.chars().any(char::is_control)
+        {
+            return Err(PayeeError::InvalidAccount);
+        }
+        let id = method_id(command.channel, account);
+        if let Some(existing) = self.method(&id) {
+            return Ok(Decision::Reply(existing.clone()));
+        }
+        if self.methods.len() >= METHODS_PER_USER_MAX {
+            return Err(PayeeError::TooMany);
+        }
+        let method = PayoutMethod {
+            method_id: id,
+            channel: command.channel,
+            account: account.to_owned(),
+        };
+        Ok(Decision::Emit(
+            vec![PayeeEvent::MethodBound(method.clone())],
+            method,
+        ))
+    }
+
+    fn evolve(&mut self, event: &PayeeEvent) {
+        let PayeeEvent::MethodBound(method) = event;
+        self.methods.push(method.clone());
+    }
+
+    fn correlation_id(command: &BindMethod) -> String {
+        method_id(command.channel, command.account.trim()).to_string()
+    }
+
+    fn wrap(event: PayeeEvent) -> Event {
+        Event::Payee(event)
+    }
+
+    fn unwrap(event: &Event) -> Option<&PayeeEvent> {
+        match event {
+            Event::Payee(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::replay;
+    use proptest::prelude::*;
+
+    fn id(s: &str) -> Id {
+        Id::parse(s).unwrap()
+    }
+
+    fn ctx(now_ms: Millis) -> Ctx {
+        Ctx { now_ms }
+    }
+
+    fn request(amount: u64) -> WithdrawalRequest {
+        WithdrawalRequest {
+            uid: id("u1"),
+            amount: Fen::new(amount),
+            method: PayoutMethod {
+                method_id: method_id(Channel::Bank, "6222"),
+                channel: Channel::Bank,
+                account: "6222".into(),
+            },
+        }
+    }
+
+    /// Applies a command to an order, returning the new order (panics on refusal).
+    fn run(order: &WithdrawalOrder, command: WithdrawalCommand) -> WithdrawalOrder {
+        match order.decide(&command, &ctx(1_000)).unwrap() {
+            Decision::Emit(events, reply) => {
+                let after = replay(order.clone(), &events);
+                assert_eq!(after, reply, "the reply is the state after the events");
+                after
+            }
+            Decision::Reply(reply) => reply,
+        }
+    }
+
+    fn failed(reason: &str) -> PayoutResult {
+        PayoutResult::Failed {
+            reason: reason.into(),
+        }
+    }
+
+    fn debited() -> WithdrawalOrder {
+        let order = run(
+            &WithdrawalOrder::default(),
+            WithdrawalCommand::Request(request(500)),
+        );
+        run(&order, WithdrawalCommand::RecordDebit)
+    }
+
+    #[test]
+    fn the_happy_path_goes_pending_debit_payout_paying_succeeded() {
+        // Given a request, when debited, paid and succeeded, then each state in order.
+        let order = run(
+            &WithdrawalOrder::default(),
+            WithdrawalCommand::Request(request(500)),
+        );
+        assert_eq!(order.state, Some(OrderState::PendingDebit));
+        let order = run(&order, WithdrawalCommand::RecordDebit);
+        assert_eq!(order.state, Some(OrderState::PendingPayout));
+        let order = run(&order, WithdrawalCommand::StartPayout);
+        assert_eq!((order.state, order.attempts), (Some(OrderState::Paying), 1));
+        let order = run(
+            &order,
+            WithdrawalCommand::RecordPayout {
+                attempt: 1,
+                result: PayoutResult::Succeeded,
+                max_attempts: 4,
+            },
+        );
+        assert_eq!(order.state, Some(OrderState::Succeeded));
+        assert!(order.is_final());
+        let states: Vec<_> = order.history.iter().map(|(s, _)| *s).collect();
+        assert_eq!(
+            states,
+            [
+                OrderState::PendingDebit,
+                OrderState::PendingPayout,
+                OrderState::Paying,
+                OrderState::Succeeded
+            ]
+        );
+    }
+
+    #[test]
+    fn a_request_is_idempotent_and_another_payload_conflicts() {
+        // Goal: same payload replays, other payload is a conflict.
+        let order = run(
+            &WithdrawalOrder::default(),
+            WithdrawalCommand::Request(request(500)),
+        );
+        assert!(matches!(
+            order.decide(&WithdrawalCommand::Request(request(500)), &ctx(2)),
+            Ok(Decision::Reply(_))
+        ));
+        assert_eq!(
+            order.decide(&WithdrawalCommand::Request(request(501)), &ctx(2)),
+            Err(WithdrawalError::IdempotencyConflict)
+        );
+    }
+
+    #[test]
+    fn a_refused_debit_fails_the_order_without_refund() {
+        // Given an insufficient balance, the order fails and is final: nothing to refund.
+        let order = run(
+            &WithdrawalOrder::default(),
+            WithdrawalCommand::Request(request(500)),
+        );
+        let order = run(
+            &order,
+            WithdrawalCommand::RecordDebitRefused {
+                reason: "insufficient_balance".into(),
+            },
+        );
+        assert_eq!(order.state, Some(OrderState::Failed));
+        assert!(order.is_final() && !order.debited);
+        assert!(order
+            .decide(&WithdrawalCommand::RecordRefund, &ctx(3))
+            .is_err());
+        assert!(order
+            .decide(&WithdrawalCommand::StartPayout, &ctx(3))
+            .is_err());
+    }
+
+    #[test]
+    fn failed_attempts_retry_until_the_last_then_park_and_refund_once() {
+        // Given max 4 attempts, three failures return to pending_payout, the fourth parks and
+        // fails the order; one refund follows, a second is a replay.
+        let mut order = debited();
+        for attempt in 1..=3 {
+            order = run(&order, WithdrawalCommand::StartPayout);
+            order = run(
+                &order,
+                WithdrawalCommand::RecordPayout {
+                    attempt,
+                    result: failed("declined"),
+                    max_attempts: 4,
+                },
+            );
+            assert_eq!(
+                order.state,
+                Some(OrderState::PendingPayout),
+                "attempt {attempt}"
+            );
+        }
+        order = run(&order, WithdrawalCommand::StartPayout);
+        order = run(
+            &order,
+            WithdrawalCommand::RecordPayout {
+                attempt: 4,
+                result: failed("declined"),
+                max_attempts: 4,
+            },
+        );
+        assert_eq!(order.state, Some(OrderState::Failed));
+        assert!(order.parked && order.debited && !order.is_final());
+        order = run(&order, WithdrawalCommand::RecordRefund);
+        assert_eq!(order.state, Some(OrderState::Refunded));
+        assert!(order.is_final());
+        assert!(matches!(
+            order.decide(&WithdrawalCommand::RecordRefund, &ctx(5)),
+            Ok(Decision::Reply(_))
+        ));
+    }
+
+    #[test]
+    fn outcomes_of_other_attempts_and_in_wrong_states_are_refused_or_replayed() {
+        // Goal: a late answer for an old attempt cannot move the order.
+        let order = run(&debited(), WithdrawalCommand::StartPayout);
+        let stale = WithdrawalCommand::RecordPayout {
+            attempt: 2,
+            result: PayoutResult::Succeeded,
+            max_attempts: 4,
+        };
+        assert_eq!(
+            order.decide(&stale, &ctx(4)),
+            Err(WithdrawalError::WrongAttempt {
+                expected: 1,
+                got: 2
+            })
+        );
+        let done = run(
+            &order,
+            WithdrawalCommand::RecordPayout {
+                attempt: 1,
+                result: PayoutResult::Succeeded,
+                max_attempts: 4,
+            },
+        );
+        assert!(matches!(
+            done.decide(
+                &WithdrawalCommand::RecordPayout {
+                    attempt: 1,
+                    result: PayoutResult::Succeeded,
+                    max_attempts: 4
+                },
+                &ctx(5)
+            ),
+            Ok(Decision::Reply(_))
+        ));
+        assert!(done
+            .decide(&WithdrawalCommand::StartPayout, &ctx(5))
+            .is_err());
+        assert_eq!(
+            WithdrawalOrder::default().decide(&WithdrawalCommand::RecordDebit, &ctx(0)),
+            Err(WithdrawalError::Unknown)
+        );
+    }
+
+    #[test]
+    fn compensation_follows_the_state_after_the_age() {
+        // Goal: W9's rules, applied only to orders older than the age.
+        let hour = 3_600_000;
+        let requested = run(
+            &WithdrawalOrder::default(),
+            WithdrawalCommand::Request(request(500)),
+        );
+        assert_eq!(
+            compensation(&requested, 1_000 + hour, 4 * hour),
+            None,
+            "too young"
+        );
+        assert_eq!(
+            compensation(&requested, 1_000 + 4 * hour, 4 * hour),
+            Some(Compensation::AbandonDebit)
+        );
+        let pending_payout = run(&requested, WithdrawalCommand::RecordDebit);
+        assert_eq!(
+            compensation(&pending_payout, 5 * hour, 4 * hour),
+            Some(Compensation::Pay)
+        );
+        let paying = run(&pending_payout, WithdrawalCommand::StartPayout);
+        assert_eq!(
+            compensation(&paying, 5 * hour, 4 * hour),
+            Some(Compensation::QueryChannel)
+        );
+        let abandoned = run(&requested, WithdrawalCommand::Abandon { debited: true });
+        assert_eq!(abandoned.state, Some(OrderState::Failed));
+        assert_eq!(
+            compensation(&abandoned, 5 * hour, 4 * hour),
+            Some(Compensation::Refund)
+        );
+        let abandoned_clean = run(&requested, WithdrawalCommand::Abandon { debited: false });
+        assert_eq!(
+            compensation(&abandoned_clean, 5 * hour, 4 * hour),
+            None,
+            "failed without a debit is final"
+        );
+        let succeeded = run(
+            &paying,
+            WithdrawalCommand::RecordPayout {
+                attempt: 1,
+                result: PayoutResult::Succeeded,
+                max_attempts: 4,
+            },
+        );
+        assert_eq!(compensation(&succeeded, 5 * hour, 4 * hour), None);
+    }
+
+    fn policy() -> WithdrawalPolicy {
+        WithdrawalPolicy {
+            min_amount: Fen::new(100),
+            closed_windows: vec![
+                Window {
+                    from_ms: 1_000,
+                    to_ms: 2_000,
+                },
+                Window {
+                    from_ms: 1_900,
+                    to_ms: 3_000,
+                },
+            ],
+            staged_opening: Some(StagedOpening {
+                modulo: 10,
+                schedule: vec![
+                    Stage {
+                        at_ms: 3_000,
+                        open_below: 3,
+                    },
+                    Stage {
+                        at_ms: 4_000,
+                        open_below: 10,
+                    },
+                ],
+            }),
+        }
+    }
+
+    #[test]
+    fn gates_check_minimum_windows_and_staged_opening() {
+        // Goal: W3 minimum, W4 closed windows (overlaps followed to the end), W5 uid mod N.
+        let p = policy();
+        assert_eq!(
+            p.check(&id("12"), Fen::new(99), 5_000),
+            Err(Gate::BelowMinimum { min: Fen::new(100) })
+        );
+        assert_eq!(
+            p.check(&id("12"), Fen::new(100), 1_500),
+            Err(Gate::WindowClosed { opens_at_ms: 3_000 })
+        );
+        assert_eq!(
+            p.check(&id("12"), Fen::new(100), 999),
+            Err(Gate::NotYetOpenForUser {
+                opens_at_ms: Some(3_000)
+            })
+        );
+        assert_eq!(
+            p.check(&id("12"), Fen::new(100), 3_000),
+            Ok(()),
+            "bucket 2 opens in the first stage"
+        );
+        assert_eq!(
+            p.check(&id("15"), Fen::new(100), 3_500),
+            Err(Gate::NotYetOpenForUser {
+                opens_at_ms: Some(4_000)
+            })
+        );
+        assert_eq!(p.check(&id("15"), Fen::new(100), 4_000), Ok(()));
+        assert_eq!(bucket(&id("1234"), 10), 4);
+        assert_eq!(
+            bucket(&id("alice"), 10),
+            bucket(&id("alice"), 10),
+            "stable for non-numeric uids"
+        );
+        assert!(bucket(&id("alice"), 10) < 10);
+        assert_eq!(
+            WithdrawalPolicy::default().check(&id("x"), Fen::new(100), 0),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn invalid_policies_are_refused() {
+        // Goal: a policy that cannot mean anything is a 422, not a silent default.
+        let mut p = policy();
+        p.closed_windows.push(Window {
+            from_ms: 5,
+            to_ms: 5,
+        });
+        assert!(p.validate().is_err());
+        let mut p = policy();
+        p.staged_opening.as_mut().unwrap().schedule.reverse();
+        assert!(p.validate().is_err());
+        let mut p = policy();
+        p.min_amount = Fen::ZERO;
+        assert!(p.validate().is_err());
+        assert!(policy().validate().is_ok());
+    }
+
+    #[test]
+    fn binding_the_same_account_twice_gives_the_same_method() {
+        // Goal: method ids are derived, so binding is idempotent.
+        let payee = Payee::default();
+        let bind = BindMethod {
+            channel: Channel::Alipay,
+            account: "a@b.c".into(),
+        };
+        let Ok(Decision::Emit(events, method)) = payee.decide(&bind, &ctx(0)) else {
+            panic!()
+        };
+        let payee = replay(payee, &events);
+        assert_eq!(payee.decide(&bind, &ctx(0)), Ok(Decision::Reply(method)));
+        let blank = BindMethod {
+            channel: Channel::Bank,
+            account: " ".into(),
+        };
+        assert_eq!(
+            payee.decide(&blank, &ctx(0)),
+            Err(PayeeError::InvalidAccount)
+        );
+    }
+
+    /// What the channel answers to one attempt, as the payout lane resolves it.
+    #[derive(Debug, Clone)]
+    enum ChannelOutcome {
+        Success,
+        Fail,
+        /// Timeout, then the query shows it paid.
+        TimeoutPaid,
+        /// Timeout, then the query shows a failure.
+        TimeoutFailed,
+        /// Timeout, then the query has no record: the attempt failed (re-sent as the next one).
+        TimeoutNoRecord,
+    }
+
+    fn outcome() -> impl Strategy<Value = ChannelOutcome> {
+        prop_oneof![
+            Just(ChannelOutcome::Success),
+            Just(ChannelOutcome::Fail),
+            Just(ChannelOutcome::TimeoutPaid),
+            Just(ChannelOutcome::TimeoutFailed),
+            Just(ChannelOutcome::TimeoutNoRecord),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn every_order_ends_final_with_debit_minus_refund_equal_to_paid(
+            outcomes in proptest::collection::vec(outcome(), 1..8),
+            max_attempts in 1u32..5,
+        ) {
+            // Goal: for any sequence of channel outcomes, the order ends final, the money
+            // debited minus refunded equals what the channel paid (at most once), and replaying
+            // the order's events rebuilds it.
+            let mut log = Vec::new();
+            let mut order = WithdrawalOrder::default();
+            let mut step = |order: &mut WithdrawalOrder, command: WithdrawalCommand| {
+                if let Decision::Emit(events, _) = order.decide(&command, &ctx(7)).unwrap() {
+                    for e in events {
+                        order.evolve(&e);
+                        log.push(e);
+                    }
+                }
+            };
+            step(&mut order, WithdrawalCommand::Request(request(500)));
+            step(&mut order, WithdrawalCommand::RecordDebit);
+            let mut paid = 0u32;
+            let mut outcomes = outcomes.into_iter();
+            while order.state == Some(OrderState::PendingPayout) {
+                step(&mut order, WithdrawalCommand::StartPayout);
+                let attempt = order.attempts;
+                let result = match outcomes.next().unwrap_or(ChannelOutcome::Success) {
+                    ChannelOutcome::Success | ChannelOutcome::TimeoutPaid => {
+                        paid += 1;
+                        PayoutResult::Succeeded
+                    }
+                    ChannelOutcome::Fail | ChannelOutcome::TimeoutFailed => failed("declined"),
+                    ChannelOutcome::TimeoutNoRecord => failed("no record after timeout"),
+                };
+                step(&mut order, WithdrawalCommand::RecordPayout { attempt, result, max_attempts });
+            }
+            if order.state == Some(OrderState::Failed) && order.debited {
+                step(&mut order, WithdrawalCommand::RecordRefund);
+            }
+            prop_assert!(order.is_final(), "not final: {:?}", order.state);
+            prop_assert!(paid <= 1);
+            prop_assert!(order.attempts <= max_attempts);
+            let debited = if order.debited { 500 } else { 0 };
+            let refunded = if order.refunded { 500 } else { 0 };
+            prop_assert_eq!(debited - refunded, 500 * paid);
+            prop_assert_eq!(replay(WithdrawalOrder::default(), &log), order);
+        }
+    }
+}
