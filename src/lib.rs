@@ -21,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 pub mod actors;
+pub mod channels;
 pub mod clock;
 pub mod config;
 pub mod domain;
