@@ -19,7 +19,48 @@ pub struct Config {
     pub actors: ActorSection,
     pub limits: Limits,
     pub rewards: RewardsSection,
+    pub withdrawals: WithdrawalsSection,
     pub auth: AuthConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WithdrawalsSection {
+    /// Payout attempts per order: the first and the retries (W7: 1 + 3).
+    pub max_attempts: u32,
+    /// Wait before each retry, in milliseconds; the last value repeats.
+    pub retry_backoff_ms: Vec<u64>,
+    /// Payouts per second per channel (0 = unlimited).
+    pub bank_per_s: u32,
+    pub alipay_per_s: u32,
+    pub change_per_s: u32,
+    pub lane_in_flight_max: usize,
+    /// How often the compensation sweeper looks for stuck orders.
+    pub sweep_interval_ms: u64,
+    /// Orders not final after this age are compensated (W9; the seed's 4 hours).
+    pub compensation_age_s: u64,
+}
+
+impl Default for WithdrawalsSection {
+    fn default() -> Self {
+        let w = crate::flows::withdrawals::WithdrawalConfig::default();
+        use crate::domain::withdrawal::Channel;
+        let rate = |c| w.rate_per_s.get(&c).copied().unwrap_or(0);
+        WithdrawalsSection {
+            max_attempts: w.max_attempts,
+            retry_backoff_ms: w
+                .retry_backoff
+                .iter()
+                .map(|d| d.as_millis() as u64)
+                .collect(),
+            bank_per_s: rate(Channel::Bank),
+            alipay_per_s: rate(Channel::Alipay),
+            change_per_s: rate(Channel::Change),
+            lane_in_flight_max: w.in_flight_max,
+            sweep_interval_ms: w.sweep_interval.as_millis() as u64,
+            compensation_age_s: w.compensation_age.as_secs(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -117,6 +158,7 @@ impl Default for Config {
             actors: ActorSection::default(),
             limits: Limits::default(),
             rewards: RewardsSection::default(),
+            withdrawals: WithdrawalsSection::default(),
             auth: AuthConfig::default(),
         }
     }
@@ -253,6 +295,11 @@ impl Config {
                 return Err(ConfigError::Invalid(format!("{name} must be positive")));
             }
         }
+        if self.withdrawals.retry_backoff_ms.is_empty() {
+            return Err(ConfigError::Invalid(
+                "withdrawals.retry_backoff_ms needs at least one value".into(),
+            ));
+        }
         if self.limits.amount_fen_max > i64::MAX as u64 {
             return Err(ConfigError::Invalid(
                 "limits.amount_fen_max must fit in i64".into(),
@@ -283,6 +330,30 @@ impl Config {
             in_flight_max: self.rewards.lane_in_flight_max,
             queue_max: self.rewards.lane_queue_max,
             checkpoint_interval: Duration::from_millis(self.rewards.lane_checkpoint_interval_ms),
+        }
+    }
+
+    pub fn withdrawals(&self) -> crate::flows::withdrawals::WithdrawalConfig {
+        use crate::domain::withdrawal::Channel;
+        let w = &self.withdrawals;
+        crate::flows::withdrawals::WithdrawalConfig {
+            max_attempts: w.max_attempts,
+            retry_backoff: w
+                .retry_backoff_ms
+                .iter()
+                .map(|ms| Duration::from_millis(*ms))
+                .collect(),
+            rate_per_s: [
+                (Channel::Bank, w.bank_per_s),
+                (Channel::Alipay, w.alipay_per_s),
+                (Channel::Change, w.change_per_s),
+            ]
+            .into_iter()
+            .collect(),
+            in_flight_max: w.lane_in_flight_max,
+            sweep_interval: Duration::from_millis(w.sweep_interval_ms),
+            compensation_age: Duration::from_secs(w.compensation_age_s),
+            checkpoint_interval: Duration::from_millis(200),
         }
     }
 

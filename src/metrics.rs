@@ -31,6 +31,12 @@ pub struct Metrics {
     pub reward_lane_throttled_total: IntCounterVec,
     pub reward_tokens_refused_total: IntCounterVec,
     pub budget_remaining_fen: IntGaugeVec,
+    pub withdrawals_total: IntCounterVec,
+    pub payout_attempts_total: IntCounterVec,
+    pub payout_lane_backlog: IntGaugeVec,
+    pub payouts_parked_total: IntCounterVec,
+    pub compensations_total: IntCounterVec,
+    pub reconciliation_mismatches_total: IntCounterVec,
 }
 
 /// Latency buckets from 50 us to about 13 s: covers a cached read and a stalled flush alike.
@@ -180,7 +186,44 @@ impl Metrics {
             &["activity", "kind"],
         );
 
+        let withdrawals_total = counter(
+            "hongbao_withdrawals_total",
+            "Withdrawal orders by milestone: requested, then the final state (succeeded, refunded, failed)",
+            &["state"],
+        );
+        let payout_attempts_total = counter(
+            "hongbao_payout_attempts_total",
+            "Payment channel calls by channel and answer (succeeded, failed, throttled, timeout)",
+            &["channel", "outcome"],
+        );
+        let payout_lane_backlog = gauge(
+            "hongbao_payout_lane_backlog",
+            "Orders ready for a payout, by channel",
+            &["channel"],
+        );
+        let payouts_parked_total = counter(
+            "hongbao_payouts_parked_total",
+            "Payouts parked in the dead-letter set after the last attempt, by channel",
+            &["channel"],
+        );
+        let compensations_total = counter(
+            "hongbao_withdrawal_compensations_total",
+            "Stuck withdrawals compensated by the sweeper, by action",
+            &["action"],
+        );
+        let reconciliation_mismatches_total = counter(
+            "hongbao_reconciliation_mismatches_total",
+            "Final withdrawals whose wallet movements or channel record disagree, by check",
+            &["check"],
+        );
+
         let metrics = Metrics {
+            withdrawals_total,
+            payout_attempts_total,
+            payout_lane_backlog,
+            payouts_parked_total,
+            compensations_total,
+            reconciliation_mismatches_total,
             rewards_accepted_total,
             rewards_refused_total,
             rewards_credited_total,
@@ -231,6 +274,12 @@ impl Metrics {
             Box::new(self.reward_lane_throttled_total.clone()),
             Box::new(self.reward_tokens_refused_total.clone()),
             Box::new(self.budget_remaining_fen.clone()),
+            Box::new(self.withdrawals_total.clone()),
+            Box::new(self.payout_attempts_total.clone()),
+            Box::new(self.payout_lane_backlog.clone()),
+            Box::new(self.payouts_parked_total.clone()),
+            Box::new(self.compensations_total.clone()),
+            Box::new(self.reconciliation_mismatches_total.clone()),
         ];
         for collector in collectors {
             self.registry

@@ -10,16 +10,20 @@ pub mod error;
 pub mod ops;
 pub mod rewards;
 pub mod wallets;
+pub mod withdrawals;
 
 use crate::actors::{Board, Registry, Runtime};
+use crate::channels::{SimulatedChannels, Simulator};
 use crate::clock::Clock;
 use crate::config::{Config, ConfigError, Keys};
 use crate::domain::activity::Activity;
 use crate::domain::switches::Switches;
 use crate::domain::wallet::Wallet;
+use crate::domain::withdrawal::{Payee, PolicyState};
 use crate::events::sled_store::SledStore;
 use crate::events::{EventStore, StoreError};
 use crate::flows::reward_lanes::RewardLanes;
+use crate::flows::withdrawals::{WithdrawalFlows, Withdrawals};
 use crate::ids::Id;
 use crate::metrics::Metrics;
 use crate::projections::Projections;
@@ -65,6 +69,16 @@ pub struct ErrorBody {
         rewards::get_activity,
         rewards::force_credit,
         rewards::list_rewards,
+        withdrawals::bind_method,
+        withdrawals::list_methods,
+        withdrawals::withdraw,
+        withdrawals::get_withdrawal,
+        withdrawals::set_policy,
+        withdrawals::get_policy,
+        withdrawals::set_channel,
+        withdrawals::get_channel,
+        withdrawals::statement,
+        withdrawals::parked,
         ops::healthz,
         ops::readyz,
         ops::metrics,
@@ -93,11 +107,25 @@ pub struct ErrorBody {
         rewards::ForceCreditResponse,
         rewards::Refusal,
         rewards::UserReward,
+        withdrawals::MethodRequest,
+        withdrawals::MethodBody,
+        withdrawals::WithdrawalBody,
+        withdrawals::WithdrawalAccepted,
+        withdrawals::WithdrawalStatus,
+        withdrawals::HistoryItem,
+        withdrawals::PolicyBody,
+        withdrawals::WindowBody,
+        withdrawals::StagedBody,
+        withdrawals::StageBody,
+        withdrawals::ChannelBody,
+        withdrawals::StatementItem,
+        withdrawals::ParkedItem,
     )),
     modifiers(&BearerAuth),
     tags(
         (name = "wallet", description = "Balances, ledger, deposits, force-credit, reward list"),
         (name = "rewards", description = "Reward intake, scenario shortcuts, status, budgets"),
+        (name = "withdrawals", description = "Payout methods, withdrawals, policy, payment channels"),
         (name = "operations", description = "Health, readiness, metrics, this document"),
     )
 )]
@@ -124,6 +152,11 @@ pub struct AppState {
     pub wallets: Arc<Registry<Wallet>>,
     pub activities: Arc<Registry<Activity>>,
     pub switches: Board<Switches>,
+    pub policy: Board<PolicyState>,
+    pub payees: Arc<Registry<Payee>>,
+    pub withdrawals: Arc<Withdrawals>,
+    pub withdrawal_flows: WithdrawalFlows,
+    pub channels: Arc<SimulatedChannels>,
     pub signer: TokenSigner,
     pub lanes: RewardLanes,
     pub projections: Arc<Projections>,
@@ -216,9 +249,32 @@ impl Application {
         });
         let wallets = Registry::new(runtime.clone());
         let activities = Registry::new(runtime.clone());
-        let switches = Board::load(Registry::new(runtime))
+        let switches = Board::load(Registry::new(runtime.clone()))
             .await
             .map_err(|e| ServeError::Store(StoreError::Io(format!("cannot load switches: {e}"))))?;
+        let policy = Board::load(Registry::new(runtime.clone()))
+            .await
+            .map_err(|e| {
+                ServeError::Store(StoreError::Io(format!(
+                    "cannot load the withdrawal policy: {e}"
+                )))
+            })?;
+        let payees = Registry::new(runtime.clone());
+        let channels = SimulatedChannels::open(&config.data_dir, runtime.clock.clone())?;
+        let withdrawals = Withdrawals::new(
+            Registry::new(runtime.clone()),
+            wallets.clone(),
+            Arc::new(Simulator(channels.clone())),
+            config.withdrawals(),
+        );
+        let withdrawal_view = projections
+            .tree(crate::projections::withdrawals::NAME)
+            .cloned()
+            .ok_or_else(|| {
+                ServeError::Store(StoreError::Io("the withdrawals view is not running".into()))
+            })?;
+        let withdrawal_flows =
+            WithdrawalFlows::start(withdrawals.clone(), store.state_db(), withdrawal_view)?;
         let lanes = RewardLanes::start(
             store.state_db(),
             wallets.clone(),
@@ -234,6 +290,11 @@ impl Application {
             wallets,
             activities,
             switches,
+            policy,
+            payees,
+            withdrawals,
+            withdrawal_flows,
+            channels,
             lanes,
             projections,
             metrics,
@@ -321,6 +382,7 @@ impl Application {
         signals.abort();
         let started = Instant::now();
         self.state.lanes.stop().await;
+        self.state.withdrawal_flows.stop().await;
         self.state.projections.stop().await;
         let closed = self.state.store.close().await;
         tracing::info!(
@@ -358,66 +420,112 @@ async fn wait_for_signal() {
 /// Every route. actix-router tries resources in this order (regular expressions for
 /// parameterised paths), so the peak-traffic endpoints come first.
 fn routes(cfg: &mut web::ServiceConfig) {
-    let routes: [(&str, actix_web::Route); 18] = [
+    let routes: Vec<(&str, Vec<actix_web::Route>)> = vec![
         // Peak traffic: reward intake.
-        ("/v1/rewards", web::post().to(rewards::send_reward)),
+        ("/v1/rewards", vec![web::post().to(rewards::send_reward)]),
         (
             "/v1/activities/{activity_id}/rain/{round}/rewards",
-            web::post().to(rewards::rain),
+            vec![web::post().to(rewards::rain)],
         ),
         (
             "/v1/activities/{activity_id}/fireworks/rewards",
-            web::post().to(rewards::fireworks),
+            vec![web::post().to(rewards::fireworks)],
         ),
         (
             "/v1/activities/{activity_id}/cards/rewards",
-            web::post().to(rewards::cards),
+            vec![web::post().to(rewards::cards)],
         ),
         // Wallet.
-        ("/v1/wallets/{uid}", web::get().to(wallets::get_wallet)),
+        (
+            "/v1/wallets/{uid}",
+            vec![web::get().to(wallets::get_wallet)],
+        ),
         (
             "/v1/wallets/{uid}/ledger",
-            web::get().to(wallets::get_ledger),
+            vec![web::get().to(wallets::get_ledger)],
         ),
         (
             "/v1/wallets/{uid}/force-credit",
-            web::post().to(rewards::force_credit),
+            vec![web::post().to(rewards::force_credit)],
         ),
         (
             "/v1/wallets/{uid}/rewards",
-            web::get().to(rewards::list_rewards),
+            vec![web::get().to(rewards::list_rewards)],
         ),
         (
             "/v1/wallets/{uid}/change/deposits",
-            web::post().to(wallets::deposit),
+            vec![web::post().to(wallets::deposit)],
         ),
         (
             "/v1/rewards/{order_id}",
-            web::get().to(rewards::reward_status),
+            vec![web::get().to(rewards::reward_status)],
+        ),
+        // Withdrawals.
+        (
+            "/v1/wallets/{uid}/withdrawals",
+            vec![web::post().to(withdrawals::withdraw)],
+        ),
+        (
+            "/v1/wallets/{uid}/payout-methods",
+            vec![
+                web::post().to(withdrawals::bind_method),
+                web::get().to(withdrawals::list_methods),
+            ],
+        ),
+        (
+            "/v1/withdrawals/{order_id}",
+            vec![web::get().to(withdrawals::get_withdrawal)],
         ),
         // Administration.
         (
             "/v1/admin/activities/{activity_id}/budget",
-            web::put().to(rewards::set_budget),
+            vec![web::put().to(rewards::set_budget)],
         ),
         (
             "/v1/admin/activities/{activity_id}",
-            web::get().to(rewards::get_activity),
+            vec![web::get().to(rewards::get_activity)],
         ),
-        ("/v1/admin/switches/{name}", web::put().to(ops::set_switch)),
-        ("/v1/admin/switches", web::get().to(ops::list_switches)),
+        (
+            "/v1/admin/switches/{name}",
+            vec![web::put().to(ops::set_switch)],
+        ),
+        (
+            "/v1/admin/switches",
+            vec![web::get().to(ops::list_switches)],
+        ),
+        (
+            "/v1/admin/withdrawal-policy",
+            vec![
+                web::put().to(withdrawals::set_policy),
+                web::get().to(withdrawals::get_policy),
+            ],
+        ),
+        (
+            "/v1/admin/channels/{channel}",
+            vec![
+                web::put().to(withdrawals::set_channel),
+                web::get().to(withdrawals::get_channel),
+            ],
+        ),
+        (
+            "/v1/admin/channels/{channel}/statement",
+            vec![web::get().to(withdrawals::statement)],
+        ),
+        (
+            "/v1/admin/withdrawals/parked",
+            vec![web::get().to(withdrawals::parked)],
+        ),
         // Operations.
-        ("/healthz", web::get().to(ops::healthz)),
-        ("/readyz", web::get().to(ops::readyz)),
-        ("/metrics", web::get().to(ops::metrics)),
-        ("/openapi.json", web::get().to(ops::openapi)),
+        ("/healthz", vec![web::get().to(ops::healthz)]),
+        ("/readyz", vec![web::get().to(ops::readyz)]),
+        ("/metrics", vec![web::get().to(ops::metrics)]),
+        ("/openapi.json", vec![web::get().to(ops::openapi)]),
     ];
-    for (path, route) in routes {
-        cfg.service(
-            web::resource(path)
-                .route(route)
-                .default_service(web::to(method_not_allowed)),
-        );
+    for (path, methods) in routes {
+        let resource = methods
+            .into_iter()
+            .fold(web::resource(path), |r, route| r.route(route));
+        cfg.service(resource.default_service(web::to(method_not_allowed)));
     }
     cfg.default_service(web::to(no_route));
 }

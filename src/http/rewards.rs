@@ -568,7 +568,18 @@ pub async fn force_credit(
 ) -> Result<HttpResponse, ApiError> {
     caller.require(&[Role::Gateway])?;
     let uid = parse_id("uid", &path)?;
-    let claims = verify_tokens(&state, &uid, &body.tokens)?;
+    Ok(HttpResponse::Ok().json(credit_tokens(&state, &uid, &body.tokens).await?))
+}
+
+/// Force-credits presented tokens (R5): verifies every one first (one bad token fails the
+/// whole call, nothing credited), then credits them through the same wallet command the lanes
+/// send. Also the first step of a withdrawal that presents tokens (W6).
+pub async fn credit_tokens(
+    state: &AppState,
+    uid: &Id,
+    tokens: &[String],
+) -> Result<ForceCreditResponse, ApiError> {
+    let claims = verify_tokens(state, uid, tokens)?;
     let mut response = ForceCreditResponse {
         credited: vec![],
         already: vec![],
@@ -604,7 +615,7 @@ pub async fn force_credit(
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(HttpResponse::Ok().json(response))
+    Ok(response)
 }
 
 /// Verifies every token before anything is credited: one bad token fails the whole call.

@@ -13,6 +13,7 @@
 
 pub mod rewards;
 pub mod wallet;
+pub mod withdrawals;
 
 use crate::events::{codec, Envelope, EventStore, StoreError, Subscription};
 use crate::metrics::Metrics;
@@ -33,6 +34,7 @@ pub fn all(metrics: Arc<Metrics>) -> Vec<Arc<dyn Projection>> {
     vec![
         Arc::new(wallet::WalletView),
         Arc::new(rewards::RewardsView { metrics }),
+        Arc::new(withdrawals::WithdrawalsView),
     ]
 }
 

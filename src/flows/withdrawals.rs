@@ -1,0 +1,875 @@
+//! Withdrawals (W6-W11): the request flow, the payout lanes, the compensation sweeper and the
+//! near-real-time reconciler.
+//!
+//! - [`Withdrawals::request`] creates the order (`withdrawal:<order id>`), debits the wallet and
+//!   records the outcome. It answers as soon as the debit is recorded; the payout is
+//!   asynchronous.
+//! - The payout lanes follow the log from their checkpoint. An order that was debited, whose
+//!   attempt failed, that was parked or abandoned after a debit, or that was left paying by a
+//!   crash is queued by channel; each channel has its own token bucket (W7). [`Withdrawals::settle`]
+//!   drives one order one step: start an attempt and call the channel, resolve a timeout by
+//!   querying (never by paying again blindly; the channel is idempotent by order id), schedule
+//!   a retry after the configured backoff, park after the last attempt, refund a failed order
+//!   that was debited (once: the wallet's refund is idempotent by order id).
+//! - The sweeper, on the injected clock, finds orders not final after `compensation_age` and
+//!   applies W9's rule for their state (`domain::withdrawal::compensation`).
+//! - The reconciler checks every order that becomes final against the wallet's movements
+//!   (one debit, at most one refund, a refund exactly when it failed after the debit) and the
+//!   channel's record (paid exactly when it succeeded); a mismatch increments
+//!   `hongbao_reconciliation_mismatches_total{check}` and is logged with the order id.
+
+use super::{load_checkpoint, save_checkpoint, CHECKPOINT_TREE};
+use crate::actors::{ExecError, Registry};
+use crate::channels::{PayOutcome, PaymentChannel, QueryOutcome};
+use crate::clock::{Clock, Millis};
+use crate::domain::wallet::{Entry, Wallet, WalletCommand, WalletError, WalletEvent};
+use crate::domain::withdrawal::{
+    compensation, Channel, Compensation, OrderState, PayoutResult, WithdrawalCommand,
+    WithdrawalError, WithdrawalEvent, WithdrawalOrder, WithdrawalRequest,
+};
+use crate::domain::Event;
+use crate::events::{Envelope, EventStore, StoreError, Subscription};
+use crate::ids::Id;
+use crate::metrics::Metrics;
+use crate::projections::withdrawals as view;
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
+use governor::{DefaultDirectRateLimiter, Quota};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{oneshot, watch};
+
+const LANES_FLOW: &str = "payout-lanes";
+const RECONCILER_FLOW: &str = "withdrawal-reconciler";
+/// How long a stop waits for payouts in flight.
+const STOP_DRAIN_MAX: Duration = Duration::from_secs(10);
+/// Delay before retrying a step that failed for a transient reason (an actor restarting).
+const TRANSIENT_RETRY: Duration = Duration::from_millis(500);
+/// Orders one sweep looks at, at most.
+const SWEEP_ORDERS_MAX: usize = 10_000;
+
+#[derive(Debug, Clone)]
+pub struct WithdrawalConfig {
+    /// Payout attempts per order: the first and the retries (W7: three retries).
+    pub max_attempts: u32,
+    /// Wait before retry n (1-based), the last value repeating.
+    pub retry_backoff: Vec<Duration>,
+    /// Payouts per second per channel (the lanes' own limit, W7); 0 = unlimited.
+    pub rate_per_s: BTreeMap<Channel, u32>,
+    pub in_flight_max: usize,
+    pub sweep_interval: Duration,
+    /// Orders not final after this age are compensated (W9; the seed's 4 hours).
+    pub compensation_age: Duration,
+    pub checkpoint_interval: Duration,
+}
+
+impl Default for WithdrawalConfig {
+    fn default() -> Self {
+        WithdrawalConfig {
+            max_attempts: 4,
+            // All three retries within about ten seconds: a first run sees failures settle fast.
+            retry_backoff: vec![
+                Duration::from_secs(1),
+                Duration::from_secs(3),
+                Duration::from_secs(6),
+            ],
+            rate_per_s: BTreeMap::from([
+                (Channel::Bank, 2_000),
+                (Channel::Alipay, 5_000),
+                (Channel::Change, 10_000),
+            ]),
+            in_flight_max: 256,
+            sweep_interval: Duration::from_secs(60),
+            compensation_age: Duration::from_secs(4 * 3600),
+            checkpoint_interval: Duration::from_millis(200),
+        }
+    }
+}
+
+impl WithdrawalConfig {
+    fn backoff(&self, attempt: u32) -> Duration {
+        let i = (attempt.max(1) - 1) as usize;
+        self.retry_backoff
+            .get(i)
+            .or(self.retry_backoff.last())
+            .copied()
+            .unwrap_or(Duration::from_secs(1))
+    }
+}
+
+/// Where an order stands after a settling step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Final: nothing more to do.
+    Done,
+    /// Waiting for its debit (the request flow or the sweeper moves it).
+    Waiting,
+    /// Retry the payout at this time (epoch ms, injected clock).
+    RetryAt(Millis),
+}
+
+/// Why a flow step did not complete; retried later.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Transient(pub String);
+
+fn transient<E: std::fmt::Debug>(e: ExecError<E>) -> Transient {
+    Transient(format!("{e:?}"))
+}
+
+/// The withdrawal flows and what they act through.
+pub struct Withdrawals {
+    pub orders: Arc<Registry<WithdrawalOrder>>,
+    pub wallets: Arc<Registry<Wallet>>,
+    pub channel: Arc<dyn PaymentChannel>,
+    pub config: WithdrawalConfig,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+}
+
+impl Withdrawals {
+    pub fn new(
+        orders: Arc<Registry<WithdrawalOrder>>,
+        wallets: Arc<Registry<Wallet>>,
+        channel: Arc<dyn PaymentChannel>,
+        config: WithdrawalConfig,
+    ) -> Arc<Withdrawals> {
+        let runtime = orders.runtime().clone();
+        Arc::new(Withdrawals {
+            orders,
+            wallets,
+            channel,
+            config,
+            clock: runtime.clock.clone(),
+            metrics: runtime.metrics.clone(),
+        })
+    }
+
+    /// The order as it stands (`None`: no such order).
+    pub async fn order(&self, order_id: &Id) -> Result<Option<WithdrawalOrder>, Transient> {
+        let (order, _) = self
+            .orders
+            .state(order_id.as_str())
+            .await
+            .map_err(transient)?;
+        Ok(order.request.is_some().then_some(order))
+    }
+
+    /// Creates the order and debits the wallet (W7: the answer comes right after the debit).
+    /// Idempotent: a retry resumes where the first attempt stopped.
+    pub async fn request(
+        &self,
+        order_id: &Id,
+        request: WithdrawalRequest,
+    ) -> Result<WithdrawalOrder, ExecError<WithdrawalError>> {
+        let uid = request.uid.clone();
+        let amount = request.amount;
+        let order = self
+            .orders
+            .execute(order_id.as_str(), WithdrawalCommand::Request(request))
+            .await?;
+        if order.state != Some(OrderState::PendingDebit) {
+            return Ok(order);
+        }
+        self.metrics
+            .withdrawals_total
+            .with_label_values(&["requested"])
+            .inc();
+        let debit = WalletCommand::Debit {
+            entry: Entry::Withdrawal,
+            order_id: order_id.clone(),
+            amount,
+        };
+        let outcome = match self.wallets.execute(uid.as_str(), debit).await {
+            Ok(_) => WithdrawalCommand::RecordDebit,
+            Err(ExecError::Rejected(WalletError::InsufficientBalance { .. })) => {
+                WithdrawalCommand::RecordDebitRefused {
+                    reason: "insufficient_balance".into(),
+                }
+            }
+            Err(ExecError::Rejected(e)) => WithdrawalCommand::RecordDebitRefused {
+                reason: e.to_string(),
+            },
+            // Unknown: the order stays pending_debit; a retry (or the sweeper) resumes it.
+            Err(ExecError::Unavailable(why)) => return Err(ExecError::Unavailable(why)),
+            Err(ExecError::Overloaded) => return Err(ExecError::Overloaded),
+            Err(ExecError::Timeout) => return Err(ExecError::Timeout),
+        };
+        self.orders.execute(order_id.as_str(), outcome).await
+    }
+
+    /// Records a payout outcome for the attempt in progress.
+    async fn record(
+        &self,
+        order_id: &Id,
+        attempt: u32,
+        result: PayoutResult,
+    ) -> Result<WithdrawalOrder, Transient> {
+        let command = WithdrawalCommand::RecordPayout {
+            attempt,
+            result,
+            max_attempts: self.config.max_attempts,
+        };
+        let order = self
+            .orders
+            .execute(order_id.as_str(), command)
+            .await
+            .map_err(transient)?;
+        if order.parked && order.state == Some(OrderState::Failed) && !order.refunded {
+            let channel = order
+                .request
+                .as_ref()
+                .map(|r| r.method.channel.as_str())
+                .unwrap_or("?");
+            self.metrics
+                .payouts_parked_total
+                .with_label_values(&[channel])
+                .inc();
+            tracing::warn!(order_id = %order_id, attempts = order.attempts, reason = ?order.failure, "payout parked (dead letter); refunding");
+        }
+        Ok(order)
+    }
+
+    /// Pays the attempt in progress and resolves the answer into a definite result.
+    async fn pay(&self, order_id: &Id, order: &WithdrawalOrder) -> PayoutResult {
+        let request = order
+            .request
+            .as_ref()
+            .expect("a paying order has a request");
+        let channel = request.method.channel;
+        let outcome = self
+            .channel
+            .pay(channel, order_id, request.amount, &request.method.account)
+            .await;
+        let label = match &outcome {
+            PayOutcome::Succeeded => "succeeded",
+            PayOutcome::Failed(_) => "failed",
+            PayOutcome::Throttled => "throttled",
+            PayOutcome::Timeout => "timeout",
+        };
+        self.metrics
+            .payout_attempts_total
+            .with_label_values(&[channel.as_str(), label])
+            .inc();
+        match outcome {
+            PayOutcome::Succeeded => PayoutResult::Succeeded,
+            PayOutcome::Failed(reason) => PayoutResult::Failed { reason },
+            PayOutcome::Throttled => PayoutResult::Failed {
+                reason: "throttled by the channel".into(),
+            },
+            // Unknown outcome: ask, never guess. No record means the channel did not pay; the
+            // next attempt sends the same order id again.
+            PayOutcome::Timeout => match self.channel.query(channel, order_id).await {
+                QueryOutcome::Succeeded => PayoutResult::Succeeded,
+                QueryOutcome::Failed(reason) => PayoutResult::Failed {
+                    reason: format!("timeout, then {reason}"),
+                },
+                QueryOutcome::NoRecord => PayoutResult::Failed {
+                    reason: "timeout; the channel has no record".into(),
+                },
+            },
+        }
+    }
+
+    /// Drives an order toward a final state as far as it can go now.
+    pub async fn settle(&self, order_id: &Id) -> Result<Step, Transient> {
+        loop {
+            let Some(order) = self.order(order_id).await? else {
+                return Ok(Step::Done);
+            };
+            match order.state {
+                Some(OrderState::PendingDebit) => return Ok(Step::Waiting),
+                Some(OrderState::PendingPayout) => {
+                    if order.attempts > 0 {
+                        let failed_at = order.history.last().map(|(_, at)| *at).unwrap_or(0);
+                        let due =
+                            failed_at + self.config.backoff(order.attempts).as_millis() as i64;
+                        if self.clock.now_ms() < due {
+                            return Ok(Step::RetryAt(due));
+                        }
+                    }
+                    let started = self
+                        .orders
+                        .execute(order_id.as_str(), WithdrawalCommand::StartPayout)
+                        .await
+                        .map_err(transient)?;
+                    let result = self.pay(order_id, &started).await;
+                    self.record(order_id, started.attempts, result).await?;
+                }
+                Some(OrderState::Paying) => {
+                    // An attempt whose outcome was never recorded (a crash, or a stop): ask the
+                    // channel; with no record, send it again under the same order id.
+                    let request = order.request.as_ref().expect("requested");
+                    let result = match self.channel.query(request.method.channel, order_id).await {
+                        QueryOutcome::Succeeded => PayoutResult::Succeeded,
+                        QueryOutcome::Failed(reason) => PayoutResult::Failed { reason },
+                        QueryOutcome::NoRecord => self.pay(order_id, &order).await,
+                    };
+                    self.record(order_id, order.attempts, result).await?;
+                }
+                Some(OrderState::Failed) if order.debited && !order.refunded => {
+                    let request = order.request.as_ref().expect("requested");
+                    let refund = WalletCommand::Refund {
+                        entry: Entry::WithdrawalRefund,
+                        order_id: order_id.clone(),
+                    };
+                    match self.wallets.execute(request.uid.as_str(), refund).await {
+                        Ok(_) => {}
+                        Err(ExecError::Rejected(e)) => {
+                            return Err(Transient(format!("refund refused: {e}")))
+                        }
+                        Err(e) => return Err(transient(e)),
+                    }
+                    self.orders
+                        .execute(order_id.as_str(), WithdrawalCommand::RecordRefund)
+                        .await
+                        .map_err(transient)?;
+                }
+                _ => return Ok(Step::Done),
+            }
+        }
+    }
+
+    /// Applies W9's rule to one old order.
+    pub async fn compensate(&self, order_id: &Id) -> Result<Option<Compensation>, Transient> {
+        let Some(order) = self.order(order_id).await? else {
+            return Ok(None);
+        };
+        let age = self.config.compensation_age.as_millis() as i64;
+        let Some(action) = compensation(&order, self.clock.now_ms(), age) else {
+            return Ok(None);
+        };
+        let label = match action {
+            Compensation::AbandonDebit => "abandon_debit",
+            Compensation::Pay => "pay",
+            Compensation::QueryChannel => "query_channel",
+            Compensation::Refund => "refund",
+        };
+        tracing::warn!(order_id = %order_id, action = label, state = ?order.state, "compensating a stuck withdrawal");
+        self.metrics
+            .compensations_total
+            .with_label_values(&[label])
+            .inc();
+        if action == Compensation::AbandonDebit {
+            // Did the debit happen? The wallet's own record says.
+            let uid = &order.request.as_ref().expect("requested").uid;
+            let (wallet, _) = self.wallets.state(uid.as_str()).await.map_err(transient)?;
+            let debited = wallet
+                .entries
+                .contains_key(&(Entry::Withdrawal, order_id.clone()));
+            self.orders
+                .execute(order_id.as_str(), WithdrawalCommand::Abandon { debited })
+                .await
+                .map_err(transient)?;
+        }
+        self.settle(order_id).await?;
+        Ok(Some(action))
+    }
+}
+
+/// The payout lanes, the sweeper and the reconciler, on one arbiter.
+pub struct WithdrawalFlows {
+    stop: watch::Sender<bool>,
+    done: std::sync::Mutex<Vec<oneshot::Receiver<()>>>,
+    arbiter: actix_rt::ArbiterHandle,
+}
+
+impl WithdrawalFlows {
+    /// Starts the flows. `views` is the withdrawals view tree the sweeper scans. Must be called
+    /// within an actix system.
+    pub fn start(
+        withdrawals: Arc<Withdrawals>,
+        db: &sled::Db,
+        views: sled::Tree,
+    ) -> Result<WithdrawalFlows, StoreError> {
+        let store = withdrawals.orders.runtime().store.clone();
+        let tree = db
+            .open_tree(CHECKPOINT_TREE)
+            .map_err(|e| StoreError::Io(e.to_string()))?;
+        let (stop, stop_rx) = watch::channel(false);
+        let arbiter = actix_rt::Arbiter::new().handle();
+        let mut done = Vec::new();
+        let lanes = PayoutLanes::new(withdrawals.clone(), tree.clone())?;
+        let (tx, rx) = oneshot::channel();
+        done.push(rx);
+        let lane_store = store.clone();
+        let lane_stop = stop_rx.clone();
+        arbiter.spawn(async move {
+            lanes.run(lane_store, lane_stop).await;
+            let _ = tx.send(());
+        });
+        let (tx, rx) = oneshot::channel();
+        done.push(rx);
+        let sweeper_stop = stop_rx.clone();
+        let sweeper = withdrawals.clone();
+        arbiter.spawn(async move {
+            sweep(sweeper, views, sweeper_stop).await;
+            let _ = tx.send(());
+        });
+        let reconciler = Reconciler::new(withdrawals, tree)?;
+        let (tx, rx) = oneshot::channel();
+        done.push(rx);
+        arbiter.spawn(async move {
+            reconciler.run(store, stop_rx).await;
+            let _ = tx.send(());
+        });
+        Ok(WithdrawalFlows {
+            stop,
+            done: std::sync::Mutex::new(done),
+            arbiter,
+        })
+    }
+
+    /// Stops every flow (payouts in flight finish, bounded) and saves checkpoints.
+    pub async fn stop(&self) {
+        let _ = self.stop.send(true);
+        let done = self
+            .done
+            .lock()
+            .map(|mut d| std::mem::take(&mut *d))
+            .unwrap_or_default();
+        for rx in done {
+            let _ = rx.await;
+        }
+        self.arbiter.stop();
+    }
+}
+
+/// The order ids that a log event asks the payout lanes to look at.
+fn lane_trigger(envelope: &Envelope) -> Option<Id> {
+    let Event::Withdrawal(event) = &envelope.event else {
+        return None;
+    };
+    let wanted = match event {
+        WithdrawalEvent::Debited { .. }
+        | WithdrawalEvent::PayoutStarted { .. }
+        | WithdrawalEvent::PayoutAttemptFailed { .. }
+        | WithdrawalEvent::PayoutParked { .. } => true,
+        WithdrawalEvent::DebitAbandoned { debited, .. } => *debited,
+        _ => false,
+    };
+    wanted
+        .then(|| {
+            envelope
+                .stream
+                .strip_prefix("withdrawal:")
+                .and_then(|id| Id::parse(id).ok())
+        })
+        .flatten()
+}
+
+struct PayoutLanes {
+    withdrawals: Arc<Withdrawals>,
+    tree: sled::Tree,
+    limiters: BTreeMap<Channel, DefaultDirectRateLimiter>,
+    /// Orders ready to go, per channel (the channel learnt from the order's request).
+    ready: BTreeMap<Channel, std::collections::VecDeque<Id>>,
+    /// Orders to look at again later: (due time, order).
+    delayed: BinaryHeap<std::cmp::Reverse<(Millis, Id)>>,
+    /// Orders queued, delayed or in flight, with the log sequences that asked for them.
+    tracked: HashMap<Id, Vec<u64>>,
+    in_flight: HashSet<Id>,
+    /// Log sequences of trigger events whose order is not settled yet: the checkpoint stays
+    /// below the first of them, so a restart sees them again.
+    outstanding: BTreeSet<u64>,
+    channels: HashMap<Id, Channel>,
+    read_to: u64,
+    saved: u64,
+}
+
+type Running = FuturesUnordered<BoxFuture<'static, (Id, Result<Step, Transient>)>>;
+
+impl PayoutLanes {
+    fn new(withdrawals: Arc<Withdrawals>, tree: sled::Tree) -> Result<PayoutLanes, StoreError> {
+        let checkpoint = load_checkpoint(&tree, LANES_FLOW)?;
+        let limiters = withdrawals
+            .config
+            .rate_per_s
+            .iter()
+            .filter_map(|(channel, rate)| {
+                NonZeroU32::new(*rate).map(|r| {
+                    (
+                        *channel,
+                        DefaultDirectRateLimiter::direct(Quota::per_second(r)),
+                    )
+                })
+            })
+            .collect();
+        Ok(PayoutLanes {
+            withdrawals,
+            tree,
+            limiters,
+            ready: BTreeMap::new(),
+            delayed: BinaryHeap::new(),
+            tracked: HashMap::new(),
+            in_flight: HashSet::new(),
+            outstanding: BTreeSet::new(),
+            channels: HashMap::new(),
+            read_to: checkpoint,
+            saved: checkpoint,
+        })
+    }
+
+    fn checkpoint(&self) -> u64 {
+        self.outstanding
+            .first()
+            .map(|s| s - 1)
+            .unwrap_or(self.read_to)
+    }
+
+    fn enqueue(&mut self, events: &[Arc<Envelope>]) {
+        for envelope in events {
+            self.read_to = envelope.seq;
+            let stream_order = || {
+                envelope
+                    .stream
+                    .strip_prefix("withdrawal:")
+                    .and_then(|id| Id::parse(id).ok())
+            };
+            match &envelope.event {
+                Event::Withdrawal(WithdrawalEvent::Requested { request, .. }) => {
+                    if let Some(id) = stream_order() {
+                        self.channels.insert(id, request.method.channel);
+                    }
+                }
+                Event::Withdrawal(WithdrawalEvent::DebitRefused { .. }) => {
+                    if let Some(id) = stream_order() {
+                        self.channels.remove(&id);
+                    }
+                }
+                _ => {}
+            }
+            let Some(order_id) = lane_trigger(envelope) else {
+                continue;
+            };
+            self.outstanding.insert(envelope.seq);
+            let seqs = self.tracked.entry(order_id.clone()).or_default();
+            seqs.push(envelope.seq);
+            if seqs.len() == 1 && !self.in_flight.contains(&order_id) {
+                self.make_ready(order_id);
+            }
+        }
+    }
+
+    fn make_ready(&mut self, order_id: Id) {
+        // An order whose request came before the checkpoint: the bank lane is as good a guess
+        // as any for pacing; the order itself says where the money goes.
+        let channel = self
+            .channels
+            .get(&order_id)
+            .copied()
+            .unwrap_or(Channel::Bank);
+        self.ready.entry(channel).or_default().push_back(order_id);
+    }
+
+    fn dispatch(&mut self, running: &mut Running) -> Option<Duration> {
+        let now = self.withdrawals.clock.now_ms();
+        while let Some(std::cmp::Reverse((due, _))) = self.delayed.peek() {
+            if *due > now {
+                break;
+            }
+            let std::cmp::Reverse((_, order_id)) = self.delayed.pop().expect("peeked");
+            self.make_ready(order_id);
+        }
+        let mut wait: Option<Duration> = self
+            .delayed
+            .peek()
+            .map(|std::cmp::Reverse((due, _))| Duration::from_millis((due - now).max(1) as u64));
+        let in_flight_max = self.withdrawals.config.in_flight_max;
+        for (channel, queue) in self.ready.iter_mut() {
+            while self.in_flight.len() < in_flight_max {
+                let Some(order_id) = queue.front().cloned() else {
+                    break;
+                };
+                if let Some(limiter) = self.limiters.get(channel) {
+                    if let Err(not_until) = limiter.check() {
+                        use governor::clock::Clock as _;
+                        let ready_in = not_until
+                            .wait_time_from(governor::clock::DefaultClock::default().now());
+                        wait = Some(wait.map_or(ready_in, |w| w.min(ready_in)));
+                        break;
+                    }
+                }
+                queue.pop_front();
+                self.in_flight.insert(order_id.clone());
+                let withdrawals = self.withdrawals.clone();
+                running.push(Box::pin(async move {
+                    let step = withdrawals.settle(&order_id).await;
+                    (order_id, step)
+                }));
+            }
+        }
+        for channel in Channel::ALL {
+            let backlog = self.ready.get(&channel).map(|q| q.len()).unwrap_or(0);
+            self.withdrawals
+                .metrics
+                .payout_lane_backlog
+                .with_label_values(&[channel.as_str()])
+                .set(backlog as i64);
+        }
+        wait
+    }
+
+    fn complete(&mut self, order_id: Id, step: Result<Step, Transient>) {
+        self.in_flight.remove(&order_id);
+        match step {
+            Ok(Step::Done) | Ok(Step::Waiting) => {
+                for seq in self.tracked.remove(&order_id).unwrap_or_default() {
+                    self.outstanding.remove(&seq);
+                }
+                self.channels.remove(&order_id);
+            }
+            Ok(Step::RetryAt(due)) => self.delayed.push(std::cmp::Reverse((due, order_id))),
+            Err(e) => {
+                tracing::warn!(order_id = %order_id, error = %e, "payout step failed; retrying");
+                let due = self.withdrawals.clock.now_ms() + TRANSIENT_RETRY.as_millis() as i64;
+                self.delayed.push(std::cmp::Reverse((due, order_id)));
+            }
+        }
+    }
+
+    fn save(&mut self) {
+        let checkpoint = self.checkpoint();
+        if checkpoint != self.saved && save_checkpoint(&self.tree, LANES_FLOW, checkpoint).is_ok() {
+            self.saved = checkpoint;
+        }
+    }
+
+    async fn run(mut self, store: Arc<dyn EventStore>, mut stop: watch::Receiver<bool>) {
+        let mut subscription = Subscription::new(store, self.read_to + 1, 4096);
+        let mut running: Running = FuturesUnordered::new();
+        let mut tick = tokio::time::interval(self.withdrawals.config.checkpoint_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let wait = self.dispatch(&mut running);
+            let room = self.tracked.len() < 100_000;
+            tokio::select! {
+                biased;
+                changed = stop.changed() => if changed.is_err() || *stop.borrow() { break },
+                Some((order_id, step)) = running.next(), if !running.is_empty() => self.complete(order_id, step),
+                events = subscription.next(), if room => match events {
+                    Ok(events) => self.enqueue(&events),
+                    Err(e) => {
+                        tracing::error!(error = %e, "payout lanes cannot read the log; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                },
+                _ = tokio::time::sleep(wait.unwrap_or(Duration::MAX)), if wait.is_some() => {}
+                _ = tick.tick() => self.save(),
+            }
+        }
+        let drained = tokio::time::timeout(STOP_DRAIN_MAX, async {
+            while let Some((order_id, step)) = running.next().await {
+                self.complete(order_id, step);
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                "payout lanes stopped with payouts in flight; the next start resumes them"
+            );
+        }
+        self.save();
+    }
+}
+
+/// The compensation sweeper: every `sweep_interval`, the open orders older than the age.
+async fn sweep(withdrawals: Arc<Withdrawals>, views: sled::Tree, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(withdrawals.config.sweep_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            changed = stop.changed() => if changed.is_err() || *stop.borrow() { return },
+            _ = tick.tick() => {}
+        }
+        let cutoff =
+            withdrawals.clock.now_ms() - withdrawals.config.compensation_age.as_millis() as i64;
+        let stuck = match view::open_before(&views, cutoff, SWEEP_ORDERS_MAX) {
+            Ok(stuck) => stuck,
+            Err(e) => {
+                tracing::error!(error = %e, "sweeper cannot read the open orders");
+                continue;
+            }
+        };
+        for order_id in stuck {
+            if *stop.borrow() {
+                return;
+            }
+            if let Err(e) = withdrawals.compensate(&order_id).await {
+                tracing::warn!(order_id = %order_id, error = %e, "compensation step failed; next sweep retries");
+            }
+        }
+    }
+}
+
+/// What the reconciler has seen of one order.
+#[derive(Default)]
+struct Ledgered {
+    first_seq: u64,
+    order: WithdrawalOrder,
+    debits: u32,
+    refunds: u32,
+}
+
+/// The near-real-time reconciler (W11).
+struct Reconciler {
+    withdrawals: Arc<Withdrawals>,
+    tree: sled::Tree,
+    open: HashMap<Id, Ledgered>,
+    read_to: u64,
+}
+
+impl Reconciler {
+    fn new(withdrawals: Arc<Withdrawals>, tree: sled::Tree) -> Result<Reconciler, StoreError> {
+        let read_to = load_checkpoint(&tree, RECONCILER_FLOW)?;
+        Ok(Reconciler {
+            withdrawals,
+            tree,
+            open: HashMap::new(),
+            read_to,
+        })
+    }
+
+    /// Every order still open started after this.
+    fn checkpoint(&self) -> u64 {
+        self.open
+            .values()
+            .map(|o| o.first_seq - 1)
+            .min()
+            .unwrap_or(self.read_to)
+    }
+
+    fn mismatch(&self, check: &str, order_id: &Id, detail: String) {
+        self.withdrawals
+            .metrics
+            .reconciliation_mismatches_total
+            .with_label_values(&[check])
+            .inc();
+        tracing::error!(check, order_id = %order_id, detail, "reconciliation mismatch");
+    }
+
+    async fn observe(&mut self, envelope: &Envelope) {
+        let (order_id, finished) = match &envelope.event {
+            Event::Withdrawal(event) => {
+                let Some(order_id) = envelope
+                    .stream
+                    .strip_prefix("withdrawal:")
+                    .and_then(|id| Id::parse(id).ok())
+                else {
+                    return;
+                };
+                let entry = self
+                    .open
+                    .entry(order_id.clone())
+                    .or_insert_with(|| Ledgered {
+                        first_seq: envelope.seq,
+                        ..Default::default()
+                    });
+                <WithdrawalOrder as crate::domain::Aggregate>::evolve(&mut entry.order, event);
+                let finished = entry.order.is_final();
+                (order_id, finished)
+            }
+            Event::Wallet(wallet_event) => {
+                let line = wallet_event.line();
+                let (counter_debit, counter_refund) = match (wallet_event, line.entry) {
+                    (WalletEvent::Debited(_), Entry::Withdrawal) => (1, 0),
+                    (WalletEvent::Credited(_), Entry::WithdrawalRefund) => (0, 1),
+                    _ => return,
+                };
+                let entry = self
+                    .open
+                    .entry(line.order_id.clone())
+                    .or_insert_with(|| Ledgered {
+                        first_seq: envelope.seq,
+                        ..Default::default()
+                    });
+                entry.debits += counter_debit;
+                entry.refunds += counter_refund;
+                return;
+            }
+            _ => return,
+        };
+        if !finished {
+            return;
+        }
+        let Some(done) = self.open.remove(&order_id) else {
+            return;
+        };
+        let order = &done.order;
+        let Some(request) = order.request.as_ref() else {
+            return;
+        };
+        let state = order.state.map(|s| s.as_str()).unwrap_or("?");
+        let expected = match order.state {
+            Some(OrderState::Succeeded) => (1, 0),
+            Some(OrderState::Refunded) => (1, 1),
+            _ => (0, 0),
+        };
+        if done.debits != expected.0 {
+            self.mismatch(
+                "debit",
+                &order_id,
+                format!("{state} order with {} debits", done.debits),
+            );
+        }
+        if done.refunds != expected.1 {
+            self.mismatch(
+                "refund",
+                &order_id,
+                format!("{state} order with {} refunds", done.refunds),
+            );
+        }
+        let paid = matches!(
+            self.withdrawals
+                .channel
+                .query(request.method.channel, &order_id)
+                .await,
+            QueryOutcome::Succeeded
+        );
+        if paid != (order.state == Some(OrderState::Succeeded)) {
+            self.mismatch(
+                "channel",
+                &order_id,
+                format!("{state} order, channel paid: {paid}"),
+            );
+        }
+        self.withdrawals
+            .metrics
+            .withdrawals_total
+            .with_label_values(&[state])
+            .inc();
+    }
+
+    async fn run(mut self, store: Arc<dyn EventStore>, mut stop: watch::Receiver<bool>) {
+        let mut subscription = Subscription::new(store, self.read_to + 1, 4096);
+        let mut tick = tokio::time::interval(self.withdrawals.config.checkpoint_interval);
+        let mut saved = self.read_to;
+        loop {
+            tokio::select! {
+                biased;
+                changed = stop.changed() => if changed.is_err() || *stop.borrow() { break },
+                events = subscription.next() => match events {
+                    Ok(events) => {
+                        for envelope in &events {
+                            self.read_to = envelope.seq;
+                            self.observe(envelope).await;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "reconciler cannot read the log; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                },
+                _ = tick.tick() => {
+                    let checkpoint = self.checkpoint();
+                    if checkpoint != saved && save_checkpoint(&self.tree, RECONCILER_FLOW, checkpoint).is_ok() {
+                        saved = checkpoint;
+                    }
+                }
+            }
+        }
+        let _ = save_checkpoint(&self.tree, RECONCILER_FLOW, self.checkpoint());
+    }
+}
