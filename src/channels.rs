@@ -226,8 +226,14 @@ impl SimulatedChannels {
             .statement
             .insert(line.order_id.as_str(), codec::encode(line)?)
             .map_err(io)?;
-        // Durable before the channel answers, like a real channel's books.
-        self.db.flush_async().await.map_err(io)?;
+        // Durable before the channel answers, like a real channel's books. A blocking flush on
+        // the blocking pool: sled 0.34's `flush_async` can deadlock when several run at once
+        // (spacejam/sled#1308, fixed after the last release).
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| StoreError::Io(e.to_string()))?
+            .map_err(io)?;
         Ok(())
     }
 

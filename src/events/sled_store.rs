@@ -505,8 +505,13 @@ impl EventStore for SledStore {
             if let Some(handle) = handle {
                 let _ = tokio::task::spawn_blocking(move || handle.join()).await;
             }
-            // Snapshots, views and checkpoints written since sled's last background flush.
-            state.flush_async().await.map(|_| ()).map_err(io)
+            // Snapshots, views and checkpoints written since sled's last background flush. Not
+            // `flush_async`: sled 0.34's can deadlock when several run at once (sled#1308).
+            tokio::task::spawn_blocking(move || state.flush())
+                .await
+                .map_err(|e| StoreError::Io(e.to_string()))?
+                .map(|_| ())
+                .map_err(io)
         })
     }
 }

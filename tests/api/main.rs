@@ -5,6 +5,7 @@ mod crash;
 mod ops;
 mod rewards;
 mod wallets;
+mod withdrawals;
 
 use hongbao::clock::SystemClock;
 use hongbao::config::{AuthConfig, Config};
@@ -16,6 +17,12 @@ pub const ADMIN: &str = "test-admin-key-0000000001";
 pub const ISSUER: &str = "test-issuer-key-000000001";
 pub const GATEWAY: &str = "test-gateway-key-00000001";
 pub const SECRET: &str = "test-token-secret-0000001";
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
 
 pub struct TestApp {
     pub server: RunningServer,
@@ -47,16 +54,26 @@ pub fn spawn_app() -> TestApp {
 
 /// A server with a configuration tweak (lane rates, required budgets, ...).
 pub fn spawn_app_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
+    spawn_app_clocked(Arc::new(SystemClock), tweak)
+}
+
+/// A server on a given clock (a `ManualClock` for windows and compensation ages).
+pub fn spawn_app_clocked(
+    clock: Arc<dyn hongbao::clock::Clock>,
+    tweak: impl FnOnce(&mut Config),
+) -> TestApp {
     if std::env::var("TEST_LOG").is_ok() {
         let _ = tracing_subscriber::fmt().with_env_filter("info").try_init();
     }
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path());
     tweak(&mut config);
-    let server = RunningServer::start(config, Arc::new(SystemClock)).expect("server starts");
+    let server = RunningServer::start(config, clock).expect("server starts");
     let base = server.base_url();
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(512)
+        // A hung server fails the test instead of hanging the run.
+        .timeout(std::time::Duration::from_secs(60))
         .build()
         .unwrap();
     TestApp {
@@ -168,6 +185,82 @@ impl TestApp {
 
     pub async fn get(&self, path: &str, key: Option<&str>) -> (u16, Value) {
         self.send(reqwest::Method::GET, path, key, None).await
+    }
+
+    /// Gives `uid` an activity balance of `amount` (a reward, force-credited at once).
+    pub async fn fund(&self, uid: &str, amount: i64) {
+        let order = format!("fund-{uid}-{amount}-{}", rand_suffix());
+        let (status, body) = self.reward("funding", &order, uid, amount).await;
+        assert_eq!(status, 202, "{body}");
+        let tokens = serde_json::json!({ "tokens": [body["token"]] }).to_string();
+        let (status, body) = self
+            .post(
+                &format!("/v1/wallets/{uid}/force-credit"),
+                Some(GATEWAY),
+                &tokens,
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+
+    /// Binds a payout method and returns its id.
+    pub async fn bind(&self, uid: &str, kind: &str, account: &str) -> String {
+        let body = serde_json::json!({ "kind": kind, "account": account }).to_string();
+        let (status, method) = self
+            .post(
+                &format!("/v1/wallets/{uid}/payout-methods"),
+                Some(GATEWAY),
+                &body,
+            )
+            .await;
+        assert_eq!(status, 201, "{method}");
+        method["method_id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn withdraw(
+        &self,
+        uid: &str,
+        order: &str,
+        amount: i64,
+        method_id: &str,
+    ) -> (u16, Value) {
+        let body =
+            serde_json::json!({ "order_id": order, "amount": amount, "method_id": method_id })
+                .to_string();
+        self.post(
+            &format!("/v1/wallets/{uid}/withdrawals"),
+            Some(GATEWAY),
+            &body,
+        )
+        .await
+    }
+
+    /// Polls a withdrawal until it is final (succeeded, refunded, or failed without a debit).
+    pub async fn wait_final(&self, order: &str) -> Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let (status, w) = self
+                .get(&format!("/v1/withdrawals/{order}"), Some(GATEWAY))
+                .await;
+            assert_eq!(status, 200, "{w}");
+            let state = w["state"].as_str().unwrap();
+            if state == "succeeded"
+                || state == "refunded"
+                || (state == "failed"
+                    && !w["history"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|h| h["state"] == "pending_payout"))
+            {
+                return w;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{order} never final: {w}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
     }
 
     pub async fn deposit(&self, uid: &str, order: &str, amount: i64) -> (u16, Value) {
