@@ -473,3 +473,212 @@ async fn ledger_activity(client: &reqwest::Client, base: &str, uid: &str) -> (i6
         page["ledger"].as_array().unwrap().clone(),
     )
 }
+
+async fn call(
+    client: &reqwest::Client,
+    method: reqwest::Method,
+    url: String,
+    key: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut request = client.request(method, url).bearer_auth(key);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_payouts_then_restart_no_double_payout_and_no_lost_refund() {
+    // Goal: SIGKILL while payouts are in flight on a slow, flaky, timing-out channel; after
+    // restart every order ends succeeded exactly when the channel's statement says paid, and
+    // refunded otherwise, once; balances equal funding - paid.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("hongbao.toml");
+    std::fs::write(&config, "[withdrawals]\nretry_backoff_ms = [50]\n").unwrap();
+    let config = config.to_str().unwrap().to_owned();
+    let data = dir.path().join("data");
+    let server = start_with(&data, &["--config", &config]);
+    let base = server.base();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let users: Vec<String> = (0..8).map(|i| format!("wd{i}")).collect();
+    let mut methods = HashMap::new();
+    for uid in &users {
+        let reward = serde_json::json!({"order_id": format!("fund-{uid}"), "uid": uid, "activity_id": "crash",
+            "scene": "rain", "kind": "cash", "amount": 1_500});
+        let (status, accepted) = call(
+            &client,
+            reqwest::Method::POST,
+            format!("{base}/v1/rewards"),
+            ISSUER,
+            Some(reward),
+        )
+        .await;
+        assert_eq!(status, 202);
+        let tokens = serde_json::json!({"tokens": [accepted["token"]]});
+        let (status, _) = call(
+            &client,
+            reqwest::Method::POST,
+            format!("{base}/v1/wallets/{uid}/force-credit"),
+            GATEWAY,
+            Some(tokens),
+        )
+        .await;
+        assert_eq!(status, 200);
+        let bind = serde_json::json!({"kind": "bank", "account": format!("6222-{uid}")});
+        let (status, method) = call(
+            &client,
+            reqwest::Method::POST,
+            format!("{base}/v1/wallets/{uid}/payout-methods"),
+            GATEWAY,
+            Some(bind),
+        )
+        .await;
+        assert_eq!(status, 201);
+        methods.insert(
+            uid.clone(),
+            method["method_id"].as_str().unwrap().to_owned(),
+        );
+    }
+    let flaky = serde_json::json!({"rate_per_s": 1000, "latency_ms": 150, "fail_rate": 0.3, "timeout_rate": 0.3});
+    assert_eq!(
+        call(
+            &client,
+            reqwest::Method::PUT,
+            format!("{base}/v1/admin/channels/bank"),
+            ADMIN,
+            Some(flaky)
+        )
+        .await
+        .0,
+        200
+    );
+    let orders: Vec<(String, String)> = users
+        .iter()
+        .flat_map(|u| (0..15).map(move |n| (u.clone(), format!("{u}-w{n}"))))
+        .collect();
+    let replies = futures::future::join_all(orders.iter().map(|(uid, order)| {
+        let body = serde_json::json!({"order_id": order, "amount": 100, "method_id": methods[uid]});
+        call(
+            &client,
+            reqwest::Method::POST,
+            format!("{base}/v1/wallets/{uid}/withdrawals"),
+            GATEWAY,
+            Some(body),
+        )
+    }))
+    .await;
+    assert!(
+        replies.iter().all(|(s, _)| *s == 202),
+        "{:?}",
+        replies.iter().find(|(s, _)| *s != 202)
+    );
+    // Payouts take 150 ms each: kill while many are in flight.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.kill9();
+
+    let server = start_with(&data, &["--config", &config]);
+    let base = server.base();
+    let mut finals = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (_, order) in &orders {
+        loop {
+            let (status, w) = call(
+                &client,
+                reqwest::Method::GET,
+                format!("{base}/v1/withdrawals/{order}"),
+                GATEWAY,
+                None,
+            )
+            .await;
+            assert_eq!(status, 200, "{order}: {w}");
+            let state = w["state"].as_str().unwrap().to_owned();
+            if state == "succeeded" || state == "refunded" {
+                finals.insert(order.clone(), state);
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{order} not final after restart: {w}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let (_, lines) = call(
+        &client,
+        reqwest::Method::GET,
+        format!("{base}/v1/admin/channels/bank/statement"),
+        ADMIN,
+        None,
+    )
+    .await;
+    let paid: HashSet<String> = lines
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["status"] == "succeeded")
+        .map(|l| l["order_id"].as_str().unwrap().to_owned())
+        .collect();
+    for (order, state) in &finals {
+        assert_eq!(
+            state == "succeeded",
+            paid.contains(order),
+            "{order} is {state}; channel paid: {}",
+            paid.contains(order)
+        );
+    }
+    for uid in &users {
+        let (_, page) = call(
+            &client,
+            reqwest::Method::GET,
+            format!("{base}/v1/wallets/{uid}/ledger?limit=500"),
+            GATEWAY,
+            None,
+        )
+        .await;
+        let entries = page["ledger"].as_array().unwrap();
+        let count = |entry: &str, order: &str| {
+            entries
+                .iter()
+                .filter(|e| e["entry"] == entry && e["order_id"] == order)
+                .count()
+        };
+        let mut spent = 0;
+        for (owner, order) in orders.iter().filter(|(u, _)| u == uid) {
+            assert_eq!(owner, uid);
+            assert_eq!(count("withdrawal", order), 1, "{order}: one debit");
+            let refunds = count("withdrawal_refund", order);
+            match finals[order].as_str() {
+                "succeeded" => {
+                    assert_eq!(refunds, 0, "{order}: paid and refunded");
+                    spent += 100;
+                }
+                _ => assert_eq!(refunds, 1, "{order}: refund lost or doubled"),
+            }
+        }
+        let (_, wallet) = call(
+            &client,
+            reqwest::Method::GET,
+            format!("{base}/v1/wallets/{uid}"),
+            GATEWAY,
+            None,
+        )
+        .await;
+        assert_eq!(
+            wallet["balances"]["activity"].as_i64(),
+            Some(1_500 - spent),
+            "{uid}"
+        );
+    }
+    assert!(
+        finals.values().any(|s| s == "succeeded") && finals.values().any(|s| s == "refunded"),
+        "a flaky channel gives both"
+    );
+    assert!(server.terminate().success());
+    verify(&data);
+}
