@@ -8,6 +8,9 @@
 //! - `rewards`: `POST /v1/rewards` for one hot activity and 200,000 users: acceptance rate and
 //!   latency beside hello-world, the lanes' crediting rate during the run, the backlog left,
 //!   and how long the lanes take to drain it;
+//! - `withdrawals`: seeds users with a balance and a bank method (W13), then withdraws:
+//!   intake rate and latency beside hello-world, and how long the payout lanes (bank paced at
+//!   its configured rate) take to make every order final;
 //! - `journal`: durable appends through the journal without HTTP, beside raw sled
 //!   `apply_batch` + `flush()` at the journal's observed batch size and at 1/16/256/1024.
 //!
@@ -34,6 +37,9 @@ pub enum Scenario {
     Deposits,
     /// Reward intake over HTTP (one hot activity, many users) and the crediting lanes behind it.
     Rewards,
+    /// Seeds users with balances and bound methods (W13), then withdraws: intake rate and how
+    /// fast the payout lanes make every order final.
+    Withdrawals,
     /// Durable appends through the journal (no HTTP), beside raw sled batch+flush.
     Journal,
 }
@@ -61,6 +67,9 @@ pub struct LoadgenArgs {
     /// Issuer key for --target (rewards).
     #[arg(long, env = "HONGBAO_ISSUER_KEY", hide_env_values = true)]
     pub issuer_key: Option<String>,
+    /// Gateway key for --target (withdrawals).
+    #[arg(long, env = "HONGBAO_GATEWAY_KEY", hide_env_values = true)]
+    pub gateway_key: Option<String>,
     /// Config file for the in-process server (its data directory and keys are overridden).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -71,6 +80,9 @@ pub struct LoadgenArgs {
     /// them and measure the drain: intake and crediting capacities measured apart.
     #[arg(long)]
     pub pause_lanes: bool,
+    /// withdrawals: users to seed (each funded and given a bank method).
+    #[arg(long, default_value_t = 2_000)]
+    pub users: usize,
     /// Skip the hello-world baseline runs.
     #[arg(long)]
     pub no_baseline: bool,
@@ -237,6 +249,7 @@ struct Target {
     addr: SocketAddr,
     admin_key: String,
     issuer_key: String,
+    gateway_key: String,
     _temp: tempfile::TempDir,
 }
 
@@ -248,15 +261,13 @@ impl Target {
             let addr: SocketAddr = hostport.parse().map_err(|_| {
                 LoadgenError::Usage(format!("--target must be http://IP:PORT, got {url}"))
             })?;
-            let needed = |key: &Option<String>, flag: &str| {
-                key.clone()
-                    .ok_or_else(|| LoadgenError::Usage(format!("--target needs {flag}")))
-            };
+            // Each scenario checks for the keys it needs (`Target::require`).
             return Ok(Target {
                 server: None,
                 addr,
-                admin_key: needed(&args.admin_key, "--admin-key (or HONGBAO_ADMIN_KEY)")?,
-                issuer_key: needed(&args.issuer_key, "--issuer-key (or HONGBAO_ISSUER_KEY)")?,
+                admin_key: args.admin_key.clone().unwrap_or_default(),
+                issuer_key: args.issuer_key.clone().unwrap_or_default(),
+                gateway_key: args.gateway_key.clone().unwrap_or_default(),
                 _temp: temp,
             });
         }
@@ -273,11 +284,11 @@ impl Target {
         config.server.addr = "127.0.0.1:0".into();
         config.server.workers = args.server_workers;
         let key = |role: &str| format!("loadgen-{role}-{}", hex::encode(rand::random::<[u8; 8]>()));
-        let (admin_key, issuer_key) = (key("admin"), key("issuer"));
+        let (admin_key, issuer_key, gateway_key) = (key("admin"), key("issuer"), key("gateway"));
         config.auth = AuthConfig {
             admin_key: Some(admin_key.clone()),
             issuer_key: Some(issuer_key.clone()),
-            gateway_key: Some(key("gateway")),
+            gateway_key: Some(gateway_key.clone()),
             token_secret: Some(key("secret")),
         };
         let server = RunningServer::start(config, Arc::new(SystemClock))?;
@@ -287,8 +298,38 @@ impl Target {
             addr,
             admin_key,
             issuer_key,
+            gateway_key,
             _temp: temp,
         })
+    }
+
+    /// Fails with a clear message if a key a scenario needs was not given for --target.
+    fn require(&self, admin: bool, issuer: bool, gateway: bool) -> Result<(), LoadgenError> {
+        let missing: Vec<&str> = [
+            (
+                admin && self.admin_key.is_empty(),
+                "--admin-key (or HONGBAO_ADMIN_KEY)",
+            ),
+            (
+                issuer && self.issuer_key.is_empty(),
+                "--issuer-key (or HONGBAO_ISSUER_KEY)",
+            ),
+            (
+                gateway && self.gateway_key.is_empty(),
+                "--gateway-key (or HONGBAO_GATEWAY_KEY)",
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(missing, flag)| missing.then_some(flag))
+        .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(LoadgenError::Usage(format!(
+                "--target needs {}",
+                missing.join(", ")
+            )))
+        }
     }
 
     fn stop(self) -> Result<(), LoadgenError> {
@@ -317,6 +358,7 @@ fn journal_line(before: &str, after: &str, seconds: f64) {
 
 fn deposits(args: &LoadgenArgs) -> Result<(), LoadgenError> {
     let target = Target::new(args)?;
+    target.require(true, false, false)?;
     let (addr, key) = (target.addr, target.admin_key.clone());
     header();
     let run_id: u32 = rand::random();
@@ -423,6 +465,7 @@ fn journal(args: &LoadgenArgs) -> Result<(), LoadgenError> {
 
 fn rewards(args: &LoadgenArgs) -> Result<(), LoadgenError> {
     let target = Target::new(args)?;
+    target.require(true, true, false)?;
     let addr = target.addr;
     let activity = format!("lg{}", rand::random::<u32>());
     // A budget far above what a run can accept: the budget check runs on every reward.
@@ -561,6 +604,173 @@ fn rewards(args: &LoadgenArgs) -> Result<(), LoadgenError> {
     target.stop()
 }
 
+/// Seeds `users` users with a funded activity balance and a bound bank method (W13), in
+/// parallel over a few threads. Returns the method ids by user index.
+fn seed_users(
+    target: &Target,
+    users: usize,
+    funding_fen: u64,
+) -> Result<Vec<String>, LoadgenError> {
+    let threads = 8.min(users.max(1));
+    let addr = target.addr;
+    let (issuer, gateway) = (target.issuer_key.clone(), target.gateway_key.clone());
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let (issuer, gateway) = (issuer.clone(), gateway.clone());
+            std::thread::spawn(move || -> Result<Vec<(usize, String)>, String> {
+                let mut methods = Vec::new();
+                for u in (t..users).step_by(threads) {
+                    let reward = format!(
+                        r#"{{"order_id":"seed-{u}","uid":"lw{u}","activity_id":"loadgen-seed","scene":"seed","kind":"cash","amount":{funding_fen}}}"#
+                    );
+                    let (status, body) = http_once(addr, "POST", "/v1/rewards", Some(&issuer), &reward);
+                    if status != 202 {
+                        return Err(format!("seeding reward for lw{u}: {status} {body}"));
+                    }
+                    let bind = format!(r#"{{"kind":"bank","account":"6222-{u}"}}"#);
+                    let (status, body) = http_once(addr, "POST", &format!("/v1/wallets/lw{u}/payout-methods"), Some(&gateway), &bind);
+                    let method = serde_json::from_str::<serde_json::Value>(&body)
+                        .ok()
+                        .and_then(|v| v["method_id"].as_str().map(str::to_owned))
+                        .filter(|_| status == 201)
+                        .ok_or_else(|| format!("binding a method for lw{u}: {status} {body}"))?;
+                    methods.push((u, method));
+                }
+                Ok(methods)
+            })
+        })
+        .collect();
+    let mut methods = vec![String::new(); users];
+    for handle in handles {
+        let seeded = handle
+            .join()
+            .map_err(|_| LoadgenError::Usage("seeding thread panicked".into()))?;
+        for (u, method) in seeded.map_err(LoadgenError::Usage)? {
+            methods[u] = method;
+        }
+    }
+    // Wait until the crediting lanes have credited every seed reward.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while metric_value(&scrape(addr), "hongbao_reward_pending{kind=\"cash\"}") > 0.0 {
+        if std::time::Instant::now() > deadline {
+            return Err(LoadgenError::Usage(
+                "seed rewards not credited within 2 minutes".into(),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(methods)
+}
+
+fn withdrawals(args: &LoadgenArgs) -> Result<(), LoadgenError> {
+    let target = Target::new(args)?;
+    target.require(false, true, true)?;
+    let addr = target.addr;
+    let users = args.users.max(1);
+    let seeding = std::time::Instant::now();
+    // Enough for every run to withdraw 100 fen per request without running dry.
+    let methods = Arc::new(seed_users(&target, users, 10_000_000)?);
+    println!(
+        "seeded {users} users (balance + bank method) in {:.1} s",
+        seeding.elapsed().as_secs_f64()
+    );
+    println!(
+        "{:<11} {:>9} {:>9} {:>10} {:>8} {:>8} {:>8} {:>10} {:>6} {:>9} {:>9}",
+        "withdrawals",
+        "in_flight",
+        "accepted",
+        "accepted/s",
+        "p50_ms",
+        "p99_ms",
+        "p999_ms",
+        "hello/s",
+        "ratio",
+        "drain_s",
+        "paid/s"
+    );
+    let succeeded =
+        |text: &str| metric_value(text, "hongbao_withdrawals_total{state=\"succeeded\"}");
+    let run_id: u32 = rand::random();
+    for &in_flight in &args.in_flight {
+        let (key, methods) = (target.gateway_key.clone(), methods.clone());
+        let make: RequestFactory = Arc::new(move |c, n| {
+            let u = (c * 7919 + n as usize) % methods.len();
+            post_json(
+                addr,
+                &format!("/v1/wallets/lw{u}/withdrawals"),
+                Some(&key),
+                format!(
+                    r#"{{"order_id":"lw-{run_id}-{in_flight}-{c}-{n}","amount":100,"method_id":"{}"}}"#,
+                    methods[u]
+                ),
+            )
+        });
+        let before = scrape(addr);
+        let run_started = std::time::Instant::now();
+        let result = client::drive(
+            addr,
+            in_flight,
+            Duration::from_secs(args.warmup_s),
+            Duration::from_secs(args.duration_s),
+            args.client_threads,
+            make,
+        )?;
+        let run_s = run_started.elapsed().as_secs_f64();
+        // Every order accepted in the run (warm-up included) must end final.
+        let started = std::time::Instant::now();
+        let accepted_all =
+            metric_value(
+                &scrape(addr),
+                "hongbao_withdrawals_total{state=\"requested\"}",
+            ) - metric_value(&before, "hongbao_withdrawals_total{state=\"requested\"}");
+        let mut now = scrape(addr);
+        while succeeded(&now) - succeeded(&before) < accepted_all
+            && started.elapsed() < Duration::from_secs(120)
+        {
+            std::thread::sleep(Duration::from_millis(50));
+            now = scrape(addr);
+        }
+        let final_s = started.elapsed().as_secs_f64();
+        let paid = succeeded(&now) - succeeded(&before);
+        let baseline = if args.no_baseline {
+            None
+        } else {
+            Some(hello_run(args, in_flight)?)
+        };
+        let (hello, ratio) = match &baseline {
+            Some(b) => (
+                format!("{:.0}", b.per_second()),
+                format!("{:.2}", result.per_second() / b.per_second().max(1e-9)),
+            ),
+            None => ("-".into(), "-".into()),
+        };
+        println!(
+            "{:<11} {:>9} {:>9} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>10} {:>6} {:>9.2} {:>9.0}",
+            "withdrawals",
+            in_flight,
+            result.ok(),
+            result.per_second(),
+            result.quantile_ms(0.5),
+            result.quantile_ms(0.99),
+            result.quantile_ms(0.999),
+            hello,
+            ratio,
+            final_s,
+            // Payouts made during the run and the drain, over that whole time.
+            paid / (run_s + final_s),
+        );
+        if paid < accepted_all {
+            println!(
+                "{:<11} {} of {} orders not succeeded after the drain",
+                "",
+                accepted_all - paid,
+                accepted_all
+            );
+        }
+    }
+    target.stop()
+}
+
 /// Runs a scenario and prints its table.
 pub fn run(args: LoadgenArgs) -> Result<(), LoadgenError> {
     if args.in_flight.contains(&0) {
@@ -578,6 +788,7 @@ pub fn run(args: LoadgenArgs) -> Result<(), LoadgenError> {
         }
         Scenario::Deposits => deposits(&args),
         Scenario::Rewards => rewards(&args),
+        Scenario::Withdrawals => withdrawals(&args),
         Scenario::Journal => journal(&args),
     }
 }
