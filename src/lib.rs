@@ -15,12 +15,17 @@
 //! - [`events`]: envelope, codec, hash chain, the `EventStore` trait and the sled store with its
 //!   group-commit journal.
 //! - [`money`], [`ids`], [`clock`], [`config`], [`metrics`]: the small shared vocabulary.
-//! - [`verify`]: the offline log checker behind `hongbao verify`.
+//! - [`verify`]: the offline log checker behind `hongbao verify`; [`audit`]: the replay that
+//!   proves every money invariant, behind `hongbao audit`.
+//! - [`flows`]: log consumers with checkpoints: crediting lanes, payout lanes, compensation,
+//!   reconciliation. [`channels`]: the payment channel trait and its simulator.
+//! - [`tokens`]: HMAC-signed reward tokens.
 //! - [`loadgen`]: the project's own load generator and its hello-world baseline.
 
 #![forbid(unsafe_code)]
 
 pub mod actors;
+pub mod audit;
 pub mod channels;
 pub mod clock;
 pub mod config;

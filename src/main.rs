@@ -58,6 +58,14 @@ enum Command {
         #[arg(long)]
         require_budgets: bool,
     },
+    /// Replay the whole log and prove the money invariants (exit 0 only if all hold).
+    Audit {
+        #[command(flatten)]
+        common: Common,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check the whole log: hash chain, sequence contiguity, per-stream versions, stream index.
     Verify {
         #[command(flatten)]
@@ -190,6 +198,66 @@ fn verify(common: Common) -> anyhow::Result<ExitCode> {
     }
 }
 
+fn audit(common: Common, json: bool) -> anyhow::Result<ExitCode> {
+    let config = load_config(&common)?;
+    let store = open_store(&config)?;
+    let channels = if config.data_dir.join("channels").exists() {
+        Some(hongbao::channels::SimulatedChannels::open(
+            &config.data_dir,
+            Arc::new(SystemClock),
+        )?)
+    } else {
+        None
+    };
+    let bar = progress_bar(store.head(), "auditing");
+    if json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let report = hongbao::audit::audit(&store, channels.as_deref(), |done, _| {
+        bar.set_position(done)
+    })?;
+    bar.finish_and_clear();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"ok": report.ok(), "events": report.events, "checks": report.checks})
+            )?
+        );
+    } else {
+        println!("audited {} events", report.events);
+        for check in &report.checks {
+            let verdict = if check.ok() { "ok" } else { "FAILED" };
+            println!(
+                "{:<20} {:<7} {:>10} checked  {}",
+                check.name, verdict, check.checked, check.description
+            );
+            for note in &check.notes {
+                println!("{:<20}         {note}", "");
+            }
+            for example in &check.examples {
+                println!("{:<20}   ! {example}", "");
+            }
+            if check.violations as usize > check.examples.len() {
+                println!("{:<20}   ! ... {} violations in all", "", check.violations);
+            }
+        }
+        println!(
+            "result: {}",
+            if report.ok() {
+                "OK, every invariant holds"
+            } else {
+                "FAILED"
+            }
+        );
+    }
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
 fn rebuild(name: Option<String>, common: Common) -> anyhow::Result<ExitCode> {
     let config = load_config(&common)?;
     let chosen: Vec<_> = all_projections()
@@ -255,6 +323,7 @@ fn main() -> ExitCode {
             require_budgets,
         } => serve(common, addr, require_budgets),
         Command::Verify { common } => verify(common),
+        Command::Audit { common, json } => audit(common, json),
         Command::Projections {
             command: ProjectionsCommand::Rebuild { name, common },
         } => rebuild(name, common),

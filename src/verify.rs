@@ -76,7 +76,7 @@ pub fn verify_log(
         }
         *last = envelope.version;
         report.records += 1;
-        if report.records % 65_536 == 0 {
+        if report.records.is_multiple_of(65_536) {
             progress(report.records, head);
         }
     }

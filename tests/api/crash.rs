@@ -290,6 +290,18 @@ fn verify(dir: &Path) {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(stdout.contains("result: OK"), "{stdout}");
+    // And the money invariants, replayed from the log and the channels' statements.
+    let output = Command::new(env!("CARGO_BIN_EXE_hongbao"))
+        .args(["audit", "--data-dir", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "audit failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("result: OK"), "{stdout}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

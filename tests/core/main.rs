@@ -2,6 +2,7 @@
 //! One binary (faster to build and link than one per file).
 
 mod actors;
+mod audit;
 mod compensation;
 mod projections;
 mod store;
