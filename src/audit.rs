@@ -106,6 +106,18 @@ struct OrderReplay {
 }
 
 #[derive(Default)]
+struct PacketReplay {
+    packet: crate::domain::packet::Packet,
+    /// Money that reached escrow (wallet payment debits naming the packet).
+    paid: u128,
+    transferred: u128,
+    /// Claims transferred, by uid.
+    transfers: HashMap<String, u32>,
+    refunded_to_wallet: u128,
+    returned_to_budget: u128,
+}
+
+#[derive(Default)]
 struct Budget {
     budget: Option<(Fen, Fen)>,
     cash: u128,
@@ -121,7 +133,9 @@ struct Auditor {
     budgets_check: CheckResult,
     withdrawals_check: CheckResult,
     channels_check: CheckResult,
+    packets_check: CheckResult,
     wallets: HashMap<String, WalletReplay>,
+    packets: HashMap<String, PacketReplay>,
     rewards: HashMap<(String, Id), RewardReplay>,
     budgets: HashMap<String, Budget>,
     orders: HashMap<Id, OrderReplay>,
@@ -130,6 +144,10 @@ struct Auditor {
     reward_credits: u128,
     withdrawal_debits: u128,
     withdrawal_refunds: u128,
+    packet_payments: u128,
+    claim_transfers: u128,
+    packet_refunds: u128,
+    budget_returns: u128,
 }
 
 fn stream_id<'a>(envelope: &'a Envelope, prefix: &str) -> Option<&'a str> {
@@ -146,14 +164,20 @@ impl Auditor {
             budgets_check: CheckResult::new("budgets", "accepted money never above the activity's budget"),
             withdrawals_check: CheckResult::new("withdrawals", "one debit, at most one refund, a refund exactly when failed after the debit"),
             channels_check: CheckResult::new("channel_statements", "an order succeeded exactly when its channel's statement says paid"),
+                        packets_check: CheckResult::new("packets", "claimed + refunded = total, each share paid to its claimer once, escrow paid >= transferred + refunded"),
             wallets: HashMap::new(),
+            packets: HashMap::new(),
             rewards: HashMap::new(),
             budgets: HashMap::new(),
             orders: HashMap::new(),
             deposits: 0,
             reward_credits: 0,
-            withdrawal_debits: 0,
+                        withdrawal_debits: 0,
             withdrawal_refunds: 0,
+            packet_payments: 0,
+            claim_transfers: 0,
+            packet_refunds: 0,
+            budget_returns: 0,
         }
     }
 
@@ -222,6 +246,27 @@ impl Auditor {
                     .entry(line.order_id.clone())
                     .or_default()
                     .refunds += 1;
+            }
+            Entry::PacketPayment | Entry::PacketSubsidy => {
+                self.packet_payments += amount;
+                let packet = match (line.entry, &line.source) {
+                    (Entry::PacketSubsidy, Some(packet)) => packet.to_string(),
+                    _ => line.order_id.to_string(),
+                };
+                self.packets.entry(packet).or_default().paid += amount;
+            }
+            Entry::ClaimTransfer | Entry::ClaimTransferActivity => {
+                self.claim_transfers += amount;
+                let packet = self.packets.entry(line.order_id.to_string()).or_default();
+                packet.transferred += amount;
+                *packet.transfers.entry(uid.clone()).or_default() += 1;
+            }
+            Entry::PacketRefund => {
+                self.packet_refunds += amount;
+                self.packets
+                    .entry(line.order_id.to_string())
+                    .or_default()
+                    .refunded_to_wallet += amount;
             }
         }
     }
@@ -310,6 +355,24 @@ impl Auditor {
                     .or_default()
                     .delivered = true;
             }
+            ActivityEvent::BudgetReturned {
+                order_id,
+                kind,
+                amount,
+            } => {
+                let amount = amount.as_u64() as u128;
+                self.budget_returns += amount;
+                self.packets
+                    .entry(order_id.to_string())
+                    .or_default()
+                    .returned_to_budget += amount;
+                let budget = self.budgets.entry(activity.clone()).or_default();
+                match kind {
+                    RewardKind::Cash => budget.cash = budget.cash.saturating_sub(amount),
+                    RewardKind::Subsidy => budget.subsidy = budget.subsidy.saturating_sub(amount),
+                    RewardKind::Coupon | RewardKind::Item => {}
+                }
+            }
             ActivityEvent::RewardVoided {
                 order_id,
                 kind,
@@ -366,6 +429,10 @@ impl Auditor {
             Event::Wallet(event) => self.wallet_event(envelope, event),
             Event::Activity(event) => self.activity_event(envelope, event),
             Event::Withdrawal(event) => self.withdrawal_event(envelope, event),
+            Event::Packet(event) => {
+                let packet = stream_id(envelope, "packet").unwrap_or_default().to_owned();
+                self.packets.entry(packet).or_default().packet.evolve(event);
+            }
             Event::Switches(_) | Event::Policy(_) | Event::Payee(_) => {}
         }
     }
@@ -475,6 +542,64 @@ impl Auditor {
                 .push("no channel statements in this data directory".into());
         }
 
+        // Packets.
+        let mut escrow = 0u128;
+        for (id, replay) in &self.packets {
+            self.packets_check.checked += 1;
+            let p = &replay.packet;
+            let Some(spec) = p.spec.as_ref() else {
+                self.packets_check.violation(format!(
+                    "packet {id}: money moved for a packet never created"
+                ));
+                continue;
+            };
+            let total = spec.total.as_u64() as u128;
+            let claimed: u128 = p.claims.iter().map(|c| c.amount.as_u64() as u128).sum();
+            let refunded = p.refunded.map(|f| f.as_u64() as u128).unwrap_or(0);
+            let is_paid = p.payment_id.is_some();
+            if is_paid && replay.paid != total {
+                self.packets_check.violation(format!(
+                    "packet {id}: total {total} but {} paid into escrow",
+                    replay.paid
+                ));
+            }
+            if claimed + refunded > total {
+                self.packets_check.violation(format!(
+                    "packet {id}: claimed {claimed} + refunded {refunded} > total {total}"
+                ));
+            }
+            let finished = p.state == Some(crate::domain::packet::PacketState::Exhausted)
+                || p.refunded.is_some();
+            if is_paid && finished && claimed + refunded != total {
+                self.packets_check.violation(format!(
+                    "packet {id}: claimed {claimed} + refunded {refunded} != total {total}"
+                ));
+            }
+            for (uid, count) in &replay.transfers {
+                let claimer = Id::parse(uid)
+                    .ok()
+                    .is_some_and(|u| p.claimed_by.contains_key(&u));
+                if *count > 1 || !claimer {
+                    self.packets_check.violation(format!(
+                        "packet {id}: {count} transfers to {uid} (a claimer: {claimer})"
+                    ));
+                }
+            }
+            let given_back = replay.refunded_to_wallet + replay.returned_to_budget;
+            if replay.paid < replay.transferred + given_back {
+                self.packets_check.violation(format!(
+                    "packet {id}: paid {} < transferred {} + refunded {given_back}",
+                    replay.paid, replay.transferred
+                ));
+            }
+            if p.refunded.is_some() && given_back != refunded {
+                self.packets_check.violation(format!(
+                    "packet {id}: refunded {refunded} on the packet, {given_back} given back"
+                ));
+            }
+            escrow += replay.paid.saturating_sub(replay.transferred + given_back);
+        }
+
         // Conservation.
         self.conservation.checked = self.wallets.len() as u64;
         let balances: u128 = self
@@ -483,12 +608,22 @@ impl Auditor {
             .flat_map(|w| w.balances.values())
             .map(|b| b.as_u64() as u128)
             .sum();
-        let expected = (self.deposits + self.reward_credits + self.withdrawal_refunds)
-            .checked_sub(self.withdrawal_debits);
+        let inflow = self.deposits
+            + self.reward_credits
+            + self.withdrawal_refunds
+            + self.claim_transfers
+            + self.packet_refunds;
+        let expected = inflow.checked_sub(self.withdrawal_debits + self.packet_payments);
         if expected != Some(balances) {
             self.conservation.violation(format!(
-                "balances {balances} != deposits {} + reward credits {} - withdrawals {} + refunds {}",
-                self.deposits, self.reward_credits, self.withdrawal_debits, self.withdrawal_refunds
+                "balances {balances} != deposits {} + reward credits {} - withdrawals {} + withdrawal refunds {} - packet payments {} + claim transfers {} + packet refunds {}",
+                self.deposits,
+                self.reward_credits,
+                self.withdrawal_debits,
+                self.withdrawal_refunds,
+                self.packet_payments,
+                self.claim_transfers,
+                self.packet_refunds
             ));
         }
         if self.withdrawal_debits.checked_sub(self.withdrawal_refunds) != Some(paid + in_transit) {
@@ -497,9 +632,17 @@ impl Auditor {
                 self.withdrawal_debits, self.withdrawal_refunds
             ));
         }
+        if self.packet_payments
+            != self.claim_transfers + self.packet_refunds + self.budget_returns + escrow
+        {
+            self.conservation.violation(format!(
+                "packet payments {} != claim transfers {} + refunds {} + returned to budgets {} + escrow {escrow}",
+                self.packet_payments, self.claim_transfers, self.packet_refunds, self.budget_returns
+            ));
+        }
         self.conservation.notes.push(format!(
-            "deposits {} + reward credits {} = balances {balances} + paid {paid} + in transit {in_transit} (fen)",
-            self.deposits, self.reward_credits
+            "deposits {} + reward credits {} = balances {balances} + paid out {paid} + in transit {in_transit} + packet escrow {escrow} + returned to budgets {} (fen)",
+            self.deposits, self.reward_credits, self.budget_returns
         ));
         vec![
             self.chain,
@@ -509,6 +652,7 @@ impl Auditor {
             self.budgets_check,
             self.withdrawals_check,
             self.channels_check,
+            self.packets_check,
         ]
     }
 }

@@ -210,6 +210,13 @@ pub enum ActivityCommand {
         uid: Id,
         reason: VoidReason,
     },
+    /// Money that left a budget comes back unspent (an expired B2C packet's remainder),
+    /// once per `order_id` (the packet id).
+    ReturnBudget {
+        order_id: Id,
+        kind: RewardKind,
+        amount: Fen,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -227,6 +234,11 @@ pub enum ActivityEvent {
         amount: Fen,
         reason: VoidReason,
     },
+    BudgetReturned {
+        order_id: Id,
+        kind: RewardKind,
+        amount: Fen,
+    },
 }
 
 impl ActivityEvent {
@@ -236,6 +248,7 @@ impl ActivityEvent {
             ActivityEvent::RewardAccepted(_) => "activity.reward_accepted",
             ActivityEvent::RewardDelivered { .. } => "activity.reward_delivered",
             ActivityEvent::RewardVoided { .. } => "activity.reward_voided",
+            ActivityEvent::BudgetReturned { .. } => "activity.budget_returned",
         }
     }
 }
@@ -300,9 +313,11 @@ pub struct OrderMemo {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Activity {
     pub budget: Option<Budgets>,
-    /// Accepted money per kind, net of voided rewards.
+    /// Accepted money per kind, net of voided rewards and returned budget.
     pub accepted: Budgets,
     pub orders: HashMap<u128, OrderMemo>,
+    /// Digests of the order ids whose money came back (`ReturnBudget`).
+    pub returned: std::collections::HashSet<u128>,
 }
 
 impl Activity {
@@ -481,6 +496,26 @@ impl Aggregate for Activity {
                     }),
                 }
             }
+            ActivityCommand::ReturnBudget {
+                order_id,
+                kind,
+                amount,
+            } => {
+                if self.returned.contains(&order_key(order_id)) {
+                    return Ok(Decision::Reply(self.budget_reply()));
+                }
+                if kind.wallet_entry().is_none() || amount.is_zero() {
+                    return Err(ActivityError::ZeroAmount);
+                }
+                let event = ActivityEvent::BudgetReturned {
+                    order_id: order_id.clone(),
+                    kind: *kind,
+                    amount: *amount,
+                };
+                let mut after = self.clone();
+                after.evolve(&event);
+                Ok(Decision::Emit(vec![event], after.budget_reply()))
+            }
         }
     }
 
@@ -509,6 +544,16 @@ impl Aggregate for Activity {
                     memo.state = OrderState::Delivered;
                 }
             }
+            ActivityEvent::BudgetReturned {
+                order_id,
+                kind,
+                amount,
+            } => {
+                if let Some(total) = self.accepted_mut(*kind) {
+                    *total = total.checked_sub(*amount).unwrap_or(Fen::ZERO);
+                }
+                self.returned.insert(order_key(order_id));
+            }
             ActivityEvent::RewardVoided {
                 order_id,
                 kind,
@@ -530,7 +575,8 @@ impl Aggregate for Activity {
             ActivityCommand::SetBudget(_) => "budget".into(),
             ActivityCommand::Accept { reward, .. } => reward.order_id.to_string(),
             ActivityCommand::MarkDelivered { order_id, .. }
-            | ActivityCommand::Void { order_id, .. } => order_id.to_string(),
+            | ActivityCommand::Void { order_id, .. }
+            | ActivityCommand::ReturnBudget { order_id, .. } => order_id.to_string(),
         }
     }
 

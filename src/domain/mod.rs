@@ -11,6 +11,7 @@
 //! shape must change gets a new variant or a new schema version with an upcaster, never an edit.
 
 pub mod activity;
+pub mod packet;
 pub mod switches;
 pub mod wallet;
 pub mod withdrawal;
@@ -73,6 +74,7 @@ pub enum Event {
     Withdrawal(withdrawal::WithdrawalEvent),
     Policy(withdrawal::PolicyEvent),
     Payee(withdrawal::PayeeEvent),
+    Packet(packet::PacketEvent),
 }
 
 impl Event {
@@ -85,6 +87,7 @@ impl Event {
             Event::Withdrawal(e) => e.type_name(),
             Event::Policy(_) => "policy.policy_set",
             Event::Payee(_) => "payee.method_bound",
+            Event::Packet(e) => e.type_name(),
         }
     }
 

@@ -57,6 +57,18 @@ pub enum Entry {
     WithdrawalRefund,
     /// A subsidy reward credited from a campaign budget into `subsidy`.
     SubsidyReward,
+    /// A C2C red packet paid from `change` into the packet's escrow (order: the packet id).
+    PacketPayment,
+    /// A B2C red packet paid from `subsidy` into escrow (order: the subsidy's order id, so one
+    /// subsidy pays one packet; source: the packet id).
+    PacketSubsidy,
+    /// A C2C share moved from escrow into the claimer's `change` (order: the packet id).
+    ClaimTransfer,
+    /// A B2C share moved from escrow into the claimer's `activity`, withdrawable (order: the
+    /// packet id).
+    ClaimTransferActivity,
+    /// An expired C2C packet's remainder back from escrow into the sender's `change`.
+    PacketRefund,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,18 +80,27 @@ enum Direction {
 impl Entry {
     pub fn account(self) -> Account {
         match self {
-            Entry::Deposit => Account::Change,
-            Entry::Reward | Entry::Withdrawal | Entry::WithdrawalRefund => Account::Activity,
-            Entry::SubsidyReward => Account::Subsidy,
+            Entry::Deposit | Entry::PacketPayment | Entry::ClaimTransfer | Entry::PacketRefund => {
+                Account::Change
+            }
+            Entry::Reward
+            | Entry::Withdrawal
+            | Entry::WithdrawalRefund
+            | Entry::ClaimTransferActivity => Account::Activity,
+            Entry::SubsidyReward | Entry::PacketSubsidy => Account::Subsidy,
         }
     }
 
     fn direction(self) -> Direction {
         match self {
-            Entry::Deposit | Entry::Reward | Entry::WithdrawalRefund | Entry::SubsidyReward => {
-                Direction::Credit
-            }
-            Entry::Withdrawal => Direction::Debit,
+            Entry::Deposit
+            | Entry::Reward
+            | Entry::WithdrawalRefund
+            | Entry::SubsidyReward
+            | Entry::ClaimTransfer
+            | Entry::ClaimTransferActivity
+            | Entry::PacketRefund => Direction::Credit,
+            Entry::Withdrawal | Entry::PacketPayment | Entry::PacketSubsidy => Direction::Debit,
         }
     }
 
@@ -98,6 +119,11 @@ impl Entry {
             Entry::Withdrawal => "withdrawal",
             Entry::WithdrawalRefund => "withdrawal_refund",
             Entry::SubsidyReward => "subsidy_reward",
+            Entry::PacketPayment => "packet_payment",
+            Entry::PacketSubsidy => "packet_subsidy",
+            Entry::ClaimTransfer => "claim_transfer",
+            Entry::ClaimTransferActivity => "claim_transfer_activity",
+            Entry::PacketRefund => "packet_refund",
         }
     }
 }
@@ -114,11 +140,14 @@ pub enum WalletCommand {
         amount: Fen,
         source: Option<Id>,
     },
-    /// Takes money from the entry's account (withdrawal); never below zero.
+    /// Takes money from the entry's account (withdrawal, packet payment); never below zero.
+    /// `source` says what the money paid for when the order id alone does not (the packet a
+    /// subsidy paid); part of the payload for idempotency.
     Debit {
         entry: Entry,
         order_id: Id,
         amount: Fen,
+        source: Option<Id>,
     },
     /// Reverses the debit of `order_id` that `entry.refund_of()` names, once, in full.
     Refund { entry: Entry, order_id: Id },
@@ -318,6 +347,7 @@ impl Aggregate for Wallet {
                 entry,
                 order_id,
                 amount,
+                source,
             } => {
                 if entry.direction() != Direction::Debit {
                     return Err(WalletError::WrongEntry { entry: *entry });
@@ -325,7 +355,7 @@ impl Aggregate for Wallet {
                 if amount.is_zero() {
                     return Err(WalletError::ZeroAmount);
                 }
-                if let Some(outcome) = self.recall(*entry, order_id, Some((*amount, &None))) {
+                if let Some(outcome) = self.recall(*entry, order_id, Some((*amount, source))) {
                     return outcome;
                 }
                 let account = entry.account();
@@ -343,7 +373,7 @@ impl Aggregate for Wallet {
                     order_id: order_id.clone(),
                     amount: *amount,
                     balance_after,
-                    source: None,
+                    source: source.clone(),
                 })))
             }
             WalletCommand::Refund { entry, order_id } => {
@@ -439,6 +469,7 @@ mod tests {
             entry: Entry::Withdrawal,
             order_id: id(order),
             amount: Fen::new(amount),
+            source: None,
         }
     }
 
@@ -648,6 +679,7 @@ mod tests {
             entry: Entry::Deposit,
             order_id: id("x"),
             amount: Fen::new(1),
+            source: None,
         };
         assert_eq!(
             wallet.decide(&wrong, &CTX),

@@ -181,6 +181,7 @@ impl Withdrawals {
             entry: Entry::Withdrawal,
             order_id: order_id.clone(),
             amount,
+            source: None,
         };
         let outcome = match self.wallets.execute(uid.as_str(), debit).await {
             Ok(_) => WithdrawalCommand::RecordDebit,

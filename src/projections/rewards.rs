@@ -171,6 +171,11 @@ impl RewardsView {
                     ActivityEvent::RewardDelivered { .. } => {
                         totals.kind(tx, RewardKind::Item)?.settled += 1
                     }
+                    ActivityEvent::BudgetReturned { kind, amount, .. } => {
+                        let t = totals.activity(tx, activity)?;
+                        sub(&mut t.accepted_cash, *kind, *amount, RewardKind::Cash);
+                        sub(&mut t.accepted_subsidy, *kind, *amount, RewardKind::Subsidy);
+                    }
                     ActivityEvent::RewardVoided {
                         order_id,
                         kind,

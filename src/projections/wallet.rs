@@ -202,7 +202,7 @@ impl Projection for WalletView {
                         tx.remove(pending_key(uid.as_str(), activity, order_id.as_str()));
                         Ok(())
                     }
-                    ActivityEvent::BudgetSet(_) => Ok(()),
+                    ActivityEvent::BudgetSet(_) | ActivityEvent::BudgetReturned { .. } => Ok(()),
                 }
             }
             _ => Ok(()),

@@ -159,6 +159,7 @@ fn stuck_orders_are_compensated_per_state_after_the_age() {
                     entry: Entry::Withdrawal,
                     order_id: id("half-done"),
                     amount: Fen::new(300),
+                    source: None,
                 },
             )
             .await
