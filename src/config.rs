@@ -20,7 +20,27 @@ pub struct Config {
     pub limits: Limits,
     pub rewards: RewardsSection,
     pub withdrawals: WithdrawalsSection,
+    pub packets: PacketsSection,
     pub auth: AuthConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PacketsSection {
+    /// How often packet deadlines are checked (a packet expires within about this much).
+    pub expiry_check_ms: u64,
+    /// Transfers and refunds not done after this long are reported stuck.
+    pub stuck_after_s: u64,
+}
+
+impl Default for PacketsSection {
+    fn default() -> Self {
+        let p = crate::flows::packets::PacketConfig::default();
+        PacketsSection {
+            expiry_check_ms: p.expiry_check.as_millis() as u64,
+            stuck_after_s: p.stuck_after.as_secs(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -159,6 +179,7 @@ impl Default for Config {
             limits: Limits::default(),
             rewards: RewardsSection::default(),
             withdrawals: WithdrawalsSection::default(),
+            packets: PacketsSection::default(),
             auth: AuthConfig::default(),
         }
     }
@@ -353,6 +374,14 @@ impl Config {
             in_flight_max: w.lane_in_flight_max,
             sweep_interval: Duration::from_millis(w.sweep_interval_ms),
             compensation_age: Duration::from_secs(w.compensation_age_s),
+            checkpoint_interval: Duration::from_millis(200),
+        }
+    }
+
+    pub fn packets(&self) -> crate::flows::packets::PacketConfig {
+        crate::flows::packets::PacketConfig {
+            expiry_check: Duration::from_millis(self.packets.expiry_check_ms),
+            stuck_after: Duration::from_secs(self.packets.stuck_after_s),
             checkpoint_interval: Duration::from_millis(200),
         }
     }

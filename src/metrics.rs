@@ -37,6 +37,10 @@ pub struct Metrics {
     pub payouts_parked_total: IntCounterVec,
     pub compensations_total: IntCounterVec,
     pub reconciliation_mismatches_total: IntCounterVec,
+    pub packet_claims_total: IntCounterVec,
+    pub packet_transfers_total: IntCounter,
+    pub packets_expired_total: IntCounterVec,
+    pub packets_stuck: IntGaugeVec,
 }
 
 /// Latency buckets from 50 us to about 13 s: covers a cached read and a stalled flush alike.
@@ -217,7 +221,32 @@ impl Metrics {
             &["check"],
         );
 
+        let packet_claims_total = counter(
+            "hongbao_packet_claims_total",
+            "Claim requests by outcome (claimed, repeated, empty, expired, busy, refused)",
+            &["outcome"],
+        );
+        let packet_transfers_total = IntCounter::new(
+            "hongbao_packet_transfers_total",
+            "Claimed shares moved from escrow to the claimer",
+        )
+        .expect("metric definition");
+        let packets_expired_total = counter(
+            "hongbao_packets_expired_total",
+            "Packets expired and refunded, by mode",
+            &["mode"],
+        );
+        let packets_stuck = gauge(
+            "hongbao_packets_stuck",
+            "Red packet work past its threshold: transfers not done, refunds not made",
+            &["work"],
+        );
+
         let metrics = Metrics {
+            packet_claims_total,
+            packet_transfers_total,
+            packets_expired_total,
+            packets_stuck,
             withdrawals_total,
             payout_attempts_total,
             payout_lane_backlog,
@@ -280,6 +309,10 @@ impl Metrics {
             Box::new(self.payouts_parked_total.clone()),
             Box::new(self.compensations_total.clone()),
             Box::new(self.reconciliation_mismatches_total.clone()),
+            Box::new(self.packet_claims_total.clone()),
+            Box::new(self.packet_transfers_total.clone()),
+            Box::new(self.packets_expired_total.clone()),
+            Box::new(self.packets_stuck.clone()),
         ];
         for collector in collectors {
             self.registry

@@ -7,11 +7,23 @@ use std::collections::BTreeMap;
 
 /// Every switch, with its default: an unknown name is refused, so a typo cannot silently
 /// create a switch nobody reads.
-pub const KNOWN: &[(&str, bool, &str)] = &[(
-    "reward_lanes",
-    true,
-    "Crediting lanes dispatch credits (off: rewards are still accepted and queue up, pending)",
-)];
+pub const KNOWN: &[(&str, bool, &str)] = &[
+    (
+        "reward_lanes",
+        true,
+        "Crediting lanes dispatch credits (off: rewards are still accepted and queue up, pending)",
+    ),
+    (
+        "c2c_send",
+        true,
+        "Users may create C2C red packets (off: 503 with a friendly message, e.g. while the cashier is down)",
+    ),
+    (
+        "token_merge",
+        true,
+        "Reward and subsidy listings merge pending tokens with credited ones (off: credited only)",
+    ),
+];
 
 /// The default of a known switch.
 pub fn default_of(name: &str) -> Option<bool> {

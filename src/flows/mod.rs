@@ -3,8 +3,10 @@
 //! gives exactly-once effect) and paces itself with rate limiters.
 //!
 //! - [`reward_lanes`]: credit accepted rewards to wallets, per kind, rate-limited, cash first.
+//! - [`packets`]: red packet payment, share transfers, expiry and refunds.
 //! - [`withdrawals`]: the withdrawal request flow, payout lanes, compensation, reconciliation.
 
+pub mod packets;
 pub mod reward_lanes;
 pub mod withdrawals;
 

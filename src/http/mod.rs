@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod error;
 pub mod ops;
+pub mod packets;
 pub mod rewards;
 pub mod wallets;
 pub mod withdrawals;
@@ -22,6 +23,7 @@ use crate::domain::wallet::Wallet;
 use crate::domain::withdrawal::{Payee, PolicyState};
 use crate::events::sled_store::SledStore;
 use crate::events::{EventStore, StoreError};
+use crate::flows::packets::{PacketFlows, Packets};
 use crate::flows::reward_lanes::RewardLanes;
 use crate::flows::withdrawals::{WithdrawalFlows, Withdrawals};
 use crate::ids::Id;
@@ -78,7 +80,11 @@ pub struct ErrorBody {
         withdrawals::set_channel,
         withdrawals::get_channel,
         withdrawals::statement,
-        withdrawals::parked,
+                withdrawals::parked,
+        packets::create,
+        packets::pay,
+        packets::claim,
+        packets::details,
         ops::healthz,
         ops::readyz,
         ops::metrics,
@@ -119,13 +125,22 @@ pub struct ErrorBody {
         withdrawals::StageBody,
         withdrawals::ChannelBody,
         withdrawals::StatementItem,
-        withdrawals::ParkedItem,
+                withdrawals::ParkedItem,
+        packets::Audience,
+        packets::CreatePacket,
+        packets::PacketStateBody,
+        packets::PayPacket,
+        packets::ClaimRequest,
+        packets::ClaimBody,
+        packets::ClaimItem,
+        packets::PacketDetails,
     )),
     modifiers(&BearerAuth),
     tags(
         (name = "wallet", description = "Balances, ledger, deposits, force-credit, reward list"),
         (name = "rewards", description = "Reward intake, scenario shortcuts, status, budgets"),
-        (name = "withdrawals", description = "Payout methods, withdrawals, policy, payment channels"),
+                (name = "withdrawals", description = "Payout methods, withdrawals, policy, payment channels"),
+        (name = "packets", description = "Red packets: B2C and C2C, claims, details"),
         (name = "operations", description = "Health, readiness, metrics, this document"),
     )
 )]
@@ -157,6 +172,9 @@ pub struct AppState {
     pub withdrawals: Arc<Withdrawals>,
     pub withdrawal_flows: WithdrawalFlows,
     pub channels: Arc<SimulatedChannels>,
+    pub packets: Arc<Packets>,
+    pub packet_flows: PacketFlows,
+    pub claim_gate: packets::ClaimGate,
     pub signer: TokenSigner,
     pub lanes: RewardLanes,
     pub projections: Arc<Projections>,
@@ -275,6 +293,19 @@ impl Application {
             })?;
         let withdrawal_flows =
             WithdrawalFlows::start(withdrawals.clone(), store.state_db(), withdrawal_view)?;
+        let packets = Packets::new(
+            Registry::new(runtime.clone()),
+            wallets.clone(),
+            activities.clone(),
+            config.packets(),
+        );
+        let packet_view = projections
+            .tree(crate::projections::packets::NAME)
+            .cloned()
+            .ok_or_else(|| {
+                ServeError::Store(StoreError::Io("the packets view is not running".into()))
+            })?;
+        let packet_flows = PacketFlows::start(packets.clone(), store.state_db(), packet_view)?;
         let lanes = RewardLanes::start(
             store.state_db(),
             wallets.clone(),
@@ -295,6 +326,9 @@ impl Application {
             withdrawals,
             withdrawal_flows,
             channels,
+            packets,
+            packet_flows,
+            claim_gate: packets::ClaimGate::default(),
             lanes,
             projections,
             metrics,
@@ -383,6 +417,7 @@ impl Application {
         let started = Instant::now();
         self.state.lanes.stop().await;
         self.state.withdrawal_flows.stop().await;
+        self.state.packet_flows.stop().await;
         self.state.projections.stop().await;
         let closed = self.state.store.close().await;
         tracing::info!(
@@ -475,6 +510,20 @@ fn routes(cfg: &mut web::ServiceConfig) {
         (
             "/v1/withdrawals/{order_id}",
             vec![web::get().to(withdrawals::get_withdrawal)],
+        ),
+        // Red packets.
+        (
+            "/v1/packets/{packet_id}/claims",
+            vec![web::post().to(packets::claim)],
+        ),
+        ("/v1/packets", vec![web::post().to(packets::create)]),
+        (
+            "/v1/packets/{packet_id}",
+            vec![web::get().to(packets::details)],
+        ),
+        (
+            "/v1/packets/{packet_id}/pay",
+            vec![web::post().to(packets::pay)],
         ),
         // Administration.
         (

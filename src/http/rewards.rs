@@ -159,6 +159,8 @@ pub struct StatusQuery {
 pub struct ListQuery {
     /// accepted (pending only) or all (default: pending, then credited money rewards).
     pub status: Option<String>,
+    /// Only this kind (cash, subsidy, coupon, item): `kind=subsidy` is the subsidy list (P7).
+    pub kind: Option<String>,
     /// At most 100 (default).
     pub limit: Option<usize>,
 }
@@ -619,7 +621,7 @@ pub async fn credit_tokens(
 }
 
 /// Verifies every token before anything is credited: one bad token fails the whole call.
-fn verify_tokens(
+pub fn verify_tokens(
     state: &AppState,
     uid: &Id,
     tokens: &[String],
@@ -690,6 +692,7 @@ pub async fn list_rewards(
         Some("accepted") => true,
         Some(_) => return Err(ApiError::malformed("status must be accepted or all")),
     };
+    let kind_filter = query.kind.as_deref().map(parse_kind).transpose()?;
     let wallets = read_view(&state, wallet_view::NAME).await?;
     let token = |activity: &str,
                  order: &str,
@@ -715,13 +718,22 @@ pub async fn list_rewards(
     };
     // Pending rewards first (oldest first), then credited money rewards from the ledger
     // (latest first): both come from the wallet view.
-    let mut list: Vec<UserReward> = wallet_view::record(wallets, uid.as_str())
-        .map_err(view_error)?
-        .pending
-        .into_iter()
-        .filter_map(|p| token(&p.activity_id, &p.order_id, p.kind, p.amount, "accepted"))
-        .take(limit)
-        .collect();
+    // With the `token_merge` switch off (the token source degraded, P7/P9), only what is
+    // credited is listed.
+    let merge = state.switches.with(|s| s.is_on("token_merge"));
+    let wanted = |kind: RewardKind| kind_filter.is_none_or(|k| k == kind);
+    let mut list: Vec<UserReward> = if merge {
+        wallet_view::record(wallets, uid.as_str())
+            .map_err(view_error)?
+            .pending
+            .into_iter()
+            .filter(|p| wanted(p.kind))
+            .filter_map(|p| token(&p.activity_id, &p.order_id, p.kind, p.amount, "accepted"))
+            .take(limit)
+            .collect()
+    } else {
+        Vec::new()
+    };
     if !only_pending && list.len() < limit {
         let mut before = None;
         'pages: loop {
@@ -740,6 +752,9 @@ pub async fn list_rewards(
                     Entry::SubsidyReward => RewardKind::Subsidy,
                     _ => continue,
                 };
+                if !wanted(kind) {
+                    continue;
+                }
                 let Some(activity) = &line.source else {
                     continue;
                 };

@@ -11,6 +11,7 @@
 //! projection's checkpoint on a watch channel, so that a reader can wait until a view has
 //! caught up with an event it knows was acknowledged (read-your-writes).
 
+pub mod packets;
 pub mod rewards;
 pub mod wallet;
 pub mod withdrawals;
@@ -35,6 +36,7 @@ pub fn all(metrics: Arc<Metrics>) -> Vec<Arc<dyn Projection>> {
         Arc::new(wallet::WalletView),
         Arc::new(rewards::RewardsView { metrics }),
         Arc::new(withdrawals::WithdrawalsView),
+        Arc::new(packets::PacketsView),
     ]
 }
 
