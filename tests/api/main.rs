@@ -3,6 +3,7 @@
 
 mod crash;
 mod ops;
+mod packets;
 mod rewards;
 mod wallets;
 mod withdrawals;
