@@ -512,7 +512,12 @@ impl Aggregate for Activity {
                     kind: *kind,
                     amount: *amount,
                 };
-                let mut after = self.clone();
+                // The reply needs the budgets only: no clone of the order memo.
+                let mut after = Activity {
+                    budget: self.budget,
+                    accepted: self.accepted,
+                    ..Activity::default()
+                };
                 after.evolve(&event);
                 Ok(Decision::Emit(vec![event], after.budget_reply()))
             }

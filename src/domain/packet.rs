@@ -205,6 +205,17 @@ pub struct Packet {
     pub refunded: Option<Fen>,
 }
 
+/// One share by the double-mean method: uniform in `1..=2 * left / k`, keeping 1 fen for each
+/// of the `k - 1` shares after this one; the last share (`k == 1`) takes what is left.
+/// Callers guarantee `left >= k >= 1`.
+pub fn double_mean_share(left: u64, k: u64, rng: &mut impl rand::Rng) -> u64 {
+    if k <= 1 {
+        return left;
+    }
+    let upper = (2 * (left / k)).min(left - (k - 1)).max(1);
+    rng.random_range(1..=upper)
+}
+
 /// Draws the shares of a packet. Pure: the same seed gives the same shares.
 pub fn draw_shares(
     total: Fen,
@@ -226,14 +237,11 @@ pub fn draw_shares(
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
             let mut left = total;
             let mut shares = Vec::with_capacity(count as usize);
-            for k in (2..=n).rev() {
-                // Double mean, keeping 1 fen for each share after this one.
-                let upper = (2 * (left / k)).min(left - (k - 1)).max(1);
-                let share = rng.random_range(1..=upper);
+            for k in (1..=n).rev() {
+                let share = double_mean_share(left, k, &mut rng);
                 shares.push(share);
                 left -= share;
             }
-            shares.push(left);
             shares
         }
     };
@@ -259,6 +267,8 @@ impl Packet {
         }
     }
 
+    /// Emits one event, replying from the state after it. Clones the packet: for the rare
+    /// commands only (create, pay, expire, refund), never for claims.
     fn emit(
         &self,
         event: PacketEvent,
@@ -361,11 +371,13 @@ impl Aggregate for Packet {
                     amount,
                     at_ms,
                 };
-                self.emit(event, |after| PacketReply::Claimed {
+                // The hot path: the reply is computed, not read from a clone of the packet.
+                let reply = PacketReply::Claimed {
                     amount,
-                    remaining_count: after.remaining_count(),
+                    remaining_count: self.remaining_count() - 1,
                     replayed: false,
-                })
+                };
+                Ok(Decision::Emit(vec![event], reply))
             }
             PacketCommand::Expire => {
                 let spec = self.spec.as_ref().ok_or(PacketError::Unknown)?;
