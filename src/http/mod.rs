@@ -456,8 +456,12 @@ async fn wait_for_signal() {
 /// parameterised paths), so the peak-traffic endpoints come first.
 fn routes(cfg: &mut web::ServiceConfig) {
     let routes: Vec<(&str, Vec<actix_web::Route>)> = vec![
-        // Peak traffic: reward intake.
+        // Peak traffic first: actix tries resources in order, one pattern match each.
         ("/v1/rewards", vec![web::post().to(rewards::send_reward)]),
+        (
+            "/v1/packets/{packet_id}/claims",
+            vec![web::post().to(packets::claim)],
+        ),
         (
             "/v1/activities/{activity_id}/rain/{round}/rewards",
             vec![web::post().to(rewards::rain)],
@@ -512,10 +516,6 @@ fn routes(cfg: &mut web::ServiceConfig) {
             vec![web::get().to(withdrawals::get_withdrawal)],
         ),
         // Red packets.
-        (
-            "/v1/packets/{packet_id}/claims",
-            vec![web::post().to(packets::claim)],
-        ),
         ("/v1/packets", vec![web::post().to(packets::create)]),
         (
             "/v1/packets/{packet_id}",
