@@ -694,3 +694,159 @@ async fn kill_9_during_payouts_then_restart_no_double_payout_and_no_lost_refund(
     assert!(server.terminate().success());
     verify(&data);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_claim_burst_then_restart_keeps_every_share_and_refunds_expiry_once() {
+    // Goal: P3/P4/P6 under SIGKILL: every acknowledged claim survives with its amount and
+    // reaches its winner's balance after restart; a packet whose deadline passed while the
+    // server was down refunds its remainder once, within about a second of the restart.
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let base = server.base();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let post = |path: String, key: &'static str, body: Value| {
+        call(&client, reqwest::Method::POST, path, key, Some(body))
+    };
+    let (status, _) = post(
+        format!("{base}/v1/wallets/sender/change/deposits"),
+        ADMIN,
+        serde_json::json!({"order_id": "fund", "amount": 6_000}),
+    )
+    .await;
+    assert_eq!(status, 201);
+    for (packet, expires) in [("hot", 600), ("brief", 1)] {
+        let create = serde_json::json!({"packet_id": packet, "sender_uid": "sender", "mode": "c2c",
+            "total": 3_000, "count": 200, "split": "lucky", "expires_in_s": expires});
+        assert_eq!(
+            post(format!("{base}/v1/packets"), GATEWAY, create).await.0,
+            201
+        );
+        let pay = serde_json::json!({"payment_id": format!("pay-{packet}")});
+        let (status, paid) = post(format!("{base}/v1/packets/{packet}/pay"), GATEWAY, pay).await;
+        assert_eq!((status, paid["state"].as_str()), (200, Some("active")));
+    }
+    let (status, early) = post(
+        format!("{base}/v1/packets/brief/claims"),
+        GATEWAY,
+        serde_json::json!({"uid": "early"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let early = early["amount"].as_i64().unwrap();
+
+    // 16 claimers on the hot packet until the server dies under them.
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let firing: Vec<_> = (0..16)
+        .map(|w| {
+            let (base, acked, client) = (base.clone(), acked.clone(), client.clone());
+            tokio::spawn(async move {
+                for n in 0.. {
+                    let uid = format!("fan{w}-{n}");
+                    let reply = client
+                        .post(format!("{base}/v1/packets/hot/claims"))
+                        .bearer_auth(GATEWAY)
+                        .json(&serde_json::json!({ "uid": uid }))
+                        .send()
+                        .await;
+                    let Ok(reply) = reply else { break };
+                    if reply.status() != 200 {
+                        break;
+                    }
+                    let Ok(share) = reply.json::<Value>().await else {
+                        break;
+                    };
+                    acked
+                        .lock()
+                        .unwrap()
+                        .push((uid, share["amount"].as_i64().unwrap()));
+                }
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while acked.lock().unwrap().len() < 40 {
+        assert!(Instant::now() < deadline, "claims too slow");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    server.kill9();
+    for task in firing {
+        let _ = task.await;
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() < 200, "the burst must be cut short by the kill");
+    // The brief packet's deadline passes while the server is down.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+
+    let server = start(dir.path());
+    let base = server.base();
+    let restarted = Instant::now();
+    let get =
+        |path: String, key: &'static str| call(&client, reqwest::Method::GET, path, key, None);
+    let refund = 3_000 - early;
+    loop {
+        let (_, wallet) = get(format!("{base}/v1/wallets/sender"), GATEWAY).await;
+        if wallet["balances"]["change"] == refund {
+            break;
+        }
+        assert!(
+            restarted.elapsed() < Duration::from_secs(5),
+            "expiry refund not back after restart: {wallet}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, brief) = get(format!("{base}/v1/packets/brief"), GATEWAY).await;
+    assert_eq!(
+        (brief["state"].as_str(), brief["refunded"].as_i64()),
+        (Some("expired"), Some(refund))
+    );
+    let (_, hot) = get(format!("{base}/v1/packets/hot"), GATEWAY).await;
+    let recorded: HashMap<String, i64> = hot["claims"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["uid"].as_str().unwrap().to_owned(),
+                c["amount"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    let claimed: i64 = recorded.values().sum();
+    assert_eq!(hot["remaining_amount"].as_i64(), Some(3_000 - claimed));
+    for (uid, amount) in &acked {
+        assert_eq!(
+            recorded.get(uid),
+            Some(amount),
+            "acknowledged share of {uid} lost"
+        );
+        // The transfer from escrow completes after the restart, once.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, wallet) = get(format!("{base}/v1/wallets/{uid}"), GATEWAY).await;
+            if wallet["balances"]["change"] == *amount {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{uid} never got its share: {wallet}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // A retry answers the same share.
+        let (status, again) = post(
+            format!("{base}/v1/packets/hot/claims"),
+            GATEWAY,
+            serde_json::json!({ "uid": uid }),
+        )
+        .await;
+        assert_eq!((status, again["amount"].as_i64()), (200, Some(*amount)));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, wallet) = get(format!("{base}/v1/wallets/sender"), GATEWAY).await;
+    assert_eq!(wallet["balances"]["change"], refund, "refunded once");
+    assert!(server.terminate().success());
+    verify(dir.path());
+}
