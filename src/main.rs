@@ -77,7 +77,7 @@ enum Command {
         command: ProjectionsCommand,
     },
     /// Load generator: drive a scenario and print throughput and latency percentiles.
-    Loadgen(hongbao::loadgen::LoadgenArgs),
+    Loadgen(Box<hongbao::loadgen::LoadgenArgs>),
 }
 
 #[derive(Subcommand)]
@@ -332,7 +332,7 @@ fn main() -> ExitCode {
         } => list(common),
         Command::Loadgen(args) => {
             init_logging("warn");
-            hongbao::loadgen::run(args)
+            hongbao::loadgen::run(*args)
                 .map(|_| ExitCode::SUCCESS)
                 .map_err(anyhow::Error::from)
         }

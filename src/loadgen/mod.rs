@@ -12,13 +12,16 @@
 //!   intake rate and latency beside hello-world, and how long the payout lanes (bank paced at
 //!   its configured rate) take to make every order final;
 //! - `journal`: durable appends through the journal without HTTP, beside raw sled
-//!   `apply_batch` + `flush()` at the journal's observed batch size and at 1/16/256/1024.
+//!   `apply_batch` + `flush()` at the journal's observed batch size and at 1/16/256/1024;
+//! - `packets`: one hot red packet claimed by many clients, hongbao beside the textbook
+//!   PostgreSQL and Redis designs (see [`packets`]).
 //!
 //! Every run prints requests/s and p50/p99/p99.9 latency from an hdrhistogram.
 
 pub mod client;
 pub mod hello;
 pub mod journal;
+pub mod packets;
 
 use crate::clock::SystemClock;
 use crate::config::{AuthConfig, Config};
@@ -42,6 +45,9 @@ pub enum Scenario {
     Withdrawals,
     /// Durable appends through the journal (no HTTP), beside raw sled batch+flush.
     Journal,
+    /// One hot red packet claimed by --clients clients: hongbao beside textbook PostgreSQL
+    /// and Redis designs (--backends), through pools of --pool connections.
+    Packets,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -92,6 +98,40 @@ pub struct LoadgenArgs {
     /// Server HTTP workers for in-process servers (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub server_workers: usize,
+    /// packets: shares in the hot packet (its total is 100 fen a share on average).
+    #[arg(long, default_value_t = 10_000)]
+    pub shares: u32,
+    /// packets: concurrent clients, each claiming with fresh uids until the packet is empty.
+    #[arg(long, default_value_t = 1_000)]
+    pub clients: usize,
+    /// packets: connections in each backend's pool, shared by the clients.
+    #[arg(long, default_value_t = 64)]
+    pub pool: usize,
+    /// packets: backends to compare, in this order.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "hongbao,postgres,redis,redis-always"
+    )]
+    pub backends: Vec<packets::Backend>,
+    /// packets: packets claimed per backend (one row each).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
+    /// packets: PostgreSQL for the textbook baseline (tables lg_packets and lg_claims).
+    #[arg(
+        long,
+        env = "HONGBAO_POSTGRES_URL",
+        default_value = "host=127.0.0.1 port=5432 user=postgres dbname=test"
+    )]
+    pub postgres_url: String,
+    /// packets: Redis for the textbook baseline (keys lg:packet:*).
+    #[arg(
+        long,
+        env = "HONGBAO_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub redis_url: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -771,6 +811,239 @@ fn withdrawals(args: &LoadgenArgs) -> Result<(), LoadgenError> {
     target.stop()
 }
 
+/// Creates and pays a C2C packet of `shares` lucky shares on hongbao.
+fn hongbao_packet(target: &Target, packet: &str, shares: u32) -> Result<(), LoadgenError> {
+    let total = u64::from(shares) * packets::SHARE_MEAN_FEN;
+    let steps = [
+        (
+            "/v1/wallets/lg-sender/change/deposits".to_string(),
+            target.admin_key.as_str(),
+            format!(r#"{{"order_id":"fund-{packet}","amount":{total}}}"#),
+            201,
+        ),
+        (
+            "/v1/packets".to_string(),
+            target.gateway_key.as_str(),
+            format!(
+                r#"{{"packet_id":"{packet}","sender_uid":"lg-sender","mode":"c2c","total":{total},"count":{shares},"split":"lucky"}}"#
+            ),
+            201,
+        ),
+        (
+            format!("/v1/packets/{packet}/pay"),
+            target.gateway_key.as_str(),
+            format!(r#"{{"payment_id":"pay-{packet}"}}"#),
+            200,
+        ),
+    ];
+    for (path, key, body, expected) in steps {
+        let (status, answer) = http_once(target.addr, "POST", &path, Some(key), &body);
+        if status != expected {
+            return Err(LoadgenError::Usage(format!(
+                "POST {path}: {status} {answer}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Says how durable an acknowledged claim is on a backend.
+fn durability(
+    runtime: &tokio::runtime::Runtime,
+    backend: packets::Backend,
+    claimer: &packets::Claimer,
+) -> String {
+    use packets::Backend;
+    match backend {
+        Backend::Hongbao => "yes: journal flushed before the answer".into(),
+        Backend::Postgres => {
+            let sync = runtime.block_on(packets::pg_setting(claimer, "synchronous_commit"));
+            let fsync = runtime.block_on(packets::pg_setting(claimer, "fsync"));
+            match (sync, fsync) {
+                (Ok(s), Ok(f)) if s == "on" && f == "on" => {
+                    "yes: synchronous_commit=on, fsync=on".into()
+                }
+                (s, f) => format!("NO: synchronous_commit={s:?}, fsync={f:?}"),
+            }
+        }
+        Backend::Redis | Backend::RedisAlways => {
+            let aof = runtime
+                .block_on(packets::redis_config(claimer, "appendonly"))
+                .unwrap_or_default();
+            let fsync = runtime
+                .block_on(packets::redis_config(claimer, "appendfsync"))
+                .unwrap_or_default();
+            match (aof.as_str(), fsync.as_str()) {
+                ("yes", "always") => "yes: appendonly yes, appendfsync always".into(),
+                ("yes", other) => format!("NO: appendonly yes, appendfsync {other}"),
+                _ => "NO: appendonly no (memory only)".into(),
+            }
+        }
+    }
+}
+
+/// The hot-packet comparison: hongbao and the textbook designs, one table.
+fn hot_packet(args: &LoadgenArgs) -> Result<(), LoadgenError> {
+    use packets::{Backend, Claimer};
+    if args.shares == 0 || args.shares > crate::domain::packet::SHARES_MAX {
+        return Err(LoadgenError::Usage(format!(
+            "--shares must be 1 to {}",
+            crate::domain::packet::SHARES_MAX
+        )));
+    }
+    if args.pool == 0 || args.clients == 0 || args.rounds == 0 {
+        return Err(LoadgenError::Usage(
+            "--pool, --clients and --rounds must be positive".into(),
+        ));
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.client_threads.max(1))
+        .enable_all()
+        .build()?;
+    let total = u64::from(args.shares) * packets::SHARE_MEAN_FEN;
+    println!(
+        "one hot packet of {} shares ({} fen), {} clients, pools of {} connections",
+        args.shares, total, args.clients, args.pool
+    );
+    println!(
+        "{:<13} {:>5} {:>7} {:>9} {:>8} {:>8} {:>8} {:>6} {:>8} {:>10}  durable",
+        "backend",
+        "round",
+        "claims",
+        "claims/s",
+        "p50_ms",
+        "p99_ms",
+        "p999_ms",
+        "busy",
+        "errors",
+        "transfer_s"
+    );
+    let run_id: u32 = rand::random();
+    let mut failed = Vec::new();
+    for &backend in &args.backends {
+        let target = match backend {
+            Backend::Hongbao => {
+                let target = Target::new(args)?;
+                target.require(true, false, true)?;
+                Some(target)
+            }
+            _ => None,
+        };
+        let claimer = runtime.block_on(async {
+            match (backend, &target) {
+                (Backend::Hongbao, Some(t)) => {
+                    Claimer::http(t.addr, t.gateway_key.clone(), args.pool).await
+                }
+                (Backend::Postgres, _) => Claimer::postgres(&args.postgres_url, args.pool).await,
+                _ => Claimer::redis(&args.redis_url, args.pool).await,
+            }
+        })?;
+        let claimer = Arc::new(claimer);
+        runtime.block_on(packets::reset_baseline(&claimer))?;
+        // redis-always: durable settings for the run, the server's own restored after.
+        let restore = if backend == Backend::RedisAlways {
+            let before = (
+                runtime.block_on(packets::redis_config(&claimer, "appendonly"))?,
+                runtime.block_on(packets::redis_config(&claimer, "appendfsync"))?,
+            );
+            runtime.block_on(packets::redis_set_config(&claimer, "appendonly", "yes"))?;
+            runtime.block_on(packets::redis_set_config(&claimer, "appendfsync", "always"))?;
+            Some(before)
+        } else {
+            None
+        };
+        let durable = durability(&runtime, backend, &claimer);
+        for r in 0..args.rounds {
+            let packet = format!("lg-{run_id}-{}-{r}", backend.name());
+            let transfers_before = target.as_ref().map(|t| scrape(t.addr));
+            match &target {
+                Some(t) => hongbao_packet(t, &packet, args.shares)?,
+                None => runtime.block_on(packets::prepare_baseline(
+                    &claimer,
+                    &packet,
+                    args.shares,
+                    u64::from(run_id) + u64::from(r),
+                ))?,
+            }
+            let result = runtime.block_on(packets::round(claimer.clone(), &packet, args.clients));
+            // hongbao moves each share from escrow to its winner after the answer: how long
+            // until every transfer of the round is done.
+            let transfer_s = match (&target, &transfers_before) {
+                (Some(t), Some(before)) => {
+                    let name = "hongbao_packet_transfers_total";
+                    let started = std::time::Instant::now();
+                    let goal = metric_value(before, name) + f64::from(args.shares);
+                    while metric_value(&scrape(t.addr), name) < goal
+                        && started.elapsed() < Duration::from_secs(120)
+                    {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    format!(
+                        "{:.2}",
+                        result.claiming.as_secs_f64() + started.elapsed().as_secs_f64()
+                    )
+                }
+                _ => "-".into(),
+            };
+            println!(
+                "{:<13} {:>5} {:>7} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>6} {:>8} {:>10}  {}",
+                backend.name(),
+                r + 1,
+                result.wins,
+                result.claims_per_second(),
+                result.quantile_ms(0.5),
+                result.quantile_ms(0.99),
+                result.quantile_ms(0.999),
+                result.busy,
+                result.failures + result.gave_up,
+                transfer_s,
+                durable
+            );
+            if result.wins != u64::from(args.shares) || result.won_fen != total {
+                failed.push(format!(
+                    "{} round {}: {} claims won {} fen, expected {} claims and {total} fen",
+                    backend.name(),
+                    r + 1,
+                    result.wins,
+                    result.won_fen,
+                    args.shares
+                ));
+            }
+            if let (Some(t), Some(before)) = (&target, &transfers_before) {
+                journal_line(before, &scrape(t.addr), result.claiming.as_secs_f64());
+            }
+            if let Some(e) = &result.first_failure {
+                println!("{:<13} first error: {e}", "");
+            }
+        }
+        if let Some((aof, fsync)) = restore {
+            runtime.block_on(packets::redis_set_config(&claimer, "appendfsync", &fsync))?;
+            runtime.block_on(packets::redis_set_config(&claimer, "appendonly", &aof))?;
+        }
+        if let Some(target) = target {
+            target.stop()?;
+        }
+    }
+    if !args.no_baseline {
+        let hello = hello_run(args, args.pool)?;
+        println!(
+            "{:<13} hello world at {} connections: {:.0} req/s, p99 {:.2} ms",
+            "baseline",
+            args.pool,
+            hello.per_second(),
+            hello.quantile_ms(0.99)
+        );
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(LoadgenError::Usage(format!(
+            "wrong outcomes:\n{}",
+            failed.join("\n")
+        )))
+    }
+}
+
 /// Runs a scenario and prints its table.
 pub fn run(args: LoadgenArgs) -> Result<(), LoadgenError> {
     if args.in_flight.contains(&0) {
@@ -790,5 +1063,6 @@ pub fn run(args: LoadgenArgs) -> Result<(), LoadgenError> {
         Scenario::Rewards => rewards(&args),
         Scenario::Withdrawals => withdrawals(&args),
         Scenario::Journal => journal(&args),
+        Scenario::Packets => hot_packet(&args),
     }
 }

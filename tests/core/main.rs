@@ -4,6 +4,7 @@
 mod actors;
 mod audit;
 mod compensation;
+mod loadgen;
 mod projections;
 mod store;
 
