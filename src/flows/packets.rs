@@ -14,7 +14,7 @@
 //!   campaign budget the subsidy came from) and marked refunded. A packet left
 //!   unpaid by a crash is first checked against the sender's wallet: if the payment did reach
 //!   escrow it is marked paid, then expired and refunded in full.
-//! - A transfer not done within `stuck_after` raises `hongbao_packet_transfers_stuck` and a log
+//! - A transfer not done within `stuck_after` raises `hongbao_packets_stuck{work}` and a log
 //!   line; so does a refund.
 
 use super::{load_checkpoint, save_checkpoint, CHECKPOINT_TREE};
