@@ -11,6 +11,59 @@ pub mod reward_lanes;
 pub mod withdrawals;
 
 use crate::events::StoreError;
+use std::future::Future;
+use tokio::sync::{oneshot, watch};
+
+/// Background tasks on an actix arbiter of their own, stopped together: [`FlowGroup::stop`]
+/// signals every task, waits until each has finished (they drain and save their checkpoints)
+/// and stops the arbiter.
+pub struct FlowGroup {
+    stop: watch::Sender<bool>,
+    done: std::sync::Mutex<Vec<oneshot::Receiver<()>>>,
+    arbiter: actix_rt::ArbiterHandle,
+}
+
+impl FlowGroup {
+    /// A group on a new arbiter (started now). Must be called within an actix system.
+    pub fn start() -> FlowGroup {
+        FlowGroup {
+            stop: watch::channel(false).0,
+            done: std::sync::Mutex::new(Vec::new()),
+            arbiter: actix_rt::Arbiter::new().handle(),
+        }
+    }
+
+    /// Runs a task on the group's arbiter; it is given the stop signal to watch.
+    pub fn spawn<F, Fut>(&mut self, task: F)
+    where
+        F: FnOnce(watch::Receiver<bool>) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let (done_tx, done) = oneshot::channel();
+        if let Ok(list) = self.done.get_mut() {
+            list.push(done);
+        }
+        let stop = self.stop.subscribe();
+        self.arbiter.spawn(async move {
+            task(stop).await;
+            let _ = done_tx.send(());
+        });
+    }
+
+    /// Signals every task to stop and waits until each has finished.
+    pub async fn stop(&self) {
+        let _ = self.stop.send(true);
+        let done = self
+            .done
+            .lock()
+            .map(|mut d| std::mem::take(&mut *d))
+            .unwrap_or_default();
+        for rx in done {
+            let _ = rx.await;
+        }
+        self.arbiter.stop();
+    }
+}
 
 /// The sled tree holding every flow's checkpoint.
 pub const CHECKPOINT_TREE: &str = "flows";

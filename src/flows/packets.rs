@@ -17,7 +17,7 @@
 //! - A transfer not done within `stuck_after` raises `hongbao_packets_stuck{work}` and a log
 //!   line; so does a refund.
 
-use super::{load_checkpoint, save_checkpoint, CHECKPOINT_TREE};
+use super::{load_checkpoint, save_checkpoint, FlowGroup, CHECKPOINT_TREE};
 use crate::actors::{ExecError, Registry};
 use crate::clock::{Clock, Millis};
 use crate::domain::activity::{Activity, ActivityCommand, RewardClaim, RewardKind};
@@ -34,7 +34,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
 const FLOW: &str = "packet-flows";
 const TRANSFERS_IN_FLIGHT_MAX: usize = 512;
@@ -391,9 +391,7 @@ const MODES_CACHED_MAX: usize = 100_000;
 
 /// The transfer and expiry task.
 pub struct PacketFlows {
-    stop: watch::Sender<bool>,
-    done: std::sync::Mutex<Option<oneshot::Receiver<()>>>,
-    arbiter: actix_rt::ArbiterHandle,
+    flows: FlowGroup,
 }
 
 impl PacketFlows {
@@ -408,9 +406,6 @@ impl PacketFlows {
             .open_tree(CHECKPOINT_TREE)
             .map_err(|e| StoreError::Io(e.to_string()))?;
         let checkpoint = load_checkpoint(&tree, FLOW)?;
-        let (stop, stop_rx) = watch::channel(false);
-        let (done_tx, done) = oneshot::channel();
-        let arbiter = actix_rt::Arbiter::new().handle();
         let task = FlowTask {
             packets,
             tree,
@@ -423,24 +418,14 @@ impl PacketFlows {
             waiting: std::collections::VecDeque::new(),
             in_flight: 0,
         };
-        arbiter.spawn(async move {
-            task.run(store, stop_rx).await;
-            let _ = done_tx.send(());
-        });
-        Ok(PacketFlows {
-            stop,
-            done: std::sync::Mutex::new(Some(done)),
-            arbiter,
-        })
+        let mut flows = FlowGroup::start();
+        flows.spawn(|stop| task.run(store, stop));
+        Ok(PacketFlows { flows })
     }
 
+    /// Stops the task: transfers in flight finish (bounded), the checkpoint is saved.
     pub async fn stop(&self) {
-        let _ = self.stop.send(true);
-        let done = self.done.lock().ok().and_then(|mut d| d.take());
-        if let Some(done) = done {
-            let _ = done.await;
-        }
-        self.arbiter.stop();
+        self.flows.stop().await;
     }
 }
 

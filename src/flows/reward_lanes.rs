@@ -18,7 +18,7 @@
 //! rewards again: each repeat is a replay in the wallet, so every accepted reward is credited
 //! exactly once.
 
-use super::{load_checkpoint, save_checkpoint, CHECKPOINT_TREE};
+use super::{load_checkpoint, save_checkpoint, FlowGroup, CHECKPOINT_TREE};
 use crate::actors::{ExecError, Registry};
 use crate::clock::Clock;
 use crate::domain::activity::{
@@ -37,7 +37,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
 const FLOW: &str = "reward-lanes";
 /// The switch that pauses dispatching.
@@ -99,9 +99,7 @@ struct Lane {
 
 /// Handle to the running lanes.
 pub struct RewardLanes {
-    stop: watch::Sender<bool>,
-    done: std::sync::Mutex<Option<oneshot::Receiver<()>>>,
-    arbiter: actix_rt::ArbiterHandle,
+    flows: FlowGroup,
 }
 
 impl RewardLanes {
@@ -124,9 +122,6 @@ impl RewardLanes {
             .open_tree(CHECKPOINT_TREE)
             .map_err(|e| StoreError::Io(e.to_string()))?;
         let checkpoint = load_checkpoint(&tree, FLOW)?;
-        let (stop, stop_rx) = watch::channel(false);
-        let (done_tx, done) = oneshot::channel();
-        let arbiter = actix_rt::Arbiter::new().handle();
         let lanes = Lanes {
             lanes: PRIORITY
                 .iter()
@@ -142,27 +137,18 @@ impl RewardLanes {
             clock,
             metrics,
         };
-        arbiter.spawn(async move {
+        let mut flows = FlowGroup::start();
+        flows.spawn(|stop| async move {
             // Crediting is the peak-shaving side: under saturation, intake keeps the CPU.
             crate::background_priority("reward-lanes");
-            lanes.run(store, stop_rx, switches).await;
-            let _ = done_tx.send(());
+            lanes.run(store, stop, switches).await;
         });
-        Ok(RewardLanes {
-            stop,
-            done: std::sync::Mutex::new(Some(done)),
-            arbiter,
-        })
+        Ok(RewardLanes { flows })
     }
 
     /// Stops reading, lets credits in flight finish (bounded), saves the checkpoint.
     pub async fn stop(&self) {
-        let _ = self.stop.send(true);
-        let done = self.done.lock().ok().and_then(|mut d| d.take());
-        if let Some(done) = done {
-            let _ = done.await;
-        }
-        self.arbiter.stop();
+        self.flows.stop().await;
     }
 }
 

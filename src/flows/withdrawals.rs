@@ -18,7 +18,7 @@
 //!   channel's record (paid exactly when it succeeded); a mismatch increments
 //!   `hongbao_reconciliation_mismatches_total{check}` and is logged with the order id.
 
-use super::{load_checkpoint, save_checkpoint, CHECKPOINT_TREE};
+use super::{load_checkpoint, save_checkpoint, FlowGroup, CHECKPOINT_TREE};
 use crate::actors::{ExecError, Registry};
 use crate::channels::{PayOutcome, PaymentChannel, QueryOutcome};
 use crate::clock::{Clock, Millis};
@@ -39,7 +39,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
 const LANES_FLOW: &str = "payout-lanes";
 const RECONCILER_FLOW: &str = "withdrawal-reconciler";
@@ -372,9 +372,7 @@ impl Withdrawals {
 
 /// The payout lanes, the sweeper and the reconciler, on one arbiter.
 pub struct WithdrawalFlows {
-    stop: watch::Sender<bool>,
-    done: std::sync::Mutex<Vec<oneshot::Receiver<()>>>,
-    arbiter: actix_rt::ArbiterHandle,
+    flows: FlowGroup,
 }
 
 impl WithdrawalFlows {
@@ -389,52 +387,20 @@ impl WithdrawalFlows {
         let tree = db
             .open_tree(CHECKPOINT_TREE)
             .map_err(|e| StoreError::Io(e.to_string()))?;
-        let (stop, stop_rx) = watch::channel(false);
-        let arbiter = actix_rt::Arbiter::new().handle();
-        let mut done = Vec::new();
+        let mut flows = FlowGroup::start();
         let lanes = PayoutLanes::new(withdrawals.clone(), tree.clone())?;
-        let (tx, rx) = oneshot::channel();
-        done.push(rx);
         let lane_store = store.clone();
-        let lane_stop = stop_rx.clone();
-        arbiter.spawn(async move {
-            lanes.run(lane_store, lane_stop).await;
-            let _ = tx.send(());
-        });
-        let (tx, rx) = oneshot::channel();
-        done.push(rx);
-        let sweeper_stop = stop_rx.clone();
+        flows.spawn(|stop| lanes.run(lane_store, stop));
         let sweeper = withdrawals.clone();
-        arbiter.spawn(async move {
-            sweep(sweeper, views, sweeper_stop).await;
-            let _ = tx.send(());
-        });
+        flows.spawn(|stop| sweep(sweeper, views, stop));
         let reconciler = Reconciler::new(withdrawals, tree)?;
-        let (tx, rx) = oneshot::channel();
-        done.push(rx);
-        arbiter.spawn(async move {
-            reconciler.run(store, stop_rx).await;
-            let _ = tx.send(());
-        });
-        Ok(WithdrawalFlows {
-            stop,
-            done: std::sync::Mutex::new(done),
-            arbiter,
-        })
+        flows.spawn(|stop| reconciler.run(store, stop));
+        Ok(WithdrawalFlows { flows })
     }
 
     /// Stops every flow (payouts in flight finish, bounded) and saves checkpoints.
     pub async fn stop(&self) {
-        let _ = self.stop.send(true);
-        let done = self
-            .done
-            .lock()
-            .map(|mut d| std::mem::take(&mut *d))
-            .unwrap_or_default();
-        for rx in done {
-            let _ = rx.await;
-        }
-        self.arbiter.stop();
+        self.flows.stop().await;
     }
 }
 
