@@ -433,6 +433,7 @@ impl Auditor {
                 let packet = stream_id(envelope, "packet").unwrap_or_default().to_owned();
                 self.packets.entry(packet).or_default().packet.evolve(event);
             }
+            Event::CouponIntake(_) | Event::CouponBatch(_) | Event::CouponGroup(_) => {}
             Event::Switches(_) | Event::Policy(_) | Event::Payee(_) => {}
         }
     }

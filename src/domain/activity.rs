@@ -100,7 +100,7 @@ pub struct Reward {
     pub ext: BTreeMap<String, String>,
 }
 
-fn digest(parts: &[&[u8]]) -> [u8; 32] {
+pub(crate) fn digest(parts: &[&[u8]]) -> [u8; 32] {
     let mut hasher = Sha256::new();
     for part in parts {
         // Length-prefixed, so that field boundaries cannot shift.

@@ -11,6 +11,7 @@
 //! shape must change gets a new variant or a new schema version with an upcaster, never an edit.
 
 pub mod activity;
+pub mod coupon;
 pub mod packet;
 pub mod switches;
 pub mod wallet;
@@ -75,6 +76,9 @@ pub enum Event {
     Policy(withdrawal::PolicyEvent),
     Payee(withdrawal::PayeeEvent),
     Packet(packet::PacketEvent),
+    CouponIntake(coupon::IntakeEvent),
+    CouponBatch(coupon::BatchEvent),
+    CouponGroup(coupon::GroupEvent),
 }
 
 impl Event {
@@ -88,6 +92,9 @@ impl Event {
             Event::Policy(_) => "policy.policy_set",
             Event::Payee(_) => "payee.method_bound",
             Event::Packet(e) => e.type_name(),
+            Event::CouponIntake(e) => e.type_name(),
+            Event::CouponBatch(e) => e.type_name(),
+            Event::CouponGroup(e) => e.type_name(),
         }
     }
 
