@@ -21,7 +21,50 @@ pub struct Config {
     pub rewards: RewardsSection,
     pub withdrawals: WithdrawalsSection,
     pub packets: PacketsSection,
+    pub coupons: CouponsSection,
     pub auth: AuthConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CouponsSection {
+    /// Intake shards (actors that accept requests, by seq_no).
+    pub intake_shards: u32,
+    /// Requests one intake event carries at most.
+    pub intake_merge_max: usize,
+    /// Layer 1 (risk, groups) requests per second; 0 = unlimited.
+    pub layer1_per_s: u32,
+    /// Layer 2 (stock) requests per second; 0 = unlimited.
+    pub layer2_per_s: u32,
+    /// N: requests one merged stock deduction takes at most.
+    pub merge_max: usize,
+    /// Merged groups in flight per layer.
+    pub in_flight_max: usize,
+    /// Requests held in memory by the layers; reading the log pauses beyond it.
+    pub queue_max: usize,
+    /// Risk rules (C12): users refused outright.
+    pub risk_blocklist: Vec<String>,
+    /// Risk rules: at most this many requests per user per window (0 = no velocity rule).
+    pub risk_velocity_max: u32,
+    pub risk_velocity_window_s: u64,
+}
+
+impl Default for CouponsSection {
+    fn default() -> Self {
+        let c = crate::flows::coupons::CouponConfig::default();
+        CouponsSection {
+            intake_shards: c.intake_shards,
+            intake_merge_max: c.intake_merge_max,
+            layer1_per_s: c.layer1_per_s,
+            layer2_per_s: c.layer2_per_s,
+            merge_max: c.merge_max,
+            in_flight_max: c.in_flight_max,
+            queue_max: c.queue_max,
+            risk_blocklist: Vec::new(),
+            risk_velocity_max: 0,
+            risk_velocity_window_s: 60,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -180,6 +223,7 @@ impl Default for Config {
             rewards: RewardsSection::default(),
             withdrawals: WithdrawalsSection::default(),
             packets: PacketsSection::default(),
+            coupons: CouponsSection::default(),
             auth: AuthConfig::default(),
         }
     }
@@ -310,11 +354,38 @@ impl Config {
                 "rewards.lane_checkpoint_interval_ms",
                 self.rewards.lane_checkpoint_interval_ms,
             ),
+            ("coupons.intake_shards", self.coupons.intake_shards as u64),
+            (
+                "coupons.intake_merge_max",
+                self.coupons.intake_merge_max as u64,
+            ),
+            ("coupons.merge_max", self.coupons.merge_max as u64),
+            ("coupons.in_flight_max", self.coupons.in_flight_max as u64),
+            ("coupons.queue_max", self.coupons.queue_max as u64),
+            (
+                "coupons.risk_velocity_window_s",
+                self.coupons.risk_velocity_window_s,
+            ),
         ];
         for (name, value) in positive {
             if value == 0 {
                 return Err(ConfigError::Invalid(format!("{name} must be positive")));
             }
+        }
+        if self.coupons.intake_shards > 64 {
+            return Err(ConfigError::Invalid(
+                "coupons.intake_shards must be 1 to 64".into(),
+            ));
+        }
+        if let Some(bad) = self
+            .coupons
+            .risk_blocklist
+            .iter()
+            .find(|u| crate::ids::Id::parse(u).is_err())
+        {
+            return Err(ConfigError::Invalid(format!(
+                "coupons.risk_blocklist: {bad:?} is not a valid uid"
+            )));
         }
         if self.withdrawals.retry_backoff_ms.is_empty() {
             return Err(ConfigError::Invalid(
@@ -375,6 +446,31 @@ impl Config {
             sweep_interval: Duration::from_millis(w.sweep_interval_ms),
             compensation_age: Duration::from_secs(w.compensation_age_s),
             checkpoint_interval: Duration::from_millis(200),
+        }
+    }
+
+    pub fn coupons(&self) -> crate::flows::coupons::CouponConfig {
+        use crate::flows::coupons::{CouponConfig, RiskRules};
+        CouponConfig {
+            intake_shards: self.coupons.intake_shards,
+            intake_merge_max: self.coupons.intake_merge_max,
+            layer1_per_s: self.coupons.layer1_per_s,
+            layer2_per_s: self.coupons.layer2_per_s,
+            merge_max: self.coupons.merge_max,
+            in_flight_max: self.coupons.in_flight_max,
+            queue_max: self.coupons.queue_max,
+            checkpoint_interval: Duration::from_millis(200),
+            risk: RiskRules {
+                // Checked by `validate`.
+                blocklist: self
+                    .coupons
+                    .risk_blocklist
+                    .iter()
+                    .filter_map(|u| crate::ids::Id::parse(u).ok())
+                    .collect(),
+                velocity_max: self.coupons.risk_velocity_max,
+                velocity_window_ms: (self.coupons.risk_velocity_window_s * 1000) as i64,
+            },
         }
     }
 

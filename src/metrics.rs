@@ -41,6 +41,12 @@ pub struct Metrics {
     pub packet_transfers_total: IntCounter,
     pub packets_expired_total: IntCounterVec,
     pub packets_stuck: IntGaugeVec,
+    pub coupon_requests_total: IntCounterVec,
+    pub coupons_issued_total: IntCounter,
+    pub coupon_layer_backlog: IntGaugeVec,
+    pub coupon_layer_processed_total: IntCounterVec,
+    pub coupon_merge_size: Histogram,
+    pub coupon_issue_seconds: Histogram,
 }
 
 /// Latency buckets from 50 us to about 13 s: covers a cached read and a stalled flush alike.
@@ -242,7 +248,50 @@ impl Metrics {
             &["work"],
         );
 
+        let coupon_requests_total = counter(
+            "hongbao_coupon_requests_total",
+            "Coupon requests by milestone: accepted, then issued or rejected with the reason",
+            &["outcome"],
+        );
+        let coupons_issued_total = IntCounter::new(
+            "hongbao_coupons_issued_total",
+            "Coupons issued (durable grants)",
+        )
+        .expect("metric definition");
+        let coupon_layer_backlog = gauge(
+            "hongbao_coupon_layer_backlog",
+            "Coupon requests queued or in flight, by layer (1: screening and groups, 2: stock)",
+            &["layer"],
+        );
+        let coupon_layer_processed_total = counter(
+            "hongbao_coupon_layer_processed_total",
+            "Coupon requests a layer has finished with (its consumer rate), by layer",
+            &["layer"],
+        );
+        let coupon_merge_size = Histogram::with_opts(
+            HistogramOpts::new(
+                "hongbao_coupon_merge_size",
+                "Requests decided by one merged stock deduction",
+            )
+            .buckets(exponential_buckets(1.0, 2.0, 14).expect("static bucket layout")),
+        )
+        .expect("metric definition");
+        let coupon_issue_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "hongbao_coupon_issue_seconds",
+                "From a request's acceptance to its coupon being issued (durable)",
+            )
+            .buckets(latency_buckets()),
+        )
+        .expect("metric definition");
+
         let metrics = Metrics {
+            coupon_requests_total,
+            coupons_issued_total,
+            coupon_layer_backlog,
+            coupon_layer_processed_total,
+            coupon_merge_size,
+            coupon_issue_seconds,
             packet_claims_total,
             packet_transfers_total,
             packets_expired_total,
@@ -313,6 +362,12 @@ impl Metrics {
             Box::new(self.packet_transfers_total.clone()),
             Box::new(self.packets_expired_total.clone()),
             Box::new(self.packets_stuck.clone()),
+            Box::new(self.coupon_requests_total.clone()),
+            Box::new(self.coupons_issued_total.clone()),
+            Box::new(self.coupon_layer_backlog.clone()),
+            Box::new(self.coupon_layer_processed_total.clone()),
+            Box::new(self.coupon_merge_size.clone()),
+            Box::new(self.coupon_issue_seconds.clone()),
         ];
         for collector in collectors {
             self.registry

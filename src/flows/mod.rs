@@ -3,9 +3,11 @@
 //! gives exactly-once effect) and paces itself with rate limiters.
 //!
 //! - [`reward_lanes`]: credit accepted rewards to wallets, per kind, rate-limited, cash first.
+//! - [`coupons`]: coupon intake batchers, the two issuance layers, the green channel.
 //! - [`packets`]: red packet payment, share transfers, expiry and refunds.
 //! - [`withdrawals`]: the withdrawal request flow, payout lanes, compensation, reconciliation.
 
+pub mod coupons;
 pub mod packets;
 pub mod reward_lanes;
 pub mod withdrawals;

@@ -6,6 +6,7 @@
 //! journal (flush), return.
 
 pub mod auth;
+pub mod coupons;
 pub mod error;
 pub mod ops;
 pub mod packets;
@@ -23,6 +24,7 @@ use crate::domain::wallet::Wallet;
 use crate::domain::withdrawal::{Payee, PolicyState};
 use crate::events::sled_store::SledStore;
 use crate::events::{EventStore, StoreError};
+use crate::flows::coupons::{CouponFlows, Coupons};
 use crate::flows::packets::{PacketFlows, Packets};
 use crate::flows::reward_lanes::RewardLanes;
 use crate::flows::withdrawals::{WithdrawalFlows, Withdrawals};
@@ -85,6 +87,11 @@ pub struct ErrorBody {
         packets::pay,
         packets::claim,
         packets::details,
+        coupons::create_batch,
+        coupons::get_batch,
+        coupons::issue,
+        coupons::get_request,
+        coupons::wallet_coupons,
         ops::healthz,
         ops::readyz,
         ops::metrics,
@@ -134,6 +141,12 @@ pub struct ErrorBody {
         packets::ClaimBody,
         packets::ClaimItem,
         packets::PacketDetails,
+        coupons::CreateBatch,
+        coupons::BatchBody,
+        coupons::IssueCoupon,
+        coupons::IssueBody,
+        coupons::RequestBody,
+        coupons::CouponItem,
     )),
     modifiers(&BearerAuth),
     tags(
@@ -141,6 +154,7 @@ pub struct ErrorBody {
         (name = "rewards", description = "Reward intake, scenario shortcuts, status, budgets"),
                 (name = "withdrawals", description = "Payout methods, withdrawals, policy, payment channels"),
         (name = "packets", description = "Red packets: B2C and C2C, claims, details"),
+        (name = "coupons", description = "Coupon batches, asynchronous and green-channel issuance, request status, a user's coupons"),
         (name = "operations", description = "Health, readiness, metrics, this document"),
     )
 )]
@@ -175,6 +189,8 @@ pub struct AppState {
     pub packets: Arc<Packets>,
     pub packet_flows: PacketFlows,
     pub claim_gate: packets::ClaimGate,
+    pub coupons: Arc<Coupons>,
+    pub coupon_flows: CouponFlows,
     pub signer: TokenSigner,
     pub lanes: RewardLanes,
     pub projections: Arc<Projections>,
@@ -306,6 +322,14 @@ impl Application {
                 ServeError::Store(StoreError::Io("the packets view is not running".into()))
             })?;
         let packet_flows = PacketFlows::start(packets.clone(), store.state_db(), packet_view)?;
+        let (coupons, coupon_flows) = Coupons::start(
+            Registry::new(runtime.clone()),
+            Registry::new(runtime.clone()),
+            Registry::new(runtime.clone()),
+            activities.clone(),
+            store.state_db(),
+            config.coupons(),
+        )?;
         let lanes = RewardLanes::start(
             store.state_db(),
             wallets.clone(),
@@ -329,6 +353,8 @@ impl Application {
             packets,
             packet_flows,
             claim_gate: packets::ClaimGate::default(),
+            coupons,
+            coupon_flows,
             lanes,
             projections,
             metrics,
@@ -415,9 +441,13 @@ impl Application {
         let served = self.server.await;
         signals.abort();
         let started = Instant::now();
-        self.state.lanes.stop().await;
-        self.state.withdrawal_flows.stop().await;
-        self.state.packet_flows.stop().await;
+        // The flows stop together: none waits for another's drain.
+        futures::join!(
+            self.state.lanes.stop(),
+            self.state.withdrawal_flows.stop(),
+            self.state.packet_flows.stop(),
+            self.state.coupon_flows.stop(),
+        );
         self.state.projections.stop().await;
         let closed = self.state.store.close().await;
         tracing::info!(
@@ -462,6 +492,7 @@ fn routes(cfg: &mut web::ServiceConfig) {
             "/v1/packets/{packet_id}/claims",
             vec![web::post().to(packets::claim)],
         ),
+        ("/v1/coupons/issue", vec![web::post().to(coupons::issue)]),
         (
             "/v1/activities/{activity_id}/rain/{round}/rewards",
             vec![web::post().to(rewards::rain)],
@@ -524,6 +555,23 @@ fn routes(cfg: &mut web::ServiceConfig) {
         (
             "/v1/packets/{packet_id}/pay",
             vec![web::post().to(packets::pay)],
+        ),
+        // Coupons.
+        (
+            "/v1/coupon-batches",
+            vec![web::post().to(coupons::create_batch)],
+        ),
+        (
+            "/v1/coupon-batches/{batch_id}",
+            vec![web::get().to(coupons::get_batch)],
+        ),
+        (
+            "/v1/coupons/requests/{seq_no}",
+            vec![web::get().to(coupons::get_request)],
+        ),
+        (
+            "/v1/wallets/{uid}/coupons",
+            vec![web::get().to(coupons::wallet_coupons)],
         ),
         // Administration.
         (

@@ -11,6 +11,7 @@
 //! projection's checkpoint on a watch channel, so that a reader can wait until a view has
 //! caught up with an event it knows was acknowledged (read-your-writes).
 
+pub mod coupons;
 pub mod packets;
 pub mod rewards;
 pub mod wallet;
@@ -37,6 +38,7 @@ pub fn all(metrics: Arc<Metrics>) -> Vec<Arc<dyn Projection>> {
         Arc::new(rewards::RewardsView { metrics }),
         Arc::new(withdrawals::WithdrawalsView),
         Arc::new(packets::PacketsView),
+        Arc::new(coupons::CouponsView),
     ]
 }
 
