@@ -17,10 +17,17 @@
 //! - `withdrawals`: each order has at most one debit and one refund; succeeded = one debit, no
 //!   refund; refunded = one debit, one refund; failed before the debit = neither; a refund only
 //!   after a failure;
-//! - `channel_statements`: an order succeeded exactly when its channel's statement says paid.
+//! - `channel_statements`: an order succeeded exactly when its channel's statement says paid;
+//! - `packets`: claimed + refunded = total, each share paid to its claimer once;
+//! - `coupons`: issued never above stock (coupon numbers 1..n, distinct), no user above a
+//!   batch's limit, no user in two batches of a group, each accepted request granted at most
+//!   once, only as accepted and never after a final refusal; pending requests counted.
+
+mod coupons;
 
 use crate::channels::{RecordStatus, SimulatedChannels};
 use crate::domain::activity::{ActivityEvent, Reward, RewardKind};
+use crate::domain::coupon::reward_request;
 use crate::domain::wallet::{Account, Entry, WalletEvent};
 use crate::domain::withdrawal::{Channel, OrderState, WithdrawalOrder};
 use crate::domain::{Aggregate, Event};
@@ -134,6 +141,7 @@ struct Auditor {
     withdrawals_check: CheckResult,
     channels_check: CheckResult,
     packets_check: CheckResult,
+    coupons: coupons::CouponAudit,
     wallets: HashMap<String, WalletReplay>,
     packets: HashMap<String, PacketReplay>,
     rewards: HashMap<(String, Id), RewardReplay>,
@@ -165,6 +173,7 @@ impl Auditor {
             withdrawals_check: CheckResult::new("withdrawals", "one debit, at most one refund, a refund exactly when failed after the debit"),
             channels_check: CheckResult::new("channel_statements", "an order succeeded exactly when its channel's statement says paid"),
                         packets_check: CheckResult::new("packets", "claimed + refunded = total, each share paid to its claimer once, escrow paid >= transferred + refunded"),
+            coupons: coupons::CouponAudit::new(),
             wallets: HashMap::new(),
             packets: HashMap::new(),
             rewards: HashMap::new(),
@@ -330,6 +339,11 @@ impl Auditor {
                     Some((b.cash, b.subsidy));
             }
             ActivityEvent::RewardAccepted(reward) => {
+                if reward.kind == RewardKind::Coupon {
+                    if let Some((_, r)) = reward_request(&envelope.stream, reward) {
+                        self.coupons.reward(&r);
+                    }
+                }
                 let replay = self
                     .rewards
                     .entry((activity.clone(), reward.order_id.clone()))
@@ -433,7 +447,15 @@ impl Auditor {
                 let packet = stream_id(envelope, "packet").unwrap_or_default().to_owned();
                 self.packets.entry(packet).or_default().packet.evolve(event);
             }
-            Event::CouponIntake(_) | Event::CouponBatch(_) | Event::CouponGroup(_) => {}
+            Event::CouponIntake(event) => self.coupons.intake(event),
+            Event::CouponBatch(event) => {
+                let batch = stream_id(envelope, "coupon-batch").unwrap_or_default();
+                self.coupons.batch(batch, event);
+            }
+            Event::CouponGroup(event) => {
+                let group = stream_id(envelope, "coupon-group").unwrap_or_default();
+                self.coupons.group(group, event);
+            }
             Event::Switches(_) | Event::Policy(_) | Event::Payee(_) => {}
         }
     }
@@ -654,6 +676,7 @@ impl Auditor {
             self.withdrawals_check,
             self.channels_check,
             self.packets_check,
+            self.coupons.finish(),
         ]
     }
 }

@@ -20,7 +20,7 @@
 //! place, release it. Each step is idempotent by seq_no, so a request re-driven from any point
 //! ends with the same outcome.
 
-use super::activity::{digest, order_key};
+use super::activity::{digest, order_key, Reward};
 use super::{Aggregate, Ctx, Decision, Event};
 use crate::clock::Millis;
 use crate::ids::Id;
@@ -82,6 +82,27 @@ impl IssueRequest {
         ]);
         u64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
     }
+}
+
+/// The request a coupon reward accepted in stream `activity:<id>` becomes: issued under the
+/// reserved seq_no `reward:<activity>:<order>` (hashed when that is too long for an id), for the
+/// reward's batch (`-`, an unknown batch, when it names none). `None` for another stream.
+pub fn reward_request(stream: &str, reward: &Reward) -> Option<(Id, IssueRequest)> {
+    let activity = Id::parse(stream.strip_prefix("activity:")?).ok()?;
+    let seq_no =
+        Id::parse(&format!("reward:{activity}:{}", reward.order_id)).unwrap_or_else(|_| {
+            let k = key(&reward.order_id) ^ key(&activity).rotate_left(1);
+            Id::parse(&format!("reward:{k:032x}")).expect("hex is a valid id")
+        });
+    let request = IssueRequest {
+        seq_no,
+        uid: reward.uid.clone(),
+        batch_id: reward
+            .batch_id
+            .clone()
+            .unwrap_or_else(|| Id::parse("-").expect("valid id")),
+    };
+    Some((activity, request))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -29,9 +29,9 @@ use crate::actors::{ExecError, Registry};
 use crate::clock::{Clock, Millis};
 use crate::domain::activity::{order_key, Activity, ActivityCommand, ActivityEvent, RewardKind};
 use crate::domain::coupon::{
-    intake_shard, next_step, Acceptance, BatchCommand, BatchError, BatchInfo, BatchReply,
-    BatchSpec, CouponBatch, CouponGroup, CouponIntake, GroupCommand, IntakeCommand, IntakeReply,
-    IssueRequest, Outcome, Place, Progress, Refusal, Step, Verdict,
+    intake_shard, next_step, reward_request, Acceptance, BatchCommand, BatchError, BatchInfo,
+    BatchReply, BatchSpec, CouponBatch, CouponGroup, CouponIntake, GroupCommand, IntakeCommand,
+    IntakeReply, IssueRequest, Outcome, Place, Progress, Refusal, Step, Verdict,
 };
 use crate::domain::Event;
 use crate::events::{Envelope, EventStore, StoreError, Subscription};
@@ -507,14 +507,6 @@ struct Tracked {
     done: Option<Outcome>,
 }
 
-/// The seq_no a coupon reward is issued under.
-pub fn reward_seq_no(activity_id: &Id, order_id: &Id) -> Id {
-    Id::parse(&format!("reward:{activity_id}:{order_id}")).unwrap_or_else(|_| {
-        let k = order_key(order_id) ^ order_key(activity_id).rotate_left(1);
-        Id::parse(&format!("reward:{k:032x}")).expect("hex is a valid id")
-    })
-}
-
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Layer {
     One,
@@ -598,20 +590,8 @@ impl Layers {
                 Event::Activity(ActivityEvent::RewardAccepted(reward))
                     if reward.kind == RewardKind::Coupon =>
                 {
-                    let Some(activity) = envelope
-                        .stream
-                        .strip_prefix("activity:")
-                        .and_then(|a| Id::parse(a).ok())
-                    else {
+                    let Some((activity, request)) = reward_request(&envelope.stream, reward) else {
                         continue;
-                    };
-                    let request = IssueRequest {
-                        seq_no: reward_seq_no(&activity, &reward.order_id),
-                        uid: reward.uid.clone(),
-                        batch_id: reward
-                            .batch_id
-                            .clone()
-                            .unwrap_or_else(|| Id::parse("-").expect("valid id")),
                     };
                     let order = reward.order_id.clone();
                     self.track(envelope, request, Some((activity, order)));

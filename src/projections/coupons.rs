@@ -10,10 +10,11 @@
 use super::{decode_view, Projection, ViewTx};
 use crate::clock::Millis;
 use crate::domain::activity::{ActivityEvent, RewardKind};
-use crate::domain::coupon::{coupon_id, BatchEvent, IntakeEvent, IssueRequest, Refusal, Verdict};
+use crate::domain::coupon::{
+    coupon_id, reward_request, BatchEvent, IntakeEvent, IssueRequest, Refusal, Verdict,
+};
 use crate::domain::Event;
 use crate::events::{codec, Envelope, StoreError};
-use crate::flows::coupons::reward_seq_no;
 use crate::ids::Id;
 use crate::money::Fen;
 use serde::{Deserialize, Serialize};
@@ -150,20 +151,8 @@ impl Projection for CouponsView {
             Event::Activity(ActivityEvent::RewardAccepted(reward))
                 if reward.kind == RewardKind::Coupon =>
             {
-                let Some(activity) = envelope
-                    .stream
-                    .strip_prefix("activity:")
-                    .and_then(|a| Id::parse(a).ok())
-                else {
+                let Some((_, request)) = reward_request(&envelope.stream, reward) else {
                     return Ok(());
-                };
-                let request = IssueRequest {
-                    seq_no: reward_seq_no(&activity, &reward.order_id),
-                    uid: reward.uid.clone(),
-                    batch_id: reward
-                        .batch_id
-                        .clone()
-                        .unwrap_or_else(|| Id::parse("-").expect("valid id")),
                 };
                 Self::accepted(tx, &request, at_ms)?;
             }

@@ -303,3 +303,213 @@ fn a_tampered_record_stops_the_replay_and_is_named() {
     );
     assert_eq!(report.events, 5, "nothing after the broken link is trusted");
 }
+
+mod coupons {
+    use super::*;
+    use hongbao::domain::coupon::{
+        BatchEvent, BatchSpec, Grant, GroupEvent, IntakeEvent, IssueRequest, Refusal, Refused,
+        Verdict,
+    };
+
+    fn request(seq: &str, uid: &str, batch: &str) -> IssueRequest {
+        IssueRequest {
+            seq_no: id(seq),
+            uid: id(uid),
+            batch_id: id(batch),
+        }
+    }
+
+    fn spec(stock: u64, limit: u32, group: Option<&str>) -> Event {
+        Event::CouponBatch(BatchEvent::Created {
+            spec: BatchSpec {
+                group_id: group.map(id),
+                stock,
+                per_user_limit: limit,
+                value: Fen::new(100),
+                starts_at_ms: None,
+                ends_at_ms: None,
+            },
+            at_ms: 0,
+        })
+    }
+
+    fn deducted(grants: &[(&str, &str, u64)], refusals: &[(&str, &str, Refusal)]) -> Event {
+        Event::CouponBatch(BatchEvent::Deducted {
+            grants: grants
+                .iter()
+                .map(|(seq, uid, n)| Grant {
+                    seq_no: id(seq),
+                    uid: id(uid),
+                    coupon_no: *n,
+                })
+                .collect(),
+            refusals: refusals
+                .iter()
+                .map(|(seq, uid, reason)| Refused {
+                    seq_no: id(seq),
+                    uid: id(uid),
+                    reason: *reason,
+                })
+                .collect(),
+            at_ms: 0,
+        })
+    }
+
+    fn accept(store: &Arc<SledStore>, requests: &[(&str, &str, &str)]) {
+        let requests = requests.iter().map(|(s, u, b)| request(s, u, b)).collect();
+        append(
+            store,
+            "coupon-intake:0",
+            vec![Event::CouponIntake(IntakeEvent::Accepted {
+                requests,
+                at_ms: 0,
+            })],
+        );
+    }
+
+    /// Batch `a` (stock 2, limit 1, group g) and `b` (group g): s1, s2 granted on a; s3 sold
+    /// out; s4 (u1 on b) refused by the group; s5 accepted and still pending.
+    fn clean(store: &Arc<SledStore>) {
+        append(store, "coupon-batch:a", vec![spec(2, 1, Some("g"))]);
+        append(store, "coupon-batch:b", vec![spec(5, 1, Some("g"))]);
+        accept(
+            store,
+            &[
+                ("s1", "u1", "a"),
+                ("s2", "u2", "a"),
+                ("s3", "u3", "a"),
+                ("s4", "u1", "b"),
+                ("s5", "u5", "b"),
+            ],
+        );
+        append(
+            store,
+            "coupon-group:g",
+            vec![Event::CouponGroup(GroupEvent::Reserved {
+                held: vec![request("s1", "u1", "a"), request("s2", "u2", "a")],
+                refused: vec![request("s4", "u1", "b")],
+                at_ms: 0,
+            })],
+        );
+        append(
+            store,
+            "coupon-intake:0",
+            vec![Event::CouponIntake(IntakeEvent::Recorded {
+                verdicts: vec![(
+                    request("s4", "u1", "b"),
+                    Verdict::Rejected(Refusal::GroupExclusive),
+                )],
+                at_ms: 0,
+            })],
+        );
+        append(
+            store,
+            "coupon-batch:a",
+            vec![deducted(
+                &[("s1", "u1", 1), ("s2", "u2", 2)],
+                &[("s3", "u3", Refusal::SoldOut)],
+            )],
+        );
+    }
+
+    fn coupons_note(report: &AuditReport) -> String {
+        report
+            .checks
+            .iter()
+            .find(|c| c.name == "coupons")
+            .unwrap()
+            .notes
+            .join("\n")
+    }
+
+    #[test]
+    fn a_clean_coupon_history_audits_clean_and_counts_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        clean(&store);
+        let report = run_audit(&store);
+        assert!(report.ok(), "{:#?}", report.checks);
+        let note = coupons_note(&report);
+        assert!(
+            note.contains("5 accepted = 2 issued (2 coupons) + 2 refused"),
+            "{note}"
+        );
+        assert!(note.contains("1 pending"), "{note}");
+    }
+
+    #[test]
+    fn an_oversold_batch_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        clean(&store);
+        accept(&store, &[("s6", "u6", "a")]);
+        append(
+            &store,
+            "coupon-batch:a",
+            vec![deducted(&[("s6", "u6", 3)], &[])],
+        );
+        let report = run_audit(&store);
+        assert_eq!(failing(&report), ["coupons"]);
+        let found = examples(&report, "coupons");
+        assert!(found.contains("coupon number 3 outside 1..=2"), "{found}");
+        assert!(found.contains("3 issued, stock 2"), "{found}");
+    }
+
+    #[test]
+    fn a_limit_breach_a_group_breach_and_a_double_grant_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        clean(&store);
+        // u1 gets a second coupon of a (limit 1) and one of b (same group); s1 granted again.
+        accept(&store, &[("s7", "u1", "a"), ("s8", "u1", "b")]);
+        append(
+            &store,
+            "coupon-batch:a",
+            vec![deducted(&[("s7", "u1", 2)], &[])],
+        );
+        append(
+            &store,
+            "coupon-batch:b",
+            vec![deducted(&[("s8", "u1", 1), ("s1", "u1", 2)], &[])],
+        );
+        let report = run_audit(&store);
+        assert_eq!(failing(&report), ["coupons"]);
+        let found = examples(&report, "coupons");
+        assert!(
+            found.contains("batch a: u1 holds more than the limit of 1"),
+            "{found}"
+        );
+        assert!(found.contains("coupon 2 granted to s2 and s7"), "{found}");
+        assert!(found.contains("request s1: granted twice"), "{found}");
+        assert!(
+            found.contains("request s1: accepted for u1/a, granted to u1/b"),
+            "{found}"
+        );
+        assert!(
+            found.contains("group g: u1 holds coupons of batches"),
+            "{found}"
+        );
+    }
+
+    #[test]
+    fn a_grant_after_a_final_refusal_or_without_acceptance_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        clean(&store);
+        append(
+            &store,
+            "coupon-batch:b",
+            vec![deducted(&[("s4", "u1", 1), ("ghost", "u9", 2)], &[])],
+        );
+        let report = run_audit(&store);
+        let found = examples(&report, "coupons");
+        assert!(
+            found.contains("request s4: granted after its final refusal (group_exclusive)"),
+            "{found}"
+        );
+        assert!(
+            found.contains("request ghost: granted coupon b-2 but never accepted"),
+            "{found}"
+        );
+    }
+}
