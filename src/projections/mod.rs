@@ -158,13 +158,47 @@ pub fn apply_events(
         .filter(|e| e.seq > after)
         .map(|e| e.as_ref())
         .collect();
-    let Some(last) = fresh.last().map(|e| e.seq) else {
-        return Ok(after);
-    };
-    let mut tx = ViewTx::new(tree);
-    projection.apply_batch(&mut tx, &fresh)?;
-    tx.commit(last)?;
+    let mut last = after;
+    let mut rest = &fresh[..];
+    while !rest.is_empty() {
+        // Commits of bounded size: sled's `apply_batch` holds a process-wide write lock that
+        // every other sled write waits for, the journal's included.
+        let mut n = 0;
+        let mut writes = 0;
+        while n < rest.len() && (n == 0 || writes + writes_hint(rest[n]) <= COMMIT_WRITES_MAX) {
+            writes += writes_hint(rest[n]);
+            n += 1;
+        }
+        let (chunk, tail) = rest.split_at(n);
+        let mut tx = ViewTx::new(tree);
+        projection.apply_batch(&mut tx, chunk)?;
+        last = chunk.last().map_or(last, |e| e.seq);
+        tx.commit(last)?;
+        rest = tail;
+    }
     Ok(last)
+}
+
+/// View writes one commit aims at, at most (one event may exceed it alone).
+const COMMIT_WRITES_MAX: usize = 2_048;
+
+/// Roughly how many view writes an event makes: merged coupon events carry many requests.
+fn writes_hint(envelope: &Envelope) -> usize {
+    use crate::domain::coupon::{BatchEvent, GroupEvent, IntakeEvent};
+    use crate::domain::Event;
+    match &envelope.event {
+        Event::CouponIntake(IntakeEvent::Accepted { requests, .. }) => requests.len(),
+        Event::CouponIntake(IntakeEvent::Recorded { verdicts, .. }) => verdicts.len(),
+        Event::CouponBatch(BatchEvent::Deducted {
+            grants, refusals, ..
+        }) => grants.len() + refusals.len(),
+        Event::CouponGroup(GroupEvent::Reserved { held, refused, .. }) => {
+            held.len() + refused.len()
+        }
+        Event::CouponGroup(GroupEvent::Released { released, .. }) => released.len(),
+        _ => 1,
+    }
+    .max(1)
 }
 
 /// Rebuilds a view from zero, reporting progress as (applied seq, head seq).
