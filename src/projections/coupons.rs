@@ -3,9 +3,13 @@
 //!
 //! Keys in `view:coupons`:
 //! - `b` + batch id -> [`BatchSummary`]
-//! - `q` + seq_no -> [`RequestLine`]: accepted, then issued (with the coupon id) or rejected
-//!   (with the reason)
-//! - `w` + uid + `0x00` + coupon id -> [`WalletCoupon`]
+//! - `q` + seq_no -> [`RequestLine`]: accepted, or rejected (with the reason)
+//! - `w` + uid + `0x00` + coupon id -> [`WalletCoupon`], with the seq_no it was issued for
+//!
+//! A grant writes only the wallet row: a request whose line says accepted is issued when its
+//! user's wallet holds a coupon for its seq_no (a user holds few coupons; the scan is short).
+//! One row per request and one per coupon, not three: at peak this view's sled writes are what
+//! the two cores spend most on (docs/BENCHMARKS.md, coupons).
 
 use super::{decode_view, Projection, ViewTx};
 use crate::clock::Millis;
@@ -55,6 +59,8 @@ pub struct RequestLine {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WalletCoupon {
     pub coupon_id: String,
+    /// The request it was issued for.
+    pub seq_no: String,
     pub batch_id: String,
     pub value: Fen,
     pub issued_at_ms: Millis,
@@ -123,7 +129,7 @@ impl Projection for CouponsView {
     }
 
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn apply(&self, tx: &mut ViewTx<'_>, envelope: &Envelope) -> Result<(), StoreError> {
@@ -199,20 +205,13 @@ impl Projection for CouponsView {
                             tx.insert(
                                 wallet_key,
                                 codec::encode(&WalletCoupon {
-                                    coupon_id: coupon.clone(),
+                                    coupon_id: coupon,
+                                    seq_no: grant.seq_no.to_string(),
                                     batch_id: batch_id.to_owned(),
                                     value: summary.value,
                                     issued_at_ms: at_ms,
                                 })?,
                             );
-                            let mut line = RequestLine::new(
-                                &grant.uid,
-                                batch_id,
-                                RequestStatus::Issued,
-                                at_ms,
-                            );
-                            line.coupon_id = Some(coupon);
-                            Self::put(tx, &grant.seq_no, &line)?;
                         }
                         for refused in refusals {
                             let line = RequestLine::new(
@@ -245,11 +244,28 @@ pub fn batch(tree: &sled::Tree, batch_id: &str) -> Result<Option<BatchSummary>, 
         .transpose()
 }
 
+/// A request's line; an accepted one is issued if its user's wallet holds its coupon.
 pub fn request(tree: &sled::Tree, seq_no: &str) -> Result<Option<RequestLine>, StoreError> {
-    tree.get(key(b'q', seq_no))
+    let Some(mut line) = tree
+        .get(key(b'q', seq_no))
         .map_err(io)?
-        .map(|b| decode_view(&b))
-        .transpose()
+        .map(|b| decode_view::<RequestLine>(&b))
+        .transpose()?
+    else {
+        return Ok(None);
+    };
+    if line.status == RequestStatus::Accepted {
+        for item in tree.scan_prefix(wallet_prefix(&line.uid)) {
+            let coupon: WalletCoupon = decode_view(&item.map_err(io)?.1)?;
+            if coupon.seq_no == seq_no {
+                line.status = RequestStatus::Issued;
+                line.coupon_id = Some(coupon.coupon_id);
+                line.at_ms = coupon.issued_at_ms;
+                break;
+            }
+        }
+    }
+    Ok(Some(line))
 }
 
 /// A user's coupons, at most `limit`.
