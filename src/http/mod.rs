@@ -430,6 +430,11 @@ impl Application {
         self.server.handle()
     }
 
+    /// The coupon engine, for in-process load generation (it is usable from any thread).
+    pub fn coupons(&self) -> Arc<Coupons> {
+        self.state.coupons.clone()
+    }
+
     /// Serves until stopped by SIGINT/SIGTERM or the handle, then shuts down in order.
     pub async fn run_until_stopped(self) -> Result<(), ServeError> {
         let handle = self.server.handle();
@@ -675,6 +680,8 @@ async fn observe(
 pub struct RunningServer {
     pub port: u16,
     pub keys: Keys,
+    /// The coupon engine, driven directly by `loadgen coupons` in-process.
+    pub coupons: Arc<Coupons>,
     handle: ServerHandle,
     thread: Option<std::thread::JoinHandle<Result<(), String>>>,
 }
@@ -688,7 +695,12 @@ impl RunningServer {
                 actix_web::rt::System::new().block_on(async move {
                     match Application::build(config, clock).await {
                         Ok(app) => {
-                            let _ = tx.send(Ok((app.port(), app.keys().clone(), app.handle())));
+                            let _ = tx.send(Ok((
+                                app.port(),
+                                app.keys().clone(),
+                                app.handle(),
+                                app.coupons(),
+                            )));
                             app.run_until_stopped().await.map_err(|e| e.to_string())
                         }
                         Err(e) => {
@@ -700,12 +712,13 @@ impl RunningServer {
                 })
             })
             .map_err(ServeError::Server)?;
-        let (port, keys, handle) = rx
+        let (port, keys, handle, coupons) = rx
             .recv()
             .map_err(|_| ServeError::Server(std::io::Error::other("server thread died")))??;
         Ok(RunningServer {
             port,
             keys,
+            coupons,
             handle,
             thread: Some(thread),
         })

@@ -14,11 +14,14 @@
 //! - `journal`: durable appends through the journal without HTTP, beside raw sled
 //!   `apply_batch` + `flush()` at the journal's observed batch size and at 1/16/256/1024;
 //! - `packets`: one hot red packet claimed by many clients, hongbao beside the textbook
-//!   PostgreSQL and Redis designs (see [`packets`]).
+//!   PostgreSQL and Redis designs (see [`packets`]);
+//! - `coupons`: one hot coupon batch, in-process and over HTTP, per merged deduction size:
+//!   acceptance and issuance rates and the acceptance-to-issued latency (see [`coupons`]).
 //!
 //! Every run prints requests/s and p50/p99/p99.9 latency from an hdrhistogram.
 
 pub mod client;
+pub mod coupons;
 pub mod hello;
 pub mod journal;
 pub mod packets;
@@ -48,6 +51,9 @@ pub enum Scenario {
     /// One hot red packet claimed by --clients clients: hongbao beside textbook PostgreSQL
     /// and Redis designs (--backends), through pools of --pool connections.
     Packets,
+    /// One hot coupon batch: durable acceptance, then issuance through the two layers, for
+    /// each --merge-max, in-process and over HTTP (--modes).
+    Coupons,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -132,6 +138,21 @@ pub struct LoadgenArgs {
         default_value = "redis://127.0.0.1:6379"
     )]
     pub redis_url: String,
+    /// coupons: N, the requests one merged stock deduction takes at most; a server per value.
+    #[arg(long, value_delimiter = ',', default_value = "1,64,512")]
+    pub merge_max: Vec<usize>,
+    /// coupons: how to submit, in this order.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "in-process,http"
+    )]
+    pub modes: Vec<coupons::Mode>,
+    /// coupons in-process: offer this many requests per second (open loop) instead of
+    /// --in-flight closed-loop submitters; for latency below capacity.
+    #[arg(long, value_name = "PER_S")]
+    pub rate: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -295,6 +316,11 @@ struct Target {
 
 impl Target {
     fn new(args: &LoadgenArgs) -> Result<Target, LoadgenError> {
+        Target::with(args, |_| {})
+    }
+
+    /// As `new`, with a change to the in-process server's config (ignored with --target).
+    fn with(args: &LoadgenArgs, tweak: impl FnOnce(&mut Config)) -> Result<Target, LoadgenError> {
         let temp = tempfile::tempdir()?;
         if let Some(url) = &args.target {
             let hostport = url.trim_start_matches("http://").trim_end_matches('/');
@@ -323,6 +349,7 @@ impl Target {
             .unwrap_or_else(|| temp.path().to_path_buf());
         config.server.addr = "127.0.0.1:0".into();
         config.server.workers = args.server_workers;
+        tweak(&mut config);
         let key = |role: &str| format!("loadgen-{role}-{}", hex::encode(rand::random::<[u8; 8]>()));
         let (admin_key, issuer_key, gateway_key) = (key("admin"), key("issuer"), key("gateway"));
         config.auth = AuthConfig {
@@ -1064,5 +1091,6 @@ pub fn run(args: LoadgenArgs) -> Result<(), LoadgenError> {
         Scenario::Withdrawals => withdrawals(&args),
         Scenario::Journal => journal(&args),
         Scenario::Packets => hot_packet(&args),
+        Scenario::Coupons => coupons::run(&args),
     }
 }

@@ -1,6 +1,7 @@
-//! `hongbao loadgen packets` gives right answers for every backend, so a fast but wrong
-//! baseline cannot make the comparison in docs/BENCHMARKS.md worthless: each round checks
-//! that exactly the shares were won and that they sum to the total, and fails otherwise.
+//! `hongbao loadgen packets` and `coupons` give right answers, so a fast but wrong backend
+//! cannot make the figures in docs/BENCHMARKS.md worthless: each packet round checks that
+//! exactly the shares were won and that they sum to the total, and each coupon run that every
+//! accepted request was issued; both fail otherwise.
 //!
 //! The textbook baselines need the PostgreSQL and Redis of this machine: that test runs when
 //! `HONGBAO_SERVICES=1` (which `.ci/run` sets) and then fails loudly if they are missing.
@@ -48,4 +49,31 @@ fn bad_packet_arguments_are_refused_with_a_reason() {
     assert!(error.contains("--shares must be 1 to 10000"), "{error}");
     let error = loadgen("packets --pool 0 --backends hongbao").unwrap_err();
     assert!(error.contains("must be positive"), "{error}");
+}
+
+#[test]
+fn the_coupon_scenario_drains_every_accepted_request_both_ways() {
+    // Goal: in-process and over HTTP, at N = 1 and N = 64, every accepted request is issued
+    // (the scenario fails if one is left behind after the drain).
+    loadgen(
+        "coupons --modes in-process,http --merge-max 1,64 --in-flight 16 --duration-s 1 --no-baseline",
+    )
+    .expect("coupons scenario");
+}
+
+#[test]
+fn bad_coupon_arguments_are_refused_with_a_reason() {
+    let error = loadgen("coupons --merge-max 0").unwrap_err();
+    assert!(
+        error.contains("--merge-max values must be positive"),
+        "{error}"
+    );
+    let error = loadgen(
+        "coupons --modes in-process --target http://127.0.0.1:1 --admin-key a --issuer-key i",
+    )
+    .unwrap_err();
+    assert!(
+        error.contains("in-process needs the in-process server"),
+        "{error}"
+    );
 }
