@@ -55,7 +55,7 @@ async fn unknown_routes_and_methods_get_json_errors() {
 #[tokio::test]
 async fn every_documented_operation_is_served() {
     // Goal: the OpenAPI document matches the server: each documented path and method is routed
-    // (no `no_route` / `method_not_allowed`), and the wallet paths of API.md are documented.
+    // (no `no_route` / `method_not_allowed`), and the wallet, packet and coupon paths of API.md are documented.
     let app = spawn_app();
     let (status, doc) = app.get("/openapi.json", None).await;
     assert_eq!(status, 200);
@@ -68,6 +68,11 @@ async fn every_documented_operation_is_served() {
         "/v1/packets/{packet_id}",
         "/v1/packets/{packet_id}/pay",
         "/v1/packets/{packet_id}/claims",
+        "/v1/coupon-batches",
+        "/v1/coupon-batches/{batch_id}",
+        "/v1/coupons/issue",
+        "/v1/coupons/requests/{seq_no}",
+        "/v1/wallets/{uid}/coupons",
         "/healthz",
         "/readyz",
         "/metrics",
