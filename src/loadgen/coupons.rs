@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 const BATCH: &str = "hot";
 const ISSUED: &str = "hongbao_coupons_issued_total";
 const DRAIN_MAX: Duration = Duration::from_secs(180);
+const HELLO_IN_FLIGHT: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -264,6 +265,14 @@ pub fn run(args: &LoadgenArgs) -> Result<(), LoadgenError> {
         args.duration_s
     );
     println!("issued/s* = during submission; issued/s = over submission + drain; iss_* = acceptance to issued, from the server's histogram (bucket bounds, ms)");
+    if !args.no_baseline {
+        // The machine's HTTP ceiling now, to compare runs from different days.
+        let hello = hello_run(args, HELLO_IN_FLIGHT)?;
+        println!(
+            "hello-world baseline: {:.0} req/s at {HELLO_IN_FLIGHT} in flight",
+            hello.per_second()
+        );
+    }
     header();
     let mut lost = Vec::new();
     for &merge in &args.merge_max {
