@@ -100,6 +100,15 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("static histogram bounds")
 }
 
+/// What the in-process submitters share.
+struct Shared {
+    hist: Mutex<Histogram<u64>>,
+    accepted: AtomicU64,
+    refused: AtomicU64,
+    coupons: Arc<Coupons>,
+    batch: Id,
+}
+
 /// Closed loop: `in_flight` tasks each submit their next request once the last is accepted.
 /// Open loop (`rate`): requests offered at that rate whatever the answers.
 async fn drive_in_process(
@@ -109,43 +118,34 @@ async fn drive_in_process(
     rate: Option<u64>,
     duration: Duration,
 ) -> Run {
-    let hist = Arc::new(Mutex::new(histogram()));
-    let accepted = Arc::new(AtomicU64::new(0));
-    let refused = Arc::new(AtomicU64::new(0));
+    let shared = Arc::new(Shared {
+        hist: Mutex::new(histogram()),
+        accepted: AtomicU64::new(0),
+        refused: AtomicU64::new(0),
+        coupons,
+        batch: Id::parse(BATCH).expect("valid id"),
+    });
     let started = Instant::now();
     let deadline = started + duration;
-    let batch = Id::parse(BATCH).expect("valid id");
     let submit = {
-        let (hist, accepted, refused, coupons, batch) = (
-            hist.clone(),
-            accepted.clone(),
-            refused.clone(),
-            coupons.clone(),
-            batch.clone(),
-        );
+        let shared = shared.clone();
         move |n: u64| {
-            let (hist, accepted, refused, coupons, batch) = (
-                hist.clone(),
-                accepted.clone(),
-                refused.clone(),
-                coupons.clone(),
-                batch.clone(),
-            );
+            let shared = shared.clone();
             async move {
                 let request = IssueRequest {
                     seq_no: Id::parse(&format!("lg{run}-{n}")).expect("valid id"),
                     uid: Id::parse(&format!("u{run}-{n}")).expect("valid id"),
-                    batch_id: batch,
+                    batch_id: shared.batch.clone(),
                 };
                 let sent = Instant::now();
-                match coupons.submit(request).await {
+                match shared.coupons.submit(request).await {
                     Ok(crate::domain::coupon::Acceptance::New) => {
-                        accepted.fetch_add(1, Ordering::Relaxed);
+                        shared.accepted.fetch_add(1, Ordering::Relaxed);
                         let us = sent.elapsed().as_micros() as u64;
-                        let _ = hist.lock().expect("not poisoned").record(us.max(1));
+                        let _ = shared.hist.lock().expect("not poisoned").record(us.max(1));
                     }
                     _ => {
-                        refused.fetch_add(1, Ordering::Relaxed);
+                        shared.refused.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
@@ -179,10 +179,10 @@ async fn drive_in_process(
             while tasks.join_next().await.is_some() {}
         }
     }
-    let accept_us = hist.lock().expect("not poisoned").clone();
+    let accept_us = shared.hist.lock().expect("not poisoned").clone();
     Run {
-        accepted: accepted.load(Ordering::Relaxed),
-        refused: refused.load(Ordering::Relaxed),
+        accepted: shared.accepted.load(Ordering::Relaxed),
+        refused: shared.refused.load(Ordering::Relaxed),
         submit_s: started.elapsed().as_secs_f64(),
         accept_us,
     }
