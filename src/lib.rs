@@ -31,6 +31,7 @@ pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod events;
+pub mod export;
 pub mod flows;
 pub mod http;
 pub mod ids;

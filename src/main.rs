@@ -67,9 +67,26 @@ enum Command {
         json: bool,
     },
     /// Check the whole log: hash chain, sequence contiguity, per-stream versions, stream index.
+    /// With --export FILE, check an export file standalone instead (no data directory needed).
     Verify {
         #[command(flatten)]
         common: Common,
+        /// An export (`hongbao export`) to re-check on its own; names the first line that does
+        /// not hold.
+        #[arg(long, value_name = "FILE")]
+        export: Option<PathBuf>,
+    },
+    /// Write the log as JSON lines (seq, stream, version, type, payload, prev_hash, hash...)
+    /// that `hongbao verify --export` re-checks with nothing but the file.
+    Export {
+        #[command(flatten)]
+        common: Common,
+        /// Output file [default: standard output].
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// First sequence number to export [default: 1, the whole log].
+        #[arg(long, value_name = "SEQ", default_value_t = 1)]
+        from: u64,
     },
     /// Operate on projections (query views).
     Projections {
@@ -193,6 +210,57 @@ fn verify(common: Common) -> anyhow::Result<ExitCode> {
         }
         Some(violation) => {
             println!("result: FAILED: {violation}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+fn export(common: Common, output: Option<PathBuf>, from: u64) -> anyhow::Result<ExitCode> {
+    let config = load_config(&common)?;
+    let store = open_store(&config)?;
+    let head = store.head();
+    let bar = progress_bar(head.saturating_sub(from.max(1)) + 1, "exporting");
+    let mut out: Box<dyn std::io::Write> = match &output {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        )),
+        None => {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+            Box::new(std::io::BufWriter::new(std::io::stdout().lock()))
+        }
+    };
+    let written = hongbao::export::export(&store, from, &mut out, |n| bar.set_position(n))?;
+    drop(out);
+    bar.finish_and_clear();
+    if let Some(path) = output {
+        eprintln!(
+            "exported {written} records (seq {} to {head}) to {}",
+            from.max(1),
+            path.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify_export(file: PathBuf) -> anyhow::Result<ExitCode> {
+    let handle =
+        std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
+    let size = handle.metadata().map(|m| m.len()).unwrap_or(0);
+    let bar = ProgressBar::new(size);
+    let mut input = std::io::BufReader::new(bar.wrap_read(handle));
+    let report = hongbao::export::verify_export(&mut input, |_| {})?;
+    bar.finish_and_clear();
+    println!("lines checked:          {}", report.lines);
+    if let (Some(first), Some(last)) = (report.first_seq, report.last_seq) {
+        println!("sequence:               {first} to {last}");
+    }
+    match report.violation {
+        None => {
+            println!("result: OK (every line's hash covers its contents and links to the line before; sequence contiguous; stream versions continuous)");
+            Ok(ExitCode::SUCCESS)
+        }
+        Some((line, why)) => {
+            println!("result: FAILED at line {line}: {why}");
             Ok(ExitCode::from(1))
         }
     }
@@ -322,7 +390,15 @@ fn main() -> ExitCode {
             addr,
             require_budgets,
         } => serve(common, addr, require_budgets),
-        Command::Verify { common } => verify(common),
+        Command::Verify {
+            export: Some(file), ..
+        } => verify_export(file),
+        Command::Verify { common, .. } => verify(common),
+        Command::Export {
+            common,
+            output,
+            from,
+        } => export(common, output, from),
         Command::Audit { common, json } => audit(common, json),
         Command::Projections {
             command: ProjectionsCommand::Rebuild { name, common },
