@@ -39,6 +39,7 @@ pub mod loadgen;
 pub mod metrics;
 pub mod money;
 pub mod projections;
+pub mod replay;
 pub mod tokens;
 pub mod verify;
 

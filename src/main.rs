@@ -88,6 +88,23 @@ enum Command {
         #[arg(long, value_name = "SEQ", default_value_t = 1)]
         from: u64,
     },
+    /// Time travel: a stream's state as of a point in the log (support and disputes).
+    Replay {
+        #[command(flatten)]
+        common: Common,
+        /// The stream, e.g. wallet:u42, packet:pk-1, withdrawal:w-9, coupon-batch:spring.
+        #[arg(long, value_name = "ID")]
+        stream: String,
+        /// Apply only events at or below this global sequence number.
+        #[arg(long, value_name = "SEQ", conflicts_with = "at")]
+        until: Option<u64>,
+        /// Apply only events recorded at or before this time (RFC 3339).
+        #[arg(long, value_name = "RFC3339")]
+        at: Option<String>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Operate on projections (query views).
     Projections {
         #[command(subcommand)]
@@ -238,6 +255,53 @@ fn export(common: Common, output: Option<PathBuf>, from: u64) -> anyhow::Result<
             from.max(1),
             path.display()
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn replay(
+    common: Common,
+    stream: String,
+    until: Option<u64>,
+    at: Option<String>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    use hongbao::replay::Until;
+    let point = match (until, at.as_deref()) {
+        (Some(seq), _) => Until::Seq(seq),
+        (None, Some(text)) => Until::At(
+            hongbao::clock::parse_rfc3339(text)
+                .with_context(|| format!("--at {text:?} is not an RFC 3339 time"))?,
+        ),
+        (None, None) => Until::End,
+    };
+    let config = load_config(&common)?;
+    let store = open_store(&config)?;
+    let replayed = hongbao::replay::replay(store.as_ref(), &stream, point)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&replayed)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{} at version {} ({} events applied, {} later not applied)",
+        replayed.stream,
+        replayed.version,
+        replayed.applied.len(),
+        replayed.later_events
+    );
+    for e in &replayed.applied {
+        println!(
+            "  seq {:>10}  v{:<6} {}  {:<28} {}",
+            e.seq,
+            e.version,
+            hongbao::clock::rfc3339(e.recorded_at_ms),
+            e.type_name,
+            e.correlation_id
+        );
+    }
+    match &replayed.state {
+        serde_json::Value::String(debug) => println!("state:\n{debug}"),
+        state => println!("state:\n{}", serde_json::to_string_pretty(state)?),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -399,6 +463,13 @@ fn main() -> ExitCode {
             output,
             from,
         } => export(common, output, from),
+        Command::Replay {
+            common,
+            stream,
+            until,
+            at,
+            json,
+        } => replay(common, stream, until, at, json),
         Command::Audit { common, json } => audit(common, json),
         Command::Projections {
             command: ProjectionsCommand::Rebuild { name, common },

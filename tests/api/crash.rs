@@ -1160,6 +1160,64 @@ async fn an_export_of_a_mixed_log_verifies_standalone_and_names_a_tampered_line(
     let (ok, out) = verify(&tampered);
     assert!(!ok && out.contains("FAILED at line 3"), "{out}");
     assert!(out.contains("prev_hash"), "{out}");
+    // Time travel: alice's wallet after her deposit only, then now (the packet paid from it).
+    let data_dir = data.to_str().unwrap();
+    let deposit_seq = serde_json::from_str::<Value>(lines[credit]).unwrap()["seq"]
+        .as_u64()
+        .unwrap();
+    let replay = |extra: &[&str]| {
+        let mut args = vec![
+            "replay",
+            "--data-dir",
+            data_dir,
+            "--stream",
+            "wallet:alice",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let (ok, out) = command(&args);
+        assert!(ok, "{out}");
+        serde_json::from_str::<Value>(&out).unwrap()
+    };
+    let then = replay(&["--until", &deposit_seq.to_string()]);
+    assert_eq!(then["version"], 1, "{then}");
+    assert!(then["later_events"].as_u64().unwrap() >= 1, "{then}");
+    assert!(
+        then["state"]
+            .to_string()
+            .contains("change: Fen(\\n        1000"),
+        "{then}"
+    );
+    let now = replay(&[]);
+    assert_eq!(now["later_events"], 0);
+    assert!(
+        now["state"]
+            .to_string()
+            .contains("change: Fen(\\n        700"),
+        "{now}"
+    );
+    let before = replay(&["--at", "2000-01-01T00:00:00Z"]);
+    assert_eq!(before["version"], 0);
+    let (ok, out) = command(&[
+        "replay",
+        "--data-dir",
+        data_dir,
+        "--stream",
+        "coupon-batch:cb",
+    ]);
+    assert!(
+        ok && out.contains("coupon_batch.deducted") && out.contains("\"issued\": 1"),
+        "{out}"
+    );
+    let (ok, out) = command(&[
+        "replay",
+        "--data-dir",
+        data_dir,
+        "--stream",
+        "wallet:nobody",
+    ]);
+    assert!(!ok && out.contains("no events for stream"), "{out}");
+
     // A partial export (--from) verifies from its own first line.
     let (ok, out) = command(&[
         "export",
