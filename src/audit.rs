@@ -24,6 +24,9 @@
 //!   once, only as accepted and never after a final refusal; pending requests counted.
 
 mod coupons;
+mod views;
+
+pub use views::views_check;
 
 use crate::channels::{RecordStatus, SimulatedChannels};
 use crate::domain::activity::{ActivityEvent, Reward, RewardKind};

@@ -345,10 +345,20 @@ fn audit(common: Common, json: bool) -> anyhow::Result<ExitCode> {
     if json {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    let report = hongbao::audit::audit(&store, channels.as_deref(), |done, _| {
+    let mut report = hongbao::audit::audit(&store, channels.as_deref(), |done, _| {
         bar.set_position(done)
     })?;
     bar.finish_and_clear();
+    // Every view against a rebuild from the log (one more replay per view).
+    let projections = all_projections();
+    let bar = progress_bar(store.head() * projections.len() as u64, "rebuilding views");
+    if json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let views =
+        hongbao::audit::views_check(&store, &projections, |done, _| bar.set_position(done))?;
+    bar.finish_and_clear();
+    report.checks.push(views);
     if json {
         println!(
             "{}",

@@ -131,7 +131,8 @@ pub fn checkpoint(tree: &sled::Tree) -> Result<u64, StoreError> {
     }
 }
 
-fn stored_version(tree: &sled::Tree) -> Result<Option<u32>, StoreError> {
+/// The layout version a view was built with (None: never built).
+pub fn stored_version(tree: &sled::Tree) -> Result<Option<u32>, StoreError> {
     Ok(tree
         .get(VERSION_KEY)
         .map_err(|e| StoreError::Io(e.to_string()))?
@@ -206,19 +207,30 @@ pub fn rebuild(
     store: &dyn EventStore,
     db: &sled::Db,
     projection: &dyn Projection,
+    progress: impl FnMut(u64, u64),
+) -> Result<u64, StoreError> {
+    rebuild_until(store, db, projection, store.head(), progress)
+}
+
+/// Rebuilds a view from zero up to the event `until` (inclusive) into `db`.
+pub fn rebuild_until(
+    store: &dyn EventStore,
+    db: &sled::Db,
+    projection: &dyn Projection,
+    until: u64,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<u64, StoreError> {
     let tree = view_tree(db, projection.name())?;
     reset(&tree, projection.version())?;
-    let head = store.head();
     let mut at = 0;
-    loop {
-        let events = store.read_all(at + 1, APPLY_BATCH_EVENTS_MAX)?;
+    while at < until {
+        let mut events = store.read_all(at + 1, APPLY_BATCH_EVENTS_MAX)?;
+        events.retain(|e| e.seq <= until);
         if events.is_empty() {
             break;
         }
         at = apply_events(projection, &tree, &events, at)?;
-        progress(at, head);
+        progress(at, until);
     }
     Ok(at)
 }
