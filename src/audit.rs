@@ -24,7 +24,10 @@
 //!   once, only as accepted and never after a final refusal; pending requests counted.
 
 mod coupons;
+mod live;
 mod views;
+
+pub use live::LiveAudit;
 
 pub use views::views_check;
 
@@ -93,13 +96,13 @@ impl AuditReport {
     }
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct WalletReplay {
     balances: HashMap<Account, Fen>,
     seen: HashSet<(Entry, Id)>,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct RewardReplay {
     reward: Option<Reward>,
     credits: u32,
@@ -107,7 +110,7 @@ struct RewardReplay {
     delivered: bool,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct OrderReplay {
     order: WithdrawalOrder,
     debits: u32,
@@ -115,7 +118,7 @@ struct OrderReplay {
     debited: Fen,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct PacketReplay {
     packet: crate::domain::packet::Packet,
     /// Money that reached escrow (wallet payment debits naming the packet).
@@ -127,7 +130,7 @@ struct PacketReplay {
     returned_to_budget: u128,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Budget {
     budget: Option<(Fen, Fen)>,
     cash: u128,
@@ -135,6 +138,7 @@ struct Budget {
 }
 
 /// Everything the audit accumulates while it replays.
+#[derive(Clone)]
 struct Auditor {
     chain: CheckResult,
     wallets_check: CheckResult,

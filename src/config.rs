@@ -22,7 +22,23 @@ pub struct Config {
     pub withdrawals: WithdrawalsSection,
     pub packets: PacketsSection,
     pub coupons: CouponsSection,
+    pub audit: AuditSection,
     pub auth: AuthConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditSection {
+    /// The continuous audit in the server concludes its checks this often (0: off).
+    pub continuous_every_ms: u64,
+}
+
+impl Default for AuditSection {
+    fn default() -> Self {
+        AuditSection {
+            continuous_every_ms: 5_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -224,6 +240,7 @@ impl Default for Config {
             withdrawals: WithdrawalsSection::default(),
             packets: PacketsSection::default(),
             coupons: CouponsSection::default(),
+            audit: AuditSection::default(),
             auth: AuthConfig::default(),
         }
     }

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub coupon_layer_processed_total: IntCounterVec,
     pub coupon_merge_size: Histogram,
     pub coupon_issue_seconds: Histogram,
+    pub audit_violations_total: IntCounterVec,
+    pub audit_checked_seq: IntGauge,
 }
 
 /// Latency buckets from 50 us to about 13 s: covers a cached read and a stalled flush alike.
@@ -296,7 +298,20 @@ impl Metrics {
         )
         .expect("metric definition");
 
+        let audit_violations_total = counter(
+            "hongbao_audit_violations_total",
+            "Invariant violations found by the continuous audit, by check (each logged with its ids)",
+            &["check"],
+        );
+        let audit_checked_seq = IntGauge::new(
+            "hongbao_audit_checked_seq",
+            "Last log sequence the continuous audit has replayed",
+        )
+        .expect("metric definition");
+
         let metrics = Metrics {
+            audit_violations_total,
+            audit_checked_seq,
             coupon_requests_total,
             coupons_issued_total,
             coupon_layer_backlog,
@@ -379,6 +394,8 @@ impl Metrics {
             Box::new(self.coupon_layer_processed_total.clone()),
             Box::new(self.coupon_merge_size.clone()),
             Box::new(self.coupon_issue_seconds.clone()),
+            Box::new(self.audit_violations_total.clone()),
+            Box::new(self.audit_checked_seq.clone()),
         ];
         for collector in collectors {
             self.registry

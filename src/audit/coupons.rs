@@ -7,7 +7,7 @@ use crate::domain::coupon::{
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct BatchReplay {
     spec: Option<BatchSpec>,
     /// Coupon numbers granted, each with its seq_no.
@@ -16,6 +16,7 @@ struct BatchReplay {
 }
 
 /// What the audit accumulates of coupons.
+#[derive(Clone)]
 pub(super) struct CouponAudit {
     pub(super) check: CheckResult,
     /// Accepted requests: seq_no -> (uid, batch).

@@ -194,6 +194,8 @@ pub struct AppState {
     pub signer: TokenSigner,
     pub lanes: RewardLanes,
     pub projections: Arc<Projections>,
+    /// The continuous audit (None when `audit.continuous_every_ms` is 0).
+    pub live_audit: Option<Arc<crate::audit::LiveAudit>>,
     pub metrics: Arc<Metrics>,
     pub openapi: String,
 }
@@ -275,6 +277,17 @@ impl Application {
             views,
             metrics.clone(),
         )?);
+        let live_audit = match config.audit.continuous_every_ms {
+            0 => None,
+            ms => Some(Arc::new(
+                crate::audit::LiveAudit::start(
+                    dyn_store.clone(),
+                    metrics.clone(),
+                    std::time::Duration::from_millis(ms),
+                )
+                .map_err(ServeError::Server)?,
+            )),
+        };
         let runtime = Arc::new(Runtime {
             store: dyn_store.clone(),
             clock: clock.clone(),
@@ -357,6 +370,7 @@ impl Application {
             coupon_flows,
             lanes,
             projections,
+            live_audit,
             metrics,
             openapi,
             config: config.clone(),
@@ -454,6 +468,9 @@ impl Application {
             self.state.coupon_flows.stop(),
         );
         self.state.projections.stop().await;
+        if let Some(audit) = &self.state.live_audit {
+            audit.stop().await;
+        }
         let closed = self.state.store.close().await;
         tracing::info!(
             head = self.state.store.head(),

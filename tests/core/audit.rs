@@ -304,6 +304,60 @@ fn a_tampered_record_stops_the_replay_and_is_named() {
     assert_eq!(report.events, 5, "nothing after the broken link is trusted");
 }
 
+#[test]
+fn the_continuous_audit_counts_and_logs_a_violation_as_it_is_appended() {
+    // Goal (D3): the server's follower sees a double credit appended after a clean history and
+    // raises hongbao_audit_violations_total{check="reward_credits"}; a clean history raises
+    // nothing.
+    use hongbao::audit::LiveAudit;
+    use hongbao::events::EventStore;
+    use hongbao::metrics::Metrics;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    clean_history(&store);
+    let metrics = Arc::new(Metrics::new());
+    let violations = |check: &str| {
+        metrics
+            .audit_violations_total
+            .with_label_values(&[check])
+            .get()
+    };
+    let live = LiveAudit::start(
+        store.clone() as Arc<dyn EventStore>,
+        metrics.clone(),
+        Duration::from_millis(50),
+    )
+    .unwrap();
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for("the clean history", &|| {
+        metrics.audit_checked_seq.get() == 17
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    for check in [
+        "reward_credits",
+        "wallet_balances",
+        "money_conserved",
+        "hash_chain",
+    ] {
+        assert_eq!(violations(check), 0, "{check}");
+    }
+    append(
+        &store,
+        "wallet:u1",
+        vec![credit(Entry::Reward, "r1", 600, 1_000, Some("cny"))],
+    );
+    wait_for("the double credit", &|| violations("reward_credits") == 1);
+    assert_eq!(violations("wallet_balances"), 1);
+    runtime().block_on(live.stop());
+}
+
 mod coupons {
     use super::*;
     use hongbao::domain::coupon::{
