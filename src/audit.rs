@@ -42,7 +42,10 @@ use crate::events::{check_link, Envelope, StoreError, GENESIS_HASH};
 use crate::ids::Id;
 use crate::money::Fen;
 use serde::Serialize;
-use std::collections::{HashMap, HashSet};
+// The replay's maps hash millions of ids: foldhash, not SipHash (an offline audit of our own
+// log needs no defence against chosen keys).
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
 /// Violations listed per check (all are counted).
 const VIOLATIONS_LISTED_MAX: usize = 20;
@@ -181,11 +184,11 @@ impl Auditor {
             channels_check: CheckResult::new("channel_statements", "an order succeeded exactly when its channel's statement says paid"),
                         packets_check: CheckResult::new("packets", "claimed + refunded = total, each share paid to its claimer once, escrow paid >= transferred + refunded"),
             coupons: coupons::CouponAudit::new(),
-            wallets: HashMap::new(),
-            packets: HashMap::new(),
-            rewards: HashMap::new(),
-            budgets: HashMap::new(),
-            orders: HashMap::new(),
+            wallets: HashMap::default(),
+            packets: HashMap::default(),
+            rewards: HashMap::default(),
+            budgets: HashMap::default(),
+            orders: HashMap::default(),
             deposits: 0,
             reward_credits: 0,
                         withdrawal_debits: 0,
@@ -504,7 +507,7 @@ impl Auditor {
                     )
                 })
                 .collect(),
-            None => HashMap::new(),
+            None => HashMap::default(),
         };
         let (mut paid, mut in_transit, mut open) = (0u128, 0u128, 0u64);
         for (order_id, replay) in &self.orders {
@@ -698,52 +701,112 @@ pub fn audit(
     use crate::events::EventStore;
     let head = store.head();
     let mut auditor = Auditor::new();
-    let mut prev_hash = GENESIS_HASH;
-    let mut versions: HashMap<String, u64> = HashMap::new();
+    let mut versions: HashMap<String, u64> = HashMap::default();
     let mut events = 0u64;
-    for (expected_seq, record) in (1u64..).zip(store.raw_records(1)) {
-        let (seq, stored) = record?;
-        auditor.chain.checked += 1;
-        if seq != expected_seq {
-            auditor.chain.violation(format!(
-                "sequence gap: expected seq {expected_seq}, found {seq}"
-            ));
-            break;
-        }
-        match check_link(&prev_hash, &stored) {
-            Ok(hash) => prev_hash = hash,
-            Err(e) => {
-                // Everything after a broken link is unproven: stop replaying there.
-                auditor.chain.violation(format!("seq {seq}: {e}"));
-                break;
+    // Two stages on two threads: reading, hash-checking and decoding records; replaying them.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Verified>(READ_AHEAD_BATCHES);
+    let read = std::thread::scope(|scope| {
+        let reader = scope.spawn(move || read_verified(store, tx));
+        for batch in rx {
+            for envelope in batch.records {
+                auditor.chain.checked += 1;
+                match versions.get_mut(&envelope.stream) {
+                    Some(last) => {
+                        if envelope.version != *last + 1 {
+                            auditor.chain.violation(format!(
+                                "seq {}: stream {} jumps from version {last} to {}",
+                                envelope.seq, envelope.stream, envelope.version
+                            ));
+                        }
+                        *last = envelope.version;
+                    }
+                    None => {
+                        if envelope.version != 1 {
+                            auditor.chain.violation(format!(
+                                "seq {}: stream {} starts at version {}",
+                                envelope.seq, envelope.stream, envelope.version
+                            ));
+                        }
+                        versions.insert(envelope.stream.clone(), envelope.version);
+                    }
+                }
+                auditor.observe(&envelope);
+                events += 1;
+                if events.is_multiple_of(65_536) {
+                    progress(events, head);
+                }
+            }
+            if let Some(why) = batch.broken {
+                auditor.chain.checked += 1;
+                auditor.chain.violation(why);
             }
         }
-        let envelope = match Envelope::decode_stored(&stored) {
-            Ok(e) => e,
-            Err(e) => {
-                auditor
-                    .chain
-                    .violation(format!("seq {seq} does not decode: {e}"));
-                break;
-            }
-        };
-        let last = versions.entry(envelope.stream.clone()).or_insert(0);
-        if envelope.version != *last + 1 {
-            auditor.chain.violation(format!(
-                "seq {seq}: stream {} jumps from version {last} to {}",
-                envelope.stream, envelope.version
-            ));
-        }
-        *last = envelope.version;
-        auditor.observe(&envelope);
-        events += 1;
-        if events.is_multiple_of(65_536) {
-            progress(events, head);
-        }
-    }
+        reader.join()
+    });
+    read.map_err(|_| StoreError::Io("the log reader panicked".into()))??;
     progress(events, head);
     Ok(AuditReport {
         events,
         checks: auditor.finish(channels),
     })
+}
+
+/// Batches of records the reader hands to the replay, at most this many waiting.
+const READ_AHEAD_BATCHES: usize = 16;
+const READ_BATCH_RECORDS: usize = 1024;
+
+/// Records whose place in the chain is proven, in order; then, if the chain ends there, why
+/// (everything after a broken link is unproven: the replay stops).
+#[derive(Default)]
+struct Verified {
+    records: Vec<Envelope>,
+    broken: Option<String>,
+}
+
+/// Reads the log from seq 1, checks each record's sequence and hash link, decodes it, and sends
+/// batches; stops after the first break.
+fn read_verified(
+    store: &SledStore,
+    tx: std::sync::mpsc::SyncSender<Verified>,
+) -> Result<(), StoreError> {
+    let mut prev_hash = GENESIS_HASH;
+    let mut batch = Verified::default();
+    for (expected_seq, record) in (1u64..).zip(store.raw_records(1)) {
+        let (seq, stored) = record?;
+        let checked = if seq != expected_seq {
+            Err(format!(
+                "sequence gap: expected seq {expected_seq}, found {seq}"
+            ))
+        } else {
+            check_link(&prev_hash, &stored)
+                .map_err(|e| format!("seq {seq}: {e}"))
+                .and_then(|hash| {
+                    prev_hash = hash;
+                    Envelope::decode_stored(&stored)
+                        .map_err(|e| format!("seq {seq} does not decode: {e}"))
+                })
+        };
+        match checked {
+            Ok(envelope) => batch.records.push(envelope),
+            Err(why) => {
+                batch.broken = Some(why);
+                let _ = tx.send(batch);
+                return Ok(());
+            }
+        }
+        if batch.records.len() == READ_BATCH_RECORDS {
+            let full = std::mem::replace(
+                &mut batch,
+                Verified {
+                    records: Vec::with_capacity(READ_BATCH_RECORDS),
+                    broken: None,
+                },
+            );
+            if tx.send(full).is_err() {
+                return Ok(());
+            }
+        }
+    }
+    let _ = tx.send(batch);
+    Ok(())
 }

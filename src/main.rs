@@ -345,9 +345,11 @@ fn audit(common: Common, json: bool) -> anyhow::Result<ExitCode> {
     if json {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
+    let started = std::time::Instant::now();
     let mut report = hongbao::audit::audit(&store, channels.as_deref(), |done, _| {
         bar.set_position(done)
     })?;
+    let replay_s = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
     // Every view against a rebuild from the log (one more replay per view).
     let projections = all_projections();
@@ -355,19 +357,26 @@ fn audit(common: Common, json: bool) -> anyhow::Result<ExitCode> {
     if json {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
+    let started = std::time::Instant::now();
     let views =
         hongbao::audit::views_check(&store, &projections, |done, _| bar.set_position(done))?;
+    let views_s = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
     report.checks.push(views);
     if json {
         println!(
             "{}",
             serde_json::to_string_pretty(
-                &serde_json::json!({"ok": report.ok(), "events": report.events, "checks": report.checks})
+                &serde_json::json!({"ok": report.ok(), "events": report.events, "replay_s": replay_s,
+                    "views_s": views_s, "checks": report.checks})
             )?
         );
     } else {
-        println!("audited {} events", report.events);
+        println!(
+            "audited {} events: replay and checks {replay_s:.2} s ({:.0} events/s), views rebuilt and compared {views_s:.2} s",
+            report.events,
+            report.events as f64 / replay_s.max(1e-9)
+        );
         for check in &report.checks {
             let verdict = if check.ok() { "ok" } else { "FAILED" };
             println!(

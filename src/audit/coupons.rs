@@ -2,10 +2,11 @@
 //! own `evolve` and proves C9-C11 from the log alone.
 
 use super::CheckResult;
+use super::{HashMap, HashSet};
 use crate::domain::coupon::{
     BatchEvent, BatchSpec, GroupEvent, IntakeEvent, IssueRequest, Refusal, Verdict,
 };
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 
 #[derive(Default, Clone)]
 struct BatchReplay {
@@ -38,12 +39,12 @@ impl CouponAudit {
                 "coupons",
                 "issued <= stock with distinct coupon numbers 1..n, no user above a batch's limit or in two batches of a group, each accepted request granted at most once and only as accepted, never after a final refusal",
             ),
-            accepted: HashMap::new(),
-            rejected_early: HashMap::new(),
-            batches: HashMap::new(),
-            granted: HashMap::new(),
-            refused: HashMap::new(),
-            places: HashSet::new(),
+            accepted: HashMap::default(),
+            rejected_early: HashMap::default(),
+            batches: HashMap::default(),
+            granted: HashMap::default(),
+            refused: HashMap::default(),
+            places: HashSet::default(),
         }
     }
 
@@ -203,7 +204,7 @@ impl CouponAudit {
         let mut check = std::mem::replace(&mut self.check, CheckResult::new("", ""));
         check.checked = self.accepted.len() as u64;
         // Stock and group exclusion, per batch.
-        let mut holders: HashMap<(String, String), HashSet<&str>> = HashMap::new();
+        let mut holders: HashMap<(String, String), HashSet<&str>> = HashMap::default();
         let mut issued_total = 0u64;
         for (batch_id, replay) in &self.batches {
             let Some(spec) = &replay.spec else { continue };

@@ -9,9 +9,9 @@
 //! offline too (`hongbao audit`).
 
 use super::Auditor;
+use super::HashMap;
 use crate::events::{chain_hash, Envelope, EventStore, Hash, Subscription, GENESIS_HASH};
 use crate::metrics::Metrics;
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -149,9 +149,9 @@ fn run(
             auditor: Auditor::new(),
             prev_hash: GENESIS_HASH,
             last_seq: 0,
-            versions: HashMap::new(),
+            versions: HashMap::default(),
             broken: false,
-            reported: HashMap::new(),
+            reported: HashMap::default(),
         };
         let mut subscription = Subscription::new(store, 1, READ_BATCH);
         let mut due = tokio::time::Instant::now() + every;
