@@ -58,7 +58,8 @@ enum Command {
         #[arg(long)]
         require_budgets: bool,
     },
-    /// Replay the whole log and prove the money invariants (exit 0 only if all hold).
+    /// Replay the whole log and prove every invariant, then compare each view with a rebuild
+    /// (exit 0 only if all hold; --json for machines).
     Audit {
         #[command(flatten)]
         common: Common,
