@@ -166,6 +166,10 @@ struct Auditor {
     claim_transfers: u128,
     packet_refunds: u128,
     budget_returns: u128,
+    /// Sum of every wallet balance as the log records them, and how far it is from the
+    /// movements' net inflow (0 while no event created or lost money).
+    balances_total: i128,
+    deviation: i128,
 }
 
 fn stream_id<'a>(envelope: &'a Envelope, prefix: &str) -> Option<&'a str> {
@@ -177,7 +181,7 @@ impl Auditor {
         Auditor {
             chain: CheckResult::new("hash_chain", "records chained by SHA-256, sequence contiguous from 1, stream versions continuous"),
             wallets_check: CheckResult::new("wallet_balances", "each movement's balance_after = previous +/- amount, never negative, each (entry, order) once"),
-            conservation: CheckResult::new("money_conserved", "balances = deposits + reward credits - withdrawals + refunds; debits - refunds = paid + in transit"),
+            conservation: CheckResult::new("money_conserved", "after every event and at the end: balances = deposits + reward credits - withdrawals + refunds; debits - refunds = paid + in transit"),
             rewards_check: CheckResult::new("reward_credits", "each reward credited at most once, only if accepted and not voided, as accepted"),
             budgets_check: CheckResult::new("budgets", "accepted money never above the activity's budget"),
             withdrawals_check: CheckResult::new("withdrawals", "one debit, at most one refund, a refund exactly when failed after the debit"),
@@ -197,6 +201,8 @@ impl Auditor {
             claim_transfers: 0,
             packet_refunds: 0,
             budget_returns: 0,
+            balances_total: 0,
+            deviation: 0,
         }
     }
 
@@ -231,6 +237,8 @@ impl Auditor {
             )),
         }
         replay.balances.insert(account, line.balance_after);
+        self.balances_total +=
+            i128::from(line.balance_after.as_u64()) - i128::from(before.as_u64());
         if !replay.seen.insert((line.entry, line.order_id.clone())) {
             self.wallets_check.violation(format!(
                 "seq {}: wallet {uid} records {} {} twice",
@@ -288,6 +296,29 @@ impl Auditor {
                     .refunded_to_wallet += amount;
             }
         }
+        // Conservation after every event: what the wallets hold moves only by what the event
+        // says moved. A change of the deviation names the event that created or lost money.
+        let deviation = self.balances_total - self.net_inflow();
+        if deviation != self.deviation {
+            self.conservation.violation(format!(
+                "seq {}: wallet {uid} {} {}: balances change by {} fen more than the movement",
+                envelope.seq,
+                line.entry.as_str(),
+                line.order_id,
+                deviation - self.deviation
+            ));
+            self.deviation = deviation;
+        }
+    }
+
+    /// Money that entered the wallets minus money that left them, from the movements.
+    fn net_inflow(&self) -> i128 {
+        let inflow = self.deposits
+            + self.reward_credits
+            + self.withdrawal_refunds
+            + self.claim_transfers
+            + self.packet_refunds;
+        inflow as i128 - (self.withdrawal_debits + self.packet_payments) as i128
     }
 
     fn reward_credit(

@@ -53,3 +53,19 @@ pub fn background_priority(what: &str) {
         tracing::debug!(thread = what, error = ?e, "cannot lower thread priority");
     }
 }
+
+/// A current-thread runtime for a follower thread at background priority (projections, the
+/// continuous audit); `None`, logged, if it cannot be built.
+pub fn background_runtime(what: &str) -> Option<tokio::runtime::Runtime> {
+    background_priority(what);
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => Some(runtime),
+        Err(e) => {
+            tracing::error!(thread = what, error = %e, "background thread cannot start");
+            None
+        }
+    }
+}

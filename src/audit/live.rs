@@ -133,16 +133,8 @@ fn run(
     mut stop: watch::Receiver<bool>,
     every: Duration,
 ) {
-    crate::background_priority("audit");
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, "the continuous audit cannot start");
-            return;
-        }
+    let Some(runtime) = crate::background_runtime("audit") else {
+        return;
     };
     runtime.block_on(async move {
         let mut follower = Follower {

@@ -338,16 +338,8 @@ fn run(
     metrics: Arc<Metrics>,
 ) {
     // Views may lag during a burst; intake keeps the CPU and they catch up from the log.
-    crate::background_priority("projections");
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, "projection runner cannot start");
-            return;
-        }
+    let Some(runtime) = crate::background_runtime("projections") else {
+        return;
     };
     runtime.block_on(async move {
         let from = running.iter().map(|r| r.at).min().unwrap_or(0) + 1;

@@ -305,6 +305,29 @@ fn a_tampered_record_stops_the_replay_and_is_named() {
 }
 
 #[test]
+fn money_created_by_one_event_is_named_at_that_event() {
+    // Goal: conservation holds after every event; a deposit of 10 that raises the balance by
+    // 4,950 (from 50 to 5,000) is named with its seq, not only as a wrong total at the end.
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    clean_history(&store);
+    append(
+        &store,
+        "wallet:u1",
+        vec![credit(Entry::Deposit, "d9", 10, 5_000, None)],
+    );
+    let report = run_audit(&store);
+    assert_eq!(failing(&report), ["wallet_balances", "money_conserved"]);
+    let found = examples(&report, "money_conserved");
+    assert!(
+        found.contains(
+            "seq 18: wallet u1 deposit d9: balances change by 4940 fen more than the movement"
+        ),
+        "{found}"
+    );
+}
+
+#[test]
 fn the_continuous_audit_counts_and_logs_a_violation_as_it_is_appended() {
     // Goal (D3): the server's follower sees a double credit appended after a clean history and
     // raises hongbao_audit_violations_total{check="reward_credits"}; a clean history raises
