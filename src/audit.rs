@@ -8,8 +8,9 @@
 //!   stream versions continuous (as `hongbao verify`);
 //! - `wallet_balances`: every wallet movement's `balance_after` is the previous balance plus or
 //!   minus its amount, never below zero, each `(entry, order)` recorded once;
-//! - `money_conserved`: after every event (the breaking event named) and at the end, all balances = deposits + reward credits - withdrawal debits +
-//!   withdrawal refunds, and withdrawal debits - refunds = paid out + in transit;
+//! - `money_conserved`: after every event (the breaking event named) and at the end, all
+//!   balances = deposits + reward credits - withdrawal debits + withdrawal refunds, and
+//!   withdrawal debits - refunds = paid out + in transit;
 //! - `reward_credits`: each reward credited at most once, only if accepted and not voided, for
 //!   the accepted uid, kind and amount; every accepted reward credited, delivered, voided or
 //!   still pending (counted);
