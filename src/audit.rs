@@ -503,27 +503,41 @@ impl Auditor {
     }
 
     /// End-of-log checks.
-    fn finish(mut self, channels: Option<&SimulatedChannels>) -> Vec<CheckResult> {
+    /// End-of-log checks, on top of what the replay found; the replay state is only read, so
+    /// the continuous audit concludes without copying it.
+    fn finish(&self, channels: Option<&SimulatedChannels>) -> Vec<CheckResult> {
+        let (chain, wallets_check, mut conservation) = (
+            self.chain.clone(),
+            self.wallets_check.clone(),
+            self.conservation.clone(),
+        );
+        let (mut rewards_check, budgets_check, mut withdrawals_check) = (
+            self.rewards_check.clone(),
+            self.budgets_check.clone(),
+            self.withdrawals_check.clone(),
+        );
+        let (mut channels_check, mut packets_check) =
+            (self.channels_check.clone(), self.packets_check.clone());
         // Rewards: every accepted one settled or pending.
         let mut pending = 0u64;
         for ((activity, order_id), replay) in &self.rewards {
             if replay.reward.is_none() {
                 continue;
             }
-            self.rewards_check.checked += 1;
+            rewards_check.checked += 1;
             let settled = replay.credits > 0 || replay.voided || replay.delivered;
             let kind = replay.reward.as_ref().map(|r| r.kind);
             if !settled {
                 pending += 1;
             }
             if replay.credits > 0 && kind.and_then(RewardKind::wallet_entry).is_none() {
-                self.rewards_check.violation(format!(
+                rewards_check.violation(format!(
                     "reward {activity}/{order_id} is a {:?} reward credited as money",
                     kind
                 ));
             }
         }
-        self.rewards_check.notes.push(format!(
+        rewards_check.notes.push(format!(
             "{pending} accepted rewards still pending (not yet credited, delivered or voided)"
         ));
 
@@ -543,11 +557,11 @@ impl Auditor {
         };
         let (mut paid, mut in_transit, mut open) = (0u128, 0u128, 0u64);
         for (order_id, replay) in &self.orders {
-            self.withdrawals_check.checked += 1;
+            withdrawals_check.checked += 1;
             let state = replay.order.state;
             let (debits, refunds) = (replay.debits, replay.refunds);
             if debits > 1 || refunds > 1 || refunds > debits {
-                self.withdrawals_check.violation(format!(
+                withdrawals_check.violation(format!(
                     "order {order_id}: {debits} debits and {refunds} refunds"
                 ));
             }
@@ -556,7 +570,7 @@ impl Auditor {
                 Some(OrderState::Refunded) => Some((1, 1)),
                 Some(OrderState::Failed) if !replay.order.debited => Some((0, 0)),
                 None => {
-                    self.withdrawals_check.violation(format!(
+                    withdrawals_check.violation(format!(
                         "order {order_id}: wallet movements for an order never requested"
                     ));
                     None
@@ -566,7 +580,7 @@ impl Auditor {
             if let Some(expected) = expected {
                 if (debits, refunds) != expected {
                     let state = state.map(|s| s.as_str()).unwrap_or("?");
-                    self.withdrawals_check.violation(format!(
+                    withdrawals_check.violation(format!(
                         "order {order_id} is {state} with {debits} debits and {refunds} refunds"
                     ));
                 }
@@ -582,14 +596,14 @@ impl Auditor {
                 _ => {}
             }
             if let (Some(request), Some(_)) = (replay.order.request.as_ref(), channels) {
-                self.channels_check.checked += 1;
+                channels_check.checked += 1;
                 let status = statements
                     .get(&request.method.channel)
                     .and_then(|s| s.get(order_id.as_str()));
                 let channel_paid = status == Some(&RecordStatus::Succeeded);
                 let final_state = replay.order.is_final();
                 if final_state && channel_paid != (state == Some(OrderState::Succeeded)) {
-                    self.channels_check.violation(format!(
+                    channels_check.violation(format!(
                         "order {order_id} is {} but the {} statement says {}",
                         state.map(|s| s.as_str()).unwrap_or("?"),
                         request.method.channel,
@@ -598,11 +612,11 @@ impl Auditor {
                 }
             }
         }
-        self.withdrawals_check.notes.push(format!(
+        withdrawals_check.notes.push(format!(
             "{open} orders in progress, {in_transit} fen in transit, {paid} fen paid out"
         ));
         if channels.is_none() {
-            self.channels_check
+            channels_check
                 .notes
                 .push("no channel statements in this data directory".into());
         }
@@ -610,10 +624,10 @@ impl Auditor {
         // Packets.
         let mut escrow = 0u128;
         for (id, replay) in &self.packets {
-            self.packets_check.checked += 1;
+            packets_check.checked += 1;
             let p = &replay.packet;
             let Some(spec) = p.spec.as_ref() else {
-                self.packets_check.violation(format!(
+                packets_check.violation(format!(
                     "packet {id}: money moved for a packet never created"
                 ));
                 continue;
@@ -623,20 +637,20 @@ impl Auditor {
             let refunded = p.refunded.map(|f| f.as_u64() as u128).unwrap_or(0);
             let is_paid = p.payment_id.is_some();
             if is_paid && replay.paid != total {
-                self.packets_check.violation(format!(
+                packets_check.violation(format!(
                     "packet {id}: total {total} but {} paid into escrow",
                     replay.paid
                 ));
             }
             if claimed + refunded > total {
-                self.packets_check.violation(format!(
+                packets_check.violation(format!(
                     "packet {id}: claimed {claimed} + refunded {refunded} > total {total}"
                 ));
             }
             let finished = p.state == Some(crate::domain::packet::PacketState::Exhausted)
                 || p.refunded.is_some();
             if is_paid && finished && claimed + refunded != total {
-                self.packets_check.violation(format!(
+                packets_check.violation(format!(
                     "packet {id}: claimed {claimed} + refunded {refunded} != total {total}"
                 ));
             }
@@ -645,20 +659,20 @@ impl Auditor {
                     .ok()
                     .is_some_and(|u| p.claimed_by.contains_key(&u));
                 if *count > 1 || !claimer {
-                    self.packets_check.violation(format!(
+                    packets_check.violation(format!(
                         "packet {id}: {count} transfers to {uid} (a claimer: {claimer})"
                     ));
                 }
             }
             let given_back = replay.refunded_to_wallet + replay.returned_to_budget;
             if replay.paid < replay.transferred + given_back {
-                self.packets_check.violation(format!(
+                packets_check.violation(format!(
                     "packet {id}: paid {} < transferred {} + refunded {given_back}",
                     replay.paid, replay.transferred
                 ));
             }
             if p.refunded.is_some() && given_back != refunded {
-                self.packets_check.violation(format!(
+                packets_check.violation(format!(
                     "packet {id}: refunded {refunded} on the packet, {given_back} given back"
                 ));
             }
@@ -666,7 +680,7 @@ impl Auditor {
         }
 
         // Conservation.
-        self.conservation.checked = self.wallets.len() as u64;
+        conservation.checked = self.wallets.len() as u64;
         let balances: u128 = self
             .wallets
             .values()
@@ -680,7 +694,7 @@ impl Auditor {
             + self.packet_refunds;
         let expected = inflow.checked_sub(self.withdrawal_debits + self.packet_payments);
         if expected != Some(balances) {
-            self.conservation.violation(format!(
+            conservation.violation(format!(
                 "balances {balances} != deposits {} + reward credits {} - withdrawals {} + withdrawal refunds {} - packet payments {} + claim transfers {} + packet refunds {}",
                 self.deposits,
                 self.reward_credits,
@@ -692,7 +706,7 @@ impl Auditor {
             ));
         }
         if self.withdrawal_debits.checked_sub(self.withdrawal_refunds) != Some(paid + in_transit) {
-            self.conservation.violation(format!(
+            conservation.violation(format!(
                 "withdrawals {} - refunds {} != paid {paid} + in transit {in_transit}",
                 self.withdrawal_debits, self.withdrawal_refunds
             ));
@@ -700,24 +714,24 @@ impl Auditor {
         if self.packet_payments
             != self.claim_transfers + self.packet_refunds + self.budget_returns + escrow
         {
-            self.conservation.violation(format!(
+            conservation.violation(format!(
                 "packet payments {} != claim transfers {} + refunds {} + returned to budgets {} + escrow {escrow}",
                 self.packet_payments, self.claim_transfers, self.packet_refunds, self.budget_returns
             ));
         }
-        self.conservation.notes.push(format!(
+        conservation.notes.push(format!(
             "deposits {} + reward credits {} = balances {balances} + paid out {paid} + in transit {in_transit} + packet escrow {escrow} + returned to budgets {} (fen)",
             self.deposits, self.reward_credits, self.budget_returns
         ));
         vec![
-            self.chain,
-            self.wallets_check,
-            self.conservation,
-            self.rewards_check,
-            self.budgets_check,
-            self.withdrawals_check,
-            self.channels_check,
-            self.packets_check,
+            chain,
+            wallets_check,
+            conservation,
+            rewards_check,
+            budgets_check,
+            withdrawals_check,
+            channels_check,
+            packets_check,
             self.coupons.finish(),
         ]
     }

@@ -200,8 +200,8 @@ impl CouponAudit {
         }
     }
 
-    pub(super) fn finish(mut self) -> CheckResult {
-        let mut check = std::mem::replace(&mut self.check, CheckResult::new("", ""));
+    pub(super) fn finish(&self) -> CheckResult {
+        let mut check = self.check.clone();
         check.checked = self.accepted.len() as u64;
         // Stock and group exclusion, per batch.
         let mut holders: HashMap<(String, String), HashSet<&str>> = HashMap::default();

@@ -1,8 +1,8 @@
 //! The continuous audit (D3): the same replay and checks as `hongbao audit`, run in the server
 //! as a follower of the log. Each event is fed to the auditor as it becomes durable (the hash
 //! link and the stream version are checked on the way); every `every` (or ten times as long
-//! as the last conclusion took, if more) the end-of-log checks run on a copy of the replay
-//! state. A check whose violations grew increments
+//! as the last conclusion took, if more) the end-of-log checks run over the replay state
+//! (read, not copied). A check whose violations grew increments
 //! `hongbao_audit_violations_total{check}` and logs each new violation with its ids.
 //!
 //! Channel statements are left to the offline audit: live, a payout may be on the channel's
@@ -105,9 +105,10 @@ impl Follower {
         self.auditor.observe(envelope);
     }
 
-    /// Runs the end-of-log checks on a copy and reports what is new.
+    /// Runs the end-of-log checks (reading the replay state, not copying it) and reports what
+    /// is new.
     fn conclude(&mut self, metrics: &Metrics) {
-        for check in self.auditor.clone().finish(None) {
+        for check in self.auditor.finish(None) {
             let seen = self.reported.entry(check.name).or_insert(0);
             if check.violations <= *seen {
                 continue;
@@ -171,7 +172,7 @@ fn run(
                 let started = tokio::time::Instant::now();
                 follower.conclude(&metrics);
                 dirty = false;
-                // The conclusion copies the whole replay state: on a long log it is spaced so
+                // The conclusion walks the whole replay state: on a long log it is spaced so
                 // that it takes at most a tenth of this thread's time.
                 due = tokio::time::Instant::now() + every.max(started.elapsed() * 10);
             }
