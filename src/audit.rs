@@ -100,13 +100,13 @@ impl AuditReport {
     }
 }
 
-#[derive(Default, Clone)]
+#[derive(Default)]
 struct WalletReplay {
     balances: HashMap<Account, Fen>,
     seen: HashSet<(Entry, Id)>,
 }
 
-#[derive(Default, Clone)]
+#[derive(Default)]
 struct RewardReplay {
     reward: Option<Reward>,
     credits: u32,
@@ -114,7 +114,7 @@ struct RewardReplay {
     delivered: bool,
 }
 
-#[derive(Default, Clone)]
+#[derive(Default)]
 struct OrderReplay {
     order: WithdrawalOrder,
     debits: u32,
@@ -122,7 +122,7 @@ struct OrderReplay {
     debited: Fen,
 }
 
-#[derive(Default, Clone)]
+#[derive(Default)]
 struct PacketReplay {
     packet: crate::domain::packet::Packet,
     /// Money that reached escrow (wallet payment debits naming the packet).
@@ -134,7 +134,7 @@ struct PacketReplay {
     returned_to_budget: u128,
 }
 
-#[derive(Default, Clone)]
+#[derive(Default)]
 struct Budget {
     budget: Option<(Fen, Fen)>,
     cash: u128,
@@ -142,7 +142,6 @@ struct Budget {
 }
 
 /// Everything the audit accumulates while it replays.
-#[derive(Clone)]
 struct Auditor {
     chain: CheckResult,
     wallets_check: CheckResult,
@@ -153,6 +152,8 @@ struct Auditor {
     channels_check: CheckResult,
     packets_check: CheckResult,
     coupons: coupons::CouponAudit,
+    /// Each stream's last version seen.
+    versions: HashMap<String, u64>,
     wallets: HashMap<String, WalletReplay>,
     packets: HashMap<String, PacketReplay>,
     rewards: HashMap<(String, Id), RewardReplay>,
@@ -189,6 +190,7 @@ impl Auditor {
             channels_check: CheckResult::new("channel_statements", "an order succeeded exactly when its channel's statement says paid"),
                         packets_check: CheckResult::new("packets", "claimed + refunded = total, each share paid to its claimer once, escrow paid >= transferred + refunded"),
             coupons: coupons::CouponAudit::new(),
+            versions: HashMap::default(),
             wallets: HashMap::default(),
             packets: HashMap::default(),
             rewards: HashMap::default(),
@@ -480,6 +482,31 @@ impl Auditor {
         replay.order.evolve(event);
     }
 
+    /// A stream's versions continue by one from 1.
+    fn check_version(&mut self, envelope: &Envelope) {
+        match self.versions.get_mut(&envelope.stream) {
+            Some(last) => {
+                if envelope.version != *last + 1 {
+                    self.chain.violation(format!(
+                        "seq {}: stream {} jumps from version {last} to {}",
+                        envelope.seq, envelope.stream, envelope.version
+                    ));
+                }
+                *last = envelope.version;
+            }
+            None => {
+                if envelope.version != 1 {
+                    self.chain.violation(format!(
+                        "seq {}: stream {} starts at version {}",
+                        envelope.seq, envelope.stream, envelope.version
+                    ));
+                }
+                self.versions
+                    .insert(envelope.stream.clone(), envelope.version);
+            }
+        }
+    }
+
     fn observe(&mut self, envelope: &Envelope) {
         match &envelope.event {
             Event::Wallet(event) => self.wallet_event(envelope, event),
@@ -747,7 +774,6 @@ pub fn audit(
     use crate::events::EventStore;
     let head = store.head();
     let mut auditor = Auditor::new();
-    let mut versions: HashMap<String, u64> = HashMap::default();
     let mut events = 0u64;
     // Two stages on two threads: reading, hash-checking and decoding records; replaying them.
     let (tx, rx) = std::sync::mpsc::sync_channel::<Verified>(READ_AHEAD_BATCHES);
@@ -756,26 +782,7 @@ pub fn audit(
         for batch in rx {
             for envelope in batch.records {
                 auditor.chain.checked += 1;
-                match versions.get_mut(&envelope.stream) {
-                    Some(last) => {
-                        if envelope.version != *last + 1 {
-                            auditor.chain.violation(format!(
-                                "seq {}: stream {} jumps from version {last} to {}",
-                                envelope.seq, envelope.stream, envelope.version
-                            ));
-                        }
-                        *last = envelope.version;
-                    }
-                    None => {
-                        if envelope.version != 1 {
-                            auditor.chain.violation(format!(
-                                "seq {}: stream {} starts at version {}",
-                                envelope.seq, envelope.stream, envelope.version
-                            ));
-                        }
-                        versions.insert(envelope.stream.clone(), envelope.version);
-                    }
-                }
+                auditor.check_version(&envelope);
                 auditor.observe(&envelope);
                 events += 1;
                 if events.is_multiple_of(65_536) {

@@ -8,7 +8,7 @@ use crate::domain::coupon::{
 };
 use std::collections::BTreeMap;
 
-#[derive(Default, Clone)]
+#[derive(Default)]
 struct BatchReplay {
     spec: Option<BatchSpec>,
     /// Coupon numbers granted, each with its seq_no.
@@ -17,7 +17,6 @@ struct BatchReplay {
 }
 
 /// What the audit accumulates of coupons.
-#[derive(Clone)]
 pub(super) struct CouponAudit {
     pub(super) check: CheckResult,
     /// Accepted requests: seq_no -> (uid, batch).

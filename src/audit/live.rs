@@ -57,7 +57,6 @@ struct Follower {
     auditor: Auditor,
     prev_hash: Hash,
     last_seq: u64,
-    versions: HashMap<String, u64>,
     /// The chain broke: nothing after it is trusted, so nothing after it is replayed.
     broken: bool,
     /// Violations already reported, by check.
@@ -92,14 +91,7 @@ impl Follower {
             self.broken = true;
             return;
         }
-        let last = self.versions.entry(envelope.stream.clone()).or_insert(0);
-        if envelope.version != *last + 1 {
-            chain.violation(format!(
-                "seq {}: stream {} jumps from version {last} to {}",
-                envelope.seq, envelope.stream, envelope.version
-            ));
-        }
-        *last = envelope.version;
+        self.auditor.check_version(envelope);
         self.prev_hash = envelope.hash;
         self.last_seq = envelope.seq;
         self.auditor.observe(envelope);
@@ -143,7 +135,6 @@ fn run(
             auditor: Auditor::new(),
             prev_hash: GENESIS_HASH,
             last_seq: 0,
-            versions: HashMap::default(),
             broken: false,
             reported: HashMap::default(),
         };

@@ -279,29 +279,27 @@ async fn check_survivors(base: &str, acked: &[Acked]) {
 }
 
 fn verify(dir: &Path) {
+    let dir = dir.to_str().unwrap();
+    let (ok, out) = command(&["verify", "--data-dir", dir]);
+    assert!(ok, "verify failed:\n{out}");
+    assert!(out.contains("result: OK"), "{out}");
+    // And the invariants, replayed from the log and the channels' statements.
+    let (ok, out) = command(&["audit", "--data-dir", dir]);
+    assert!(ok, "audit failed:\n{out}");
+    assert!(out.contains("result: OK"), "{out}");
+}
+
+/// Runs a hongbao subcommand; returns whether it succeeded and its stdout then stderr.
+fn command(args: &[&str]) -> (bool, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_hongbao"))
-        .args(["verify", "--data-dir", dir.to_str().unwrap()])
+        .args(args)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
+    (
         output.status.success(),
-        "verify failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(stdout.contains("result: OK"), "{stdout}");
-    // And the money invariants, replayed from the log and the channels' statements.
-    let output = Command::new(env!("CARGO_BIN_EXE_hongbao"))
-        .args(["audit", "--data-dir", dir.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "audit failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(stdout.contains("result: OK"), "{stdout}");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1004,19 +1002,6 @@ async fn sigterm_mid_coupon_stream_exits_zero_and_restart_resumes_the_layers() {
         lines
     })
     .await;
-}
-
-/// Runs a hongbao subcommand on `dir`; returns (success, stdout).
-fn command(args: &[&str]) -> (bool, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_hongbao"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned()
-            + &String::from_utf8_lossy(&output.stderr),
-    )
 }
 
 /// A stopped server's data directory holding wallets, rewards, packets and coupons.
