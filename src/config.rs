@@ -467,7 +467,8 @@ impl Config {
     }
 
     pub fn coupons(&self) -> crate::flows::coupons::CouponConfig {
-        use crate::flows::coupons::{CouponConfig, RiskRules};
+        use crate::domain::coupon::RiskRules;
+        use crate::flows::coupons::CouponConfig;
         CouponConfig {
             intake_shards: self.coupons.intake_shards,
             intake_merge_max: self.coupons.intake_merge_max,

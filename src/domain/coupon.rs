@@ -26,7 +26,7 @@ use crate::clock::Millis;
 use crate::ids::Id;
 use crate::money::Fen;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// Largest stock of one batch.
 pub const STOCK_MAX: u64 = 1_000_000_000;
@@ -863,6 +863,76 @@ pub fn next_step(progress: &Progress, screen: Option<Refusal>, grouped: bool) ->
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Risk rules (C12)
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RiskRules {
+    /// Users refused outright.
+    pub blocklist: HashSet<Id>,
+    /// At most this many requests per user per window (0: no velocity rule).
+    pub velocity_max: u32,
+    pub velocity_window_ms: Millis,
+}
+
+/// Risk screening (C12): the configured blocklist and a per-user velocity over fixed windows.
+pub struct Risk {
+    rules: RiskRules,
+    recent: HashMap<u128, (i64, u32)>,
+    /// Verdicts by seq_no while the request is outstanding: a request screened twice (its
+    /// queued copy and a green drive) counts once towards the velocity and gets one verdict.
+    verdicts: HashMap<u128, Option<Refusal>>,
+}
+
+impl Risk {
+    pub fn new(rules: RiskRules) -> Risk {
+        Risk {
+            rules,
+            recent: HashMap::new(),
+            verdicts: HashMap::new(),
+        }
+    }
+
+    pub fn screen(&mut self, request: &IssueRequest, now_ms: Millis) -> Option<Refusal> {
+        let seq = order_key(&request.seq_no);
+        if let Some(verdict) = self.verdicts.get(&seq) {
+            return *verdict;
+        }
+        if self.verdicts.len() > 1_000_000 {
+            // Green retries of finished requests leave entries behind; the intake memo keeps
+            // the verdict that counts, this is only the velocity's bookkeeping.
+            self.verdicts.clear();
+        }
+        let verdict = self.judge(&request.uid, now_ms);
+        self.verdicts.insert(seq, verdict);
+        verdict
+    }
+
+    /// The request's own copy finished: its verdict is in the intake memo.
+    pub fn forget(&mut self, seq_no: &Id) {
+        self.verdicts.remove(&order_key(seq_no));
+    }
+
+    fn judge(&mut self, uid: &Id, now_ms: Millis) -> Option<Refusal> {
+        if self.rules.blocklist.contains(uid) {
+            return Some(Refusal::RiskRejected);
+        }
+        if self.rules.velocity_max == 0 {
+            return None;
+        }
+        let window = now_ms / self.rules.velocity_window_ms.max(1);
+        if self.recent.len() > 1_000_000 {
+            self.recent.retain(|_, (w, _)| *w == window);
+        }
+        let entry = self.recent.entry(order_key(uid)).or_insert((window, 0));
+        if entry.0 != window {
+            *entry = (window, 0);
+        }
+        entry.1 += 1;
+        (entry.1 > self.rules.velocity_max).then_some(Refusal::RiskRejected)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -871,6 +941,56 @@ mod tests {
 
     fn id(s: &str) -> Id {
         Id::parse(s).unwrap()
+    }
+
+    fn issue(seq: &str, uid: &str) -> IssueRequest {
+        IssueRequest {
+            seq_no: id(seq),
+            uid: id(uid),
+            batch_id: id("b"),
+        }
+    }
+
+    #[test]
+    fn risk_refuses_the_blocklist_and_a_user_above_the_velocity_within_a_window() {
+        let mut risk = Risk::new(RiskRules {
+            blocklist: [id("fraud")].into_iter().collect(),
+            velocity_max: 2,
+            velocity_window_ms: 1_000,
+        });
+        assert_eq!(
+            risk.screen(&issue("s0", "fraud"), 0),
+            Some(Refusal::RiskRejected)
+        );
+        assert_eq!(risk.screen(&issue("s1", "u"), 0), None);
+        assert_eq!(risk.screen(&issue("s2", "u"), 10), None);
+        assert_eq!(
+            risk.screen(&issue("s3", "u"), 20),
+            Some(Refusal::RiskRejected)
+        );
+        // A new window starts the count again.
+        assert_eq!(risk.screen(&issue("s4", "u"), 1_000), None);
+    }
+
+    #[test]
+    fn risk_screens_one_request_once_while_it_is_outstanding() {
+        // The queued copy and a green drive of one seq_no count once and get one verdict.
+        let mut risk = Risk::new(RiskRules {
+            velocity_max: 1,
+            velocity_window_ms: 60_000,
+            ..RiskRules::default()
+        });
+        assert_eq!(risk.screen(&issue("s1", "u"), 0), None);
+        assert_eq!(risk.screen(&issue("s1", "u"), 1), None);
+        assert_eq!(
+            risk.screen(&issue("s2", "u"), 2),
+            Some(Refusal::RiskRejected)
+        );
+        risk.forget(&id("s2"));
+        assert_eq!(
+            risk.screen(&issue("s2", "u"), 3),
+            Some(Refusal::RiskRejected)
+        );
     }
 
     fn spec(stock: u64, limit: u32, group: Option<&str>) -> BatchSpec {

@@ -31,7 +31,7 @@ use crate::domain::activity::{order_key, Activity, ActivityCommand, ActivityEven
 use crate::domain::coupon::{
     intake_shard, next_step, reward_request, Acceptance, BatchCommand, BatchError, BatchInfo,
     BatchReply, BatchSpec, CouponBatch, CouponGroup, CouponIntake, GroupCommand, IntakeCommand,
-    IntakeReply, IssueRequest, Outcome, Place, Progress, Refusal, Step, Verdict,
+    IntakeReply, IssueRequest, Outcome, Place, Progress, Refusal, Risk, RiskRules, Step, Verdict,
 };
 use crate::domain::Event;
 use crate::events::{Envelope, EventStore, StoreError, Subscription};
@@ -57,15 +57,6 @@ const INTAKE_QUEUE: usize = 65_536;
 const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(20);
 const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(2);
 const STOP_DRAIN_MAX: Duration = Duration::from_secs(10);
-
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RiskRules {
-    /// Users refused outright.
-    pub blocklist: HashSet<Id>,
-    /// At most this many requests per user per window (0: no velocity rule).
-    pub velocity_max: u32,
-    pub velocity_window_ms: Millis,
-}
 
 #[derive(Debug, Clone)]
 pub struct CouponConfig {
@@ -430,64 +421,6 @@ async fn batcher(
         let _ = s.reply.send(Err(IssueError::Unavailable(
             "coupon intake stopping".into(),
         )));
-    }
-}
-
-/// Risk screening (C12): the configured blocklist and a per-user velocity over fixed windows.
-struct Risk {
-    rules: RiskRules,
-    recent: HashMap<u128, (i64, u32)>,
-    /// Verdicts by seq_no while the request is outstanding: a request screened twice (its
-    /// queued copy and a green drive) counts once towards the velocity and gets one verdict.
-    verdicts: HashMap<u128, Option<Refusal>>,
-}
-
-impl Risk {
-    fn new(rules: RiskRules) -> Risk {
-        Risk {
-            rules,
-            recent: HashMap::new(),
-            verdicts: HashMap::new(),
-        }
-    }
-
-    fn screen(&mut self, request: &IssueRequest, now_ms: Millis) -> Option<Refusal> {
-        let seq = order_key(&request.seq_no);
-        if let Some(verdict) = self.verdicts.get(&seq) {
-            return *verdict;
-        }
-        if self.verdicts.len() > 1_000_000 {
-            // Green retries of finished requests leave entries behind; the intake memo keeps
-            // the verdict that counts, this is only the velocity's bookkeeping.
-            self.verdicts.clear();
-        }
-        let verdict = self.judge(&request.uid, now_ms);
-        self.verdicts.insert(seq, verdict);
-        verdict
-    }
-
-    /// The request's own copy finished: its verdict is in the intake memo.
-    fn forget(&mut self, seq_no: &Id) {
-        self.verdicts.remove(&order_key(seq_no));
-    }
-
-    fn judge(&mut self, uid: &Id, now_ms: Millis) -> Option<Refusal> {
-        if self.rules.blocklist.contains(uid) {
-            return Some(Refusal::RiskRejected);
-        }
-        if self.rules.velocity_max == 0 {
-            return None;
-        }
-        let window = now_ms / self.rules.velocity_window_ms.max(1);
-        if self.recent.len() > 1_000_000 {
-            self.recent.retain(|_, (w, _)| *w == window);
-        }
-        let entry = self.recent.entry(order_key(uid)).or_insert((window, 0));
-        if entry.0 != window {
-            *entry = (window, 0);
-        }
-        entry.1 += 1;
-        (entry.1 > self.rules.velocity_max).then_some(Refusal::RiskRejected)
     }
 }
 
