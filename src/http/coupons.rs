@@ -5,9 +5,7 @@ use super::auth::{Caller, Role};
 use super::error::ApiError;
 use super::{parse_id, read_view, view_error, AppState, ErrorBody};
 use crate::clock::{parse_rfc3339, rfc3339};
-use crate::domain::coupon::{
-    BatchError, BatchSpec, IssueRequest, Outcome, Refusal, PER_USER_LIMIT_MAX, STOCK_MAX,
-};
+use crate::domain::coupon::{BatchError, BatchSpec, IssueRequest, Outcome, Refusal};
 use crate::flows::coupons::IssueError;
 use crate::money::Fen;
 use crate::projections::coupons::{self as view, RequestStatus};
@@ -207,12 +205,6 @@ pub async fn create_batch(
         .as_deref()
         .map(|g| parse_id("group_id", g))
         .transpose()?;
-    if body.stock == 0 || body.stock > STOCK_MAX {
-        return Err(BatchError::InvalidStock.into());
-    }
-    if body.per_user_limit == 0 || body.per_user_limit > PER_USER_LIMIT_MAX {
-        return Err(BatchError::InvalidLimit.into());
-    }
     let value = Fen::parse_amount(body.value, state.config.limits.amount_fen_max)
         .map_err(|e| ApiError::invalid_amount("value", e))?;
     let spec = BatchSpec {
