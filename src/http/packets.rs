@@ -384,7 +384,7 @@ pub async fn create(
     responses(
         (status = 200, body = PacketStateBody),
         (status = 404, description = "unknown_packet", body = ErrorBody),
-        (status = 409, description = "insufficient_balance (nothing moved) / wrong_mode", body = ErrorBody),
+        (status = 409, description = "insufficient_balance (nothing moved) / wrong_mode / packet_expired (the deadline passed: nothing moved)", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -397,7 +397,18 @@ pub async fn pay(
     caller.require(&[Role::Gateway])?;
     let packet_id = parse_id("packet_id", &path)?;
     let payment_id = parse_id("payment_id", &body.payment_id)?;
-    let reply = state.packets.pay_c2c(&packet_id, &payment_id).await?;
+    let reply = match state.packets.pay_c2c(&packet_id, &payment_id).await {
+        Ok(reply) => reply,
+        // For a payment, an expired packet is a conflict with the request, not a gone share.
+        Err(PacketFlowError::Packet(PacketError::Expired)) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "packet_expired",
+                "the packet's deadline has passed; nothing was debited",
+            ))
+        }
+        Err(e) => return Err(e.into()),
+    };
     Ok(HttpResponse::Ok().json(state_body(&packet_id, &reply)))
 }
 
