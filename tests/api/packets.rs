@@ -506,3 +506,44 @@ async fn payments_racing_the_deadline_end_paid_and_refunded_or_never_debited() {
     assert_eq!(count("packet_payment"), count("packet_refund"), "{page}");
     assert!(count("packet_payment") >= paid, "{page}");
 }
+
+/// A gauge or counter's value in the Prometheus text, `None` when the series is absent.
+async fn metric(app: &TestApp, series: &str) -> Option<f64> {
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test]
+async fn a_flooded_small_packet_admits_at_most_remaining_times_1_5_from_the_first_claim() {
+    // Goal: P5 from the first request: 300 users open a fresh packet of 10 shares at once;
+    // at most ceil(10 x 1.5) = 15 claims are ever in flight, the rest get 429 busy at once;
+    // exactly 10 win.
+    let app = spawn_app();
+    c2c_paid(&app, "flood", "flood-sender", 1_000, 10, json!({})).await;
+    let answers = join_all((0..300).map(|i| {
+        let app = &app;
+        async move { claim(app, "flood", &format!("f{i}")).await }
+    }))
+    .await;
+    let status = |s: u16| answers.iter().filter(|(st, _)| *st == s).count();
+    assert_eq!(status(200), 10, "exactly the shares are won");
+    assert!(status(429) > 0, "the first burst must meet the gate");
+    assert_eq!(status(200) + status(410) + status(429), 300);
+    let peak = metric(&app, "hongbao_packet_claims_in_flight_peak")
+        .await
+        .expect("the peak gauge is exported");
+    assert!(
+        (1.0..=15.0).contains(&peak),
+        "most claims ever in flight on one packet: {peak}, the rule allows 15"
+    );
+}
