@@ -518,3 +518,157 @@ async fn pausing_the_lanes_keeps_rewards_pending_until_they_resume() {
     })
     .await;
 }
+
+/// Polls `GET /v1/rewards/{order}` until its status is no longer `accepted`, at most 30 s.
+async fn wait_reward_settled(app: &TestApp, order: &str) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (status, reward) = app.get(&format!("/v1/rewards/{order}"), Some(ISSUER)).await;
+        assert_eq!(status, 200, "{reward}");
+        if reward["status"] != "accepted" {
+            return reward;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reward {order} still pending: {reward}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+async fn metric_value(app: &TestApp, series: &str) -> Option<f64> {
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let prefix = format!("{series} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim().parse().unwrap())
+}
+
+#[tokio::test]
+async fn a_coupon_reward_ends_delivered_when_issued_and_failed_when_refused() {
+    // Goal (R1, R6): a coupon reward does not stay pending: the one its batch issues ends
+    // delivered, the one refused (sold out) ends failed; neither stays a pending line in the
+    // wallet, and the coupon pending gauge falls back to 0.
+    let app = spawn_app();
+    let batch = serde_json::json!({"batch_id": "cr", "stock": 1, "per_user_limit": 1, "value": 500});
+    let (status, body) = app
+        .post("/v1/coupon-batches", Some(ADMIN), &batch.to_string())
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let coupon = |order: &str, uid: &str| {
+        serde_json::json!({"order_id": order, "uid": uid, "activity_id": "camp", "scene": "s",
+               "kind": "coupon", "amount": 1, "batch_id": "cr"})
+        .to_string()
+    };
+    let (status, body) = app
+        .post("/v1/rewards", Some(ISSUER), &coupon("cr-1", "cra"))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let issued = wait_reward_settled(&app, "cr-1").await;
+    assert_eq!(issued["status"], "delivered", "{issued}");
+    // The stock is gone: the next one is refused.
+    let (status, body) = app
+        .post("/v1/rewards", Some(ISSUER), &coupon("cr-2", "crb"))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let refused = wait_reward_settled(&app, "cr-2").await;
+    assert_eq!(refused["status"], "failed", "{refused}");
+    assert_eq!(refused["reason"], "sold_out", "{refused}");
+    for uid in ["cra", "crb"] {
+        let wallet = app.wallet(uid).await;
+        assert!(
+            wallet["pending"].as_array().unwrap().is_empty(),
+            "{uid}: {wallet}"
+        );
+    }
+    let (_, coupons) = app.get("/v1/wallets/cra/coupons", Some(GATEWAY)).await;
+    assert_eq!(coupons.as_array().unwrap().len(), 1, "{coupons}");
+    assert_eq!(
+        metric_value(&app, "hongbao_reward_pending{kind=\"coupon\"}").await,
+        Some(0.0)
+    );
+}
+
+#[tokio::test]
+async fn an_order_id_used_in_one_activity_is_refused_in_every_other() {
+    // Goal (R4): one order id, one reward, whatever the activity, uid or kind: a reuse is
+    // refused at intake (409 idempotency_conflict) and takes no second budget; the original
+    // request still replays, and a shortcut's derived order id is covered too.
+    let app = spawn_app();
+    app.set_budget("first", 1_000, 1_000).await;
+    app.set_budget("second", 1_000, 1_000).await;
+    let original = app.reward("first", "dup", "u5", 300).await;
+    assert_eq!(original.0, 202, "{}", original.1);
+    for (activity, uid, kind) in [
+        ("second", "u5", "cash"),
+        ("second", "u6", "cash"),
+        ("second", "u6", "subsidy"),
+        ("second", "u5", "item"),
+    ] {
+        let (status, error) = app.reward_of(activity, "dup", uid, kind, 300).await;
+        assert_eq!(
+            (status, error["code"].as_str()),
+            (409, Some("idempotency_conflict")),
+            "{activity}/{uid}/{kind}: {error}"
+        );
+    }
+    assert_eq!(app.reward("first", "dup", "u5", 300).await, original);
+    let (status, body) = app
+        .post(
+            "/v1/activities/first/rain/1/rewards",
+            Some(ISSUER),
+            r#"{"uid":"u7","amount":5}"#,
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let (status, error) = app.reward("second", "rain:first:1:u7", "u7", 5).await;
+    assert_eq!(
+        (status, error["code"].as_str()),
+        (409, Some("idempotency_conflict")),
+        "{error}"
+    );
+    let (_, second) = app.get("/v1/admin/activities/second", Some(ADMIN)).await;
+    assert_eq!(second["accepted"], serde_json::json!({"cash": 0, "subsidy": 0}));
+    let wallet = app
+        .wait_wallet("u5", "the one credit", |w| {
+            w["pending"].as_array().unwrap().is_empty() && w["balances"]["activity"] == 300
+        })
+        .await;
+    assert_eq!(wallet["balances"]["subsidy"], 0);
+    assert!(app.wallet("u6").await["pending"].as_array().unwrap().is_empty());
+    let (_, status) = app.get("/v1/rewards/dup", Some(ISSUER)).await;
+    assert_eq!(
+        (status["activity_id"].as_str(), status["status"].as_str()),
+        (Some("first"), Some("credited"))
+    );
+}
+
+#[tokio::test]
+async fn a_reward_refused_for_budget_passes_on_retry_after_a_raise() {
+    // Goal: a refusal records nothing that blocks the same request later: 409
+    // budget_exhausted, the budget is raised, the identical retry is accepted (the order id's
+    // claim is kept and replays); another payload under that order id stays a conflict.
+    let app = spawn_app();
+    app.set_budget("tight", 100, 0).await;
+    let (status, error) = app.reward("tight", "big", "u1", 150).await;
+    assert_eq!(
+        (status, error["code"].as_str()),
+        (409, Some("budget_exhausted"))
+    );
+    assert_eq!(app.set_budget("tight", 200, 0).await.0, 200);
+    let (status, body) = app.reward("tight", "big", "u1", 150).await;
+    assert_eq!(status, 202, "{body}");
+    let (status, error) = app.reward("tight", "big", "u1", 50).await;
+    assert_eq!(
+        (status, error["code"].as_str()),
+        (409, Some("idempotency_conflict"))
+    );
+}
