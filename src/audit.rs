@@ -11,9 +11,12 @@
 //! - `money_conserved`: after every event (the breaking event named) and at the end, all
 //!   balances = deposits + reward credits - withdrawal debits + withdrawal refunds, and
 //!   withdrawal debits - refunds = paid out + in transit;
-//! - `reward_credits`: each reward credited at most once, only if accepted and not voided, for
-//!   the accepted uid, kind and amount; every accepted reward credited, delivered, voided or
-//!   still pending (counted);
+//! - `reward_credits`: rewards keyed by order id alone (R4: one order id, one reward), so an
+//!   order id accepted in two activities is named; each reward credited at most once, only if
+//!   accepted and not voided, from the activity that accepted it, for the accepted uid, kind
+//!   and amount; a coupon reward delivered only if its request was issued, failed only if it
+//!   was refused; every accepted reward credited, delivered, failed, voided or still pending
+//!   (counted);
 //! - `budgets`: per activity, accepted money never above the budget at any point of the log;
 //! - `withdrawals`: each order has at most one debit and one refund; succeeded = one debit, no
 //!   refund; refunded = one debit, one refund; failed before the debit = neither; a refund only
@@ -33,7 +36,7 @@ pub use live::LiveAudit;
 pub use views::views_check;
 
 use crate::channels::{RecordStatus, SimulatedChannels};
-use crate::domain::activity::{ActivityEvent, Reward, RewardKind};
+use crate::domain::activity::{ActivityEvent, FailReason, Reward, RewardKind};
 use crate::domain::coupon::reward_request;
 use crate::domain::wallet::{Account, Entry, WalletEvent};
 use crate::domain::withdrawal::{Channel, OrderState, WithdrawalOrder};
@@ -108,10 +111,13 @@ struct WalletReplay {
 
 #[derive(Default)]
 struct RewardReplay {
+    /// The activity that accepted the order id (first): the only one it may belong to.
+    activity: String,
     reward: Option<Reward>,
     credits: u32,
     voided: bool,
     delivered: bool,
+    failed: Option<FailReason>,
 }
 
 #[derive(Default)]
@@ -156,7 +162,8 @@ struct Auditor {
     versions: HashMap<String, u64>,
     wallets: HashMap<String, WalletReplay>,
     packets: HashMap<String, PacketReplay>,
-    rewards: HashMap<(String, Id), RewardReplay>,
+    /// By order id alone: an order id gives one reward, whatever the activity (R4).
+    rewards: HashMap<Id, RewardReplay>,
     budgets: HashMap<String, Budget>,
     orders: HashMap<Id, OrderReplay>,
     /// Money totals in fen, wide so that no sum can overflow.
@@ -172,6 +179,20 @@ struct Auditor {
     /// movements' net inflow (0 while no event created or lost money).
     balances_total: i128,
     deviation: i128,
+}
+
+/// The reward of `order_id` if `activity` is the one that accepted it (or nothing has accepted
+/// it yet); `None` for a second activity's copy, already named at its acceptance.
+fn reward_of<'a>(
+    rewards: &'a mut HashMap<Id, RewardReplay>,
+    activity: &str,
+    order_id: &Id,
+) -> Option<&'a mut RewardReplay> {
+    let replay = rewards.entry(order_id.clone()).or_default();
+    if replay.reward.is_none() && replay.activity.is_empty() {
+        replay.activity = activity.to_owned();
+    }
+    (replay.activity == activity).then_some(replay)
 }
 
 fn stream_id<'a>(envelope: &'a Envelope, prefix: &str) -> Option<&'a str> {
@@ -341,13 +362,14 @@ impl Auditor {
             ));
             return;
         };
-        let replay = self
-            .rewards
-            .entry((activity.to_string(), order_id.clone()))
-            .or_default();
+        let replay = self.rewards.entry(order_id.clone()).or_default();
         replay.credits += 1;
         let problem = match &replay.reward {
             None => Some("was never accepted".to_owned()),
+            Some(_) if replay.activity != activity.as_str() => Some(format!(
+                "is credited from activity {activity} but was accepted by activity {}",
+                replay.activity
+            )),
             Some(_) if replay.voided => Some("was voided".to_owned()),
             Some(_) if replay.credits > 1 => Some(format!("is credited {} times", replay.credits)),
             Some(r)
@@ -388,17 +410,25 @@ impl Auditor {
                         self.coupons.reward(&r);
                     }
                 }
-                let replay = self
-                    .rewards
-                    .entry((activity.clone(), reward.order_id.clone()))
-                    .or_default();
-                if replay.reward.is_some() {
-                    self.rewards_check.violation(format!(
-                        "seq {}: reward {activity}/{} accepted twice",
-                        envelope.seq, reward.order_id
-                    ));
+                let replay = self.rewards.entry(reward.order_id.clone()).or_default();
+                match &replay.reward {
+                    Some(_) if replay.activity == activity => {
+                        self.rewards_check.violation(format!(
+                            "seq {}: reward {activity}/{} accepted twice",
+                            envelope.seq, reward.order_id
+                        ))
+                    }
+                    // The first stays the reward of the order id; what follows for this one is
+                    // told apart by its activity.
+                    Some(_) => self.rewards_check.violation(format!(
+                        "seq {}: order id {} accepted by activity {} and again by activity {activity}",
+                        envelope.seq, reward.order_id, replay.activity
+                    )),
+                    None => {
+                        replay.activity = activity.clone();
+                        replay.reward = Some(reward.clone());
+                    }
                 }
-                replay.reward = Some(reward.clone());
                 let budget = self.budgets.entry(activity.clone()).or_default();
                 let amount = reward.amount.as_u64() as u128;
                 match reward.kind {
@@ -408,10 +438,33 @@ impl Auditor {
                 }
             }
             ActivityEvent::RewardDelivered { order_id, .. } => {
-                self.rewards
-                    .entry((activity.clone(), order_id.clone()))
-                    .or_default()
-                    .delivered = true;
+                if let Some(replay) = reward_of(&mut self.rewards, &activity, order_id) {
+                    replay.delivered = true;
+                }
+            }
+            ActivityEvent::RewardFailed {
+                order_id,
+                kind,
+                amount,
+                reason,
+                ..
+            } => {
+                if let Some(replay) = reward_of(&mut self.rewards, &activity, order_id) {
+                    if replay.credits > 0 || replay.delivered {
+                        self.rewards_check.violation(format!(
+                            "seq {}: reward {activity}/{order_id} failed after it was credited or delivered",
+                            envelope.seq
+                        ));
+                    }
+                    replay.failed = Some(*reason);
+                }
+                let budget = self.budgets.entry(activity.clone()).or_default();
+                let amount = amount.as_u64() as u128;
+                match kind {
+                    RewardKind::Cash => budget.cash = budget.cash.saturating_sub(amount),
+                    RewardKind::Subsidy => budget.subsidy = budget.subsidy.saturating_sub(amount),
+                    RewardKind::Coupon | RewardKind::Item => {}
+                }
             }
             ActivityEvent::BudgetReturned {
                 order_id,
@@ -437,17 +490,15 @@ impl Auditor {
                 amount,
                 ..
             } => {
-                let replay = self
-                    .rewards
-                    .entry((activity.clone(), order_id.clone()))
-                    .or_default();
-                if replay.credits > 0 {
-                    self.rewards_check.violation(format!(
-                        "seq {}: reward {activity}/{order_id} voided after a credit",
-                        envelope.seq
-                    ));
+                if let Some(replay) = reward_of(&mut self.rewards, &activity, order_id) {
+                    if replay.credits > 0 {
+                        self.rewards_check.violation(format!(
+                            "seq {}: reward {activity}/{order_id} voided after a credit",
+                            envelope.seq
+                        ));
+                    }
+                    replay.voided = true;
                 }
-                replay.voided = true;
                 let budget = self.budgets.entry(activity.clone()).or_default();
                 let amount = amount.as_u64() as u128;
                 match kind {
@@ -547,15 +598,47 @@ impl Auditor {
             (self.channels_check.clone(), self.packets_check.clone());
         // Rewards: every accepted one settled or pending.
         let mut pending = 0u64;
-        for ((activity, order_id), replay) in &self.rewards {
-            if replay.reward.is_none() {
+        for (order_id, replay) in &self.rewards {
+            let Some(reward) = &replay.reward else {
                 continue;
-            }
+            };
+            let activity = &replay.activity;
             rewards_check.checked += 1;
-            let settled = replay.credits > 0 || replay.voided || replay.delivered;
-            let kind = replay.reward.as_ref().map(|r| r.kind);
+            let settled =
+                replay.credits > 0 || replay.voided || replay.delivered || replay.failed.is_some();
+            let kind = Some(reward.kind);
             if !settled {
                 pending += 1;
+            }
+            if replay.delivered && replay.failed.is_some() {
+                rewards_check.violation(format!(
+                    "reward {activity}/{order_id} is both delivered and failed"
+                ));
+            }
+            // A coupon reward ends as its issuance request ended (the coupon check's replay).
+            if reward.kind == RewardKind::Coupon && (replay.delivered || replay.failed.is_some()) {
+                let stream = format!("activity:{activity}");
+                if let Some((_, request)) = reward_request(&stream, reward) {
+                    let seq = request.seq_no.as_str();
+                    let outcome = self.coupons.outcome(seq);
+                    let problem = match (replay.delivered, outcome) {
+                        (true, Some(Ok(()))) | (false, Some(Err(_))) => None,
+                        (true, Some(Err(refusal))) => Some(format!(
+                            "is delivered but its request {seq} was refused ({})",
+                            refusal.as_str()
+                        )),
+                        (false, Some(Ok(()))) => {
+                            Some(format!("failed but its request {seq} was issued"))
+                        }
+                        (_, None) => Some(format!(
+                            "is {} but its request {seq} is not final",
+                            if replay.delivered { "delivered" } else { "failed" }
+                        )),
+                    };
+                    if let Some(problem) = problem {
+                        rewards_check.violation(format!("reward {activity}/{order_id} {problem}"));
+                    }
+                }
             }
             if replay.credits > 0 && kind.and_then(RewardKind::wallet_entry).is_none() {
                 rewards_check.violation(format!(
@@ -565,7 +648,7 @@ impl Auditor {
             }
         }
         rewards_check.notes.push(format!(
-            "{pending} accepted rewards still pending (not yet credited, delivered or voided)"
+            "{pending} accepted rewards still pending (not yet credited, delivered, failed or voided)"
         ));
 
         // Withdrawals.

@@ -75,11 +75,19 @@ pub struct RewardStatusBody {
     pub uid: String,
     pub kind: String,
     pub amount: u64,
-    /// accepted | credited | voided
+    /// accepted (pending) | credited (cash, subsidy) | delivered (coupon, item) | failed
+    /// (coupon refused: see `reason`) | voided
+    #[schema(example = "delivered")]
     pub status: String,
     pub accepted_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub voided_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_at: Option<String>,
+    /// Why a failed reward failed: sold_out, user_limit, group_exclusive, risk_rejected,
+    /// batch_closed or unknown_batch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     /// Other activities that accepted the same order id (a contract violation by the caller).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub also_in: Vec<String>,
@@ -386,11 +394,15 @@ pub async fn cards(
     shortcut(&state, &activity, "cards", order_id, body.into_inner()).await
 }
 
-/// A reward's status: accepted (pending) or credited (or voided).
+/// A reward's status: accepted while pending; then credited (cash, subsidy), delivered (a
+/// coupon issued, an item handed over) or failed (a coupon refused, with its reason); or voided.
 #[utoipa::path(
     get, path = "/v1/rewards/{order_id}", tag = "rewards",
     params(("order_id" = String, Path), StatusQuery),
-    responses((status = 200, body = RewardStatusBody), (status = 404, description = "unknown_order", body = ErrorBody)),
+    responses(
+        (status = 200, description = "status: accepted | credited | delivered | failed | voided", body = RewardStatusBody),
+        (status = 404, description = "unknown_order", body = ErrorBody),
+    ),
     security(("bearer" = []))
 )]
 pub async fn reward_status(
@@ -404,9 +416,9 @@ pub async fn reward_status(
     let tree = read_view(&state, view::NAME).await?;
     let wallets = read_view(&state, wallet_view::NAME).await?;
     let mut records = view::by_order(tree, order_id.as_str()).map_err(view_error)?;
-    records.sort_by_key(|(r, _)| r.accepted_seq);
+    records.sort_by_key(|row| row.record.accepted_seq);
     let chosen = match &query.activity_id {
-        Some(a) => records.iter().position(|(r, _)| &r.activity_id == a),
+        Some(a) => records.iter().position(|row| &row.record.activity_id == a),
         None => (!records.is_empty()).then_some(0),
     };
     let Some(index) = chosen else {
@@ -416,17 +428,24 @@ pub async fn reward_status(
             format!("no reward with order id {order_id}"),
         ));
     };
-    let (record, voided_at) = records.remove(index);
+    let view::RewardRow {
+        record,
+        voided_at,
+        failed,
+    } = records.remove(index);
     // Pending lives in the wallet view, which settles it atomically with the credit.
     let pending = wallet_view::record(wallets, record.reward.uid.as_str())
         .map_err(view_error)?
         .pending
         .iter()
         .any(|p| p.order_id == order_id.as_str() && p.activity_id == record.activity_id);
-    let status = match (voided_at, pending) {
-        (Some(_), _) => "voided",
-        (None, true) => "accepted",
-        (None, false) => "credited",
+    let status = match (voided_at, failed, pending) {
+        (Some(_), _, _) => "voided",
+        (None, Some(_), _) => "failed",
+        (None, None, true) => "accepted",
+        // Settled without a failure: money is credited, coupons and items are delivered.
+        (None, None, false) if record.reward.kind.wallet_entry().is_some() => "credited",
+        (None, None, false) => "delivered",
     };
     Ok(HttpResponse::Ok().json(RewardStatusBody {
         order_id: record.reward.order_id.to_string(),
@@ -437,7 +456,12 @@ pub async fn reward_status(
         status: status.into(),
         accepted_at: rfc3339(record.accepted_at_ms),
         voided_at: voided_at.map(rfc3339),
-        also_in: records.into_iter().map(|(r, _)| r.activity_id).collect(),
+        failed_at: failed.map(|f| rfc3339(f.at_ms)),
+        reason: failed.map(|f| f.reason.as_str().to_owned()),
+        also_in: records
+            .into_iter()
+            .map(|row| row.record.activity_id)
+            .collect(),
     }))
 }
 

@@ -394,7 +394,8 @@ async fn scenario_shortcuts_derive_their_order_ids() {
         .await;
     assert_eq!(wallet["balances"]["activity"], 132);
     let (status, item) = app.get("/v1/rewards/cards:cny:u7", Some(ISSUER)).await;
-    assert_eq!((status, item["status"].as_str()), (200, Some("credited")));
+    // An item is delivered, not credited: no balance moves.
+    assert_eq!((status, item["status"].as_str()), (200, Some("delivered")));
     assert_eq!(app.get("/v1/rewards/nope", Some(ISSUER)).await.0, 404);
 }
 
