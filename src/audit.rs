@@ -118,6 +118,9 @@ struct RewardReplay {
     voided: bool,
     delivered: bool,
     failed: Option<FailReason>,
+    /// The activity the order-id registry bound the order id to (none in logs that predate
+    /// the registry).
+    claimed_by: Option<Id>,
 }
 
 #[derive(Default)]
@@ -429,6 +432,14 @@ impl Auditor {
                         replay.reward = Some(reward.clone());
                     }
                 }
+                if let Some(owner) = &replay.claimed_by {
+                    if owner.as_str() != activity {
+                        self.rewards_check.violation(format!(
+                            "seq {}: order id {} accepted by activity {activity} but claimed for activity {owner}",
+                            envelope.seq, reward.order_id
+                        ));
+                    }
+                }
                 let budget = self.budgets.entry(activity.clone()).or_default();
                 let amount = reward.amount.as_u64() as u128;
                 match reward.kind {
@@ -575,6 +586,19 @@ impl Auditor {
             Event::CouponGroup(event) => {
                 let group = stream_id(envelope, "coupon-group").unwrap_or_default();
                 self.coupons.group(group, event);
+            }
+            Event::OrderIds(crate::domain::order_ids::OrderIdEvent::Claimed { claims }) => {
+                for claim in claims {
+                    let replay = self.rewards.entry(claim.order_id.clone()).or_default();
+                    if let Some(owner) = &replay.claimed_by {
+                        self.rewards_check.violation(format!(
+                            "seq {}: order id {} claimed for activity {owner} and again for activity {}",
+                            envelope.seq, claim.order_id, claim.activity_id
+                        ));
+                        continue;
+                    }
+                    replay.claimed_by = Some(claim.activity_id.clone());
+                }
             }
             Event::Switches(_) | Event::Policy(_) | Event::Payee(_) => {}
         }

@@ -180,6 +180,8 @@ pub struct AppState {
     pub store: Arc<SledStore>,
     pub wallets: Arc<Registry<Wallet>>,
     pub activities: Arc<Registry<Activity>>,
+    /// The order-id registry's shards (R4): reward intake claims each order id there first.
+    pub order_ids: Arc<Registry<crate::domain::order_ids::OrderIds>>,
     pub switches: Board<Switches>,
     pub policy: Board<PolicyState>,
     pub payees: Arc<Registry<Payee>>,
@@ -296,6 +298,7 @@ impl Application {
         });
         let wallets = Registry::new(runtime.clone());
         let activities = Registry::new(runtime.clone());
+        let order_ids = Registry::new(runtime.clone());
         let switches = Board::load(Registry::new(runtime.clone()))
             .await
             .map_err(|e| ServeError::Store(StoreError::Io(format!("cannot load switches: {e}"))))?;
@@ -357,6 +360,7 @@ impl Application {
             store,
             wallets,
             activities,
+            order_ids,
             switches,
             policy,
             payees,

@@ -5,8 +5,9 @@ use super::auth::{Caller, Role};
 use super::error::ApiError;
 use super::{parse_id, read_view, view_error, AppState, ErrorBody};
 use crate::clock::rfc3339;
+use crate::domain::order_ids::{shard_of, ClaimOutcome, OrderClaim, OrderIdCommand};
 use crate::domain::activity::{
-    ActivityCommand, ActivityReply, Budgets, Reward, RewardClaim, RewardKind, EXT_FIELDS_MAX,
+    ActivityCommand, ActivityError, ActivityReply, Budgets, Reward, RewardClaim, RewardKind, EXT_FIELDS_MAX,
     EXT_KEY_CHARS_MAX, EXT_VALUE_CHARS_MAX,
 };
 use crate::domain::wallet::Entry;
@@ -205,13 +206,51 @@ fn check_ext(ext: Option<BTreeMap<String, String>>) -> Result<BTreeMap<String, S
     Ok(ext)
 }
 
-/// Accepts a validated reward and answers 202 with its token.
+/// Claims the reward's order id in its registry shard (R4: one order id, one reward, across
+/// activities): a first use or an identical retry passes, anything else is a conflict.
+async fn claim_order_id(
+    state: &AppState,
+    activity_id: &Id,
+    reward: &Reward,
+) -> Result<(), ApiError> {
+    let claim = OrderClaim::of(activity_id, reward);
+    let shard = shard_of(&reward.order_id).to_string();
+    let command = OrderIdCommand::Claim {
+        claims: vec![claim],
+    };
+    match state.order_ids.execute(&shard, command).await?.0.as_slice() {
+        [ClaimOutcome::Claimed | ClaimOutcome::Replayed] => Ok(()),
+        [ClaimOutcome::Conflict] => Err(ActivityError::IdempotencyConflict {
+            order_id: reward.order_id.clone(),
+        }
+        .into()),
+        other => {
+            tracing::error!(reply = ?other, "unexpected order-id registry reply");
+            Err(ApiError::unavailable(
+                "unavailable",
+                "unexpected reply; retry with the same order id",
+            ))
+        }
+    }
+}
+
+/// Accepts a validated reward and answers 202 with its token: claims the order id first
+/// (durable), then accepts in the activity. A crash between the two leaves a claim without a
+/// reward; the identical retry replays the claim and is accepted, any other payload conflicts.
 async fn accept(
     state: &AppState,
     activity_id: Id,
     reward: Reward,
 ) -> Result<HttpResponse, ApiError> {
     let kind = reward.kind;
+    if let Err(error) = claim_order_id(state, &activity_id, &reward).await {
+        state
+            .metrics
+            .rewards_refused_total
+            .with_label_values(&[error.code])
+            .inc();
+        return Err(error);
+    }
     let command = ActivityCommand::Accept {
         reward: reward.clone(),
         require_budget: state.config.rewards.require_budgets,
