@@ -656,7 +656,11 @@ impl Auditor {
                         }
                         (_, None) => Some(format!(
                             "is {} but its request {seq} is not final",
-                            if replay.delivered { "delivered" } else { "failed" }
+                            if replay.delivered {
+                                "delivered"
+                            } else {
+                                "failed"
+                            }
                         )),
                     };
                     if let Some(problem) = problem {

@@ -531,11 +531,9 @@ impl Aggregate for Activity {
                         }],
                         ActivityReply::Voided,
                     )),
-                    OrderState::Delivered | OrderState::Failed => {
-                        Err(ActivityError::WrongState {
-                            order_id: order_id.clone(),
-                        })
-                    }
+                    OrderState::Delivered | OrderState::Failed => Err(ActivityError::WrongState {
+                        order_id: order_id.clone(),
+                    }),
                 }
             }
             ActivityCommand::MarkFailed {
@@ -988,7 +986,9 @@ mod tests {
         ] {
             assert_eq!(
                 activity.decide(&command, &CTX),
-                Err(ActivityError::WrongState { order_id: id(order) }),
+                Err(ActivityError::WrongState {
+                    order_id: id(order)
+                }),
                 "{command:?}"
             );
         }

@@ -226,7 +226,10 @@ mod tests {
     }
 
     fn outcomes(state: &OrderIds, claims: Vec<OrderClaim>) -> (Vec<ClaimOutcome>, OrderIds) {
-        match state.decide(&OrderIdCommand::Claim { claims }, &CTX).unwrap() {
+        match state
+            .decide(&OrderIdCommand::Claim { claims }, &CTX)
+            .unwrap()
+        {
             Decision::Emit(events, ClaimReply(o)) => (o, replay(state.clone(), &events)),
             Decision::Reply(ClaimReply(o)) => (o, state.clone()),
         }

@@ -180,8 +180,8 @@ pub struct AppState {
     pub store: Arc<SledStore>,
     pub wallets: Arc<Registry<Wallet>>,
     pub activities: Arc<Registry<Activity>>,
-    /// The order-id registry's shards (R4): reward intake claims each order id there first.
-    pub order_ids: Arc<Registry<crate::domain::order_ids::OrderIds>>,
+    /// Reward intake claims each order id in the order-id registry first (R4).
+    pub order_claims: crate::flows::order_claims::OrderClaims,
     pub switches: Board<Switches>,
     pub policy: Board<PolicyState>,
     pub payees: Arc<Registry<Payee>>,
@@ -298,7 +298,8 @@ impl Application {
         });
         let wallets = Registry::new(runtime.clone());
         let activities = Registry::new(runtime.clone());
-        let order_ids = Registry::new(runtime.clone());
+        let order_claims =
+            crate::flows::order_claims::OrderClaims::start(Registry::new(runtime.clone()));
         let switches = Board::load(Registry::new(runtime.clone()))
             .await
             .map_err(|e| ServeError::Store(StoreError::Io(format!("cannot load switches: {e}"))))?;
@@ -360,7 +361,7 @@ impl Application {
             store,
             wallets,
             activities,
-            order_ids,
+            order_claims,
             switches,
             policy,
             payees,
@@ -470,6 +471,7 @@ impl Application {
             self.state.withdrawal_flows.stop(),
             self.state.packet_flows.stop(),
             self.state.coupon_flows.stop(),
+            self.state.order_claims.stop(),
         );
         self.state.projections.stop().await;
         if let Some(audit) = &self.state.live_audit {

@@ -5,11 +5,11 @@ use super::auth::{Caller, Role};
 use super::error::ApiError;
 use super::{parse_id, read_view, view_error, AppState, ErrorBody};
 use crate::clock::rfc3339;
-use crate::domain::order_ids::{shard_of, ClaimOutcome, OrderClaim, OrderIdCommand};
 use crate::domain::activity::{
-    ActivityCommand, ActivityError, ActivityReply, Budgets, Reward, RewardClaim, RewardKind, EXT_FIELDS_MAX,
-    EXT_KEY_CHARS_MAX, EXT_VALUE_CHARS_MAX,
+    ActivityCommand, ActivityError, ActivityReply, Budgets, Reward, RewardClaim, RewardKind,
+    EXT_FIELDS_MAX, EXT_KEY_CHARS_MAX, EXT_VALUE_CHARS_MAX,
 };
+use crate::domain::order_ids::ClaimOutcome;
 use crate::domain::wallet::Entry;
 use crate::ids::Id;
 use crate::money::Fen;
@@ -213,24 +213,12 @@ async fn claim_order_id(
     activity_id: &Id,
     reward: &Reward,
 ) -> Result<(), ApiError> {
-    let claim = OrderClaim::of(activity_id, reward);
-    let shard = shard_of(&reward.order_id).to_string();
-    let command = OrderIdCommand::Claim {
-        claims: vec![claim],
-    };
-    match state.order_ids.execute(&shard, command).await?.0.as_slice() {
-        [ClaimOutcome::Claimed | ClaimOutcome::Replayed] => Ok(()),
-        [ClaimOutcome::Conflict] => Err(ActivityError::IdempotencyConflict {
+    match state.order_claims.claim(activity_id, reward).await? {
+        ClaimOutcome::Claimed | ClaimOutcome::Replayed => Ok(()),
+        ClaimOutcome::Conflict => Err(ActivityError::IdempotencyConflict {
             order_id: reward.order_id.clone(),
         }
         .into()),
-        other => {
-            tracing::error!(reply = ?other, "unexpected order-id registry reply");
-            Err(ApiError::unavailable(
-                "unavailable",
-                "unexpected reply; retry with the same order id",
-            ))
-        }
     }
 }
 

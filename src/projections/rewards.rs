@@ -191,8 +191,9 @@ impl RewardsView {
                     ActivityEvent::RewardDelivered { order_id, .. } => {
                         // Items and coupons are delivered; the event does not carry the kind
                         // (it predates coupon deliveries), the reward's record does.
-                        let kind = get::<RewardRecord>(tx, &record_key(order_id.as_str(), activity))?
-                            .map_or(RewardKind::Item, |r| r.reward.kind);
+                        let kind =
+                            get::<RewardRecord>(tx, &record_key(order_id.as_str(), activity))?
+                                .map_or(RewardKind::Item, |r| r.reward.kind);
                         totals.kind(tx, kind)?.settled += 1
                     }
                     ActivityEvent::RewardFailed {

@@ -523,7 +523,8 @@ async fn a_coupon_reward_ends_delivered_when_issued_and_failed_when_refused() {
     // delivered, the one refused (sold out) ends failed; neither stays a pending line in the
     // wallet, and the coupon pending gauge falls back to 0.
     let app = spawn_app();
-    let batch = serde_json::json!({"batch_id": "cr", "stock": 1, "per_user_limit": 1, "value": 500});
+    let batch =
+        serde_json::json!({"batch_id": "cr", "stock": 1, "per_user_limit": 1, "value": 500});
     let (status, body) = app
         .post("/v1/coupon-batches", Some(ADMIN), &batch.to_string())
         .await;
@@ -601,14 +602,20 @@ async fn an_order_id_used_in_one_activity_is_refused_in_every_other() {
         "{error}"
     );
     let (_, second) = app.get("/v1/admin/activities/second", Some(ADMIN)).await;
-    assert_eq!(second["accepted"], serde_json::json!({"cash": 0, "subsidy": 0}));
+    assert_eq!(
+        second["accepted"],
+        serde_json::json!({"cash": 0, "subsidy": 0})
+    );
     let wallet = app
         .wait_wallet("u5", "the one credit", |w| {
             w["pending"].as_array().unwrap().is_empty() && w["balances"]["activity"] == 300
         })
         .await;
     assert_eq!(wallet["balances"]["subsidy"], 0);
-    assert!(app.wallet("u6").await["pending"].as_array().unwrap().is_empty());
+    assert!(app.wallet("u6").await["pending"]
+        .as_array()
+        .unwrap()
+        .is_empty());
     let (_, status) = app.get("/v1/rewards/dup", Some(ISSUER)).await;
     assert_eq!(
         (status["activity_id"].as_str(), status["status"].as_str()),
@@ -636,4 +643,38 @@ async fn a_reward_refused_for_budget_passes_on_retry_after_a_raise() {
         (status, error["code"].as_str()),
         (409, Some("idempotency_conflict"))
     );
+}
+
+#[tokio::test]
+async fn one_order_id_raced_from_many_activities_is_accepted_exactly_once() {
+    // Goal (R4) under concurrency: 40 requests with one order id, each for its own activity
+    // and uid, race (and are merged into shared claim commands): exactly one is accepted, the
+    // 39 others get 409 idempotency_conflict, and one activity alone holds the reward; 40
+    // distinct order ids sent alongside are all accepted.
+    let app = spawn_app();
+    let replies = join_all((0..40).map(|i| {
+        let app = &app;
+        async move {
+            let raced = app
+                .reward(&format!("race{i}"), "raced", &format!("ru{i}"), 10)
+                .await;
+            let own = app
+                .reward(&format!("race{i}"), &format!("own-{i}"), &format!("ru{i}"), 10)
+                .await;
+            (raced, own)
+        }
+    }))
+    .await;
+    let raced: Vec<u16> = replies.iter().map(|((s, _), _)| *s).collect();
+    assert_eq!(raced.iter().filter(|s| **s == 202).count(), 1, "{raced:?}");
+    assert_eq!(raced.iter().filter(|s| **s == 409).count(), 39, "{raced:?}");
+    for ((status, body), (own, _)) in &replies {
+        if *status == 409 {
+            assert_eq!(body["code"], "idempotency_conflict");
+        }
+        assert_eq!(*own, 202);
+    }
+    let (status, reward) = app.get("/v1/rewards/raced", Some(ISSUER)).await;
+    assert_eq!(status, 200, "{reward}");
+    assert!(reward.get("also_in").is_none(), "{reward}");
 }

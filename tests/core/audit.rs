@@ -582,7 +582,10 @@ mod coupons {
         let report = run_audit(&store);
         assert_eq!(failing(&report), ["reward_credits"]);
         let named = examples(&report, "reward_credits");
-        assert!(named.contains("camp/cr1") && !named.contains("cr2"), "{named}");
+        assert!(
+            named.contains("camp/cr1") && !named.contains("cr2"),
+            "{named}"
+        );
     }
 
     #[test]
