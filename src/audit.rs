@@ -208,7 +208,7 @@ impl Auditor {
             chain: CheckResult::new("hash_chain", "records chained by SHA-256, sequence contiguous from 1, stream versions continuous"),
             wallets_check: CheckResult::new("wallet_balances", "each movement's balance_after = previous +/- amount, never negative, each (entry, order) once"),
             conservation: CheckResult::new("money_conserved", "after every event and at the end: balances = deposits + reward credits - withdrawals + refunds; debits - refunds = paid + in transit"),
-            rewards_check: CheckResult::new("reward_credits", "each reward credited at most once, only if accepted and not voided, as accepted"),
+            rewards_check: CheckResult::new("reward_credits", "one reward per order id across activities; each credited at most once, only if accepted and not voided, as accepted; coupon rewards delivered or failed as their requests ended"),
             budgets_check: CheckResult::new("budgets", "accepted money never above the activity's budget"),
             withdrawals_check: CheckResult::new("withdrawals", "one debit, at most one refund, a refund exactly when failed after the debit"),
             channels_check: CheckResult::new("channel_statements", "an order succeeded exactly when its channel's statement says paid"),

@@ -296,6 +296,39 @@ mod tests {
         );
     }
 
+    #[test]
+    fn the_new_events_survive_the_export_round_trip() {
+        // Goal: `hongbao export` writes events as JSON and `verify` rebuilds the bincode from
+        // it: the registry's event and the activity's RewardFailed come back identical.
+        use crate::domain::activity::{ActivityEvent, FailReason};
+        use crate::domain::coupon::Refusal;
+        let events = [
+            Event::OrderIds(OrderIdEvent::Claimed {
+                claims: vec![OrderClaim {
+                    fingerprint: u64::MAX - 7,
+                    ..claim("act1", &reward("o1", "u1", RewardKind::Cash, 5))
+                }],
+            }),
+            Event::Activity(ActivityEvent::RewardFailed {
+                order_id: id("c1"),
+                uid: id("u1"),
+                kind: RewardKind::Coupon,
+                amount: Fen::new(1),
+                reason: FailReason::CouponRefused(Refusal::GroupExclusive),
+            }),
+        ];
+        for event in events {
+            let json = serde_json::to_value(&event).unwrap();
+            let back: Event = serde_json::from_value(json).unwrap();
+            assert_eq!(back, event);
+            let bytes = crate::events::codec::encode(&event).unwrap();
+            assert_eq!(
+                crate::events::codec::decode::<Event>(&bytes).unwrap(),
+                event
+            );
+        }
+    }
+
     proptest! {
         #[test]
         fn whatever_the_order_of_claims_each_order_id_has_one_owner_and_replay_matches(

@@ -659,7 +659,12 @@ async fn one_order_id_raced_from_many_activities_is_accepted_exactly_once() {
                 .reward(&format!("race{i}"), "raced", &format!("ru{i}"), 10)
                 .await;
             let own = app
-                .reward(&format!("race{i}"), &format!("own-{i}"), &format!("ru{i}"), 10)
+                .reward(
+                    &format!("race{i}"),
+                    &format!("own-{i}"),
+                    &format!("ru{i}"),
+                    10,
+                )
                 .await;
             (raced, own)
         }
