@@ -290,7 +290,7 @@ async fn accept(
         (status = 400, description = "Malformed body or id", body = ErrorBody),
         (status = 401, description = "Missing or unknown key", body = ErrorBody),
         (status = 403, description = "Not an issuer key", body = ErrorBody),
-        (status = 409, description = "idempotency_conflict / budget_exhausted (with remaining) / budget_not_set", body = ErrorBody),
+        (status = 409, description = "idempotency_conflict (the order id is already used, in any activity, with another payload) / budget_exhausted (with remaining) / budget_not_set", body = ErrorBody),
         (status = 422, description = "invalid_amount / amount_too_large / invalid_kind / batch_id_required / invalid_ext", body = ErrorBody),
         (status = 503, description = "Outcome unknown: retry with the same order id", body = ErrorBody),
     ),
