@@ -111,16 +111,18 @@ struct WalletReplay {
 
 #[derive(Default)]
 struct RewardReplay {
-    /// The activity that accepted the order id (first): the only one it may belong to.
+    /// The activity that accepted the order id (first), or, before that, the one the order-id
+    /// registry claimed it for: the only one it may belong to.
     activity: String,
     reward: Option<Reward>,
     credits: u32,
     voided: bool,
     delivered: bool,
     failed: Option<FailReason>,
-    /// The activity the order-id registry bound the order id to (none in logs that predate
-    /// the registry).
-    claimed_by: Option<Id>,
+    /// Claimed in the order-id registry, for `activity` (false in logs that predate the
+    /// registry). A flag rather than a second activity id keeps the replay's memory per order
+    /// id as it was.
+    claimed: bool,
 }
 
 #[derive(Default)]
@@ -428,16 +430,14 @@ impl Auditor {
                         envelope.seq, reward.order_id, replay.activity
                     )),
                     None => {
+                        if replay.claimed && replay.activity != activity {
+                            self.rewards_check.violation(format!(
+                                "seq {}: order id {} accepted by activity {activity} but claimed for activity {}",
+                                envelope.seq, reward.order_id, replay.activity
+                            ));
+                        }
                         replay.activity = activity.clone();
                         replay.reward = Some(reward.clone());
-                    }
-                }
-                if let Some(owner) = &replay.claimed_by {
-                    if owner.as_str() != activity {
-                        self.rewards_check.violation(format!(
-                            "seq {}: order id {} accepted by activity {activity} but claimed for activity {owner}",
-                            envelope.seq, reward.order_id
-                        ));
                     }
                 }
                 let budget = self.budgets.entry(activity.clone()).or_default();
@@ -590,14 +590,17 @@ impl Auditor {
             Event::OrderIds(crate::domain::order_ids::OrderIdEvent::Claimed { claims }) => {
                 for claim in claims {
                     let replay = self.rewards.entry(claim.order_id.clone()).or_default();
-                    if let Some(owner) = &replay.claimed_by {
+                    if replay.claimed {
                         self.rewards_check.violation(format!(
-                            "seq {}: order id {} claimed for activity {owner} and again for activity {}",
-                            envelope.seq, claim.order_id, claim.activity_id
+                            "seq {}: order id {} claimed for activity {} and again for activity {}",
+                            envelope.seq, claim.order_id, replay.activity, claim.activity_id
                         ));
                         continue;
                     }
-                    replay.claimed_by = Some(claim.activity_id.clone());
+                    replay.claimed = true;
+                    if replay.reward.is_none() {
+                        replay.activity = claim.activity_id.to_string();
+                    }
                 }
             }
             Event::Switches(_) | Event::Policy(_) | Event::Payee(_) => {}

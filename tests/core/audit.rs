@@ -300,6 +300,55 @@ fn an_order_id_accepted_in_two_activities_is_named() {
 }
 
 #[test]
+fn an_acceptance_outside_its_order_id_claim_and_a_second_claim_are_named() {
+    // Goal (R4): the registry's claims are audited against the acceptances: a claim and its
+    // acceptance in the same activity are clean (a claim never accepted too: a refused
+    // request); an acceptance in another activity than the claim's, and a second claim of one
+    // order id, are named.
+    use hongbao::domain::order_ids::{OrderClaim, OrderIdEvent};
+    let claim = |order: &str, activity: &str| OrderClaim {
+        order_id: id(order),
+        activity_id: id(activity),
+        fingerprint: 7,
+    };
+    let claimed = |claims: Vec<OrderClaim>| Event::OrderIds(OrderIdEvent::Claimed { claims });
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    clean_history(&store);
+    append(
+        &store,
+        "order-ids:0",
+        vec![claimed(vec![claim("r5", "cny"), claim("refused", "cny")])],
+    );
+    append(&store, "activity:cny", vec![accepted("r5", "u5", 10)]);
+    let report = run_audit(&store);
+    assert!(report.ok(), "{:#?}", report.checks);
+
+    append(
+        &store,
+        "order-ids:1",
+        vec![claimed(vec![claim("r6", "cny")])],
+    );
+    append(&store, "activity:other", vec![accepted("r6", "u6", 10)]);
+    append(
+        &store,
+        "order-ids:2",
+        vec![claimed(vec![claim("r5", "other")])],
+    );
+    let report = run_audit(&store);
+    assert_eq!(failing(&report), ["reward_credits"]);
+    let named = examples(&report, "reward_credits");
+    assert!(
+        named.contains("order id r6 accepted by activity other but claimed for activity cny"),
+        "{named}"
+    );
+    assert!(
+        named.contains("order id r5 claimed for activity cny and again for activity other"),
+        "{named}"
+    );
+}
+
+#[test]
 fn a_tampered_record_stops_the_replay_and_is_named() {
     // Goal: one flipped byte breaks the chain at that record; the audit fails there.
     let dir = tempfile::tempdir().unwrap();
