@@ -98,12 +98,21 @@ pub struct StageBody {
     pub open_below: u64,
 }
 
+/// A staged opening, in one of two forms: an explicit `schedule`, or `starts_at` and
+/// `interval_s` (bucket k opens at `starts_at + k x interval_s`; expanded into a schedule).
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StagedBody {
     /// Users are bucketed by `uid mod modulo` (numeric uids) or a stable hash.
     pub modulo: u64,
-    pub schedule: Vec<StageBody>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Vec<StageBody>>,
+    /// RFC 3339: when bucket 0 opens (with `interval_s`, instead of `schedule`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub starts_at: Option<String>,
+    /// Seconds between one bucket's opening and the next's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_s: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -304,7 +313,7 @@ fn gate_error(gate: Gate) -> ApiError {
             "window_closed",
             "withdrawals are closed now",
         )
-        .with("opens_at", rfc3339(opens_at_ms)),
+        .with("opens_at", opens_at_ms.map(rfc3339)),
         Gate::NotYetOpenForUser { opens_at_ms } => ApiError::new(
             StatusCode::FORBIDDEN,
             "not_yet_open_for_user",
@@ -447,14 +456,17 @@ fn policy_body(policy: &WithdrawalPolicy) -> PolicyBody {
             .collect(),
         staged_opening: policy.staged_opening.as_ref().map(|s| StagedBody {
             modulo: s.modulo,
-            schedule: s
-                .schedule
-                .iter()
-                .map(|st| StageBody {
-                    at: rfc3339(st.at_ms),
-                    open_below: st.open_below,
-                })
-                .collect(),
+            schedule: Some(
+                s.schedule
+                    .iter()
+                    .map(|st| StageBody {
+                        at: rfc3339(st.at_ms),
+                        open_below: st.open_below,
+                    })
+                    .collect(),
+            ),
+            starts_at: None,
+            interval_s: None,
         }),
     }
 }
@@ -466,6 +478,39 @@ fn time(field: &str, raw: &str) -> Result<i64, ApiError> {
             format!("{field}: {raw:?} is not an RFC 3339 time"),
         )
     })
+}
+
+/// The staged opening of a PUT body, from either form.
+fn staged(body: &StagedBody) -> Result<StagedOpening, ApiError> {
+    match (&body.schedule, &body.starts_at, body.interval_s) {
+        (Some(schedule), None, None) => Ok(StagedOpening {
+            modulo: body.modulo,
+            schedule: schedule
+                .iter()
+                .map(|st| {
+                    Ok(Stage {
+                        at_ms: time("at", &st.at)?,
+                        open_below: st.open_below,
+                    })
+                })
+                .collect::<Result<Vec<_>, ApiError>>()?,
+        }),
+        (None, Some(starts_at), Some(interval_s)) => {
+            let interval_ms = i64::try_from(interval_s)
+                .ok()
+                .and_then(|s| s.checked_mul(1_000))
+                .ok_or_else(|| unprocessable("invalid_policy", "interval_s is too large"))?;
+            Ok(StagedOpening::every(
+                body.modulo,
+                time("starts_at", starts_at)?,
+                interval_ms,
+            )?)
+        }
+        _ => Err(unprocessable(
+            "invalid_policy",
+            "staged_opening takes either schedule or both starts_at and interval_s",
+        )),
+    }
 }
 
 /// Replaces the withdrawal policy (W3-W5), recorded as an event.
@@ -496,22 +541,7 @@ pub async fn set_policy(
             })
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
-    let staged_opening = match &body.staged_opening {
-        None => None,
-        Some(s) => Some(StagedOpening {
-            modulo: s.modulo,
-            schedule: s
-                .schedule
-                .iter()
-                .map(|st| {
-                    Ok(Stage {
-                        at_ms: time("at", &st.at)?,
-                        open_below: st.open_below,
-                    })
-                })
-                .collect::<Result<Vec<_>, ApiError>>()?,
-        }),
-    };
+    let staged_opening = body.staged_opening.as_ref().map(staged).transpose()?;
     let policy = WithdrawalPolicy {
         min_amount: Fen::new(body.min_amount),
         closed_windows,

@@ -378,3 +378,99 @@ async fn timeouts_are_resolved_by_query_never_by_paying_twice() {
     );
     assert!(metric(&metrics, "hongbao_withdrawals_total{state=\"succeeded\"}") >= succeeded as f64);
 }
+
+#[tokio::test]
+async fn one_policy_set_days_ahead_runs_the_whole_night() {
+    // Goal: W4 + W5 in one policy set two days ahead, on a manual clock: open by day (every
+    // bucket, staged opening not begun), closed 19:00-01:00 with each user's own opens_at, then
+    // bucket k admitted from 01:00 + k x 10 min (the interval form of the schedule).
+    let at = |t: &str| parse_rfc3339(t).unwrap();
+    let clock = ManualClock::new(at("2026-01-29T12:00:00Z"));
+    let app = spawn_app_clocked(Arc::new(clock.clone()), |_| {});
+    let policy = serde_json::json!({
+        "min_amount": 100,
+        "closed_windows": [{"from": "2026-01-31T19:00:00Z", "to": "2026-02-01T01:00:00Z"}],
+        "staged_opening": {"modulo": 4, "starts_at": "2026-02-01T01:00:00Z", "interval_s": 600}
+    });
+    let (status, stored) = app
+        .put(
+            "/v1/admin/withdrawal-policy",
+            Some(ADMIN),
+            &policy.to_string(),
+        )
+        .await;
+    assert_eq!(status, 200, "{stored}");
+    let schedule = stored["staged_opening"]["schedule"].as_array().unwrap();
+    assert_eq!(schedule.len(), 4, "{stored}");
+    assert_eq!(schedule[3]["at"], rfc3339(at("2026-02-01T01:30:00Z")));
+    assert_eq!(schedule[3]["open_below"], 4);
+    let mut methods = HashMap::new();
+    for uid in ["40", "41", "43"] {
+        app.fund(uid, 10_000).await;
+        methods.insert(uid, app.bind(uid, "change", &format!("acct-{uid}")).await);
+    }
+    let withdraw = |uid: &'static str, order: &str| {
+        let (app, method) = (&app, methods[uid].clone());
+        let order = order.to_owned();
+        async move { app.withdraw(uid, &order, 100, &method).await }
+    };
+
+    // By day: everyone, whatever the bucket.
+    clock.set_ms(at("2026-01-31T12:00:00Z"));
+    for uid in ["40", "41", "43"] {
+        let (status, body) = withdraw(uid, &format!("day-{uid}")).await;
+        assert_eq!(status, 202, "{uid} by day: {body}");
+    }
+
+    // In the evening window: closed, and each user is told their own opening.
+    clock.set_ms(at("2026-01-31T20:00:00Z"));
+    for (uid, opens) in [
+        ("40", "2026-02-01T01:00:00Z"),
+        ("41", "2026-02-01T01:10:00Z"),
+        ("43", "2026-02-01T01:30:00Z"),
+    ] {
+        let (status, error) = withdraw(uid, &format!("eve-{uid}")).await;
+        assert_eq!(
+            (status, error["code"].as_str()),
+            (403, Some("window_closed")),
+            "{uid}"
+        );
+        assert_eq!(error["opens_at"], rfc3339(at(opens)), "{uid}");
+    }
+
+    // From 01:00, by bucket.
+    clock.set_ms(at("2026-02-01T01:05:00Z"));
+    assert_eq!(withdraw("40", "n-40").await.0, 202, "bucket 0 is open");
+    let (status, error) = withdraw("41", "n-41").await;
+    assert_eq!(
+        (status, error["code"].as_str(), error["opens_at"].as_str()),
+        (
+            403,
+            Some("not_yet_open_for_user"),
+            Some(rfc3339(at("2026-02-01T01:10:00Z")).as_str())
+        )
+    );
+    clock.set_ms(at("2026-02-01T01:10:00Z"));
+    assert_eq!(withdraw("41", "n-41").await.0, 202, "bucket 1 at its stage");
+    assert_eq!(withdraw("43", "n-43").await.0, 403, "bucket 3 still waits");
+    clock.set_ms(at("2026-02-01T01:30:00Z"));
+    assert_eq!(withdraw("43", "n-43").await.0, 202, "bucket 3 at its stage");
+    assert_eq!(
+        app.wallet("43").await["balances"]["activity"],
+        10_000 - 200,
+        "only the admitted withdrawals debited"
+    );
+
+    let (status, error) = app
+        .put(
+            "/v1/admin/withdrawal-policy",
+            Some(ADMIN),
+            r#"{"min_amount":100,"staged_opening":{"modulo":4,"starts_at":"2026-02-01T01:00:00Z"}}"#,
+        )
+        .await;
+    assert_eq!(
+        (status, error["code"].as_str()),
+        (422, Some("invalid_policy")),
+        "half of the interval form"
+    );
+}
