@@ -20,7 +20,7 @@
 //! whose debit happened is refunded exactly once. [`compensation`] says what the sweeper does
 //! with an order that is not final after the configured age (W9).
 
-use super::{Aggregate, Ctx, Decision, Event};
+use super::{Aggregate, ChangedBy, Ctx, Decision, Event};
 use crate::clock::Millis;
 use crate::ids::Id;
 use crate::money::Fen;
@@ -700,15 +700,42 @@ impl StagedOpening {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyState {
     pub policy: WithdrawalPolicy,
+    /// Who set the policy in force, and when (`None`: the default, or set by an event recorded
+    /// before changes named their key).
+    pub changed_by: Option<(ChangedBy, Millis)>,
 }
 
+/// Replace the policy; `by` is the key that asks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetPolicy {
+    pub policy: WithdrawalPolicy,
+    pub by: ChangedBy,
+}
+
+/// Variants are only appended (the codec stores the index): `PolicySet` is the old shape,
+/// still decoded, with no record of who set it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PolicyEvent {
     PolicySet(WithdrawalPolicy),
+    /// The policy set by the key `by`.
+    PolicyChanged {
+        policy: WithdrawalPolicy,
+        by: ChangedBy,
+        at_ms: Millis,
+    },
+}
+
+impl PolicyEvent {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            PolicyEvent::PolicySet(_) => "policy.policy_set",
+            PolicyEvent::PolicyChanged { .. } => "policy.policy_changed",
+        }
+    }
 }
 
 impl Aggregate for PolicyState {
-    type Command = WithdrawalPolicy;
+    type Command = SetPolicy;
     type Event = PolicyEvent;
     type Reply = WithdrawalPolicy;
     type Error = PolicyError;
@@ -717,25 +744,38 @@ impl Aggregate for PolicyState {
 
     fn decide(
         &self,
-        policy: &WithdrawalPolicy,
-        _: &Ctx,
+        command: &SetPolicy,
+        ctx: &Ctx,
     ) -> Result<Decision<PolicyEvent, WithdrawalPolicy>, PolicyError> {
+        let policy = &command.policy;
         policy.validate()?;
         if &self.policy == policy {
             return Ok(Decision::Reply(policy.clone()));
         }
         Ok(Decision::Emit(
-            vec![PolicyEvent::PolicySet(policy.clone())],
+            vec![PolicyEvent::PolicyChanged {
+                policy: policy.clone(),
+                by: command.by.clone(),
+                at_ms: ctx.now_ms,
+            }],
             policy.clone(),
         ))
     }
 
     fn evolve(&mut self, event: &PolicyEvent) {
-        let PolicyEvent::PolicySet(policy) = event;
-        self.policy = policy.clone();
+        match event {
+            PolicyEvent::PolicySet(policy) => {
+                self.policy = policy.clone();
+                self.changed_by = None;
+            }
+            PolicyEvent::PolicyChanged { policy, by, at_ms } => {
+                self.policy = policy.clone();
+                self.changed_by = Some((by.clone(), *at_ms));
+            }
+        }
     }
 
-    fn correlation_id(_: &WithdrawalPolicy) -> String {
+    fn correlation_id(_: &SetPolicy) -> String {
         "withdrawal-policy".into()
     }
 
@@ -1360,6 +1400,40 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_policy_change_names_its_key_and_old_policy_events_still_decode() {
+        // Goal: a change records who made it (role and key id) and when; a repeat of the
+        // policy in force is a no-op; the old variant keeps index 0, decodes and replays
+        // with no changer.
+        let by = ChangedBy {
+            role: "admin".into(),
+            key_id: "0123abcd".into(),
+        };
+        let set = SetPolicy {
+            policy: policy(),
+            by: by.clone(),
+        };
+        let Ok(Decision::Emit(events, _)) = PolicyState::default().decide(&set, &ctx(42)) else {
+            panic!()
+        };
+        let state = replay(PolicyState::default(), &events);
+        assert_eq!(state.policy, policy());
+        assert_eq!(state.changed_by, Some((by, 42)));
+        assert!(matches!(
+            state.decide(&set, &ctx(43)),
+            Ok(Decision::Reply(_))
+        ));
+        let old = Event::Policy(PolicyEvent::PolicySet(policy()));
+        let bytes = crate::events::codec::encode(&old).unwrap();
+        assert_eq!(crate::events::codec::decode::<Event>(&bytes).unwrap(), old);
+        let Event::Policy(old) = old else { panic!() };
+        // Byte 0 is the codec's format byte; byte 1 the variant index.
+        let index = |e: &PolicyEvent| crate::events::codec::encode(e).unwrap()[1];
+        assert_eq!((index(&old), index(&events[0])), (0, 1));
+        let state = replay(state, [&old]);
+        assert_eq!(state.changed_by, None);
     }
 
     #[test]

@@ -1,14 +1,14 @@
 //! Withdrawal endpoints: payout methods and withdrawals (gateway), the withdrawal policy, the
 //! payment channels and the dead-letter listing (admin).
 
-use super::auth::{Caller, Role};
+use super::auth::{Caller, Operator, Role};
 use super::error::ApiError;
 use super::{parse_id, read_view, view_error, AppState, ErrorBody};
 use crate::channels::{ChannelSettings, RecordStatus};
 use crate::clock::{parse_rfc3339, rfc3339};
 use crate::domain::withdrawal::{
-    BindMethod, Channel, Gate, OrderState, PayeeError, PolicyError, Stage, StagedOpening, Window,
-    WithdrawalError, WithdrawalOrder, WithdrawalPolicy, WithdrawalRequest,
+    BindMethod, Channel, Gate, OrderState, PayeeError, PolicyError, SetPolicy, Stage,
+    StagedOpening, Window, WithdrawalError, WithdrawalOrder, WithdrawalPolicy, WithdrawalRequest,
 };
 use crate::ids::Id;
 use crate::money::Fen;
@@ -122,6 +122,25 @@ pub struct PolicyBody {
     #[serde(default)]
     pub closed_windows: Vec<WindowBody>,
     pub staged_opening: Option<StagedBody>,
+}
+
+/// Who set a policy (or a switch): the key's role and a short id of the key.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChangedByBody {
+    /// admin | issuer | gateway
+    pub role: String,
+    /// The first 8 hex digits of the key's SHA-256.
+    pub key_id: String,
+    pub at: String,
+}
+
+/// The policy in force and who set it (`null`: the default, or set before changes were
+/// attributed).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PolicyView {
+    #[serde(flatten)]
+    pub policy: PolicyBody,
+    pub changed_by: Option<ChangedByBody>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -520,11 +539,11 @@ fn staged(body: &StagedBody) -> Result<StagedOpening, ApiError> {
     security(("bearer" = []))
 )]
 pub async fn set_policy(
-    caller: Caller,
+    operator: Operator,
     state: web::Data<AppState>,
     body: web::Json<PolicyBody>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require(&[])?;
+    operator.caller.require(&[])?;
     if body.min_amount == 0 || body.min_amount > state.config.limits.amount_fen_max {
         return Err(unprocessable(
             "invalid_policy",
@@ -547,18 +566,32 @@ pub async fn set_policy(
         closed_windows,
         staged_opening,
     };
-    let policy = state.policy.execute(policy).await?;
+    let policy = state
+        .policy
+        .execute(SetPolicy {
+            policy,
+            by: operator.changed_by(),
+        })
+        .await?;
+    tracing::info!(key_id = %operator.key_id, "withdrawal policy set");
     Ok(HttpResponse::Ok().json(policy_body(&policy)))
 }
 
-/// The withdrawal policy in force.
-#[utoipa::path(get, path = "/v1/admin/withdrawal-policy", tag = "withdrawals", responses((status = 200, body = PolicyBody)), security(("bearer" = [])))]
+/// The withdrawal policy in force, and who set it.
+#[utoipa::path(get, path = "/v1/admin/withdrawal-policy", tag = "withdrawals", responses((status = 200, body = PolicyView)), security(("bearer" = [])))]
 pub async fn get_policy(
     caller: Caller,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     caller.require(&[])?;
-    Ok(HttpResponse::Ok().json(state.policy.with(|p| policy_body(&p.policy))))
+    Ok(HttpResponse::Ok().json(state.policy.with(|p| PolicyView {
+        policy: policy_body(&p.policy),
+        changed_by: p.changed_by.as_ref().map(|(by, at_ms)| ChangedByBody {
+            role: by.role.clone(),
+            key_id: by.key_id.clone(),
+            at: rfc3339(*at_ms),
+        }),
+    })))
 }
 
 fn channel_body(s: ChannelSettings) -> ChannelBody {

@@ -474,3 +474,50 @@ async fn one_policy_set_days_ahead_runs_the_whole_night() {
         "half of the interval form"
     );
 }
+
+#[tokio::test]
+async fn policy_and_switch_changes_record_which_key_made_them() {
+    // Goal: a policy or switch change names the role and a short non-secret id of the key that
+    // made it (8 hex digits of the key's SHA-256), shown by the GETs.
+    use sha2::Digest;
+    let key_id = hex::encode(&sha2::Sha256::digest(ADMIN.as_bytes())[..4]);
+    let app = spawn_app();
+    let (_, before) = app.get("/v1/admin/withdrawal-policy", Some(ADMIN)).await;
+    assert_eq!(before["changed_by"], Value::Null, "the default: nobody");
+    let (status, body) = app
+        .put(
+            "/v1/admin/withdrawal-policy",
+            Some(ADMIN),
+            r#"{"min_amount":150}"#,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, policy) = app.get("/v1/admin/withdrawal-policy", Some(ADMIN)).await;
+    assert_eq!(policy["min_amount"], 150);
+    assert_eq!(policy["changed_by"]["role"], "admin", "{policy}");
+    assert_eq!(policy["changed_by"]["key_id"], key_id.as_str());
+    assert!(policy["changed_by"]["at"].is_string(), "{policy}");
+    assert!(!policy.to_string().contains(ADMIN), "never the key itself");
+
+    let (status, _) = app
+        .put(
+            "/v1/admin/switches/token_merge",
+            Some(ADMIN),
+            r#"{"on":false}"#,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (_, switches) = app.get("/v1/admin/switches", Some(ADMIN)).await;
+    assert_eq!(switches["token_merge"], false, "{switches}");
+    let change = &switches["changed_by"]["token_merge"];
+    assert_eq!(
+        (change["role"].as_str(), change["key_id"].as_str()),
+        (Some("admin"), Some(key_id.as_str())),
+        "{switches}"
+    );
+    assert_eq!(
+        switches["changed_by"]["reward_lanes"],
+        Value::Null,
+        "never changed"
+    );
+}
