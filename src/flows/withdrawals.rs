@@ -63,7 +63,15 @@ pub struct WithdrawalConfig {
     /// Orders not final after this age are compensated (W9; the seed's 4 hours).
     pub compensation_age: Duration,
     pub checkpoint_interval: Duration,
+    /// How long a driver (a payout lane or the sweeper) holds an order, on the injected clock,
+    /// before another may take it over: a call that has not come back by then is presumed
+    /// hung (see [`Drivers`]).
+    pub driver_lease: Duration,
 }
+
+/// The default [`WithdrawalConfig::driver_lease`]: ten times the longest simulated latency,
+/// far below the compensation age.
+pub const DRIVER_LEASE_DEFAULT: Duration = Duration::from_secs(600);
 
 impl Default for WithdrawalConfig {
     fn default() -> Self {
@@ -84,6 +92,7 @@ impl Default for WithdrawalConfig {
             sweep_interval: Duration::from_secs(60),
             compensation_age: Duration::from_secs(4 * 3600),
             checkpoint_interval: Duration::from_millis(200),
+            driver_lease: DRIVER_LEASE_DEFAULT,
         }
     }
 }
@@ -108,6 +117,101 @@ pub enum Step {
     Waiting,
     /// Retry the payout at this time (epoch ms, injected clock).
     RetryAt(Millis),
+    /// Another driver holds the order: nothing done; look again later.
+    Busy,
+}
+
+/// Who may run payout work on an order now: at most one driver per order (issue 11, W9/W10).
+///
+/// Every payout attempt, resumption, query and refund of an order runs under a lease taken
+/// here, by the payout lanes ([`Withdrawals::settle`]) and the sweeper
+/// ([`Withdrawals::compensate`]) alike; a second driver is answered [`Step::Busy`] and does
+/// nothing. The lease ends when its driver finishes (the guard is dropped, also when the task
+/// is cancelled), or lapses after [`WithdrawalConfig::driver_lease`] on the injected clock, so
+/// that a call that never comes back does not keep the sweeper out for ever (W9). A driver
+/// checks its lease before each channel call; one whose lease lapsed stops.
+///
+/// In-process on purpose: the order's actor persists facts and does no I/O, so a lease in the
+/// log would cost two appends (and flushes) per attempt for what one process can guarantee in
+/// memory. Across nodes it is not enough: there, one node owns an order's partition (its lanes
+/// and sweeper are the only drivers), and what remains (a lapsed driver's late call) is covered
+/// by the channel's idempotency by order id and the order refusing outcomes of other attempts.
+#[derive(Default)]
+pub struct Drivers {
+    leases: dashmap::DashMap<Id, Lease>,
+    next_token: std::sync::atomic::AtomicU64,
+}
+
+struct Lease {
+    driver: &'static str,
+    token: u64,
+    expires_at_ms: Millis,
+}
+
+/// A driver's hold on one order; dropping it ends the lease.
+pub struct DriverLease<'a> {
+    drivers: &'a Drivers,
+    order_id: Id,
+    token: u64,
+    expires_at_ms: Millis,
+}
+
+impl Drivers {
+    /// Takes the order for `driver` unless a live lease holds it.
+    pub fn acquire(
+        &self,
+        order_id: &Id,
+        driver: &'static str,
+        now_ms: Millis,
+        lease_ms: i64,
+    ) -> Option<DriverLease<'_>> {
+        use dashmap::mapref::entry::Entry;
+        let token = self
+            .next_token
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let expires_at_ms = now_ms.saturating_add(lease_ms);
+        let lease = Lease {
+            driver,
+            token,
+            expires_at_ms,
+        };
+        match self.leases.entry(order_id.clone()) {
+            Entry::Vacant(free) => {
+                free.insert(lease);
+            }
+            Entry::Occupied(mut held) if held.get().expires_at_ms <= now_ms => {
+                tracing::warn!(order_id = %order_id, lapsed = held.get().driver, driver, "taking over an order whose driver's lease lapsed");
+                held.insert(lease);
+            }
+            Entry::Occupied(_) => return None,
+        }
+        Some(DriverLease {
+            drivers: self,
+            order_id: order_id.clone(),
+            token,
+            expires_at_ms,
+        })
+    }
+}
+
+impl DriverLease<'_> {
+    /// Still this driver's order: not lapsed, not taken over.
+    pub fn is_current(&self, now_ms: Millis) -> bool {
+        now_ms < self.expires_at_ms
+            && self
+                .drivers
+                .leases
+                .get(&self.order_id)
+                .is_some_and(|l| l.token == self.token)
+    }
+}
+
+impl Drop for DriverLease<'_> {
+    fn drop(&mut self) {
+        self.drivers
+            .leases
+            .remove_if(&self.order_id, |_, l| l.token == self.token);
+    }
 }
 
 /// Why a flow step did not complete; retried later.
@@ -125,6 +229,8 @@ pub struct Withdrawals {
     pub wallets: Arc<Registry<Wallet>>,
     pub channel: Arc<dyn PaymentChannel>,
     pub config: WithdrawalConfig,
+    /// One driver per order at a time (see [`Drivers`]).
+    pub drivers: Drivers,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
 }
@@ -142,6 +248,7 @@ impl Withdrawals {
             wallets,
             channel,
             config,
+            drivers: Drivers::default(),
             clock: runtime.clock.clone(),
             metrics: runtime.metrics.clone(),
         })
@@ -274,8 +381,37 @@ impl Withdrawals {
         }
     }
 
-    /// Drives an order toward a final state as far as it can go now.
+    fn lease(&self, order_id: &Id, driver: &'static str) -> Option<DriverLease<'_>> {
+        let lease_ms = self.config.driver_lease.as_millis() as i64;
+        self.drivers
+            .acquire(order_id, driver, self.clock.now_ms(), lease_ms)
+    }
+
+    /// A channel call is about to be made: only by the order's current driver.
+    fn still_driving(&self, lease: &DriverLease<'_>) -> Result<(), Transient> {
+        if lease.is_current(self.clock.now_ms()) {
+            Ok(())
+        } else {
+            Err(Transient(
+                "the driver's lease lapsed; another driver may hold the order".into(),
+            ))
+        }
+    }
+
+    /// Drives an order toward a final state as far as it can go now (a payout lane's step);
+    /// [`Step::Busy`] if another driver holds it.
     pub async fn settle(&self, order_id: &Id) -> Result<Step, Transient> {
+        let Some(lease) = self.lease(order_id, "payout_lane") else {
+            return Ok(Step::Busy);
+        };
+        self.settle_leased(order_id, &lease).await
+    }
+
+    async fn settle_leased(
+        &self,
+        order_id: &Id,
+        lease: &DriverLease<'_>,
+    ) -> Result<Step, Transient> {
         loop {
             let Some(order) = self.order(order_id).await? else {
                 return Ok(Step::Done);
@@ -291,11 +427,13 @@ impl Withdrawals {
                             return Ok(Step::RetryAt(due));
                         }
                     }
+                    self.still_driving(lease)?;
                     let started = self
                         .orders
                         .execute(order_id.as_str(), WithdrawalCommand::StartPayout)
                         .await
                         .map_err(transient)?;
+                    self.still_driving(lease)?;
                     let result = self.pay(order_id, &started).await;
                     self.record(order_id, started.attempts, result).await?;
                 }
@@ -303,10 +441,14 @@ impl Withdrawals {
                     // An attempt whose outcome was never recorded (a crash, or a stop): ask the
                     // channel; with no record, send it again under the same order id.
                     let request = order.request.as_ref().expect("requested");
+                    self.still_driving(lease)?;
                     let result = match self.channel.query(request.method.channel, order_id).await {
                         QueryOutcome::Succeeded => PayoutResult::Succeeded,
                         QueryOutcome::Failed(reason) => PayoutResult::Failed { reason },
-                        QueryOutcome::NoRecord => self.pay(order_id, &order).await,
+                        QueryOutcome::NoRecord => {
+                            self.still_driving(lease)?;
+                            self.pay(order_id, &order).await
+                        }
                     };
                     self.record(order_id, order.attempts, result).await?;
                 }
@@ -333,8 +475,13 @@ impl Withdrawals {
         }
     }
 
-    /// Applies W9's rule to one old order.
+    /// Applies W9's rule to one old order; `None` if none applies, or if another driver (a
+    /// payout lane) holds the order now: the next sweep looks again.
     pub async fn compensate(&self, order_id: &Id) -> Result<Option<Compensation>, Transient> {
+        let Some(lease) = self.lease(order_id, "sweeper") else {
+            tracing::debug!(order_id = %order_id, "a payout lane is driving the order; the next sweep looks again");
+            return Ok(None);
+        };
         let Some(order) = self.order(order_id).await? else {
             return Ok(None);
         };
@@ -365,7 +512,7 @@ impl Withdrawals {
                 .await
                 .map_err(transient)?;
         }
-        self.settle(order_id).await?;
+        self.settle_leased(order_id, &lease).await?;
         Ok(Some(action))
     }
 }
@@ -589,6 +736,11 @@ impl PayoutLanes {
                 self.channels.remove(&order_id);
             }
             Ok(Step::RetryAt(due)) => self.delayed.push(std::cmp::Reverse((due, order_id))),
+            Ok(Step::Busy) => {
+                // The sweeper holds it; look again shortly (it may leave a retry due).
+                let due = self.withdrawals.clock.now_ms() + TRANSIENT_RETRY.as_millis() as i64;
+                self.delayed.push(std::cmp::Reverse((due, order_id)));
+            }
             Err(e) => {
                 tracing::warn!(order_id = %order_id, error = %e, "payout step failed; retrying");
                 let due = self.withdrawals.clock.now_ms() + TRANSIENT_RETRY.as_millis() as i64;
