@@ -37,7 +37,10 @@ pub enum PayOutcome {
 /// What the channel's record says about an order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum QueryOutcome {
-    Succeeded,
+    /// Paid, with the amount the channel paid (reconciliation compares it with the order's).
+    Succeeded {
+        amount: Fen,
+    },
     Failed(String),
     NoRecord,
 }
@@ -222,6 +225,32 @@ impl SimulatedChannels {
             .collect()
     }
 
+    /// Every line of a channel's statement, in order id order, read lazily: the audit walks a
+    /// statement of any size in constant memory.
+    pub fn lines(
+        &self,
+        channel: Channel,
+    ) -> impl Iterator<Item = Result<StatementLine, StoreError>> + '_ {
+        self.channel(channel)
+            .statement
+            .iter()
+            .map(|item| Ok(codec::decode(&item.map_err(io)?.1)?))
+    }
+
+    /// Writes a statement line exactly as given, replacing the order's line, durably; bypasses
+    /// every rule of the simulated channel (no idempotency, no amount check, and no exclusion
+    /// with a payment call in flight for the same order). For tests that corrupt the channel's
+    /// side of the books, and for operators repairing a simulated statement by hand; the
+    /// reconciler and `hongbao audit` then judge the line like any other.
+    pub fn record_line(&self, channel: Channel, line: &StatementLine) -> Result<(), StoreError> {
+        self.channel(channel)
+            .statement
+            .insert(line.order_id.as_str(), codec::encode(line)?)
+            .map_err(io)?;
+        self.db.flush().map_err(io)?;
+        Ok(())
+    }
+
     fn record(&self, channel: Channel, order_id: &Id) -> Result<Option<StatementLine>, StoreError> {
         self.channel(channel)
             .statement
@@ -347,7 +376,9 @@ impl PaymentChannel for Simulator {
     fn query(&self, channel: Channel, order_id: &Id) -> BoxFuture<'static, QueryOutcome> {
         let outcome = match self.0.record(channel, order_id) {
             Ok(None) => QueryOutcome::NoRecord,
-            Ok(Some(line)) if line.status == RecordStatus::Succeeded => QueryOutcome::Succeeded,
+            Ok(Some(line)) if line.status == RecordStatus::Succeeded => QueryOutcome::Succeeded {
+                amount: line.amount,
+            },
             Ok(Some(_)) => QueryOutcome::Failed("declined by the channel".into()),
             Err(e) => QueryOutcome::Failed(format!("channel error: {e}")),
         };
@@ -449,7 +480,10 @@ mod tests {
                 PayOutcome::Timeout
             );
             match sim.query(Channel::Alipay, &order).await {
-                QueryOutcome::Succeeded => paid += 1,
+                QueryOutcome::Succeeded { amount } => {
+                    assert_eq!(amount, Fen::new(1));
+                    paid += 1
+                }
                 QueryOutcome::NoRecord => {}
                 other => panic!("unexpected {other:?}"),
             }

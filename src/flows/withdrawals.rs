@@ -13,9 +13,10 @@
 //!   that was debited (once: the wallet's refund is idempotent by order id).
 //! - The sweeper, on the injected clock, finds orders not final after `compensation_age` and
 //!   applies W9's rule for their state (`domain::withdrawal::compensation`).
-//! - The reconciler checks every order that becomes final against the wallet's movements
-//!   (one debit, at most one refund, a refund exactly when it failed after the debit) and the
-//!   channel's record (paid exactly when it succeeded); a mismatch increments
+//! - The reconciler checks every state change of every order against the wallet's movements
+//!   (one debit of exactly the order's amount, a refund of exactly the debit when it failed
+//!   after the debit, none otherwise) and, when it succeeds or fails, the channel's record
+//!   (paid the order's amount exactly when it succeeded); a mismatch increments
 //!   `hongbao_reconciliation_mismatches_total{check}` and is logged with the order id.
 
 use super::{load_checkpoint, save_checkpoint, FlowGroup, CHECKPOINT_TREE};
@@ -370,7 +371,7 @@ impl Withdrawals {
             // Unknown outcome: ask, never guess. No record means the channel did not pay; the
             // next attempt sends the same order id again.
             PayOutcome::Timeout => match self.channel.query(channel, order_id).await {
-                QueryOutcome::Succeeded => PayoutResult::Succeeded,
+                QueryOutcome::Succeeded { .. } => PayoutResult::Succeeded,
                 QueryOutcome::Failed(reason) => PayoutResult::Failed {
                     reason: format!("timeout, then {reason}"),
                 },
@@ -443,7 +444,7 @@ impl Withdrawals {
                     let request = order.request.as_ref().expect("requested");
                     self.still_driving(lease)?;
                     let result = match self.channel.query(request.method.channel, order_id).await {
-                        QueryOutcome::Succeeded => PayoutResult::Succeeded,
+                        QueryOutcome::Succeeded { .. } => PayoutResult::Succeeded,
                         QueryOutcome::Failed(reason) => PayoutResult::Failed { reason },
                         QueryOutcome::NoRecord => {
                             self.still_driving(lease)?;
@@ -823,16 +824,107 @@ async fn sweep(withdrawals: Arc<Withdrawals>, views: sled::Tree, mut stop: watch
     }
 }
 
-/// What the reconciler has seen of one order.
+/// What the reconciler has seen of one order: the order as its events make it, and the
+/// wallet's movements for it (counts and sums in fen).
 #[derive(Default)]
 struct Ledgered {
     first_seq: u64,
     order: WithdrawalOrder,
     debits: u32,
     refunds: u32,
+    debited: u128,
+    refunded: u128,
 }
 
-/// The near-real-time reconciler (W11).
+/// A disagreement: the check (`debit`, `refund`, `channel`) and what was seen.
+type Finding = (&'static str, String);
+
+impl Ledgered {
+    /// The order against the wallet's movements, right after `event` (pure). The wallet moves
+    /// first in every flow (debit, then `Debited`; refund, then `Refunded`), so at each order
+    /// event the wallet's side is already in the log.
+    fn wallet_findings(&self, event: &WithdrawalEvent) -> Vec<Finding> {
+        let mut findings = Vec::new();
+        let Some(request) = self.order.request.as_ref() else {
+            return findings;
+        };
+        let amount = request.amount.as_u64() as u128;
+        let state = self.order.state.map(|s| s.as_str()).unwrap_or("?");
+        let (debits, debited, refunds, refunded) =
+            (self.debits, self.debited, self.refunds, self.refunded);
+        let one_debit = |findings: &mut Vec<Finding>| {
+            if debits != 1 || debited != amount {
+                findings.push((
+                    "debit",
+                    format!("{state} order of {amount} fen with {debits} debits of {debited} fen in all"),
+                ));
+            }
+        };
+        let no_debit = |findings: &mut Vec<Finding>| {
+            if debits != 0 {
+                findings.push((
+                    "debit",
+                    format!("{state} order not debited, but the wallet shows {debits} debits of {debited} fen"),
+                ));
+            }
+        };
+        let no_refund = |findings: &mut Vec<Finding>| {
+            if refunds != 0 {
+                findings.push((
+                    "refund",
+                    format!("{state} order not refunded, but the wallet shows {refunds} refunds of {refunded} fen"),
+                ));
+            }
+        };
+        match event {
+            WithdrawalEvent::Requested { .. }
+            | WithdrawalEvent::DebitRefused { .. }
+            | WithdrawalEvent::DebitAbandoned { debited: false, .. } => {
+                no_debit(&mut findings);
+                no_refund(&mut findings);
+            }
+            WithdrawalEvent::Debited { .. }
+            | WithdrawalEvent::DebitAbandoned { debited: true, .. }
+            | WithdrawalEvent::PayoutStarted { .. }
+            | WithdrawalEvent::PayoutAttemptFailed { .. }
+            | WithdrawalEvent::PayoutSucceeded { .. }
+            | WithdrawalEvent::PayoutParked { .. } => {
+                one_debit(&mut findings);
+                no_refund(&mut findings);
+            }
+            WithdrawalEvent::Refunded { .. } => {
+                one_debit(&mut findings);
+                if refunds != 1 || refunded != debited {
+                    findings.push((
+                        "refund",
+                        format!("refunded order debited {debited} fen with {refunds} refunds of {refunded} fen in all"),
+                    ));
+                }
+            }
+        }
+        findings
+    }
+}
+
+/// Whether the channel's record must be read after this event, and whether it must then show
+/// the order paid: at a success (paid, the order's amount) and wherever the order failed (not
+/// paid: no line, or a refusal).
+fn channel_expectation(event: &WithdrawalEvent) -> Option<bool> {
+    match event {
+        WithdrawalEvent::PayoutSucceeded { .. } => Some(true),
+        WithdrawalEvent::DebitRefused { .. }
+        | WithdrawalEvent::DebitAbandoned { .. }
+        | WithdrawalEvent::PayoutParked { .. }
+        | WithdrawalEvent::Refunded { .. } => Some(false),
+        _ => None,
+    }
+}
+
+/// The near-real-time reconciler (W11): every state change of every order is checked against
+/// the wallet's movements for it (amounts, not only counts) and, where the order succeeded or
+/// failed, against the channel's own record (paid, and how much). A statement line with no
+/// order at all is the daily audit's to find (`hongbao audit`, `channel_statements`): the
+/// reconciler follows the log, and such a line has no event.
 struct Reconciler {
     withdrawals: Arc<Withdrawals>,
     tree: sled::Tree,
@@ -870,31 +962,13 @@ impl Reconciler {
     }
 
     async fn observe(&mut self, envelope: &Envelope) {
-        let (order_id, finished) = match &envelope.event {
-            Event::Withdrawal(event) => {
-                let Some(order_id) = envelope
-                    .stream
-                    .strip_prefix("withdrawal:")
-                    .and_then(|id| Id::parse(id).ok())
-                else {
-                    return;
-                };
-                let entry = self
-                    .open
-                    .entry(order_id.clone())
-                    .or_insert_with(|| Ledgered {
-                        first_seq: envelope.seq,
-                        ..Default::default()
-                    });
-                <WithdrawalOrder as crate::domain::Aggregate>::evolve(&mut entry.order, event);
-                let finished = entry.order.is_final();
-                (order_id, finished)
-            }
+        match &envelope.event {
+            Event::Withdrawal(event) => self.order_event(envelope, event).await,
             Event::Wallet(wallet_event) => {
                 let line = wallet_event.line();
-                let (counter_debit, counter_refund) = match (wallet_event, line.entry) {
-                    (WalletEvent::Debited(_), Entry::Withdrawal) => (1, 0),
-                    (WalletEvent::Credited(_), Entry::WithdrawalRefund) => (0, 1),
+                let debit = match (wallet_event, line.entry) {
+                    (WalletEvent::Debited(_), Entry::Withdrawal) => true,
+                    (WalletEvent::Credited(_), Entry::WithdrawalRefund) => false,
                     _ => return,
                 };
                 let entry = self
@@ -904,61 +978,98 @@ impl Reconciler {
                         first_seq: envelope.seq,
                         ..Default::default()
                     });
-                entry.debits += counter_debit;
-                entry.refunds += counter_refund;
-                return;
+                let amount = line.amount.as_u64() as u128;
+                let finding = if debit {
+                    entry.debits += 1;
+                    entry.debited += amount;
+                    (entry.debits > 1).then(|| {
+                        let detail = format!("debit number {} ({amount} fen)", entry.debits);
+                        ("debit", detail)
+                    })
+                } else {
+                    entry.refunds += 1;
+                    entry.refunded += amount;
+                    (entry.refunds > 1).then(|| {
+                        let detail = format!("refund number {} ({amount} fen)", entry.refunds);
+                        ("refund", detail)
+                    })
+                };
+                // A second movement is wrong whatever the order says next: report it now.
+                if let Some((check, detail)) = finding {
+                    self.mismatch(check, &line.order_id, detail);
+                }
             }
-            _ => return,
-        };
-        if !finished {
-            return;
+            _ => {}
         }
-        let Some(done) = self.open.remove(&order_id) else {
+    }
+
+    async fn order_event(&mut self, envelope: &Envelope, event: &WithdrawalEvent) {
+        let Some(order_id) = envelope
+            .stream
+            .strip_prefix("withdrawal:")
+            .and_then(|id| Id::parse(id).ok())
+        else {
             return;
         };
-        let order = &done.order;
-        let Some(request) = order.request.as_ref() else {
+        let entry = self
+            .open
+            .entry(order_id.clone())
+            .or_insert_with(|| Ledgered {
+                first_seq: envelope.seq,
+                ..Default::default()
+            });
+        <WithdrawalOrder as crate::domain::Aggregate>::evolve(&mut entry.order, event);
+        let finished = entry.order.is_final();
+        // An order first seen after its request (it began before a restart's checkpoint and
+        // was already final then) cannot be judged from part of its history.
+        let Some(request) = entry.order.request.clone() else {
+            if finished {
+                self.open.remove(&order_id);
+            }
             return;
         };
-        let state = order.state.map(|s| s.as_str()).unwrap_or("?");
-        let expected = match order.state {
-            Some(OrderState::Succeeded) => (1, 0),
-            Some(OrderState::Refunded) => (1, 1),
-            _ => (0, 0),
-        };
-        if done.debits != expected.0 {
-            self.mismatch(
-                "debit",
-                &order_id,
-                format!("{state} order with {} debits", done.debits),
-            );
-        }
-        if done.refunds != expected.1 {
-            self.mismatch(
-                "refund",
-                &order_id,
-                format!("{state} order with {} refunds", done.refunds),
-            );
-        }
-        let paid = matches!(
-            self.withdrawals
+        let state = entry.order.state.map(|s| s.as_str()).unwrap_or("?");
+        let mut findings = entry.wallet_findings(event);
+        if let Some(paid_expected) = channel_expectation(event) {
+            let record = self
+                .withdrawals
                 .channel
                 .query(request.method.channel, &order_id)
-                .await,
-            QueryOutcome::Succeeded
-        );
-        if paid != (order.state == Some(OrderState::Succeeded)) {
-            self.mismatch(
-                "channel",
-                &order_id,
-                format!("{state} order, channel paid: {paid}"),
-            );
+                .await;
+            let channel = request.method.channel;
+            match (record, paid_expected) {
+                (QueryOutcome::Succeeded { amount }, true) if amount != request.amount => findings
+                    .push((
+                        "channel",
+                        format!(
+                            "{state} order of {} fen, {channel} paid {amount} fen",
+                            request.amount
+                        ),
+                    )),
+                (QueryOutcome::Succeeded { .. }, true) => {}
+                (other, true) => findings.push((
+                    "channel",
+                    format!("{state} order, {channel} record: {other:?}"),
+                )),
+                (QueryOutcome::Succeeded { amount }, false) => findings.push((
+                    "channel",
+                    format!("{state} order, but {channel} paid {amount} fen"),
+                )),
+                (_, false) => {}
+            }
         }
-        self.withdrawals
-            .metrics
-            .withdrawals_total
-            .with_label_values(&[state])
-            .inc();
+        self.withdrawals.metrics.reconciliation_checks_total.inc();
+        for (check, detail) in findings {
+            self.mismatch(check, &order_id, detail);
+        }
+        if finished {
+            self.open.remove(&order_id);
+            self.withdrawals
+                .metrics
+                .withdrawals_total
+                .with_label_values(&[state])
+                .inc();
+        }
     }
 
     async fn run(mut self, store: Arc<dyn EventStore>, mut stop: watch::Receiver<bool>) {

@@ -40,11 +40,27 @@ async fn statement(app: &super::TestApp, channel: &str) -> HashMap<String, Value
         .collect()
 }
 
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
+/// The sum of the series whose line starts with `name` (a metric name, or a name with
+/// labels); `None` when no such series is exposed, so that a metric missing because something
+/// is broken can never read as a healthy zero.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    let values: Vec<f64> = text
+        .lines()
         .filter(|l| l.starts_with(name))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
+async fn metrics_text(app: &super::TestApp) -> String {
+    app.client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 async fn ledger_entries(app: &super::TestApp, uid: &str) -> Vec<Value> {
@@ -285,14 +301,14 @@ async fn an_always_failing_channel_parks_the_payout_and_refunds_exactly_once() {
         .unwrap();
     assert_eq!(
         metric(&metrics, "hongbao_payouts_parked_total{channel=\"bank\"}"),
-        3.0
+        Some(3.0)
     );
     assert_eq!(
         metric(
             &metrics,
             "hongbao_payout_attempts_total{channel=\"bank\",outcome=\"failed\"}"
         ),
-        12.0
+        Some(12.0)
     );
     // Settled dead letters leave the parked listing.
     let (_, parked) = app.get("/v1/admin/withdrawals/parked", Some(ADMIN)).await;
@@ -358,25 +374,52 @@ async fn timeouts_are_resolved_by_query_never_by_paying_twice() {
         metric(
             &metrics,
             "hongbao_payout_attempts_total{channel=\"alipay\",outcome=\"timeout\"}"
-        ) >= 30.0
-    );
-    // The reconciler checks each order as it becomes final; give it a moment after the last.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert_eq!(
-        metric(&metrics, "hongbao_reconciliation_mismatches_total"),
-        0.0,
+        )
+        .is_some_and(|n| n >= 30.0),
         "{metrics}"
     );
-    assert!(metric(&metrics, "hongbao_withdrawals_total{state=\"succeeded\"}") >= succeeded as f64);
+    // The reconciler checks each order at every state change and counts it final last; poll
+    // until it has seen all 30 final, then nothing may disagree.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let metrics = loop {
+        let metrics = metrics_text(&app).await;
+        let finals = ["succeeded", "refunded"]
+            .iter()
+            .filter_map(|s| {
+                metric(
+                    &metrics,
+                    &format!("hongbao_withdrawals_total{{state=\"{s}\"}}"),
+                )
+            })
+            .sum::<f64>();
+        if finals >= 30.0 {
+            break metrics;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reconciler never saw the 30 orders final: {metrics}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    };
+    for check in ["debit", "refund", "channel"] {
+        assert_eq!(
+            metric(
+                &metrics,
+                &format!("hongbao_reconciliation_mismatches_total{{check=\"{check}\"}}")
+            ),
+            Some(0.0),
+            "{check} exposed at zero: {metrics}"
+        );
+    }
+    assert!(
+        metric(&metrics, "hongbao_reconciliation_checks_total")
+            .is_some_and(|n| n >= 30.0 * 4.0),
+        "each order checked at every state change (requested, debited, paying, final...): {metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "hongbao_withdrawals_total{state=\"succeeded\"}"),
+        Some(succeeded as f64)
+    );
 }
 
 #[tokio::test]

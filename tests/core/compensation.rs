@@ -15,20 +15,29 @@ use hongbao::ids::Id;
 use hongbao::metrics::Metrics;
 use hongbao::money::Fen;
 use hongbao::projections::{withdrawals::WithdrawalsView, Projections};
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A channel that records a payment and then never answers until released; queries tell the
 /// truth.
 struct HangingChannel {
-    paid: Arc<Mutex<HashSet<String>>>,
+    paid: Arc<Mutex<HashMap<String, Fen>>>,
     release: Arc<tokio::sync::Notify>,
 }
 
 impl PaymentChannel for HangingChannel {
-    fn pay(&self, _: Channel, order_id: &Id, _: Fen, _: &str) -> BoxFuture<'static, PayOutcome> {
-        self.paid.lock().unwrap().insert(order_id.to_string());
+    fn pay(
+        &self,
+        _: Channel,
+        order_id: &Id,
+        amount: Fen,
+        _: &str,
+    ) -> BoxFuture<'static, PayOutcome> {
+        self.paid
+            .lock()
+            .unwrap()
+            .insert(order_id.to_string(), amount);
         let release = self.release.clone();
         Box::pin(async move {
             release.notified().await;
@@ -37,12 +46,11 @@ impl PaymentChannel for HangingChannel {
     }
 
     fn query(&self, _: Channel, order_id: &Id) -> BoxFuture<'static, QueryOutcome> {
-        let paid = self.paid.lock().unwrap().contains(order_id.as_str());
+        let paid = self.paid.lock().unwrap().get(order_id.as_str()).copied();
         Box::pin(async move {
-            if paid {
-                QueryOutcome::Succeeded
-            } else {
-                QueryOutcome::NoRecord
+            match paid {
+                Some(amount) => QueryOutcome::Succeeded { amount },
+                None => QueryOutcome::NoRecord,
             }
         })
     }
@@ -221,7 +229,7 @@ fn stuck_orders_are_compensated_per_state_after_the_age() {
 struct GatedChannel {
     refused_first: std::sync::atomic::AtomicBool,
     held_calls: Arc<std::sync::atomic::AtomicU32>,
-    paid: Arc<Mutex<HashSet<String>>>,
+    paid: Arc<Mutex<HashMap<String, Fen>>>,
     release: Arc<tokio::sync::Semaphore>,
 }
 
@@ -237,7 +245,13 @@ impl Default for GatedChannel {
 }
 
 impl PaymentChannel for GatedChannel {
-    fn pay(&self, _: Channel, order_id: &Id, _: Fen, _: &str) -> BoxFuture<'static, PayOutcome> {
+    fn pay(
+        &self,
+        _: Channel,
+        order_id: &Id,
+        amount: Fen,
+        _: &str,
+    ) -> BoxFuture<'static, PayOutcome> {
         use std::sync::atomic::Ordering;
         if !self.refused_first.swap(true, Ordering::SeqCst) {
             return Box::pin(async { PayOutcome::Failed("declined".into()) });
@@ -250,18 +264,17 @@ impl PaymentChannel for GatedChannel {
         );
         Box::pin(async move {
             release.acquire().await.unwrap().forget();
-            paid.lock().unwrap().insert(order);
+            paid.lock().unwrap().insert(order, amount);
             PayOutcome::Succeeded
         })
     }
 
     fn query(&self, _: Channel, order_id: &Id) -> BoxFuture<'static, QueryOutcome> {
-        let paid = self.paid.lock().unwrap().contains(order_id.as_str());
+        let paid = self.paid.lock().unwrap().get(order_id.as_str()).copied();
         Box::pin(async move {
-            if paid {
-                QueryOutcome::Succeeded
-            } else {
-                QueryOutcome::NoRecord
+            match paid {
+                Some(amount) => QueryOutcome::Succeeded { amount },
+                None => QueryOutcome::NoRecord,
             }
         })
     }
