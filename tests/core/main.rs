@@ -6,6 +6,7 @@ mod audit;
 mod compensation;
 mod loadgen;
 mod projections;
+mod reconciliation;
 mod store;
 
 use hongbao::clock::ManualClock;
