@@ -75,7 +75,7 @@ impl Caller {
 }
 
 /// The key of a request and the role it grants.
-fn authenticate<'a>(req: &'a HttpRequest) -> Result<(Role, &'a str), ApiError> {
+fn authenticate(req: &HttpRequest) -> Result<(Role, &str), ApiError> {
     let state = req
         .app_data::<web::Data<AppState>>()
         .ok_or_else(ApiError::unauthorized)?;
