@@ -929,8 +929,15 @@ struct Reconciler {
     withdrawals: Arc<Withdrawals>,
     tree: sled::Tree,
     open: HashMap<Id, Ledgered>,
+    /// Orders seen final lately (at most [`RECENT_FINAL_MAX`], oldest forgotten first): a
+    /// wallet movement for one of them is an extra one, reported as it arrives.
+    recent_final: std::collections::VecDeque<Id>,
+    recent_final_set: HashSet<Id>,
     read_to: u64,
 }
+
+/// Final orders the reconciler remembers, for catching movements after the end.
+const RECENT_FINAL_MAX: usize = 100_000;
 
 impl Reconciler {
     fn new(withdrawals: Arc<Withdrawals>, tree: sled::Tree) -> Result<Reconciler, StoreError> {
@@ -939,8 +946,21 @@ impl Reconciler {
             withdrawals,
             tree,
             open: HashMap::new(),
+            recent_final: Default::default(),
+            recent_final_set: HashSet::new(),
             read_to,
         })
+    }
+
+    fn remember_final(&mut self, order_id: Id) {
+        if self.recent_final.len() == RECENT_FINAL_MAX {
+            if let Some(oldest) = self.recent_final.pop_front() {
+                self.recent_final_set.remove(&oldest);
+            }
+        }
+        if self.recent_final_set.insert(order_id.clone()) {
+            self.recent_final.push_back(order_id);
+        }
     }
 
     /// Every order still open started after this.
@@ -971,6 +991,22 @@ impl Reconciler {
                     (WalletEvent::Credited(_), Entry::WithdrawalRefund) => false,
                     _ => return,
                 };
+                let amount = line.amount.as_u64() as u128;
+                if self.recent_final_set.contains(&line.order_id) {
+                    // The order is over: nothing may move for it any more. Not tracked, so it
+                    // does not hold the checkpoint back.
+                    let (check, what) = if debit {
+                        ("debit", "debit")
+                    } else {
+                        ("refund", "refund")
+                    };
+                    self.mismatch(
+                        check,
+                        &line.order_id,
+                        format!("a {what} of {amount} fen after the order was final"),
+                    );
+                    return;
+                }
                 let entry = self
                     .open
                     .entry(line.order_id.clone())
@@ -978,7 +1014,6 @@ impl Reconciler {
                         first_seq: envelope.seq,
                         ..Default::default()
                     });
-                let amount = line.amount.as_u64() as u128;
                 let finding = if debit {
                     entry.debits += 1;
                     entry.debited += amount;
@@ -1069,6 +1104,7 @@ impl Reconciler {
                 .withdrawals_total
                 .with_label_values(&[state])
                 .inc();
+            self.remember_final(order_id);
         }
     }
 

@@ -310,6 +310,19 @@ fn each_side_corrupted_raises_the_reconciler_metric_and_the_audit_names_the_orde
             mismatches("debit")
         })
         .await;
+        // An extra debit once an order is final: reported as it arrives.
+        wait_count("xtra-1 reconciled final", 4, finals).await;
+        let debit_before = mismatches("debit");
+        append(
+            &store,
+            "wallet:clean",
+            vec![movement(true, Entry::Withdrawal, "ok-1", 500, 500)],
+        )
+        .await;
+        wait_count("a debit after ok-1 was final", debit_before + 1, || {
+            mismatches("debit")
+        })
+        .await;
 
         // 4. A missing refund: the order says refunded, the wallet never gave it back.
         append(&store, "withdrawal:nr-1", requested("nr", 500)).await;
@@ -348,9 +361,12 @@ fn each_side_corrupted_raises_the_reconciler_metric_and_the_audit_names_the_orde
         }
         assert!(!statements.contains("ok-1"), "{statements}");
         let orders = examples(&report, "withdrawals");
-        for order in ["short-1", "xtra-1", "nr-1"] {
+        for order in ["short-1", "xtra-1", "nr-1", "ok-1"] {
             assert!(orders.contains(order), "{order} not named: {orders}");
         }
-        assert!(!orders.contains("ok-1"), "{orders}");
+        assert!(
+            !orders.contains("ok-2"),
+            "its wallet side is clean: {orders}"
+        );
     });
 }
