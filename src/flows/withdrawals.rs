@@ -13,6 +13,8 @@
 //!   that was debited (once: the wallet's refund is idempotent by order id).
 //! - The sweeper, on the injected clock, finds orders not final after `compensation_age` and
 //!   applies W9's rule for their state (`domain::withdrawal::compensation`).
+//! - One driver per order: the lanes and the sweeper take a lease from [`Drivers`] before any
+//!   payout step of an order; the second driver does nothing ([`Step::Busy`]).
 //! - The reconciler checks every state change of every order against the wallet's movements
 //!   (one debit of exactly the order's amount, a refund of exactly the debit when it failed
 //!   after the debit, none otherwise) and, when it succeeds or fails, the channel's record
