@@ -1141,3 +1141,35 @@ impl Reconciler {
         let _ = save_checkpoint(&self.tree, RECONCILER_FLOW, self.checkpoint());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> Id {
+        Id::parse(s).unwrap()
+    }
+
+    #[test]
+    fn one_driver_per_order_until_it_finishes_or_its_lease_lapses() {
+        // Goal: a second driver is refused while the first holds the order; dropping the lease
+        // frees it; a lapsed lease can be taken over, and the lapsed driver then knows it is
+        // no longer driving (and its late drop does not free the new driver's order).
+        let drivers = Drivers::default();
+        let (order, other) = (id("o1"), id("o2"));
+        let lane = drivers.acquire(&order, "payout_lane", 0, 100).unwrap();
+        assert!(drivers.acquire(&order, "sweeper", 50, 100).is_none());
+        assert!(drivers.acquire(&other, "sweeper", 50, 100).is_some());
+        assert!(lane.is_current(99));
+        drop(lane);
+        let sweeper = drivers.acquire(&order, "sweeper", 60, 100).unwrap();
+        let taker = drivers.acquire(&order, "payout_lane", 160, 100).unwrap();
+        assert!(!sweeper.is_current(150), "taken over");
+        drop(sweeper);
+        assert!(
+            taker.is_current(170),
+            "the lapsed driver's drop leaves the new lease"
+        );
+        assert!(drivers.acquire(&order, "sweeper", 170, 100).is_none());
+    }
+}
