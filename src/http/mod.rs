@@ -127,6 +127,8 @@ pub struct ErrorBody {
         withdrawals::WithdrawalStatus,
         withdrawals::HistoryItem,
         withdrawals::PolicyBody,
+        withdrawals::PolicyView,
+        withdrawals::ChangedByBody,
         withdrawals::WindowBody,
         withdrawals::StagedBody,
         withdrawals::StageBody,

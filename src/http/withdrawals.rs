@@ -1,14 +1,14 @@
 //! Withdrawal endpoints: payout methods and withdrawals (gateway), the withdrawal policy, the
 //! payment channels and the dead-letter listing (admin).
 
-use super::auth::{Caller, Role};
+use super::auth::{Caller, Operator, Role};
 use super::error::ApiError;
 use super::{parse_id, read_view, view_error, AppState, ErrorBody};
 use crate::channels::{ChannelSettings, RecordStatus};
 use crate::clock::{parse_rfc3339, rfc3339};
 use crate::domain::withdrawal::{
-    BindMethod, Channel, Gate, OrderState, PayeeError, PolicyError, Stage, StagedOpening, Window,
-    WithdrawalError, WithdrawalOrder, WithdrawalPolicy, WithdrawalRequest,
+    BindMethod, Channel, Gate, OrderState, PayeeError, PolicyError, SetPolicy, Stage,
+    StagedOpening, Window, WithdrawalError, WithdrawalOrder, WithdrawalPolicy, WithdrawalRequest,
 };
 use crate::ids::Id;
 use crate::money::Fen;
@@ -98,12 +98,21 @@ pub struct StageBody {
     pub open_below: u64,
 }
 
+/// A staged opening, in one of two forms: an explicit `schedule`, or `starts_at` and
+/// `interval_s` (bucket k opens at `starts_at + k x interval_s`; expanded into a schedule).
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StagedBody {
     /// Users are bucketed by `uid mod modulo` (numeric uids) or a stable hash.
     pub modulo: u64,
-    pub schedule: Vec<StageBody>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Vec<StageBody>>,
+    /// RFC 3339: when bucket 0 opens (with `interval_s`, instead of `schedule`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub starts_at: Option<String>,
+    /// Seconds between one bucket's opening and the next's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_s: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -113,6 +122,25 @@ pub struct PolicyBody {
     #[serde(default)]
     pub closed_windows: Vec<WindowBody>,
     pub staged_opening: Option<StagedBody>,
+}
+
+/// Who set a policy (or a switch): the key's role and a short id of the key.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChangedByBody {
+    /// admin | issuer | gateway
+    pub role: String,
+    /// The first 8 hex digits of the key's SHA-256.
+    pub key_id: String,
+    pub at: String,
+}
+
+/// The policy in force and who set it (`null`: the default, or set before changes were
+/// attributed).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PolicyView {
+    #[serde(flatten)]
+    pub policy: PolicyBody,
+    pub changed_by: Option<ChangedByBody>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -304,7 +332,7 @@ fn gate_error(gate: Gate) -> ApiError {
             "window_closed",
             "withdrawals are closed now",
         )
-        .with("opens_at", rfc3339(opens_at_ms)),
+        .with("opens_at", opens_at_ms.map(rfc3339)),
         Gate::NotYetOpenForUser { opens_at_ms } => ApiError::new(
             StatusCode::FORBIDDEN,
             "not_yet_open_for_user",
@@ -447,14 +475,17 @@ fn policy_body(policy: &WithdrawalPolicy) -> PolicyBody {
             .collect(),
         staged_opening: policy.staged_opening.as_ref().map(|s| StagedBody {
             modulo: s.modulo,
-            schedule: s
-                .schedule
-                .iter()
-                .map(|st| StageBody {
-                    at: rfc3339(st.at_ms),
-                    open_below: st.open_below,
-                })
-                .collect(),
+            schedule: Some(
+                s.schedule
+                    .iter()
+                    .map(|st| StageBody {
+                        at: rfc3339(st.at_ms),
+                        open_below: st.open_below,
+                    })
+                    .collect(),
+            ),
+            starts_at: None,
+            interval_s: None,
         }),
     }
 }
@@ -468,6 +499,39 @@ fn time(field: &str, raw: &str) -> Result<i64, ApiError> {
     })
 }
 
+/// The staged opening of a PUT body, from either form.
+fn staged(body: &StagedBody) -> Result<StagedOpening, ApiError> {
+    match (&body.schedule, &body.starts_at, body.interval_s) {
+        (Some(schedule), None, None) => Ok(StagedOpening {
+            modulo: body.modulo,
+            schedule: schedule
+                .iter()
+                .map(|st| {
+                    Ok(Stage {
+                        at_ms: time("at", &st.at)?,
+                        open_below: st.open_below,
+                    })
+                })
+                .collect::<Result<Vec<_>, ApiError>>()?,
+        }),
+        (None, Some(starts_at), Some(interval_s)) => {
+            let interval_ms = i64::try_from(interval_s)
+                .ok()
+                .and_then(|s| s.checked_mul(1_000))
+                .ok_or_else(|| unprocessable("invalid_policy", "interval_s is too large"))?;
+            Ok(StagedOpening::every(
+                body.modulo,
+                time("starts_at", starts_at)?,
+                interval_ms,
+            )?)
+        }
+        _ => Err(unprocessable(
+            "invalid_policy",
+            "staged_opening takes either schedule or both starts_at and interval_s",
+        )),
+    }
+}
+
 /// Replaces the withdrawal policy (W3-W5), recorded as an event.
 #[utoipa::path(
     put, path = "/v1/admin/withdrawal-policy", tag = "withdrawals", request_body = PolicyBody,
@@ -475,11 +539,11 @@ fn time(field: &str, raw: &str) -> Result<i64, ApiError> {
     security(("bearer" = []))
 )]
 pub async fn set_policy(
-    caller: Caller,
+    operator: Operator,
     state: web::Data<AppState>,
     body: web::Json<PolicyBody>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require(&[])?;
+    operator.caller.require(&[])?;
     if body.min_amount == 0 || body.min_amount > state.config.limits.amount_fen_max {
         return Err(unprocessable(
             "invalid_policy",
@@ -496,39 +560,38 @@ pub async fn set_policy(
             })
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
-    let staged_opening = match &body.staged_opening {
-        None => None,
-        Some(s) => Some(StagedOpening {
-            modulo: s.modulo,
-            schedule: s
-                .schedule
-                .iter()
-                .map(|st| {
-                    Ok(Stage {
-                        at_ms: time("at", &st.at)?,
-                        open_below: st.open_below,
-                    })
-                })
-                .collect::<Result<Vec<_>, ApiError>>()?,
-        }),
-    };
+    let staged_opening = body.staged_opening.as_ref().map(staged).transpose()?;
     let policy = WithdrawalPolicy {
         min_amount: Fen::new(body.min_amount),
         closed_windows,
         staged_opening,
     };
-    let policy = state.policy.execute(policy).await?;
+    let policy = state
+        .policy
+        .execute(SetPolicy {
+            policy,
+            by: operator.changed_by(),
+        })
+        .await?;
+    tracing::info!(key_id = %operator.key_id, "withdrawal policy set");
     Ok(HttpResponse::Ok().json(policy_body(&policy)))
 }
 
-/// The withdrawal policy in force.
-#[utoipa::path(get, path = "/v1/admin/withdrawal-policy", tag = "withdrawals", responses((status = 200, body = PolicyBody)), security(("bearer" = [])))]
+/// The withdrawal policy in force, and who set it.
+#[utoipa::path(get, path = "/v1/admin/withdrawal-policy", tag = "withdrawals", responses((status = 200, body = PolicyView)), security(("bearer" = [])))]
 pub async fn get_policy(
     caller: Caller,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     caller.require(&[])?;
-    Ok(HttpResponse::Ok().json(state.policy.with(|p| policy_body(&p.policy))))
+    Ok(HttpResponse::Ok().json(state.policy.with(|p| PolicyView {
+        policy: policy_body(&p.policy),
+        changed_by: p.changed_by.as_ref().map(|(by, at_ms)| ChangedByBody {
+            role: by.role.clone(),
+            key_id: by.key_id.clone(),
+            at: rfc3339(*at_ms),
+        }),
+    })))
 }
 
 fn channel_body(s: ChannelSettings) -> ChannelBody {
