@@ -143,8 +143,12 @@ pub struct UserReward {
     pub activity_id: String,
     pub kind: String,
     pub amount: u64,
+    /// accepted (pending) | credited | used (a subsidy that paid a B2C packet: not spendable)
     pub status: String,
     pub token: String,
+    /// For a used subsidy: the packet it paid.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packet_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -714,6 +718,7 @@ pub async fn list_rewards(
             kind: kind.as_str().into(),
             amount: amount.as_u64(),
             status: status.into(),
+            packet_id: None,
         })
     };
     // Pending rewards first (oldest first), then credited money rewards from the ledger
@@ -758,8 +763,23 @@ pub async fn list_rewards(
                 let Some(activity) = &line.source else {
                     continue;
                 };
-                if let Some(reward) = token(activity, &line.order_id, kind, line.amount, "credited")
+                // A subsidy that paid a B2C packet is spent (P7): a point lookup, since the
+                // debit may be far from the credit in the ledger.
+                let used_by = match kind {
+                    RewardKind::Subsidy => {
+                        wallet_view::subsidy_used_by(wallets, uid.as_str(), &line.order_id)
+                            .map_err(view_error)?
+                    }
+                    _ => None,
+                };
+                let status = if used_by.is_some() {
+                    "used"
+                } else {
+                    "credited"
+                };
+                if let Some(mut reward) = token(activity, &line.order_id, kind, line.amount, status)
                 {
+                    reward.packet_id = used_by;
                     list.push(reward);
                 }
                 if list.len() >= limit {
