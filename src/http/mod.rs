@@ -10,6 +10,7 @@ pub mod coupons;
 pub mod error;
 pub mod ops;
 pub mod packets;
+pub mod paging;
 pub mod rewards;
 pub mod wallets;
 pub mod withdrawals;

@@ -272,6 +272,32 @@ pub fn balances(tree: &sled::Tree, uid: &str) -> Result<Balances, StoreError> {
     Ok(balance_record(tree, uid)?.balances)
 }
 
+/// A user's pending rewards by (activity, order id): at most `limit`, after the position
+/// `after` (from the first without), read with a range scan from there. Each comes with its
+/// position (activity, `0x00`, order id), the cursor of the next read.
+pub fn pending_after(
+    tree: &sled::Tree,
+    uid: &str,
+    after: Option<&[u8]>,
+    limit: usize,
+) -> Result<Vec<(Vec<u8>, PendingReward)>, StoreError> {
+    use std::ops::Bound;
+    let prefix = pending_prefix(uid);
+    let start = match after {
+        Some(position) => Bound::Excluded([prefix.as_slice(), position].concat()),
+        None => Bound::Included(prefix.clone()),
+    };
+    let mut pending = Vec::new();
+    for item in tree.range((start, Bound::Unbounded)) {
+        let (key, value) = item.map_err(io)?;
+        if !key.starts_with(&prefix) || pending.len() >= limit {
+            break;
+        }
+        pending.push((key[prefix.len()..].to_vec(), decode_view(&value)?));
+    }
+    Ok(pending)
+}
+
 /// The packet a subsidy paid, if the user spent it (`None`: not spent).
 pub fn subsidy_used_by(
     tree: &sled::Tree,
