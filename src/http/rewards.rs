@@ -575,6 +575,7 @@ pub async fn get_activity(
         (status = 200, body = ForceCreditResponse),
         (status = 401, description = "invalid_token: a token is forged, altered or malformed; nothing was credited", body = ErrorBody),
         (status = 403, description = "token_uid_mismatch: a token belongs to another user; nothing was credited", body = ErrorBody),
+        (status = 422, description = "invalid_tokens: present 1 to 100 tokens", body = ErrorBody),
         (status = 503, description = "Some credits unconfirmed: retry the call (idempotent)", body = ErrorBody),
     ),
     security(("bearer" = []))
