@@ -72,6 +72,16 @@ fn concrete(path: &str, id: &str) -> String {
     out
 }
 
+/// One request of the status check: what it tries, the path, the key, the body, and the
+/// status it must get when that is known.
+type Probe<'a> = (
+    &'a str,
+    String,
+    Option<&'a str>,
+    Option<String>,
+    Option<u16>,
+);
+
 /// Sends one request; returns the status and the body's text.
 async fn call(
     app: &TestApp,
@@ -148,7 +158,7 @@ async fn every_documented_operation_is_served_and_answers_only_documented_status
                     .is_some_and(|p| !p.is_empty());
             let empty = has_body.then(|| "{}".to_string());
             let valid = concrete(path, "doc-1");
-            let mut tries: Vec<(&str, String, Option<&str>, Option<String>, Option<u16>)> = vec![
+            let mut tries: Vec<Probe> = vec![
                 (
                     "no key",
                     valid.clone(),
