@@ -81,7 +81,8 @@ pub struct LedgerLine {
 pub struct WalletResponse {
     pub uid: String,
     pub balances: BalancesBody,
-    /// Accepted rewards not yet credited (R6).
+    /// Accepted rewards not yet credited (R6): the first 100; every one, paged:
+    /// `GET /v1/wallets/{uid}/rewards?status=accepted`.
     pub pending: Vec<PendingBody>,
     /// Latest movements first.
     pub ledger: Vec<LedgerLine>,

@@ -251,6 +251,27 @@ async fn the_channel_statement_pages_every_line_once_and_streams_whole_as_json_l
         pages.iter().map(Vec::len).collect::<Vec<_>>(),
         vec![10_000, 10_000, lines - 20_000]
     );
+    // A cut download resumes from a page's cursor: JSON lines from there on.
+    let first = app
+        .client
+        .get(app.url("/v1/admin/channels/bank/statement?limit=500"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    let resume = next_link(&first).expect("more than 500 lines");
+    let resumed = app
+        .client
+        .get(app.url(&resume))
+        .bearer_auth(ADMIN)
+        .header("accept", "application/x-ndjson")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(resumed.lines().count(), lines - 500);
 
     // The whole statement as JSON lines, for finance.
     let response = app
