@@ -217,9 +217,26 @@ impl SimulatedChannels {
         channel: Channel,
         limit: usize,
     ) -> Result<Vec<StatementLine>, StoreError> {
+        self.statement_after(channel, None, limit)
+    }
+
+    /// At most `limit` lines of the record with order ids after `after` (from the first
+    /// without), in order id order: a range scan from the cursor, so a page costs its own
+    /// lines whatever its depth.
+    pub fn statement_after(
+        &self,
+        channel: Channel,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<StatementLine>, StoreError> {
+        use std::ops::Bound;
+        let start = match after {
+            Some(order_id) => Bound::Excluded(order_id.as_bytes().to_vec()),
+            None => Bound::Unbounded,
+        };
         self.channel(channel)
             .statement
-            .iter()
+            .range::<Vec<u8>, _>((start, Bound::Unbounded))
             .take(limit)
             .map(|item| Ok(codec::decode(&item.map_err(io)?.1)?))
             .collect()

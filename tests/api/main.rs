@@ -3,6 +3,7 @@
 
 mod coupons;
 mod crash;
+mod lists;
 mod ops;
 mod packets;
 mod rewards;
