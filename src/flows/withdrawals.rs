@@ -504,12 +504,21 @@ impl Withdrawals {
             .with_label_values(&[label])
             .inc();
         if action == Compensation::AbandonDebit {
-            // Did the debit happen? The wallet's own record says.
+            // Did the debit happen? The wallet answers, and bars it if not: a debit the request
+            // flow still has on its way is refused from now on, so the order can fail without
+            // money leaving for it behind its back (the same bar as a red packet's expiry).
             let uid = &order.request.as_ref().expect("requested").uid;
-            let (wallet, _) = self.wallets.state(uid.as_str()).await.map_err(transient)?;
-            let debited = wallet
-                .entries
-                .contains_key(&(Entry::Withdrawal, order_id.clone()));
+            let bar = WalletCommand::BarDebit {
+                entry: Entry::Withdrawal,
+                order_id: order_id.clone(),
+                source: None,
+            };
+            let answer = self
+                .wallets
+                .execute(uid.as_str(), bar)
+                .await
+                .map_err(transient)?;
+            let debited = !answer.barred;
             self.orders
                 .execute(order_id.as_str(), WithdrawalCommand::Abandon { debited })
                 .await

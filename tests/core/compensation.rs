@@ -366,3 +366,58 @@ fn a_payout_lane_and_the_sweeper_never_drive_one_order_at_once() {
         views.stop().await;
     });
 }
+
+#[test]
+fn a_debit_still_on_its_way_when_the_sweeper_abandons_the_order_never_lands() {
+    // Goal: W9 with W10: the sweeper abandons an order stuck in pending_debit (4 h old) while
+    // the request flow's debit is still on its way to the wallet; that debit must be refused,
+    // or the money would leave for an order that is failed, final and never refunded.
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let clock = ManualClock::new(1_000_000);
+    actix_rt::System::new().block_on(async {
+        let runtime = Arc::new(Runtime {
+            store: store.clone(),
+            clock: Arc::new(clock.clone()),
+            metrics: Arc::new(Metrics::new()),
+            config: ActorConfig::default(),
+        });
+        let wallets: Arc<Registry<Wallet>> = Registry::new(runtime.clone());
+        let withdrawals = Withdrawals::new(
+            Registry::new(runtime.clone()),
+            wallets.clone(),
+            Arc::new(GatedChannel::default()),
+            WithdrawalConfig::default(),
+        );
+        let funding = WalletCommand::Credit {
+            entry: Entry::Reward,
+            order_id: id("fund-slow"),
+            amount: Fen::new(1_000),
+            source: Some(id("act")),
+        };
+        wallets.execute("slow", funding).await.unwrap();
+        withdrawals
+            .orders
+            .execute("slow-order", WithdrawalCommand::Request(request("slow")))
+            .await
+            .unwrap();
+        clock.advance_ms(4 * 3_600_000 + 1);
+        withdrawals.compensate(&id("slow-order")).await.unwrap();
+        let order = withdrawals.order(&id("slow-order")).await.unwrap().unwrap();
+        assert!(order.state == Some(OrderState::Failed) && !order.debited && order.is_final());
+        let late = wallets
+            .execute(
+                "slow",
+                WalletCommand::Debit {
+                    entry: Entry::Withdrawal,
+                    order_id: id("slow-order"),
+                    amount: Fen::new(300),
+                    source: None,
+                },
+            )
+            .await;
+        assert!(late.is_err(), "the late debit landed: {late:?}");
+        let (wallet, _) = wallets.state("slow").await.unwrap();
+        assert_eq!(wallet.activity, Fen::new(1_000), "nothing left the user");
+    });
+}
