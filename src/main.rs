@@ -16,9 +16,19 @@ use hongbao::http::Application;
 use hongbao::metrics::Metrics;
 use hongbao::projections::{self, Projection};
 use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+
+/// `println!` that returns the write's error instead of panicking, so that a closed pipe
+/// (`hongbao projections list | head`) ends the command quietly (see `main`).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+    }};
+}
 
 #[derive(Parser)]
 #[command(
@@ -148,6 +158,8 @@ fn init_logging(default_level: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        // Colour codes only for a terminal: a log file or a collector gets plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
 }
@@ -214,20 +226,20 @@ fn verify(common: Common) -> anyhow::Result<ExitCode> {
     let bar = progress_bar(store.head(), "verifying");
     let report = hongbao::verify::verify_log(&store, |done, _| bar.set_position(done))?;
     bar.finish_and_clear();
-    println!("records checked:        {}", report.records);
-    println!("streams:                {}", report.streams);
-    println!("stream index entries:   {}", report.index_entries);
-    println!(
+    out!("records checked:        {}", report.records)?;
+    out!("streams:                {}", report.streams)?;
+    out!("stream index entries:   {}", report.index_entries)?;
+    out!(
         "hash chain:             {}",
         if report.ok() { "ok" } else { "see below" }
-    );
+    )?;
     match report.violation {
         None => {
-            println!("result: OK (chain intact, sequence contiguous from 1, stream versions continuous, index complete)");
+            out!("result: OK (chain intact, sequence contiguous from 1, stream versions continuous, index complete)")?;
             Ok(ExitCode::SUCCESS)
         }
         Some(violation) => {
-            println!("result: FAILED: {violation}");
+            out!("result: FAILED: {violation}")?;
             Ok(ExitCode::from(1))
         }
     }
@@ -280,29 +292,29 @@ fn replay(
     let store = open_store(&config)?;
     let replayed = hongbao::replay::replay(store.as_ref(), &stream, point)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&replayed)?);
+        out!("{}", serde_json::to_string_pretty(&replayed)?)?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    out!(
         "{} at version {} ({} events applied, {} later not applied)",
         replayed.stream,
         replayed.version,
         replayed.applied.len(),
         replayed.later_events
-    );
+    )?;
     for e in &replayed.applied {
-        println!(
+        out!(
             "  seq {:>10}  v{:<6} {}  {:<28} {}",
             e.seq,
             e.version,
             hongbao::clock::rfc3339(e.recorded_at_ms),
             e.type_name,
             e.correlation_id
-        );
+        )?;
     }
     match &replayed.state {
-        serde_json::Value::String(debug) => println!("state:\n{debug}"),
-        state => println!("state:\n{}", serde_json::to_string_pretty(state)?),
+        serde_json::Value::String(debug) => out!("state:\n{debug}")?,
+        state => out!("state:\n{}", serde_json::to_string_pretty(state)?)?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -315,17 +327,17 @@ fn verify_export(file: PathBuf) -> anyhow::Result<ExitCode> {
     let mut input = std::io::BufReader::new(bar.wrap_read(handle));
     let report = hongbao::export::verify_export(&mut input, |_| {})?;
     bar.finish_and_clear();
-    println!("lines checked:          {}", report.lines);
+    out!("lines checked:          {}", report.lines)?;
     if let (Some(first), Some(last)) = (report.first_seq, report.last_seq) {
-        println!("sequence:               {first} to {last}");
+        out!("sequence:               {first} to {last}")?;
     }
     match report.violation {
         None => {
-            println!("result: OK (every line's hash covers its contents and links to the line before; sequence contiguous; stream versions continuous)");
+            out!("result: OK (every line's hash covers its contents and links to the line before; sequence contiguous; stream versions continuous)")?;
             Ok(ExitCode::SUCCESS)
         }
         Some((line, why)) => {
-            println!("result: FAILED at line {line}: {why}");
+            out!("result: FAILED at line {line}: {why}")?;
             Ok(ExitCode::from(1))
         }
     }
@@ -365,43 +377,46 @@ fn audit(common: Common, json: bool) -> anyhow::Result<ExitCode> {
     bar.finish_and_clear();
     report.checks.push(views);
     if json {
-        println!(
+        out!(
             "{}",
             serde_json::to_string_pretty(
                 &serde_json::json!({"ok": report.ok(), "events": report.events, "replay_s": replay_s,
                     "views_s": views_s, "checks": report.checks})
             )?
-        );
+        )?;
     } else {
-        println!(
+        out!(
             "audited {} events: replay and checks {replay_s:.2} s ({:.0} events/s), views rebuilt and compared {views_s:.2} s",
             report.events,
             report.events as f64 / replay_s.max(1e-9)
-        );
+        )?;
         for check in &report.checks {
             let verdict = if check.ok() { "ok" } else { "FAILED" };
-            println!(
+            out!(
                 "{:<20} {:<7} {:>10} checked  {}",
-                check.name, verdict, check.checked, check.description
-            );
+                check.name,
+                verdict,
+                check.checked,
+                check.description
+            )?;
             for note in &check.notes {
-                println!("{:<20}         {note}", "");
+                out!("{:<20}         {note}", "")?;
             }
             for example in &check.examples {
-                println!("{:<20}   ! {example}", "");
+                out!("{:<20}   ! {example}", "")?;
             }
             if check.violations as usize > check.examples.len() {
-                println!("{:<20}   ! ... {} violations in all", "", check.violations);
+                out!("{:<20}   ! ... {} violations in all", "", check.violations)?;
             }
         }
-        println!(
+        out!(
             "result: {}",
             if report.ok() {
                 "OK, every invariant holds"
             } else {
                 "FAILED"
             }
-        );
+        )?;
     }
     Ok(if report.ok() {
         ExitCode::SUCCESS
@@ -436,13 +451,13 @@ fn rebuild(name: Option<String>, common: Common) -> anyhow::Result<ExitCode> {
         )?;
         bar.finish_and_clear();
         let secs = started.elapsed().as_secs_f64();
-        println!(
+        out!(
             "rebuilt {}: {} events in {:.2} s ({:.0} events/s)",
             projection.name(),
             at,
             secs,
             at as f64 / secs.max(1e-9)
-        );
+        )?;
     }
     store
         .state_db()
@@ -454,14 +469,14 @@ fn rebuild(name: Option<String>, common: Common) -> anyhow::Result<ExitCode> {
 fn list(common: Common) -> anyhow::Result<ExitCode> {
     let config = load_config(&common)?;
     let store = open_store(&config)?;
-    println!("log head: {}", store.head());
+    out!("log head: {}", store.head())?;
     for projection in all_projections() {
         let tree = projections::view_tree(store.state_db(), projection.name())?;
-        println!(
+        out!(
             "{:<12} checkpoint {}",
             projection.name(),
             projections::checkpoint(&tree)?
-        );
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -506,9 +521,19 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        // The reader of standard output went away (`| head`): it has what it wanted.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
     }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
