@@ -77,8 +77,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Check the whole log: hash chain, sequence contiguity, per-stream versions, stream index.
-    /// With --export FILE, check an export file standalone instead (no data directory needed).
+    /// Check the whole log: hash chain, sequence contiguity, per-stream versions, stream index,
+    /// and print its head (last seq, last hash, record count).
+    ///
+    /// With --export FILE, check an export file standalone instead (no data directory needed):
+    /// the chain proves no line was altered, removed or reordered; --expect-head proves it was
+    /// not cut short or rewritten up to its end; --checkpoints with --public-key proves, with
+    /// the server's signed checkpoints, that no suffix was rewritten and re-hashed.
+    #[command(after_help = "Examples:\n  hongbao verify --data-dir data\n  \
+                      hongbao verify --export log.jsonl --expect-head 3f2a...\n  \
+                      hongbao verify --export log.jsonl --checkpoints checkpoints.jsonl \
+                      --public-key $(hongbao checkpoints public-key)")]
     Verify {
         #[command(flatten)]
         common: Common,
@@ -86,9 +95,25 @@ enum Command {
         /// not hold.
         #[arg(long, value_name = "FILE")]
         export: Option<PathBuf>,
+        /// With --export: fail unless the file ends at this hash (hex), the head `hongbao
+        /// export` printed when it wrote the file. Catches a truncated or rewritten file.
+        #[arg(long, value_name = "HASH", requires = "export")]
+        expect_head: Option<String>,
+        /// With --export: signed checkpoints (`checkpoints.jsonl` of the server's data
+        /// directory, kept off the server's machine); each must carry a valid signature and
+        /// agree with the export.
+        #[arg(long, value_name = "FILE", requires_all = ["export", "public_key"])]
+        checkpoints: Option<PathBuf>,
+        /// The checkpoint public key (hex), as `hongbao checkpoints public-key` printed it.
+        #[arg(long, value_name = "HEX", requires = "checkpoints")]
+        public_key: Option<String>,
     },
     /// Write the log as JSON lines (seq, stream, version, type, payload, prev_hash, hash...)
     /// that `hongbao verify --export` re-checks with nothing but the file.
+    ///
+    /// Prints the head the file ends at (last seq, last hash, record count) on standard error:
+    /// keep it, and `hongbao verify --export FILE --expect-head HASH` proves a copy of the file
+    /// was neither cut short nor rewritten.
     Export {
         #[command(flatten)]
         common: Common,
@@ -116,6 +141,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Signed checkpoints of the log's head (Ed25519), for auditors.
+    Checkpoints {
+        #[command(subcommand)]
+        command: CheckpointsCommand,
+    },
     /// Operate on projections (query views).
     Projections {
         #[command(subcommand)]
@@ -123,6 +153,16 @@ enum Command {
     },
     /// Load generator: drive a scenario and print throughput and latency percentiles.
     Loadgen(Box<hongbao::loadgen::LoadgenArgs>),
+}
+
+#[derive(Subcommand)]
+enum CheckpointsCommand {
+    /// Print the public key (hex) that verifies the server's checkpoints. Publish it, and copy
+    /// `checkpoints.jsonl` off the machine regularly: the private key lives beside the log.
+    PublicKey {
+        #[command(flatten)]
+        common: Common,
+    },
 }
 
 #[derive(Subcommand)]
@@ -230,6 +270,14 @@ fn verify(common: Common) -> anyhow::Result<ExitCode> {
     out!("streams:                {}", report.streams)?;
     out!("stream index entries:   {}", report.index_entries)?;
     out!(
+        "head:                   {}",
+        head_text(
+            report.last_hash.map(|_| report.records),
+            report.last_hash,
+            report.records
+        )
+    )?;
+    out!(
         "hash chain:             {}",
         if report.ok() { "ok" } else { "see below" }
     )?;
@@ -259,16 +307,23 @@ fn export(common: Common, output: Option<PathBuf>, from: u64) -> anyhow::Result<
             Box::new(std::io::BufWriter::new(std::io::stdout().lock()))
         }
     };
-    let written = hongbao::export::export(&store, from, &mut out, |n| bar.set_position(n))?;
+    let summary = hongbao::export::export(&store, from, &mut out, |n| bar.set_position(n))?;
     drop(out);
     bar.finish_and_clear();
-    if let Some(path) = output {
-        eprintln!(
-            "exported {written} records (seq {} to {head}) to {}",
-            from.max(1),
-            path.display()
-        );
-    }
+    // On standard error, so that it never mixes with an export written to standard output.
+    let destination = match &output {
+        Some(path) => path.display().to_string(),
+        None => "standard output".into(),
+    };
+    eprintln!(
+        "exported {} records (seq {} to {head}) to {destination}",
+        summary.records,
+        from.max(1),
+    );
+    eprintln!(
+        "head: {} (check a copy with `hongbao verify --export FILE --expect-head HASH`)",
+        head_text(summary.last_seq, summary.last_hash, summary.records)
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -319,28 +374,105 @@ fn replay(
     Ok(ExitCode::SUCCESS)
 }
 
-fn verify_export(file: PathBuf) -> anyhow::Result<ExitCode> {
+/// `seq N, hash H, C records`, or `empty (0 records)`.
+fn head_text(seq: Option<u64>, hash: Option<hongbao::events::Hash>, records: u64) -> String {
+    match (seq, hash) {
+        (Some(seq), Some(hash)) => {
+            format!("seq {seq}, hash {}, {records} records", hex::encode(hash))
+        }
+        _ => format!("empty ({records} records)"),
+    }
+}
+
+fn verify_export(
+    file: PathBuf,
+    expect_head: Option<String>,
+    checkpoints: Option<(PathBuf, String)>,
+) -> anyhow::Result<ExitCode> {
+    use hongbao::checkpoints as cp;
+    // Bad input is refused before the file is read.
+    let expect_head = expect_head
+        .map(|text| cp::parse_hash("--expect-head", &text))
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let checkpoints = match checkpoints {
+        None => None,
+        Some((path, public_key)) => {
+            let key = cp::parse_public_key(&public_key)
+                .map_err(|e| anyhow::anyhow!("--public-key: {e}"))?;
+            let lines = cp::read_checkpoints(&path)?;
+            if lines.is_empty() {
+                bail!("{} holds no checkpoint", path.display());
+            }
+            Some((lines, key))
+        }
+    };
+    let seqs = checkpoints
+        .iter()
+        .flat_map(|(lines, _)| lines.iter().map(|(_, c)| c.seq))
+        .collect();
     let handle =
         std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
     let size = handle.metadata().map(|m| m.len()).unwrap_or(0);
     let bar = ProgressBar::new(size);
     let mut input = std::io::BufReader::new(bar.wrap_read(handle));
-    let report = hongbao::export::verify_export(&mut input, |_| {})?;
+    let report = hongbao::export::verify_export_at(&mut input, &seqs, |_| {})?;
     bar.finish_and_clear();
     out!("lines checked:          {}", report.lines)?;
     if let (Some(first), Some(last)) = (report.first_seq, report.last_seq) {
         out!("sequence:               {first} to {last}")?;
     }
-    match report.violation {
-        None => {
-            out!("result: OK (every line's hash covers its contents and links to the line before; sequence contiguous; stream versions continuous)")?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Some((line, why)) => {
-            out!("result: FAILED at line {line}: {why}")?;
-            Ok(ExitCode::from(1))
-        }
+    out!(
+        "head:                   {}",
+        head_text(report.last_seq, report.last_hash, report.lines)
+    )?;
+    if let Some((line, why)) = report.violation {
+        out!("result: FAILED at line {line}: {why}")?;
+        return Ok(ExitCode::from(1));
     }
+    if let Some(expected) = expect_head {
+        if report.last_hash != Some(expected) {
+            out!(
+                "result: FAILED: the export does not end at the expected head {} (it was cut \
+                 short, extended or rewritten)",
+                hex::encode(expected)
+            )?;
+            return Ok(ExitCode::from(1));
+        }
+        out!("expected head:          matches")?;
+    }
+    if let Some((lines, key)) = checkpoints {
+        let found = cp::check_against_export(
+            &lines,
+            &key,
+            &report.hashes_at,
+            report.first_seq,
+            report.last_seq,
+        );
+        if let Some((line, why)) = found.violation {
+            out!("result: FAILED at checkpoint line {line}: {why}")?;
+            return Ok(ExitCode::from(1));
+        }
+        out!(
+            "signed checkpoints:     {} confirmed, {} before the export's first seq",
+            found.confirmed,
+            found.not_covered
+        )?;
+    }
+    out!("result: OK (every line's hash covers its contents and links to the line before; sequence contiguous; stream versions continuous)")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn public_key(common: Common) -> anyhow::Result<ExitCode> {
+    let config = load_config(&common)?;
+    let key = hongbao::checkpoints::load_key(&config.data_dir).with_context(|| {
+        format!(
+            "no checkpoint key in {} (`hongbao serve` generates it on first start)",
+            config.data_dir.display()
+        )
+    })?;
+    out!("{}", hongbao::checkpoints::public_key_hex(&key))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn audit(common: Common, json: bool) -> anyhow::Result<ExitCode> {
@@ -490,8 +622,12 @@ fn main() -> ExitCode {
             require_budgets,
         } => serve(common, addr, require_budgets),
         Command::Verify {
-            export: Some(file), ..
-        } => verify_export(file),
+            export: Some(file),
+            expect_head,
+            checkpoints,
+            public_key,
+            ..
+        } => verify_export(file, expect_head, checkpoints.zip(public_key)),
         Command::Verify { common, .. } => verify(common),
         Command::Export {
             common,
@@ -506,6 +642,9 @@ fn main() -> ExitCode {
             json,
         } => replay(common, stream, until, at, json),
         Command::Audit { common, json } => audit(common, json),
+        Command::Checkpoints {
+            command: CheckpointsCommand::PublicKey { common },
+        } => public_key(common),
         Command::Projections {
             command: ProjectionsCommand::Rebuild { name, common },
         } => rebuild(name, common),
