@@ -34,19 +34,17 @@ const SIGNED_DOMAIN: &[u8] = b"hongbao checkpoint v1\0";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    /// (`error`, not `source`: the message already carries it, once.)
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
     #[error("{path}: {message}")]
     Key { path: String, message: String },
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
-    move |source| CheckpointError::Io {
+    move |error| CheckpointError::Io {
         path: path.display().to_string(),
-        source,
+        error,
     }
 }
 

@@ -157,8 +157,11 @@ enum Command {
 
 #[derive(Subcommand)]
 enum CheckpointsCommand {
-    /// Print the public key (hex) that verifies the server's checkpoints. Publish it, and copy
-    /// `checkpoints.jsonl` off the machine regularly: the private key lives beside the log.
+    /// Print the public key (hex) that verifies the server's checkpoints.
+    ///
+    /// Publish it, and copy `checkpoints.jsonl` off the machine regularly: the private key
+    /// lives beside the log, so only checkpoints kept elsewhere bind its history. Works while
+    /// the server runs (it reads `checkpoint.key`, not the log).
     PublicKey {
         #[command(flatten)]
         common: Common,
