@@ -504,3 +504,60 @@ fn after_a_failed_flush_nothing_beyond_the_head_is_visible_and_a_restart_reuses_
     assert!(report.ok(), "{report:?}");
     assert_eq!(report.records, 3);
 }
+
+#[test]
+fn views_started_while_a_flush_is_held_stop_at_the_durable_head() {
+    // Goal (issue 11 item 7, the /readyz report): projections that start (or catch up) while
+    // a batch is applied but not flushed apply the durable events only, then the batch once
+    // its flush returns; a view is never ahead of the log.
+    use hongbao::metrics::Metrics;
+    use hongbao::projections::{self, Projections};
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let rt = runtime();
+    rt.block_on(async {
+        store
+            .append(
+                0,
+                "wallet:v".into(),
+                ExpectedVersion::Exact(0),
+                vec![event(1), event(2)],
+            )
+            .unwrap()
+            .await
+            .unwrap();
+    });
+    let hold = store.hold_next_flush();
+    let ack = store
+        .append(
+            0,
+            "wallet:v".into(),
+            ExpectedVersion::Exact(2),
+            vec![event(3), event(4)],
+        )
+        .unwrap();
+    assert!(hold.wait_reached(Duration::from_secs(10)));
+    let metrics = Arc::new(Metrics::new());
+    let views = Projections::start(
+        store.clone(),
+        store.state_db(),
+        projections::all(metrics.clone()),
+        metrics,
+    )
+    .unwrap();
+    rt.block_on(async {
+        assert!(views.wait_for("wallets", 2, Duration::from_secs(10)).await);
+    });
+    assert_eq!(
+        views.checkpoint("wallets"),
+        2,
+        "the view passed the durable head"
+    );
+    hold.release();
+    rt.block_on(async {
+        ack.await.unwrap();
+        assert!(views.wait_for("wallets", 4, Duration::from_secs(10)).await);
+        views.stop().await;
+    });
+}
