@@ -866,6 +866,9 @@ impl Writer {
         });
         if let Err(e) = written {
             tracing::error!(error = %e, "journal write failed; stopping the journal (fail-stop)");
+            // Unhealthy before anyone hears of the failure: a client told `Unavailable` finds
+            // `/readyz` red already.
+            self.healthy.store(false, Ordering::Release);
             // Take the refused batch back out of the tree (best effort): readers are bounded by
             // the head anyway, but sled may still flush the tree later (on drop), and a record
             // nobody was promised must not reach the disk after its flush was reported failed.
