@@ -35,7 +35,8 @@ pub use views::views_check;
 use crate::channels::{RecordStatus, SimulatedChannels};
 use crate::domain::activity::{ActivityEvent, Reward, RewardKind};
 use crate::domain::coupon::reward_request;
-use crate::domain::wallet::{Account, Entry, WalletEvent};
+use crate::domain::packet::PacketState;
+use crate::domain::wallet::{Account, BarredDebit, Entry, WalletEvent};
 use crate::domain::withdrawal::{Channel, OrderState, WithdrawalOrder};
 use crate::domain::{Aggregate, Event};
 use crate::events::sled_store::SledStore;
@@ -104,6 +105,8 @@ impl AuditReport {
 struct WalletReplay {
     balances: HashMap<Account, Fen>,
     seen: HashSet<(Entry, Id)>,
+    /// Debits called off (`wallet.debit_barred`): none of them may happen later.
+    barred: HashSet<BarredDebit>,
 }
 
 #[derive(Default)]
@@ -128,10 +131,17 @@ struct PacketReplay {
     /// Money that reached escrow (wallet payment debits naming the packet).
     paid: u128,
     transferred: u128,
-    /// Claims transferred, by uid.
-    transfers: HashMap<String, u32>,
+    /// Money transferred out of escrow, by uid: (transfers, fen).
+    transfers: HashMap<String, (u32, u128)>,
     refunded_to_wallet: u128,
     returned_to_budget: u128,
+}
+
+impl PacketReplay {
+    /// P11 at any time: escrow never pays out more than came in.
+    fn overdrawn(&self) -> bool {
+        self.paid < self.transferred + self.refunded_to_wallet + self.returned_to_budget
+    }
 }
 
 #[derive(Default)]
@@ -188,7 +198,7 @@ impl Auditor {
             budgets_check: CheckResult::new("budgets", "accepted money never above the activity's budget"),
             withdrawals_check: CheckResult::new("withdrawals", "one debit, at most one refund, a refund exactly when failed after the debit"),
             channels_check: CheckResult::new("channel_statements", "an order succeeded exactly when its channel's statement says paid"),
-                        packets_check: CheckResult::new("packets", "claimed + refunded = total, each share paid to its claimer once, escrow paid >= transferred + refunded"),
+                        packets_check: CheckResult::new("packets", "paid = total; each transfer is its claimer's share, once; claimed + refunded = total when finished; escrow never overdrawn, empty when done"),
             coupons: coupons::CouponAudit::new(),
             versions: HashMap::default(),
             wallets: HashMap::default(),
@@ -211,14 +221,34 @@ impl Auditor {
 
     fn wallet_event(&mut self, envelope: &Envelope, event: &WalletEvent) {
         let uid = stream_id(envelope, "wallet").unwrap_or_default().to_owned();
-        let line = event.line();
-        let account = line.entry.account();
         self.wallets_check.checked += 1;
         let replay = self.wallets.entry(uid.clone()).or_default();
+        let line = match event {
+            WalletEvent::Credited(line) | WalletEvent::Debited(line) => line,
+            WalletEvent::DebitBarred(bar) => {
+                replay.barred.insert(bar.clone());
+                return;
+            }
+        };
+        let account = line.entry.account();
+        if matches!(event, WalletEvent::Debited(_))
+            && replay.barred.contains(&BarredDebit {
+                entry: line.entry,
+                order_id: line.order_id.clone(),
+                source: line.source.clone(),
+            })
+        {
+            self.wallets_check.violation(format!(
+                "seq {}: wallet {uid} debits {} {} after that debit was barred",
+                envelope.seq,
+                line.entry.as_str(),
+                line.order_id
+            ));
+        }
         let before = replay.balances.get(&account).copied().unwrap_or(Fen::ZERO);
         let expected = match event {
-            WalletEvent::Credited(_) => before.checked_add(line.amount),
             WalletEvent::Debited(_) => before.checked_sub(line.amount),
+            _ => before.checked_add(line.amount),
         };
         match expected {
             Ok(after) if after == line.balance_after => {}
@@ -289,7 +319,10 @@ impl Auditor {
                 self.claim_transfers += amount;
                 let packet = self.packets.entry(line.order_id.to_string()).or_default();
                 packet.transferred += amount;
-                *packet.transfers.entry(uid.clone()).or_default() += 1;
+                let to_uid = packet.transfers.entry(uid.clone()).or_default();
+                to_uid.0 += 1;
+                to_uid.1 += amount;
+                self.escrow_covers(envelope, line.order_id.as_str());
             }
             Entry::PacketRefund => {
                 self.packet_refunds += amount;
@@ -297,6 +330,7 @@ impl Auditor {
                     .entry(line.order_id.to_string())
                     .or_default()
                     .refunded_to_wallet += amount;
+                self.escrow_covers(envelope, line.order_id.as_str());
             }
         }
         // Conservation after every event: what the wallets hold moves only by what the event
@@ -311,6 +345,18 @@ impl Auditor {
                 deviation - self.deviation
             ));
             self.deviation = deviation;
+        }
+    }
+
+    /// P11 after every movement out of a packet's escrow: it never pays out more than it got.
+    fn escrow_covers(&mut self, envelope: &Envelope, packet_id: &str) {
+        if let Some(packet) = self.packets.get(packet_id).filter(|p| p.overdrawn()) {
+            self.packets_check.violation(format!(
+                "seq {}: packet {packet_id} pays out {} from an escrow that received {}",
+                envelope.seq,
+                packet.transferred + packet.refunded_to_wallet + packet.returned_to_budget,
+                packet.paid
+            ));
         }
     }
 
@@ -424,6 +470,7 @@ impl Auditor {
                     .entry(order_id.to_string())
                     .or_default()
                     .returned_to_budget += amount;
+                self.escrow_covers(envelope, order_id.as_str());
                 let budget = self.budgets.entry(activity.clone()).or_default();
                 match kind {
                     RewardKind::Cash => budget.cash = budget.cash.saturating_sub(amount),
@@ -650,61 +697,16 @@ impl Auditor {
 
         // Packets.
         let mut escrow = 0u128;
+        let mut untransferred = 0u64;
         for (id, replay) in &self.packets {
             packets_check.checked += 1;
-            let p = &replay.packet;
-            let Some(spec) = p.spec.as_ref() else {
-                packets_check.violation(format!(
-                    "packet {id}: money moved for a packet never created"
-                ));
-                continue;
-            };
-            let total = spec.total.as_u64() as u128;
-            let claimed: u128 = p.claims.iter().map(|c| c.amount.as_u64() as u128).sum();
-            let refunded = p.refunded.map(|f| f.as_u64() as u128).unwrap_or(0);
-            let is_paid = p.payment_id.is_some();
-            if is_paid && replay.paid != total {
-                packets_check.violation(format!(
-                    "packet {id}: total {total} but {} paid into escrow",
-                    replay.paid
-                ));
-            }
-            if claimed + refunded > total {
-                packets_check.violation(format!(
-                    "packet {id}: claimed {claimed} + refunded {refunded} > total {total}"
-                ));
-            }
-            let finished = p.state == Some(crate::domain::packet::PacketState::Exhausted)
-                || p.refunded.is_some();
-            if is_paid && finished && claimed + refunded != total {
-                packets_check.violation(format!(
-                    "packet {id}: claimed {claimed} + refunded {refunded} != total {total}"
-                ));
-            }
-            for (uid, count) in &replay.transfers {
-                let claimer = Id::parse(uid)
-                    .ok()
-                    .is_some_and(|u| p.claimed_by.contains_key(&u));
-                if *count > 1 || !claimer {
-                    packets_check.violation(format!(
-                        "packet {id}: {count} transfers to {uid} (a claimer: {claimer})"
-                    ));
-                }
-            }
-            let given_back = replay.refunded_to_wallet + replay.returned_to_budget;
-            if replay.paid < replay.transferred + given_back {
-                packets_check.violation(format!(
-                    "packet {id}: paid {} < transferred {} + refunded {given_back}",
-                    replay.paid, replay.transferred
-                ));
-            }
-            if p.refunded.is_some() && given_back != refunded {
-                packets_check.violation(format!(
-                    "packet {id}: refunded {refunded} on the packet, {given_back} given back"
-                ));
-            }
-            escrow += replay.paid.saturating_sub(replay.transferred + given_back);
+            let (in_escrow, waiting) = check_packet(id, replay, &mut packets_check);
+            escrow += in_escrow;
+            untransferred += waiting;
         }
+        packets_check.notes.push(format!(
+            "{escrow} fen in escrow by the packets' own records, {untransferred} claimed shares not yet transferred"
+        ));
 
         // Conservation.
         conservation.checked = self.wallets.len() as u64;
@@ -762,6 +764,113 @@ impl Auditor {
             self.coupons.finish(),
         ]
     }
+}
+
+/// The end-of-log checks of one packet (P11): money in = total once paid; every transfer is
+/// its claimer's drawn share, once; what went back is what the packet recorded, and claimed +
+/// refunded = total when it is finished; a finished packet whose shares are all transferred
+/// holds nothing. Returns what the packet's own records say is still in escrow (claimed shares
+/// not transferred yet, and the remainder until it is refunded), computed without the money
+/// totals, so that the conservation line `payments = transfers + refunds + returns + escrow`
+/// compares two independent accounts; and the number of shares waiting for their transfer.
+fn check_packet(id: &str, replay: &PacketReplay, check: &mut CheckResult) -> (u128, u64) {
+    let p = &replay.packet;
+    let Some(spec) = p.spec.as_ref() else {
+        check.violation(format!(
+            "packet {id}: money moved for a packet never created"
+        ));
+        return (0, 0);
+    };
+    let total = spec.total.as_u64() as u128;
+    let given_back = replay.refunded_to_wallet + replay.returned_to_budget;
+    // Money in: all of the total once the packet is paid. A pending packet may hold its
+    // payment between the pay flow's two steps (debit, then mark paid); an expired packet that
+    // was never paid may hold nothing: that money would belong to no one.
+    let paid_on_packet = p.payment_id.is_some();
+    let landing = p.state == Some(PacketState::PendingPayment) && replay.paid == total;
+    if paid_on_packet && replay.paid != total {
+        check.violation(format!(
+            "packet {id}: total {total} but {} paid into escrow",
+            replay.paid
+        ));
+    } else if !paid_on_packet && !landing && replay.paid > 0 {
+        check.violation(format!(
+            "packet {id}: {} fen reached escrow but the packet is {} without a payment",
+            replay.paid,
+            p.state.map(PacketState::as_str).unwrap_or("?")
+        ));
+    }
+    // Transfers: to a claimer, its drawn share, once.
+    let mut transferred_shares = 0u128;
+    for (uid, &(count, amount)) in &replay.transfers {
+        let share = Id::parse(uid)
+            .ok()
+            .and_then(|u| p.claimed_by.get(&u).copied())
+            .and_then(|index| p.shares.get(index as usize))
+            .map(|share| share.as_u64() as u128);
+        match share {
+            None => check.violation(format!(
+                "packet {id}: {amount} fen transferred to {uid}, who claimed no share"
+            )),
+            Some(share) if count != 1 || amount != share => check.violation(format!(
+                "packet {id}: {uid} drew {share} fen but got {count} transfers of {amount} fen in all"
+            )),
+            Some(share) => transferred_shares += share,
+        }
+    }
+    let claimed: u128 = p.claims.iter().map(|c| c.amount.as_u64() as u128).sum();
+    let waiting = p
+        .claims
+        .iter()
+        .filter(|c| !replay.transfers.contains_key(c.uid.as_str()))
+        .count() as u64;
+    // Refunds: what went back is what the packet recorded; the money may go back a moment
+    // before the packet records it (expiry between its two steps), never otherwise.
+    let remainder = total.saturating_sub(claimed);
+    let refunded = match p.refunded {
+        Some(recorded) => {
+            let recorded = recorded.as_u64() as u128;
+            if given_back != recorded {
+                check.violation(format!(
+                    "packet {id}: refunded {recorded} on the packet, {given_back} given back"
+                ));
+            }
+            if paid_on_packet && claimed + recorded != total {
+                check.violation(format!(
+                    "packet {id}: claimed {claimed} + refunded {recorded} != total {total}"
+                ));
+            }
+            recorded
+        }
+        None if given_back == 0 => 0,
+        None if p.state == Some(PacketState::Expired) && given_back == remainder => given_back,
+        None => {
+            check.violation(format!(
+                "packet {id}: {given_back} fen given back, but the packet is {} with {remainder} fen unclaimed and records no refund",
+                p.state.map(PacketState::as_str).unwrap_or("?")
+            ));
+            0
+        }
+    };
+    if claimed + refunded > total {
+        check.violation(format!(
+            "packet {id}: claimed {claimed} + refunded {refunded} > total {total}"
+        ));
+    }
+    // Finished, every share transferred: escrow is empty (the money side says so).
+    let finished = p.state == Some(PacketState::Exhausted) || p.refunded.is_some();
+    let left = replay.paid as i128 - (replay.transferred + given_back) as i128;
+    if finished && waiting == 0 && left != 0 {
+        check.violation(format!(
+            "packet {id}: finished with every share transferred, but {left} fen left in escrow"
+        ));
+    }
+    let in_escrow = if paid_on_packet || landing {
+        total.saturating_sub(transferred_shares + refunded)
+    } else {
+        0
+    };
+    (in_escrow, waiting)
 }
 
 /// Audits the log in `store`; `channels` are the payment channels' own statements, when the data

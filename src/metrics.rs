@@ -39,6 +39,7 @@ pub struct Metrics {
     pub reconciliation_mismatches_total: IntCounterVec,
     pub packet_claims_total: IntCounterVec,
     pub packet_transfers_total: IntCounter,
+    pub packet_claims_in_flight_peak: IntGauge,
     pub packets_expired_total: IntCounterVec,
     pub packets_stuck: IntGaugeVec,
     pub coupon_requests_total: IntCounterVec,
@@ -245,6 +246,11 @@ impl Metrics {
             "Claim requests by outcome (claimed, repeated, empty, expired, busy, refused)",
             &["outcome"],
         );
+        let packet_claims_in_flight_peak = IntGauge::new(
+            "hongbao_packet_claims_in_flight_peak",
+            "Most claims ever admitted in flight at once on one packet with shares left (the gate allows remaining x 1.5)",
+        )
+        .expect("metric definition");
         let packet_transfers_total = IntCounter::new(
             "hongbao_packet_transfers_total",
             "Claimed shares moved from escrow to the claimer",
@@ -320,6 +326,7 @@ impl Metrics {
             coupon_issue_seconds,
             packet_claims_total,
             packet_transfers_total,
+            packet_claims_in_flight_peak,
             packets_expired_total,
             packets_stuck,
             withdrawals_total,
@@ -386,6 +393,7 @@ impl Metrics {
             Box::new(self.reconciliation_mismatches_total.clone()),
             Box::new(self.packet_claims_total.clone()),
             Box::new(self.packet_transfers_total.clone()),
+            Box::new(self.packet_claims_in_flight_peak.clone()),
             Box::new(self.packets_expired_total.clone()),
             Box::new(self.packets_stuck.clone()),
             Box::new(self.coupon_requests_total.clone()),

@@ -16,7 +16,14 @@
 //!
 //! Rules (all in [`Packet::decide`]): one share per uid (a repeated claim answers the same
 //! share); only an active, unexpired packet gives shares; an audience, if set, is the only one
-//! allowed; expiry happens once, at or after the deadline; the remainder is refunded once.
+//! allowed; a payment is taken only before the deadline; expiry happens once, at or after the
+//! deadline; the remainder is refunded once.
+//!
+//! Payment racing expiry: the packet and the sender's wallet are two actors, so the flows make
+//! the wallet the point where they meet. Expiry of an unpaid packet first bars its escrow debit
+//! in the wallet (`WalletCommand::BarDebit`), which answers the debit if it already happened
+//! (the packet is then marked paid and refunded in full) or makes every later one refused; a
+//! payment still on its way therefore either is seen by the expiry or never lands.
 
 use super::{Aggregate, Ctx, Decision, Event};
 use crate::clock::Millis;
@@ -94,7 +101,12 @@ impl PacketState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PacketCommand {
     Create(PacketSpec),
-    /// The payment (C2C: from change; B2C: the subsidy) reached escrow.
+    /// May a payment be taken now? Answers the packet's state if it may (or if it was paid
+    /// already: the original outcome); `Expired` from the deadline on, before any money moves.
+    /// Records nothing.
+    AcceptPayment,
+    /// The payment (C2C: from change; B2C: the subsidy) reached escrow. Accepted after the
+    /// deadline too: money that reached escrow must belong to the packet, to be refunded.
     MarkPaid {
         payment_id: Id,
     },
@@ -326,6 +338,18 @@ impl Aggregate for Packet {
                     },
                     Packet::state_reply,
                 )
+            }
+            PacketCommand::AcceptPayment => {
+                let spec = self.spec.as_ref().ok_or(PacketError::Unknown)?;
+                match state {
+                    Some(PacketState::PendingPayment) if at_ms >= spec.expires_at_ms => {
+                        Err(PacketError::Expired)
+                    }
+                    Some(PacketState::Expired) if self.payment_id.is_none() => {
+                        Err(PacketError::Expired)
+                    }
+                    _ => Ok(Decision::Reply(self.state_reply())),
+                }
             }
             PacketCommand::MarkPaid { payment_id } => match state {
                 None => Err(PacketError::Unknown),

@@ -7,7 +7,11 @@
 //!   [`WalletError::IdempotencyConflict`];
 //! - a debit never takes a balance below zero ([`WalletError::InsufficientBalance`]) and a
 //!   credit never overflows ([`WalletError::Overflow`]);
-//! - a refund reverses one earlier debit of the same order, once, for exactly its amount.
+//! - a refund reverses one earlier debit of the same order, once, for exactly its amount;
+//! - a debit that has not happened can be barred ([`WalletCommand::BarDebit`]): a later debit
+//!   with the same entry, order id and source is refused ([`WalletError::DebitBarred`]). A
+//!   process that gives up on a payment (the expiry of an unpaid red packet) bars it first, so
+//!   a debit still on its way can never land after the decision ("cancel before try").
 //!
 //! Refusals produce no event, so a retried refusal is judged again against the current state
 //! (a withdrawal refused for lack of balance may succeed after a credit). Every accepted
@@ -18,7 +22,7 @@ use super::{Aggregate, Ctx, Decision, Event};
 use crate::ids::Id;
 use crate::money::{Fen, MoneyError};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// The balances of a wallet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -151,6 +155,14 @@ pub enum WalletCommand {
     },
     /// Reverses the debit of `order_id` that `entry.refund_of()` names, once, in full.
     Refund { entry: Entry, order_id: Id },
+    /// Answers the debit `(entry, order_id)` for `source` if it happened; otherwise makes sure
+    /// it never will: the bar is recorded and every later such debit is refused. The reply's
+    /// [`Movement::barred`] says which.
+    BarDebit {
+        entry: Entry,
+        order_id: Id,
+        source: Option<Id>,
+    },
 }
 
 impl WalletCommand {
@@ -158,7 +170,8 @@ impl WalletCommand {
         match self {
             WalletCommand::Credit { order_id, .. }
             | WalletCommand::Debit { order_id, .. }
-            | WalletCommand::Refund { order_id, .. } => order_id,
+            | WalletCommand::Refund { order_id, .. }
+            | WalletCommand::BarDebit { order_id, .. } => order_id,
         }
     }
 }
@@ -175,11 +188,21 @@ pub struct Line {
     pub source: Option<Id>,
 }
 
-/// Facts about a wallet.
+/// A debit that must never happen (see [`WalletCommand::BarDebit`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct BarredDebit {
+    pub entry: Entry,
+    pub order_id: Id,
+    pub source: Option<Id>,
+}
+
+/// Facts about a wallet. New variants are appended at the end only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WalletEvent {
     Credited(Line),
     Debited(Line),
+    /// No money moved: the debit named will be refused from now on.
+    DebitBarred(BarredDebit),
 }
 
 impl WalletEvent {
@@ -187,12 +210,15 @@ impl WalletEvent {
         match self {
             WalletEvent::Credited(_) => "wallet.credited",
             WalletEvent::Debited(_) => "wallet.debited",
+            WalletEvent::DebitBarred(_) => "wallet.debit_barred",
         }
     }
 
-    pub fn line(&self) -> &Line {
+    /// The movement of money, if the event moved any.
+    pub fn line(&self) -> Option<&Line> {
         match self {
-            WalletEvent::Credited(line) | WalletEvent::Debited(line) => line,
+            WalletEvent::Credited(line) | WalletEvent::Debited(line) => Some(line),
+            WalletEvent::DebitBarred(_) => None,
         }
     }
 }
@@ -204,6 +230,8 @@ pub struct Movement {
     pub account: Account,
     /// True when this is the original outcome of an earlier identical command.
     pub replayed: bool,
+    /// `BarDebit` only: the debit did not happen and never will (the line moves nothing).
+    pub barred: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -224,6 +252,8 @@ pub enum WalletError {
     NoSuchDebit { order_id: Id },
     #[error("entry {entry:?} cannot be used with this command")]
     WrongEntry { entry: Entry },
+    #[error("the debit of order {order_id} was called off and can no longer happen")]
+    DebitBarred { order_id: Id },
 }
 
 /// What the wallet remembers of an accepted movement: enough to answer a retry identically.
@@ -241,6 +271,8 @@ pub struct Wallet {
     pub subsidy: Fen,
     /// Every accepted movement by `(entry, order_id)`: the idempotency memory.
     pub entries: HashMap<(Entry, Id), Recorded>,
+    /// Debits that must never happen.
+    pub barred: HashSet<BarredDebit>,
 }
 
 impl Wallet {
@@ -265,12 +297,29 @@ impl Wallet {
             account: line.entry.account(),
             line,
             replayed,
+            barred: false,
         }
     }
 
-    fn emit(event: WalletEvent) -> Decision<WalletEvent, Movement> {
-        let reply = Self::movement(event.line().clone(), false);
-        Decision::Emit(vec![event], reply)
+    fn emit(line: Line, event: fn(Line) -> WalletEvent) -> Decision<WalletEvent, Movement> {
+        let reply = Self::movement(line.clone(), false);
+        Decision::Emit(vec![event(line)], reply)
+    }
+
+    /// The answer to a `BarDebit` that found no debit: nothing moved.
+    fn barred_reply(&self, bar: &BarredDebit) -> Movement {
+        Movement {
+            account: bar.entry.account(),
+            line: Line {
+                entry: bar.entry,
+                order_id: bar.order_id.clone(),
+                amount: Fen::ZERO,
+                balance_after: self.balance(bar.entry.account()),
+                source: bar.source.clone(),
+            },
+            replayed: false,
+            barred: true,
+        }
     }
 
     /// The original outcome of `(entry, order_id)` if it was recorded with the same payload
@@ -335,13 +384,16 @@ impl Aggregate for Wallet {
                     .balance(entry.account())
                     .checked_add(*amount)
                     .map_err(|_| WalletError::Overflow)?;
-                Ok(Self::emit(WalletEvent::Credited(Line {
-                    entry: *entry,
-                    order_id: order_id.clone(),
-                    amount: *amount,
-                    balance_after,
-                    source: source.clone(),
-                })))
+                Ok(Self::emit(
+                    Line {
+                        entry: *entry,
+                        order_id: order_id.clone(),
+                        amount: *amount,
+                        balance_after,
+                        source: source.clone(),
+                    },
+                    WalletEvent::Credited,
+                ))
             }
             WalletCommand::Debit {
                 entry,
@@ -358,6 +410,16 @@ impl Aggregate for Wallet {
                 if let Some(outcome) = self.recall(*entry, order_id, Some((*amount, source))) {
                     return outcome;
                 }
+                let bar = BarredDebit {
+                    entry: *entry,
+                    order_id: order_id.clone(),
+                    source: source.clone(),
+                };
+                if self.barred.contains(&bar) {
+                    return Err(WalletError::DebitBarred {
+                        order_id: order_id.clone(),
+                    });
+                }
                 let account = entry.account();
                 let balance = self.balance(account);
                 let balance_after = balance.checked_sub(*amount).map_err(|e| match e {
@@ -368,13 +430,16 @@ impl Aggregate for Wallet {
                     },
                     MoneyError::Overflow => WalletError::Overflow,
                 })?;
-                Ok(Self::emit(WalletEvent::Debited(Line {
-                    entry: *entry,
-                    order_id: order_id.clone(),
-                    amount: *amount,
-                    balance_after,
-                    source: source.clone(),
-                })))
+                Ok(Self::emit(
+                    Line {
+                        entry: *entry,
+                        order_id: order_id.clone(),
+                        amount: *amount,
+                        balance_after,
+                        source: source.clone(),
+                    },
+                    WalletEvent::Debited,
+                ))
             }
             WalletCommand::Refund { entry, order_id } => {
                 let Some(debit_entry) = entry.refund_of() else {
@@ -392,26 +457,65 @@ impl Aggregate for Wallet {
                     .balance(entry.account())
                     .checked_add(debit.amount)
                     .map_err(|_| WalletError::Overflow)?;
-                Ok(Self::emit(WalletEvent::Credited(Line {
+                Ok(Self::emit(
+                    Line {
+                        entry: *entry,
+                        order_id: order_id.clone(),
+                        amount: debit.amount,
+                        balance_after,
+                        source: None,
+                    },
+                    WalletEvent::Credited,
+                ))
+            }
+            WalletCommand::BarDebit {
+                entry,
+                order_id,
+                source,
+            } => {
+                if entry.direction() != Direction::Debit {
+                    return Err(WalletError::WrongEntry { entry: *entry });
+                }
+                let bar = BarredDebit {
                     entry: *entry,
                     order_id: order_id.clone(),
-                    amount: debit.amount,
-                    balance_after,
-                    source: None,
-                })))
+                    source: source.clone(),
+                };
+                match self.entries.get(&(*entry, order_id.clone())) {
+                    // It happened, for this source: the original debit answers.
+                    Some(recorded) if recorded.source == *source => {
+                        Ok(self.recall(*entry, order_id, None).expect("recorded")?)
+                    }
+                    // The key paid for another source: this source's debit would be a
+                    // conflict anyway, so it can never happen; nothing to record.
+                    Some(_) => Ok(Decision::Reply(self.barred_reply(&bar))),
+                    None if self.barred.contains(&bar) => {
+                        Ok(Decision::Reply(self.barred_reply(&bar)))
+                    }
+                    None => {
+                        let reply = self.barred_reply(&bar);
+                        Ok(Decision::Emit(vec![WalletEvent::DebitBarred(bar)], reply))
+                    }
+                }
             }
         }
     }
 
     fn evolve(&mut self, event: &WalletEvent) {
-        let line = event.line();
+        let line = match event {
+            WalletEvent::Credited(line) | WalletEvent::Debited(line) => line,
+            WalletEvent::DebitBarred(bar) => {
+                self.barred.insert(bar.clone());
+                return;
+            }
+        };
         let account = line.entry.account();
         // The event carries the resulting balance; it is the fact. Pair assertion: in debug
         // builds, check that it agrees with the arithmetic the decision made.
         debug_assert_eq!(
             match event {
-                WalletEvent::Credited(_) => self.balance(account).checked_add(line.amount),
                 WalletEvent::Debited(_) => self.balance(account).checked_sub(line.amount),
+                _ => self.balance(account).checked_add(line.amount),
             },
             Ok(line.balance_after),
             "wallet event disagrees with the state it applies to"
@@ -665,6 +769,77 @@ mod tests {
             wallet.decide(&deposit("d2", 1), &CTX),
             Err(WalletError::Overflow)
         );
+    }
+
+    fn escrow(order: &str, source: Option<&str>) -> (WalletCommand, WalletCommand) {
+        let entry = match source {
+            None => Entry::PacketPayment,
+            Some(_) => Entry::PacketSubsidy,
+        };
+        (
+            WalletCommand::Debit {
+                entry,
+                order_id: id(order),
+                amount: Fen::new(30),
+                source: source.map(id),
+            },
+            WalletCommand::BarDebit {
+                entry,
+                order_id: id(order),
+                source: source.map(id),
+            },
+        )
+    }
+
+    fn run(wallet: &mut Wallet, command: &WalletCommand) -> Result<Movement, WalletError> {
+        match wallet.decide(command, &CTX)? {
+            Decision::Emit(events, reply) => {
+                for e in &events {
+                    wallet.evolve(e);
+                }
+                Ok(reply)
+            }
+            Decision::Reply(reply) => Ok(reply),
+        }
+    }
+
+    #[test]
+    fn a_barred_debit_is_refused_forever_and_a_done_one_is_answered() {
+        // Goal: BarDebit is the "cancel before try": after it, the debit it names is refused
+        // (on replay too); before it, the debit that happened is what it answers; a bar moves
+        // no money and is idempotent.
+        let mut wallet = given(&[credited(Entry::Deposit, "d1", 100, 100)]);
+        let (debit, bar) = escrow("pk-1", None);
+        let barred = run(&mut wallet, &bar).unwrap();
+        assert!(barred.barred && barred.line.amount.is_zero());
+        assert!(matches!(wallet.decide(&bar, &CTX), Ok(Decision::Reply(m)) if m.barred));
+        assert_eq!(
+            wallet.decide(&debit, &CTX),
+            Err(WalletError::DebitBarred {
+                order_id: id("pk-1")
+            })
+        );
+        assert_eq!(wallet.change, Fen::new(100), "a bar moves nothing");
+
+        let (debit, bar) = escrow("pk-2", None);
+        run(&mut wallet, &debit).unwrap();
+        let answered = run(&mut wallet, &bar).unwrap();
+        assert!(!answered.barred && answered.replayed);
+        assert_eq!(answered.line.amount, Fen::new(30));
+        assert!(matches!(wallet.decide(&debit, &CTX), Ok(Decision::Reply(m)) if m.replayed));
+    }
+
+    #[test]
+    fn a_subsidy_bar_is_per_packet() {
+        // Goal: barring a subsidy's payment of one packet leaves the subsidy free to pay
+        // another; a subsidy spent on another packet answers barred without recording.
+        let mut wallet = given(&[credited(Entry::SubsidyReward, "s1", 30, 30)]);
+        let (_, bar_a) = escrow("s1", Some("pk-a"));
+        let (debit_b, bar_b) = escrow("s1", Some("pk-b"));
+        assert!(run(&mut wallet, &bar_a).unwrap().barred);
+        run(&mut wallet, &debit_b).unwrap();
+        assert!(!run(&mut wallet, &bar_b).unwrap().barred);
+        assert!(matches!(wallet.decide(&bar_a, &CTX), Ok(Decision::Reply(m)) if m.barred));
     }
 
     #[test]

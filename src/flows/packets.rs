@@ -169,6 +169,11 @@ impl Packets {
             Err(ExecError::Rejected(WalletError::IdempotencyConflict { .. })) => {
                 return Err(PacketFlowError::SubsidyUsed)
             }
+            // The expiry flow gave up on this payment before the debit arrived: it can never
+            // land, and the packet is (or is about to be) expired.
+            Err(ExecError::Rejected(WalletError::DebitBarred { .. })) => {
+                return Err(PacketError::Expired.into())
+            }
             Err(e) => return Err(e.into()),
         }
         Ok(self
@@ -206,16 +211,20 @@ impl Packets {
         if spec.mode != Mode::C2c {
             return Err(PacketFlowError::WrongMode);
         }
-        if packet.state != Some(PacketState::PendingPayment) {
-            return Ok(self
-                .packets
-                .execute(
-                    packet_id.as_str(),
-                    PacketCommand::MarkPaid {
-                        payment_id: packet_id.clone(),
-                    },
-                )
-                .await?);
+        // The packet's rule: no payment from the deadline on (refused before any money moves);
+        // a packet paid before answers its state again.
+        let accepted = self
+            .packets
+            .execute(packet_id.as_str(), PacketCommand::AcceptPayment)
+            .await?;
+        if !matches!(
+            accepted,
+            PacketReply::State {
+                state: PacketState::PendingPayment,
+                ..
+            }
+        ) {
+            return Ok(accepted);
         }
         let _ = payment_id; // The escrow debit is keyed by the packet: one payment per packet.
         self.fund(packet_id, spec).await
@@ -299,16 +308,18 @@ impl Packets {
             return Ok(true);
         }
         if packet.state == Some(PacketState::PendingPayment) {
-            // A crash may have left the payment in escrow without marking the packet paid.
+            // The payment may have reached escrow without the packet being marked paid (a
+            // crash, or a pay flow between its two steps), or still be on its way. Bar it in
+            // the sender's wallet: the wallet answers the debit if it happened, and refuses it
+            // forever if not, so no payment can land after this decision.
             let (entry, order_id) = payment_key(packet_id, &spec);
-            let (wallet, _) = self.wallets.state(spec.sender_uid.as_str()).await?;
-            let paid = wallet
-                .entries
-                .get(&(entry, order_id.clone()))
-                .is_some_and(|r| {
-                    entry == Entry::PacketPayment || r.source.as_ref() == Some(packet_id)
-                });
-            if paid {
+            let bar = WalletCommand::BarDebit {
+                entry,
+                order_id: order_id.clone(),
+                source: (entry == Entry::PacketSubsidy).then(|| packet_id.clone()),
+            };
+            let answer = self.wallets.execute(spec.sender_uid.as_str(), bar).await?;
+            if !answer.barred {
                 self.packets
                     .execute(
                         packet_id.as_str(),

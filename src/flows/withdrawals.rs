@@ -739,7 +739,9 @@ impl Reconciler {
                 (order_id, finished)
             }
             Event::Wallet(wallet_event) => {
-                let line = wallet_event.line();
+                let Some(line) = wallet_event.line() else {
+                    return;
+                };
                 let (counter_debit, counter_refund) = match (wallet_event, line.entry) {
                     (WalletEvent::Debited(_), Entry::Withdrawal) => (1, 0),
                     (WalletEvent::Credited(_), Entry::WithdrawalRefund) => (0, 1),

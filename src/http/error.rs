@@ -150,6 +150,10 @@ impl From<WalletError> for ApiError {
             WalletError::ZeroAmount => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_amount", message)
             }
+            WalletError::DebitBarred { order_id } => {
+                ApiError::new(StatusCode::CONFLICT, "debit_barred", message)
+                    .with("order_id", order_id.to_string())
+            }
             WalletError::NoSuchDebit { order_id } => {
                 ApiError::new(StatusCode::CONFLICT, "no_such_debit", message)
                     .with("order_id", order_id.to_string())

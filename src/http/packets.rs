@@ -112,16 +112,23 @@ pub struct PacketDetails {
 }
 
 /// Admission control for hot packets (P5): at most `remaining x 1.5` claims in flight per
-/// packet; the rest are answered 429 at once instead of queueing behind the actor.
+/// packet; the rest are answered 429 at once instead of queueing behind the actor. The gate
+/// applies from a packet's first request: that request looks the packet's remaining shares up
+/// (the others wait for it), and every answer keeps the figure current.
 #[derive(Default)]
 pub struct ClaimGate {
     packets: DashMap<String, Arc<GateEntry>>,
+    /// Most claims ever admitted in flight at once on one packet.
+    peak: AtomicU32,
 }
 
+#[derive(Default)]
 struct GateEntry {
     in_flight: AtomicU32,
-    /// Shares left as of the last answer (`u32::MAX`: not known yet).
+    /// Shares left as of the lookup or the last answer.
     remaining: AtomicU32,
+    /// Set once `remaining` is known for an active packet.
+    known: tokio::sync::OnceCell<()>,
 }
 
 /// A claim admitted through the gate; leaving releases its slot.
@@ -133,32 +140,67 @@ impl Drop for Admitted {
     }
 }
 
+/// Claims a packet with `remaining` shares left may have in flight: `ceil(remaining x 1.5)`.
+/// An empty packet answers fast without writing (and must still answer a winner's repeat with
+/// its share): no limit; so does an unpaid or unknown one.
+fn in_flight_max(remaining: u32) -> u32 {
+    if remaining == 0 {
+        u32::MAX
+    } else {
+        (remaining as u64 * 3).div_ceil(2).min(u32::MAX as u64) as u32
+    }
+}
+
 impl ClaimGate {
-    fn admit(&self, packet_id: &str) -> Option<Admitted> {
+    async fn admit(&self, state: &AppState, packet_id: &Id) -> Option<Admitted> {
         if self.packets.len() > GATES_MAX {
             self.packets
                 .retain(|_, e| e.in_flight.load(Ordering::Acquire) > 0);
         }
         let entry = self
             .packets
-            .entry(packet_id.to_owned())
-            .or_insert_with(|| {
-                Arc::new(GateEntry {
-                    in_flight: AtomicU32::new(0),
-                    remaining: AtomicU32::new(u32::MAX),
-                })
-            })
+            .entry(packet_id.to_string())
+            .or_default()
             .clone();
+        // The first request of an active packet looks up its shares; the others wait for it.
+        // A packet not active yet is looked up again next time (it may be paid meanwhile).
+        let known = entry
+            .known
+            .get_or_try_init(|| async {
+                let remaining = match state.packets.packet(packet_id).await {
+                    Ok(Some(packet)) if packet.state == Some(PacketState::Active) => {
+                        packet.remaining_count()
+                    }
+                    _ => return Err(()),
+                };
+                entry.remaining.store(remaining, Ordering::Release);
+                Ok(())
+            })
+            .await
+            .is_ok();
         let remaining = entry.remaining.load(Ordering::Acquire);
-        // An empty or unknown packet answers fast without writing: no limit.
-        let limit = if remaining == 0 || remaining == u32::MAX {
-            u32::MAX
+        let limit = if known {
+            in_flight_max(remaining)
         } else {
-            (remaining as u64 * 3).div_ceil(2) as u32
+            u32::MAX
         };
         let before = entry.in_flight.fetch_add(1, Ordering::AcqRel);
         let admitted = Admitted(entry);
-        (before < limit).then_some(admitted)
+        if before >= limit {
+            return None;
+        }
+        // The peak while shares may be left (an empty packet's answers are cheap and unlimited).
+        if !known || remaining > 0 {
+            let peak = self
+                .peak
+                .fetch_max(before + 1, Ordering::AcqRel)
+                .max(before + 1);
+            state
+                .metrics
+                .packet_claims_in_flight_peak
+                .set(i64::from(peak));
+        }
+        Some(admitted)
     }
 
     fn observe(admitted: &Admitted, remaining_count: u32) {
@@ -384,7 +426,7 @@ pub async fn create(
     responses(
         (status = 200, body = PacketStateBody),
         (status = 404, description = "unknown_packet", body = ErrorBody),
-        (status = 409, description = "insufficient_balance (nothing moved) / wrong_mode", body = ErrorBody),
+        (status = 409, description = "insufficient_balance (nothing moved) / wrong_mode / packet_expired (the deadline passed: nothing moved)", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -397,7 +439,18 @@ pub async fn pay(
     caller.require(&[Role::Gateway])?;
     let packet_id = parse_id("packet_id", &path)?;
     let payment_id = parse_id("payment_id", &body.payment_id)?;
-    let reply = state.packets.pay_c2c(&packet_id, &payment_id).await?;
+    let reply = match state.packets.pay_c2c(&packet_id, &payment_id).await {
+        Ok(reply) => reply,
+        // For a payment, an expired packet is a conflict with the request, not a gone share.
+        Err(PacketFlowError::Packet(PacketError::Expired)) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "packet_expired",
+                "the packet's deadline has passed; nothing was debited",
+            ))
+        }
+        Err(e) => return Err(e.into()),
+    };
     Ok(HttpResponse::Ok().json(state_body(&packet_id, &reply)))
 }
 
@@ -426,7 +479,7 @@ pub async fn claim(
     let packet_id = parse_id("packet_id", &path)?;
     let uid = parse_id("uid", &body.uid)?;
     let metrics = &state.metrics.packet_claims_total;
-    let Some(admitted) = state.claim_gate.admit(packet_id.as_str()) else {
+    let Some(admitted) = state.claim_gate.admit(&state, &packet_id).await else {
         metrics.with_label_values(&["busy"]).inc();
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,

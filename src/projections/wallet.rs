@@ -129,10 +129,11 @@ impl WalletView {
         let uid = envelope.stream.strip_prefix("wallet:").ok_or_else(|| {
             StoreError::Corrupt(format!("wallet event on stream {}", envelope.stream))
         })?;
-        let line = event.line();
-        let direction = match event {
-            WalletEvent::Credited(_) => Direction::Credit,
-            WalletEvent::Debited(_) => Direction::Debit,
+        let (line, direction) = match event {
+            WalletEvent::Credited(line) => (line, Direction::Credit),
+            WalletEvent::Debited(line) => (line, Direction::Debit),
+            // Nothing moved: no balance change, no ledger line.
+            WalletEvent::DebitBarred(_) => return Ok(()),
         };
         let key = record_key(uid);
         let mut record: BalanceRecord = match tx.get(&key)? {

@@ -1,10 +1,12 @@
 //! Red packets against the real server: a hot packet, audience, expiry refund, B2C subsidy
 //! used once, switches, payment refused with nothing moved.
 
-use super::{spawn_app, spawn_app_with, TestApp, ADMIN, GATEWAY};
+use super::{spawn_app, spawn_app_clocked, spawn_app_with, TestApp, ADMIN, GATEWAY};
 use futures::future::join_all;
+use hongbao::clock::ManualClock;
 use serde_json::{json, Value};
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 async fn create(app: &TestApp, body: Value) -> (u16, Value) {
@@ -397,4 +399,151 @@ async fn listed(app: &TestApp) -> HashSet<(String, String)> {
             )
         })
         .collect()
+}
+
+/// Polls a packet's details until it is expired with its refund recorded, at most 10 s.
+async fn wait_refunded(app: &TestApp, packet: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let body = details(app, packet).await;
+        if body["state"] == "expired" && body.get("refunded").is_some() {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "{packet} never refunded: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn paying_after_the_deadline_is_409_packet_expired_and_moves_nothing() {
+    // Goal: P2 with P4: on the manual clock, a pay request that arrives at the deadline is
+    // refused before any debit, before and after the expiry flow has run.
+    let clock = ManualClock::new(1_800_000_000_000);
+    let app = spawn_app_clocked(Arc::new(clock.clone()), |_| {});
+    app.deposit("late-sender", "top-late", 1_000).await;
+    let body = json!({"packet_id": "late", "sender_uid": "late-sender", "mode": "c2c",
+        "total": 300, "count": 3, "split": "even", "expires_in_s": 60});
+    assert_eq!(create(&app, body).await.0, 201);
+    clock.advance_ms(60_000);
+    for _ in 0..2 {
+        let (status, error) = app
+            .post(
+                "/v1/packets/late/pay",
+                Some(GATEWAY),
+                r#"{"payment_id":"p"}"#,
+            )
+            .await;
+        assert_eq!(
+            (status, error["code"].as_str()),
+            (409, Some("packet_expired")),
+            "{error}"
+        );
+        assert_eq!(app.wallet("late-sender").await["balances"]["change"], 1_000);
+        wait_refunded(&app, "late").await;
+    }
+}
+
+#[tokio::test]
+async fn payments_racing_the_deadline_end_paid_and_refunded_or_never_debited() {
+    // Goal: P2/P4 under a real race: 30 packets are paid concurrently while the clock jumps
+    // past their deadline. Whatever each answer was, once expiry has run the sender has every
+    // fen back (nobody claimed), each 200 was refunded in full and each 409 debited nothing.
+    let clock = ManualClock::new(1_800_000_000_000);
+    let app = spawn_app_clocked(Arc::new(clock.clone()), |_| {});
+    let n = 30;
+    app.deposit("racer", "top-racer", 50 * n).await;
+    for i in 0..n {
+        let body = json!({"packet_id": format!("race-{i}"), "sender_uid": "racer", "mode": "c2c",
+            "total": 50, "count": 5, "split": "lucky", "expires_in_s": 60});
+        assert_eq!(create(&app, body).await.0, 201);
+    }
+    clock.advance_ms(59_990);
+    let pays = join_all((0..n).map(|i| {
+        let app = &app;
+        async move {
+            app.post(
+                &format!("/v1/packets/race-{i}/pay"),
+                Some(GATEWAY),
+                r#"{"payment_id":"p"}"#,
+            )
+            .await
+        }
+    }));
+    let jump = async {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        clock.advance_ms(20);
+    };
+    let (answers, ()) = futures::join!(pays, jump);
+    let mut paid = 0;
+    for (i, (status, body)) in answers.iter().enumerate() {
+        let refunded = wait_refunded(&app, &format!("race-{i}")).await["refunded"].as_i64();
+        match (status, body["code"].as_str()) {
+            (200, _) => {
+                paid += 1;
+                assert_eq!(refunded, Some(50), "race-{i} was paid: refunded in full");
+            }
+            (409, Some("packet_expired")) => assert_eq!(refunded, Some(0), "race-{i}"),
+            other => panic!("race-{i}: unexpected answer {other:?}: {body}"),
+        }
+    }
+    let wallet = app.wallet("racer").await;
+    assert_eq!(
+        wallet["balances"]["change"],
+        50 * n,
+        "every fen back: {wallet}"
+    );
+    let (_, page) = app
+        .get("/v1/wallets/racer/ledger?limit=200", Some(GATEWAY))
+        .await;
+    let count = |entry: &str| {
+        page["ledger"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| l["entry"] == entry)
+            .count()
+    };
+    assert_eq!(count("packet_payment"), count("packet_refund"), "{page}");
+    assert!(count("packet_payment") >= paid, "{page}");
+}
+
+/// A gauge or counter's value in the Prometheus text, `None` when the series is absent.
+async fn metric(app: &TestApp, series: &str) -> Option<f64> {
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test]
+async fn a_flooded_small_packet_admits_at_most_remaining_times_1_5_from_the_first_claim() {
+    // Goal: P5 from the first request: 300 users open a fresh packet of 10 shares at once;
+    // at most ceil(10 x 1.5) = 15 claims are ever in flight, the rest get 429 busy at once;
+    // exactly 10 win.
+    let app = spawn_app();
+    c2c_paid(&app, "flood", "flood-sender", 1_000, 10, json!({})).await;
+    let answers = join_all((0..300).map(|i| {
+        let app = &app;
+        async move { claim(app, "flood", &format!("f{i}")).await }
+    }))
+    .await;
+    let status = |s: u16| answers.iter().filter(|(st, _)| *st == s).count();
+    assert_eq!(status(200), 10, "exactly the shares are won");
+    assert!(status(429) > 0, "the first burst must meet the gate");
+    assert_eq!(status(200) + status(410) + status(429), 300);
+    let peak = metric(&app, "hongbao_packet_claims_in_flight_peak")
+        .await
+        .expect("the peak gauge is exported");
+    assert!(
+        (1.0..=15.0).contains(&peak),
+        "most claims ever in flight on one packet: {peak}, the rule allows 15"
+    );
 }
