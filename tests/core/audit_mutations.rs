@@ -433,14 +433,22 @@ fn mutate_channel_statements(f: &Fixture) {
     );
 }
 
-/// A claim transfer of packet pk to dave, who never claimed a share; it stays within what
-/// escrow holds, so the money balances.
+/// Four claims recorded on packet pk, which has three shares of 100: 400 claimed of 300.
+/// No money moves (the new claims wait for their transfers), so conservation, which counts
+/// the packet's escrow from its own records, still holds.
 fn mutate_packets(f: &Fixture) {
-    append(
-        &f.store,
-        "wallet:dave",
-        vec![credit(Entry::ClaimTransfer, "pk", 100, 100, None)],
-    );
+    let claims = [("dave", 1), ("erin", 2), ("frank", 3)]
+        .into_iter()
+        .map(|(uid, index)| {
+            Event::Packet(PacketEvent::ShareClaimed {
+                uid: id(uid),
+                index,
+                amount: Fen::new(100),
+                at_ms: 0,
+            })
+        })
+        .collect();
+    append(&f.store, "packet:pk", claims);
 }
 
 /// A second coupon granted from batch a, whose stock is 1 (to another user, accepted: only
