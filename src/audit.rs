@@ -11,9 +11,12 @@
 //! - `money_conserved`: after every event (the breaking event named) and at the end, all
 //!   balances = deposits + reward credits - withdrawal debits + withdrawal refunds, and
 //!   withdrawal debits - refunds = paid out + in transit;
-//! - `reward_credits`: each reward credited at most once, only if accepted and not voided, for
-//!   the accepted uid, kind and amount; every accepted reward credited, delivered, voided or
-//!   still pending (counted);
+//! - `reward_credits`: rewards keyed by order id alone (R4: one order id, one reward), so an
+//!   order id accepted in two activities is named; each reward credited at most once, only if
+//!   accepted and not voided, from the activity that accepted it, for the accepted uid, kind
+//!   and amount; a coupon reward delivered only if its request was issued, failed only if it
+//!   was refused; every accepted reward credited, delivered, failed, voided or still pending
+//!   (counted);
 //! - `budgets`: per activity, accepted money never above the budget at any point of the log;
 //! - `withdrawals`: each order has at most one debit and one refund; succeeded = one debit, no
 //!   refund; refunded = one debit, one refund; failed before the debit = neither; a refund only
@@ -33,7 +36,7 @@ pub use live::LiveAudit;
 pub use views::views_check;
 
 use crate::channels::{RecordStatus, SimulatedChannels};
-use crate::domain::activity::{ActivityEvent, Reward, RewardKind};
+use crate::domain::activity::{ActivityEvent, FailReason, Reward, RewardKind};
 use crate::domain::coupon::reward_request;
 use crate::domain::packet::PacketState;
 use crate::domain::wallet::{Account, BarredDebit, Entry, WalletEvent};
@@ -111,10 +114,18 @@ struct WalletReplay {
 
 #[derive(Default)]
 struct RewardReplay {
+    /// The activity that accepted the order id (first), or, before that, the one the order-id
+    /// registry claimed it for: the only one it may belong to.
+    activity: String,
     reward: Option<Reward>,
     credits: u32,
     voided: bool,
     delivered: bool,
+    failed: Option<FailReason>,
+    /// Claimed in the order-id registry, for `activity` (false in logs that predate the
+    /// registry). A flag rather than a second activity id keeps the replay's memory per order
+    /// id as it was.
+    claimed: bool,
 }
 
 #[derive(Default)]
@@ -166,7 +177,8 @@ struct Auditor {
     versions: HashMap<String, u64>,
     wallets: HashMap<String, WalletReplay>,
     packets: HashMap<String, PacketReplay>,
-    rewards: HashMap<(String, Id), RewardReplay>,
+    /// By order id alone: an order id gives one reward, whatever the activity (R4).
+    rewards: HashMap<Id, RewardReplay>,
     budgets: HashMap<String, Budget>,
     orders: HashMap<Id, OrderReplay>,
     /// Money totals in fen, wide so that no sum can overflow.
@@ -184,6 +196,20 @@ struct Auditor {
     deviation: i128,
 }
 
+/// The reward of `order_id` if `activity` is the one that accepted it (or nothing has accepted
+/// it yet); `None` for a second activity's copy, already named at its acceptance.
+fn reward_of<'a>(
+    rewards: &'a mut HashMap<Id, RewardReplay>,
+    activity: &str,
+    order_id: &Id,
+) -> Option<&'a mut RewardReplay> {
+    let replay = rewards.entry(order_id.clone()).or_default();
+    if replay.reward.is_none() && replay.activity.is_empty() {
+        replay.activity = activity.to_owned();
+    }
+    (replay.activity == activity).then_some(replay)
+}
+
 fn stream_id<'a>(envelope: &'a Envelope, prefix: &str) -> Option<&'a str> {
     envelope.stream.strip_prefix(prefix)?.strip_prefix(':')
 }
@@ -194,7 +220,7 @@ impl Auditor {
             chain: CheckResult::new("hash_chain", "records chained by SHA-256, sequence contiguous from 1, stream versions continuous"),
             wallets_check: CheckResult::new("wallet_balances", "each movement's balance_after = previous +/- amount, never negative, each (entry, order) once"),
             conservation: CheckResult::new("money_conserved", "after every event and at the end: balances = deposits + reward credits - withdrawals + refunds; debits - refunds = paid + in transit"),
-            rewards_check: CheckResult::new("reward_credits", "each reward credited at most once, only if accepted and not voided, as accepted"),
+            rewards_check: CheckResult::new("reward_credits", "one reward per order id across activities; each credited at most once, only if accepted and not voided, as accepted; coupon rewards delivered or failed as their requests ended"),
             budgets_check: CheckResult::new("budgets", "accepted money never above the activity's budget"),
             withdrawals_check: CheckResult::new("withdrawals", "one debit, at most one refund, a refund exactly when failed after the debit"),
             channels_check: CheckResult::new("channel_statements", "an order succeeded exactly when its channel's statement says paid"),
@@ -387,13 +413,14 @@ impl Auditor {
             ));
             return;
         };
-        let replay = self
-            .rewards
-            .entry((activity.to_string(), order_id.clone()))
-            .or_default();
+        let replay = self.rewards.entry(order_id.clone()).or_default();
         replay.credits += 1;
         let problem = match &replay.reward {
             None => Some("was never accepted".to_owned()),
+            Some(_) if replay.activity != activity.as_str() => Some(format!(
+                "is credited from activity {activity} but was accepted by activity {}",
+                replay.activity
+            )),
             Some(_) if replay.voided => Some("was voided".to_owned()),
             Some(_) if replay.credits > 1 => Some(format!("is credited {} times", replay.credits)),
             Some(r)
@@ -434,17 +461,31 @@ impl Auditor {
                         self.coupons.reward(&r);
                     }
                 }
-                let replay = self
-                    .rewards
-                    .entry((activity.clone(), reward.order_id.clone()))
-                    .or_default();
-                if replay.reward.is_some() {
-                    self.rewards_check.violation(format!(
-                        "seq {}: reward {activity}/{} accepted twice",
-                        envelope.seq, reward.order_id
-                    ));
+                let replay = self.rewards.entry(reward.order_id.clone()).or_default();
+                match &replay.reward {
+                    Some(_) if replay.activity == activity => {
+                        self.rewards_check.violation(format!(
+                            "seq {}: reward {activity}/{} accepted twice",
+                            envelope.seq, reward.order_id
+                        ))
+                    }
+                    // The first stays the reward of the order id; what follows for this one is
+                    // told apart by its activity.
+                    Some(_) => self.rewards_check.violation(format!(
+                        "seq {}: order id {} accepted by activity {} and again by activity {activity}",
+                        envelope.seq, reward.order_id, replay.activity
+                    )),
+                    None => {
+                        if replay.claimed && replay.activity != activity {
+                            self.rewards_check.violation(format!(
+                                "seq {}: order id {} accepted by activity {activity} but claimed for activity {}",
+                                envelope.seq, reward.order_id, replay.activity
+                            ));
+                        }
+                        replay.activity = activity.clone();
+                        replay.reward = Some(reward.clone());
+                    }
                 }
-                replay.reward = Some(reward.clone());
                 let budget = self.budgets.entry(activity.clone()).or_default();
                 let amount = reward.amount.as_u64() as u128;
                 match reward.kind {
@@ -454,10 +495,33 @@ impl Auditor {
                 }
             }
             ActivityEvent::RewardDelivered { order_id, .. } => {
-                self.rewards
-                    .entry((activity.clone(), order_id.clone()))
-                    .or_default()
-                    .delivered = true;
+                if let Some(replay) = reward_of(&mut self.rewards, &activity, order_id) {
+                    replay.delivered = true;
+                }
+            }
+            ActivityEvent::RewardFailed {
+                order_id,
+                kind,
+                amount,
+                reason,
+                ..
+            } => {
+                if let Some(replay) = reward_of(&mut self.rewards, &activity, order_id) {
+                    if replay.credits > 0 || replay.delivered {
+                        self.rewards_check.violation(format!(
+                            "seq {}: reward {activity}/{order_id} failed after it was credited or delivered",
+                            envelope.seq
+                        ));
+                    }
+                    replay.failed = Some(*reason);
+                }
+                let budget = self.budgets.entry(activity.clone()).or_default();
+                let amount = amount.as_u64() as u128;
+                match kind {
+                    RewardKind::Cash => budget.cash = budget.cash.saturating_sub(amount),
+                    RewardKind::Subsidy => budget.subsidy = budget.subsidy.saturating_sub(amount),
+                    RewardKind::Coupon | RewardKind::Item => {}
+                }
             }
             ActivityEvent::BudgetReturned {
                 order_id,
@@ -484,17 +548,15 @@ impl Auditor {
                 amount,
                 ..
             } => {
-                let replay = self
-                    .rewards
-                    .entry((activity.clone(), order_id.clone()))
-                    .or_default();
-                if replay.credits > 0 {
-                    self.rewards_check.violation(format!(
-                        "seq {}: reward {activity}/{order_id} voided after a credit",
-                        envelope.seq
-                    ));
+                if let Some(replay) = reward_of(&mut self.rewards, &activity, order_id) {
+                    if replay.credits > 0 {
+                        self.rewards_check.violation(format!(
+                            "seq {}: reward {activity}/{order_id} voided after a credit",
+                            envelope.seq
+                        ));
+                    }
+                    replay.voided = true;
                 }
-                replay.voided = true;
                 let budget = self.budgets.entry(activity.clone()).or_default();
                 let amount = amount.as_u64() as u128;
                 match kind {
@@ -572,6 +634,22 @@ impl Auditor {
                 let group = stream_id(envelope, "coupon-group").unwrap_or_default();
                 self.coupons.group(group, event);
             }
+            Event::OrderIds(crate::domain::order_ids::OrderIdEvent::Claimed { claims }) => {
+                for claim in claims {
+                    let replay = self.rewards.entry(claim.order_id.clone()).or_default();
+                    if replay.claimed {
+                        self.rewards_check.violation(format!(
+                            "seq {}: order id {} claimed for activity {} and again for activity {}",
+                            envelope.seq, claim.order_id, replay.activity, claim.activity_id
+                        ));
+                        continue;
+                    }
+                    replay.claimed = true;
+                    if replay.reward.is_none() {
+                        replay.activity = claim.activity_id.to_string();
+                    }
+                }
+            }
             Event::Switches(_) | Event::Policy(_) | Event::Payee(_) => {}
         }
     }
@@ -594,15 +672,51 @@ impl Auditor {
             (self.channels_check.clone(), self.packets_check.clone());
         // Rewards: every accepted one settled or pending.
         let mut pending = 0u64;
-        for ((activity, order_id), replay) in &self.rewards {
-            if replay.reward.is_none() {
+        for (order_id, replay) in &self.rewards {
+            let Some(reward) = &replay.reward else {
                 continue;
-            }
+            };
+            let activity = &replay.activity;
             rewards_check.checked += 1;
-            let settled = replay.credits > 0 || replay.voided || replay.delivered;
-            let kind = replay.reward.as_ref().map(|r| r.kind);
+            let settled =
+                replay.credits > 0 || replay.voided || replay.delivered || replay.failed.is_some();
+            let kind = Some(reward.kind);
             if !settled {
                 pending += 1;
+            }
+            if replay.delivered && replay.failed.is_some() {
+                rewards_check.violation(format!(
+                    "reward {activity}/{order_id} is both delivered and failed"
+                ));
+            }
+            // A coupon reward ends as its issuance request ended (the coupon check's replay).
+            if reward.kind == RewardKind::Coupon && (replay.delivered || replay.failed.is_some()) {
+                let stream = format!("activity:{activity}");
+                if let Some((_, request)) = reward_request(&stream, reward) {
+                    let seq = request.seq_no.as_str();
+                    let outcome = self.coupons.outcome(seq);
+                    let problem = match (replay.delivered, outcome) {
+                        (true, Some(Ok(()))) | (false, Some(Err(_))) => None,
+                        (true, Some(Err(refusal))) => Some(format!(
+                            "is delivered but its request {seq} was refused ({})",
+                            refusal.as_str()
+                        )),
+                        (false, Some(Ok(()))) => {
+                            Some(format!("failed but its request {seq} was issued"))
+                        }
+                        (_, None) => Some(format!(
+                            "is {} but its request {seq} is not final",
+                            if replay.delivered {
+                                "delivered"
+                            } else {
+                                "failed"
+                            }
+                        )),
+                    };
+                    if let Some(problem) = problem {
+                        rewards_check.violation(format!("reward {activity}/{order_id} {problem}"));
+                    }
+                }
             }
             if replay.credits > 0 && kind.and_then(RewardKind::wallet_entry).is_none() {
                 rewards_check.violation(format!(
@@ -612,7 +726,7 @@ impl Auditor {
             }
         }
         rewards_check.notes.push(format!(
-            "{pending} accepted rewards still pending (not yet credited, delivered or voided)"
+            "{pending} accepted rewards still pending (not yet credited, delivered, failed or voided)"
         ));
 
         // Withdrawals.

@@ -103,6 +103,7 @@ const KINDS: &[&str] = &[
     "coupon-batch",
     "coupon-group",
     "switches",
+    "order-ids",
 ];
 
 /// Replays `stream` up to `until`.
@@ -125,6 +126,7 @@ pub fn replay(store: &dyn EventStore, stream: &str, until: Until) -> Result<Repl
         "coupon-batch" => fold::<CouponBatch>(stream, events)?,
         "coupon-group" => fold::<CouponGroup>(stream, events)?,
         "switches" => fold::<Switches>(stream, events)?,
+        "order-ids" => fold::<crate::domain::order_ids::OrderIds>(stream, events)?,
         other => return Err(ReplayError::UnknownKind(other.to_owned(), KINDS.join(", "))),
     };
     Ok(Replayed {

@@ -199,6 +199,17 @@ impl CouponAudit {
         }
     }
 
+    /// How the request `seq_no` ended: issued (`Ok`), refused for good (`Err`), or not yet.
+    pub(super) fn outcome(&self, seq_no: &str) -> Option<Result<(), Refusal>> {
+        if self.granted.contains_key(seq_no) {
+            return Some(Ok(()));
+        }
+        self.rejected_early
+            .get(seq_no)
+            .or_else(|| self.refused.get(seq_no))
+            .map(|r| Err(*r))
+    }
+
     pub(super) fn finish(&self) -> CheckResult {
         let mut check = self.check.clone();
         check.checked = self.accepted.len() as u64;

@@ -14,8 +14,9 @@
 //!   `accepted + amount <= budget`, else [`ActivityError::BudgetExhausted`]; an activity without
 //!   a budget accepts without limit unless the caller requires budgets (`--require-budgets`);
 //! - a budget may be raised, never lowered below what is already accepted;
-//! - an item reward is delivered once; a reward is voided once (its budget is returned), only
-//!   while it is neither delivered nor credited elsewhere.
+//! - a reward that is not money (coupon, item) ends once, delivered or failed (a refused coupon
+//!   issuance: whatever budget it took is returned); a reward is voided once (its budget is
+//!   returned), only while it is neither delivered, failed nor credited elsewhere.
 //!
 //! Idempotency memory is keyed by a 128-bit digest of the order id (collision odds ~1e-24 at
 //! 100 million orders) and holds a 64-bit payload fingerprint: about 40 bytes per order instead
@@ -179,6 +180,24 @@ impl RewardClaim {
     }
 }
 
+/// Why a reward that is not money could not be delivered (its budget, if any, returned).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailReason {
+    /// The coupon flow refused the reward's issuance request (sold out, user limit, group,
+    /// risk, unknown or closed batch): final, the request is never issued.
+    CouponRefused(crate::domain::coupon::Refusal),
+}
+
+impl FailReason {
+    /// The reason as answered by `GET /v1/rewards/{order_id}`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailReason::CouponRefused(refusal) => refusal.as_str(),
+        }
+    }
+}
+
 /// Why an accepted reward was voided (its budget returned).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -202,8 +221,8 @@ pub enum ActivityCommand {
         reward: Reward,
         require_budget: bool,
     },
-    /// The item lane delivered an item reward (`uid` as in the accepted reward, so that views
-    /// can settle it without a lookup).
+    /// The item lane delivered an item reward, or the coupon flow issued a coupon reward's
+    /// coupon (`uid` as in the accepted reward, so that views can settle it without a lookup).
     MarkDelivered { order_id: Id, uid: Id },
     Void {
         order_id: Id,
@@ -216,6 +235,13 @@ pub enum ActivityCommand {
         order_id: Id,
         kind: RewardKind,
         amount: Fen,
+    },
+    /// A reward that is not money (coupon, item) can never be delivered: it ends failed, once,
+    /// and whatever budget it took is returned.
+    MarkFailed {
+        order_id: Id,
+        uid: Id,
+        reason: FailReason,
     },
 }
 
@@ -239,6 +265,16 @@ pub enum ActivityEvent {
         kind: RewardKind,
         amount: Fen,
     },
+    /// Appended in issue 11: a coupon or item reward that can never be delivered. `kind` and
+    /// `amount` are those accepted, so that views and the audit return the budget it took
+    /// without a lookup.
+    RewardFailed {
+        order_id: Id,
+        uid: Id,
+        kind: RewardKind,
+        amount: Fen,
+        reason: FailReason,
+    },
 }
 
 impl ActivityEvent {
@@ -249,6 +285,7 @@ impl ActivityEvent {
             ActivityEvent::RewardDelivered { .. } => "activity.reward_delivered",
             ActivityEvent::RewardVoided { .. } => "activity.reward_voided",
             ActivityEvent::BudgetReturned { .. } => "activity.budget_returned",
+            ActivityEvent::RewardFailed { .. } => "activity.reward_failed",
         }
     }
 }
@@ -265,6 +302,7 @@ pub enum ActivityReply {
     },
     Delivered,
     Voided,
+    Failed,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -300,6 +338,8 @@ pub enum OrderState {
     Accepted,
     Delivered,
     Voided,
+    /// Appended in issue 11 (snapshots encode the variant index).
+    Failed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -453,11 +493,11 @@ impl Aggregate for Activity {
                     .ok_or_else(|| ActivityError::UnknownOrder {
                         order_id: order_id.clone(),
                     })?;
-                match (memo.kind, memo.state) {
-                    (RewardKind::Item, OrderState::Delivered) => {
-                        Ok(Decision::Reply(ActivityReply::Delivered))
-                    }
-                    (RewardKind::Item, OrderState::Accepted) => Ok(Decision::Emit(
+                // Money rewards are settled by their wallet credit, never here.
+                let delivered_here = memo.kind.wallet_entry().is_none();
+                match (delivered_here, memo.state) {
+                    (true, OrderState::Delivered) => Ok(Decision::Reply(ActivityReply::Delivered)),
+                    (true, OrderState::Accepted) => Ok(Decision::Emit(
                         vec![ActivityEvent::RewardDelivered {
                             order_id: order_id.clone(),
                             uid: uid.clone(),
@@ -491,7 +531,35 @@ impl Aggregate for Activity {
                         }],
                         ActivityReply::Voided,
                     )),
-                    OrderState::Delivered => Err(ActivityError::WrongState {
+                    OrderState::Delivered | OrderState::Failed => Err(ActivityError::WrongState {
+                        order_id: order_id.clone(),
+                    }),
+                }
+            }
+            ActivityCommand::MarkFailed {
+                order_id,
+                uid,
+                reason,
+            } => {
+                let memo = self
+                    .order(order_id)
+                    .ok_or_else(|| ActivityError::UnknownOrder {
+                        order_id: order_id.clone(),
+                    })?;
+                // A money reward may be credited at any moment by force-credit: it never fails.
+                match (memo.kind.wallet_entry().is_none(), memo.state) {
+                    (true, OrderState::Failed) => Ok(Decision::Reply(ActivityReply::Failed)),
+                    (true, OrderState::Accepted) => Ok(Decision::Emit(
+                        vec![ActivityEvent::RewardFailed {
+                            order_id: order_id.clone(),
+                            uid: uid.clone(),
+                            kind: memo.kind,
+                            amount: memo.amount,
+                            reason: *reason,
+                        }],
+                        ActivityReply::Failed,
+                    )),
+                    _ => Err(ActivityError::WrongState {
                         order_id: order_id.clone(),
                     }),
                 }
@@ -572,6 +640,19 @@ impl Aggregate for Activity {
                     memo.state = OrderState::Voided;
                 }
             }
+            ActivityEvent::RewardFailed {
+                order_id,
+                kind,
+                amount,
+                ..
+            } => {
+                if let Some(total) = self.accepted_mut(*kind) {
+                    *total = total.checked_sub(*amount).unwrap_or(Fen::ZERO);
+                }
+                if let Some(memo) = self.orders.get_mut(&order_key(order_id)) {
+                    memo.state = OrderState::Failed;
+                }
+            }
         }
     }
 
@@ -580,6 +661,7 @@ impl Aggregate for Activity {
             ActivityCommand::SetBudget(_) => "budget".into(),
             ActivityCommand::Accept { reward, .. } => reward.order_id.to_string(),
             ActivityCommand::MarkDelivered { order_id, .. }
+            | ActivityCommand::MarkFailed { order_id, .. }
             | ActivityCommand::Void { order_id, .. }
             | ActivityCommand::ReturnBudget { order_id, .. } => order_id.to_string(),
         }
@@ -837,6 +919,98 @@ mod tests {
             ),
             Err(ActivityError::UnknownOrder { .. })
         ));
+    }
+
+    fn coupon_reward(order: &str) -> Reward {
+        Reward {
+            batch_id: Some(id("b1")),
+            ..reward(order, RewardKind::Coupon, 1)
+        }
+    }
+
+    #[test]
+    fn a_coupon_reward_ends_once_delivered_or_failed_and_money_rewards_never_here() {
+        // Given two coupon rewards and a cash one: one coupon is delivered, the other fails
+        // (sold out); each end is idempotent, the other end is then refused, and a cash reward
+        // can neither be marked delivered nor failed (its wallet credit settles it).
+        let mut activity = given(&[
+            budget(100, 0),
+            ActivityEvent::RewardAccepted(coupon_reward("c1")),
+            ActivityEvent::RewardAccepted(coupon_reward("c2")),
+            ActivityEvent::RewardAccepted(reward("m1", RewardKind::Cash, 60)),
+        ]);
+        let deliver = |order: &str| ActivityCommand::MarkDelivered {
+            order_id: id(order),
+            uid: id("u1"),
+        };
+        let fail = |order: &str| ActivityCommand::MarkFailed {
+            order_id: id(order),
+            uid: id("u1"),
+            reason: FailReason::CouponRefused(crate::domain::coupon::Refusal::SoldOut),
+        };
+        let Ok(Decision::Emit(events, ActivityReply::Delivered)) =
+            activity.decide(&deliver("c1"), &CTX)
+        else {
+            panic!("c1 not delivered")
+        };
+        activity = replay(activity, &events);
+        let Ok(Decision::Emit(events, ActivityReply::Failed)) = activity.decide(&fail("c2"), &CTX)
+        else {
+            panic!("c2 not failed")
+        };
+        assert_eq!(
+            events,
+            vec![ActivityEvent::RewardFailed {
+                order_id: id("c2"),
+                uid: id("u1"),
+                kind: RewardKind::Coupon,
+                amount: Fen::new(1),
+                reason: FailReason::CouponRefused(crate::domain::coupon::Refusal::SoldOut),
+            }]
+        );
+        activity = replay(activity, &events);
+        assert_eq!(activity.order(&id("c2")).unwrap().state, OrderState::Failed);
+        assert_eq!(
+            activity.decide(&deliver("c1"), &CTX),
+            Ok(Decision::Reply(ActivityReply::Delivered))
+        );
+        assert_eq!(
+            activity.decide(&fail("c2"), &CTX),
+            Ok(Decision::Reply(ActivityReply::Failed))
+        );
+        for (command, order) in [
+            (fail("c1"), "c1"),
+            (deliver("c2"), "c2"),
+            (deliver("m1"), "m1"),
+            (fail("m1"), "m1"),
+        ] {
+            assert_eq!(
+                activity.decide(&command, &CTX),
+                Err(ActivityError::WrongState {
+                    order_id: id(order)
+                }),
+                "{command:?}"
+            );
+        }
+        // A failed reward is not voided later, and its retry still replays the acceptance.
+        let void = ActivityCommand::Void {
+            order_id: id("c2"),
+            uid: id("u1"),
+            reason: VoidReason::DuplicateOrderId,
+        };
+        assert!(matches!(
+            activity.decide(&void, &CTX),
+            Err(ActivityError::WrongState { .. })
+        ));
+        let retry = ActivityCommand::Accept {
+            reward: coupon_reward("c2"),
+            require_budget: false,
+        };
+        assert_eq!(
+            activity.decide(&retry, &CTX),
+            Ok(Decision::Reply(ActivityReply::Accepted { replayed: true }))
+        );
+        assert_eq!(activity.accepted.cash, Fen::new(60));
     }
 
     #[derive(Debug, Clone)]

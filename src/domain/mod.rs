@@ -12,6 +12,7 @@
 
 pub mod activity;
 pub mod coupon;
+pub mod order_ids;
 pub mod packet;
 pub mod switches;
 pub mod wallet;
@@ -79,6 +80,8 @@ pub enum Event {
     CouponIntake(coupon::IntakeEvent),
     CouponBatch(coupon::BatchEvent),
     CouponGroup(coupon::GroupEvent),
+    /// Appended in issue 11: the order-id registry (R4).
+    OrderIds(order_ids::OrderIdEvent),
 }
 
 impl Event {
@@ -95,6 +98,7 @@ impl Event {
             Event::CouponIntake(e) => e.type_name(),
             Event::CouponBatch(e) => e.type_name(),
             Event::CouponGroup(e) => e.type_name(),
+            Event::OrderIds(e) => e.type_name(),
         }
     }
 

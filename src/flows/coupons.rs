@@ -27,7 +27,9 @@
 use super::{load_checkpoint, save_checkpoint, FlowGroup, CHECKPOINT_TREE};
 use crate::actors::{ExecError, Registry};
 use crate::clock::{Clock, Millis};
-use crate::domain::activity::{order_key, Activity, ActivityCommand, ActivityEvent, RewardKind};
+use crate::domain::activity::{
+    order_key, Activity, ActivityCommand, ActivityEvent, FailReason, RewardKind,
+};
 use crate::domain::coupon::{
     intake_shard, next_step, reward_request, Acceptance, BatchCommand, BatchError, BatchInfo,
     BatchReply, BatchSpec, CouponBatch, CouponGroup, CouponIntake, GroupCommand, IntakeCommand,
@@ -842,21 +844,59 @@ async fn drive(coupons: Arc<Coupons>, layer: Layer, mut items: Vec<Tracked>) -> 
             backoff = RETRY_BACKOFF_MIN;
         }
     }
-    // Coupon rewards: the activity learns the reward was handed over (idempotent).
-    for t in items.iter().filter(|t| t.done.is_some()) {
-        if let Some((activity, order_id)) = &t.reward {
-            let deliver = ActivityCommand::MarkDelivered {
-                order_id: order_id.clone(),
-                uid: t.request.uid.clone(),
-            };
-            if let Err(e) = coupons.activities.execute(activity.as_str(), deliver).await {
-                if transient(&e) {
-                    tracing::warn!(order_id = %order_id, error = ?e, "coupon reward not marked delivered; it will be on the next re-drive");
-                }
+    // Coupon rewards: the activity settles each one by its request's final outcome.
+    let settles = items.iter().filter_map(|t| {
+        let (activity, order_id) = t.reward.as_ref()?;
+        Some(settle_reward(
+            &coupons.activities,
+            activity,
+            order_id,
+            &t.request.uid,
+            t.done?,
+        ))
+    });
+    join_all(settles).await;
+    LayerDone { layer, items }
+}
+
+/// Settles a coupon reward in its activity by its request's final outcome: delivered when the
+/// coupon was issued, failed (its budget returned) when the issuance was refused. Both are
+/// idempotent; transient errors are retried until the activity answers, so the reward never
+/// stays pending (R6) while its request is final. A refusal of the command (the reward was
+/// already settled otherwise, or predates this process's rules) is logged, not retried.
+async fn settle_reward(
+    activities: &Arc<Registry<Activity>>,
+    activity: &Id,
+    order_id: &Id,
+    uid: &Id,
+    outcome: Outcome,
+) {
+    let command = match outcome {
+        Outcome::Issued(_) => ActivityCommand::MarkDelivered {
+            order_id: order_id.clone(),
+            uid: uid.clone(),
+        },
+        Outcome::Rejected(refusal) => ActivityCommand::MarkFailed {
+            order_id: order_id.clone(),
+            uid: uid.clone(),
+            reason: FailReason::CouponRefused(refusal),
+        },
+    };
+    let mut backoff = RETRY_BACKOFF_MIN;
+    loop {
+        match activities.execute(activity.as_str(), command.clone()).await {
+            Ok(_) => return,
+            Err(e) if transient(&e) => {
+                tracing::warn!(order_id = %order_id, error = ?e, "coupon reward not settled yet; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+            }
+            Err(e) => {
+                tracing::error!(order_id = %order_id, activity = %activity, error = ?e, "coupon reward cannot be settled");
+                return;
             }
         }
     }
-    LayerDone { layer, items }
 }
 
 /// One round of merged commands, all at once. Returns whether any failed (to retry).

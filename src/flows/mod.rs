@@ -4,10 +4,12 @@
 //!
 //! - [`reward_lanes`]: credit accepted rewards to wallets, per kind, rate-limited, cash first.
 //! - [`coupons`]: coupon intake batchers, the two issuance layers, the green channel.
+//! - [`order_claims`]: reward intake's order-id claims, merged per registry shard (R4).
 //! - [`packets`]: red packet payment, share transfers, expiry and refunds.
 //! - [`withdrawals`]: the withdrawal request flow, payout lanes, compensation, reconciliation.
 
 pub mod coupons;
+pub mod order_claims;
 pub mod packets;
 pub mod reward_lanes;
 pub mod withdrawals;

@@ -180,6 +180,8 @@ pub struct AppState {
     pub store: Arc<SledStore>,
     pub wallets: Arc<Registry<Wallet>>,
     pub activities: Arc<Registry<Activity>>,
+    /// Reward intake claims each order id in the order-id registry first (R4).
+    pub order_claims: crate::flows::order_claims::OrderClaims,
     pub switches: Board<Switches>,
     pub policy: Board<PolicyState>,
     pub payees: Arc<Registry<Payee>>,
@@ -298,6 +300,8 @@ impl Application {
         });
         let wallets = Registry::new(runtime.clone());
         let activities = Registry::new(runtime.clone());
+        let order_claims =
+            crate::flows::order_claims::OrderClaims::start(Registry::new(runtime.clone()));
         let switches = Board::load(Registry::new(runtime.clone()))
             .await
             .map_err(|e| ServeError::Store(StoreError::Io(format!("cannot load switches: {e}"))))?;
@@ -359,6 +363,7 @@ impl Application {
             store,
             wallets,
             activities,
+            order_claims,
             switches,
             policy,
             payees,
@@ -469,6 +474,7 @@ impl Application {
             self.state.withdrawal_flows.stop(),
             self.state.packet_flows.stop(),
             self.state.coupon_flows.stop(),
+            self.state.order_claims.stop(),
         );
         self.state.projections.stop().await;
         if let Some(audit) = &self.state.live_audit {

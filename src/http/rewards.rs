@@ -6,9 +6,10 @@ use super::error::ApiError;
 use super::{parse_id, read_view, view_error, AppState, ErrorBody};
 use crate::clock::rfc3339;
 use crate::domain::activity::{
-    ActivityCommand, ActivityReply, Budgets, Reward, RewardClaim, RewardKind, EXT_FIELDS_MAX,
-    EXT_KEY_CHARS_MAX, EXT_VALUE_CHARS_MAX,
+    ActivityCommand, ActivityError, ActivityReply, Budgets, Reward, RewardClaim, RewardKind,
+    EXT_FIELDS_MAX, EXT_KEY_CHARS_MAX, EXT_VALUE_CHARS_MAX,
 };
+use crate::domain::order_ids::ClaimOutcome;
 use crate::domain::wallet::Entry;
 use crate::ids::Id;
 use crate::money::Fen;
@@ -75,11 +76,19 @@ pub struct RewardStatusBody {
     pub uid: String,
     pub kind: String,
     pub amount: u64,
-    /// accepted | credited | voided
+    /// accepted (pending) | credited (cash, subsidy) | delivered (coupon, item) | failed
+    /// (coupon refused: see `reason`) | voided
+    #[schema(example = "delivered")]
     pub status: String,
     pub accepted_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub voided_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_at: Option<String>,
+    /// Why a failed reward failed: sold_out, user_limit, group_exclusive, risk_rejected,
+    /// batch_closed or unknown_batch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     /// Other activities that accepted the same order id (a contract violation by the caller).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub also_in: Vec<String>,
@@ -197,13 +206,39 @@ fn check_ext(ext: Option<BTreeMap<String, String>>) -> Result<BTreeMap<String, S
     Ok(ext)
 }
 
-/// Accepts a validated reward and answers 202 with its token.
+/// Claims the reward's order id in its registry shard (R4: one order id, one reward, across
+/// activities): a first use or an identical retry passes, anything else is a conflict.
+async fn claim_order_id(
+    state: &AppState,
+    activity_id: &Id,
+    reward: &Reward,
+) -> Result<(), ApiError> {
+    match state.order_claims.claim(activity_id, reward).await? {
+        ClaimOutcome::Claimed | ClaimOutcome::Replayed => Ok(()),
+        ClaimOutcome::Conflict => Err(ActivityError::IdempotencyConflict {
+            order_id: reward.order_id.clone(),
+        }
+        .into()),
+    }
+}
+
+/// Accepts a validated reward and answers 202 with its token: claims the order id first
+/// (durable), then accepts in the activity. A crash between the two leaves a claim without a
+/// reward; the identical retry replays the claim and is accepted, any other payload conflicts.
 async fn accept(
     state: &AppState,
     activity_id: Id,
     reward: Reward,
 ) -> Result<HttpResponse, ApiError> {
     let kind = reward.kind;
+    if let Err(error) = claim_order_id(state, &activity_id, &reward).await {
+        state
+            .metrics
+            .rewards_refused_total
+            .with_label_values(&[error.code])
+            .inc();
+        return Err(error);
+    }
     let command = ActivityCommand::Accept {
         reward: reward.clone(),
         require_budget: state.config.rewards.require_budgets,
@@ -255,7 +290,7 @@ async fn accept(
         (status = 400, description = "Malformed body or id", body = ErrorBody),
         (status = 401, description = "Missing or unknown key", body = ErrorBody),
         (status = 403, description = "Not an issuer key", body = ErrorBody),
-        (status = 409, description = "idempotency_conflict / budget_exhausted (with remaining) / budget_not_set", body = ErrorBody),
+        (status = 409, description = "idempotency_conflict (the order id is already used, in any activity, with another payload) / budget_exhausted (with remaining) / budget_not_set", body = ErrorBody),
         (status = 422, description = "invalid_amount / amount_too_large / invalid_kind / batch_id_required / invalid_ext", body = ErrorBody),
         (status = 503, description = "Outcome unknown: retry with the same order id", body = ErrorBody),
     ),
@@ -386,11 +421,15 @@ pub async fn cards(
     shortcut(&state, &activity, "cards", order_id, body.into_inner()).await
 }
 
-/// A reward's status: accepted (pending) or credited (or voided).
+/// A reward's status: accepted while pending; then credited (cash, subsidy), delivered (a
+/// coupon issued, an item handed over) or failed (a coupon refused, with its reason); or voided.
 #[utoipa::path(
     get, path = "/v1/rewards/{order_id}", tag = "rewards",
     params(("order_id" = String, Path), StatusQuery),
-    responses((status = 200, body = RewardStatusBody), (status = 404, description = "unknown_order", body = ErrorBody)),
+    responses(
+        (status = 200, description = "status: accepted | credited | delivered | failed | voided", body = RewardStatusBody),
+        (status = 404, description = "unknown_order", body = ErrorBody),
+    ),
     security(("bearer" = []))
 )]
 pub async fn reward_status(
@@ -404,9 +443,9 @@ pub async fn reward_status(
     let tree = read_view(&state, view::NAME).await?;
     let wallets = read_view(&state, wallet_view::NAME).await?;
     let mut records = view::by_order(tree, order_id.as_str()).map_err(view_error)?;
-    records.sort_by_key(|(r, _)| r.accepted_seq);
+    records.sort_by_key(|row| row.record.accepted_seq);
     let chosen = match &query.activity_id {
-        Some(a) => records.iter().position(|(r, _)| &r.activity_id == a),
+        Some(a) => records.iter().position(|row| &row.record.activity_id == a),
         None => (!records.is_empty()).then_some(0),
     };
     let Some(index) = chosen else {
@@ -416,17 +455,24 @@ pub async fn reward_status(
             format!("no reward with order id {order_id}"),
         ));
     };
-    let (record, voided_at) = records.remove(index);
+    let view::RewardRow {
+        record,
+        voided_at,
+        failed,
+    } = records.remove(index);
     // Pending lives in the wallet view, which settles it atomically with the credit.
     let pending = wallet_view::record(wallets, record.reward.uid.as_str())
         .map_err(view_error)?
         .pending
         .iter()
         .any(|p| p.order_id == order_id.as_str() && p.activity_id == record.activity_id);
-    let status = match (voided_at, pending) {
-        (Some(_), _) => "voided",
-        (None, true) => "accepted",
-        (None, false) => "credited",
+    let status = match (voided_at, failed, pending) {
+        (Some(_), _, _) => "voided",
+        (None, Some(_), _) => "failed",
+        (None, None, true) => "accepted",
+        // Settled without a failure: money is credited, coupons and items are delivered.
+        (None, None, false) if record.reward.kind.wallet_entry().is_some() => "credited",
+        (None, None, false) => "delivered",
     };
     Ok(HttpResponse::Ok().json(RewardStatusBody {
         order_id: record.reward.order_id.to_string(),
@@ -437,7 +483,12 @@ pub async fn reward_status(
         status: status.into(),
         accepted_at: rfc3339(record.accepted_at_ms),
         voided_at: voided_at.map(rfc3339),
-        also_in: records.into_iter().map(|(r, _)| r.activity_id).collect(),
+        failed_at: failed.map(|f| rfc3339(f.at_ms)),
+        reason: failed.map(|f| f.reason.as_str().to_owned()),
+        also_in: records
+            .into_iter()
+            .map(|row| row.record.activity_id)
+            .collect(),
     }))
 }
 

@@ -8,11 +8,12 @@
 //! Keys in `view:rewards`:
 //! - `r` + order id + `0x00` + activity -> [`RewardRecord`]
 //! - `v` + order id + `0x00` + activity -> voided-at (epoch ms, i64 BE)
+//! - `f` + order id + `0x00` + activity -> [`Failure`] (a coupon or item reward that failed)
 //! - `a` + activity -> [`ActivityTotals`]
 //! - `k` + kind -> [`KindTotals`]
 
 use super::{decode_view, Projection, ViewTx};
-use crate::domain::activity::{ActivityEvent, Reward, RewardKind};
+use crate::domain::activity::{ActivityEvent, FailReason, Reward, RewardKind};
 use crate::domain::wallet::{Entry, WalletEvent};
 use crate::domain::Event;
 use crate::events::{codec, Envelope, StoreError};
@@ -30,6 +31,21 @@ pub struct RewardRecord {
     pub reward: Reward,
     pub accepted_seq: u64,
     pub accepted_at_ms: i64,
+}
+
+/// A reward that failed: when, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    pub at_ms: i64,
+    pub reason: FailReason,
+}
+
+/// A reward recorded under an order id, with how it ended when that is not read elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RewardRow {
+    pub record: RewardRecord,
+    pub voided_at: Option<i64>,
+    pub failed: Option<Failure>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +79,10 @@ fn record_key(order_id: &str, activity: &str) -> Vec<u8> {
 
 fn voided_key(order_id: &str, activity: &str) -> Vec<u8> {
     key(b'v', &[order_id.as_bytes(), activity.as_bytes()])
+}
+
+fn failed_key(order_id: &str, activity: &str) -> Vec<u8> {
+    key(b'f', &[order_id.as_bytes(), activity.as_bytes()])
 }
 
 fn kind_key(kind: RewardKind) -> Vec<u8> {
@@ -168,8 +188,33 @@ impl RewardsView {
                             RewardKind::Subsidy,
                         );
                     }
-                    ActivityEvent::RewardDelivered { .. } => {
-                        totals.kind(tx, RewardKind::Item)?.settled += 1
+                    ActivityEvent::RewardDelivered { order_id, .. } => {
+                        // Items and coupons are delivered; the event does not carry the kind
+                        // (it predates coupon deliveries), the reward's record does.
+                        let kind =
+                            get::<RewardRecord>(tx, &record_key(order_id.as_str(), activity))?
+                                .map_or(RewardKind::Item, |r| r.reward.kind);
+                        totals.kind(tx, kind)?.settled += 1
+                    }
+                    ActivityEvent::RewardFailed {
+                        order_id,
+                        kind,
+                        amount,
+                        reason,
+                        ..
+                    } => {
+                        let failure = Failure {
+                            at_ms: envelope.recorded_at_ms,
+                            reason: *reason,
+                        };
+                        tx.insert(
+                            failed_key(order_id.as_str(), activity),
+                            codec::encode(&failure)?,
+                        );
+                        totals.kind(tx, *kind)?.settled += 1;
+                        let t = totals.activity(tx, activity)?;
+                        sub(&mut t.accepted_cash, *kind, *amount, RewardKind::Cash);
+                        sub(&mut t.accepted_subsidy, *kind, *amount, RewardKind::Subsidy);
                     }
                     ActivityEvent::BudgetReturned { kind, amount, .. } => {
                         let t = totals.activity(tx, activity)?;
@@ -256,22 +301,29 @@ fn io(e: sled::Error) -> StoreError {
 }
 
 /// The rewards recorded under an order id (one, unless an order id was reused across
-/// activities), each with whether it was voided.
-pub fn by_order(
-    tree: &sled::Tree,
-    order_id: &str,
-) -> Result<Vec<(RewardRecord, Option<i64>)>, StoreError> {
+/// activities before the order-id registry refused reuses), each with whether it was voided
+/// or failed.
+pub fn by_order(tree: &sled::Tree, order_id: &str) -> Result<Vec<RewardRow>, StoreError> {
     let mut prefix = vec![b'r'];
     prefix.extend_from_slice(order_id.as_bytes());
     prefix.push(0);
     tree.scan_prefix(prefix)
         .map(|item| {
             let record: RewardRecord = decode_view(&item.map_err(io)?.1)?;
-            let voided = tree
+            let voided_at = tree
                 .get(voided_key(order_id, &record.activity_id))
                 .map_err(io)?
                 .and_then(|v| v.as_ref().try_into().ok().map(i64::from_be_bytes));
-            Ok((record, voided))
+            let failed = tree
+                .get(failed_key(order_id, &record.activity_id))
+                .map_err(io)?
+                .map(|v| decode_view(&v))
+                .transpose()?;
+            Ok(RewardRow {
+                record,
+                voided_at,
+                failed,
+            })
         })
         .collect()
 }

@@ -198,7 +198,8 @@ impl Projection for WalletView {
                         Ok(())
                     }
                     ActivityEvent::RewardDelivered { order_id, uid }
-                    | ActivityEvent::RewardVoided { order_id, uid, .. } => {
+                    | ActivityEvent::RewardVoided { order_id, uid, .. }
+                    | ActivityEvent::RewardFailed { order_id, uid, .. } => {
                         // No balance moves: a reader may see it pending or not, both true.
                         tx.remove(pending_key(uid.as_str(), activity, order_id.as_str()));
                         Ok(())

@@ -353,36 +353,40 @@ async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
 }
 
 /// Fires cash rewards (8 users) until the server stops answering.
+/// Worker `w`'s `n`-th reward (8 users).
+fn reward_shot(w: usize, n: u64) -> Shot {
+    let (uid, order, amount) = (
+        format!("r{}", w % 8),
+        format!("rw{w}-n{n}"),
+        (n % 13 + 1) as i64,
+    );
+    Shot {
+        path: "/v1/rewards".into(),
+        body: serde_json::json!({
+            "order_id": order, "uid": uid, "activity_id": "crash", "scene": "rain",
+            "kind": "cash", "amount": amount,
+        }),
+        key: ISSUER,
+        acknowledged: 202,
+        acked: Acked {
+            uid,
+            order,
+            amount,
+            balance_after: 0,
+        },
+    }
+}
+
 async fn fire_rewards(base: String, workers: usize, acked: Arc<Mutex<Vec<Acked>>>) {
-    fire_with(base, workers, acked, |w, n| {
-        let (uid, order, amount) = (
-            format!("r{}", w % 8),
-            format!("rw{w}-n{n}"),
-            (n % 13 + 1) as i64,
-        );
-        Shot {
-            path: "/v1/rewards".into(),
-            body: serde_json::json!({
-                "order_id": order, "uid": uid, "activity_id": "crash", "scene": "rain",
-                "kind": "cash", "amount": amount,
-            }),
-            key: ISSUER,
-            acknowledged: 202,
-            acked: Acked {
-                uid,
-                order,
-                amount,
-                balance_after: 0,
-            },
-        }
-    })
-    .await
+    fire_with(base, workers, acked, reward_shot).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_reward_burst_then_every_accepted_reward_is_credited_exactly_once() {
     // Goal: SIGKILL while rewards arrive and a throttled lane has a backlog; after restart the
-    // lanes resume from their checkpoint and every 202 ends credited, once, nothing else is.
+    // requests in flight at the kill, retried identically, are accepted (whether the kill fell
+    // before, between or after the order-id claim and the acceptance), the lanes resume from
+    // their checkpoint and every 202 ends credited, once, nothing else is.
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("hongbao.toml");
     std::fs::write(&config, "[rewards]\ncash_per_s = 2000\n").unwrap();
@@ -390,14 +394,44 @@ async fn kill_9_mid_reward_burst_then_every_accepted_reward_is_credited_exactly_
     let data = dir.path().join("data");
     let server = start_with(&data, &["--config", &config]);
     let acked = Arc::new(Mutex::new(Vec::new()));
-    let firing = tokio::spawn(fire_rewards(server.base(), 32, acked.clone()));
+    let workers = 32;
+    let firing = tokio::spawn(fire_rewards(server.base(), workers, acked.clone()));
     wait_acked(&acked, 3000, "too few rewards accepted").await;
     server.kill9();
     firing.await.unwrap();
-    let acked = acked.lock().unwrap().clone();
+    let mut acked = acked.lock().unwrap().clone();
 
     let server = start_with(&data, &["--config", &config]);
     let client = reqwest::Client::new();
+    // Each worker's request in flight at the kill (its first unacknowledged one) may have had
+    // its order id claimed, its reward accepted, both or neither. The identical retry is
+    // accepted whatever happened (a claim without its acceptance replays, R4) and ends
+    // credited like the others.
+    let mut next = vec![0u64; workers];
+    for a in &acked {
+        let (w, n) = a.order["rw".len()..].split_once("-n").unwrap();
+        let (w, n): (usize, u64) = (w.parse().unwrap(), n.parse().unwrap());
+        next[w] = next[w].max(n + 1);
+    }
+    for (w, n) in next.into_iter().enumerate() {
+        let shot = reward_shot(w, n);
+        let response = client
+            .post(format!("{}{}", server.base(), shot.path))
+            .bearer_auth(shot.key)
+            .json(&shot.body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        assert_eq!(
+            status,
+            202,
+            "retry of {}: {}",
+            shot.acked.order,
+            response.text().await.unwrap()
+        );
+        acked.push(shot.acked);
+    }
     let mut expected: HashMap<String, HashMap<String, i64>> = HashMap::new();
     for a in &acked {
         expected

@@ -1,5 +1,6 @@
 //! Rewards against the real server: budgets under concurrency, pending + credited during a
-//! burst, force-credit racing the lanes, tokens, shortcuts, duplicate order ids.
+//! burst, force-credit racing the lanes, tokens, shortcuts, order ids reused across activities,
+//! coupon rewards settling.
 
 use super::{spawn_app, spawn_app_with, TestApp, ADMIN, GATEWAY, ISSUER};
 use futures::future::join_all;
@@ -394,7 +395,8 @@ async fn scenario_shortcuts_derive_their_order_ids() {
         .await;
     assert_eq!(wallet["balances"]["activity"], 132);
     let (status, item) = app.get("/v1/rewards/cards:cny:u7", Some(ISSUER)).await;
-    assert_eq!((status, item["status"].as_str()), (200, Some("credited")));
+    // An item is delivered, not credited: no balance moves.
+    assert_eq!((status, item["status"].as_str()), (200, Some("delivered")));
     assert_eq!(app.get("/v1/rewards/nope", Some(ISSUER)).await.0, 404);
 }
 
@@ -408,7 +410,8 @@ async fn budgets_can_be_required_and_unknown_activities_are_404() {
         (409, Some("budget_not_set"))
     );
     app.set_budget("budgeted", 10, 0).await;
-    assert_eq!(app.reward("budgeted", "o", "u", 10).await.0, 202);
+    // Order ids are global (R4): "o" stays bound to the unbudgeted activity's request.
+    assert_eq!(app.reward("budgeted", "o2", "u", 10).await.0, 202);
     let (status, error) = app.reward_of("budgeted", "s", "u", "subsidy", 1).await;
     assert_eq!(
         (status, error["code"].as_str()),
@@ -420,44 +423,6 @@ async fn budgets_can_be_required_and_unknown_activities_are_404() {
             .0,
         404
     );
-}
-
-#[tokio::test]
-async fn an_order_id_reused_in_another_activity_is_voided_not_credited_twice() {
-    // Goal: order ids are globally unique by contract; a reuse in a second activity is
-    // accepted there but voided by the lane (its budget returned), never credited twice.
-    let app = spawn_app();
-    app.set_budget("first", 1_000, 0).await;
-    app.set_budget("second", 1_000, 0).await;
-    assert_eq!(app.reward("first", "dup", "u5", 300).await.0, 202);
-    app.wait_wallet("u5", "first credit", |w| w["balances"]["activity"] == 300)
-        .await;
-    assert_eq!(app.reward("second", "dup", "u5", 300).await.0, 202);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let (_, activity) = app.get("/v1/admin/activities/second", Some(ADMIN)).await;
-        if activity["accepted"]["cash"] == 0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never voided: {activity}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    let wallet = app.wallet("u5").await;
-    assert_eq!(wallet["balances"]["activity"], 300);
-    assert!(wallet["pending"].as_array().unwrap().is_empty());
-    let (_, status) = app
-        .get("/v1/rewards/dup?activity_id=second", Some(ISSUER))
-        .await;
-    assert_eq!(status["status"], "voided");
-    let (_, status) = app.get("/v1/rewards/dup", Some(ISSUER)).await;
-    assert_eq!(
-        (status["activity_id"].as_str(), status["status"].as_str()),
-        (Some("first"), Some("credited"))
-    );
-    assert_eq!(status["also_in"], serde_json::json!(["second"]));
 }
 
 #[tokio::test]
@@ -517,4 +482,204 @@ async fn pausing_the_lanes_keeps_rewards_pending_until_they_resume() {
         w["balances"]["activity"] == 100
     })
     .await;
+}
+
+/// Polls `GET /v1/rewards/{order}` until its status is no longer `accepted`, at most 30 s.
+async fn wait_reward_settled(app: &TestApp, order: &str) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (status, reward) = app.get(&format!("/v1/rewards/{order}"), Some(ISSUER)).await;
+        assert_eq!(status, 200, "{reward}");
+        if reward["status"] != "accepted" {
+            return reward;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reward {order} still pending: {reward}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+async fn metric_value(app: &TestApp, series: &str) -> Option<f64> {
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let prefix = format!("{series} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim().parse().unwrap())
+}
+
+#[tokio::test]
+async fn a_coupon_reward_ends_delivered_when_issued_and_failed_when_refused() {
+    // Goal (R1, R6): a coupon reward does not stay pending: the one its batch issues ends
+    // delivered, the one refused (sold out) ends failed; neither stays a pending line in the
+    // wallet, and the coupon pending gauge falls back to 0.
+    let app = spawn_app();
+    let batch =
+        serde_json::json!({"batch_id": "cr", "stock": 1, "per_user_limit": 1, "value": 500});
+    let (status, body) = app
+        .post("/v1/coupon-batches", Some(ADMIN), &batch.to_string())
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let coupon = |order: &str, uid: &str| {
+        serde_json::json!({"order_id": order, "uid": uid, "activity_id": "camp", "scene": "s",
+               "kind": "coupon", "amount": 1, "batch_id": "cr"})
+        .to_string()
+    };
+    let (status, body) = app
+        .post("/v1/rewards", Some(ISSUER), &coupon("cr-1", "cra"))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let issued = wait_reward_settled(&app, "cr-1").await;
+    assert_eq!(issued["status"], "delivered", "{issued}");
+    // The stock is gone: the next one is refused.
+    let (status, body) = app
+        .post("/v1/rewards", Some(ISSUER), &coupon("cr-2", "crb"))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let refused = wait_reward_settled(&app, "cr-2").await;
+    assert_eq!(refused["status"], "failed", "{refused}");
+    assert_eq!(refused["reason"], "sold_out", "{refused}");
+    for uid in ["cra", "crb"] {
+        let wallet = app.wallet(uid).await;
+        assert!(
+            wallet["pending"].as_array().unwrap().is_empty(),
+            "{uid}: {wallet}"
+        );
+    }
+    let (_, coupons) = app.get("/v1/wallets/cra/coupons", Some(GATEWAY)).await;
+    assert_eq!(coupons.as_array().unwrap().len(), 1, "{coupons}");
+    assert_eq!(
+        metric_value(&app, "hongbao_reward_pending{kind=\"coupon\"}").await,
+        Some(0.0)
+    );
+}
+
+#[tokio::test]
+async fn an_order_id_used_in_one_activity_is_refused_in_every_other() {
+    // Goal (R4): one order id, one reward, whatever the activity, uid or kind: a reuse is
+    // refused at intake (409 idempotency_conflict) and takes no second budget; the original
+    // request still replays, and a shortcut's derived order id is covered too.
+    let app = spawn_app();
+    app.set_budget("first", 1_000, 1_000).await;
+    app.set_budget("second", 1_000, 1_000).await;
+    let original = app.reward("first", "dup", "u5", 300).await;
+    assert_eq!(original.0, 202, "{}", original.1);
+    for (activity, uid, kind) in [
+        ("second", "u5", "cash"),
+        ("second", "u6", "cash"),
+        ("second", "u6", "subsidy"),
+        ("second", "u5", "item"),
+    ] {
+        let (status, error) = app.reward_of(activity, "dup", uid, kind, 300).await;
+        assert_eq!(
+            (status, error["code"].as_str()),
+            (409, Some("idempotency_conflict")),
+            "{activity}/{uid}/{kind}: {error}"
+        );
+    }
+    assert_eq!(app.reward("first", "dup", "u5", 300).await, original);
+    let (status, body) = app
+        .post(
+            "/v1/activities/first/rain/1/rewards",
+            Some(ISSUER),
+            r#"{"uid":"u7","amount":5}"#,
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let (status, error) = app.reward("second", "rain:first:1:u7", "u7", 5).await;
+    assert_eq!(
+        (status, error["code"].as_str()),
+        (409, Some("idempotency_conflict")),
+        "{error}"
+    );
+    let (_, second) = app.get("/v1/admin/activities/second", Some(ADMIN)).await;
+    assert_eq!(
+        second["accepted"],
+        serde_json::json!({"cash": 0, "subsidy": 0})
+    );
+    let wallet = app
+        .wait_wallet("u5", "the one credit", |w| {
+            w["pending"].as_array().unwrap().is_empty() && w["balances"]["activity"] == 300
+        })
+        .await;
+    assert_eq!(wallet["balances"]["subsidy"], 0);
+    assert!(app.wallet("u6").await["pending"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    let (_, status) = app.get("/v1/rewards/dup", Some(ISSUER)).await;
+    assert_eq!(
+        (status["activity_id"].as_str(), status["status"].as_str()),
+        (Some("first"), Some("credited"))
+    );
+}
+
+#[tokio::test]
+async fn a_reward_refused_for_budget_passes_on_retry_after_a_raise() {
+    // Goal: a refusal records nothing that blocks the same request later: 409
+    // budget_exhausted, the budget is raised, the identical retry is accepted (the order id's
+    // claim is kept and replays); another payload under that order id stays a conflict.
+    let app = spawn_app();
+    app.set_budget("tight", 100, 0).await;
+    let (status, error) = app.reward("tight", "big", "u1", 150).await;
+    assert_eq!(
+        (status, error["code"].as_str()),
+        (409, Some("budget_exhausted"))
+    );
+    assert_eq!(app.set_budget("tight", 200, 0).await.0, 200);
+    let (status, body) = app.reward("tight", "big", "u1", 150).await;
+    assert_eq!(status, 202, "{body}");
+    let (status, error) = app.reward("tight", "big", "u1", 50).await;
+    assert_eq!(
+        (status, error["code"].as_str()),
+        (409, Some("idempotency_conflict"))
+    );
+}
+
+#[tokio::test]
+async fn one_order_id_raced_from_many_activities_is_accepted_exactly_once() {
+    // Goal (R4) under concurrency: 40 requests with one order id, each for its own activity
+    // and uid, race (and are merged into shared claim commands): exactly one is accepted, the
+    // 39 others get 409 idempotency_conflict, and one activity alone holds the reward; 40
+    // distinct order ids sent alongside are all accepted.
+    let app = spawn_app();
+    let replies = join_all((0..40).map(|i| {
+        let app = &app;
+        async move {
+            let raced = app
+                .reward(&format!("race{i}"), "raced", &format!("ru{i}"), 10)
+                .await;
+            let own = app
+                .reward(
+                    &format!("race{i}"),
+                    &format!("own-{i}"),
+                    &format!("ru{i}"),
+                    10,
+                )
+                .await;
+            (raced, own)
+        }
+    }))
+    .await;
+    let raced: Vec<u16> = replies.iter().map(|((s, _), _)| *s).collect();
+    assert_eq!(raced.iter().filter(|s| **s == 202).count(), 1, "{raced:?}");
+    assert_eq!(raced.iter().filter(|s| **s == 409).count(), 39, "{raced:?}");
+    for ((status, body), (own, _)) in &replies {
+        if *status == 409 {
+            assert_eq!(body["code"], "idempotency_conflict");
+        }
+        assert_eq!(*own, 202);
+    }
+    let (status, reward) = app.get("/v1/rewards/raced", Some(ISSUER)).await;
+    assert_eq!(status, 200, "{reward}");
+    assert!(reward.get("also_in").is_none(), "{reward}");
 }

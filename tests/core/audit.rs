@@ -282,6 +282,73 @@ fn an_over_issued_budget_is_named() {
 }
 
 #[test]
+fn an_order_id_accepted_in_two_activities_is_named() {
+    // Goal (R4): the audit keys rewards by order id alone: the same order id accepted again in
+    // another activity (another uid, another amount) is a violation naming the order id and
+    // both activities, even though neither reward was credited twice.
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    clean_history(&store);
+    append(&store, "activity:other", vec![accepted("r2", "u9", 50)]);
+    let report = run_audit(&store);
+    assert_eq!(failing(&report), ["reward_credits"]);
+    let named = examples(&report, "reward_credits");
+    assert!(
+        named.contains("order id r2") && named.contains("cny") && named.contains("other"),
+        "{named}"
+    );
+}
+
+#[test]
+fn an_acceptance_outside_its_order_id_claim_and_a_second_claim_are_named() {
+    // Goal (R4): the registry's claims are audited against the acceptances: a claim and its
+    // acceptance in the same activity are clean (a claim never accepted too: a refused
+    // request); an acceptance in another activity than the claim's, and a second claim of one
+    // order id, are named.
+    use hongbao::domain::order_ids::{OrderClaim, OrderIdEvent};
+    let claim = |order: &str, activity: &str| OrderClaim {
+        order_id: id(order),
+        activity_id: id(activity),
+        fingerprint: 7,
+    };
+    let claimed = |claims: Vec<OrderClaim>| Event::OrderIds(OrderIdEvent::Claimed { claims });
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    clean_history(&store);
+    append(
+        &store,
+        "order-ids:0",
+        vec![claimed(vec![claim("r5", "cny"), claim("refused", "cny")])],
+    );
+    append(&store, "activity:cny", vec![accepted("r5", "u5", 10)]);
+    let report = run_audit(&store);
+    assert!(report.ok(), "{:#?}", report.checks);
+
+    append(
+        &store,
+        "order-ids:1",
+        vec![claimed(vec![claim("r6", "cny")])],
+    );
+    append(&store, "activity:other", vec![accepted("r6", "u6", 10)]);
+    append(
+        &store,
+        "order-ids:2",
+        vec![claimed(vec![claim("r5", "other")])],
+    );
+    let report = run_audit(&store);
+    assert_eq!(failing(&report), ["reward_credits"]);
+    let named = examples(&report, "reward_credits");
+    assert!(
+        named.contains("order id r6 accepted by activity other but claimed for activity cny"),
+        "{named}"
+    );
+    assert!(
+        named.contains("order id r5 claimed for activity cny and again for activity other"),
+        "{named}"
+    );
+}
+
+#[test]
 fn a_tampered_record_stops_the_replay_and_is_named() {
     // Goal: one flipped byte breaks the chain at that record; the audit fails there.
     let dir = tempfile::tempdir().unwrap();
@@ -512,6 +579,62 @@ mod coupons {
             "{note}"
         );
         assert!(note.contains("1 pending"), "{note}");
+    }
+
+    fn coupon_reward(order: &str, uid: &str, batch: &str) -> Event {
+        Event::Activity(ActivityEvent::RewardAccepted(Reward {
+            order_id: id(order),
+            uid: id(uid),
+            scene: id("s"),
+            kind: RewardKind::Coupon,
+            amount: Fen::new(1),
+            device_id: None,
+            app_id: None,
+            batch_id: Some(id(batch)),
+            ext: BTreeMap::new(),
+        }))
+    }
+
+    #[test]
+    fn a_coupon_reward_settled_against_its_request_outcome_is_named() {
+        // Goal (R1): a coupon reward marked delivered must have had its request issued; one
+        // whose request the batch never granted is named (reward_credits, with its ids).
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        clean(&store);
+        append(
+            &store,
+            "activity:camp",
+            vec![
+                coupon_reward("cr1", "u7", "a"),
+                coupon_reward("cr2", "u8", "b"),
+                Event::Activity(ActivityEvent::RewardDelivered {
+                    order_id: id("cr1"),
+                    uid: id("u7"),
+                }),
+            ],
+        );
+        // cr2 is granted and delivered; cr1 was marked delivered without a coupon.
+        append(
+            &store,
+            "coupon-batch:b",
+            vec![deducted(&[("reward:camp:cr2", "u8", 1)], &[])],
+        );
+        append(
+            &store,
+            "activity:camp",
+            vec![Event::Activity(ActivityEvent::RewardDelivered {
+                order_id: id("cr2"),
+                uid: id("u8"),
+            })],
+        );
+        let report = run_audit(&store);
+        assert_eq!(failing(&report), ["reward_credits"]);
+        let named = examples(&report, "reward_credits");
+        assert!(
+            named.contains("camp/cr1") && !named.contains("cr2"),
+            "{named}"
+        );
     }
 
     #[test]

@@ -1,0 +1,145 @@
+//! Order-id claims for reward intake (R4), merged per registry shard.
+//!
+//! Every reward claims its order id in the order-id registry (`domain::order_ids`) before its
+//! activity accepts it: one more durable step on the hottest path. One batcher per shard takes
+//! whatever claims are waiting (up to `CLAIMS_PER_COMMAND_MAX`) and sends them as one `Claim`
+//! command, one event for the lot, so the registry costs the journal a few records per flush
+//! instead of one per reward. A few commands are in flight per shard (the shard's actor
+//! pipelines them), so the next lot gathers while one is flushed; under light load a lot is a
+//! single claim and nothing waits for company.
+//!
+//! Each caller gets its own claim's outcome once the command is durable (or replayed from a
+//! durable state). An unknown outcome (`Unavailable`, `Timeout`) is reported to every caller
+//! of the lot: each retries with the same order id and gets the recorded answer.
+
+use super::FlowGroup;
+use crate::actors::{ExecError, Registry};
+use crate::domain::activity::Reward;
+use crate::domain::order_ids::{
+    shard_of, ClaimOutcome, OrderClaim, OrderIdCommand, OrderIdError, OrderIds,
+    CLAIMS_PER_COMMAND_MAX, ORDER_ID_SHARDS,
+};
+use crate::ids::Id;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+
+/// `Claim` commands in flight per shard.
+const CLAIMS_IN_FLIGHT_PER_SHARD: usize = 4;
+/// Claims waiting per shard before `claim` waits (backpressure on intake).
+const CLAIMS_QUEUED_PER_SHARD_MAX: usize = 16_384;
+
+type ClaimResult = Result<ClaimOutcome, ExecError<OrderIdError>>;
+
+struct PendingClaim {
+    claim: OrderClaim,
+    reply: oneshot::Sender<ClaimResult>,
+}
+
+/// The claim batchers, one per registry shard.
+pub struct OrderClaims {
+    shards: Vec<mpsc::Sender<PendingClaim>>,
+    flows: FlowGroup,
+}
+
+impl OrderClaims {
+    /// Starts one batcher per shard on an arbiter of their own (shard actors live there).
+    /// Must be called within an actix system.
+    pub fn start(registry: Arc<Registry<OrderIds>>) -> OrderClaims {
+        let mut flows = FlowGroup::start();
+        let shards = (0..ORDER_ID_SHARDS)
+            .map(|shard| {
+                let (tx, rx) = mpsc::channel(CLAIMS_QUEUED_PER_SHARD_MAX);
+                let registry = registry.clone();
+                flows.spawn(move |stop| batcher(registry, shard, rx, stop));
+                tx
+            })
+            .collect();
+        OrderClaims { shards, flows }
+    }
+
+    /// Claims the reward's order id for its activity and payload; answers once durable.
+    pub async fn claim(&self, activity_id: &Id, reward: &Reward) -> ClaimResult {
+        let claim = OrderClaim::of(activity_id, reward);
+        let shard = shard_of(&claim.order_id) as usize;
+        let (reply, answer) = oneshot::channel();
+        let stopped = || ExecError::Unavailable("order-id claims stopped".into());
+        self.shards[shard]
+            .send(PendingClaim { claim, reply })
+            .await
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    /// Stops the batchers once the lots in flight are answered (after the HTTP server has
+    /// finished its requests).
+    pub async fn stop(&self) {
+        self.flows.stop().await;
+    }
+}
+
+async fn batcher(
+    registry: Arc<Registry<OrderIds>>,
+    shard: u32,
+    mut rx: mpsc::Receiver<PendingClaim>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let in_flight = Arc::new(Semaphore::new(CLAIMS_IN_FLIGHT_PER_SHARD));
+    let shard_id = shard.to_string();
+    loop {
+        let first = tokio::select! {
+            biased;
+            changed = stop.changed() => if changed.is_err() || *stop.borrow() { break } else { continue },
+            first = rx.recv() => match first { Some(p) => p, None => break },
+        };
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            break;
+        };
+        let mut lot = vec![first];
+        while lot.len() < CLAIMS_PER_COMMAND_MAX {
+            match rx.try_recv() {
+                Ok(p) => lot.push(p),
+                Err(_) => break,
+            }
+        }
+        let (registry, shard_id) = (registry.clone(), shard_id.clone());
+        // On the arbiter's local set: the shard's actor is started on this arbiter.
+        actix_rt::spawn(async move {
+            let claims = lot.iter().map(|p| p.claim.clone()).collect();
+            let reply = registry
+                .execute(&shard_id, OrderIdCommand::Claim { claims })
+                .await;
+            match reply {
+                Ok(outcomes) if outcomes.0.len() == lot.len() => {
+                    for (pending, outcome) in lot.into_iter().zip(outcomes.0) {
+                        let _ = pending.reply.send(Ok(outcome));
+                    }
+                }
+                Ok(other) => {
+                    tracing::error!(reply = ?other, "order-id registry answered another number of claims");
+                    for pending in lot {
+                        let _ = pending.reply.send(Err(ExecError::Unavailable(
+                            "unexpected order-id registry reply".into(),
+                        )));
+                    }
+                }
+                Err(e) => {
+                    for pending in lot {
+                        let _ = pending.reply.send(Err(e.clone()));
+                    }
+                }
+            }
+            drop(permit);
+        });
+    }
+    // Lots in flight finish; anything still queued is answered "unavailable" (its caller
+    // retries with the same order id after the restart).
+    let _ = in_flight
+        .acquire_many(CLAIMS_IN_FLIGHT_PER_SHARD as u32)
+        .await;
+    rx.close();
+    while let Ok(pending) = rx.try_recv() {
+        let _ = pending.reply.send(Err(ExecError::Unavailable(
+            "order-id claims stopping".into(),
+        )));
+    }
+}
