@@ -403,6 +403,12 @@ fn mutate_reward_credits(f: &Fixture) {
     );
 }
 
+/// Order id r1, accepted by activity cny, accepted again by activity spring (R4: one order id,
+/// one reward). Spring has no budget and nothing is credited, so only the rewards break.
+fn mutate_reward_order_id_reused(f: &Fixture) {
+    append(&f.store, "activity:spring", vec![accepted("r1", "u1", 600)]);
+}
+
 /// An acceptance that takes the activity to 1,001 of its 1,000 cash budget (left pending, so
 /// no money moves).
 fn mutate_budgets(f: &Fixture) {
@@ -493,6 +499,7 @@ mutations! {
     wallet_balances: mutate_wallet_balances => ["wallet_balances"];
     money_conserved: mutate_money_conserved => ["money_conserved"];
     reward_credits: mutate_reward_credits => ["reward_credits"];
+    reward_order_id_reused: mutate_reward_order_id_reused => ["reward_credits"];
     budgets: mutate_budgets => ["budgets"];
     withdrawals: mutate_withdrawals => ["withdrawals"];
     channel_statements: mutate_channel_statements => ["channel_statements"];
