@@ -457,6 +457,27 @@ fn mutate_packets(f: &Fixture) {
     append(&f.store, "packet:pk", claims);
 }
 
+/// Dave claims a share of 100 of packet pk and is transferred 90. Two checks, necessarily:
+/// `packets` names the transfer that is not the drawn share, and `money_conserved` sees 10 fen
+/// vanish (it counts the escrow from the packet's own records, independently of the money).
+fn mutate_packet_transfer_amount(f: &Fixture) {
+    append(
+        &f.store,
+        "packet:pk",
+        vec![Event::Packet(PacketEvent::ShareClaimed {
+            uid: id("dave"),
+            index: 1,
+            amount: Fen::new(100),
+            at_ms: 0,
+        })],
+    );
+    append(
+        &f.store,
+        "wallet:dave",
+        vec![credit(Entry::ClaimTransfer, "pk", 90, 90, None)],
+    );
+}
+
 /// A second coupon granted from batch a, whose stock is 1 (to another user, accepted: only
 /// the stock is broken).
 fn mutate_coupons(f: &Fixture) {
@@ -504,6 +525,7 @@ mutations! {
     withdrawals: mutate_withdrawals => ["withdrawals"];
     channel_statements: mutate_channel_statements => ["channel_statements"];
     packets: mutate_packets => ["packets"];
+    packet_transfer_amount: mutate_packet_transfer_amount => ["money_conserved", "packets"];
     coupons: mutate_coupons => ["coupons"];
     projections: mutate_projections => ["projections"];
 }
