@@ -176,21 +176,30 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     std::fs::write(path, text)
 }
 
-/// Reads a checkpoints file: every line with its number (from 1).
+/// Reads a checkpoints file: every line with its number (from 1). A last line without its
+/// newline that does not parse is a write cut short by a crash: it is skipped (it was never
+/// a whole checkpoint); any other line that does not parse is an error.
 pub fn read_checkpoints(path: &Path) -> Result<Vec<(u64, Checkpoint)>, CheckpointError> {
     let text = std::fs::read_to_string(path).map_err(io_error(path))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, line)| !line.trim().is_empty())
-        .map(|(i, line)| {
-            serde_json::from_str(line)
-                .map(|c| (i as u64 + 1, c))
-                .map_err(|e| CheckpointError::Key {
+    let torn_tail = !text.is_empty() && !text.ends_with('\n');
+    let count = text.lines().count();
+    let mut checkpoints = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str(line) {
+            Ok(checkpoint) => checkpoints.push((i as u64 + 1, checkpoint)),
+            Err(_) if torn_tail && i + 1 == count => {}
+            Err(e) => {
+                return Err(CheckpointError::Key {
                     path: path.display().to_string(),
                     message: format!("line {} is not a checkpoint: {e}", i + 1),
                 })
-        })
-        .collect()
+            }
+        }
+    }
+    Ok(checkpoints)
 }
 
 /// What checking checkpoints against an export found.
@@ -264,6 +273,24 @@ pub fn check_against_export(
     report
 }
 
+/// Cuts a last line left without its newline by a crash mid-append, so that the next append
+/// starts a line of its own. Returns the bytes cut.
+fn cut_torn_tail(path: &Path) -> std::io::Result<u64> {
+    let text = match std::fs::read(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    if text.is_empty() || text.ends_with(b"\n") {
+        return Ok(0);
+    }
+    let keep = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let file = std::fs::OpenOptions::new().write(true).open(path)?;
+    file.set_len(keep as u64)?;
+    file.sync_all()?;
+    Ok((text.len() - keep) as u64)
+}
+
 /// Appends one checkpoint line and syncs it to disk.
 pub fn append_checkpoint(path: &Path, checkpoint: &Checkpoint) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(checkpoint).map_err(std::io::Error::other)?;
@@ -331,10 +358,15 @@ impl Checkpointer {
         every: Option<Duration>,
         clock: Arc<dyn Clock>,
     ) -> std::io::Result<Checkpointer> {
+        let path = data_dir.join(CHECKPOINTS_FILE);
+        let cut = cut_torn_tail(&path)?;
+        if cut > 0 {
+            tracing::warn!(path = %path.display(), bytes = cut, "cut a checkpoint line torn by a crash");
+        }
         let signer = Arc::new(Mutex::new(HeadSigner {
             store,
             key,
-            path: data_dir.join(CHECKPOINTS_FILE),
+            path,
             clock,
             signed_seq: None,
         }));
@@ -405,6 +437,35 @@ mod tests {
         for forged in [seq, hash, at, other] {
             assert!(forged.verify(&public).is_err(), "{forged:?}");
         }
+    }
+
+    #[test]
+    fn a_torn_last_line_is_skipped_and_any_other_bad_line_refused() {
+        // Goal: a crash mid-append leaves the earlier checkpoints usable; garbage is named.
+        let dir = tempfile::tempdir().unwrap();
+        let key = SigningKey::from_bytes(&[1; 32]);
+        let path = dir.path().join(CHECKPOINTS_FILE);
+        append_checkpoint(&path, &Checkpoint::sign(&key, 1, &[1; 32], 0)).unwrap();
+        append_checkpoint(&path, &Checkpoint::sign(&key, 2, &[2; 32], 0)).unwrap();
+        let whole = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, format!("{whole}{{\"seq\":3,\"ha")).unwrap();
+        let read = read_checkpoints(&path).unwrap();
+        assert_eq!(read.iter().map(|(_, c)| c.seq).collect::<Vec<_>>(), [1, 2]);
+        std::fs::write(&path, format!("{{\"seq\":3,\"ha\n{whole}")).unwrap();
+        let refused = read_checkpoints(&path).unwrap_err().to_string();
+        assert!(refused.contains("line 1 is not a checkpoint"), "{refused}");
+        // The signer, starting after the crash, cuts the torn line before it appends.
+        std::fs::write(&path, format!("{whole}{{\"seq\":3,\"ha")).unwrap();
+        assert_eq!(
+            cut_torn_tail(&path).unwrap(),
+            "{\"seq\":3,\"ha".len() as u64
+        );
+        append_checkpoint(&path, &Checkpoint::sign(&key, 4, &[4; 32], 0)).unwrap();
+        let read = read_checkpoints(&path).unwrap();
+        assert_eq!(
+            read.iter().map(|(_, c)| c.seq).collect::<Vec<_>>(),
+            [1, 2, 4]
+        );
     }
 
     #[test]
