@@ -20,8 +20,10 @@
 //! - `budgets`: per activity, accepted money never above the budget at any point of the log;
 //! - `withdrawals`: each order has at most one debit and one refund; succeeded = one debit, no
 //!   refund; refunded = one debit, one refund; failed before the debit = neither; a refund only
-//!   after a failure;
+//!   after a failure; the debit is the order's amount and a refund the debit;
 //! - `channel_statements`: an order succeeded exactly when its channel's statement says paid;
+//!   every statement line (read as a stream) belongs to an order of that channel and says the
+//!   order's amount;
 //! - `packets`: claimed + refunded = total, each share paid to its claimer once;
 //! - `coupons`: issued never above stock (coupon numbers 1..n, distinct), no user above a
 //!   batch's limit, no user in two batches of a group, each accepted request granted at most
@@ -134,6 +136,9 @@ struct OrderReplay {
     debits: u32,
     refunds: u32,
     debited: Fen,
+    /// Every withdrawal debit and refund of the order, summed (fen).
+    debited_total: u128,
+    refunded_total: u128,
 }
 
 #[derive(Default)]
@@ -222,8 +227,8 @@ impl Auditor {
             conservation: CheckResult::new("money_conserved", "after every event and at the end: balances = deposits + reward credits - withdrawals + refunds; debits - refunds = paid + in transit"),
             rewards_check: CheckResult::new("reward_credits", "one reward per order id across activities; each credited at most once, only if accepted and not voided, as accepted; coupon rewards delivered or failed as their requests ended"),
             budgets_check: CheckResult::new("budgets", "accepted money never above the activity's budget"),
-            withdrawals_check: CheckResult::new("withdrawals", "one debit, at most one refund, a refund exactly when failed after the debit"),
-            channels_check: CheckResult::new("channel_statements", "an order succeeded exactly when its channel's statement says paid"),
+            withdrawals_check: CheckResult::new("withdrawals", "one debit of the order's amount, at most one refund of the debit, a refund exactly when failed after the debit"),
+            channels_check: CheckResult::new("channel_statements", "an order succeeded exactly when its channel's statement says paid; every line belongs to an order of that channel and says its amount"),
                         packets_check: CheckResult::new("packets", "paid = total; each transfer is its claimer's share, once; claimed + refunded = total when finished; escrow never overdrawn, empty when done"),
             coupons: coupons::CouponAudit::new(),
             versions: HashMap::default(),
@@ -325,13 +330,13 @@ impl Auditor {
                 let order = self.orders.entry(line.order_id.clone()).or_default();
                 order.debits += 1;
                 order.debited = line.amount;
+                order.debited_total += amount;
             }
             Entry::WithdrawalRefund => {
                 self.withdrawal_refunds += amount;
-                self.orders
-                    .entry(line.order_id.clone())
-                    .or_default()
-                    .refunds += 1;
+                let order = self.orders.entry(line.order_id.clone()).or_default();
+                order.refunds += 1;
+                order.refunded_total += amount;
             }
             Entry::PacketPayment | Entry::PacketSubsidy => {
                 self.packet_payments += amount;
@@ -729,20 +734,56 @@ impl Auditor {
             "{pending} accepted rewards still pending (not yet credited, delivered, failed or voided)"
         ));
 
-        // Withdrawals.
-        let statements: HashMap<Channel, HashMap<String, RecordStatus>> = match channels {
-            Some(sim) => Channel::ALL
-                .into_iter()
-                .map(|c| {
-                    let lines = sim.statement(c, usize::MAX).unwrap_or_default();
-                    (
-                        c,
-                        lines.into_iter().map(|l| (l.order_id, l.status)).collect(),
-                    )
-                })
-                .collect(),
-            None => HashMap::default(),
-        };
+        // Withdrawals. The channels' statements first, line by line (a statement is read as
+        // a stream, never held whole): each line must belong to an order of that channel and
+        // say its amount; a line that says paid marks the order paid.
+        let mut channel_paid: HashSet<Id> = HashSet::default();
+        if let Some(sim) = channels {
+            for channel in Channel::ALL {
+                for line in sim.lines(channel) {
+                    let line = match line {
+                        Ok(line) => line,
+                        Err(e) => {
+                            channels_check
+                                .violation(format!("the {channel} statement cannot be read: {e}"));
+                            break;
+                        }
+                    };
+                    channels_check.checked += 1;
+                    let order = Id::parse(&line.order_id).ok().and_then(|id| {
+                        let replay = self.orders.get(&id)?;
+                        Some((id, replay.order.request.as_ref()?))
+                    });
+                    let status = match line.status {
+                        RecordStatus::Succeeded => "paid",
+                        RecordStatus::Failed => "refused",
+                    };
+                    let Some((order_id, request)) = order else {
+                        channels_check.violation(format!(
+                            "order {}: the {channel} statement has a line ({} fen, {status}) but there is no such order",
+                            line.order_id, line.amount
+                        ));
+                        continue;
+                    };
+                    if request.method.channel != channel {
+                        channels_check.violation(format!(
+                            "order {order_id}: a {channel} statement line, but the order pays through {}",
+                            request.method.channel
+                        ));
+                        continue;
+                    }
+                    if line.amount != request.amount {
+                        channels_check.violation(format!(
+                            "order {order_id} of {} fen: the {channel} statement line says {} fen ({status})",
+                            request.amount, line.amount
+                        ));
+                    }
+                    if line.status == RecordStatus::Succeeded {
+                        channel_paid.insert(order_id);
+                    }
+                }
+            }
+        }
         let (mut paid, mut in_transit, mut open) = (0u128, 0u128, 0u64);
         for (order_id, replay) in &self.orders {
             withdrawals_check.checked += 1;
@@ -773,6 +814,22 @@ impl Auditor {
                     ));
                 }
             }
+            // Amounts, not only counts: the debit is the order's amount, a refund the debit.
+            if let Some(request) = replay.order.request.as_ref() {
+                let amount = request.amount.as_u64() as u128;
+                if debits == 1 && replay.debited_total != amount {
+                    withdrawals_check.violation(format!(
+                        "order {order_id} of {amount} fen: the wallet debited {} fen",
+                        replay.debited_total
+                    ));
+                }
+                if refunds == 1 && replay.refunded_total != replay.debited_total {
+                    withdrawals_check.violation(format!(
+                        "order {order_id}: debited {} fen, refunded {} fen",
+                        replay.debited_total, replay.refunded_total
+                    ));
+                }
+            }
             let debited = replay.debited.as_u64() as u128;
             match state {
                 Some(OrderState::Succeeded) => paid += debited,
@@ -785,10 +842,7 @@ impl Auditor {
             }
             if let (Some(request), Some(_)) = (replay.order.request.as_ref(), channels) {
                 channels_check.checked += 1;
-                let status = statements
-                    .get(&request.method.channel)
-                    .and_then(|s| s.get(order_id.as_str()));
-                let channel_paid = status == Some(&RecordStatus::Succeeded);
+                let channel_paid = channel_paid.contains(order_id);
                 let final_state = replay.order.is_final();
                 if final_state && channel_paid != (state == Some(OrderState::Succeeded)) {
                     channels_check.violation(format!(

@@ -37,7 +37,10 @@ pub enum PayOutcome {
 /// What the channel's record says about an order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum QueryOutcome {
-    Succeeded,
+    /// Paid, with the amount the channel paid (reconciliation compares it with the order's).
+    Succeeded {
+        amount: Fen,
+    },
     Failed(String),
     NoRecord,
 }
@@ -117,6 +120,11 @@ pub struct StatementLine {
     pub calls: u32,
 }
 
+/// Locks that make a payment call's read-decide-write atomic per order: the lock of an order is
+/// one of this many, chosen by a hash of the channel and order id. Striped, so memory stays
+/// bounded whatever the number of orders; two orders sharing a stripe only wait for each other.
+const ORDER_LOCK_STRIPES: usize = 256;
+
 struct SimChannel {
     settings: RwLock<ChannelSettings>,
     limiter: Mutex<DefaultDirectRateLimiter>,
@@ -138,6 +146,8 @@ pub struct SimulatedChannels {
     settings: sled::Tree,
     channels: BTreeMap<Channel, SimChannel>,
     clock: Arc<dyn Clock>,
+    /// See [`ORDER_LOCK_STRIPES`]; held across a call's read, decision and durable write.
+    order_locks: Vec<tokio::sync::Mutex<()>>,
 }
 
 impl SimulatedChannels {
@@ -168,6 +178,9 @@ impl SimulatedChannels {
             settings,
             channels,
             clock,
+            order_locks: (0..ORDER_LOCK_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
         }))
     }
 
@@ -204,12 +217,55 @@ impl SimulatedChannels {
         channel: Channel,
         limit: usize,
     ) -> Result<Vec<StatementLine>, StoreError> {
+        self.statement_after(channel, None, limit)
+    }
+
+    /// At most `limit` lines of the record with order ids after `after` (from the first
+    /// without), in order id order: a range scan from the cursor, so a page costs its own
+    /// lines whatever its depth.
+    pub fn statement_after(
+        &self,
+        channel: Channel,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<StatementLine>, StoreError> {
+        use std::ops::Bound;
+        let start = match after {
+            Some(order_id) => Bound::Excluded(order_id.as_bytes().to_vec()),
+            None => Bound::Unbounded,
+        };
         self.channel(channel)
             .statement
-            .iter()
+            .range::<Vec<u8>, _>((start, Bound::Unbounded))
             .take(limit)
             .map(|item| Ok(codec::decode(&item.map_err(io)?.1)?))
             .collect()
+    }
+
+    /// Every line of a channel's statement, in order id order, read lazily: the audit walks a
+    /// statement of any size in constant memory.
+    pub fn lines(
+        &self,
+        channel: Channel,
+    ) -> impl Iterator<Item = Result<StatementLine, StoreError>> + '_ {
+        self.channel(channel)
+            .statement
+            .iter()
+            .map(|item| Ok(codec::decode(&item.map_err(io)?.1)?))
+    }
+
+    /// Writes a statement line exactly as given, replacing the order's line, durably; bypasses
+    /// every rule of the simulated channel (no idempotency, no amount check, and no exclusion
+    /// with a payment call in flight for the same order). For tests that corrupt the channel's
+    /// side of the books, and for operators repairing a simulated statement by hand; the
+    /// reconciler and `hongbao audit` then judge the line like any other.
+    pub fn record_line(&self, channel: Channel, line: &StatementLine) -> Result<(), StoreError> {
+        self.channel(channel)
+            .statement
+            .insert(line.order_id.as_str(), codec::encode(line)?)
+            .map_err(io)?;
+        self.db.flush().map_err(io)?;
+        Ok(())
     }
 
     fn record(&self, channel: Channel, order_id: &Id) -> Result<Option<StatementLine>, StoreError> {
@@ -237,15 +293,35 @@ impl SimulatedChannels {
         Ok(())
     }
 
+    fn order_lock(&self, channel: Channel, order_id: &Id) -> &tokio::sync::Mutex<()> {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        // A fixed hasher: the stripe of an order is the same in every call.
+        let hash = BuildHasherDefault::<DefaultHasher>::default()
+            .hash_one((channel.as_str(), order_id.as_str()));
+        &self.order_locks[(hash % ORDER_LOCK_STRIPES as u64) as usize]
+    }
+
     async fn pay_now(self: Arc<Self>, channel: Channel, order_id: Id, amount: Fen) -> PayOutcome {
         let settings = self.settings(channel);
         if settings.latency_ms > 0 {
             tokio::time::sleep(Duration::from_millis(settings.latency_ms)).await;
         }
+        // One call per order at a time, from reading the line to its durable write: two
+        // concurrent calls can neither both pay nor write a refusal over a payment, and every
+        // call is counted (issue 11).
+        let _order = self.order_lock(channel, &order_id).lock().await;
         let previous = match self.record(channel, &order_id) {
             Ok(previous) => previous,
             Err(e) => return PayOutcome::Failed(format!("channel error: {e}")),
         };
+        if let Some(line) = previous.as_ref().filter(|l| l.amount != amount) {
+            // An order id is one payment of one amount (W10): a repeat for another amount is
+            // someone else's mistake, refused without touching the line.
+            return PayOutcome::Failed(format!(
+                "order {order_id} was sent for {}, not {amount}",
+                line.amount
+            ));
+        }
         let calls = previous.as_ref().map(|l| l.calls).unwrap_or(0) + 1;
         if let Some(line) = &previous {
             if line.status == RecordStatus::Succeeded {
@@ -317,7 +393,9 @@ impl PaymentChannel for Simulator {
     fn query(&self, channel: Channel, order_id: &Id) -> BoxFuture<'static, QueryOutcome> {
         let outcome = match self.0.record(channel, order_id) {
             Ok(None) => QueryOutcome::NoRecord,
-            Ok(Some(line)) if line.status == RecordStatus::Succeeded => QueryOutcome::Succeeded,
+            Ok(Some(line)) if line.status == RecordStatus::Succeeded => QueryOutcome::Succeeded {
+                amount: line.amount,
+            },
             Ok(Some(_)) => QueryOutcome::Failed("declined by the channel".into()),
             Err(e) => QueryOutcome::Failed(format!("channel error: {e}")),
         };
@@ -419,7 +497,10 @@ mod tests {
                 PayOutcome::Timeout
             );
             match sim.query(Channel::Alipay, &order).await {
-                QueryOutcome::Succeeded => paid += 1,
+                QueryOutcome::Succeeded { amount } => {
+                    assert_eq!(amount, Fen::new(1));
+                    paid += 1
+                }
                 QueryOutcome::NoRecord => {}
                 other => panic!("unexpected {other:?}"),
             }
@@ -455,5 +536,71 @@ mod tests {
         drop((sim, channels));
         let reopened = SimulatedChannels::open(dir.path(), Arc::new(ManualClock::new(0))).unwrap();
         assert_eq!(reopened.settings(Channel::Change), settings);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_calls_for_one_order_keep_one_line_and_pay_once() {
+        // Goal: W10 at the channel: 20 concurrent calls for one order (with refusals mixed in)
+        // are handled one at a time: every call is counted on the one line, no refusal is
+        // written over a payment, and once paid every later call answers paid.
+        for fail_rate in [0.0, 0.5] {
+            let (_dir, sim) = sim();
+            sim.0
+                .configure(
+                    Channel::Bank,
+                    ChannelSettings {
+                        latency_ms: 0,
+                        fail_rate,
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+            let order = id("one-order");
+            let outcomes = futures::future::join_all((0..20).map(|_| {
+                let (sim, order) = (sim.clone(), order.clone());
+                tokio::spawn(async move { sim.pay(Channel::Bank, &order, Fen::new(7), "a").await })
+            }))
+            .await;
+            let outcomes: Vec<PayOutcome> = outcomes.into_iter().map(|o| o.unwrap()).collect();
+            let statement = sim.0.statement(Channel::Bank, 10).unwrap();
+            assert_eq!(statement.len(), 1, "one line per order");
+            assert_eq!(statement[0].calls, 20, "every call counted: {statement:?}");
+            let paid = outcomes.contains(&PayOutcome::Succeeded);
+            assert_eq!(
+                statement[0].status == RecordStatus::Succeeded,
+                paid,
+                "fail rate {fail_rate}: the line says paid exactly when a call was answered paid"
+            );
+            assert_eq!(statement[0].amount, Fen::new(7));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_repeat_with_another_amount_is_refused_and_changes_nothing() {
+        // Goal: an order id is one payment of one amount: a repeat asking for another amount
+        // is refused, and the line keeps the amount paid.
+        let (_dir, sim) = sim();
+        sim.0
+            .configure(
+                Channel::Bank,
+                ChannelSettings {
+                    latency_ms: 0,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            sim.pay(Channel::Bank, &id("o9"), Fen::new(5), "a").await,
+            PayOutcome::Succeeded
+        );
+        assert!(matches!(
+            sim.pay(Channel::Bank, &id("o9"), Fen::new(6), "a").await,
+            PayOutcome::Failed(_)
+        ));
+        let statement = sim.0.statement(Channel::Bank, 10).unwrap();
+        assert_eq!(
+            (statement[0].amount, statement[0].status),
+            (Fen::new(5), RecordStatus::Succeeded)
+        );
     }
 }

@@ -467,6 +467,7 @@ impl Config {
             sweep_interval: Duration::from_millis(w.sweep_interval_ms),
             compensation_age: Duration::from_secs(w.compensation_age_s),
             checkpoint_interval: Duration::from_millis(200),
+            driver_lease: crate::flows::withdrawals::DRIVER_LEASE_DEFAULT,
         }
     }
 

@@ -37,6 +37,7 @@ pub struct Metrics {
     pub payouts_parked_total: IntCounterVec,
     pub compensations_total: IntCounterVec,
     pub reconciliation_mismatches_total: IntCounterVec,
+    pub reconciliation_checks_total: IntCounter,
     pub packet_claims_total: IntCounterVec,
     pub packet_transfers_total: IntCounter,
     pub packet_claims_in_flight_peak: IntGauge,
@@ -51,6 +52,10 @@ pub struct Metrics {
     pub audit_violations_total: IntCounterVec,
     pub audit_checked_seq: IntGauge,
 }
+
+/// The `check` labels of `hongbao_reconciliation_mismatches_total`: the order against the
+/// wallet's debit, against its refund, and against the channel's record.
+pub const RECONCILIATION_CHECKS: [&str; 3] = ["debit", "refund", "channel"];
 
 /// Latency buckets from 50 us to about 13 s: covers a cached read and a stalled flush alike.
 /// The issuance latency goal (99% within it): a bucket boundary of its own.
@@ -237,9 +242,18 @@ impl Metrics {
         );
         let reconciliation_mismatches_total = counter(
             "hongbao_reconciliation_mismatches_total",
-            "Final withdrawals whose wallet movements or channel record disagree, by check",
+            "Withdrawal state changes whose wallet movements or channel record disagree with the order, by check",
             &["check"],
         );
+        // Every check exposed from the start: an absent series must mean broken, never zero.
+        for check in RECONCILIATION_CHECKS {
+            reconciliation_mismatches_total.with_label_values(&[check]);
+        }
+        let reconciliation_checks_total = IntCounter::new(
+            "hongbao_reconciliation_checks_total",
+            "Withdrawal state changes the near-real-time reconciler has checked (proves it looked)",
+        )
+        .expect("metric definition");
 
         let packet_claims_total = counter(
             "hongbao_packet_claims_total",
@@ -335,6 +349,7 @@ impl Metrics {
             payouts_parked_total,
             compensations_total,
             reconciliation_mismatches_total,
+            reconciliation_checks_total,
             rewards_accepted_total,
             rewards_refused_total,
             rewards_credited_total,
@@ -391,6 +406,7 @@ impl Metrics {
             Box::new(self.payouts_parked_total.clone()),
             Box::new(self.compensations_total.clone()),
             Box::new(self.reconciliation_mismatches_total.clone()),
+            Box::new(self.reconciliation_checks_total.clone()),
             Box::new(self.packet_claims_total.clone()),
             Box::new(self.packet_transfers_total.clone()),
             Box::new(self.packet_claims_in_flight_peak.clone()),

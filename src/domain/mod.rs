@@ -21,6 +21,15 @@ pub mod withdrawal;
 use crate::clock::Millis;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
+/// Who made an operator change (the withdrawal policy, a switch): the role of the key and a
+/// short id of the key (the first 8 hex digits of its SHA-256: enough to tell the keys apart,
+/// useless to an attacker), so the log says which key changed what.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangedBy {
+    pub role: String,
+    pub key_id: String,
+}
+
 /// What a command may know besides the state: the time, injected by the caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ctx {
@@ -90,9 +99,9 @@ impl Event {
         match self {
             Event::Wallet(e) => e.type_name(),
             Event::Activity(e) => e.type_name(),
-            Event::Switches(_) => "switches.switch_set",
+            Event::Switches(e) => e.type_name(),
             Event::Withdrawal(e) => e.type_name(),
-            Event::Policy(_) => "policy.policy_set",
+            Event::Policy(e) => e.type_name(),
             Event::Payee(_) => "payee.method_bound",
             Event::Packet(e) => e.type_name(),
             Event::CouponIntake(e) => e.type_name(),

@@ -20,7 +20,7 @@
 //! whose debit happened is refunded exactly once. [`compensation`] says what the sweeper does
 //! with an order that is not final after the configured age (W9).
 
-use super::{Aggregate, Ctx, Decision, Event};
+use super::{Aggregate, ChangedBy, Ctx, Decision, Event};
 use crate::clock::Millis;
 use crate::ids::Id;
 use crate::money::Fen;
@@ -492,6 +492,40 @@ pub struct StagedOpening {
     pub schedule: Vec<Stage>,
 }
 
+impl StagedOpening {
+    /// The schedule by interval: bucket k (of `modulo`) opens at `starts_at_ms + k x
+    /// interval_ms`, so the last bucket opens `(modulo - 1) x interval` after the first.
+    pub fn every(
+        modulo: u64,
+        starts_at_ms: Millis,
+        interval_ms: Millis,
+    ) -> Result<StagedOpening, PolicyError> {
+        if modulo == 0 || modulo > STAGES_MAX as u64 {
+            return Err(PolicyError(format!(
+                "staged_opening.modulo is 1 to {STAGES_MAX} with an interval"
+            )));
+        }
+        if interval_ms <= 0 {
+            return Err(PolicyError(
+                "staged_opening.interval_s must be positive".into(),
+            ));
+        }
+        let schedule = (0..modulo)
+            .map(|k| {
+                (k as Millis)
+                    .checked_mul(interval_ms)
+                    .and_then(|offset| starts_at_ms.checked_add(offset))
+                    .map(|at_ms| Stage {
+                        at_ms,
+                        open_below: k + 1,
+                    })
+                    .ok_or_else(|| PolicyError("staged_opening ends too far in the future".into()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(StagedOpening { modulo, schedule })
+    }
+}
+
 /// A time window `[from, to)` in which withdrawals are closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Window {
@@ -528,8 +562,9 @@ impl Default for WithdrawalPolicy {
 pub enum Gate {
     #[error("the minimum withdrawal is {min}")]
     BelowMinimum { min: Fen },
+    /// `opens_at_ms`: when this user passes every gate (`None`: no stage ever admits them).
     #[error("withdrawals are closed")]
-    WindowClosed { opens_at_ms: Millis },
+    WindowClosed { opens_at_ms: Option<Millis> },
     #[error("withdrawals are not yet open for this user")]
     NotYetOpenForUser { opens_at_ms: Option<Millis> },
 }
@@ -586,47 +621,78 @@ impl WithdrawalPolicy {
         Ok(())
     }
 
-    /// The gates of W3-W5, in that order. Pure: the time is given.
+    /// The gates of W3-W5. Pure: the time is given. The minimum first; then, if this user may
+    /// not withdraw now, the refusal says why now (a closed window, or the user's bucket not
+    /// yet open) and when the user passes every gate ([`WithdrawalPolicy::opens_at`]).
     pub fn check(&self, uid: &Id, amount: Fen, now_ms: Millis) -> Result<(), Gate> {
         if amount < self.min_amount {
             return Err(Gate::BelowMinimum {
                 min: self.min_amount,
             });
         }
-        if self
-            .closed_windows
+        let opens_at_ms = self.opens_at(uid, now_ms);
+        if opens_at_ms == Some(now_ms) {
+            return Ok(());
+        }
+        Err(if self.window_at(now_ms).is_some() {
+            Gate::WindowClosed { opens_at_ms }
+        } else {
+            Gate::NotYetOpenForUser { opens_at_ms }
+        })
+    }
+
+    /// The earliest moment at or after `now_ms` when `uid` passes the window and stage gates
+    /// (`None`: never). Follows the gates alternately until both agree: out of a closed window
+    /// to its end, then to the user's bucket's stage if it is not open yet, then out of a
+    /// window that stage may fall in, and so on. Every step moves to a later window end or
+    /// stage time, so there are at most as many steps as windows and stages.
+    pub fn opens_at(&self, uid: &Id, now_ms: Millis) -> Option<Millis> {
+        let staged = self
+            .staged_opening
+            .as_ref()
+            .map(|s| (s, bucket(uid, s.modulo)));
+        let steps_max =
+            self.closed_windows.len() + staged.map(|(s, _)| s.schedule.len()).unwrap_or(0) + 1;
+        let mut t = now_ms;
+        for _ in 0..=steps_max {
+            if let Some(window) = self.window_at(t) {
+                t = window.to_ms;
+                continue;
+            }
+            match staged {
+                Some((s, b)) if !s.admits(b, t) => t = s.next_opening(b, t)?,
+                _ => return Some(t),
+            }
+        }
+        debug_assert!(false, "opens_at did not settle in {steps_max} steps");
+        None
+    }
+
+    /// A closed window covering `t`.
+    fn window_at(&self, t: Millis) -> Option<&Window> {
+        self.closed_windows
             .iter()
-            .any(|w| w.from_ms <= now_ms && now_ms < w.to_ms)
-        {
-            // Opens when no window covers the moment: follow overlapping windows to the end.
-            let mut opens_at_ms = now_ms;
-            while let Some(w) = self
-                .closed_windows
-                .iter()
-                .find(|w| w.from_ms <= opens_at_ms && opens_at_ms < w.to_ms)
-            {
-                opens_at_ms = w.to_ms;
-            }
-            return Err(Gate::WindowClosed { opens_at_ms });
+            .find(|w| w.from_ms <= t && t < w.to_ms)
+    }
+}
+
+impl StagedOpening {
+    /// Whether `bucket` may withdraw at `t` as far as the staged opening goes: before its first
+    /// stage the staged opening restricts nobody (the day before the night); from then on,
+    /// the last stage at or before `t` says which buckets are in.
+    pub fn admits(&self, bucket: u64, t: Millis) -> bool {
+        match self.schedule.iter().rev().find(|s| s.at_ms <= t) {
+            Some(stage) => bucket < stage.open_below,
+            None => true,
         }
-        if let Some(staged) = &self.staged_opening {
-            let b = bucket(uid, staged.modulo);
-            let open_now = staged
-                .schedule
-                .iter()
-                .rev()
-                .find(|s| s.at_ms <= now_ms)
-                .is_some_and(|s| b < s.open_below);
-            if !open_now {
-                let opens_at_ms = staged
-                    .schedule
-                    .iter()
-                    .find(|s| s.at_ms > now_ms && b < s.open_below)
-                    .map(|s| s.at_ms);
-                return Err(Gate::NotYetOpenForUser { opens_at_ms });
-            }
-        }
-        Ok(())
+    }
+
+    /// The first stage after `t` that admits `bucket`.
+    fn next_opening(&self, bucket: u64, t: Millis) -> Option<Millis> {
+        self.schedule
+            .iter()
+            .find(|s| s.at_ms > t && bucket < s.open_below)
+            .map(|s| s.at_ms)
     }
 }
 
@@ -634,15 +700,42 @@ impl WithdrawalPolicy {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyState {
     pub policy: WithdrawalPolicy,
+    /// Who set the policy in force, and when (`None`: the default, or set by an event recorded
+    /// before changes named their key).
+    pub changed_by: Option<(ChangedBy, Millis)>,
 }
 
+/// Replace the policy; `by` is the key that asks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetPolicy {
+    pub policy: WithdrawalPolicy,
+    pub by: ChangedBy,
+}
+
+/// Variants are only appended (the codec stores the index): `PolicySet` is the old shape,
+/// still decoded, with no record of who set it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PolicyEvent {
     PolicySet(WithdrawalPolicy),
+    /// The policy set by the key `by`.
+    PolicyChanged {
+        policy: WithdrawalPolicy,
+        by: ChangedBy,
+        at_ms: Millis,
+    },
+}
+
+impl PolicyEvent {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            PolicyEvent::PolicySet(_) => "policy.policy_set",
+            PolicyEvent::PolicyChanged { .. } => "policy.policy_changed",
+        }
+    }
 }
 
 impl Aggregate for PolicyState {
-    type Command = WithdrawalPolicy;
+    type Command = SetPolicy;
     type Event = PolicyEvent;
     type Reply = WithdrawalPolicy;
     type Error = PolicyError;
@@ -651,25 +744,38 @@ impl Aggregate for PolicyState {
 
     fn decide(
         &self,
-        policy: &WithdrawalPolicy,
-        _: &Ctx,
+        command: &SetPolicy,
+        ctx: &Ctx,
     ) -> Result<Decision<PolicyEvent, WithdrawalPolicy>, PolicyError> {
+        let policy = &command.policy;
         policy.validate()?;
         if &self.policy == policy {
             return Ok(Decision::Reply(policy.clone()));
         }
         Ok(Decision::Emit(
-            vec![PolicyEvent::PolicySet(policy.clone())],
+            vec![PolicyEvent::PolicyChanged {
+                policy: policy.clone(),
+                by: command.by.clone(),
+                at_ms: ctx.now_ms,
+            }],
             policy.clone(),
         ))
     }
 
     fn evolve(&mut self, event: &PolicyEvent) {
-        let PolicyEvent::PolicySet(policy) = event;
-        self.policy = policy.clone();
+        match event {
+            PolicyEvent::PolicySet(policy) => {
+                self.policy = policy.clone();
+                self.changed_by = None;
+            }
+            PolicyEvent::PolicyChanged { policy, by, at_ms } => {
+                self.policy = policy.clone();
+                self.changed_by = Some((by.clone(), *at_ms));
+            }
+        }
     }
 
-    fn correlation_id(_: &WithdrawalPolicy) -> String {
+    fn correlation_id(_: &SetPolicy) -> String {
         "withdrawal-policy".into()
     }
 
@@ -1078,13 +1184,21 @@ mod tests {
         );
         assert_eq!(
             p.check(&id("12"), Fen::new(100), 1_500),
-            Err(Gate::WindowClosed { opens_at_ms: 3_000 })
-        );
-        assert_eq!(
-            p.check(&id("12"), Fen::new(100), 999),
-            Err(Gate::NotYetOpenForUser {
+            Err(Gate::WindowClosed {
                 opens_at_ms: Some(3_000)
             })
+        );
+        assert_eq!(
+            p.check(&id("15"), Fen::new(100), 999),
+            Ok(()),
+            "before the first stage only the windows decide"
+        );
+        assert_eq!(
+            p.check(&id("15"), Fen::new(100), 1_500),
+            Err(Gate::WindowClosed {
+                opens_at_ms: Some(4_000)
+            }),
+            "bucket 5 opens at its own stage, after the window"
         );
         assert_eq!(
             p.check(&id("12"), Fen::new(100), 3_000),
@@ -1109,6 +1223,217 @@ mod tests {
             WithdrawalPolicy::default().check(&id("x"), Fen::new(100), 0),
             Ok(())
         );
+    }
+
+    const HOUR: Millis = 3_600_000;
+    const TEN_MINUTES: Millis = 600_000;
+
+    /// The campaign night in one policy: open by day, closed 19:00-01:00, then bucket k of 4
+    /// admitted from 01:00 + k x 10 min (times in ms from a midnight at 0).
+    fn night() -> WithdrawalPolicy {
+        WithdrawalPolicy {
+            min_amount: Fen::new(100),
+            closed_windows: vec![Window {
+                from_ms: 19 * HOUR,
+                to_ms: 25 * HOUR,
+            }],
+            staged_opening: Some(StagedOpening {
+                modulo: 4,
+                schedule: (0..4)
+                    .map(|k| Stage {
+                        at_ms: 25 * HOUR + k as Millis * TEN_MINUTES,
+                        open_below: k + 1,
+                    })
+                    .collect(),
+            }),
+        }
+    }
+
+    #[test]
+    fn staged_opening_restricts_only_from_its_first_stage() {
+        // Goal: by day, before the staged opening begins, every bucket may withdraw; only the
+        // windows decide then.
+        let p = night();
+        for uid in ["0", "1", "2", "3"] {
+            assert_eq!(p.check(&id(uid), Fen::new(100), 12 * HOUR), Ok(()), "{uid}");
+        }
+    }
+
+    #[test]
+    fn a_refusal_in_the_window_says_when_that_user_opens() {
+        // Goal: opens_at is the moment this user passes every gate: in the closed window, the
+        // window's end for bucket 0 and its own stage for the others; during the staged
+        // opening, the user's stage.
+        let p = night();
+        for k in 0..4 {
+            assert_eq!(
+                p.check(&id(&k.to_string()), Fen::new(100), 20 * HOUR),
+                Err(Gate::WindowClosed {
+                    opens_at_ms: Some(25 * HOUR + k * TEN_MINUTES)
+                }),
+                "bucket {k}"
+            );
+        }
+        let five_past_one = 25 * HOUR + TEN_MINUTES / 2;
+        assert_eq!(p.check(&id("4"), Fen::new(100), five_past_one), Ok(()));
+        assert_eq!(
+            p.check(&id("3"), Fen::new(100), five_past_one),
+            Err(Gate::NotYetOpenForUser {
+                opens_at_ms: Some(25 * HOUR + 3 * TEN_MINUTES)
+            })
+        );
+        assert_eq!(
+            p.check(&id("3"), Fen::new(100), 25 * HOUR + 3 * TEN_MINUTES),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn opens_at_follows_windows_and_stages_alternately() {
+        // Goal: a stage that falls in a later closed window opens at that window's end; a
+        // bucket that no stage admits has no opens_at.
+        let mut p = night();
+        p.closed_windows.push(Window {
+            from_ms: 25 * HOUR + 25 * 60_000,
+            to_ms: 25 * HOUR + 40 * 60_000,
+        });
+        assert_eq!(
+            p.check(&id("3"), Fen::new(100), 20 * HOUR),
+            Err(Gate::WindowClosed {
+                opens_at_ms: Some(25 * HOUR + 40 * 60_000)
+            })
+        );
+        let staged = p.staged_opening.as_mut().unwrap();
+        staged.schedule.truncate(2);
+        assert_eq!(
+            p.check(&id("3"), Fen::new(100), 20 * HOUR),
+            Err(Gate::WindowClosed { opens_at_ms: None })
+        );
+        assert_eq!(
+            p.check(&id("3"), Fen::new(100), 26 * HOUR),
+            Err(Gate::NotYetOpenForUser { opens_at_ms: None })
+        );
+    }
+
+    #[test]
+    fn a_schedule_by_interval_expands_to_one_stage_per_bucket() {
+        // Goal: the convenience form opens bucket k at starts_at + k x interval.
+        let staged = StagedOpening::every(4, 25 * HOUR, TEN_MINUTES).unwrap();
+        assert_eq!(staged, night().staged_opening.unwrap());
+        assert!(StagedOpening::every(4, 0, 0).is_err(), "an interval of 0");
+        assert!(StagedOpening::every(0, 0, 1).is_err(), "a modulo of 0");
+        assert!(StagedOpening::every(STAGES_MAX as u64 + 1, 0, 1).is_err());
+        assert!(
+            StagedOpening::every(3, Millis::MAX - 1, 1).is_err(),
+            "overflow"
+        );
+    }
+
+    fn arbitrary_policy() -> impl Strategy<Value = WithdrawalPolicy> {
+        let window = (0i64..200, 1i64..60).prop_map(|(from, len)| Window {
+            from_ms: from,
+            to_ms: from + len,
+        });
+        let stages = proptest::collection::vec((1i64..40, 0u64..3), 1..6).prop_map(|steps| {
+            let (mut at, mut below) = (0, 0);
+            steps
+                .into_iter()
+                .map(|(gap, more)| {
+                    at += gap;
+                    below += more;
+                    Stage {
+                        at_ms: at,
+                        open_below: below,
+                    }
+                })
+                .collect::<Vec<_>>()
+        });
+        (
+            proptest::collection::vec(window, 0..4),
+            proptest::option::of((1u64..6, stages)),
+        )
+            .prop_map(|(closed_windows, staged)| WithdrawalPolicy {
+                min_amount: Fen::new(1),
+                closed_windows,
+                staged_opening: staged.map(|(modulo, schedule)| StagedOpening { modulo, schedule }),
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn opens_at_is_admitted_and_no_earlier_moment_is(
+            policy in arbitrary_policy(),
+            uid in 0u64..12,
+            now in 0i64..300,
+        ) {
+            // Goal: a refusal's opens_at passes every gate, and no moment from now to it does
+            // (admission changes only at window edges and stage times, so those are the
+            // moments to try); without opens_at, no later moment passes.
+            let uid = id(&uid.to_string());
+            let admitted = |t: Millis| policy.check(&uid, Fen::new(1), t).is_ok();
+            let mut edges: Vec<Millis> = policy
+                .closed_windows
+                .iter()
+                .flat_map(|w| [w.from_ms, w.to_ms])
+                .chain(policy.staged_opening.iter().flat_map(|s| s.schedule.iter().map(|st| st.at_ms)))
+                .filter(|t| *t > now)
+                .collect();
+            edges.push(now);
+            edges.sort_unstable();
+            let opens_at = match policy.check(&uid, Fen::new(1), now) {
+                Ok(()) => Some(now),
+                Err(Gate::WindowClosed { opens_at_ms }) | Err(Gate::NotYetOpenForUser { opens_at_ms }) => opens_at_ms,
+                Err(other) => panic!("{other:?}"),
+            };
+            match opens_at {
+                Some(t) => {
+                    prop_assert!(t >= now);
+                    prop_assert!(admitted(t), "opens_at {} is refused", t);
+                    for e in edges.iter().filter(|e| **e < t) {
+                        prop_assert!(!admitted(*e), "{} admitted before opens_at {}", e, t);
+                    }
+                }
+                None => {
+                    for e in &edges {
+                        prop_assert!(!admitted(*e), "{} admitted without an opens_at", e);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_policy_change_names_its_key_and_old_policy_events_still_decode() {
+        // Goal: a change records who made it (role and key id) and when; a repeat of the
+        // policy in force is a no-op; the old variant keeps index 0, decodes and replays
+        // with no changer.
+        let by = ChangedBy {
+            role: "admin".into(),
+            key_id: "0123abcd".into(),
+        };
+        let set = SetPolicy {
+            policy: policy(),
+            by: by.clone(),
+        };
+        let Ok(Decision::Emit(events, _)) = PolicyState::default().decide(&set, &ctx(42)) else {
+            panic!()
+        };
+        let state = replay(PolicyState::default(), &events);
+        assert_eq!(state.policy, policy());
+        assert_eq!(state.changed_by, Some((by, 42)));
+        assert!(matches!(
+            state.decide(&set, &ctx(43)),
+            Ok(Decision::Reply(_))
+        ));
+        let old = Event::Policy(PolicyEvent::PolicySet(policy()));
+        let bytes = crate::events::codec::encode(&old).unwrap();
+        assert_eq!(crate::events::codec::decode::<Event>(&bytes).unwrap(), old);
+        let Event::Policy(old) = old else { panic!() };
+        // Byte 0 is the codec's format byte; byte 1 the variant index.
+        let index = |e: &PolicyEvent| crate::events::codec::encode(e).unwrap()[1];
+        assert_eq!((index(&old), index(&events[0])), (0, 1));
+        let state = replay(state, [&old]);
+        assert_eq!(state.changed_by, None);
     }
 
     #[test]

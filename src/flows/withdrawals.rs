@@ -13,9 +13,12 @@
 //!   that was debited (once: the wallet's refund is idempotent by order id).
 //! - The sweeper, on the injected clock, finds orders not final after `compensation_age` and
 //!   applies W9's rule for their state (`domain::withdrawal::compensation`).
-//! - The reconciler checks every order that becomes final against the wallet's movements
-//!   (one debit, at most one refund, a refund exactly when it failed after the debit) and the
-//!   channel's record (paid exactly when it succeeded); a mismatch increments
+//! - One driver per order: the lanes and the sweeper take a lease from [`Drivers`] before any
+//!   payout step of an order; the second driver does nothing ([`Step::Busy`]).
+//! - The reconciler checks every state change of every order against the wallet's movements
+//!   (one debit of exactly the order's amount, a refund of exactly the debit when it failed
+//!   after the debit, none otherwise) and, when it succeeds or fails, the channel's record
+//!   (paid the order's amount exactly when it succeeded); a mismatch increments
 //!   `hongbao_reconciliation_mismatches_total{check}` and is logged with the order id.
 
 use super::{load_checkpoint, save_checkpoint, FlowGroup, CHECKPOINT_TREE};
@@ -63,7 +66,15 @@ pub struct WithdrawalConfig {
     /// Orders not final after this age are compensated (W9; the seed's 4 hours).
     pub compensation_age: Duration,
     pub checkpoint_interval: Duration,
+    /// How long a driver (a payout lane or the sweeper) holds an order, on the injected clock,
+    /// before another may take it over: a call that has not come back by then is presumed
+    /// hung (see [`Drivers`]).
+    pub driver_lease: Duration,
 }
+
+/// The default [`WithdrawalConfig::driver_lease`]: ten times the longest simulated latency,
+/// far below the compensation age.
+pub const DRIVER_LEASE_DEFAULT: Duration = Duration::from_secs(600);
 
 impl Default for WithdrawalConfig {
     fn default() -> Self {
@@ -84,6 +95,7 @@ impl Default for WithdrawalConfig {
             sweep_interval: Duration::from_secs(60),
             compensation_age: Duration::from_secs(4 * 3600),
             checkpoint_interval: Duration::from_millis(200),
+            driver_lease: DRIVER_LEASE_DEFAULT,
         }
     }
 }
@@ -108,6 +120,101 @@ pub enum Step {
     Waiting,
     /// Retry the payout at this time (epoch ms, injected clock).
     RetryAt(Millis),
+    /// Another driver holds the order: nothing done; look again later.
+    Busy,
+}
+
+/// Who may run payout work on an order now: at most one driver per order (issue 11, W9/W10).
+///
+/// Every payout attempt, resumption, query and refund of an order runs under a lease taken
+/// here, by the payout lanes ([`Withdrawals::settle`]) and the sweeper
+/// ([`Withdrawals::compensate`]) alike; a second driver is answered [`Step::Busy`] and does
+/// nothing. The lease ends when its driver finishes (the guard is dropped, also when the task
+/// is cancelled), or lapses after [`WithdrawalConfig::driver_lease`] on the injected clock, so
+/// that a call that never comes back does not keep the sweeper out for ever (W9). A driver
+/// checks its lease before each channel call; one whose lease lapsed stops.
+///
+/// In-process on purpose: the order's actor persists facts and does no I/O, so a lease in the
+/// log would cost two appends (and flushes) per attempt for what one process can guarantee in
+/// memory. Across nodes it is not enough: there, one node owns an order's partition (its lanes
+/// and sweeper are the only drivers), and what remains (a lapsed driver's late call) is covered
+/// by the channel's idempotency by order id and the order refusing outcomes of other attempts.
+#[derive(Default)]
+pub struct Drivers {
+    leases: dashmap::DashMap<Id, Lease>,
+    next_token: std::sync::atomic::AtomicU64,
+}
+
+struct Lease {
+    driver: &'static str,
+    token: u64,
+    expires_at_ms: Millis,
+}
+
+/// A driver's hold on one order; dropping it ends the lease.
+pub struct DriverLease<'a> {
+    drivers: &'a Drivers,
+    order_id: Id,
+    token: u64,
+    expires_at_ms: Millis,
+}
+
+impl Drivers {
+    /// Takes the order for `driver` unless a live lease holds it.
+    pub fn acquire(
+        &self,
+        order_id: &Id,
+        driver: &'static str,
+        now_ms: Millis,
+        lease_ms: i64,
+    ) -> Option<DriverLease<'_>> {
+        use dashmap::mapref::entry::Entry;
+        let token = self
+            .next_token
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let expires_at_ms = now_ms.saturating_add(lease_ms);
+        let lease = Lease {
+            driver,
+            token,
+            expires_at_ms,
+        };
+        match self.leases.entry(order_id.clone()) {
+            Entry::Vacant(free) => {
+                free.insert(lease);
+            }
+            Entry::Occupied(mut held) if held.get().expires_at_ms <= now_ms => {
+                tracing::warn!(order_id = %order_id, lapsed = held.get().driver, driver, "taking over an order whose driver's lease lapsed");
+                held.insert(lease);
+            }
+            Entry::Occupied(_) => return None,
+        }
+        Some(DriverLease {
+            drivers: self,
+            order_id: order_id.clone(),
+            token,
+            expires_at_ms,
+        })
+    }
+}
+
+impl DriverLease<'_> {
+    /// Still this driver's order: not lapsed, not taken over.
+    pub fn is_current(&self, now_ms: Millis) -> bool {
+        now_ms < self.expires_at_ms
+            && self
+                .drivers
+                .leases
+                .get(&self.order_id)
+                .is_some_and(|l| l.token == self.token)
+    }
+}
+
+impl Drop for DriverLease<'_> {
+    fn drop(&mut self) {
+        self.drivers
+            .leases
+            .remove_if(&self.order_id, |_, l| l.token == self.token);
+    }
 }
 
 /// Why a flow step did not complete; retried later.
@@ -125,6 +232,8 @@ pub struct Withdrawals {
     pub wallets: Arc<Registry<Wallet>>,
     pub channel: Arc<dyn PaymentChannel>,
     pub config: WithdrawalConfig,
+    /// One driver per order at a time (see [`Drivers`]).
+    pub drivers: Drivers,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
 }
@@ -142,6 +251,7 @@ impl Withdrawals {
             wallets,
             channel,
             config,
+            drivers: Drivers::default(),
             clock: runtime.clock.clone(),
             metrics: runtime.metrics.clone(),
         })
@@ -263,7 +373,7 @@ impl Withdrawals {
             // Unknown outcome: ask, never guess. No record means the channel did not pay; the
             // next attempt sends the same order id again.
             PayOutcome::Timeout => match self.channel.query(channel, order_id).await {
-                QueryOutcome::Succeeded => PayoutResult::Succeeded,
+                QueryOutcome::Succeeded { .. } => PayoutResult::Succeeded,
                 QueryOutcome::Failed(reason) => PayoutResult::Failed {
                     reason: format!("timeout, then {reason}"),
                 },
@@ -274,8 +384,37 @@ impl Withdrawals {
         }
     }
 
-    /// Drives an order toward a final state as far as it can go now.
+    fn lease(&self, order_id: &Id, driver: &'static str) -> Option<DriverLease<'_>> {
+        let lease_ms = self.config.driver_lease.as_millis() as i64;
+        self.drivers
+            .acquire(order_id, driver, self.clock.now_ms(), lease_ms)
+    }
+
+    /// A channel call is about to be made: only by the order's current driver.
+    fn still_driving(&self, lease: &DriverLease<'_>) -> Result<(), Transient> {
+        if lease.is_current(self.clock.now_ms()) {
+            Ok(())
+        } else {
+            Err(Transient(
+                "the driver's lease lapsed; another driver may hold the order".into(),
+            ))
+        }
+    }
+
+    /// Drives an order toward a final state as far as it can go now (a payout lane's step);
+    /// [`Step::Busy`] if another driver holds it.
     pub async fn settle(&self, order_id: &Id) -> Result<Step, Transient> {
+        let Some(lease) = self.lease(order_id, "payout_lane") else {
+            return Ok(Step::Busy);
+        };
+        self.settle_leased(order_id, &lease).await
+    }
+
+    async fn settle_leased(
+        &self,
+        order_id: &Id,
+        lease: &DriverLease<'_>,
+    ) -> Result<Step, Transient> {
         loop {
             let Some(order) = self.order(order_id).await? else {
                 return Ok(Step::Done);
@@ -291,11 +430,13 @@ impl Withdrawals {
                             return Ok(Step::RetryAt(due));
                         }
                     }
+                    self.still_driving(lease)?;
                     let started = self
                         .orders
                         .execute(order_id.as_str(), WithdrawalCommand::StartPayout)
                         .await
                         .map_err(transient)?;
+                    self.still_driving(lease)?;
                     let result = self.pay(order_id, &started).await;
                     self.record(order_id, started.attempts, result).await?;
                 }
@@ -303,10 +444,14 @@ impl Withdrawals {
                     // An attempt whose outcome was never recorded (a crash, or a stop): ask the
                     // channel; with no record, send it again under the same order id.
                     let request = order.request.as_ref().expect("requested");
+                    self.still_driving(lease)?;
                     let result = match self.channel.query(request.method.channel, order_id).await {
-                        QueryOutcome::Succeeded => PayoutResult::Succeeded,
+                        QueryOutcome::Succeeded { .. } => PayoutResult::Succeeded,
                         QueryOutcome::Failed(reason) => PayoutResult::Failed { reason },
-                        QueryOutcome::NoRecord => self.pay(order_id, &order).await,
+                        QueryOutcome::NoRecord => {
+                            self.still_driving(lease)?;
+                            self.pay(order_id, &order).await
+                        }
                     };
                     self.record(order_id, order.attempts, result).await?;
                 }
@@ -333,8 +478,13 @@ impl Withdrawals {
         }
     }
 
-    /// Applies W9's rule to one old order.
+    /// Applies W9's rule to one old order; `None` if none applies, or if another driver (a
+    /// payout lane) holds the order now: the next sweep looks again.
     pub async fn compensate(&self, order_id: &Id) -> Result<Option<Compensation>, Transient> {
+        let Some(lease) = self.lease(order_id, "sweeper") else {
+            tracing::debug!(order_id = %order_id, "a payout lane is driving the order; the next sweep looks again");
+            return Ok(None);
+        };
         let Some(order) = self.order(order_id).await? else {
             return Ok(None);
         };
@@ -365,7 +515,7 @@ impl Withdrawals {
                 .await
                 .map_err(transient)?;
         }
-        self.settle(order_id).await?;
+        self.settle_leased(order_id, &lease).await?;
         Ok(Some(action))
     }
 }
@@ -589,6 +739,11 @@ impl PayoutLanes {
                 self.channels.remove(&order_id);
             }
             Ok(Step::RetryAt(due)) => self.delayed.push(std::cmp::Reverse((due, order_id))),
+            Ok(Step::Busy) => {
+                // The sweeper holds it; look again shortly (it may leave a retry due).
+                let due = self.withdrawals.clock.now_ms() + TRANSIENT_RETRY.as_millis() as i64;
+                self.delayed.push(std::cmp::Reverse((due, order_id)));
+            }
             Err(e) => {
                 tracing::warn!(order_id = %order_id, error = %e, "payout step failed; retrying");
                 let due = self.withdrawals.clock.now_ms() + TRANSIENT_RETRY.as_millis() as i64;
@@ -671,22 +826,120 @@ async fn sweep(withdrawals: Arc<Withdrawals>, views: sled::Tree, mut stop: watch
     }
 }
 
-/// What the reconciler has seen of one order.
+/// What the reconciler has seen of one order: the order as its events make it, and the
+/// wallet's movements for it (counts and sums in fen).
 #[derive(Default)]
 struct Ledgered {
     first_seq: u64,
     order: WithdrawalOrder,
     debits: u32,
     refunds: u32,
+    debited: u128,
+    refunded: u128,
 }
 
-/// The near-real-time reconciler (W11).
+/// A disagreement: the check (`debit`, `refund`, `channel`) and what was seen.
+type Finding = (&'static str, String);
+
+impl Ledgered {
+    /// The order against the wallet's movements, right after `event` (pure). The wallet moves
+    /// first in every flow (debit, then `Debited`; refund, then `Refunded`), so at each order
+    /// event the wallet's side is already in the log.
+    fn wallet_findings(&self, event: &WithdrawalEvent) -> Vec<Finding> {
+        let mut findings = Vec::new();
+        let Some(request) = self.order.request.as_ref() else {
+            return findings;
+        };
+        let amount = request.amount.as_u64() as u128;
+        let state = self.order.state.map(|s| s.as_str()).unwrap_or("?");
+        let (debits, debited, refunds, refunded) =
+            (self.debits, self.debited, self.refunds, self.refunded);
+        let one_debit = |findings: &mut Vec<Finding>| {
+            if debits != 1 || debited != amount {
+                findings.push((
+                    "debit",
+                    format!("{state} order of {amount} fen with {debits} debits of {debited} fen in all"),
+                ));
+            }
+        };
+        let no_debit = |findings: &mut Vec<Finding>| {
+            if debits != 0 {
+                findings.push((
+                    "debit",
+                    format!("{state} order not debited, but the wallet shows {debits} debits of {debited} fen"),
+                ));
+            }
+        };
+        let no_refund = |findings: &mut Vec<Finding>| {
+            if refunds != 0 {
+                findings.push((
+                    "refund",
+                    format!("{state} order not refunded, but the wallet shows {refunds} refunds of {refunded} fen"),
+                ));
+            }
+        };
+        match event {
+            WithdrawalEvent::Requested { .. }
+            | WithdrawalEvent::DebitRefused { .. }
+            | WithdrawalEvent::DebitAbandoned { debited: false, .. } => {
+                no_debit(&mut findings);
+                no_refund(&mut findings);
+            }
+            WithdrawalEvent::Debited { .. }
+            | WithdrawalEvent::DebitAbandoned { debited: true, .. }
+            | WithdrawalEvent::PayoutStarted { .. }
+            | WithdrawalEvent::PayoutAttemptFailed { .. }
+            | WithdrawalEvent::PayoutSucceeded { .. }
+            | WithdrawalEvent::PayoutParked { .. } => {
+                one_debit(&mut findings);
+                no_refund(&mut findings);
+            }
+            WithdrawalEvent::Refunded { .. } => {
+                one_debit(&mut findings);
+                if refunds != 1 || refunded != debited {
+                    findings.push((
+                        "refund",
+                        format!("refunded order debited {debited} fen with {refunds} refunds of {refunded} fen in all"),
+                    ));
+                }
+            }
+        }
+        findings
+    }
+}
+
+/// Whether the channel's record must be read after this event, and whether it must then show
+/// the order paid: at a success (paid, the order's amount) and wherever the order failed (not
+/// paid: no line, or a refusal).
+fn channel_expectation(event: &WithdrawalEvent) -> Option<bool> {
+    match event {
+        WithdrawalEvent::PayoutSucceeded { .. } => Some(true),
+        WithdrawalEvent::DebitRefused { .. }
+        | WithdrawalEvent::DebitAbandoned { .. }
+        | WithdrawalEvent::PayoutParked { .. }
+        | WithdrawalEvent::Refunded { .. } => Some(false),
+        _ => None,
+    }
+}
+
+/// The near-real-time reconciler (W11): every state change of every order is checked against
+/// the wallet's movements for it (amounts, not only counts) and, where the order succeeded or
+/// failed, against the channel's own record (paid, and how much). A statement line with no
+/// order at all is the daily audit's to find (`hongbao audit`, `channel_statements`): the
+/// reconciler follows the log, and such a line has no event.
 struct Reconciler {
     withdrawals: Arc<Withdrawals>,
     tree: sled::Tree,
     open: HashMap<Id, Ledgered>,
+    /// Orders seen final lately (at most [`RECENT_FINAL_MAX`], oldest forgotten first): a
+    /// wallet movement for one of them is an extra one, reported as it arrives.
+    recent_final: std::collections::VecDeque<Id>,
+    recent_final_set: HashSet<Id>,
     read_to: u64,
 }
+
+/// Final orders the reconciler remembers, for catching movements after the end.
+const RECENT_FINAL_MAX: usize = 100_000;
 
 impl Reconciler {
     fn new(withdrawals: Arc<Withdrawals>, tree: sled::Tree) -> Result<Reconciler, StoreError> {
@@ -695,8 +948,21 @@ impl Reconciler {
             withdrawals,
             tree,
             open: HashMap::new(),
+            recent_final: Default::default(),
+            recent_final_set: HashSet::new(),
             read_to,
         })
+    }
+
+    fn remember_final(&mut self, order_id: Id) {
+        if self.recent_final.len() == RECENT_FINAL_MAX {
+            if let Some(oldest) = self.recent_final.pop_front() {
+                self.recent_final_set.remove(&oldest);
+            }
+        }
+        if self.recent_final_set.insert(order_id.clone()) {
+            self.recent_final.push_back(order_id);
+        }
     }
 
     /// Every order still open started after this.
@@ -718,35 +984,33 @@ impl Reconciler {
     }
 
     async fn observe(&mut self, envelope: &Envelope) {
-        let (order_id, finished) = match &envelope.event {
-            Event::Withdrawal(event) => {
-                let Some(order_id) = envelope
-                    .stream
-                    .strip_prefix("withdrawal:")
-                    .and_then(|id| Id::parse(id).ok())
-                else {
-                    return;
-                };
-                let entry = self
-                    .open
-                    .entry(order_id.clone())
-                    .or_insert_with(|| Ledgered {
-                        first_seq: envelope.seq,
-                        ..Default::default()
-                    });
-                <WithdrawalOrder as crate::domain::Aggregate>::evolve(&mut entry.order, event);
-                let finished = entry.order.is_final();
-                (order_id, finished)
-            }
+        match &envelope.event {
+            Event::Withdrawal(event) => self.order_event(envelope, event).await,
             Event::Wallet(wallet_event) => {
                 let Some(line) = wallet_event.line() else {
                     return;
                 };
-                let (counter_debit, counter_refund) = match (wallet_event, line.entry) {
-                    (WalletEvent::Debited(_), Entry::Withdrawal) => (1, 0),
-                    (WalletEvent::Credited(_), Entry::WithdrawalRefund) => (0, 1),
+                let debit = match (wallet_event, line.entry) {
+                    (WalletEvent::Debited(_), Entry::Withdrawal) => true,
+                    (WalletEvent::Credited(_), Entry::WithdrawalRefund) => false,
                     _ => return,
                 };
+                let amount = line.amount.as_u64() as u128;
+                if self.recent_final_set.contains(&line.order_id) {
+                    // The order is over: nothing may move for it any more. Not tracked, so it
+                    // does not hold the checkpoint back.
+                    let (check, what) = if debit {
+                        ("debit", "debit")
+                    } else {
+                        ("refund", "refund")
+                    };
+                    self.mismatch(
+                        check,
+                        &line.order_id,
+                        format!("a {what} of {amount} fen after the order was final"),
+                    );
+                    return;
+                }
                 let entry = self
                     .open
                     .entry(line.order_id.clone())
@@ -754,61 +1018,98 @@ impl Reconciler {
                         first_seq: envelope.seq,
                         ..Default::default()
                     });
-                entry.debits += counter_debit;
-                entry.refunds += counter_refund;
-                return;
+                let finding = if debit {
+                    entry.debits += 1;
+                    entry.debited += amount;
+                    (entry.debits > 1).then(|| {
+                        let detail = format!("debit number {} ({amount} fen)", entry.debits);
+                        ("debit", detail)
+                    })
+                } else {
+                    entry.refunds += 1;
+                    entry.refunded += amount;
+                    (entry.refunds > 1).then(|| {
+                        let detail = format!("refund number {} ({amount} fen)", entry.refunds);
+                        ("refund", detail)
+                    })
+                };
+                // A second movement is wrong whatever the order says next: report it now.
+                if let Some((check, detail)) = finding {
+                    self.mismatch(check, &line.order_id, detail);
+                }
             }
-            _ => return,
-        };
-        if !finished {
-            return;
+            _ => {}
         }
-        let Some(done) = self.open.remove(&order_id) else {
+    }
+
+    async fn order_event(&mut self, envelope: &Envelope, event: &WithdrawalEvent) {
+        let Some(order_id) = envelope
+            .stream
+            .strip_prefix("withdrawal:")
+            .and_then(|id| Id::parse(id).ok())
+        else {
             return;
         };
-        let order = &done.order;
-        let Some(request) = order.request.as_ref() else {
+        let entry = self
+            .open
+            .entry(order_id.clone())
+            .or_insert_with(|| Ledgered {
+                first_seq: envelope.seq,
+                ..Default::default()
+            });
+        <WithdrawalOrder as crate::domain::Aggregate>::evolve(&mut entry.order, event);
+        let finished = entry.order.is_final();
+        // An order first seen after its request (it began before a restart's checkpoint and
+        // was already final then) cannot be judged from part of its history.
+        let Some(request) = entry.order.request.clone() else {
+            if finished {
+                self.open.remove(&order_id);
+            }
             return;
         };
-        let state = order.state.map(|s| s.as_str()).unwrap_or("?");
-        let expected = match order.state {
-            Some(OrderState::Succeeded) => (1, 0),
-            Some(OrderState::Refunded) => (1, 1),
-            _ => (0, 0),
-        };
-        if done.debits != expected.0 {
-            self.mismatch(
-                "debit",
-                &order_id,
-                format!("{state} order with {} debits", done.debits),
-            );
-        }
-        if done.refunds != expected.1 {
-            self.mismatch(
-                "refund",
-                &order_id,
-                format!("{state} order with {} refunds", done.refunds),
-            );
-        }
-        let paid = matches!(
-            self.withdrawals
+        let state = entry.order.state.map(|s| s.as_str()).unwrap_or("?");
+        let mut findings = entry.wallet_findings(event);
+        if let Some(paid_expected) = channel_expectation(event) {
+            let record = self
+                .withdrawals
                 .channel
                 .query(request.method.channel, &order_id)
-                .await,
-            QueryOutcome::Succeeded
-        );
-        if paid != (order.state == Some(OrderState::Succeeded)) {
-            self.mismatch(
-                "channel",
-                &order_id,
-                format!("{state} order, channel paid: {paid}"),
-            );
+                .await;
+            let channel = request.method.channel;
+            match (record, paid_expected) {
+                (QueryOutcome::Succeeded { amount }, true) if amount != request.amount => findings
+                    .push((
+                        "channel",
+                        format!(
+                            "{state} order of {} fen, {channel} paid {amount} fen",
+                            request.amount
+                        ),
+                    )),
+                (QueryOutcome::Succeeded { .. }, true) => {}
+                (other, true) => findings.push((
+                    "channel",
+                    format!("{state} order, {channel} record: {other:?}"),
+                )),
+                (QueryOutcome::Succeeded { amount }, false) => findings.push((
+                    "channel",
+                    format!("{state} order, but {channel} paid {amount} fen"),
+                )),
+                (_, false) => {}
+            }
         }
-        self.withdrawals
-            .metrics
-            .withdrawals_total
-            .with_label_values(&[state])
-            .inc();
+        self.withdrawals.metrics.reconciliation_checks_total.inc();
+        for (check, detail) in findings {
+            self.mismatch(check, &order_id, detail);
+        }
+        if finished {
+            self.open.remove(&order_id);
+            self.withdrawals
+                .metrics
+                .withdrawals_total
+                .with_label_values(&[state])
+                .inc();
+            self.remember_final(order_id);
+        }
     }
 
     async fn run(mut self, store: Arc<dyn EventStore>, mut stop: watch::Receiver<bool>) {
@@ -840,5 +1141,37 @@ impl Reconciler {
             }
         }
         let _ = save_checkpoint(&self.tree, RECONCILER_FLOW, self.checkpoint());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> Id {
+        Id::parse(s).unwrap()
+    }
+
+    #[test]
+    fn one_driver_per_order_until_it_finishes_or_its_lease_lapses() {
+        // Goal: a second driver is refused while the first holds the order; dropping the lease
+        // frees it; a lapsed lease can be taken over, and the lapsed driver then knows it is
+        // no longer driving (and its late drop does not free the new driver's order).
+        let drivers = Drivers::default();
+        let (order, other) = (id("o1"), id("o2"));
+        let lane = drivers.acquire(&order, "payout_lane", 0, 100).unwrap();
+        assert!(drivers.acquire(&order, "sweeper", 50, 100).is_none());
+        assert!(drivers.acquire(&other, "sweeper", 50, 100).is_some());
+        assert!(lane.is_current(99));
+        drop(lane);
+        let sweeper = drivers.acquire(&order, "sweeper", 60, 100).unwrap();
+        let taker = drivers.acquire(&order, "payout_lane", 160, 100).unwrap();
+        assert!(!sweeper.is_current(150), "taken over");
+        drop(sweeper);
+        assert!(
+            taker.is_current(170),
+            "the lapsed driver's drop leaves the new lease"
+        );
+        assert!(drivers.acquire(&order, "sweeper", 170, 100).is_none());
     }
 }

@@ -6,6 +6,7 @@
 use super::error::ApiError;
 use super::AppState;
 use crate::config::Keys;
+use crate::domain::ChangedBy;
 use actix_web::{dev::Payload, http::header, web, FromRequest, HttpRequest};
 use std::future::{ready, Ready};
 
@@ -73,24 +74,63 @@ impl Caller {
     }
 }
 
+/// The key of a request and the role it grants.
+fn authenticate(req: &HttpRequest) -> Result<(Role, &str), ApiError> {
+    let state = req
+        .app_data::<web::Data<AppState>>()
+        .ok_or_else(ApiError::unauthorized)?;
+    let key = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or_else(ApiError::unauthorized)?;
+    let role = role_of(&state.keys, key).ok_or_else(ApiError::unauthorized)?;
+    Ok((role, key))
+}
+
 impl FromRequest for Caller {
     type Error = ApiError;
     type Future = Ready<Result<Caller, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let Some(state) = req.app_data::<web::Data<AppState>>() else {
-            return ready(Err(ApiError::unauthorized()));
-        };
-        let key = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        ready(match key.and_then(|k| role_of(&state.keys, k)) {
-            Some(role) => Ok(Caller(role)),
-            None => Err(ApiError::unauthorized()),
-        })
+        ready(authenticate(req).map(|(role, _)| Caller(role)))
+    }
+}
+
+/// A short id of a key: the first 8 hex digits of its SHA-256. It tells the keys apart in the
+/// log without revealing anything usable.
+pub fn key_id(key: &str) -> String {
+    use sha2::Digest;
+    hex::encode(&sha2::Sha256::digest(key.as_bytes())[..4])
+}
+
+/// The caller of a change that records who made it (the withdrawal policy, switches).
+#[derive(Debug, Clone)]
+pub struct Operator {
+    pub caller: Caller,
+    pub key_id: String,
+}
+
+impl Operator {
+    pub fn changed_by(&self) -> ChangedBy {
+        ChangedBy {
+            role: self.caller.0.as_str().into(),
+            key_id: self.key_id.clone(),
+        }
+    }
+}
+
+impl FromRequest for Operator {
+    type Error = ApiError;
+    type Future = Ready<Result<Operator, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        ready(authenticate(req).map(|(role, key)| Operator {
+            caller: Caller(role),
+            key_id: key_id(key),
+        }))
     }
 }
 
@@ -115,5 +155,7 @@ mod tests {
         assert!(Caller(Role::Gateway).require(&[Role::Issuer]).is_err());
         assert!(Caller(Role::Admin).require(&[Role::Issuer]).is_ok());
         assert!(Caller(Role::Issuer).require(&[Role::Issuer]).is_ok());
+        assert_eq!(key_id("admin-key-0000000").len(), 8);
+        assert_ne!(key_id("admin-key-0000000"), key_id("admin-key-0000001"));
     }
 }

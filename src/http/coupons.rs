@@ -3,6 +3,7 @@
 
 use super::auth::{Caller, Role};
 use super::error::ApiError;
+use super::paging::{self, Cursor, Limits};
 use super::{parse_id, read_view, view_error, AppState, ErrorBody};
 use crate::clock::{parse_rfc3339, rfc3339};
 use crate::domain::coupon::{BatchError, BatchSpec, IssueRequest, Outcome, Refusal};
@@ -10,12 +11,27 @@ use crate::flows::coupons::IssueError;
 use crate::money::Fen;
 use crate::projections::coupons::{self as view, RequestStatus};
 use actix_web::http::StatusCode;
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 
-/// Coupons listed per user at most.
-const WALLET_COUPONS_MAX: usize = 1_000;
+/// A user's coupons per page (`WalletCouponsQuery`).
+pub const WALLET_COUPONS_PAGE: Limits = Limits {
+    default: 100,
+    max: 1_000,
+};
+/// Cursor tag of a user's coupons (position: the last coupon id sent).
+const WALLET_COUPONS_CURSOR: u8 = b'w';
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct WalletCouponsQuery {
+    /// Coupons per page.
+    #[param(value_type = Option<u32>, default = 100, minimum = 1, maximum = 1000)]
+    pub limit: Option<String>,
+    /// Cursor from the previous page's `Link` header.
+    pub after: Option<String>,
+}
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -346,31 +362,49 @@ pub async fn get_request(
     }))
 }
 
-/// A user's coupons, from the coupons view.
+/// A user's coupons by coupon id, paged, from the coupons view.
 #[utoipa::path(
     get, path = "/v1/wallets/{uid}/coupons", tag = "coupons",
-    params(("uid" = String, Path)),
-    responses((status = 200, body = [CouponItem])),
+    params(("uid" = String, Path), WalletCouponsQuery),
+    responses(
+        (status = 200, body = [CouponItem],
+            headers(("Link" = String, description = "RFC 8288 `<path?...&limit=N&after=CURSOR>; rel=\"next\"`, present only when more coupons follow"))),
+        (status = 400, description = "invalid_id / invalid_limit / invalid_cursor", body = ErrorBody),
+    ),
     security(("bearer" = []))
 )]
 pub async fn wallet_coupons(
     caller: Caller,
     state: web::Data<AppState>,
+    req: HttpRequest,
     path: web::Path<String>,
+    query: web::Query<WalletCouponsQuery>,
 ) -> Result<HttpResponse, ApiError> {
     caller.require(&[Role::Gateway, Role::Admin])?;
     let uid = parse_id("uid", &path)?;
+    let limit = paging::limit(query.limit.as_deref(), WALLET_COUPONS_PAGE)?;
+    let after = paging::after(query.after.as_deref(), &[WALLET_COUPONS_CURSOR])?;
+    let after = after.as_ref().map(Cursor::position_str).transpose()?;
     let tree = read_view(&state, view::NAME).await?;
-    let coupons = view::wallet(tree, uid.as_str(), WALLET_COUPONS_MAX).map_err(view_error)?;
-    Ok(HttpResponse::Ok().json(
-        coupons
-            .into_iter()
-            .map(|c| CouponItem {
-                coupon_id: c.coupon_id,
-                batch_id: c.batch_id,
-                value: c.value.as_u64(),
-                issued_at: rfc3339(c.issued_at_ms),
-            })
-            .collect::<Vec<_>>(),
-    ))
+    let coupons = view::wallet(tree, uid.as_str(), after, limit + 1)
+        .map_err(view_error)?
+        .into_iter()
+        .map(|c| {
+            (
+                Cursor::new(WALLET_COUPONS_CURSOR, c.coupon_id.as_bytes()),
+                c,
+            )
+        })
+        .collect();
+    let (coupons, next) = paging::cut(coupons, limit);
+    let items: Vec<CouponItem> = coupons
+        .into_iter()
+        .map(|c| CouponItem {
+            coupon_id: c.coupon_id,
+            batch_id: c.batch_id,
+            value: c.value.as_u64(),
+            issued_at: rfc3339(c.issued_at_ms),
+        })
+        .collect();
+    Ok(paging::respond(&req, &items, limit, next))
 }

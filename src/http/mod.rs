@@ -8,8 +8,10 @@
 pub mod auth;
 pub mod coupons;
 pub mod error;
+pub mod openapi;
 pub mod ops;
 pub mod packets;
+pub mod paging;
 pub mod rewards;
 pub mod wallets;
 pub mod withdrawals;
@@ -37,6 +39,7 @@ use actix_web::dev::{Server, ServerHandle, ServiceRequest, ServiceResponse};
 use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, App, HttpResponse, HttpServer};
 use error::{json_error, ApiError};
+use openapi::CommonStatuses;
 use serde::Serialize;
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -127,6 +130,8 @@ pub struct ErrorBody {
         withdrawals::WithdrawalStatus,
         withdrawals::HistoryItem,
         withdrawals::PolicyBody,
+        withdrawals::PolicyView,
+        withdrawals::ChangedByBody,
         withdrawals::WindowBody,
         withdrawals::StagedBody,
         withdrawals::StageBody,
@@ -148,7 +153,7 @@ pub struct ErrorBody {
         coupons::RequestBody,
         coupons::CouponItem,
     )),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &CommonStatuses),
     tags(
         (name = "wallet", description = "Balances, ledger, deposits, force-credit, reward list"),
         (name = "rewards", description = "Reward intake, scenario shortcuts, status, budgets"),

@@ -1,10 +1,10 @@
 //! Operations endpoints: liveness, readiness, metrics, the OpenAPI document. No key needed.
 
-use super::auth::Caller;
+use super::auth::{Caller, Operator};
 use super::error::ApiError;
 use super::{AppState, ErrorBody};
 use crate::actors::ExecError;
-use crate::domain::switches::{SetSwitch, SwitchError, Switches};
+use crate::domain::switches::{SetSwitch, SwitchError};
 use crate::events::EventStore;
 use crate::projections::wallet as wallet_view;
 use actix_web::{web, HttpResponse};
@@ -71,15 +71,16 @@ pub struct SwitchRequest {
     ),
     security(("bearer" = [])))]
 pub async fn set_switch(
-    caller: Caller,
+    operator: Operator,
     state: web::Data<AppState>,
     name: web::Path<String>,
     body: web::Json<SwitchRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require(&[])?;
+    operator.caller.require(&[])?;
     let command = SetSwitch {
         name: name.to_string(),
         on: body.on,
+        by: operator.changed_by(),
     };
     let all = state.switches.execute(command).await.map_err(|e| match e {
         ExecError::Rejected(SwitchError::Unknown(name)) => ApiError::new(
@@ -96,18 +97,36 @@ pub async fn set_switch(
             ApiError::unavailable("timeout", "the change was not confirmed in time; retry")
         }
     })?;
-    tracing::info!(switch = %name, on = body.on, "switch set");
+    tracing::info!(switch = %name, on = body.on, key_id = %operator.key_id, "switch set");
     Ok(HttpResponse::Ok().json(all))
 }
 
-/// Every degradation switch with its current value.
+/// Every degradation switch with its current value, and `changed_by`: for each switch changed
+/// since changes named their key, the role and key id that last changed it, and when.
 #[utoipa::path(get, path = "/v1/admin/switches", tag = "operations",
-    responses((status = 200, description = "name -> on", body = Object)),
+    responses((status = 200, description = "name -> on, and changed_by: name -> {role, key_id, at}", body = Object)),
     security(("bearer" = [])))]
 pub async fn list_switches(
     caller: Caller,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     caller.require(&[])?;
-    Ok(HttpResponse::Ok().json(state.switches.with(Switches::all)))
+    let body = state.switches.with(|switches| {
+        let mut body = serde_json::Map::new();
+        for (name, on) in switches.all() {
+            body.insert(name, json!(on));
+        }
+        let changed_by: serde_json::Map<String, serde_json::Value> = switches
+            .changed_by
+            .iter()
+            .map(|(name, (by, at_ms))| {
+                let change = json!({"role": by.role, "key_id": by.key_id, "at": crate::clock::rfc3339(*at_ms)});
+                (name.clone(), change)
+            })
+            .collect();
+        // Not a switch name (`KNOWN` has none such), so the flat name -> on shape stays.
+        body.insert("changed_by".into(), serde_json::Value::Object(changed_by));
+        body
+    });
+    Ok(HttpResponse::Ok().json(body))
 }

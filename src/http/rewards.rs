@@ -25,6 +25,16 @@ use utoipa::{IntoParams, ToSchema};
 pub const FORCE_CREDIT_TOKENS_MAX: usize = 100;
 /// Pending rewards shown on the wallet page, and rewards listed per call.
 pub const REWARD_LIST_ITEMS_MAX: usize = 100;
+/// Rewards per page of the reward list (`ListQuery`).
+pub const REWARD_LIST_PAGE: super::paging::Limits = super::paging::Limits {
+    default: REWARD_LIST_ITEMS_MAX,
+    max: REWARD_LIST_ITEMS_MAX,
+};
+/// Cursor tags of the reward list, which is pending rewards then credited ones: a position in
+/// the pending part (activity, `0x00`, order id) or in the credited part (the ledger sequence,
+/// 8 bytes big-endian).
+const REWARDS_PENDING_CURSOR: u8 = b'p';
+const REWARDS_CREDITED_CURSOR: u8 = b'l';
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -152,8 +162,12 @@ pub struct UserReward {
     pub activity_id: String,
     pub kind: String,
     pub amount: u64,
+    /// accepted (pending) | credited | used (a subsidy that paid a B2C packet: not spendable)
     pub status: String,
     pub token: String,
+    /// For a used subsidy: the packet it paid.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packet_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -170,8 +184,11 @@ pub struct ListQuery {
     pub status: Option<String>,
     /// Only this kind (cash, subsidy, coupon, item): `kind=subsidy` is the subsidy list (P7).
     pub kind: Option<String>,
-    /// At most 100 (default).
-    pub limit: Option<usize>,
+    /// Rewards per page.
+    #[param(value_type = Option<u32>, default = 100, minimum = 1, maximum = 100)]
+    pub limit: Option<String>,
+    /// Cursor from the previous page's `Link` header.
+    pub after: Option<String>,
 }
 
 fn optional_id(field: &str, raw: &Option<String>) -> Result<Option<Id>, ApiError> {
@@ -609,6 +626,7 @@ pub async fn get_activity(
         (status = 200, body = ForceCreditResponse),
         (status = 401, description = "invalid_token: a token is forged, altered or malformed; nothing was credited", body = ErrorBody),
         (status = 403, description = "token_uid_mismatch: a token belongs to another user; nothing was credited", body = ErrorBody),
+        (status = 422, description = "invalid_tokens: present 1 to 100 tokens", body = ErrorBody),
         (status = 503, description = "Some credits unconfirmed: retry the call (idempotent)", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -717,27 +735,44 @@ pub fn verify_tokens(
     Ok(claims)
 }
 
-/// The user's rewards with their tokens (R2), latest first.
+/// The user's rewards with their tokens (R2): pending ones (by activity and order id), then
+/// credited money rewards (latest first), paged; a spent subsidy is `used` (P7).
 #[utoipa::path(
     get, path = "/v1/wallets/{uid}/rewards", tag = "wallet",
     params(("uid" = String, Path), ListQuery),
-    responses((status = 200, body = [UserReward])),
+    responses(
+        (status = 200, body = [UserReward],
+            headers(("Link" = String, description = "RFC 8288 `<path?...&limit=N&after=CURSOR>; rel=\"next\"`, present only when more rewards follow"))),
+        (status = 400, description = "invalid_id / malformed (status) / invalid_limit / invalid_cursor", body = ErrorBody),
+        (status = 422, description = "invalid_kind", body = ErrorBody),
+    ),
     security(("bearer" = []))
 )]
 pub async fn list_rewards(
     caller: Caller,
     state: web::Data<AppState>,
+    req: actix_web::HttpRequest,
     path: web::Path<String>,
     query: web::Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
+    use super::paging::{self, Cursor};
     caller.require(&[Role::Gateway])?;
     let uid = parse_id("uid", &path)?;
-    let limit = query.limit.unwrap_or(REWARD_LIST_ITEMS_MAX);
-    if limit == 0 || limit > REWARD_LIST_ITEMS_MAX {
-        return Err(ApiError::malformed(format!(
-            "limit must be between 1 and {REWARD_LIST_ITEMS_MAX}"
-        )));
-    }
+    let limit = paging::limit(query.limit.as_deref(), REWARD_LIST_PAGE)?;
+    let after = paging::after(
+        query.after.as_deref(),
+        &[REWARDS_PENDING_CURSOR, REWARDS_CREDITED_CURSOR],
+    )?;
+    // A cursor in the credited part: the ledger sequence of the last reward sent.
+    let credited_before = match &after {
+        Some(c) if c.tag == REWARDS_CREDITED_CURSOR => Some(u64::from_be_bytes(
+            c.position
+                .as_slice()
+                .try_into()
+                .map_err(|_| paging::invalid_cursor())?,
+        )),
+        _ => None,
+    };
     let only_pending = match query.status.as_deref() {
         None | Some("all") => false,
         Some("accepted") => true,
@@ -765,36 +800,50 @@ pub async fn list_rewards(
             kind: kind.as_str().into(),
             amount: amount.as_u64(),
             status: status.into(),
+            packet_id: None,
         })
     };
-    // Pending rewards first (oldest first), then credited money rewards from the ledger
-    // (latest first): both come from the wallet view.
+    // Pending rewards first, then credited money rewards from the ledger: both from the wallet
+    // view. The pending part is read before the credited part, so a reward credited meanwhile
+    // shows in one or both, never in neither.
     // With the `token_merge` switch off (the token source degraded, P7/P9), only what is
     // credited is listed.
     let merge = state.switches.with(|s| s.is_on("token_merge"));
     let wanted = |kind: RewardKind| kind_filter.is_none_or(|k| k == kind);
-    let mut list: Vec<UserReward> = if merge {
-        wallet_view::record(wallets, uid.as_str())
-            .map_err(view_error)?
-            .pending
-            .into_iter()
-            .filter(|p| wanted(p.kind))
-            .filter_map(|p| token(&p.activity_id, &p.order_id, p.kind, p.amount, "accepted"))
-            .take(limit)
-            .collect()
-    } else {
-        Vec::new()
-    };
-    if !only_pending && list.len() < limit {
-        let mut before = None;
+    let read_items_max = state.config.limits.page_items_max.max(1);
+    // One reward more than the page tells whether another page follows.
+    let mut items: Vec<(Cursor, UserReward)> = Vec::new();
+    if merge && credited_before.is_none() {
+        let mut from = after.map(|c| c.position);
+        'pending: loop {
+            let batch =
+                wallet_view::pending_after(wallets, uid.as_str(), from.as_deref(), read_items_max)
+                    .map_err(view_error)?;
+            let exhausted = batch.len() < read_items_max;
+            for (position, p) in batch {
+                from = Some(position.clone());
+                if !wanted(p.kind) {
+                    continue;
+                }
+                if let Some(reward) =
+                    token(&p.activity_id, &p.order_id, p.kind, p.amount, "accepted")
+                {
+                    items.push((Cursor::new(REWARDS_PENDING_CURSOR, position), reward));
+                    if items.len() > limit {
+                        break 'pending;
+                    }
+                }
+            }
+            if exhausted {
+                break;
+            }
+        }
+    }
+    if !only_pending && items.len() <= limit {
+        let mut before = credited_before;
         'pages: loop {
-            let page = wallet_view::ledger(
-                wallets,
-                uid.as_str(),
-                before,
-                state.config.limits.page_items_max,
-            )
-            .map_err(view_error)?;
+            let page = wallet_view::ledger(wallets, uid.as_str(), before, read_items_max)
+                .map_err(view_error)?;
             let Some(last) = page.last() else { break };
             before = Some(last.seq);
             for line in page {
@@ -809,15 +858,32 @@ pub async fn list_rewards(
                 let Some(activity) = &line.source else {
                     continue;
                 };
-                if let Some(reward) = token(activity, &line.order_id, kind, line.amount, "credited")
+                // A subsidy that paid a B2C packet is spent (P7): a point lookup, since the
+                // debit may be far from the credit in the ledger.
+                let used_by = match kind {
+                    RewardKind::Subsidy => {
+                        wallet_view::subsidy_used_by(wallets, uid.as_str(), &line.order_id)
+                            .map_err(view_error)?
+                    }
+                    _ => None,
+                };
+                let status = if used_by.is_some() {
+                    "used"
+                } else {
+                    "credited"
+                };
+                if let Some(mut reward) = token(activity, &line.order_id, kind, line.amount, status)
                 {
-                    list.push(reward);
-                }
-                if list.len() >= limit {
-                    break 'pages;
+                    reward.packet_id = used_by;
+                    let position = line.seq.to_be_bytes();
+                    items.push((Cursor::new(REWARDS_CREDITED_CURSOR, position), reward));
+                    if items.len() > limit {
+                        break 'pages;
+                    }
                 }
             }
         }
     }
-    Ok(HttpResponse::Ok().json(list))
+    let (list, next) = paging::cut(items, limit);
+    Ok(paging::respond(&req, &list, limit, next))
 }

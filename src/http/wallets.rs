@@ -2,12 +2,13 @@
 
 use super::auth::{Caller, Role};
 use super::error::ApiError;
+use super::paging;
 use super::{parse_id, read_view, view_error, AppState, ErrorBody};
 use crate::clock::rfc3339;
 use crate::domain::wallet::{Entry, WalletCommand};
 use crate::money::Fen;
 use crate::projections::wallet::{self as view, Direction, LedgerEntry};
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -80,7 +81,8 @@ pub struct LedgerLine {
 pub struct WalletResponse {
     pub uid: String,
     pub balances: BalancesBody,
-    /// Accepted rewards not yet credited (R6).
+    /// Accepted rewards not yet credited (R6): the first 100; every one, paged:
+    /// `GET /v1/wallets/{uid}/rewards?status=accepted`.
     pub pending: Vec<PendingBody>,
     /// Latest movements first.
     pub ledger: Vec<LedgerLine>,
@@ -97,10 +99,12 @@ pub struct LedgerPage {
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct LedgerQuery {
-    /// Only entries with a smaller sequence.
+    /// Only entries with a smaller sequence (the cursor of this list: the `Link` header
+    /// carries it).
     pub before: Option<u64>,
-    /// Page size (default 50, at most the configured maximum).
-    pub limit: Option<usize>,
+    /// Page size (at most `limits.page_items_max`, 500 unless configured).
+    #[param(value_type = Option<u32>, default = 50, minimum = 1, maximum = 500)]
+    pub limit: Option<String>,
 }
 
 fn line(entry: LedgerEntry) -> LedgerLine {
@@ -222,8 +226,9 @@ pub async fn get_wallet(
     tag = "wallet",
     params(("uid" = String, Path, description = "User id"), LedgerQuery),
     responses(
-        (status = 200, description = "One page of the ledger", body = LedgerPage),
-        (status = 400, description = "Invalid uid or query", body = ErrorBody),
+        (status = 200, description = "One page of the ledger", body = LedgerPage,
+            headers(("Link" = String, description = "RFC 8288 `<path?...&limit=N&before=SEQ>; rel=\"next\"`, present only when older entries follow"))),
+        (status = 400, description = "Invalid uid or query (invalid_limit)", body = ErrorBody),
         (status = 401, description = "Missing or unknown key", body = ErrorBody),
         (status = 403, description = "Issuer keys may not read wallets", body = ErrorBody),
     ),
@@ -232,18 +237,17 @@ pub async fn get_wallet(
 pub async fn get_ledger(
     caller: Caller,
     state: web::Data<AppState>,
+    req: HttpRequest,
     uid: web::Path<String>,
     query: web::Query<LedgerQuery>,
 ) -> Result<HttpResponse, ApiError> {
     caller.require(&[Role::Gateway])?;
     let uid = parse_id("uid", &uid)?;
-    let limit_max = state.config.limits.page_items_max;
-    let limit = query.limit.unwrap_or(LEDGER_PAGE_ITEMS_DEFAULT);
-    if limit == 0 || limit > limit_max {
-        return Err(ApiError::malformed(format!(
-            "limit must be between 1 and {limit_max}"
-        )));
-    }
+    let limits = paging::Limits {
+        default: LEDGER_PAGE_ITEMS_DEFAULT.min(state.config.limits.page_items_max),
+        max: state.config.limits.page_items_max,
+    };
+    let limit = paging::limit(query.limit.as_deref(), limits)?;
     let tree = read_view(&state, view::NAME).await?;
     // One extra entry tells whether an older page exists.
     let mut entries =
@@ -255,7 +259,16 @@ pub async fn get_ledger(
     } else {
         None
     };
-    Ok(HttpResponse::Ok().json(LedgerPage {
+    let mut response = HttpResponse::Ok();
+    if let Some(before) = next_before {
+        // The ledger's cursor is a sequence (`before`), kept as it was; the Link carries it.
+        let link = paging::next_link(
+            &req,
+            &[("limit", limit.to_string()), ("before", before.to_string())],
+        );
+        response.insert_header((actix_web::http::header::LINK, link));
+    }
+    Ok(response.json(LedgerPage {
         uid: uid.to_string(),
         ledger: entries.into_iter().map(line).collect(),
         next_before,

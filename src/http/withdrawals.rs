@@ -1,27 +1,45 @@
 //! Withdrawal endpoints: payout methods and withdrawals (gateway), the withdrawal policy, the
 //! payment channels and the dead-letter listing (admin).
 
-use super::auth::{Caller, Role};
+use super::auth::{Caller, Operator, Role};
 use super::error::ApiError;
+use super::paging::{self, Cursor, Limits};
 use super::{parse_id, read_view, view_error, AppState, ErrorBody};
 use crate::channels::{ChannelSettings, RecordStatus};
 use crate::clock::{parse_rfc3339, rfc3339};
 use crate::domain::withdrawal::{
-    BindMethod, Channel, Gate, OrderState, PayeeError, PolicyError, Stage, StagedOpening, Window,
-    WithdrawalError, WithdrawalOrder, WithdrawalPolicy, WithdrawalRequest,
+    BindMethod, Channel, Gate, OrderState, PayeeError, PolicyError, SetPolicy, Stage,
+    StagedOpening, Window, WithdrawalError, WithdrawalOrder, WithdrawalPolicy, WithdrawalRequest,
 };
 use crate::ids::Id;
 use crate::money::Fen;
 use crate::projections::withdrawals as view;
 use actix_web::http::StatusCode;
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-/// Lines of a channel statement returned at most.
-const STATEMENT_LINES_MAX: usize = 10_000;
-/// Parked payouts listed at most.
-const PARKED_LIST_MAX: usize = 1_000;
+/// Statement lines per page (`limit`): a default and a maximum (also in the OpenAPI
+/// document, `StatementQuery`). The whole statement is one `Accept: application/x-ndjson`
+/// request away.
+pub const STATEMENT_PAGE: Limits = Limits {
+    default: 1_000,
+    max: 10_000,
+};
+/// Statement lines read and sent per chunk of the JSON-lines stream: memory stays one chunk
+/// whatever the statement's size.
+const STATEMENT_STREAM_CHUNK_LINES: usize = 1_000;
+/// Cursor tag of the statement (position: the last order id sent).
+const STATEMENT_CURSOR: u8 = b's';
+/// Parked payouts per page (`ParkedQuery`).
+pub const PARKED_PAGE: Limits = Limits {
+    default: 100,
+    max: 1_000,
+};
+/// Cursor tag of the parked listing (position: the last order id sent).
+const PARKED_CURSOR: u8 = b'd';
+/// The media type of the whole statement as JSON lines.
+const NDJSON: &str = "application/x-ndjson";
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -98,12 +116,21 @@ pub struct StageBody {
     pub open_below: u64,
 }
 
+/// A staged opening, in one of two forms: an explicit `schedule`, or `starts_at` and
+/// `interval_s` (bucket k opens at `starts_at + k x interval_s`; expanded into a schedule).
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StagedBody {
     /// Users are bucketed by `uid mod modulo` (numeric uids) or a stable hash.
     pub modulo: u64,
-    pub schedule: Vec<StageBody>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Vec<StageBody>>,
+    /// RFC 3339: when bucket 0 opens (with `interval_s`, instead of `schedule`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub starts_at: Option<String>,
+    /// Seconds between one bucket's opening and the next's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_s: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -113,6 +140,25 @@ pub struct PolicyBody {
     #[serde(default)]
     pub closed_windows: Vec<WindowBody>,
     pub staged_opening: Option<StagedBody>,
+}
+
+/// Who set a policy (or a switch): the key's role and a short id of the key.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChangedByBody {
+    /// admin | issuer | gateway
+    pub role: String,
+    /// The first 8 hex digits of the key's SHA-256.
+    pub key_id: String,
+    pub at: String,
+}
+
+/// The policy in force and who set it (`null`: the default, or set before changes were
+/// attributed).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PolicyView {
+    #[serde(flatten)]
+    pub policy: PolicyBody,
+    pub changed_by: Option<ChangedByBody>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -150,8 +196,22 @@ pub struct ParkedItem {
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
-pub struct LimitQuery {
-    pub limit: Option<usize>,
+pub struct StatementQuery {
+    /// Lines per page (JSON; the JSON-lines form sends every line and ignores it).
+    #[param(value_type = Option<u32>, default = 1000, minimum = 1, maximum = 10000)]
+    pub limit: Option<String>,
+    /// Cursor from the previous page's `Link` header (also resumes a JSON-lines download).
+    pub after: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ParkedQuery {
+    /// Orders per page.
+    #[param(value_type = Option<u32>, default = 100, minimum = 1, maximum = 1000)]
+    pub limit: Option<String>,
+    /// Cursor from the previous page's `Link` header.
+    pub after: Option<String>,
 }
 
 fn unprocessable(code: &'static str, message: impl Into<String>) -> ApiError {
@@ -304,7 +364,7 @@ fn gate_error(gate: Gate) -> ApiError {
             "window_closed",
             "withdrawals are closed now",
         )
-        .with("opens_at", rfc3339(opens_at_ms)),
+        .with("opens_at", opens_at_ms.map(rfc3339)),
         Gate::NotYetOpenForUser { opens_at_ms } => ApiError::new(
             StatusCode::FORBIDDEN,
             "not_yet_open_for_user",
@@ -447,14 +507,17 @@ fn policy_body(policy: &WithdrawalPolicy) -> PolicyBody {
             .collect(),
         staged_opening: policy.staged_opening.as_ref().map(|s| StagedBody {
             modulo: s.modulo,
-            schedule: s
-                .schedule
-                .iter()
-                .map(|st| StageBody {
-                    at: rfc3339(st.at_ms),
-                    open_below: st.open_below,
-                })
-                .collect(),
+            schedule: Some(
+                s.schedule
+                    .iter()
+                    .map(|st| StageBody {
+                        at: rfc3339(st.at_ms),
+                        open_below: st.open_below,
+                    })
+                    .collect(),
+            ),
+            starts_at: None,
+            interval_s: None,
         }),
     }
 }
@@ -468,6 +531,39 @@ fn time(field: &str, raw: &str) -> Result<i64, ApiError> {
     })
 }
 
+/// The staged opening of a PUT body, from either form.
+fn staged(body: &StagedBody) -> Result<StagedOpening, ApiError> {
+    match (&body.schedule, &body.starts_at, body.interval_s) {
+        (Some(schedule), None, None) => Ok(StagedOpening {
+            modulo: body.modulo,
+            schedule: schedule
+                .iter()
+                .map(|st| {
+                    Ok(Stage {
+                        at_ms: time("at", &st.at)?,
+                        open_below: st.open_below,
+                    })
+                })
+                .collect::<Result<Vec<_>, ApiError>>()?,
+        }),
+        (None, Some(starts_at), Some(interval_s)) => {
+            let interval_ms = i64::try_from(interval_s)
+                .ok()
+                .and_then(|s| s.checked_mul(1_000))
+                .ok_or_else(|| unprocessable("invalid_policy", "interval_s is too large"))?;
+            Ok(StagedOpening::every(
+                body.modulo,
+                time("starts_at", starts_at)?,
+                interval_ms,
+            )?)
+        }
+        _ => Err(unprocessable(
+            "invalid_policy",
+            "staged_opening takes either schedule or both starts_at and interval_s",
+        )),
+    }
+}
+
 /// Replaces the withdrawal policy (W3-W5), recorded as an event.
 #[utoipa::path(
     put, path = "/v1/admin/withdrawal-policy", tag = "withdrawals", request_body = PolicyBody,
@@ -475,11 +571,11 @@ fn time(field: &str, raw: &str) -> Result<i64, ApiError> {
     security(("bearer" = []))
 )]
 pub async fn set_policy(
-    caller: Caller,
+    operator: Operator,
     state: web::Data<AppState>,
     body: web::Json<PolicyBody>,
 ) -> Result<HttpResponse, ApiError> {
-    caller.require(&[])?;
+    operator.caller.require(&[])?;
     if body.min_amount == 0 || body.min_amount > state.config.limits.amount_fen_max {
         return Err(unprocessable(
             "invalid_policy",
@@ -496,39 +592,38 @@ pub async fn set_policy(
             })
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
-    let staged_opening = match &body.staged_opening {
-        None => None,
-        Some(s) => Some(StagedOpening {
-            modulo: s.modulo,
-            schedule: s
-                .schedule
-                .iter()
-                .map(|st| {
-                    Ok(Stage {
-                        at_ms: time("at", &st.at)?,
-                        open_below: st.open_below,
-                    })
-                })
-                .collect::<Result<Vec<_>, ApiError>>()?,
-        }),
-    };
+    let staged_opening = body.staged_opening.as_ref().map(staged).transpose()?;
     let policy = WithdrawalPolicy {
         min_amount: Fen::new(body.min_amount),
         closed_windows,
         staged_opening,
     };
-    let policy = state.policy.execute(policy).await?;
+    let policy = state
+        .policy
+        .execute(SetPolicy {
+            policy,
+            by: operator.changed_by(),
+        })
+        .await?;
+    tracing::info!(key_id = %operator.key_id, "withdrawal policy set");
     Ok(HttpResponse::Ok().json(policy_body(&policy)))
 }
 
-/// The withdrawal policy in force.
-#[utoipa::path(get, path = "/v1/admin/withdrawal-policy", tag = "withdrawals", responses((status = 200, body = PolicyBody)), security(("bearer" = [])))]
+/// The withdrawal policy in force, and who set it.
+#[utoipa::path(get, path = "/v1/admin/withdrawal-policy", tag = "withdrawals", responses((status = 200, body = PolicyView)), security(("bearer" = [])))]
 pub async fn get_policy(
     caller: Caller,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     caller.require(&[])?;
-    Ok(HttpResponse::Ok().json(state.policy.with(|p| policy_body(&p.policy))))
+    Ok(HttpResponse::Ok().json(state.policy.with(|p| PolicyView {
+        policy: policy_body(&p.policy),
+        changed_by: p.changed_by.as_ref().map(|(by, at_ms)| ChangedByBody {
+            role: by.role.clone(),
+            key_id: by.key_id.clone(),
+            at: rfc3339(*at_ms),
+        }),
+    })))
 }
 
 fn channel_body(s: ChannelSettings) -> ChannelBody {
@@ -585,71 +680,169 @@ pub async fn get_channel(
     Ok(HttpResponse::Ok().json(channel_body(state.channels.settings(channel))))
 }
 
-/// The channel's own record: the other side of reconciliation (W11).
+fn statement_item(line: crate::channels::StatementLine) -> StatementItem {
+    StatementItem {
+        order_id: line.order_id,
+        amount: line.amount.as_u64(),
+        status: match line.status {
+            RecordStatus::Succeeded => "succeeded",
+            RecordStatus::Failed => "failed",
+        }
+        .into(),
+        at: rfc3339(line.at_ms),
+        calls: line.calls,
+    }
+}
+
+/// Whether the client asked for JSON lines (`Accept: application/x-ndjson`).
+fn wants_ndjson(req: &HttpRequest) -> bool {
+    req.headers()
+        .get_all(actix_web::http::header::ACCEPT)
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|range| {
+            range
+                .split(';')
+                .next()
+                .is_some_and(|media| media.trim().eq_ignore_ascii_case(NDJSON))
+        })
+}
+
+/// The channel's own record: the other side of reconciliation (W11), by order id, paged; or,
+/// with `Accept: application/x-ndjson`, every line as JSON lines.
 #[utoipa::path(get, path = "/v1/admin/channels/{channel}/statement", tag = "withdrawals",
-    params(("channel" = String, Path), LimitQuery),
-    responses((status = 200, body = [StatementItem]), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+    params(("channel" = String, Path), StatementQuery),
+    responses(
+        (status = 200, description = "A page of lines by order id (JSON array); with `Accept: application/x-ndjson`, every line from the cursor on, one JSON object per line, streamed",
+            headers(("Link" = String, description = "RFC 8288 `<path?...&limit=N&after=CURSOR>; rel=\"next\"`, present only when more lines follow")),
+            content(([StatementItem] = "application/json"), (StatementItem = "application/x-ndjson"))),
+        (status = 400, description = "invalid_limit / invalid_cursor", body = ErrorBody),
+        (status = 404, description = "unknown_channel", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
 pub async fn statement(
     caller: Caller,
     state: web::Data<AppState>,
+    req: HttpRequest,
     path: web::Path<String>,
-    query: web::Query<LimitQuery>,
+    query: web::Query<StatementQuery>,
 ) -> Result<HttpResponse, ApiError> {
     caller.require(&[])?;
     let channel = channel_path(&path)?;
-    let limit = query
-        .limit
-        .unwrap_or(STATEMENT_LINES_MAX)
-        .min(STATEMENT_LINES_MAX);
+    let limit = paging::limit(query.limit.as_deref(), STATEMENT_PAGE)?;
+    let after = match paging::after(query.after.as_deref(), &[STATEMENT_CURSOR])? {
+        Some(cursor) => Some(
+            parse_id("after", cursor.position_str()?)
+                .map_err(|_| paging::invalid_cursor())?
+                .to_string(),
+        ),
+        None => None,
+    };
+    if wants_ndjson(&req) {
+        return Ok(HttpResponse::Ok()
+            .content_type(NDJSON)
+            .streaming(statement_lines(state.channels.clone(), channel, after)));
+    }
+    // One line more than the page tells whether another page follows.
     let lines = state
         .channels
-        .statement(channel, limit)
-        .map_err(view_error)?;
-    Ok(HttpResponse::Ok().json(
-        lines
-            .into_iter()
-            .map(|l| StatementItem {
-                order_id: l.order_id,
-                amount: l.amount.as_u64(),
-                status: match l.status {
-                    RecordStatus::Succeeded => "succeeded",
-                    RecordStatus::Failed => "failed",
-                }
-                .into(),
-                at: rfc3339(l.at_ms),
-                calls: l.calls,
-            })
-            .collect::<Vec<_>>(),
-    ))
+        .statement_after(channel, after.as_deref(), limit + 1)
+        .map_err(view_error)?
+        .into_iter()
+        .map(|line| {
+            (
+                Cursor::new(STATEMENT_CURSOR, line.order_id.as_bytes()),
+                line,
+            )
+        })
+        .collect();
+    let (lines, next) = paging::cut(lines, limit);
+    let items: Vec<StatementItem> = lines.into_iter().map(statement_item).collect();
+    Ok(paging::respond(&req, &items, limit, next))
 }
 
-/// Payouts parked in the dead-letter set and not settled yet.
-#[utoipa::path(get, path = "/v1/admin/withdrawals/parked", tag = "withdrawals", params(LimitQuery),
-    responses((status = 200, body = [ParkedItem])), security(("bearer" = [])))]
+/// Every statement line after `after` as JSON lines, read and sent a chunk at a time (a range
+/// scan from the last order id sent), so memory stays one chunk. A read failure mid-stream
+/// aborts the response: the client sees a cut transfer, never a short statement that looks
+/// whole.
+fn statement_lines(
+    channels: std::sync::Arc<crate::channels::SimulatedChannels>,
+    channel: Channel,
+    after: Option<String>,
+) -> impl futures::Stream<Item = Result<web::Bytes, actix_web::Error>> {
+    // State: Some(cursor) while lines may remain, None once a short chunk was sent.
+    futures::stream::try_unfold(Some(after), move |cursor| {
+        let channels = channels.clone();
+        async move {
+            let Some(after) = cursor else {
+                return Ok(None);
+            };
+            let lines = channels
+                .statement_after(channel, after.as_deref(), STATEMENT_STREAM_CHUNK_LINES)
+                .map_err(|e| {
+                    tracing::error!(error = %e, %channel, "statement stream cut by a read failure");
+                    actix_web::error::ErrorServiceUnavailable("statement read failed")
+                })?;
+            if lines.is_empty() {
+                return Ok(None);
+            }
+            let next = (lines.len() == STATEMENT_STREAM_CHUNK_LINES)
+                .then(|| lines.last().map(|l| l.order_id.clone()));
+            let mut chunk = Vec::with_capacity(lines.len() * 128);
+            for line in lines {
+                serde_json::to_writer(&mut chunk, &statement_item(line))
+                    .map_err(actix_web::error::ErrorInternalServerError)?;
+                chunk.push(b'\n');
+            }
+            Ok(Some((web::Bytes::from(chunk), next)))
+        }
+    })
+}
+
+/// Payouts parked in the dead-letter set and not settled yet, by order id, paged.
+#[utoipa::path(get, path = "/v1/admin/withdrawals/parked", tag = "withdrawals", params(ParkedQuery),
+    responses(
+        (status = 200, body = [ParkedItem],
+            headers(("Link" = String, description = "RFC 8288 `<path?...&limit=N&after=CURSOR>; rel=\"next\"`, present only when more orders follow"))),
+        (status = 400, description = "invalid_limit / invalid_cursor", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
 pub async fn parked(
     caller: Caller,
     state: web::Data<AppState>,
-    query: web::Query<LimitQuery>,
+    req: HttpRequest,
+    query: web::Query<ParkedQuery>,
 ) -> Result<HttpResponse, ApiError> {
     caller.require(&[])?;
+    let limit = paging::limit(query.limit.as_deref(), PARKED_PAGE)?;
+    let after = paging::after(query.after.as_deref(), &[PARKED_CURSOR])?;
+    let after = after.as_ref().map(Cursor::position_str).transpose()?;
     let tree = read_view(&state, view::NAME).await?;
-    let limit = query.limit.unwrap_or(PARKED_LIST_MAX).min(PARKED_LIST_MAX);
-    let items = view::parked(tree, limit).map_err(view_error)?;
-    Ok(HttpResponse::Ok().json(
-        items
-            .into_iter()
-            .filter_map(|(order_id, order)| {
-                let request = order.request.as_ref()?;
-                Some(ParkedItem {
-                    order_id,
-                    uid: request.uid.to_string(),
-                    amount: request.amount.as_u64(),
-                    channel: request.method.channel.as_str().into(),
-                    state: order.state.map(|s| s.as_str()).unwrap_or("unknown").into(),
-                    attempts: order.attempts,
-                    failure: order.failure.clone(),
-                })
+    let orders = view::parked(tree, after, limit + 1)
+        .map_err(view_error)?
+        .into_iter()
+        .map(|(order_id, order)| {
+            (
+                Cursor::new(PARKED_CURSOR, order_id.as_bytes()),
+                (order_id, order),
+            )
+        })
+        .collect();
+    let (orders, next) = paging::cut(orders, limit);
+    let items: Vec<ParkedItem> = orders
+        .into_iter()
+        .filter_map(|(order_id, order)| {
+            let request = order.request.as_ref()?;
+            Some(ParkedItem {
+                order_id,
+                uid: request.uid.to_string(),
+                amount: request.amount.as_u64(),
+                channel: request.method.channel.as_str().into(),
+                state: order.state.map(|s| s.as_str()).unwrap_or("unknown").into(),
+                attempts: order.attempts,
+                failure: order.failure.clone(),
             })
-            .collect::<Vec<_>>(),
-    ))
+        })
+        .collect();
+    Ok(paging::respond(&req, &items, limit, next))
 }

@@ -268,9 +268,29 @@ pub fn request(tree: &sled::Tree, seq_no: &str) -> Result<Option<RequestLine>, S
     Ok(Some(line))
 }
 
-/// A user's coupons, at most `limit`.
-pub fn wallet(tree: &sled::Tree, uid: &str, limit: usize) -> Result<Vec<WalletCoupon>, StoreError> {
-    tree.scan_prefix(wallet_prefix(uid))
+/// A user's coupons by coupon id: at most `limit`, after the coupon id `after` (from the first
+/// without), read with a range scan from there.
+pub fn wallet(
+    tree: &sled::Tree,
+    uid: &str,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<WalletCoupon>, StoreError> {
+    use std::ops::Bound;
+    let prefix = wallet_prefix(uid);
+    let start = match after {
+        Some(coupon_id) => {
+            let mut key = prefix.clone();
+            key.extend_from_slice(coupon_id.as_bytes());
+            Bound::Excluded(key)
+        }
+        None => Bound::Included(prefix.clone()),
+    };
+    tree.range((start, Bound::Unbounded))
+        .take_while(|item| match item {
+            Ok((key, _)) => key.starts_with(&prefix),
+            Err(_) => true,
+        })
         .take(limit)
         .map(|item| decode_view(&item.map_err(io)?.1))
         .collect()

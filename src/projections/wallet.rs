@@ -4,7 +4,9 @@
 //! Keys in `view:wallets`:
 //! - `b` + uid -> [`BalanceRecord`]: the balances and a version bumped on every change;
 //! - `p` + uid + `0x00` + activity + `0x00` + order id -> [`PendingReward`];
-//! - `l` + uid + `0x00` + seq (u64 BE) -> [`LedgerEntry`].
+//! - `l` + uid + `0x00` + seq (u64 BE) -> [`LedgerEntry`];
+//! - `u` + uid + `0x00` + subsidy order id -> the packet id it paid (a `PacketSubsidy` debit):
+//!   a point lookup for "is this subsidy spent?" (P7), whatever page the debit is on.
 //!
 //! A credit removes its pending key and changes the balance in one atomic batch. A reader
 //! ([`record`]) reads the balance record, scans the pending keys, and reads the balance record
@@ -116,6 +118,15 @@ fn ledger_key(uid: &str, seq: u64) -> Vec<u8> {
     key
 }
 
+fn used_subsidy_key(uid: &str, order_id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(uid.len() + order_id.len() + 2);
+    key.push(b'u');
+    key.extend_from_slice(uid.as_bytes());
+    key.push(0);
+    key.extend_from_slice(order_id.as_bytes());
+    key
+}
+
 /// The wallet projection.
 pub struct WalletView;
 
@@ -163,6 +174,18 @@ impl WalletView {
             source: line.source.as_ref().map(|s| s.to_string()),
         };
         tx.insert(ledger_key(uid, envelope.seq), codec::encode(&entry)?);
+        // A subsidy spent on a B2C packet (order: the subsidy's order id, source: the packet).
+        if line.entry == Entry::PacketSubsidy {
+            let packet = line
+                .source
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            tx.insert(
+                used_subsidy_key(uid, line.order_id.as_str()),
+                packet.into_bytes(),
+            );
+        }
         Ok(())
     }
 }
@@ -173,7 +196,8 @@ impl Projection for WalletView {
     }
 
     fn version(&self) -> u32 {
-        4
+        // 5: `u` keys for spent subsidies.
+        5
     }
 
     fn apply(&self, tx: &mut ViewTx<'_>, envelope: &Envelope) -> Result<(), StoreError> {
@@ -248,6 +272,44 @@ pub fn record(tree: &sled::Tree, uid: &str) -> Result<WalletRecord, StoreError> 
 /// A wallet's balances (zero for a wallet never seen).
 pub fn balances(tree: &sled::Tree, uid: &str) -> Result<Balances, StoreError> {
     Ok(balance_record(tree, uid)?.balances)
+}
+
+/// A user's pending rewards by (activity, order id): at most `limit`, after the position
+/// `after` (from the first without), read with a range scan from there. Each comes with its
+/// position (activity, `0x00`, order id), the cursor of the next read.
+pub fn pending_after(
+    tree: &sled::Tree,
+    uid: &str,
+    after: Option<&[u8]>,
+    limit: usize,
+) -> Result<Vec<(Vec<u8>, PendingReward)>, StoreError> {
+    use std::ops::Bound;
+    let prefix = pending_prefix(uid);
+    let start = match after {
+        Some(position) => Bound::Excluded([prefix.as_slice(), position].concat()),
+        None => Bound::Included(prefix.clone()),
+    };
+    let mut pending = Vec::new();
+    for item in tree.range((start, Bound::Unbounded)) {
+        let (key, value) = item.map_err(io)?;
+        if !key.starts_with(&prefix) || pending.len() >= limit {
+            break;
+        }
+        pending.push((key[prefix.len()..].to_vec(), decode_view(&value)?));
+    }
+    Ok(pending)
+}
+
+/// The packet a subsidy paid, if the user spent it (`None`: not spent).
+pub fn subsidy_used_by(
+    tree: &sled::Tree,
+    uid: &str,
+    order_id: &str,
+) -> Result<Option<String>, StoreError> {
+    Ok(tree
+        .get(used_subsidy_key(uid, order_id))
+        .map_err(io)?
+        .map(|packet| String::from_utf8_lossy(&packet).into_owned()))
 }
 
 /// Up to `limit` ledger entries with `seq < before` (all if `before` is `None`), latest first.

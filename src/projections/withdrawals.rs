@@ -93,12 +93,19 @@ pub fn open_before(tree: &sled::Tree, cutoff_ms: i64, limit: usize) -> Result<Ve
         .collect()
 }
 
-/// Parked payouts (dead letters) not yet settled, with their orders (at most `limit`).
+/// Parked payouts (dead letters) not yet settled, with their orders: at most `limit`, by
+/// order id, after `after` (from the first without), read with a range scan from there.
 pub fn parked(
     tree: &sled::Tree,
+    after: Option<&str>,
     limit: usize,
 ) -> Result<Vec<(String, WithdrawalOrder)>, StoreError> {
-    tree.scan_prefix([b'd'])
+    use std::ops::Bound;
+    let start = match after {
+        Some(order_id) => Bound::Excluded(parked_key(order_id)),
+        None => Bound::Included(vec![b'd']),
+    };
+    tree.range((start, Bound::Excluded(vec![b'd' + 1])))
         .take(limit)
         .map(|item| {
             let (key, _) = item.map_err(io)?;
@@ -110,4 +117,34 @@ pub fn parked(
             Ok((order_id, order))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parked_orders_page_by_order_id_from_the_cursor() {
+        // Goal: item 13: pages of the parked listing start after the cursor, cover every
+        // parked order once and nothing else (open orders, other keys).
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let tree = db.open_tree("view:withdrawals").unwrap();
+        for i in 0..7 {
+            tree.insert(parked_key(&format!("p-{i}")), Vec::new())
+                .unwrap();
+        }
+        tree.insert(open_key(5, "p-0"), Vec::new()).unwrap();
+        tree.insert(b"e-after-d", Vec::new()).unwrap();
+        let mut seen = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = parked(&tree, after.as_deref(), 3).unwrap();
+            let Some((last, _)) = page.last() else { break };
+            after = Some(last.clone());
+            seen.extend(page.into_iter().map(|(id, _)| id));
+        }
+        let expected: Vec<String> = (0..7).map(|i| format!("p-{i}")).collect();
+        assert_eq!(seen, expected);
+    }
 }

@@ -4,6 +4,7 @@
 mod cli;
 mod coupons;
 mod crash;
+mod lists;
 mod ops;
 mod packets;
 mod rewards;

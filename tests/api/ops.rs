@@ -1,6 +1,7 @@
 //! Operations endpoints and the contract: health, readiness, metrics, OpenAPI, unknown routes.
 
-use super::{spawn_app, ADMIN, GATEWAY};
+use super::{spawn_app, TestApp, ADMIN, GATEWAY, ISSUER};
+use serde_json::Value;
 
 #[tokio::test]
 async fn health_readiness_and_metrics_answer_without_a_key() {
@@ -52,10 +53,69 @@ async fn unknown_routes_and_methods_get_json_errors() {
     assert_eq!(error["code"], "method_not_allowed");
 }
 
+/// A documented path with its parameters filled: `bank` for a channel (so the statement is
+/// really read), `doc-1` for every id.
+fn concrete(path: &str, id: &str) -> String {
+    let mut out = String::new();
+    let mut rest = path;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let close = rest[open..].find('}').expect("closed parameter") + open;
+        out.push_str(if &rest[open..=close] == "{channel}" && id == "doc-1" {
+            "bank"
+        } else {
+            id
+        });
+        rest = &rest[close + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// One request of the status check: what it tries, the path, the key, the body, and the
+/// status it must get when that is known.
+type Probe<'a> = (
+    &'a str,
+    String,
+    Option<&'a str>,
+    Option<String>,
+    Option<u16>,
+);
+
+/// Sends one request; returns the status and the body's text.
+async fn call(
+    app: &TestApp,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<String>,
+) -> (u16, String) {
+    let mut request = match method {
+        "get" => app.client.get(app.url(path)),
+        "post" => app.client.post(app.url(path)),
+        "put" => app.client.put(app.url(path)),
+        other => panic!("undocumented method {other}"),
+    };
+    if let Some(body) = body {
+        request = request
+            .header("content-type", "application/json")
+            .body(body);
+    }
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap())
+}
+
 #[tokio::test]
-async fn every_documented_operation_is_served() {
+async fn every_documented_operation_is_served_and_answers_only_documented_statuses() {
     // Goal: the OpenAPI document matches the server: each documented path and method is routed
-    // (no `no_route` / `method_not_allowed`), and the wallet, packet and coupon paths of API.md are documented.
+    // (no `no_route` / `method_not_allowed`), the wallet, packet and coupon paths of API.md are
+    // documented, and whatever an operation answers (without a key, with each role's key, with
+    // a malformed or oversized body, with a malformed path id) is a status its document
+    // declares, as a public OpenAPI fuzzer checks; never a 5xx for bad input.
     let app = spawn_app();
     let (status, doc) = app.get("/openapi.json", None).await;
     assert_eq!(status, 200);
@@ -80,24 +140,153 @@ async fn every_documented_operation_is_served() {
     ] {
         assert!(paths.contains_key(required), "{required} not documented");
     }
+    let mut undeclared = Vec::new();
     for (path, operations) in paths {
-        let concrete = path.replace("{uid}", "doc-user");
-        for method in operations.as_object().unwrap().keys() {
-            let request = match method.as_str() {
-                "get" => app.client.get(app.url(&concrete)),
-                "post" => app.client.post(app.url(&concrete)).body("{}"),
-                "put" => app.client.put(app.url(&concrete)).body("{}"),
-                other => panic!("undocumented method {other}"),
+        for (method, operation) in operations.as_object().unwrap() {
+            let declared = |status: u16| {
+                operation["responses"]
+                    .as_object()
+                    .is_some_and(|r| r.contains_key(&status.to_string()))
             };
-            let response = request.bearer_auth(ADMIN).send().await.unwrap();
-            let status = response.status().as_u16();
-            let body = response.text().await.unwrap();
-            assert!(
-                !body.contains("no_route") && !body.contains("method_not_allowed"),
-                "{method} {path}: {status} {body}"
-            );
-            assert!(status < 500, "{method} {path}: {status} {body}");
+            let secured = operation["security"]
+                .as_array()
+                .is_some_and(|s| !s.is_empty());
+            let has_body = operation.get("requestBody").is_some();
+            let has_params = path.contains('{')
+                || operation["parameters"]
+                    .as_array()
+                    .is_some_and(|p| !p.is_empty());
+            let empty = has_body.then(|| "{}".to_string());
+            let valid = concrete(path, "doc-1");
+            let mut tries: Vec<Probe> = vec![
+                (
+                    "no key",
+                    valid.clone(),
+                    None,
+                    empty.clone(),
+                    secured.then_some(401),
+                ),
+                ("issuer", valid.clone(), Some(ISSUER), empty.clone(), None),
+                ("gateway", valid.clone(), Some(GATEWAY), empty.clone(), None),
+                ("admin", valid.clone(), Some(ADMIN), empty.clone(), None),
+            ];
+            if has_body {
+                tries.push((
+                    "malformed body",
+                    valid.clone(),
+                    Some(ADMIN),
+                    Some("{\"".into()),
+                    Some(400),
+                ));
+                tries.push((
+                    "oversized body",
+                    valid.clone(),
+                    Some(ADMIN),
+                    Some(format!("{{\"x\":\"{}\"}}", "a".repeat(5_000))),
+                    Some(413),
+                ));
+            }
+            if path.contains('{') {
+                tries.push((
+                    "malformed path",
+                    concrete(path, "bad%20id"),
+                    Some(ADMIN),
+                    empty.clone(),
+                    None,
+                ));
+            }
+            for (what, target, key, body, expected) in tries {
+                let (status, text) = call(&app, method, &target, key, body).await;
+                assert!(
+                    !text.contains("no_route") && !text.contains("method_not_allowed"),
+                    "{method} {path} ({what}): {status} {text}"
+                );
+                assert!(status < 500, "{method} {path} ({what}): {status} {text}");
+                if let Some(expected) = expected {
+                    assert_eq!(status, expected, "{method} {path} ({what}): {text}");
+                }
+                if !declared(status) {
+                    undeclared.push(format!("{method} {path} ({what}): {status} {text}"));
+                }
+            }
+            // Every status a client must handle whatever the input is declared too.
+            let mut must = Vec::new();
+            if secured {
+                must.push(401);
+            }
+            if has_params || has_body {
+                must.push(400);
+            }
+            if has_body {
+                // A body is a command for an actor: the journal may be unavailable.
+                must.extend([413, 503]);
+            }
+            for status in must {
+                if !declared(status) {
+                    undeclared.push(format!("{method} {path}: {status} not declared"));
+                }
+            }
         }
     }
+    assert!(
+        undeclared.is_empty(),
+        "undeclared statuses:\n{}",
+        undeclared.join("\n")
+    );
     assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+}
+
+#[tokio::test]
+async fn every_list_documents_its_paging_and_means_it() {
+    // Goal: item 13: each paged list documents `limit` (default and maximum), its cursor
+    // parameter and the `Link` header; the documented maximum is accepted and one more is a 400.
+    let app = spawn_app();
+    let (_, doc) = app.get("/openapi.json", None).await;
+    for (path, cursor) in [
+        ("/v1/admin/channels/{channel}/statement", "after"),
+        ("/v1/admin/withdrawals/parked", "after"),
+        ("/v1/wallets/{uid}/coupons", "after"),
+        ("/v1/wallets/{uid}/rewards", "after"),
+        ("/v1/wallets/{uid}/ledger", "before"),
+    ] {
+        let operation = &doc["paths"][path]["get"];
+        let parameters = operation["parameters"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{path}"));
+        let parameter = |name: &str| -> Value {
+            parameters
+                .iter()
+                .find(|p| p["name"] == name && p["in"] == "query")
+                .cloned()
+                .unwrap_or_else(|| panic!("{path}: no {name} parameter"))
+        };
+        let limit = parameter("limit");
+        let default = limit["schema"]["default"].as_u64();
+        let maximum = limit["schema"]["maximum"].as_u64();
+        let (Some(default), Some(maximum)) = (default, maximum) else {
+            panic!("{path}: limit without default and maximum: {limit}");
+        };
+        assert!(default >= 1 && default <= maximum, "{path}: {limit}");
+        parameter(cursor);
+        assert!(
+            operation["responses"]["200"]["headers"]["Link"].is_object(),
+            "{path}: no Link header documented"
+        );
+        let target = concrete(path, "doc-1");
+        let (status, body) = app
+            .get(&format!("{target}?limit={maximum}"), Some(ADMIN))
+            .await;
+        assert_eq!(
+            status, 200,
+            "{path}: the documented maximum is refused: {body}"
+        );
+        let (status, body) = app
+            .get(&format!("{target}?limit={}", maximum + 1), Some(ADMIN))
+            .await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (400, Some("invalid_limit")),
+            "{path}: above the documented maximum: {body}"
+        );
+    }
 }

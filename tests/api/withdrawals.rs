@@ -40,11 +40,27 @@ async fn statement(app: &super::TestApp, channel: &str) -> HashMap<String, Value
         .collect()
 }
 
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
+/// The sum of the series whose line starts with `name` (a metric name, or a name with
+/// labels); `None` when no such series is exposed, so that a metric missing because something
+/// is broken can never read as a healthy zero.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    let values: Vec<f64> = text
+        .lines()
         .filter(|l| l.starts_with(name))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
+async fn metrics_text(app: &super::TestApp) -> String {
+    app.client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 async fn ledger_entries(app: &super::TestApp, uid: &str) -> Vec<Value> {
@@ -285,14 +301,14 @@ async fn an_always_failing_channel_parks_the_payout_and_refunds_exactly_once() {
         .unwrap();
     assert_eq!(
         metric(&metrics, "hongbao_payouts_parked_total{channel=\"bank\"}"),
-        3.0
+        Some(3.0)
     );
     assert_eq!(
         metric(
             &metrics,
             "hongbao_payout_attempts_total{channel=\"bank\",outcome=\"failed\"}"
         ),
-        12.0
+        Some(12.0)
     );
     // Settled dead letters leave the parked listing.
     let (_, parked) = app.get("/v1/admin/withdrawals/parked", Some(ADMIN)).await;
@@ -358,23 +374,193 @@ async fn timeouts_are_resolved_by_query_never_by_paying_twice() {
         metric(
             &metrics,
             "hongbao_payout_attempts_total{channel=\"alipay\",outcome=\"timeout\"}"
-        ) >= 30.0
-    );
-    // The reconciler checks each order as it becomes final; give it a moment after the last.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert_eq!(
-        metric(&metrics, "hongbao_reconciliation_mismatches_total"),
-        0.0,
+        )
+        .is_some_and(|n| n >= 30.0),
         "{metrics}"
     );
-    assert!(metric(&metrics, "hongbao_withdrawals_total{state=\"succeeded\"}") >= succeeded as f64);
+    // The reconciler checks each order at every state change and counts it final last; poll
+    // until it has seen all 30 final, then nothing may disagree.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let metrics = loop {
+        let metrics = metrics_text(&app).await;
+        let finals = ["succeeded", "refunded"]
+            .iter()
+            .filter_map(|s| {
+                metric(
+                    &metrics,
+                    &format!("hongbao_withdrawals_total{{state=\"{s}\"}}"),
+                )
+            })
+            .sum::<f64>();
+        if finals >= 30.0 {
+            break metrics;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reconciler never saw the 30 orders final: {metrics}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    };
+    for check in ["debit", "refund", "channel"] {
+        assert_eq!(
+            metric(
+                &metrics,
+                &format!("hongbao_reconciliation_mismatches_total{{check=\"{check}\"}}")
+            ),
+            Some(0.0),
+            "{check} exposed at zero: {metrics}"
+        );
+    }
+    assert!(
+        metric(&metrics, "hongbao_reconciliation_checks_total")
+            .is_some_and(|n| n >= 30.0 * 4.0),
+        "each order checked at every state change (requested, debited, paying, final...): {metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "hongbao_withdrawals_total{state=\"succeeded\"}"),
+        Some(succeeded as f64)
+    );
+}
+
+#[tokio::test]
+async fn one_policy_set_days_ahead_runs_the_whole_night() {
+    // Goal: W4 + W5 in one policy set two days ahead, on a manual clock: open by day (every
+    // bucket, staged opening not begun), closed 19:00-01:00 with each user's own opens_at, then
+    // bucket k admitted from 01:00 + k x 10 min (the interval form of the schedule).
+    let at = |t: &str| parse_rfc3339(t).unwrap();
+    let clock = ManualClock::new(at("2026-01-29T12:00:00Z"));
+    let app = spawn_app_clocked(Arc::new(clock.clone()), |_| {});
+    let policy = serde_json::json!({
+        "min_amount": 100,
+        "closed_windows": [{"from": "2026-01-31T19:00:00Z", "to": "2026-02-01T01:00:00Z"}],
+        "staged_opening": {"modulo": 4, "starts_at": "2026-02-01T01:00:00Z", "interval_s": 600}
+    });
+    let (status, stored) = app
+        .put(
+            "/v1/admin/withdrawal-policy",
+            Some(ADMIN),
+            &policy.to_string(),
+        )
+        .await;
+    assert_eq!(status, 200, "{stored}");
+    let schedule = stored["staged_opening"]["schedule"].as_array().unwrap();
+    assert_eq!(schedule.len(), 4, "{stored}");
+    assert_eq!(schedule[3]["at"], rfc3339(at("2026-02-01T01:30:00Z")));
+    assert_eq!(schedule[3]["open_below"], 4);
+    let mut methods = HashMap::new();
+    for uid in ["40", "41", "43"] {
+        app.fund(uid, 10_000).await;
+        methods.insert(uid, app.bind(uid, "change", &format!("acct-{uid}")).await);
+    }
+    let withdraw = |uid: &'static str, order: &str| {
+        let (app, method) = (&app, methods[uid].clone());
+        let order = order.to_owned();
+        async move { app.withdraw(uid, &order, 100, &method).await }
+    };
+
+    // By day: everyone, whatever the bucket.
+    clock.set_ms(at("2026-01-31T12:00:00Z"));
+    for uid in ["40", "41", "43"] {
+        let (status, body) = withdraw(uid, &format!("day-{uid}")).await;
+        assert_eq!(status, 202, "{uid} by day: {body}");
+    }
+
+    // In the evening window: closed, and each user is told their own opening.
+    clock.set_ms(at("2026-01-31T20:00:00Z"));
+    for (uid, opens) in [
+        ("40", "2026-02-01T01:00:00Z"),
+        ("41", "2026-02-01T01:10:00Z"),
+        ("43", "2026-02-01T01:30:00Z"),
+    ] {
+        let (status, error) = withdraw(uid, &format!("eve-{uid}")).await;
+        assert_eq!(
+            (status, error["code"].as_str()),
+            (403, Some("window_closed")),
+            "{uid}"
+        );
+        assert_eq!(error["opens_at"], rfc3339(at(opens)), "{uid}");
+    }
+
+    // From 01:00, by bucket.
+    clock.set_ms(at("2026-02-01T01:05:00Z"));
+    assert_eq!(withdraw("40", "n-40").await.0, 202, "bucket 0 is open");
+    let (status, error) = withdraw("41", "n-41").await;
+    assert_eq!(
+        (status, error["code"].as_str(), error["opens_at"].as_str()),
+        (
+            403,
+            Some("not_yet_open_for_user"),
+            Some(rfc3339(at("2026-02-01T01:10:00Z")).as_str())
+        )
+    );
+    clock.set_ms(at("2026-02-01T01:10:00Z"));
+    assert_eq!(withdraw("41", "n-41").await.0, 202, "bucket 1 at its stage");
+    assert_eq!(withdraw("43", "n-43").await.0, 403, "bucket 3 still waits");
+    clock.set_ms(at("2026-02-01T01:30:00Z"));
+    assert_eq!(withdraw("43", "n-43").await.0, 202, "bucket 3 at its stage");
+    assert_eq!(
+        app.wallet("43").await["balances"]["activity"],
+        10_000 - 200,
+        "only the admitted withdrawals debited"
+    );
+
+    let (status, error) = app
+        .put(
+            "/v1/admin/withdrawal-policy",
+            Some(ADMIN),
+            r#"{"min_amount":100,"staged_opening":{"modulo":4,"starts_at":"2026-02-01T01:00:00Z"}}"#,
+        )
+        .await;
+    assert_eq!(
+        (status, error["code"].as_str()),
+        (422, Some("invalid_policy")),
+        "half of the interval form"
+    );
+}
+
+#[tokio::test]
+async fn policy_and_switch_changes_record_which_key_made_them() {
+    // Goal: a policy or switch change names the role and a short non-secret id of the key that
+    // made it (8 hex digits of the key's SHA-256), shown by the GETs.
+    use sha2::Digest;
+    let key_id = hex::encode(&sha2::Sha256::digest(ADMIN.as_bytes())[..4]);
+    let app = spawn_app();
+    let (_, before) = app.get("/v1/admin/withdrawal-policy", Some(ADMIN)).await;
+    assert_eq!(before["changed_by"], Value::Null, "the default: nobody");
+    let (status, body) = app
+        .put(
+            "/v1/admin/withdrawal-policy",
+            Some(ADMIN),
+            r#"{"min_amount":150}"#,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, policy) = app.get("/v1/admin/withdrawal-policy", Some(ADMIN)).await;
+    assert_eq!(policy["min_amount"], 150);
+    assert_eq!(policy["changed_by"]["role"], "admin", "{policy}");
+    assert_eq!(policy["changed_by"]["key_id"], key_id.as_str());
+    assert!(policy["changed_by"]["at"].is_string(), "{policy}");
+    assert!(!policy.to_string().contains(ADMIN), "never the key itself");
+
+    let (status, _) = app
+        .put(
+            "/v1/admin/switches/token_merge",
+            Some(ADMIN),
+            r#"{"on":false}"#,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (_, switches) = app.get("/v1/admin/switches", Some(ADMIN)).await;
+    assert_eq!(switches["token_merge"], false, "{switches}");
+    let change = &switches["changed_by"]["token_merge"];
+    assert_eq!(
+        (change["role"].as_str(), change["key_id"].as_str()),
+        (Some("admin"), Some(key_id.as_str())),
+        "{switches}"
+    );
+    assert_eq!(
+        switches["changed_by"]["reward_lanes"],
+        Value::Null,
+        "never changed"
+    );
 }

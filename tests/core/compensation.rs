@@ -15,20 +15,29 @@ use hongbao::ids::Id;
 use hongbao::metrics::Metrics;
 use hongbao::money::Fen;
 use hongbao::projections::{withdrawals::WithdrawalsView, Projections};
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A channel that records a payment and then never answers until released; queries tell the
 /// truth.
 struct HangingChannel {
-    paid: Arc<Mutex<HashSet<String>>>,
+    paid: Arc<Mutex<HashMap<String, Fen>>>,
     release: Arc<tokio::sync::Notify>,
 }
 
 impl PaymentChannel for HangingChannel {
-    fn pay(&self, _: Channel, order_id: &Id, _: Fen, _: &str) -> BoxFuture<'static, PayOutcome> {
-        self.paid.lock().unwrap().insert(order_id.to_string());
+    fn pay(
+        &self,
+        _: Channel,
+        order_id: &Id,
+        amount: Fen,
+        _: &str,
+    ) -> BoxFuture<'static, PayOutcome> {
+        self.paid
+            .lock()
+            .unwrap()
+            .insert(order_id.to_string(), amount);
         let release = self.release.clone();
         Box::pin(async move {
             release.notified().await;
@@ -37,12 +46,11 @@ impl PaymentChannel for HangingChannel {
     }
 
     fn query(&self, _: Channel, order_id: &Id) -> BoxFuture<'static, QueryOutcome> {
-        let paid = self.paid.lock().unwrap().contains(order_id.as_str());
+        let paid = self.paid.lock().unwrap().get(order_id.as_str()).copied();
         Box::pin(async move {
-            if paid {
-                QueryOutcome::Succeeded
-            } else {
-                QueryOutcome::NoRecord
+            match paid {
+                Some(amount) => QueryOutcome::Succeeded { amount },
+                None => QueryOutcome::NoRecord,
             }
         })
     }
@@ -211,6 +219,149 @@ fn stuck_orders_are_compensated_per_state_after_the_age() {
                 .state,
             Some(OrderState::Succeeded)
         );
+        flows.stop().await;
+        views.stop().await;
+    });
+}
+
+/// A channel that refuses the first call at once, then holds every later call until released
+/// (counting them); a query says paid only once a held call has been let through.
+struct GatedChannel {
+    refused_first: std::sync::atomic::AtomicBool,
+    held_calls: Arc<std::sync::atomic::AtomicU32>,
+    paid: Arc<Mutex<HashMap<String, Fen>>>,
+    release: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for GatedChannel {
+    fn default() -> Self {
+        GatedChannel {
+            refused_first: Default::default(),
+            held_calls: Default::default(),
+            paid: Default::default(),
+            release: Arc::new(tokio::sync::Semaphore::new(0)),
+        }
+    }
+}
+
+impl PaymentChannel for GatedChannel {
+    fn pay(
+        &self,
+        _: Channel,
+        order_id: &Id,
+        amount: Fen,
+        _: &str,
+    ) -> BoxFuture<'static, PayOutcome> {
+        use std::sync::atomic::Ordering;
+        if !self.refused_first.swap(true, Ordering::SeqCst) {
+            return Box::pin(async { PayOutcome::Failed("declined".into()) });
+        }
+        self.held_calls.fetch_add(1, Ordering::SeqCst);
+        let (release, paid, order) = (
+            self.release.clone(),
+            self.paid.clone(),
+            order_id.to_string(),
+        );
+        Box::pin(async move {
+            release.acquire().await.unwrap().forget();
+            paid.lock().unwrap().insert(order, amount);
+            PayOutcome::Succeeded
+        })
+    }
+
+    fn query(&self, _: Channel, order_id: &Id) -> BoxFuture<'static, QueryOutcome> {
+        let paid = self.paid.lock().unwrap().get(order_id.as_str()).copied();
+        Box::pin(async move {
+            match paid {
+                Some(amount) => QueryOutcome::Succeeded { amount },
+                None => QueryOutcome::NoRecord,
+            }
+        })
+    }
+}
+
+#[test]
+fn a_payout_lane_and_the_sweeper_never_drive_one_order_at_once() {
+    // Goal: W9/W10: an order waiting for its retry when it turns 4 h old is due for both its
+    // payout lane and the sweeper; only one of them may run the attempt, so the channel gets
+    // one call (today the second driver finds it paying, no record yet, and sends it again).
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let clock = ManualClock::new(1_000_000);
+    actix_rt::System::new().block_on(async {
+        let metrics = Arc::new(Metrics::new());
+        let runtime = Arc::new(Runtime {
+            store: store.clone(),
+            clock: Arc::new(clock.clone()),
+            metrics: metrics.clone(),
+            config: ActorConfig::default(),
+        });
+        let wallets: Arc<Registry<Wallet>> = Registry::new(runtime.clone());
+        let channel = Arc::new(GatedChannel::default());
+        let config = WithdrawalConfig {
+            sweep_interval: Duration::from_millis(50),
+            ..WithdrawalConfig::default()
+        };
+        let withdrawals = Withdrawals::new(
+            Registry::new(runtime.clone()),
+            wallets.clone(),
+            channel.clone(),
+            config,
+        );
+        let views = Projections::start(
+            store.clone(),
+            store.state_db(),
+            vec![Arc::new(WithdrawalsView)],
+            metrics.clone(),
+        )
+        .unwrap();
+        let flows = WithdrawalFlows::start(
+            withdrawals.clone(),
+            store.state_db(),
+            views.tree("withdrawals").unwrap().clone(),
+        )
+        .unwrap();
+        wallets
+            .execute(
+                "racer",
+                WalletCommand::Credit {
+                    entry: Entry::Reward,
+                    order_id: id("fund-racer"),
+                    amount: Fen::new(1_000),
+                    source: Some(id("act")),
+                },
+            )
+            .await
+            .unwrap();
+        withdrawals
+            .request(&id("raced"), request("racer"))
+            .await
+            .unwrap();
+        // The first attempt is refused; the retry waits for the (manual) clock.
+        let waiting = wait_state(&withdrawals, "raced", OrderState::PendingPayout).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut waiting = waiting;
+        while waiting.attempts < 1 {
+            assert!(Instant::now() < deadline, "first attempt never recorded");
+            actix_rt::time::sleep(Duration::from_millis(20)).await;
+            waiting = withdrawals.order(&id("raced")).await.unwrap().unwrap();
+        }
+
+        clock.advance_ms(4 * 3_600_000 + 1);
+        // Both drivers are due now; give the second one time to send it again.
+        let held = channel.held_calls.clone();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while held.load(std::sync::atomic::Ordering::SeqCst) < 2 && Instant::now() < deadline {
+            actix_rt::time::sleep(Duration::from_millis(20)).await;
+        }
+        channel.release.add_permits(2);
+        let done = wait_state(&withdrawals, "raced", OrderState::Succeeded).await;
+        assert_eq!(
+            held.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "one payment call after the refusal, not one per driver"
+        );
+        assert_eq!(done.attempts, 2);
         flows.stop().await;
         views.stop().await;
     });

@@ -8,6 +8,7 @@ mod compensation;
 mod loadgen;
 mod packets;
 mod projections;
+mod reconciliation;
 mod store;
 
 use hongbao::clock::ManualClock;
