@@ -31,12 +31,16 @@ pub struct Config {
 pub struct AuditSection {
     /// The continuous audit in the server concludes its checks this often (0: off).
     pub continuous_every_ms: u64,
+    /// The server signs a checkpoint of the log's head this often when it moved (0: only at
+    /// shutdown). See `checkpoints`.
+    pub checkpoint_every_ms: u64,
 }
 
 impl Default for AuditSection {
     fn default() -> Self {
         AuditSection {
             continuous_every_ms: 5_000,
+            checkpoint_every_ms: 5_000,
         }
     }
 }

@@ -12,7 +12,7 @@ use crate::domain::Event;
 use crate::events::sled_store::SledStore;
 use crate::events::{chain_hash, Envelope, Hash, StoreError, GENESIS_HASH};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, Write};
 
 /// One exported record.
@@ -62,18 +62,30 @@ pub enum ExportError {
     Encode(u64, String),
 }
 
-/// Writes records from `from` (1 = the whole log) as JSON lines. Returns how many.
+/// What an export wrote: its records and the head it ends at (D4: an auditor keeps the head
+/// and checks a copy of the file against it with `verify --export FILE --expect-head HASH`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExportSummary {
+    pub records: u64,
+    pub last_seq: Option<u64>,
+    pub last_hash: Option<Hash>,
+}
+
+/// Writes records from `from` (1 = the whole log) as JSON lines.
 pub fn export(
     store: &SledStore,
     from: u64,
     out: &mut dyn Write,
     mut progress: impl FnMut(u64),
-) -> Result<u64, ExportError> {
+) -> Result<ExportSummary, ExportError> {
     let mut written = 0u64;
+    let mut summary = ExportSummary::default();
     for record in store.raw_records(from.max(1)) {
         let (seq, stored) = record?;
         let envelope = Envelope::decode_stored(&stored)
             .map_err(|e| ExportError::Store(StoreError::Corrupt(format!("seq {seq}: {e}"))))?;
+        summary.last_seq = Some(seq);
+        summary.last_hash = Some(envelope.hash);
         let line = ExportLine::from_envelope(envelope);
         serde_json::to_writer(&mut *out, &line)
             .map_err(|e| ExportError::Encode(seq, e.to_string()))?;
@@ -85,7 +97,8 @@ pub fn export(
     }
     out.flush()?;
     progress(written);
-    Ok(written)
+    summary.records = written;
+    Ok(summary)
 }
 
 /// What `verify --export` found.
@@ -94,6 +107,10 @@ pub struct ExportReport {
     pub lines: u64,
     pub first_seq: Option<u64>,
     pub last_seq: Option<u64>,
+    /// Hash of the last line that holds: the head the file ends at.
+    pub last_hash: Option<Hash>,
+    /// The hashes at the sequences asked for (`verify_export_at`), for signed checkpoints.
+    pub hashes_at: HashMap<u64, Hash>,
     /// The first line that does not hold: its line number (from 1) and why.
     pub violation: Option<(u64, String)>,
 }
@@ -163,6 +180,15 @@ fn check_line(line: &str, prev: Option<&Hash>) -> Result<(ExportLine, Hash), Str
 /// taken as the anchor. Stops at the first line that does not hold.
 pub fn verify_export(
     input: &mut dyn BufRead,
+    progress: impl FnMut(u64),
+) -> Result<ExportReport, std::io::Error> {
+    verify_export_at(input, &HashSet::new(), progress)
+}
+
+/// As [`verify_export`], also keeping the hash at each of `seqs` (in `hashes_at`).
+pub fn verify_export_at(
+    input: &mut dyn BufRead,
+    seqs: &HashSet<u64>,
     mut progress: impl FnMut(u64),
 ) -> Result<ExportReport, std::io::Error> {
     let mut report = ExportReport::default();
@@ -217,6 +243,10 @@ pub fn verify_export(
         versions.insert(parsed.stream, parsed.version);
         report.first_seq.get_or_insert(parsed.seq);
         report.last_seq = Some(parsed.seq);
+        report.last_hash = Some(hash);
+        if seqs.contains(&parsed.seq) {
+            report.hashes_at.insert(parsed.seq, hash);
+        }
         report.lines = n;
         prev = Some(hash);
         if n.is_multiple_of(65_536) {

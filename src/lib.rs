@@ -19,7 +19,7 @@
 //!   proves every money invariant, behind `hongbao audit`.
 //! - [`flows`]: log consumers with checkpoints: crediting lanes, payout lanes, compensation,
 //!   reconciliation. [`channels`]: the payment channel trait and its simulator.
-//! - [`tokens`]: HMAC-signed reward tokens.
+//! - [`tokens`]: HMAC-signed reward tokens. [`checkpoints`]: Ed25519-signed log heads (D4).
 //! - [`loadgen`]: the project's own load generator and its hello-world baseline.
 
 #![forbid(unsafe_code)]
@@ -27,6 +27,7 @@
 pub mod actors;
 pub mod audit;
 pub mod channels;
+pub mod checkpoints;
 pub mod clock;
 pub mod config;
 pub mod domain;

@@ -16,9 +16,19 @@ use hongbao::http::Application;
 use hongbao::metrics::Metrics;
 use hongbao::projections::{self, Projection};
 use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+
+/// `println!` that returns the write's error instead of panicking, so that a closed pipe
+/// (`hongbao projections list | head`) ends the command quietly (see `main`).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+    }};
+}
 
 #[derive(Parser)]
 #[command(
@@ -67,8 +77,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Check the whole log: hash chain, sequence contiguity, per-stream versions, stream index.
-    /// With --export FILE, check an export file standalone instead (no data directory needed).
+    /// Check the whole log: hash chain, sequence contiguity, per-stream versions, stream index,
+    /// and print its head (last seq, last hash, record count).
+    ///
+    /// With --export FILE, check an export file standalone instead (no data directory needed):
+    /// the chain proves no line was altered, removed or reordered; --expect-head proves it was
+    /// not cut short or rewritten up to its end; --checkpoints with --public-key proves, with
+    /// the server's signed checkpoints, that no suffix was rewritten and re-hashed.
+    #[command(after_help = "Examples:\n  hongbao verify --data-dir data\n  \
+                      hongbao verify --export log.jsonl --expect-head 3f2a...\n  \
+                      hongbao verify --export log.jsonl --checkpoints checkpoints.jsonl \
+                      --public-key $(hongbao checkpoints public-key)")]
     Verify {
         #[command(flatten)]
         common: Common,
@@ -76,9 +95,25 @@ enum Command {
         /// not hold.
         #[arg(long, value_name = "FILE")]
         export: Option<PathBuf>,
+        /// With --export: fail unless the file ends at this hash (hex), the head `hongbao
+        /// export` printed when it wrote the file. Catches a truncated or rewritten file.
+        #[arg(long, value_name = "HASH", requires = "export")]
+        expect_head: Option<String>,
+        /// With --export: signed checkpoints (`checkpoints.jsonl` of the server's data
+        /// directory, kept off the server's machine); each must carry a valid signature and
+        /// agree with the export.
+        #[arg(long, value_name = "FILE", requires_all = ["export", "public_key"])]
+        checkpoints: Option<PathBuf>,
+        /// The checkpoint public key (hex), as `hongbao checkpoints public-key` printed it.
+        #[arg(long, value_name = "HEX", requires = "checkpoints")]
+        public_key: Option<String>,
     },
     /// Write the log as JSON lines (seq, stream, version, type, payload, prev_hash, hash...)
     /// that `hongbao verify --export` re-checks with nothing but the file.
+    ///
+    /// Prints the head the file ends at (last seq, last hash, record count) on standard error:
+    /// keep it, and `hongbao verify --export FILE --expect-head HASH` proves a copy of the file
+    /// was neither cut short nor rewritten.
     Export {
         #[command(flatten)]
         common: Common,
@@ -106,6 +141,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Signed checkpoints of the log's head (Ed25519), for auditors.
+    Checkpoints {
+        #[command(subcommand)]
+        command: CheckpointsCommand,
+    },
     /// Operate on projections (query views).
     Projections {
         #[command(subcommand)]
@@ -113,6 +153,19 @@ enum Command {
     },
     /// Load generator: drive a scenario and print throughput and latency percentiles.
     Loadgen(Box<hongbao::loadgen::LoadgenArgs>),
+}
+
+#[derive(Subcommand)]
+enum CheckpointsCommand {
+    /// Print the public key (hex) that verifies the server's checkpoints.
+    ///
+    /// Publish it, and copy `checkpoints.jsonl` off the machine regularly: the private key
+    /// lives beside the log, so only checkpoints kept elsewhere bind its history. Works while
+    /// the server runs (it reads `checkpoint.key`, not the log).
+    PublicKey {
+        #[command(flatten)]
+        common: Common,
+    },
 }
 
 #[derive(Subcommand)]
@@ -148,6 +201,8 @@ fn init_logging(default_level: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        // Colour codes only for a terminal: a log file or a collector gets plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
 }
@@ -214,20 +269,28 @@ fn verify(common: Common) -> anyhow::Result<ExitCode> {
     let bar = progress_bar(store.head(), "verifying");
     let report = hongbao::verify::verify_log(&store, |done, _| bar.set_position(done))?;
     bar.finish_and_clear();
-    println!("records checked:        {}", report.records);
-    println!("streams:                {}", report.streams);
-    println!("stream index entries:   {}", report.index_entries);
-    println!(
+    out!("records checked:        {}", report.records)?;
+    out!("streams:                {}", report.streams)?;
+    out!("stream index entries:   {}", report.index_entries)?;
+    out!(
+        "head:                   {}",
+        head_text(
+            report.last_hash.map(|_| report.records),
+            report.last_hash,
+            report.records
+        )
+    )?;
+    out!(
         "hash chain:             {}",
         if report.ok() { "ok" } else { "see below" }
-    );
+    )?;
     match report.violation {
         None => {
-            println!("result: OK (chain intact, sequence contiguous from 1, stream versions continuous, index complete)");
+            out!("result: OK (chain intact, sequence contiguous from 1, stream versions continuous, index complete)")?;
             Ok(ExitCode::SUCCESS)
         }
         Some(violation) => {
-            println!("result: FAILED: {violation}");
+            out!("result: FAILED: {violation}")?;
             Ok(ExitCode::from(1))
         }
     }
@@ -247,16 +310,23 @@ fn export(common: Common, output: Option<PathBuf>, from: u64) -> anyhow::Result<
             Box::new(std::io::BufWriter::new(std::io::stdout().lock()))
         }
     };
-    let written = hongbao::export::export(&store, from, &mut out, |n| bar.set_position(n))?;
+    let summary = hongbao::export::export(&store, from, &mut out, |n| bar.set_position(n))?;
     drop(out);
     bar.finish_and_clear();
-    if let Some(path) = output {
-        eprintln!(
-            "exported {written} records (seq {} to {head}) to {}",
-            from.max(1),
-            path.display()
-        );
-    }
+    // On standard error, so that it never mixes with an export written to standard output.
+    let destination = match &output {
+        Some(path) => path.display().to_string(),
+        None => "standard output".into(),
+    };
+    eprintln!(
+        "exported {} records (seq {} to {head}) to {destination}",
+        summary.records,
+        from.max(1),
+    );
+    eprintln!(
+        "head: {} (check a copy with `hongbao verify --export FILE --expect-head HASH`)",
+        head_text(summary.last_seq, summary.last_hash, summary.records)
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -280,55 +350,132 @@ fn replay(
     let store = open_store(&config)?;
     let replayed = hongbao::replay::replay(store.as_ref(), &stream, point)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&replayed)?);
+        out!("{}", serde_json::to_string_pretty(&replayed)?)?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    out!(
         "{} at version {} ({} events applied, {} later not applied)",
         replayed.stream,
         replayed.version,
         replayed.applied.len(),
         replayed.later_events
-    );
+    )?;
     for e in &replayed.applied {
-        println!(
+        out!(
             "  seq {:>10}  v{:<6} {}  {:<28} {}",
             e.seq,
             e.version,
             hongbao::clock::rfc3339(e.recorded_at_ms),
             e.type_name,
             e.correlation_id
-        );
+        )?;
     }
     match &replayed.state {
-        serde_json::Value::String(debug) => println!("state:\n{debug}"),
-        state => println!("state:\n{}", serde_json::to_string_pretty(state)?),
+        serde_json::Value::String(debug) => out!("state:\n{debug}")?,
+        state => out!("state:\n{}", serde_json::to_string_pretty(state)?)?,
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn verify_export(file: PathBuf) -> anyhow::Result<ExitCode> {
+/// `seq N, hash H, C records`, or `empty (0 records)`.
+fn head_text(seq: Option<u64>, hash: Option<hongbao::events::Hash>, records: u64) -> String {
+    match (seq, hash) {
+        (Some(seq), Some(hash)) => {
+            format!("seq {seq}, hash {}, {records} records", hex::encode(hash))
+        }
+        _ => format!("empty ({records} records)"),
+    }
+}
+
+fn verify_export(
+    file: PathBuf,
+    expect_head: Option<String>,
+    checkpoints: Option<(PathBuf, String)>,
+) -> anyhow::Result<ExitCode> {
+    use hongbao::checkpoints as cp;
+    // Bad input is refused before the file is read.
+    let expect_head = expect_head
+        .map(|text| cp::parse_hash("--expect-head", &text))
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let checkpoints = match checkpoints {
+        None => None,
+        Some((path, public_key)) => {
+            let key = cp::parse_public_key(&public_key)
+                .map_err(|e| anyhow::anyhow!("--public-key: {e}"))?;
+            let lines = cp::read_checkpoints(&path)?;
+            if lines.is_empty() {
+                bail!("{} holds no checkpoint", path.display());
+            }
+            Some((lines, key))
+        }
+    };
+    let seqs = checkpoints
+        .iter()
+        .flat_map(|(lines, _)| lines.iter().map(|(_, c)| c.seq))
+        .collect();
     let handle =
         std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
     let size = handle.metadata().map(|m| m.len()).unwrap_or(0);
     let bar = ProgressBar::new(size);
     let mut input = std::io::BufReader::new(bar.wrap_read(handle));
-    let report = hongbao::export::verify_export(&mut input, |_| {})?;
+    let report = hongbao::export::verify_export_at(&mut input, &seqs, |_| {})?;
     bar.finish_and_clear();
-    println!("lines checked:          {}", report.lines);
+    out!("lines checked:          {}", report.lines)?;
     if let (Some(first), Some(last)) = (report.first_seq, report.last_seq) {
-        println!("sequence:               {first} to {last}");
+        out!("sequence:               {first} to {last}")?;
     }
-    match report.violation {
-        None => {
-            println!("result: OK (every line's hash covers its contents and links to the line before; sequence contiguous; stream versions continuous)");
-            Ok(ExitCode::SUCCESS)
-        }
-        Some((line, why)) => {
-            println!("result: FAILED at line {line}: {why}");
-            Ok(ExitCode::from(1))
-        }
+    out!(
+        "head:                   {}",
+        head_text(report.last_seq, report.last_hash, report.lines)
+    )?;
+    if let Some((line, why)) = report.violation {
+        out!("result: FAILED at line {line}: {why}")?;
+        return Ok(ExitCode::from(1));
     }
+    if let Some(expected) = expect_head {
+        if report.last_hash != Some(expected) {
+            out!(
+                "result: FAILED: the export does not end at the expected head {} (it was cut \
+                 short, extended or rewritten)",
+                hex::encode(expected)
+            )?;
+            return Ok(ExitCode::from(1));
+        }
+        out!("expected head:          matches")?;
+    }
+    if let Some((lines, key)) = checkpoints {
+        let found = cp::check_against_export(
+            &lines,
+            &key,
+            &report.hashes_at,
+            report.first_seq,
+            report.last_seq,
+        );
+        if let Some((line, why)) = found.violation {
+            out!("result: FAILED at checkpoint line {line}: {why}")?;
+            return Ok(ExitCode::from(1));
+        }
+        out!(
+            "signed checkpoints:     {} confirmed, {} before the export's first seq",
+            found.confirmed,
+            found.not_covered
+        )?;
+    }
+    out!("result: OK (every line's hash covers its contents and links to the line before; sequence contiguous; stream versions continuous)")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn public_key(common: Common) -> anyhow::Result<ExitCode> {
+    let config = load_config(&common)?;
+    let key = hongbao::checkpoints::load_key(&config.data_dir).with_context(|| {
+        format!(
+            "no checkpoint key in {} (`hongbao serve` generates it on first start)",
+            config.data_dir.display()
+        )
+    })?;
+    out!("{}", hongbao::checkpoints::public_key_hex(&key))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn audit(common: Common, json: bool) -> anyhow::Result<ExitCode> {
@@ -365,43 +512,46 @@ fn audit(common: Common, json: bool) -> anyhow::Result<ExitCode> {
     bar.finish_and_clear();
     report.checks.push(views);
     if json {
-        println!(
+        out!(
             "{}",
             serde_json::to_string_pretty(
                 &serde_json::json!({"ok": report.ok(), "events": report.events, "replay_s": replay_s,
                     "views_s": views_s, "checks": report.checks})
             )?
-        );
+        )?;
     } else {
-        println!(
+        out!(
             "audited {} events: replay and checks {replay_s:.2} s ({:.0} events/s), views rebuilt and compared {views_s:.2} s",
             report.events,
             report.events as f64 / replay_s.max(1e-9)
-        );
+        )?;
         for check in &report.checks {
             let verdict = if check.ok() { "ok" } else { "FAILED" };
-            println!(
+            out!(
                 "{:<20} {:<7} {:>10} checked  {}",
-                check.name, verdict, check.checked, check.description
-            );
+                check.name,
+                verdict,
+                check.checked,
+                check.description
+            )?;
             for note in &check.notes {
-                println!("{:<20}         {note}", "");
+                out!("{:<20}         {note}", "")?;
             }
             for example in &check.examples {
-                println!("{:<20}   ! {example}", "");
+                out!("{:<20}   ! {example}", "")?;
             }
             if check.violations as usize > check.examples.len() {
-                println!("{:<20}   ! ... {} violations in all", "", check.violations);
+                out!("{:<20}   ! ... {} violations in all", "", check.violations)?;
             }
         }
-        println!(
+        out!(
             "result: {}",
             if report.ok() {
                 "OK, every invariant holds"
             } else {
                 "FAILED"
             }
-        );
+        )?;
     }
     Ok(if report.ok() {
         ExitCode::SUCCESS
@@ -436,13 +586,13 @@ fn rebuild(name: Option<String>, common: Common) -> anyhow::Result<ExitCode> {
         )?;
         bar.finish_and_clear();
         let secs = started.elapsed().as_secs_f64();
-        println!(
+        out!(
             "rebuilt {}: {} events in {:.2} s ({:.0} events/s)",
             projection.name(),
             at,
             secs,
             at as f64 / secs.max(1e-9)
-        );
+        )?;
     }
     store
         .state_db()
@@ -454,14 +604,14 @@ fn rebuild(name: Option<String>, common: Common) -> anyhow::Result<ExitCode> {
 fn list(common: Common) -> anyhow::Result<ExitCode> {
     let config = load_config(&common)?;
     let store = open_store(&config)?;
-    println!("log head: {}", store.head());
+    out!("log head: {}", store.head())?;
     for projection in all_projections() {
         let tree = projections::view_tree(store.state_db(), projection.name())?;
-        println!(
+        out!(
             "{:<12} checkpoint {}",
             projection.name(),
             projections::checkpoint(&tree)?
-        );
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -475,8 +625,12 @@ fn main() -> ExitCode {
             require_budgets,
         } => serve(common, addr, require_budgets),
         Command::Verify {
-            export: Some(file), ..
-        } => verify_export(file),
+            export: Some(file),
+            expect_head,
+            checkpoints,
+            public_key,
+            ..
+        } => verify_export(file, expect_head, checkpoints.zip(public_key)),
         Command::Verify { common, .. } => verify(common),
         Command::Export {
             common,
@@ -491,6 +645,9 @@ fn main() -> ExitCode {
             json,
         } => replay(common, stream, until, at, json),
         Command::Audit { common, json } => audit(common, json),
+        Command::Checkpoints {
+            command: CheckpointsCommand::PublicKey { common },
+        } => public_key(common),
         Command::Projections {
             command: ProjectionsCommand::Rebuild { name, common },
         } => rebuild(name, common),
@@ -506,9 +663,19 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        // The reader of standard output went away (`| head`): it has what it wanted.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
     }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }

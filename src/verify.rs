@@ -19,6 +19,8 @@ pub struct VerifyReport {
     pub records: u64,
     pub streams: u64,
     pub index_entries: u64,
+    /// The last record's hash (the head, with `records` its seq); None for an empty log.
+    pub last_hash: Option<crate::events::Hash>,
     /// The first violation found, if any.
     pub violation: Option<String>,
 }
@@ -76,6 +78,7 @@ pub fn verify_log(
         }
         *last = envelope.version;
         report.records += 1;
+        report.last_hash = Some(prev_hash);
         if report.records.is_multiple_of(65_536) {
             progress(report.records, head);
         }

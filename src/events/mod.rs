@@ -231,10 +231,14 @@ pub trait EventStore: Send + Sync + 'static {
         events: Vec<NewEvent>,
     ) -> Result<AppendAck, AppendError>;
 
-    /// A stream's events with `version >= from_version`, in order. May block briefly.
+    /// A stream's events with `version >= from_version`, in order, never beyond [`head`]
+    /// (a batch being flushed is not there yet). May block briefly.
+    ///
+    /// [`head`]: EventStore::head
     fn read_stream(&self, stream: &str, from_version: u64) -> Result<Vec<Envelope>, StoreError>;
 
-    /// Up to `limit` events of the global log with `seq >= from_seq`, in order. May block briefly.
+    /// Up to `limit` events of the global log with `from_seq <= seq <= head()`, in order: derived
+    /// state is never ahead of the disk. May block briefly.
     fn read_all(&self, from_seq: u64, limit: usize) -> Result<Vec<Arc<Envelope>>, StoreError>;
 
     /// Sequence of the last durable event (0 for an empty log).

@@ -24,6 +24,13 @@
 //! the disk, so it answers every request of that batch and every later one with
 //! `Unavailable`, marks the store unhealthy (`/readyz` turns red) and stops. A restart recovers
 //! from what sled made durable; nothing unacknowledged was promised.
+//!
+//! Readers never run ahead of the disk: `apply_batch` makes a batch visible in the tree before
+//! `flush()` returns (and a failed flush leaves it visible without ever making it durable), so
+//! every read (`read_all`, `read_stream`, `raw_records`) is bounded by `head`, which the writer
+//! advances only after the flush succeeded. After a failed flush the writer also removes the
+//! batch from the tree (best effort), so that nothing sled flushes later (on drop) can carry a
+//! record that was refused: a restart continues the chain from the durable head.
 
 use super::{
     AppendAck, AppendError, Appended, Envelope, EventStore, ExpectedVersion, Hash, LiveBatch,
@@ -101,6 +108,71 @@ pub struct SledStore {
     metrics: Arc<Metrics>,
     config: JournalConfig,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    fault: Arc<FlushFault>,
+}
+
+/// Test seam: what the journal writer does at its next flush, armed by
+/// [`SledStore::hold_next_flush`] or [`SledStore::fail_next_flush`]. Unarmed it costs one
+/// relaxed atomic load per batch. Issue 15 replaces it with failpoints behind a feature.
+#[derive(Default)]
+struct FlushFault {
+    armed: AtomicBool,
+    mode: Mutex<Option<FaultMode>>,
+}
+
+enum FaultMode {
+    /// Signal `reached` once the batch is applied (visible in the tree, not flushed), then wait
+    /// for `release` before flushing.
+    Hold {
+        reached: std::sync::mpsc::Sender<()>,
+        release: std::sync::mpsc::Receiver<()>,
+    },
+    /// Report the flush as failed (the batch is applied, never flushed).
+    Fail,
+}
+
+impl FlushFault {
+    fn take(&self) -> Option<FaultMode> {
+        if !self.armed.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.armed.store(false, Ordering::Relaxed);
+        self.mode.lock().ok()?.take()
+    }
+
+    fn arm(&self, mode: FaultMode) {
+        if let Ok(mut slot) = self.mode.lock() {
+            *slot = Some(mode);
+        }
+        self.armed.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A flush held by [`SledStore::hold_next_flush`]: the writer has applied (or will apply) the
+/// next batch and waits for [`FlushHold::release`] (or the drop of this value) to flush it.
+pub struct FlushHold {
+    reached: std::sync::mpsc::Receiver<()>,
+    release: Option<std::sync::mpsc::Sender<()>>,
+}
+
+impl FlushHold {
+    /// Waits until the writer holds a batch that is applied but not flushed. False on timeout.
+    pub fn wait_reached(&self, timeout: std::time::Duration) -> bool {
+        self.reached.recv_timeout(timeout).is_ok()
+    }
+
+    /// Lets the writer flush.
+    pub fn release(mut self) {
+        self.release.take();
+    }
+}
+
+impl Drop for FlushHold {
+    fn drop(&mut self) {
+        if let Some(release) = self.release.take() {
+            let _ = release.send(());
+        }
+    }
 }
 
 fn log_key(seq: u64) -> [u8; 9] {
@@ -275,6 +347,7 @@ impl SledStore {
         let head = Arc::new(AtomicU64::new(last_seq));
         let healthy = Arc::new(AtomicBool::new(true));
         let (live, _) = broadcast::channel(LIVE_BATCHES_MAX);
+        let fault = Arc::new(FlushFault::default());
         metrics.log_head_seq.set(last_seq as i64);
 
         let writer = Writer {
@@ -291,6 +364,7 @@ impl SledStore {
             clock,
             metrics: metrics.clone(),
             config,
+            fault: fault.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("hongbao-journal".into())
@@ -309,7 +383,31 @@ impl SledStore {
             metrics,
             config,
             writer: Mutex::new(Some(handle)),
+            fault,
         }))
+    }
+
+    /// Test seam: the writer's next flush waits, after the batch is applied to the tree, until
+    /// the returned hold is released or dropped. For tests of readers against the durable head.
+    #[doc(hidden)]
+    pub fn hold_next_flush(&self) -> FlushHold {
+        let (reached_tx, reached) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel();
+        self.fault.arm(FaultMode::Hold {
+            reached: reached_tx,
+            release: release_rx,
+        });
+        FlushHold {
+            reached,
+            release: Some(release),
+        }
+    }
+
+    /// Test seam: the writer's next flush fails (after the batch is applied to the tree), as
+    /// on a full disk; the journal stops (fail-stop).
+    #[doc(hidden)]
+    pub fn fail_next_flush(&self) {
+        self.fault.arm(FaultMode::Fail);
     }
 
     /// The log's database (journal only): flushed by every journal batch.
@@ -343,16 +441,20 @@ impl SledStore {
     }
 
     /// Raw stored records from `from_seq` on, for verification and export (no decoding).
+    /// Bounded by the durable head, like every read.
     pub fn raw_records(
         &self,
         from_seq: u64,
     ) -> impl Iterator<Item = Result<(u64, sled::IVec), StoreError>> + '_ {
+        use super::EventStore;
+        let head = self.head();
         self.journal
             .range(log_key(from_seq)..=log_key(u64::MAX))
             .map(|entry| {
                 let (key, value) = entry.map_err(io)?;
                 Ok((be_u64(&key[1..])?, value))
             })
+            .take_while(move |record| !matches!(record, Ok((seq, _)) if *seq > head))
     }
 }
 
@@ -396,6 +498,9 @@ impl EventStore for SledStore {
     }
 
     fn read_stream(&self, stream: &str, from_version: u64) -> Result<Vec<Envelope>, StoreError> {
+        // Bounded by the durable head (see `read_all`): an actor activated while a batch of its
+        // stream is being flushed must not start from a state that may never become durable.
+        let head = self.head();
         let from_version = from_version.max(1);
         let start = index_key(stream, from_version);
         let mut entries = Vec::new();
@@ -422,6 +527,10 @@ impl EventStore for SledStore {
             }
             let mut positions = entry.positions();
             for &(first_seq, n) in &entry.runs {
+                if first_seq > head {
+                    return Ok(out);
+                }
+                let n = n.min(head + 1 - first_seq);
                 for record in self
                     .journal
                     .range(log_key(first_seq)..log_key(first_seq + n))
@@ -449,10 +558,16 @@ impl EventStore for SledStore {
     }
 
     fn read_all(&self, from_seq: u64, limit: usize) -> Result<Vec<Arc<Envelope>>, StoreError> {
+        // Bounded by the durable head: the tree may hold a batch whose flush has not returned.
+        let head = self.head();
+        let from_seq = from_seq.max(1);
+        if from_seq > head {
+            return Ok(Vec::new());
+        }
         let mut out = Vec::with_capacity(limit.min(4096));
         for record in self
             .journal
-            .range(log_key(from_seq.max(1))..=log_key(u64::MAX))
+            .range(log_key(from_seq)..=log_key(head))
             .take(limit)
         {
             let (_, value) = record.map_err(io)?;
@@ -534,6 +649,7 @@ struct Writer {
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     config: JournalConfig,
+    fault: Arc<FlushFault>,
 }
 
 /// A request of the current batch whose events were accepted, waiting for the flush.
@@ -597,6 +713,8 @@ impl Writer {
     fn write(&mut self, requests: Vec<AppendRequest>) -> bool {
         let now_ms = self.clock.now_ms();
         let mut batch = sled::Batch::default();
+        // Removes what `batch` inserts: applied if the flush fails (see `write`'s end).
+        let mut undo = sled::Batch::default();
         let mut pending: Vec<Pending> = Vec::with_capacity(requests.len());
         let mut published: Vec<Arc<Envelope>> = Vec::new();
         let mut index: HashMap<String, IndexEntry> = HashMap::new();
@@ -686,6 +804,7 @@ impl Writer {
                     envelope.hash = hash;
                     self.last_hash = hash;
                     batch.insert(&log_key(envelope.seq), stored);
+                    undo.remove(&log_key(envelope.seq));
                     Arc::new(envelope)
                 })
                 .collect();
@@ -727,14 +846,36 @@ impl Writer {
 
         for (stream, entry) in index {
             batch.insert(index_key(&stream, entry.first_version), entry.encode());
+            undo.remove(index_key(&stream, entry.first_version));
         }
         let flush_started = Instant::now();
-        let written = self
-            .journal
-            .apply_batch(batch)
-            .and_then(|_| self.db.flush());
+        let written = self.journal.apply_batch(batch).and_then(|_| {
+            match self.fault.take() {
+                None => {}
+                Some(FaultMode::Hold { reached, release }) => {
+                    let _ = reached.send(());
+                    let _ = release.recv();
+                }
+                Some(FaultMode::Fail) => {
+                    return Err(sled::Error::Io(std::io::Error::other(
+                        "injected flush failure (test seam)",
+                    )))
+                }
+            }
+            self.db.flush()
+        });
         if let Err(e) = written {
             tracing::error!(error = %e, "journal write failed; stopping the journal (fail-stop)");
+            // Unhealthy before anyone hears of the failure: a client told `Unavailable` finds
+            // `/readyz` red already.
+            self.healthy.store(false, Ordering::Release);
+            // Take the refused batch back out of the tree (best effort): readers are bounded by
+            // the head anyway, but sled may still flush the tree later (on drop), and a record
+            // nobody was promised must not reach the disk after its flush was reported failed.
+            // Every key of the batch is new (fresh seqs, index entries keyed by first version).
+            if let Err(undo_error) = self.journal.apply_batch(undo) {
+                tracing::error!(error = %undo_error, "cannot take the refused batch back");
+            }
             for p in pending {
                 let _ = p
                     .reply

@@ -260,6 +260,7 @@ pub struct Application {
     server: Server,
     state: web::Data<AppState>,
     keys_file: Option<PathBuf>,
+    checkpoints: crate::checkpoints::Checkpointer,
 }
 
 impl Application {
@@ -277,6 +278,7 @@ impl Application {
             metrics.clone(),
         )?;
         let dyn_store: Arc<dyn EventStore> = store.clone();
+        let checkpoints = start_checkpoints(&config, dyn_store.clone(), clock.clone())?;
         let views = crate::projections::all(metrics.clone());
         let projections = Arc::new(Projections::start(
             dyn_store.clone(),
@@ -433,6 +435,7 @@ impl Application {
             server,
             state,
             keys_file,
+            checkpoints,
         })
     }
 
@@ -483,6 +486,8 @@ impl Application {
             audit.stop().await;
         }
         let closed = self.state.store.close().await;
+        // After the close: the last checkpoint signs the log's final head.
+        self.checkpoints.finish().await;
         tracing::info!(
             head = self.state.store.head(),
             elapsed_ms = started.elapsed().as_millis() as u64,
@@ -492,6 +497,30 @@ impl Application {
         closed?;
         Ok(())
     }
+}
+
+/// Loads (or generates) the checkpoint key and starts signing the log's head (D4).
+fn start_checkpoints(
+    config: &Config,
+    store: Arc<dyn EventStore>,
+    clock: Arc<dyn Clock>,
+) -> Result<crate::checkpoints::Checkpointer, ServeError> {
+    let (key, generated) = crate::checkpoints::load_or_generate_key(&config.data_dir)
+        .map_err(|e| ServeError::Server(std::io::Error::other(e.to_string())))?;
+    if let Some(path) = generated {
+        tracing::info!(path = %path.display(), "generated the checkpoint signing key");
+    }
+    tracing::info!(
+        public_key = %crate::checkpoints::public_key_hex(&key),
+        "signing log checkpoints into {}",
+        config.data_dir.join(crate::checkpoints::CHECKPOINTS_FILE).display()
+    );
+    let every = match config.audit.checkpoint_every_ms {
+        0 => None,
+        ms => Some(std::time::Duration::from_millis(ms)),
+    };
+    crate::checkpoints::Checkpointer::start(store, key, &config.data_dir, every, clock)
+        .map_err(ServeError::Server)
 }
 
 #[cfg(unix)]

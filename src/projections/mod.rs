@@ -224,7 +224,10 @@ pub fn rebuild_until(
     reset(&tree, projection.version())?;
     let mut at = 0;
     while at < until {
-        let mut events = store.read_all(at + 1, APPLY_BATCH_EVENTS_MAX)?;
+        // Never read past `until`: a record after it (one the view never applied, perhaps
+        // damaged) is none of this rebuild's business.
+        let limit = APPLY_BATCH_EVENTS_MAX.min((until - at) as usize);
+        let mut events = store.read_all(at + 1, limit)?;
         events.retain(|e| e.seq <= until);
         if events.is_empty() {
             break;

@@ -3,6 +3,7 @@
 
 mod actors;
 mod audit;
+mod audit_mutations;
 mod compensation;
 mod loadgen;
 mod packets;

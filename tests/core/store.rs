@@ -374,3 +374,190 @@ fn a_hot_stream_gets_one_index_entry_per_batch_and_reads_back_in_order() {
     );
     assert!(verify_log(&store, |_, _| ()).unwrap().ok());
 }
+
+#[test]
+fn readers_never_see_a_batch_before_its_flush_returns() {
+    // Goal (issue 11 item 7): while the journal's flush is held, the batch is already in sled's
+    // tree, yet read_all, read_stream (actor activation), raw_records (verify, export) and a
+    // subscription stop at the durable head; after the flush they see it.
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let rt = runtime();
+    rt.block_on(async {
+        store
+            .append(
+                0,
+                "s:d".into(),
+                ExpectedVersion::Exact(0),
+                vec![event(1), event(2)],
+            )
+            .unwrap()
+            .await
+            .unwrap();
+    });
+    let mut subscription = Subscription::new(store.clone(), 1, 100);
+    let hold = store.hold_next_flush();
+    let ack = store
+        .append(
+            0,
+            "s:d".into(),
+            ExpectedVersion::Exact(2),
+            vec![event(3), event(4)],
+        )
+        .unwrap();
+    assert!(
+        hold.wait_reached(std::time::Duration::from_secs(10)),
+        "the writer never reached the held flush"
+    );
+    assert_eq!(store.head(), 2);
+    let seqs = |events: &[Arc<hongbao::events::Envelope>]| -> Vec<u64> {
+        events.iter().map(|e| e.seq).collect()
+    };
+    assert_eq!(seqs(&store.read_all(1, 100).unwrap()), vec![1, 2]);
+    assert_eq!(
+        store
+            .read_stream("s:d", 1)
+            .unwrap()
+            .iter()
+            .map(|e| e.version)
+            .collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    assert!(store.read_stream("s:d", 3).unwrap().is_empty());
+    assert_eq!(store.raw_records(1).count(), 2);
+    assert_eq!(seqs(&subscription.try_next().unwrap()), vec![1, 2]);
+    assert!(subscription.try_next().unwrap().is_empty());
+
+    hold.release();
+    let appended = rt.block_on(ack).unwrap();
+    assert_eq!(appended.last_version, 4);
+    assert_eq!(store.head(), 4);
+    assert_eq!(seqs(&subscription.try_next().unwrap()), vec![3, 4]);
+    assert_eq!(store.read_stream("s:d", 3).unwrap().len(), 2);
+}
+
+#[test]
+fn after_a_failed_flush_nothing_beyond_the_head_is_visible_and_a_restart_reuses_the_seqs() {
+    // Goal (issue 11 item 7): a flush that fails (a full disk) stops the journal; the refused
+    // batch, although applied to sled's tree, is never visible to any reader, and after a
+    // restart the next appends take its sequence numbers and continue a valid chain.
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let rt = runtime();
+    rt.block_on(async {
+        store
+            .append(
+                0,
+                "s:f".into(),
+                ExpectedVersion::Exact(0),
+                vec![event(1), event(2)],
+            )
+            .unwrap()
+            .await
+            .unwrap();
+    });
+    let mut subscription = Subscription::new(store.clone(), 1, 100);
+    store.fail_next_flush();
+    let refused = rt.block_on(
+        store
+            .append(
+                0,
+                "s:f".into(),
+                ExpectedVersion::Exact(2),
+                vec![event(3), event(4), event(5)],
+            )
+            .unwrap(),
+    );
+    assert!(
+        matches!(refused, Err(AppendError::Unavailable(_))),
+        "{refused:?}"
+    );
+    assert!(!store.healthy());
+    assert_eq!(store.head(), 2);
+    assert_eq!(store.read_all(1, 100).unwrap().len(), 2);
+    assert_eq!(store.read_all(3, 100).unwrap().len(), 0);
+    assert_eq!(store.read_stream("s:f", 1).unwrap().len(), 2);
+    assert_eq!(store.raw_records(1).count(), 2);
+    assert_eq!(subscription.try_next().unwrap().len(), 2);
+    assert!(subscription.try_next().unwrap().is_empty());
+    let second_hash = store.read_all(2, 1).unwrap()[0].hash;
+
+    rt.block_on(store.close()).unwrap();
+    drop(subscription);
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(
+        store.head(),
+        2,
+        "the refused batch reached the reopened log"
+    );
+    let appended = rt
+        .block_on(
+            store
+                .append(0, "s:f".into(), ExpectedVersion::Exact(2), vec![event(6)])
+                .unwrap(),
+        )
+        .unwrap();
+    assert_eq!(appended.envelopes[0].seq, 3);
+    assert_eq!(appended.envelopes[0].prev_hash, second_hash);
+    let report = verify_log(&store, |_, _| ()).unwrap();
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(report.records, 3);
+}
+
+#[test]
+fn views_started_while_a_flush_is_held_stop_at_the_durable_head() {
+    // Goal (issue 11 item 7, the /readyz report): projections that start (or catch up) while
+    // a batch is applied but not flushed apply the durable events only, then the batch once
+    // its flush returns; a view is never ahead of the log.
+    use hongbao::metrics::Metrics;
+    use hongbao::projections::{self, Projections};
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let rt = runtime();
+    rt.block_on(async {
+        store
+            .append(
+                0,
+                "wallet:v".into(),
+                ExpectedVersion::Exact(0),
+                vec![event(1), event(2)],
+            )
+            .unwrap()
+            .await
+            .unwrap();
+    });
+    let hold = store.hold_next_flush();
+    let ack = store
+        .append(
+            0,
+            "wallet:v".into(),
+            ExpectedVersion::Exact(2),
+            vec![event(3), event(4)],
+        )
+        .unwrap();
+    assert!(hold.wait_reached(Duration::from_secs(10)));
+    let metrics = Arc::new(Metrics::new());
+    let views = Projections::start(
+        store.clone(),
+        store.state_db(),
+        projections::all(metrics.clone()),
+        metrics,
+    )
+    .unwrap();
+    rt.block_on(async {
+        assert!(views.wait_for("wallets", 2, Duration::from_secs(10)).await);
+    });
+    assert_eq!(
+        views.checkpoint("wallets"),
+        2,
+        "the view passed the durable head"
+    );
+    hold.release();
+    rt.block_on(async {
+        ack.await.unwrap();
+        assert!(views.wait_for("wallets", 4, Duration::from_secs(10)).await);
+        views.stop().await;
+    });
+}

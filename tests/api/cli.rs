@@ -1,0 +1,440 @@
+//! The command line as a shell uses it: piped into `head`, logging into a file.
+
+use super::{ADMIN, GATEWAY, ISSUER, SECRET};
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// A data directory holding an (empty) log, as `hongbao serve` leaves it.
+fn data_dir_with_log(dir: &Path) {
+    let store = hongbao::events::sled_store::SledStore::open(
+        dir,
+        Default::default(),
+        std::sync::Arc::new(hongbao::clock::SystemClock),
+        std::sync::Arc::new(hongbao::metrics::Metrics::new()),
+    )
+    .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    use hongbao::events::EventStore;
+    runtime.block_on(store.close()).unwrap();
+}
+
+#[test]
+fn a_printing_command_piped_into_a_closed_reader_exits_quietly() {
+    // Goal: `hongbao projections list | head` does not panic when the reader is gone; the read
+    // end is closed before the process starts, so its first write meets EPIPE for certain.
+    let dir = tempfile::tempdir().unwrap();
+    data_dir_with_log(dir.path());
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hongbao"))
+        .args(["projections", "list", "--data-dir"])
+        .arg(dir.path())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(status.success(), "{status}: {stderr}");
+}
+
+#[test]
+fn log_lines_carry_no_colour_codes_when_standard_error_is_not_a_terminal() {
+    // Goal: a server logging into a pipe or a file writes plain text (no ANSI escapes), even
+    // without NO_COLOR.
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hongbao"))
+        .args(["serve", "--addr", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env_remove("NO_COLOR")
+        .env("RUST_LOG", "info")
+        .env("HONGBAO_ADMIN_KEY", ADMIN)
+        .env("HONGBAO_ISSUER_KEY", ISSUER)
+        .env("HONGBAO_GATEWAY_KEY", GATEWAY)
+        .env("HONGBAO_TOKEN_SECRET", SECRET)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let listening = line.contains("hongbao listening");
+            seen.push(line);
+            if listening {
+                let _ = tx.send(seen.clone());
+            }
+        }
+    });
+    let lines = rx.recv_timeout(Duration::from_secs(30));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let lines = lines.expect("the server did not log that it listens");
+    for line in &lines {
+        assert!(!line.contains('\u{1b}'), "colour code in {line:?}");
+    }
+}
+
+/// A `hongbao serve` child and the lines it logged.
+struct Served {
+    child: std::process::Child,
+    port: u16,
+}
+
+/// Starts the real binary on a free port with `config` (TOML) and waits until it listens.
+fn serve(dir: &Path, config: &str) -> Served {
+    let config_path = dir.with_extension("toml");
+    std::fs::write(&config_path, config).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hongbao"))
+        .args(["serve", "--addr", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .arg("--config")
+        .arg(&config_path)
+        .env("RUST_LOG", "info")
+        .env("HONGBAO_ADMIN_KEY", ADMIN)
+        .env("HONGBAO_ISSUER_KEY", ISSUER)
+        .env("HONGBAO_GATEWAY_KEY", GATEWAY)
+        .env("HONGBAO_TOKEN_SECRET", SECRET)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(port) = line
+                .contains("hongbao listening")
+                .then(|| line.split("port=").nth(1))
+                .flatten()
+                .and_then(|rest| rest.split_whitespace().next())
+            {
+                let _ = tx.send(port.parse::<u16>().unwrap());
+            }
+        }
+    });
+    let port = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the server did not start");
+    Served { child, port }
+}
+
+impl Served {
+    /// SIGTERM, then the exit status (within 30 s).
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Runs a hongbao subcommand: (success, stdout, stderr).
+fn hongbao(args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_hongbao"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// The hash in a `head: seq N, hash H, C records` line.
+fn head_hash(text: &str) -> String {
+    text.lines()
+        .find_map(|l| l.split(", hash ").nth(1))
+        .and_then(|rest| rest.split(',').next())
+        .unwrap_or_else(|| panic!("no head in {text}"))
+        .to_owned()
+}
+
+/// Re-hashes export lines from `from` (0-based) on, as an attacker rewriting a suffix would:
+/// the result's chain holds on its own.
+fn rechain(lines: &mut [serde_json::Value], from: usize) {
+    use hongbao::events::{chain_hash, Envelope};
+    for i in from..lines.len() {
+        let prev = if i == 0 {
+            hongbao::events::GENESIS_HASH
+        } else {
+            hongbao::checkpoints::parse_hash("hash", lines[i - 1]["hash"].as_str().unwrap())
+                .unwrap()
+        };
+        let line: hongbao::export::ExportLine = serde_json::from_value(lines[i].clone()).unwrap();
+        let envelope = Envelope {
+            seq: line.seq,
+            stream: line.stream,
+            version: line.version,
+            event_id: line.event_id.parse().unwrap(),
+            correlation_id: line.correlation_id,
+            recorded_at_ms: line.recorded_at_ms,
+            schema_version: line.schema_version,
+            event: line.payload,
+            prev_hash: prev,
+            hash: prev,
+        };
+        let hash = chain_hash(&prev, &envelope.encode_record().unwrap());
+        lines[i]["prev_hash"] = hex::encode(prev).into();
+        lines[i]["hash"] = hex::encode(hash).into();
+    }
+}
+
+fn write_lines(path: &Path, lines: &[serde_json::Value]) {
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(path, text).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_checkpoints_catch_a_rewritten_suffix_and_the_head_a_cut_export() {
+    // Goal (D4): the server signs its head while running and at shutdown; an export re-hashed
+    // after a rewritten suffix passes the chain check but not the signed checkpoints; a cut
+    // export fails --expect-head; a checkpoint signed with another key is refused.
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    let server = serve(&data, "[audit]\ncheckpoint_every_ms = 50\n");
+    let base = format!("http://127.0.0.1:{}", server.port);
+    let client = reqwest::Client::new();
+    for (i, amount) in [500, 700, 900, 1_100].into_iter().enumerate() {
+        let response = client
+            .post(format!("{base}/v1/wallets/cp{i}/change/deposits"))
+            .bearer_auth(ADMIN)
+            .json(&serde_json::json!({"order_id": format!("d{i}"), "amount": amount}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+    }
+    let ready: serde_json::Value = client
+        .get(format!("{base}/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let head = ready["log_head"].as_u64().unwrap();
+    assert!(head >= 4, "{ready}");
+    // While it runs: a checkpoint of this head appears (polled, with a deadline).
+    let checkpoints = data.join(hongbao::checkpoints::CHECKPOINTS_FILE);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let signed = hongbao::checkpoints::read_checkpoints(&checkpoints).unwrap_or_default();
+        if signed.iter().any(|(_, c)| c.seq == head) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint at {head}: {signed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(tokio::task::spawn_blocking(move || server.terminate())
+        .await
+        .unwrap()
+        .success());
+    let signed = hongbao::checkpoints::read_checkpoints(&checkpoints).unwrap();
+    let last = &signed.last().unwrap().1;
+    let data_dir = data.to_str().unwrap();
+
+    let (ok, public_key, err) = hongbao(&["checkpoints", "public-key", "--data-dir", data_dir]);
+    assert!(ok, "{err}");
+    let public_key = public_key.trim().to_owned();
+    assert_eq!(public_key.len(), 64, "{public_key}");
+    let export = root.path().join("log.jsonl");
+    let (ok, _, err) = hongbao(&[
+        "export",
+        "--data-dir",
+        data_dir,
+        "--output",
+        export.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let exported_head = head_hash(&err);
+    let log_head = last.seq;
+    assert!(
+        err.contains(&format!("head: seq {log_head}, hash {exported_head}")),
+        "{err}"
+    );
+    assert_eq!(
+        last.hash, exported_head,
+        "the final checkpoint is the log's head"
+    );
+    let (ok, out, err) = hongbao(&["verify", "--data-dir", data_dir]);
+    assert!(ok, "{out}{err}");
+    assert_eq!(head_hash(&out), exported_head, "{out}");
+    assert!(out.contains(&format!("{log_head} records")), "{out}");
+
+    let checkpoints_arg = checkpoints.to_str().unwrap();
+    let verify = |file: &Path, extra: &[&str]| {
+        let mut args = vec!["verify", "--export", file.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        hongbao(&args)
+    };
+    let audited = [
+        "--checkpoints",
+        checkpoints_arg,
+        "--public-key",
+        &public_key,
+    ];
+    let (ok, out, err) = verify(&export, &["--expect-head", &exported_head]);
+    assert!(
+        ok && out.contains("expected head:          matches"),
+        "{out}{err}"
+    );
+    let (ok, out, err) = verify(&export, &audited);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains(&format!(
+            "signed checkpoints:     {} confirmed",
+            signed.len()
+        )),
+        "{out}"
+    );
+
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&export)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // Cut: the last record removed. The chain alone cannot tell; the head and the
+    // checkpoints can.
+    let cut = root.path().join("cut.jsonl");
+    write_lines(&cut, &lines[..lines.len() - 1]);
+    let (ok, out, _) = verify(&cut, &[]);
+    assert!(ok, "{out}");
+    let (ok, out, _) = verify(&cut, &["--expect-head", &exported_head]);
+    assert!(
+        !ok && out.contains("does not end at the expected head"),
+        "{out}"
+    );
+    let (ok, out, _) = verify(&cut, &audited);
+    assert!(!ok && out.contains("cut short"), "{out}");
+
+    // Rewritten: the last two records changed and the chain re-hashed from there on.
+    let mut rewritten = lines.clone();
+    let n = rewritten.len();
+    for line in &mut rewritten[n - 2..] {
+        line["correlation_id"] = "rewritten".into();
+    }
+    rechain(&mut rewritten, n - 2);
+    let forged = root.path().join("rewritten.jsonl");
+    write_lines(&forged, &rewritten);
+    let (ok, out, _) = verify(&forged, &[]);
+    assert!(ok, "the re-hashed chain holds on its own: {out}");
+    let (ok, out, _) = verify(&forged, &audited);
+    let (line, _) = signed
+        .iter()
+        .find(|(_, c)| c.seq >= (n - 1) as u64)
+        .unwrap();
+    assert!(
+        !ok && out.contains(&format!("FAILED at checkpoint line {line}"))
+            && out.contains("rewritten"),
+        "{out}"
+    );
+
+    // The attacker re-signs the rewritten head: with another key, or by editing a line.
+    let attacker = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    let rewritten_head =
+        hongbao::checkpoints::parse_hash("hash", rewritten[n - 1]["hash"].as_str().unwrap())
+            .unwrap();
+    let mut resigned: Vec<_> = signed.iter().map(|(_, c)| c.clone()).collect();
+    *resigned.last_mut().unwrap() =
+        hongbao::checkpoints::Checkpoint::sign(&attacker, log_head, &rewritten_head, 0);
+    let resigned_file = root.path().join("resigned.jsonl");
+    let text: String = resigned
+        .iter()
+        .map(|c| serde_json::to_string(c).unwrap() + "\n")
+        .collect();
+    std::fs::write(&resigned_file, &text).unwrap();
+    let args = [
+        "--checkpoints",
+        resigned_file.to_str().unwrap(),
+        "--public-key",
+        &public_key,
+    ];
+    let (ok, out, _) = verify(&forged, &args);
+    assert!(
+        !ok && out.contains(&format!("FAILED at checkpoint line {}", resigned.len()))
+            && out.contains("refused"),
+        "{out}"
+    );
+    let edited = text.replace(&last.hash, &hex::encode(rewritten_head));
+    std::fs::write(&resigned_file, edited).unwrap();
+    let (ok, out, _) = verify(&forged, &args);
+    assert!(!ok && out.contains("refused"), "{out}");
+
+    // Bad input is named.
+    let (ok, _, err) = verify(&export, &["--expect-head", "not-hex"]);
+    assert!(!ok && err.contains("--expect-head is not hex"), "{err}");
+    let (ok, _, err) = verify(
+        &export,
+        &["--checkpoints", checkpoints_arg, "--public-key", "abcd"],
+    );
+    assert!(!ok && err.contains("--public-key"), "{err}");
+}
+
+#[test]
+fn the_server_signs_its_final_head_at_shutdown() {
+    // Goal (D4): with periodic checkpoints off, SIGTERM still leaves one checkpoint, signed by
+    // the data directory's key, at the log's final head.
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    let server = serve(&data, "[audit]\ncheckpoint_every_ms = 0\n");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{}", server.port);
+    runtime.block_on(async {
+        let response = reqwest::Client::new()
+            .post(format!("{base}/v1/wallets/fin/change/deposits"))
+            .bearer_auth(ADMIN)
+            .json(&serde_json::json!({"order_id": "d1", "amount": 5}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+    });
+    assert!(server.terminate().success());
+    let signed =
+        hongbao::checkpoints::read_checkpoints(&data.join(hongbao::checkpoints::CHECKPOINTS_FILE))
+            .unwrap();
+    assert_eq!(signed.len(), 1, "{signed:?}");
+    let key = hongbao::checkpoints::load_key(&data).unwrap();
+    let hash = signed[0].1.verify(&key.verifying_key()).unwrap();
+    let (ok, out, err) = hongbao(&["verify", "--data-dir", data.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    assert_eq!(head_hash(&out), hex::encode(hash));
+    assert!(
+        out.contains(&format!("seq {}, hash", signed[0].1.seq)),
+        "{out}"
+    );
+}
