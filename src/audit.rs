@@ -229,7 +229,7 @@ impl Auditor {
             budgets_check: CheckResult::new("budgets", "accepted money never above the activity's budget"),
             withdrawals_check: CheckResult::new("withdrawals", "one debit of the order's amount, at most one refund of the debit, a refund exactly when failed after the debit"),
             channels_check: CheckResult::new("channel_statements", "an order succeeded exactly when its channel's statement says paid; every line belongs to an order of that channel and says its amount"),
-                        packets_check: CheckResult::new("packets", "paid = total; each transfer is its claimer's share, once; claimed + refunded = total when finished; escrow never overdrawn, empty when done"),
+                        packets_check: CheckResult::new("packets", "paid = total; each claim and each transfer is the drawn share, once; claimed + refunded = total when finished; escrow never overdrawn, empty when done"),
             coupons: coupons::CouponAudit::new(),
             versions: HashMap::default(),
             wallets: HashMap::default(),
@@ -967,6 +967,19 @@ fn check_packet(id: &str, replay: &PacketReplay, check: &mut CheckResult) -> (u1
             replay.paid,
             p.state.map(PacketState::as_str).unwrap_or("?")
         ));
+    }
+    // Claims: the n-th claim takes the n-th drawn share, for exactly its amount.
+    for (n, claim) in p.claims.iter().enumerate() {
+        let share = p.shares.get(claim.index as usize);
+        if claim.index as usize != n || share != Some(&claim.amount) {
+            check.violation(format!(
+                "packet {id}: claim {n} by {} takes share {} for {} fen, the drawn share is {}",
+                claim.uid,
+                claim.index,
+                claim.amount.as_u64(),
+                share.map_or("none".to_owned(), |s| format!("{} fen", s.as_u64()))
+            ));
+        }
     }
     // Transfers: to a claimer, its drawn share, once.
     let mut transferred_shares = 0u128;

@@ -494,6 +494,21 @@ fn mutate_packet_transfer_amount(f: &Fixture) {
     );
 }
 
+/// Dave's claim of packet pk records 150 fen for share 1, drawn at 100: no money moves yet
+/// (the transfer is to come), so only the packet's own records disagree.
+fn mutate_packet_claim_amount(f: &Fixture) {
+    append(
+        &f.store,
+        "packet:pk",
+        vec![Event::Packet(PacketEvent::ShareClaimed {
+            uid: id("dave"),
+            index: 1,
+            amount: Fen::new(150),
+            at_ms: 0,
+        })],
+    );
+}
+
 /// A second coupon granted from batch a, whose stock is 1 (to another user, accepted: only
 /// the stock is broken).
 fn mutate_coupons(f: &Fixture) {
@@ -543,6 +558,7 @@ mutations! {
     channel_statement_line: mutate_channel_statement_line => ["channel_statements"];
     packets: mutate_packets => ["packets"];
     packet_transfer_amount: mutate_packet_transfer_amount => ["money_conserved", "packets"];
+    packet_claim_amount: mutate_packet_claim_amount => ["packets"];
     coupons: mutate_coupons => ["coupons"];
     projections: mutate_projections => ["projections"];
 }
