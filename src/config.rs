@@ -122,6 +122,8 @@ pub struct WithdrawalsSection {
     pub sweep_interval_ms: u64,
     /// Orders not final after this age are compensated (W9; the seed's 4 hours).
     pub compensation_age_s: u64,
+    /// Longest wait for one payment channel call; an unanswered payment is resolved by query.
+    pub channel_call_timeout_ms: u64,
 }
 
 impl Default for WithdrawalsSection {
@@ -142,6 +144,7 @@ impl Default for WithdrawalsSection {
             lane_in_flight_max: w.in_flight_max,
             sweep_interval_ms: w.sweep_interval.as_millis() as u64,
             compensation_age_s: w.compensation_age.as_secs(),
+            channel_call_timeout_ms: w.channel_call_timeout.as_millis() as u64,
         }
     }
 }
@@ -467,7 +470,7 @@ impl Config {
             sweep_interval: Duration::from_millis(w.sweep_interval_ms),
             compensation_age: Duration::from_secs(w.compensation_age_s),
             checkpoint_interval: Duration::from_millis(200),
-            driver_lease: crate::flows::withdrawals::DRIVER_LEASE_DEFAULT,
+            channel_call_timeout: Duration::from_millis(w.channel_call_timeout_ms.max(1)),
         }
     }
 

@@ -66,15 +66,15 @@ pub struct WithdrawalConfig {
     /// Orders not final after this age are compensated (W9; the seed's 4 hours).
     pub compensation_age: Duration,
     pub checkpoint_interval: Duration,
-    /// How long a driver (a payout lane or the sweeper) holds an order, on the injected clock,
-    /// before another may take it over: a call that has not come back by then is presumed
-    /// hung (see [`Drivers`]).
-    pub driver_lease: Duration,
+    /// Longest wait for one channel call (real time). A payment not answered by then is an
+    /// unknown outcome, resolved by a query; a query not answered leaves the order paying, to be
+    /// resumed later. It bounds how long a driver holds an order (see [`Drivers`]).
+    pub channel_call_timeout: Duration,
 }
 
-/// The default [`WithdrawalConfig::driver_lease`]: ten times the longest simulated latency,
-/// far below the compensation age.
-pub const DRIVER_LEASE_DEFAULT: Duration = Duration::from_secs(600);
+/// The default [`WithdrawalConfig::channel_call_timeout`]: far above a healthy channel's
+/// latency (tens to hundreds of ms), far below the compensation age.
+pub const CHANNEL_CALL_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
 
 impl Default for WithdrawalConfig {
     fn default() -> Self {
@@ -95,7 +95,7 @@ impl Default for WithdrawalConfig {
             sweep_interval: Duration::from_secs(60),
             compensation_age: Duration::from_secs(4 * 3600),
             checkpoint_interval: Duration::from_millis(200),
-            driver_lease: DRIVER_LEASE_DEFAULT,
+            channel_call_timeout: CHANNEL_CALL_TIMEOUT_DEFAULT,
         }
     }
 }
@@ -129,16 +129,18 @@ pub enum Step {
 /// Every payout attempt, resumption, query and refund of an order runs under a lease taken
 /// here, by the payout lanes ([`Withdrawals::settle`]) and the sweeper
 /// ([`Withdrawals::compensate`]) alike; a second driver is answered [`Step::Busy`] and does
-/// nothing. The lease ends when its driver finishes (the guard is dropped, also when the task
-/// is cancelled), or lapses after [`WithdrawalConfig::driver_lease`] on the injected clock, so
-/// that a call that never comes back does not keep the sweeper out for ever (W9). A driver
-/// checks its lease before each channel call; one whose lease lapsed stops.
+/// nothing. The lease ends only when its driver finishes (the guard is dropped, also when the
+/// task is cancelled): it never lapses, so no second driver can ever start while a call of the
+/// first may still pay. A driver always finishes in bounded time instead: every channel call
+/// is bounded by [`WithdrawalConfig::channel_call_timeout`] (an unanswered payment is an unknown
+/// outcome, dropped and resolved by a query) and every actor call by the command timeout, so
+/// a hung channel cannot keep the sweeper out for ever (W9).
 ///
 /// In-process on purpose: the order's actor persists facts and does no I/O, so a lease in the
 /// log would cost two appends (and flushes) per attempt for what one process can guarantee in
 /// memory. Across nodes it is not enough: there, one node owns an order's partition (its lanes
-/// and sweeper are the only drivers), and what remains (a lapsed driver's late call) is covered
-/// by the channel's idempotency by order id and the order refusing outcomes of other attempts.
+/// and sweeper are the only drivers); the channel's idempotency by order id and the order
+/// refusing outcomes of other attempts remain as the second line.
 #[derive(Default)]
 pub struct Drivers {
     leases: dashmap::DashMap<Id, Lease>,
@@ -148,7 +150,6 @@ pub struct Drivers {
 struct Lease {
     driver: &'static str,
     token: u64,
-    expires_at_ms: Millis,
 }
 
 /// A driver's hold on one order; dropping it ends the lease.
@@ -156,56 +157,29 @@ pub struct DriverLease<'a> {
     drivers: &'a Drivers,
     order_id: Id,
     token: u64,
-    expires_at_ms: Millis,
 }
 
 impl Drivers {
-    /// Takes the order for `driver` unless a live lease holds it.
-    pub fn acquire(
-        &self,
-        order_id: &Id,
-        driver: &'static str,
-        now_ms: Millis,
-        lease_ms: i64,
-    ) -> Option<DriverLease<'_>> {
+    /// Takes the order for `driver` unless another driver holds it.
+    pub fn acquire(&self, order_id: &Id, driver: &'static str) -> Option<DriverLease<'_>> {
         use dashmap::mapref::entry::Entry;
         let token = self
             .next_token
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let expires_at_ms = now_ms.saturating_add(lease_ms);
-        let lease = Lease {
-            driver,
-            token,
-            expires_at_ms,
-        };
         match self.leases.entry(order_id.clone()) {
             Entry::Vacant(free) => {
-                free.insert(lease);
+                free.insert(Lease { driver, token });
             }
-            Entry::Occupied(mut held) if held.get().expires_at_ms <= now_ms => {
-                tracing::warn!(order_id = %order_id, lapsed = held.get().driver, driver, "taking over an order whose driver's lease lapsed");
-                held.insert(lease);
+            Entry::Occupied(held) => {
+                tracing::debug!(order_id = %order_id, holder = held.get().driver, driver, "order busy");
+                return None;
             }
-            Entry::Occupied(_) => return None,
         }
         Some(DriverLease {
             drivers: self,
             order_id: order_id.clone(),
             token,
-            expires_at_ms,
         })
-    }
-}
-
-impl DriverLease<'_> {
-    /// Still this driver's order: not lapsed, not taken over.
-    pub fn is_current(&self, now_ms: Millis) -> bool {
-        now_ms < self.expires_at_ms
-            && self
-                .drivers
-                .leases
-                .get(&self.order_id)
-                .is_some_and(|l| l.token == self.token)
     }
 }
 
@@ -343,17 +317,38 @@ impl Withdrawals {
         Ok(order)
     }
 
-    /// Pays the attempt in progress and resolves the answer into a definite result.
-    async fn pay(&self, order_id: &Id, order: &WithdrawalOrder) -> PayoutResult {
+    /// Asks the channel about an order, within the call timeout; no answer is transient (the
+    /// order stays as it is, and is looked at again).
+    async fn query(&self, channel: Channel, order_id: &Id) -> Result<QueryOutcome, Transient> {
+        tokio::time::timeout(
+            self.config.channel_call_timeout,
+            self.channel.query(channel, order_id),
+        )
+        .await
+        .map_err(|_| {
+            Transient(format!(
+                "the {channel} channel did not answer a query in time"
+            ))
+        })
+    }
+
+    /// Pays the attempt in progress and resolves the answer into a definite result (or a
+    /// transient error when even the query that resolves a timeout went unanswered: the order
+    /// stays paying and is resumed by query later).
+    async fn pay(&self, order_id: &Id, order: &WithdrawalOrder) -> Result<PayoutResult, Transient> {
         let request = order
             .request
             .as_ref()
             .expect("a paying order has a request");
         let channel = request.method.channel;
-        let outcome = self
-            .channel
-            .pay(channel, order_id, request.amount, &request.method.account)
-            .await;
+        // Bounded: an unanswered call is dropped (nothing of it runs on) and is a timeout.
+        let outcome = tokio::time::timeout(
+            self.config.channel_call_timeout,
+            self.channel
+                .pay(channel, order_id, request.amount, &request.method.account),
+        )
+        .await
+        .unwrap_or(PayOutcome::Timeout);
         let label = match &outcome {
             PayOutcome::Succeeded => "succeeded",
             PayOutcome::Failed(_) => "failed",
@@ -364,7 +359,7 @@ impl Withdrawals {
             .payout_attempts_total
             .with_label_values(&[channel.as_str(), label])
             .inc();
-        match outcome {
+        Ok(match outcome {
             PayOutcome::Succeeded => PayoutResult::Succeeded,
             PayOutcome::Failed(reason) => PayoutResult::Failed { reason },
             PayOutcome::Throttled => PayoutResult::Failed {
@@ -372,7 +367,7 @@ impl Withdrawals {
             },
             // Unknown outcome: ask, never guess. No record means the channel did not pay; the
             // next attempt sends the same order id again.
-            PayOutcome::Timeout => match self.channel.query(channel, order_id).await {
+            PayOutcome::Timeout => match self.query(channel, order_id).await? {
                 QueryOutcome::Succeeded { .. } => PayoutResult::Succeeded,
                 QueryOutcome::Failed(reason) => PayoutResult::Failed {
                     reason: format!("timeout, then {reason}"),
@@ -381,24 +376,11 @@ impl Withdrawals {
                     reason: "timeout; the channel has no record".into(),
                 },
             },
-        }
+        })
     }
 
     fn lease(&self, order_id: &Id, driver: &'static str) -> Option<DriverLease<'_>> {
-        let lease_ms = self.config.driver_lease.as_millis() as i64;
-        self.drivers
-            .acquire(order_id, driver, self.clock.now_ms(), lease_ms)
-    }
-
-    /// A channel call is about to be made: only by the order's current driver.
-    fn still_driving(&self, lease: &DriverLease<'_>) -> Result<(), Transient> {
-        if lease.is_current(self.clock.now_ms()) {
-            Ok(())
-        } else {
-            Err(Transient(
-                "the driver's lease lapsed; another driver may hold the order".into(),
-            ))
-        }
+        self.drivers.acquire(order_id, driver)
     }
 
     /// Drives an order toward a final state as far as it can go now (a payout lane's step);
@@ -413,7 +395,8 @@ impl Withdrawals {
     async fn settle_leased(
         &self,
         order_id: &Id,
-        lease: &DriverLease<'_>,
+        // Held for the whole step: proof that this driver, and no other, drives the order.
+        _lease: &DriverLease<'_>,
     ) -> Result<Step, Transient> {
         loop {
             let Some(order) = self.order(order_id).await? else {
@@ -430,28 +413,22 @@ impl Withdrawals {
                             return Ok(Step::RetryAt(due));
                         }
                     }
-                    self.still_driving(lease)?;
                     let started = self
                         .orders
                         .execute(order_id.as_str(), WithdrawalCommand::StartPayout)
                         .await
                         .map_err(transient)?;
-                    self.still_driving(lease)?;
-                    let result = self.pay(order_id, &started).await;
+                    let result = self.pay(order_id, &started).await?;
                     self.record(order_id, started.attempts, result).await?;
                 }
                 Some(OrderState::Paying) => {
                     // An attempt whose outcome was never recorded (a crash, or a stop): ask the
                     // channel; with no record, send it again under the same order id.
                     let request = order.request.as_ref().expect("requested");
-                    self.still_driving(lease)?;
-                    let result = match self.channel.query(request.method.channel, order_id).await {
+                    let result = match self.query(request.method.channel, order_id).await? {
                         QueryOutcome::Succeeded { .. } => PayoutResult::Succeeded,
                         QueryOutcome::Failed(reason) => PayoutResult::Failed { reason },
-                        QueryOutcome::NoRecord => {
-                            self.still_driving(lease)?;
-                            self.pay(order_id, &order).await
-                        }
+                        QueryOutcome::NoRecord => self.pay(order_id, &order).await?,
                     };
                     self.record(order_id, order.attempts, result).await?;
                 }
@@ -1162,25 +1139,22 @@ mod tests {
     }
 
     #[test]
-    fn one_driver_per_order_until_it_finishes_or_its_lease_lapses() {
-        // Goal: a second driver is refused while the first holds the order; dropping the lease
-        // frees it; a lapsed lease can be taken over, and the lapsed driver then knows it is
-        // no longer driving (and its late drop does not free the new driver's order).
+    fn one_driver_per_order_until_it_finishes() {
+        // Goal: a second driver is refused while the first holds the order, however long it
+        // holds it (no lapse: its call could still pay); dropping the lease frees the order,
+        // and a stale guard's drop never frees another driver's lease.
         let drivers = Drivers::default();
         let (order, other) = (id("o1"), id("o2"));
-        let lane = drivers.acquire(&order, "payout_lane", 0, 100).unwrap();
-        assert!(drivers.acquire(&order, "sweeper", 50, 100).is_none());
-        assert!(drivers.acquire(&other, "sweeper", 50, 100).is_some());
-        assert!(lane.is_current(99));
+        let lane = drivers.acquire(&order, "payout_lane").unwrap();
+        assert!(drivers.acquire(&order, "sweeper").is_none());
+        assert!(drivers.acquire(&other, "sweeper").is_some());
         drop(lane);
-        let sweeper = drivers.acquire(&order, "sweeper", 60, 100).unwrap();
-        let taker = drivers.acquire(&order, "payout_lane", 160, 100).unwrap();
-        assert!(!sweeper.is_current(150), "taken over");
+        let sweeper = drivers.acquire(&order, "sweeper").unwrap();
+        assert!(drivers.acquire(&order, "payout_lane").is_none());
         drop(sweeper);
-        assert!(
-            taker.is_current(170),
-            "the lapsed driver's drop leaves the new lease"
-        );
-        assert!(drivers.acquire(&order, "sweeper", 170, 100).is_none());
+        let lane = drivers.acquire(&order, "payout_lane").unwrap();
+        assert!(drivers.acquire(&order, "sweeper").is_none());
+        drop(lane);
+        assert!(drivers.leases.is_empty());
     }
 }

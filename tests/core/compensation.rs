@@ -111,6 +111,8 @@ fn stuck_orders_are_compensated_per_state_after_the_age() {
         });
         let config = WithdrawalConfig {
             sweep_interval: Duration::from_millis(50),
+            // The payment that never answers is given up after this and resolved by query.
+            channel_call_timeout: Duration::from_millis(400),
             ..WithdrawalConfig::default()
         };
         let withdrawals = Withdrawals::new(
@@ -187,7 +189,10 @@ fn stuck_orders_are_compensated_per_state_after_the_age() {
 
         clock.advance_ms(4 * 3_600_000 + 1);
         let paid = wait_state(&withdrawals, "stuck-paying", OrderState::Succeeded).await;
-        assert_eq!(paid.attempts, 1, "resolved by query, not paid again");
+        assert_eq!(
+            paid.attempts, 1,
+            "the unanswered call was resolved by query, not paid again"
+        );
         let clean = wait_state(&withdrawals, "stuck-debit", OrderState::Failed).await;
         assert!(!clean.debited && clean.is_final());
         let half = wait_state(&withdrawals, "half-done", OrderState::Refunded).await;
@@ -196,16 +201,15 @@ fn stuck_orders_are_compensated_per_state_after_the_age() {
         assert_eq!(wallet.activity, Fen::new(1_000), "the debit came back");
         let (wallet, _) = wallets.state("clean").await.unwrap();
         assert_eq!(wallet.activity, Fen::new(1_000), "nothing moved");
-        for action in ["query_channel", "abandon_debit"] {
-            assert!(
-                metrics
-                    .compensations_total
-                    .with_label_values(&[action])
-                    .get()
-                    >= 1,
-                "{action}"
-            );
-        }
+        // (The paying order needs no compensation: its driver gave the unanswered call up after
+        // channel_call_timeout and resolved it by query itself.)
+        assert!(
+            metrics
+                .compensations_total
+                .with_label_values(&["abandon_debit"])
+                .get()
+                >= 1
+        );
 
         // The hung call finally answers: a replay, nothing changes.
         channel.release.notify_waiters();
@@ -351,6 +355,13 @@ fn a_payout_lane_and_the_sweeper_never_drive_one_order_at_once() {
         // Both drivers are due now; give the second one time to send it again.
         let held = channel.held_calls.clone();
         let deadline = Instant::now() + Duration::from_secs(3);
+        while held.load(std::sync::atomic::Ordering::SeqCst) < 2 && Instant::now() < deadline {
+            actix_rt::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The held call outlives what used to be the driver's lease (10 min on the injected
+        // clock): the sweeper must still not take the order over while that call may pay.
+        clock.advance_ms(11 * 60_000);
+        let deadline = Instant::now() + Duration::from_millis(500);
         while held.load(std::sync::atomic::Ordering::SeqCst) < 2 && Instant::now() < deadline {
             actix_rt::time::sleep(Duration::from_millis(20)).await;
         }
