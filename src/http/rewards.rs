@@ -483,6 +483,21 @@ pub async fn reward_status(
         .pending
         .iter()
         .any(|p| p.order_id == order_id.as_str() && p.activity_id == record.activity_id);
+    // Not pending means settled; how (failed, voided) is in the rewards view, which commits
+    // apart from the wallet view and may be a batch behind it. Let it reach what the wallet view
+    // showed, then read the row again: a failure is never reported as a delivery.
+    let (voided_at, failed) = if !pending && voided_at.is_none() && failed.is_none() {
+        let seen = crate::projections::checkpoint(wallets).map_err(view_error)?;
+        let wait = std::time::Duration::from_millis(state.config.server.read_wait_ms);
+        state.projections.wait_for(view::NAME, seen, wait).await;
+        view::by_order(tree, order_id.as_str())
+            .map_err(view_error)?
+            .into_iter()
+            .find(|row| row.record.activity_id == record.activity_id)
+            .map_or((voided_at, failed), |row| (row.voided_at, row.failed))
+    } else {
+        (voided_at, failed)
+    };
     let status = match (voided_at, failed, pending) {
         (Some(_), _, _) => "voided",
         (None, Some(_), _) => "failed",
