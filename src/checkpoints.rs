@@ -152,28 +152,8 @@ pub fn load_or_generate_key(
         public_key_hex(&key),
         hex::encode(seed)
     );
-    write_private(&path, &text).map_err(io_error(&path))?;
+    crate::config::write_private(&path, &text).map_err(io_error(&path))?;
     Ok((key, Some(path)))
-}
-
-#[cfg(unix)]
-fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("key.tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
-
-#[cfg(not(unix))]
-fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
-    std::fs::write(path, text)
 }
 
 /// Reads a checkpoints file: every line with its number (from 1). A last line without its

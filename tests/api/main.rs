@@ -187,6 +187,18 @@ impl TestApp {
         }
     }
 
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics_text(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn get(&self, path: &str, key: Option<&str>) -> (u16, Value) {
         self.send(reqwest::Method::GET, path, key, None).await
     }
@@ -275,4 +287,17 @@ impl TestApp {
         )
         .await
     }
+}
+
+/// The sum of the series `name` (a metric name, which matches every label set, or a name with
+/// its labels, which matches that series) in Prometheus text; `None` when no such series is
+/// exposed, so that a metric missing because something is broken never reads as a healthy 0.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    let values: Vec<f64> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix(name))
+        .filter(|rest| rest.starts_with(' ') || (!name.contains('{') && rest.starts_with('{')))
+        .filter_map(|rest| rest.rsplit(' ').next()?.parse::<f64>().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
 }

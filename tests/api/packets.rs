@@ -1,7 +1,7 @@
 //! Red packets against the real server: a hot packet, audience, expiry refund, B2C subsidy
 //! used once, switches, payment refused with nothing moved.
 
-use super::{spawn_app, spawn_app_clocked, spawn_app_with, TestApp, ADMIN, GATEWAY};
+use super::{metric, spawn_app, spawn_app_clocked, spawn_app_with, TestApp, ADMIN, GATEWAY};
 use futures::future::join_all;
 use hongbao::clock::ManualClock;
 use serde_json::{json, Value};
@@ -507,22 +507,6 @@ async fn payments_racing_the_deadline_end_paid_and_refunded_or_never_debited() {
     assert!(count("packet_payment") >= paid, "{page}");
 }
 
-/// A gauge or counter's value in the Prometheus text, `None` when the series is absent.
-async fn metric(app: &TestApp, series: &str) -> Option<f64> {
-    let text = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
 #[tokio::test]
 async fn a_flooded_small_packet_admits_at_most_remaining_times_1_5_from_the_first_claim() {
     // Goal: P5 from the first request: 300 users open a fresh packet of 10 shares at once;
@@ -539,9 +523,11 @@ async fn a_flooded_small_packet_admits_at_most_remaining_times_1_5_from_the_firs
     assert_eq!(status(200), 10, "exactly the shares are won");
     assert!(status(429) > 0, "the first burst must meet the gate");
     assert_eq!(status(200) + status(410) + status(429), 300);
-    let peak = metric(&app, "hongbao_packet_claims_in_flight_peak")
-        .await
-        .expect("the peak gauge is exported");
+    let peak = metric(
+        &app.metrics_text().await,
+        "hongbao_packet_claims_in_flight_peak",
+    )
+    .expect("the peak gauge is exported");
     assert!(
         (1.0..=15.0).contains(&peak),
         "most claims ever in flight on one packet: {peak}, the rule allows 15"

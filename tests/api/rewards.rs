@@ -2,7 +2,7 @@
 //! burst, force-credit racing the lanes, tokens, shortcuts, order ids reused across activities,
 //! coupon rewards settling.
 
-use super::{spawn_app, spawn_app_with, TestApp, ADMIN, GATEWAY, ISSUER};
+use super::{metric, spawn_app, spawn_app_with, TestApp, ADMIN, GATEWAY, ISSUER};
 use futures::future::join_all;
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
@@ -501,22 +501,6 @@ async fn wait_reward_settled(app: &TestApp, order: &str) -> Value {
     }
 }
 
-async fn metric_value(app: &TestApp, series: &str) -> Option<f64> {
-    let text = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let prefix = format!("{series} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map(|v| v.trim().parse().unwrap())
-}
-
 #[tokio::test]
 async fn a_coupon_reward_ends_delivered_when_issued_and_failed_when_refused() {
     // Goal (R1, R6): a coupon reward does not stay pending: the one its batch issues ends
@@ -558,7 +542,10 @@ async fn a_coupon_reward_ends_delivered_when_issued_and_failed_when_refused() {
     let (_, coupons) = app.get("/v1/wallets/cra/coupons", Some(GATEWAY)).await;
     assert_eq!(coupons.as_array().unwrap().len(), 1, "{coupons}");
     assert_eq!(
-        metric_value(&app, "hongbao_reward_pending{kind=\"coupon\"}").await,
+        metric(
+            &app.metrics_text().await,
+            "hongbao_reward_pending{kind=\"coupon\"}"
+        ),
         Some(0.0)
     );
 }

@@ -1,7 +1,7 @@
 //! Withdrawals against the real server with the channel simulator: policy gates, the overdraft
 //! race, failing and timing-out channels, idempotent retries.
 
-use super::{spawn_app, spawn_app_clocked, spawn_app_with, ADMIN, GATEWAY};
+use super::{metric, spawn_app, spawn_app_clocked, spawn_app_with, ADMIN, GATEWAY};
 use futures::future::join_all;
 use hongbao::clock::{parse_rfc3339, rfc3339, ManualClock};
 use serde_json::Value;
@@ -38,29 +38,6 @@ async fn statement(app: &super::TestApp, channel: &str) -> HashMap<String, Value
         .iter()
         .map(|l| (l["order_id"].as_str().unwrap().to_owned(), l.clone()))
         .collect()
-}
-
-/// The sum of the series whose line starts with `name` (a metric name, or a name with
-/// labels); `None` when no such series is exposed, so that a metric missing because something
-/// is broken can never read as a healthy zero.
-fn metric(text: &str, name: &str) -> Option<f64> {
-    let values: Vec<f64> = text
-        .lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .collect();
-    (!values.is_empty()).then(|| values.iter().sum())
-}
-
-async fn metrics_text(app: &super::TestApp) -> String {
-    app.client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
 }
 
 async fn ledger_entries(app: &super::TestApp, uid: &str) -> Vec<Value> {
@@ -290,15 +267,7 @@ async fn an_always_failing_channel_parks_the_payout_and_refunds_exactly_once() {
     assert_eq!(refunds, 3, "one refund per failed order");
     let lines = statement(&app, "bank").await;
     assert!(lines.values().all(|l| l["status"] == "failed"));
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     assert_eq!(
         metric(&metrics, "hongbao_payouts_parked_total{channel=\"bank\"}"),
         Some(3.0)
@@ -361,15 +330,7 @@ async fn timeouts_are_resolved_by_query_never_by_paying_twice() {
         30 * 200 - succeeded * 200,
         "debit - refund = paid"
     );
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     assert!(
         metric(
             &metrics,
@@ -382,7 +343,7 @@ async fn timeouts_are_resolved_by_query_never_by_paying_twice() {
     // until it has seen all 30 final, then nothing may disagree.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let metrics = loop {
-        let metrics = metrics_text(&app).await;
+        let metrics = app.metrics_text().await;
         let finals = ["succeeded", "refunded"]
             .iter()
             .filter_map(|s| {
