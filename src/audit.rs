@@ -54,6 +54,10 @@ use serde::Serialize;
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
+/// A packet whose deadline passed this long ago (by the log's own clock) and that still holds
+/// its remainder is reported (the packets' `stuck_after` default).
+const REFUND_OVERDUE_AFTER_MS: i64 = 60_000;
+
 /// Violations listed per check (all are counted).
 const VIOLATIONS_LISTED_MAX: usize = 20;
 
@@ -199,6 +203,8 @@ struct Auditor {
     /// movements' net inflow (0 while no event created or lost money).
     balances_total: i128,
     deviation: i128,
+    /// The latest `recorded_at_ms` of the log: the audit's "now" (it never reads a clock).
+    last_at_ms: i64,
 }
 
 /// The reward of `order_id` if `activity` is the one that accepted it (or nothing has accepted
@@ -247,6 +253,7 @@ impl Auditor {
             budget_returns: 0,
             balances_total: 0,
             deviation: 0,
+            last_at_ms: 0,
         }
     }
 
@@ -622,6 +629,7 @@ impl Auditor {
     }
 
     fn observe(&mut self, envelope: &Envelope) {
+        self.last_at_ms = self.last_at_ms.max(envelope.recorded_at_ms);
         match &envelope.event {
             Event::Wallet(event) => self.wallet_event(envelope, event),
             Event::Activity(event) => self.activity_event(envelope, event),
@@ -866,15 +874,34 @@ impl Auditor {
         // Packets.
         let mut escrow = 0u128;
         let mut untransferred = 0u64;
+        let mut overdue: Vec<&str> = Vec::new();
         for (id, replay) in &self.packets {
             packets_check.checked += 1;
             let (in_escrow, waiting) = check_packet(id, replay, &mut packets_check);
             escrow += in_escrow;
             untransferred += waiting;
+            // Not a violation (the server may have been down at the deadline: the expiry flow
+            // refunds within a tick of the next start), but money an auditor should see.
+            let p = &replay.packet;
+            let past_due = p.spec.as_ref().is_some_and(|spec| {
+                spec.expires_at_ms.saturating_add(REFUND_OVERDUE_AFTER_MS) < self.last_at_ms
+            });
+            if past_due && p.refunded.is_none() && in_escrow > 0 {
+                overdue.push(id);
+            }
         }
         packets_check.notes.push(format!(
             "{escrow} fen in escrow by the packets' own records, {untransferred} claimed shares not yet transferred"
         ));
+        if !overdue.is_empty() {
+            overdue.sort_unstable();
+            packets_check.notes.push(format!(
+                "{} packets past their deadline by over {} s of the log's clock still hold their remainder (refund due): {}",
+                overdue.len(),
+                REFUND_OVERDUE_AFTER_MS / 1000,
+                overdue.iter().take(VIOLATIONS_LISTED_MAX).copied().collect::<Vec<_>>().join(", ")
+            ));
+        }
 
         // Conservation.
         conservation.checked = self.wallets.len() as u64;

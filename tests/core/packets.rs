@@ -361,6 +361,61 @@ mod audit_of_packets {
     }
 
     #[test]
+    fn a_paid_packet_long_past_its_deadline_is_reported_not_failed() {
+        // Goal: escrow still held after the deadline is not a violation (the server may have
+        // been down: the next start refunds it) but the audit says which packets hold it.
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        created(&store, true);
+        // The log's clock is 1,000 ms (the test store's); move pk's deadline far behind it.
+        let overdue = packet(&[
+            PacketEvent::Created {
+                spec: PacketSpec {
+                    sender_uid: id("sender"),
+                    mode: Mode::C2c,
+                    total: Fen::new(1),
+                    count: 1,
+                    split: Split::Even,
+                    audience: None,
+                    expires_at_ms: -100_000,
+                    seed: 1,
+                    subsidy: None,
+                },
+                shares: vec![Fen::new(1)],
+                at_ms: -200_000,
+            },
+            PacketEvent::Paid {
+                payment_id: id("old"),
+                at_ms: -200_000,
+            },
+        ]);
+        append_raw(
+            &store,
+            "wallet:sender",
+            vec![wallet(true, Entry::Deposit, "top-old", 1, 1)],
+        );
+        append_raw(
+            &store,
+            "wallet:sender",
+            vec![wallet(false, Entry::PacketPayment, "old", 1, 0)],
+        );
+        append_raw(&store, "packet:old", overdue);
+        let report = audit(&store, None, |_, _| ()).unwrap();
+        assert_eq!(failing(&report), vec![]);
+        let notes = report
+            .checks
+            .iter()
+            .find(|c| c.name == "packets")
+            .unwrap()
+            .notes
+            .join(" | ");
+        assert!(
+            notes.contains("1 packets past their deadline") && notes.contains(": old"),
+            "{notes}"
+        );
+    }
+
+    #[test]
     fn money_stuck_in_the_escrow_of_an_unpaid_expired_packet_is_named() {
         // Goal: issue 11 item 1's loss: the sender's payment reached escrow, the packet expired
         // as unpaid with nothing to refund. Escrow is no longer a remainder, so both the packet
