@@ -53,6 +53,9 @@ const INDEX_PREFIX: u8 = b'S';
 const VERSION_CACHE_STREAMS_MAX: usize = 1_000_000;
 /// Fenced (stream, writer) pairs kept before the set is cleared; refusals are rare.
 const FENCED_WRITERS_MAX: usize = 100_000;
+/// How long `open` waits for a directory this process just closed to be released by sled's
+/// background work before calling it locked.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Background flush interval of the state database (views, snapshots, checkpoints).
 const STATE_FLUSH_INTERVAL_MS: u64 = 2_000;
 /// Batches a live subscriber may fall behind before it reads from the store instead.
@@ -301,7 +304,7 @@ impl SledStore {
         metrics: Arc<Metrics>,
     ) -> Result<Arc<SledStore>, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(e.to_string()))?;
-        let open = |name: &str, cache_bytes: u64, flush_every_ms: Option<u64>| {
+        let open_once = |name: &str, cache_bytes: u64, flush_every_ms: Option<u64>| {
             sled::Config::new()
                 .path(dir.join(name))
                 .cache_capacity(cache_bytes)
@@ -317,6 +320,21 @@ impl SledStore {
                     }
                     other => io(other),
                 })
+        };
+        // sled runs I/O on a process-wide thread pool: right after this process closed the
+        // same directory, work queued there may still hold the old database (and its file
+        // lock) for a moment under load. Wait that out briefly; another process holding the
+        // directory is still refused, only LOCK_WAIT later.
+        let open = |name: &str, cache_bytes: u64, flush_every_ms: Option<u64>| {
+            let deadline = Instant::now() + LOCK_WAIT;
+            loop {
+                match open_once(name, cache_bytes, flush_every_ms) {
+                    Err(StoreError::Locked(_)) if Instant::now() < deadline => {
+                        std::thread::sleep(std::time::Duration::from_millis(20))
+                    }
+                    other => return other,
+                }
+            }
         };
         // The log is flushed by the journal itself, batch by batch: no background flusher.
         let db = open("log", config.cache_bytes, None)?;
