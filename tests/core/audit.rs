@@ -1,136 +1,19 @@
 //! `hongbao audit` on logs built by hand: a clean one, and broken ones that the audit must
 //! name (double credit, missing refund, over-issued budget, tampered record).
 
+use super::fixtures::*;
 use super::{open, runtime};
 use hongbao::audit::{audit, AuditReport};
 use hongbao::domain::activity::{ActivityEvent, Budgets, Reward, RewardKind, VoidReason};
-use hongbao::domain::wallet::{Entry, Line, WalletEvent};
-use hongbao::domain::withdrawal::{
-    method_id, Channel, PayoutMethod, WithdrawalEvent, WithdrawalRequest,
-};
+use hongbao::domain::wallet::Entry;
 use hongbao::domain::Event;
 use hongbao::events::sled_store::SledStore;
-use hongbao::events::{EventStore, ExpectedVersion, NewEvent};
-use hongbao::ids::Id;
 use hongbao::money::Fen;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-fn id(s: &str) -> Id {
-    Id::parse(s).unwrap()
-}
-
-/// Appends events to a stream as they are, with no domain rule in the way.
-fn append(store: &Arc<SledStore>, stream: &str, events: Vec<Event>) {
-    let events = events
-        .into_iter()
-        .map(|event| NewEvent {
-            event,
-            correlation_id: "audit-test".into(),
-        })
-        .collect();
-    runtime()
-        .block_on(
-            store
-                .append(0, stream.into(), ExpectedVersion::Any, events)
-                .unwrap(),
-        )
-        .unwrap();
-}
-
-fn credit(entry: Entry, order: &str, amount: u64, after: u64, source: Option<&str>) -> Event {
-    Event::Wallet(WalletEvent::Credited(Line {
-        entry,
-        order_id: id(order),
-        amount: Fen::new(amount),
-        balance_after: Fen::new(after),
-        source: source.map(id),
-    }))
-}
-
-fn debit(entry: Entry, order: &str, amount: u64, after: u64) -> Event {
-    Event::Wallet(WalletEvent::Debited(Line {
-        entry,
-        order_id: id(order),
-        amount: Fen::new(amount),
-        balance_after: Fen::new(after),
-        source: None,
-    }))
-}
-
-fn accepted(order: &str, uid: &str, amount: u64) -> Event {
-    Event::Activity(ActivityEvent::RewardAccepted(Reward {
-        order_id: id(order),
-        uid: id(uid),
-        scene: id("rain"),
-        kind: RewardKind::Cash,
-        amount: Fen::new(amount),
-        device_id: None,
-        app_id: None,
-        batch_id: None,
-        ext: BTreeMap::new(),
-    }))
-}
-
-fn withdrawal(events: &[&str], amount: u64) -> Vec<Event> {
-    events
-        .iter()
-        .map(|e| {
-            Event::Withdrawal(match *e {
-                "requested" => WithdrawalEvent::Requested {
-                    request: WithdrawalRequest {
-                        uid: id("u1"),
-                        amount: Fen::new(amount),
-                        method: PayoutMethod {
-                            method_id: method_id(Channel::Bank, "a"),
-                            channel: Channel::Bank,
-                            account: "a".into(),
-                        },
-                    },
-                    at_ms: 1,
-                },
-                "debited" => WithdrawalEvent::Debited { at_ms: 2 },
-                "started" => WithdrawalEvent::PayoutStarted {
-                    attempt: 1,
-                    at_ms: 3,
-                },
-                "succeeded" => WithdrawalEvent::PayoutSucceeded {
-                    attempt: 1,
-                    at_ms: 4,
-                },
-                "parked" => WithdrawalEvent::PayoutParked {
-                    attempts: 1,
-                    reason: "declined".into(),
-                    at_ms: 4,
-                },
-                "refunded" => WithdrawalEvent::Refunded { at_ms: 5 },
-                other => panic!("{other}"),
-            })
-        })
-        .collect()
-}
-
 fn run_audit(store: &Arc<SledStore>) -> AuditReport {
     audit(store, None, |_, _| ()).unwrap()
-}
-
-fn failing(report: &AuditReport) -> Vec<&'static str> {
-    report
-        .checks
-        .iter()
-        .filter(|c| !c.ok())
-        .map(|c| c.name)
-        .collect()
-}
-
-fn examples(report: &AuditReport, check: &str) -> String {
-    report
-        .checks
-        .iter()
-        .find(|c| c.name == check)
-        .unwrap()
-        .examples
-        .join(" | ")
 }
 
 /// A clean mixed history: budget, two rewards (one credited, one pending), a deposit, a paid

@@ -8,25 +8,22 @@
 //! write one `fn mutate_...(&Fixture)` and add one line to `mutations!` below; the test
 //! `every_check_the_audit_prints_has_a_mutation` fails until a new check has its line.
 
+use super::fixtures::*;
 use super::{open, runtime};
 use hongbao::audit::{audit, views_check, CheckResult};
 use hongbao::channels::{PayOutcome, PaymentChannel, SimulatedChannels, Simulator};
 use hongbao::clock::ManualClock;
-use hongbao::domain::activity::{ActivityEvent, Budgets, Reward, RewardKind};
+use hongbao::domain::activity::{ActivityEvent, Budgets};
 use hongbao::domain::coupon::{BatchEvent, BatchSpec, Grant, IntakeEvent, IssueRequest};
 use hongbao::domain::packet::{Mode, PacketEvent, PacketSpec, Split};
-use hongbao::domain::wallet::{Entry, Line, WalletEvent};
-use hongbao::domain::withdrawal::{
-    method_id, Channel, PayoutMethod, WithdrawalEvent, WithdrawalRequest,
-};
+use hongbao::domain::wallet::Entry;
+use hongbao::domain::withdrawal::Channel;
 use hongbao::domain::Event;
 use hongbao::events::sled_store::SledStore;
-use hongbao::events::{EventStore, ExpectedVersion, NewEvent};
-use hongbao::ids::Id;
+use hongbao::events::EventStore;
 use hongbao::metrics::Metrics;
 use hongbao::money::Fen;
 use hongbao::projections;
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// A data directory with a log, the channels' statements and built views.
@@ -34,103 +31,6 @@ struct Fixture {
     _dir: tempfile::TempDir,
     store: Arc<SledStore>,
     channels: Arc<SimulatedChannels>,
-}
-
-fn id(s: &str) -> Id {
-    Id::parse(s).unwrap()
-}
-
-/// Appends events to a stream as they are, with no domain rule in the way.
-fn append(store: &SledStore, stream: &str, events: Vec<Event>) {
-    let events = events
-        .into_iter()
-        .map(|event| NewEvent {
-            event,
-            correlation_id: "mutation".into(),
-        })
-        .collect();
-    runtime()
-        .block_on(
-            store
-                .append(0, stream.into(), ExpectedVersion::Any, events)
-                .unwrap(),
-        )
-        .unwrap();
-}
-
-fn line(entry: Entry, order: &str, amount: u64, after: u64, source: Option<&str>) -> Line {
-    Line {
-        entry,
-        order_id: id(order),
-        amount: Fen::new(amount),
-        balance_after: Fen::new(after),
-        source: source.map(id),
-    }
-}
-
-fn credit(entry: Entry, order: &str, amount: u64, after: u64, source: Option<&str>) -> Event {
-    Event::Wallet(WalletEvent::Credited(line(
-        entry, order, amount, after, source,
-    )))
-}
-
-fn debit(entry: Entry, order: &str, amount: u64, after: u64) -> Event {
-    Event::Wallet(WalletEvent::Debited(line(
-        entry, order, amount, after, None,
-    )))
-}
-
-fn accepted(order: &str, uid: &str, amount: u64) -> Event {
-    Event::Activity(ActivityEvent::RewardAccepted(Reward {
-        order_id: id(order),
-        uid: id(uid),
-        scene: id("rain"),
-        kind: RewardKind::Cash,
-        amount: Fen::new(amount),
-        device_id: None,
-        app_id: None,
-        batch_id: None,
-        ext: BTreeMap::new(),
-    }))
-}
-
-/// A withdrawal of `amount` by u1 to the bank, through the named steps.
-fn withdrawal(steps: &[&str], amount: u64) -> Vec<Event> {
-    steps
-        .iter()
-        .map(|step| {
-            Event::Withdrawal(match *step {
-                "requested" => WithdrawalEvent::Requested {
-                    request: WithdrawalRequest {
-                        uid: id("u1"),
-                        amount: Fen::new(amount),
-                        method: PayoutMethod {
-                            method_id: method_id(Channel::Bank, "a"),
-                            channel: Channel::Bank,
-                            account: "a".into(),
-                        },
-                    },
-                    at_ms: 1,
-                },
-                "debited" => WithdrawalEvent::Debited { at_ms: 2 },
-                "started" => WithdrawalEvent::PayoutStarted {
-                    attempt: 1,
-                    at_ms: 3,
-                },
-                "succeeded" => WithdrawalEvent::PayoutSucceeded {
-                    attempt: 1,
-                    at_ms: 4,
-                },
-                "parked" => WithdrawalEvent::PayoutParked {
-                    attempts: 1,
-                    reason: "declined".into(),
-                    at_ms: 4,
-                },
-                "refunded" => WithdrawalEvent::Refunded { at_ms: 5 },
-                other => panic!("unknown step {other}"),
-            })
-        })
-        .collect()
 }
 
 fn coupon_request(seq: &str, uid: &str) -> IssueRequest {

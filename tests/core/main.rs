@@ -5,6 +5,7 @@ mod actors;
 mod audit;
 mod audit_mutations;
 mod compensation;
+mod fixtures;
 mod loadgen;
 mod packets;
 mod projections;
@@ -39,29 +40,4 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
-}
-
-/// Appends events to a stream as they are, bypassing every domain rule: how the audit tests
-/// build broken logs.
-pub fn append_raw(
-    store: &Arc<SledStore>,
-    stream: &str,
-    events: Vec<hongbao::domain::Event>,
-) -> Vec<Arc<hongbao::events::Envelope>> {
-    use hongbao::events::{EventStore, ExpectedVersion};
-    let events = events
-        .into_iter()
-        .map(|event| NewEvent {
-            event,
-            correlation_id: "audit-test".into(),
-        })
-        .collect();
-    runtime()
-        .block_on(
-            store
-                .append(0, stream.into(), ExpectedVersion::Any, events)
-                .unwrap(),
-        )
-        .unwrap()
-        .envelopes
 }

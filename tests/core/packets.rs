@@ -221,7 +221,8 @@ mod audit_of_packets {
     //! The `packets` check can fail: logs written through the store, bypassing the domain,
     //! each breaking one rule of P11.
 
-    use super::super::{append_raw, open};
+    use super::super::fixtures::append as append_raw;
+    use super::super::open;
     use hongbao::audit::{audit, AuditReport};
     use hongbao::domain::packet::{Mode, PacketEvent, PacketSpec, Split};
     use hongbao::domain::wallet::{Entry, Line, WalletEvent};

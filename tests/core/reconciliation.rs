@@ -2,9 +2,10 @@
 //! statement, the wallet's movements, the order's own history), and both the near-real-time
 //! reconciler (its metric) and `hongbao audit` (the order named) must see it.
 
+use super::fixtures::examples;
 use super::open;
 use hongbao::actors::{ActorConfig, Registry, Runtime};
-use hongbao::audit::{audit, AuditReport};
+use hongbao::audit::audit;
 use hongbao::channels::{
     ChannelSettings, RecordStatus, SimulatedChannels, Simulator, StatementLine,
 };
@@ -141,16 +142,6 @@ async fn wait_count(what: &str, at_least: u64, read: impl Fn() -> u64) {
         assert!(Instant::now() < deadline, "{what}: {} < {at_least}", read());
         actix_rt::time::sleep(Duration::from_millis(10)).await;
     }
-}
-
-fn examples(report: &AuditReport, check: &str) -> String {
-    report
-        .checks
-        .iter()
-        .find(|c| c.name == check)
-        .unwrap()
-        .examples
-        .join(" | ")
 }
 
 #[test]
