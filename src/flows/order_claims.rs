@@ -14,7 +14,7 @@
 
 use super::FlowGroup;
 use crate::actors::{ExecError, Registry};
-use crate::domain::activity::Reward;
+use crate::domain::activity::{Activity, ActivityCommand, ActivityError, ActivityReply, Reward};
 use crate::domain::order_ids::{
     shard_of, ClaimOutcome, OrderClaim, OrderIdCommand, OrderIdError, OrderIds,
     CLAIMS_PER_COMMAND_MAX, ORDER_ID_SHARDS,
@@ -68,6 +68,48 @@ impl OrderClaims {
             .await
             .map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
+    }
+
+    /// Reward intake (R1, R4, R10), the one way a reward enters: claims the order id
+    /// (durable), then accepts the reward in its activity (budget, idempotency). A crash
+    /// between the two leaves a claim without a reward: the identical retry replays the claim
+    /// and is accepted; any other payload under that order id is a conflict, in any activity.
+    /// `Ok(replayed)`: accepted and durable (`replayed` for the original outcome of an
+    /// identical earlier request).
+    pub async fn accept(
+        &self,
+        activities: &Arc<Registry<Activity>>,
+        activity_id: &Id,
+        reward: Reward,
+        require_budget: bool,
+    ) -> Result<bool, ExecError<ActivityError>> {
+        let conflict = || {
+            ExecError::Rejected(ActivityError::IdempotencyConflict {
+                order_id: reward.order_id.clone(),
+            })
+        };
+        match self.claim(activity_id, &reward).await {
+            Ok(ClaimOutcome::Claimed | ClaimOutcome::Replayed) => {}
+            Ok(ClaimOutcome::Conflict) => return Err(conflict()),
+            Err(ExecError::Rejected(e)) => {
+                // Only a claim command of the wrong size: a bug in this module.
+                tracing::error!(error = %e, "order-id registry refused a claim command");
+                return Err(ExecError::Unavailable(e.to_string()));
+            }
+            Err(ExecError::Unavailable(why)) => return Err(ExecError::Unavailable(why)),
+            Err(ExecError::Overloaded) => return Err(ExecError::Overloaded),
+            Err(ExecError::Timeout) => return Err(ExecError::Timeout),
+        }
+        let command = ActivityCommand::Accept {
+            reward,
+            require_budget,
+        };
+        match activities.execute(activity_id.as_str(), command).await? {
+            ActivityReply::Accepted { replayed } => Ok(replayed),
+            other => Err(ExecError::Unavailable(format!(
+                "unexpected activity reply to Accept: {other:?}"
+            ))),
+        }
     }
 
     /// Stops the batchers once the lots in flight are answered (after the HTTP server has

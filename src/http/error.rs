@@ -213,18 +213,6 @@ impl From<ActivityError> for ApiError {
     }
 }
 
-impl From<crate::domain::order_ids::OrderIdError> for ApiError {
-    /// Only a claim command of the wrong size: a bug of the caller inside this process.
-    fn from(e: crate::domain::order_ids::OrderIdError) -> ApiError {
-        tracing::error!(error = %e, "order-id registry refused a claim command");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "internal error",
-        )
-    }
-}
-
 impl<E: Into<ApiError>> From<ExecError<E>> for ApiError {
     fn from(e: ExecError<E>) -> ApiError {
         match e {

@@ -6,10 +6,9 @@ use super::error::ApiError;
 use super::{parse_id, read_view, view_error, AppState, ErrorBody};
 use crate::clock::rfc3339;
 use crate::domain::activity::{
-    ActivityCommand, ActivityError, ActivityReply, Budgets, Reward, RewardClaim, RewardKind,
-    EXT_FIELDS_MAX, EXT_KEY_CHARS_MAX, EXT_VALUE_CHARS_MAX,
+    ActivityCommand, ActivityReply, Budgets, Reward, RewardClaim, RewardKind, EXT_FIELDS_MAX,
+    EXT_KEY_CHARS_MAX, EXT_VALUE_CHARS_MAX,
 };
-use crate::domain::order_ids::ClaimOutcome;
 use crate::domain::wallet::Entry;
 use crate::ids::Id;
 use crate::money::Fen;
@@ -223,49 +222,26 @@ fn check_ext(ext: Option<BTreeMap<String, String>>) -> Result<BTreeMap<String, S
     Ok(ext)
 }
 
-/// Claims the reward's order id in its registry shard (R4: one order id, one reward, across
-/// activities): a first use or an identical retry passes, anything else is a conflict.
-async fn claim_order_id(
-    state: &AppState,
-    activity_id: &Id,
-    reward: &Reward,
-) -> Result<(), ApiError> {
-    match state.order_claims.claim(activity_id, reward).await? {
-        ClaimOutcome::Claimed | ClaimOutcome::Replayed => Ok(()),
-        ClaimOutcome::Conflict => Err(ActivityError::IdempotencyConflict {
-            order_id: reward.order_id.clone(),
-        }
-        .into()),
-    }
-}
-
-/// Accepts a validated reward and answers 202 with its token: claims the order id first
-/// (durable), then accepts in the activity. A crash between the two leaves a claim without a
-/// reward; the identical retry replays the claim and is accepted, any other payload conflicts.
+/// Accepts a validated reward through the intake flow (order id claimed, then accepted in the
+/// activity) and answers 202 with its token.
 async fn accept(
     state: &AppState,
     activity_id: Id,
     reward: Reward,
 ) -> Result<HttpResponse, ApiError> {
     let kind = reward.kind;
-    if let Err(error) = claim_order_id(state, &activity_id, &reward).await {
-        state
-            .metrics
-            .rewards_refused_total
-            .with_label_values(&[error.code])
-            .inc();
-        return Err(error);
-    }
-    let command = ActivityCommand::Accept {
-        reward: reward.clone(),
-        require_budget: state.config.rewards.require_budgets,
-    };
-    match state
-        .activities
-        .execute(activity_id.as_str(), command)
-        .await
-    {
-        Ok(ActivityReply::Accepted { replayed }) => {
+    let claim = RewardClaim::of(&activity_id, &reward);
+    let accepted = state
+        .order_claims
+        .accept(
+            &state.activities,
+            &activity_id,
+            reward,
+            state.config.rewards.require_budgets,
+        )
+        .await;
+    match accepted {
+        Ok(replayed) => {
             if !replayed {
                 state
                     .metrics
@@ -273,19 +249,11 @@ async fn accept(
                     .with_label_values(&[kind.as_str()])
                     .inc();
             }
-            let token = state.signer.sign(&RewardClaim::of(&activity_id, &reward));
             Ok(HttpResponse::Accepted().json(RewardAccepted {
-                order_id: reward.order_id.to_string(),
-                token,
+                order_id: claim.order_id.to_string(),
+                token: state.signer.sign(&claim),
                 status: "accepted".into(),
             }))
-        }
-        Ok(other) => {
-            tracing::error!(reply = ?other, "unexpected activity reply to Accept");
-            Err(ApiError::unavailable(
-                "unavailable",
-                "unexpected reply; retry with the same order id",
-            ))
         }
         Err(e) => {
             let error = ApiError::from(e);
