@@ -253,6 +253,45 @@ pub fn check_against_export(
     report
 }
 
+/// Checks the data directory's own checkpoints against its log: every signature under the
+/// directory's key, and the log's hash at each checkpoint's seq (`hongbao verify`). `None`
+/// when the directory has no checkpoints or no key (a log from before signed checkpoints).
+/// It detects a log changed behind the server's back (a restored backup, an edit); someone
+/// who also holds the key can re-sign, which is why the public key and the checkpoints are
+/// to be kept off the machine and checked with `verify --export --checkpoints`.
+pub fn check_local(
+    data_dir: &Path,
+    store: &crate::events::sled_store::SledStore,
+) -> Result<Option<CheckpointReport>, CheckpointError> {
+    let path = data_dir.join(CHECKPOINTS_FILE);
+    if !path.exists() || !data_dir.join(KEY_FILE).exists() {
+        return Ok(None);
+    }
+    let key = load_key(data_dir)?.verifying_key();
+    let checkpoints = read_checkpoints(&path)?;
+    let head = crate::events::EventStore::head(store);
+    let mut hashes = HashMap::new();
+    for (_, checkpoint) in &checkpoints {
+        if checkpoint.seq == 0 || checkpoint.seq > head || hashes.contains_key(&checkpoint.seq) {
+            continue;
+        }
+        if let Some(Ok((seq, stored))) = store.raw_records(checkpoint.seq).next() {
+            if let (true, Ok((_, hash, _))) =
+                (seq == checkpoint.seq, crate::events::split_stored(&stored))
+            {
+                hashes.insert(seq, hash);
+            }
+        }
+    }
+    Ok(Some(check_against_export(
+        &checkpoints,
+        &key,
+        &hashes,
+        Some(1),
+        Some(head),
+    )))
+}
+
 /// Cuts a last line left without its newline by a crash mid-append, so that the next append
 /// starts a line of its own. Returns the bytes cut.
 fn cut_torn_tail(path: &Path) -> std::io::Result<u64> {

@@ -78,7 +78,8 @@ enum Command {
         json: bool,
     },
     /// Check the whole log: hash chain, sequence contiguity, per-stream versions, stream index,
-    /// and print its head (last seq, last hash, record count).
+    /// the data directory's signed checkpoints against the log, and print its head (last seq,
+    /// last hash, record count).
     ///
     /// With --export FILE, check an export file standalone instead (no data directory needed):
     /// the chain proves no line was altered, removed or reordered; --expect-head proves it was
@@ -284,9 +285,24 @@ fn verify(common: Common) -> anyhow::Result<ExitCode> {
         "hash chain:             {}",
         if report.ok() { "ok" } else { "see below" }
     )?;
-    match report.violation {
+    let signed = hongbao::checkpoints::check_local(&config.data_dir, &store)?;
+    match &signed {
+        None => out!("signed checkpoints:     none in this data directory")?,
+        Some(c) if c.violation.is_none() => out!(
+            "signed checkpoints:     {} confirmed by the log",
+            c.confirmed
+        )?,
+        Some(_) => out!("signed checkpoints:     see below")?,
+    }
+    let checkpoint_violation = signed.and_then(|c| c.violation).map(|(line, why)| {
+        format!(
+            "{} line {line}: {why}",
+            hongbao::checkpoints::CHECKPOINTS_FILE
+        )
+    });
+    match report.violation.or(checkpoint_violation) {
         None => {
-            out!("result: OK (chain intact, sequence contiguous from 1, stream versions continuous, index complete)")?;
+            out!("result: OK (chain intact, sequence contiguous from 1, stream versions continuous, index complete, signed checkpoints confirmed)")?;
             Ok(ExitCode::SUCCESS)
         }
         Some(violation) => {

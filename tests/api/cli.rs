@@ -437,4 +437,22 @@ fn the_server_signs_its_final_head_at_shutdown() {
         out.contains(&format!("seq {}, hash", signed[0].1.seq)),
         "{out}"
     );
+    assert!(
+        out.contains("signed checkpoints:     1 confirmed by the log"),
+        "{out}"
+    );
+    // A checkpoint signed by the directory's key for another history at that seq (a log
+    // restored or edited behind the server's back): `verify` names it.
+    let forged = hongbao::checkpoints::Checkpoint::sign(&key, signed[0].1.seq, &[7u8; 32], 0);
+    hongbao::checkpoints::append_checkpoint(
+        &data.join(hongbao::checkpoints::CHECKPOINTS_FILE),
+        &forged,
+    )
+    .unwrap();
+    let (ok, out, _) = hongbao(&["verify", "--data-dir", data.to_str().unwrap()]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("FAILED: checkpoints.jsonl line 2") && out.contains("rewritten"),
+        "{out}"
+    );
 }
