@@ -11,6 +11,7 @@
 //! event yet"), and the global *sequence* orders every event of one log from 1 with no gaps.
 
 pub mod codec;
+pub mod jetstream;
 pub mod sled_store;
 
 use crate::domain::Event;

