@@ -12,6 +12,7 @@
 
 pub mod codec;
 pub mod jetstream;
+pub mod jetstream_store;
 pub mod sled_store;
 
 use crate::domain::Event;

@@ -4,10 +4,7 @@
 //! sequence) refuses a stale writer, on one synced server and on a cluster of three replicas
 //! that keeps acknowledging with one server killed.
 
-#[path = "../support/nats.rs"]
-mod nats;
-
-use super::runtime;
+use super::{nats, runtime};
 use async_nats::jetstream::{self, context::PublishErrorKind, stream};
 use hongbao::events::jetstream::{connect, ConnectError, Refusal, Version, SERVER_VERSION_MIN};
 use std::time::{Duration, Instant};

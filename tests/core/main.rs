@@ -8,10 +8,13 @@ mod compensation;
 mod fixtures;
 mod jetstream;
 mod loadgen;
+#[path = "../support/nats.rs"]
+mod nats;
 mod packets;
 mod projections;
 mod reconciliation;
 mod store;
+mod store_contract;
 
 use hongbao::clock::ManualClock;
 use hongbao::events::sled_store::{JournalConfig, SledStore};

@@ -5,7 +5,6 @@ use super::{event, open, runtime};
 use hongbao::events::{AppendError, EventStore, ExpectedVersion, Subscription};
 use hongbao::verify::verify_log;
 use proptest::prelude::*;
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 #[test]
@@ -250,69 +249,20 @@ fn a_subscription_delivers_every_event_once_in_order_across_catch_up_and_live() 
     });
 }
 
-#[derive(Debug, Clone)]
-enum Op {
-    /// Append `n` events to stream `s`, with the right expected version or a stale one.
-    Append { s: u8, n: u8, stale: bool },
-    /// Close the store and open it again.
-    Restart,
-}
-
-fn op() -> impl Strategy<Value = Op> {
-    prop_oneof![
-        8 => (0u8..4, 1u8..4, proptest::bool::weighted(0.2)).prop_map(|(s, n, stale)| Op::Append { s, n, stale }),
-        1 => Just(Op::Restart),
-    ]
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
     #[test]
-    fn the_store_behaves_like_an_in_memory_log_across_restarts(ops in proptest::collection::vec(op(), 1..40)) {
-        // Goal: model test: after any sequence of appends (some stale) and restarts, the store
-        // holds exactly what an in-memory model accepted, in the same order, chain intact.
+    fn the_store_behaves_like_an_in_memory_log_across_restarts(ops in proptest::collection::vec(super::store_contract::op(), 1..40)) {
+        // Goal: model test (the contract's, on sled): after any sequence of appends (some
+        // stale) and restarts, the store holds exactly what an in-memory model accepted, in
+        // the same order, chain intact; and sled's own index agrees (`verify`).
         let dir = tempfile::tempdir().unwrap();
-        let rt = runtime();
-        let mut store = open(dir.path());
-        let mut model: Vec<(String, u64)> = Vec::new(); // (stream, version) by seq - 1
-        let mut versions: BTreeMap<String, u64> = BTreeMap::new();
-        let mut n = 0u64;
-        for op in ops {
-            match op {
-                Op::Append { s, n: count, stale } => {
-                    let stream = format!("m:{s}");
-                    let current = *versions.get(&stream).unwrap_or(&0);
-                    let expected = if stale { current + 1 } else { current };
-                    let events: Vec<_> = (0..count).map(|_| { n += 1; event(n) }).collect();
-                    let result = rt.block_on(store.append(0, stream.clone(), hongbao::events::ExpectedVersion::Exact(expected), events).unwrap());
-                    if stale {
-                        prop_assert!(matches!(result, Err(AppendError::Conflict { .. })), "stale append accepted");
-                    } else {
-                        let appended = result.unwrap();
-                        prop_assert_eq!(appended.last_version, current + count as u64);
-                        for v in 1..=count as u64 {
-                            model.push((stream.clone(), current + v));
-                        }
-                        versions.insert(stream, current + count as u64);
-                    }
-                }
-                Op::Restart => {
-                    rt.block_on(store.close()).unwrap();
-                    drop(store);
-                    store = open(dir.path());
-                }
-            }
-            prop_assert_eq!(store.head(), model.len() as u64);
-        }
-        let all = store.read_all(1, usize::MAX).unwrap();
-        let got: Vec<(String, u64)> = all.iter().map(|e| (e.stream.clone(), e.version)).collect();
-        prop_assert_eq!(&got, &model);
-        for (stream, version) in &versions {
-            let events = store.read_stream(stream, 1).unwrap();
-            prop_assert_eq!(events.len() as u64, *version);
-        }
-        let report = verify_log(&store, |_, _| ()).unwrap();
+        let reopen = || -> Arc<dyn EventStore> { open(dir.path()) };
+        let store = super::store_contract::model_run(&reopen, ops)?;
+        runtime().block_on(store.close()).unwrap();
+        drop(store);
+        let report = verify_log(&open(dir.path()), |_, _| ()).unwrap();
         prop_assert!(report.ok(), "verify failed: {:?}", report);
     }
 }

@@ -1,0 +1,780 @@
+//! The [`EventStore`] on NATS JetStream (D6, issue 12): the same promises as the sled store,
+//! with the log held by a replicated JetStream stream.
+//!
+//! Mapping:
+//! - one JetStream stream per log (`stream`, subjects `<prefix>.>`); its stream sequence *is*
+//!   the global sequence (only this log's writer publishes to it, so sequences are contiguous
+//!   from 1);
+//! - each record is one message on the subject of its entity, `<prefix>.<kind>.<id>` (`wallet:u42`
+//!   -> `hb.wallet.u42`; characters outside `[A-Za-z0-9_-]` of the id escaped as `~XX`), so one
+//!   entity's history is read with a subject filter, never by scanning the log;
+//! - the payload is the stored record, byte for byte as on sled:
+//!   `[prev_hash][hash][format][body]`, so the hash chain, `verify` and `export` are the same;
+//! - snapshots (derived state) stay in a local sled database beside the node.
+//!
+//! Group commit: one writer task drains the queued appends (up to `batch_events_max` events),
+//! checks each against its stream's version (cache, or the subject's last record), chains
+//! and encodes, publishes every record of the batch pipelined, each with the stream's expected
+//! last sequence, and acknowledges the appends only after JetStream acknowledged every record.
+//! The expected last sequence is the fence: a second writer (a stale process, another node)
+//! cannot interleave records; the one that loses gets `WrongLastSequence` and fails stop. Any
+//! other failure (the server unreachable, a leader election) leaves the outcome of the batch
+//! unknown: its appends are answered `Unavailable` (every command is idempotent by its business
+//! id), the writer re-reads the log's head and hash from the stream, and goes on when the
+//! server answers again.
+//!
+//! Reads stop at the durable head (the last sequence acknowledged to this writer).
+
+use super::jetstream::{connect, ConnectError, Durability};
+use super::{
+    split_stored, AppendAck, AppendError, Appended, Envelope, EventStore, ExpectedVersion, Hash,
+    LiveBatch, NewEvent, StoreError, GENESIS_HASH,
+};
+use crate::clock::Clock;
+use crate::metrics::{stream_kind, Metrics};
+use async_nats::jetstream::{self, consumer, context::PublishErrorKind, stream};
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+/// Batches a live subscriber may fall behind before it reads from the store instead.
+const LIVE_BATCHES_MAX: usize = 1024;
+/// Pause between attempts to re-read the head after a failed batch.
+const RESYNC_RETRY: Duration = Duration::from_millis(200);
+/// Longest wait for one read of the log (an ordered consumer's next message).
+const READ_WAIT: Duration = Duration::from_secs(10);
+
+/// Where and how the log lives on JetStream.
+#[derive(Debug, Clone)]
+pub struct JetStreamConfig {
+    /// `nats://host:port[,host:port...]`.
+    pub url: String,
+    /// The JetStream stream holding the log.
+    pub stream: String,
+    /// The subjects' first token.
+    pub subject_prefix: String,
+    pub durability: Durability,
+    /// Local directory for derived state (snapshots).
+    pub local_dir: PathBuf,
+    pub batch_events_max: usize,
+    pub queue_requests_max: usize,
+    pub append_events_max: usize,
+}
+
+impl JetStreamConfig {
+    pub fn new(url: &str, stream: &str, local_dir: PathBuf) -> JetStreamConfig {
+        JetStreamConfig {
+            url: url.to_owned(),
+            stream: stream.to_owned(),
+            subject_prefix: "hb".into(),
+            durability: Durability::default(),
+            local_dir,
+            batch_events_max: 1000,
+            queue_requests_max: 65_536,
+            append_events_max: 1000,
+        }
+    }
+}
+
+/// The subject of an entity's records: `<prefix>.<kind>.<escaped id>`.
+pub fn subject_of(prefix: &str, stream_id: &str) -> String {
+    let (kind, id) = stream_id.split_once(':').unwrap_or(("_", stream_id));
+    let mut subject = String::with_capacity(prefix.len() + stream_id.len() + 8);
+    subject.push_str(prefix);
+    subject.push('.');
+    escape_into(&mut subject, kind);
+    subject.push('.');
+    escape_into(&mut subject, id);
+    subject
+}
+
+fn escape_into(out: &mut String, token: &str) {
+    if token.is_empty() {
+        out.push('_');
+    }
+    for byte in token.bytes() {
+        if byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-' {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("~{byte:02X}"));
+        }
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Io(format!("JetStream: {e}"))
+}
+
+enum JournalMsg {
+    Append(AppendRequest),
+    Close(oneshot::Sender<()>),
+}
+
+struct AppendRequest {
+    writer: u64,
+    stream: String,
+    expected: ExpectedVersion,
+    events: Vec<NewEvent>,
+    reply: oneshot::Sender<Result<Appended, AppendError>>,
+}
+
+/// The JetStream-backed [`EventStore`].
+pub struct JetStreamStore {
+    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    handle: tokio::runtime::Handle,
+    stream: stream::Stream,
+    prefix: String,
+    queue: mpsc::Sender<JournalMsg>,
+    head: Arc<AtomicU64>,
+    healthy: Arc<AtomicBool>,
+    live: broadcast::Sender<LiveBatch>,
+    state: sled::Db,
+    snapshots: sled::Tree,
+    config: JetStreamConfig,
+    writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// The log's head as the stream holds it: last sequence and its record's hash.
+async fn read_head(stream: &stream::Stream) -> Result<(u64, Hash), StoreError> {
+    let info = stream.get_info().await.map_err(unavailable)?;
+    let last = info.state.last_sequence;
+    if info.state.messages != last || (last > 0 && info.state.first_sequence != 1) {
+        return Err(StoreError::Corrupt(format!(
+            "stream {} holds {} messages from seq {} to {last}: a log has no gaps",
+            info.config.name, info.state.messages, info.state.first_sequence
+        )));
+    }
+    if last == 0 {
+        return Ok((0, GENESIS_HASH));
+    }
+    let message = stream.get_raw_message(last).await.map_err(unavailable)?;
+    let (_, hash, _) = split_stored(&message.payload)?;
+    Ok((last, hash))
+}
+
+impl JetStreamStore {
+    /// Connects (refusing unsafe servers and durability), creates the log's stream if it does
+    /// not exist (with the configured replicas), recovers the head and starts the writer.
+    pub fn open(
+        config: JetStreamConfig,
+        clock: Arc<dyn Clock>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<JetStreamStore>, StoreError> {
+        let durability = config
+            .durability
+            .check()
+            .map_err(|e| StoreError::Io(e.to_string()))?;
+        std::fs::create_dir_all(&config.local_dir).map_err(|e| StoreError::Io(e.to_string()))?;
+        let state = sled::Config::new()
+            .path(config.local_dir.join("state"))
+            .flush_every_ms(Some(2_000))
+            .open()
+            .map_err(|e| StoreError::Io(e.to_string()))?;
+        let snapshots = state
+            .open_tree("snapshots")
+            .map_err(|e| StoreError::Io(e.to_string()))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("hongbao-jetstream")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Io(e.to_string()))?;
+        let handle = runtime.handle().clone();
+        let (url, name, prefix) = (
+            config.url.clone(),
+            config.stream.clone(),
+            config.subject_prefix.clone(),
+        );
+        let opened = run_blocking(&handle, async move {
+            let (client, _) = connect(&url).await.map_err(|e| match e {
+                ConnectError::Refused(refusal) => StoreError::Io(refusal.to_string()),
+                other => StoreError::Io(other.to_string()),
+            })?;
+            let js = jetstream::new(client);
+            let stream = js
+                .get_or_create_stream(stream::Config {
+                    name: name.clone(),
+                    subjects: vec![format!("{prefix}.>")],
+                    num_replicas: durability.replicas,
+                    storage: stream::StorageType::File,
+                    allow_direct: true,
+                    ..Default::default()
+                })
+                .await
+                .map_err(unavailable)?;
+            let (last_seq, last_hash) = read_head(&stream).await?;
+            Ok::<_, StoreError>((js, stream, last_seq, last_hash))
+        })?;
+        let (js, stream, last_seq, last_hash) = opened?;
+        let (queue, receiver) = mpsc::channel(config.queue_requests_max);
+        let head = Arc::new(AtomicU64::new(last_seq));
+        let healthy = Arc::new(AtomicBool::new(true));
+        let (live, _) = broadcast::channel(LIVE_BATCHES_MAX);
+        metrics.log_head_seq.set(last_seq as i64);
+        let writer = Writer {
+            js,
+            stream: stream.clone(),
+            prefix: config.subject_prefix.clone(),
+            receiver,
+            next_seq: last_seq + 1,
+            last_hash,
+            versions: HashMap::new(),
+            fenced: HashSet::new(),
+            head: head.clone(),
+            healthy: healthy.clone(),
+            live: live.clone(),
+            clock,
+            metrics,
+            batch_events_max: config.batch_events_max,
+        };
+        let task = handle.spawn(writer.run());
+        Ok(Arc::new(JetStreamStore {
+            runtime: Mutex::new(Some(runtime)),
+            handle,
+            stream,
+            prefix: config.subject_prefix.clone(),
+            queue,
+            head,
+            healthy,
+            live,
+            state,
+            snapshots,
+            config,
+            writer: Mutex::new(Some(task)),
+        }))
+    }
+
+    fn block<T: Send + 'static>(
+        &self,
+        work: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        run_blocking(&self.handle, work)
+    }
+
+    /// Records `from_seq..=to_seq` of the log, read with an ordered consumer.
+    fn read_range(
+        &self,
+        filter: Option<String>,
+        from_seq: u64,
+        to_seq: u64,
+    ) -> Result<Vec<Envelope>, StoreError> {
+        if from_seq > to_seq {
+            return Ok(Vec::new());
+        }
+        let stream = self.stream.clone();
+        self.block(async move {
+            let consumer = stream
+                .create_consumer(consumer::pull::OrderedConfig {
+                    filter_subject: filter.unwrap_or_default(),
+                    deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: from_seq,
+                    },
+                    ..Default::default()
+                })
+                .await
+                .map_err(unavailable)?;
+            let mut messages = consumer.messages().await.map_err(unavailable)?;
+            let mut out = Vec::new();
+            loop {
+                let next = tokio::time::timeout(READ_WAIT, messages.next())
+                    .await
+                    .map_err(|_| unavailable("a log read timed out"))?;
+                let Some(message) = next else { break };
+                let message = message.map_err(unavailable)?;
+                let seq = message.info().map_err(unavailable)?.stream_sequence;
+                if seq > to_seq {
+                    break;
+                }
+                out.push(Envelope::decode_stored(&message.payload)?);
+                if seq == to_seq {
+                    break;
+                }
+            }
+            Ok(out)
+        })?
+    }
+}
+
+/// Runs `work` on the store's runtime and waits for it from any thread (an actor's, a test's),
+/// like a sled read: the caller blocks briefly, the runtime's threads do the I/O.
+fn run_blocking<T: Send + 'static>(
+    handle: &tokio::runtime::Handle,
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> Result<T, StoreError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    handle.spawn(async move {
+        let _ = tx.send(work.await);
+    });
+    rx.recv().map_err(|_| StoreError::Closed)
+}
+
+impl EventStore for JetStreamStore {
+    fn append(
+        &self,
+        writer: u64,
+        stream: String,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendAck, AppendError> {
+        if events.len() > self.config.append_events_max {
+            return Err(AppendError::TooLarge {
+                max: self.config.append_events_max,
+            });
+        }
+        if !self.healthy() {
+            return Err(AppendError::Unavailable(
+                "the JetStream journal has stopped".into(),
+            ));
+        }
+        let (reply, ack) = oneshot::channel();
+        let request = AppendRequest {
+            writer,
+            stream,
+            expected,
+            events,
+            reply,
+        };
+        match self.queue.try_send(JournalMsg::Append(request)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => return Err(AppendError::Overloaded),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                return Err(AppendError::Unavailable("the journal is closed".into()))
+            }
+        }
+        Ok(Box::pin(async move {
+            ack.await
+                .map_err(|_| AppendError::Unavailable("the journal stopped".into()))?
+        }))
+    }
+
+    fn read_stream(&self, stream_id: &str, from_version: u64) -> Result<Vec<Envelope>, StoreError> {
+        let head = self.head();
+        if head == 0 {
+            return Ok(Vec::new());
+        }
+        let subject = subject_of(&self.prefix, stream_id);
+        let stream = self.stream.clone();
+        let last_subject = subject.clone();
+        let last = self.block(async move {
+            match stream.get_last_raw_message_by_subject(&last_subject).await {
+                Ok(message) => Ok(Some(message.sequence)),
+                Err(e)
+                    if e.kind()
+                        == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+                {
+                    Ok(None)
+                }
+                Err(e) => Err(unavailable(e)),
+            }
+        })??;
+        let Some(last) = last else {
+            return Ok(Vec::new());
+        };
+        let mut events = self.read_range(Some(subject), 1, last.min(head))?;
+        events.retain(|e| e.stream == stream_id && e.version >= from_version.max(1));
+        Ok(events)
+    }
+
+    fn read_all(&self, from_seq: u64, limit: usize) -> Result<Vec<Arc<Envelope>>, StoreError> {
+        let from = from_seq.max(1);
+        let to = self
+            .head()
+            .min(from.saturating_add(limit as u64).saturating_sub(1));
+        Ok(self
+            .read_range(None, from, to)?
+            .into_iter()
+            .map(Arc::new)
+            .collect())
+    }
+
+    fn head(&self) -> u64 {
+        self.head.load(Ordering::Acquire)
+    }
+
+    fn live(&self) -> broadcast::Receiver<LiveBatch> {
+        self.live.subscribe()
+    }
+
+    fn save_snapshot(&self, stream: &str, version: u64, state: &[u8]) -> Result<(), StoreError> {
+        let mut value = Vec::with_capacity(8 + state.len());
+        value.extend_from_slice(&version.to_be_bytes());
+        value.extend_from_slice(state);
+        self.snapshots
+            .insert(stream.as_bytes(), value)
+            .map_err(|e| StoreError::Io(e.to_string()))?;
+        Ok(())
+    }
+
+    fn load_snapshot(&self, stream: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        match self
+            .snapshots
+            .get(stream.as_bytes())
+            .map_err(|e| StoreError::Io(e.to_string()))?
+        {
+            None => Ok(None),
+            Some(value) if value.len() > 8 => {
+                let version = u64::from_be_bytes(value[..8].try_into().expect("8 bytes"));
+                Ok(Some((version, value[8..].to_vec())))
+            }
+            Some(_) => Err(StoreError::Corrupt(format!(
+                "snapshot of {stream} is too short"
+            ))),
+        }
+    }
+
+    fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    fn close(&self) -> BoxFuture<'static, Result<(), StoreError>> {
+        let queue = self.queue.clone();
+        let task = self.writer.lock().map(|mut t| t.take()).unwrap_or(None);
+        let state = self.state.clone();
+        let handle = self.handle.clone();
+        Box::pin(async move {
+            let (done, closed) = oneshot::channel();
+            if queue.send(JournalMsg::Close(done)).await.is_ok() {
+                let _ = closed.await;
+            }
+            if let Some(task) = task {
+                let _ = run_blocking(&handle, async move {
+                    let _ = task.await;
+                });
+            }
+            tokio::task::spawn_blocking(move || state.flush())
+                .await
+                .map_err(|e| StoreError::Io(e.to_string()))?
+                .map(|_| ())
+                .map_err(|e| StoreError::Io(e.to_string()))
+        })
+    }
+}
+
+impl Drop for JetStreamStore {
+    fn drop(&mut self) {
+        // Not from inside the runtime: let its threads finish in the background.
+        if let Some(runtime) = self.runtime.lock().ok().and_then(|mut r| r.take()) {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// The writer: the only code that publishes to the log's stream.
+struct Writer {
+    js: jetstream::Context,
+    stream: stream::Stream,
+    prefix: String,
+    receiver: mpsc::Receiver<JournalMsg>,
+    next_seq: u64,
+    last_hash: Hash,
+    versions: HashMap<String, u64>,
+    fenced: HashSet<(String, u64)>,
+    head: Arc<AtomicU64>,
+    healthy: Arc<AtomicBool>,
+    live: broadcast::Sender<LiveBatch>,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+    batch_events_max: usize,
+}
+
+/// How a batch ended.
+enum Written {
+    Ok,
+    /// Outcome unknown (server unreachable, a leader election): re-read the head, go on.
+    Unknown(String),
+    /// Another writer appended: this one must stop (fencing).
+    Fenced(String),
+}
+
+impl Writer {
+    async fn run(mut self) {
+        let mut close = None;
+        while close.is_none() {
+            let Some(first) = self.receiver.recv().await else {
+                break;
+            };
+            let mut batch = Vec::new();
+            let mut events = 0;
+            for msg in
+                std::iter::once(first).chain(std::iter::from_fn(|| self.receiver.try_recv().ok()))
+            {
+                match msg {
+                    JournalMsg::Append(request) => {
+                        events += request.events.len();
+                        batch.push(request);
+                        if events >= self.batch_events_max {
+                            break;
+                        }
+                    }
+                    JournalMsg::Close(done) => {
+                        close = Some(done);
+                        break;
+                    }
+                }
+            }
+            match self.write(batch).await {
+                Written::Ok => {}
+                Written::Unknown(why) => {
+                    tracing::warn!(why, "JetStream batch not confirmed; re-reading the head");
+                    self.resync().await;
+                }
+                Written::Fenced(why) => {
+                    tracing::error!(
+                        why,
+                        "another writer appended to the log; this journal stops (fencing)"
+                    );
+                    self.healthy.store(false, Ordering::Release);
+                    self.receiver.close();
+                    while let Ok(msg) = self.receiver.try_recv() {
+                        match msg {
+                            JournalMsg::Append(r) => {
+                                let _ = r.reply.send(Err(AppendError::Unavailable(
+                                    "fenced by another writer".into(),
+                                )));
+                            }
+                            JournalMsg::Close(done) => close = Some(done),
+                        }
+                    }
+                    break;
+                }
+            }
+        }
+        if let Some(done) = close {
+            let _ = done.send(());
+        }
+    }
+
+    /// After an unconfirmed batch: the stream is the truth. Retries until it answers.
+    async fn resync(&mut self) {
+        self.healthy.store(false, Ordering::Release);
+        loop {
+            match read_head(&self.stream).await {
+                Ok((last, hash)) => {
+                    self.next_seq = last + 1;
+                    self.last_hash = hash;
+                    self.versions.clear();
+                    self.head.store(last, Ordering::Release);
+                    self.metrics.log_head_seq.set(last as i64);
+                    self.healthy.store(true, Ordering::Release);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "JetStream unreachable; retrying");
+                    tokio::time::sleep(RESYNC_RETRY).await;
+                }
+            }
+        }
+    }
+
+    async fn version_of(&mut self, stream_id: &str) -> Result<u64, StoreError> {
+        if let Some(&version) = self.versions.get(stream_id) {
+            return Ok(version);
+        }
+        let subject = subject_of(&self.prefix, stream_id);
+        let version = match self.stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(message) => Envelope::decode_stored(&message.payload)?.version,
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => 0,
+            Err(e) => return Err(unavailable(e)),
+        };
+        self.versions.insert(stream_id.to_owned(), version);
+        Ok(version)
+    }
+
+    async fn write(&mut self, requests: Vec<AppendRequest>) -> Written {
+        let now_ms = self.clock.now_ms();
+        let mut pending: Vec<(oneshot::Sender<Result<Appended, AppendError>>, Appended)> =
+            Vec::new();
+        let mut records: Vec<(String, u64, Vec<u8>)> = Vec::new();
+        let mut published: Vec<Arc<Envelope>> = Vec::new();
+        let (start_seq, start_hash) = (self.next_seq, self.last_hash);
+        for request in requests {
+            let current = match self.version_of(&request.stream).await {
+                Ok(v) => v,
+                Err(e) => {
+                    let _ = request
+                        .reply
+                        .send(Err(AppendError::Unavailable(e.to_string())));
+                    continue;
+                }
+            };
+            let fenced = request.writer != 0
+                && self
+                    .fenced
+                    .contains(&(request.stream.clone(), request.writer));
+            let expected = match request.expected {
+                ExpectedVersion::Exact(v) => v,
+                ExpectedVersion::Any => current,
+            };
+            if fenced || expected != current {
+                self.metrics.journal_conflicts_total.inc();
+                if request.writer != 0 {
+                    self.fenced.insert((request.stream.clone(), request.writer));
+                }
+                let _ = request.reply.send(Err(AppendError::Conflict {
+                    stream: request.stream,
+                    expected,
+                    actual: current,
+                }));
+                continue;
+            }
+            let first_seq = self.next_seq;
+            let count = request.events.len() as u64;
+            let mut envelopes = Vec::with_capacity(request.events.len());
+            let mut encoded = Vec::with_capacity(request.events.len());
+            for (i, new) in request.events.into_iter().enumerate() {
+                let envelope = Envelope {
+                    seq: first_seq + i as u64,
+                    stream: request.stream.clone(),
+                    version: current + 1 + i as u64,
+                    event_id: rand::random(),
+                    correlation_id: new.correlation_id,
+                    recorded_at_ms: now_ms,
+                    schema_version: new.event.schema_version(),
+                    event: new.event,
+                    prev_hash: GENESIS_HASH,
+                    hash: GENESIS_HASH,
+                };
+                match envelope.encode_record() {
+                    Ok(record) => {
+                        encoded.push(record);
+                        envelopes.push(envelope);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot encode event");
+                        encoded.clear();
+                        break;
+                    }
+                }
+            }
+            if encoded.len() as u64 != count {
+                let _ = request
+                    .reply
+                    .send(Err(AppendError::Unavailable("cannot encode".into())));
+                continue;
+            }
+            let subject = subject_of(&self.prefix, &request.stream);
+            let envelopes: Vec<Arc<Envelope>> = envelopes
+                .into_iter()
+                .zip(encoded)
+                .map(|(mut envelope, record)| {
+                    let (hash, stored) = super::seal(&self.last_hash, &record);
+                    envelope.prev_hash = self.last_hash;
+                    envelope.hash = hash;
+                    self.last_hash = hash;
+                    records.push((subject.clone(), envelope.seq, stored));
+                    Arc::new(envelope)
+                })
+                .collect();
+            self.next_seq += count;
+            self.versions
+                .insert(request.stream.clone(), current + count);
+            self.metrics
+                .events_appended_total
+                .with_label_values(&[stream_kind(&request.stream)])
+                .inc_by(count);
+            published.extend(envelopes.iter().cloned());
+            pending.push((
+                request.reply,
+                Appended {
+                    last_version: current + count,
+                    envelopes,
+                },
+            ));
+        }
+        if records.is_empty() {
+            for (reply, appended) in pending {
+                let _ = reply.send(Ok(appended));
+            }
+            return Written::Ok;
+        }
+        let started = Instant::now();
+        let outcome = self.publish(records).await;
+        if !matches!(outcome, Written::Ok) {
+            // Nothing of this batch is acknowledged; the stream says what landed.
+            self.next_seq = start_seq;
+            self.last_hash = start_hash;
+            self.versions.clear();
+            let why = match &outcome {
+                Written::Unknown(why) | Written::Fenced(why) => why.clone(),
+                Written::Ok => unreachable!(),
+            };
+            for (reply, _) in pending {
+                let _ = reply.send(Err(AppendError::Unavailable(why.clone())));
+            }
+            return outcome;
+        }
+        self.metrics
+            .journal_flush_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .journal_batch_events
+            .observe(published.len() as f64);
+        let head = self.next_seq - 1;
+        self.head.store(head, Ordering::Release);
+        self.metrics.log_head_seq.set(head as i64);
+        let _ = self.live.send(Arc::new(published));
+        for (reply, appended) in pending {
+            let _ = reply.send(Ok(appended));
+        }
+        Written::Ok
+    }
+
+    /// Publishes the batch's records pipelined, each fenced by the expected last sequence,
+    /// and waits for every acknowledgement.
+    async fn publish(&self, records: Vec<(String, u64, Vec<u8>)>) -> Written {
+        let mut acks = Vec::with_capacity(records.len());
+        for (subject, seq, stored) in records {
+            let message = jetstream::message::PublishMessage::build()
+                .payload(stored.into())
+                .expected_last_sequence(seq - 1);
+            match self.js.send_publish(subject, message).await {
+                Ok(ack) => acks.push((seq, ack)),
+                Err(e) => return Written::Unknown(format!("publish of seq {seq}: {e}")),
+            }
+        }
+        for (seq, ack) in acks {
+            match ack.await {
+                Ok(ack) if ack.sequence == seq => {}
+                Ok(ack) => {
+                    return Written::Fenced(format!(
+                        "seq {seq} was stored at stream sequence {}",
+                        ack.sequence
+                    ))
+                }
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                    return Written::Fenced(format!(
+                        "seq {seq}: the stream's last sequence is not {}",
+                        seq - 1
+                    ))
+                }
+                Err(e) => return Written::Unknown(format!("ack of seq {seq}: {e}")),
+            }
+        }
+        Written::Ok
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_are_per_entity_and_ids_made_safe() {
+        // Goal: one subject per stream id; dots, colons and wildcards in ids cannot split or
+        // widen a subject; distinct ids stay distinct.
+        assert_eq!(subject_of("hb", "wallet:u42"), "hb.wallet.u42");
+        assert_eq!(subject_of("hb", "coupon-intake:3"), "hb.coupon-intake.3");
+        assert_eq!(subject_of("hb", "packet:a.b:c"), "hb.packet.a~2Eb~3Ac");
+        assert_eq!(subject_of("hb", "wallet:*>"), "hb.wallet.~2A~3E");
+        assert_ne!(
+            subject_of("hb", "wallet:a.b"),
+            subject_of("hb", "wallet:a~2Eb")
+        );
+        assert_eq!(subject_of("hb", "plain"), "hb._.plain");
+    }
+}

@@ -1,0 +1,387 @@
+//! The `EventStore` contract, run against both backends from one set of tests: sled, and
+//! JetStream on a real nats-server with `sync_interval: always` (skipped without
+//! `HONGBAO_NATS_SERVER`, mandatory with `HONGBAO_JETSTREAM=1`). Conflicts, one global order
+//! with contiguous sequences, the hash chain, per-stream reads, restarts, subscriptions that
+//! deliver every event once in order; and, on JetStream, a second writer fenced by the log.
+
+use super::{event, nats, runtime};
+use hongbao::clock::ManualClock;
+use hongbao::events::jetstream::Durability;
+use hongbao::events::jetstream_store::{JetStreamConfig, JetStreamStore};
+use hongbao::events::sled_store::{JournalConfig, SledStore};
+use hongbao::events::{
+    chain_hash, AppendError, Envelope, EventStore, ExpectedVersion, Subscription, GENESIS_HASH,
+};
+use hongbao::metrics::Metrics;
+use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Backend {
+    Sled,
+    JetStream,
+}
+
+/// A place for one log: a directory, and for JetStream a server of its own.
+struct Place {
+    backend: Backend,
+    dir: tempfile::TempDir,
+    server: Option<nats::NatsServer>,
+}
+
+impl Place {
+    /// `None` when the backend cannot run here (no nats-server, and not required).
+    fn new(backend: Backend) -> Option<Place> {
+        let dir = tempfile::tempdir().unwrap();
+        let server = match backend {
+            Backend::Sled => None,
+            Backend::JetStream => Some(nats::single_synced(&nats::binary()?, dir.path())),
+        };
+        Some(Place {
+            backend,
+            dir,
+            server,
+        })
+    }
+
+    fn open(&self) -> Arc<dyn EventStore> {
+        self.open_node("node")
+    }
+
+    /// For JetStream, `node` names the process's local directory (its snapshots): two nodes
+    /// on one log each have their own.
+    fn open_node(&self, node: &str) -> Arc<dyn EventStore> {
+        let clock = Arc::new(ManualClock::new(1_000));
+        let metrics = Arc::new(Metrics::new());
+        match &self.server {
+            None => SledStore::open(self.dir.path(), JournalConfig::default(), clock, metrics)
+                .expect("open sled"),
+            Some(server) => {
+                let mut config =
+                    JetStreamConfig::new(&server.url(), "HB_LOG", self.dir.path().join(node));
+                config.durability = Durability {
+                    replicas: 1,
+                    single_replica_synced: true,
+                };
+                JetStreamStore::open(config, clock, metrics).expect("open JetStream")
+            }
+        }
+    }
+}
+
+fn each_backend(test: impl Fn(&Place)) {
+    for backend in [Backend::Sled, Backend::JetStream] {
+        match Place::new(backend) {
+            Some(place) => test(&place),
+            None => eprintln!("{backend:?}: skipped"),
+        }
+    }
+}
+
+fn append(
+    store: &Arc<dyn EventStore>,
+    writer: u64,
+    stream: &str,
+    expected: ExpectedVersion,
+    n: u64,
+) -> Result<u64, AppendError> {
+    let events = (0..n).map(event).collect();
+    let ack = store.append(writer, stream.into(), expected, events)?;
+    runtime().block_on(ack).map(|a| a.last_version)
+}
+
+/// The whole log: contiguous from 1, each record linked to the one before, its hash covering
+/// its bytes.
+fn assert_chain(store: &Arc<dyn EventStore>, backend: Backend) -> Vec<Arc<Envelope>> {
+    let all = store.read_all(1, usize::MAX).unwrap();
+    let mut prev = GENESIS_HASH;
+    for (i, e) in all.iter().enumerate() {
+        assert_eq!(e.seq, i as u64 + 1, "{backend:?}: sequence contiguous");
+        assert_eq!(e.prev_hash, prev, "{backend:?}: seq {} links", e.seq);
+        let record = e.encode_record().unwrap();
+        assert_eq!(
+            chain_hash(&prev, &record),
+            e.hash,
+            "{backend:?}: seq {}",
+            e.seq
+        );
+        prev = e.hash;
+    }
+    assert_eq!(all.len() as u64, store.head(), "{backend:?}: head");
+    all
+}
+
+#[test]
+fn conflicts_order_chain_and_stream_reads_hold_on_both_backends() {
+    // Goal: expected versions are enforced with a typed conflict; a refused writer stays
+    // fenced on that stream; the log is one order with a hash chain; a stream reads back its
+    // own events from any version.
+    each_backend(|place| {
+        let backend = place.backend;
+        let store = place.open();
+        assert_eq!(
+            append(&store, 1, "wallet:a", ExpectedVersion::Exact(0), 3),
+            Ok(3)
+        );
+        assert_eq!(
+            append(&store, 2, "wallet:b.c", ExpectedVersion::Exact(0), 2),
+            Ok(2)
+        );
+        assert_eq!(
+            append(&store, 1, "wallet:a", ExpectedVersion::Exact(3), 1),
+            Ok(4)
+        );
+        assert_eq!(
+            append(&store, 3, "wallet:a", ExpectedVersion::Exact(2), 1),
+            Err(AppendError::Conflict {
+                stream: "wallet:a".into(),
+                expected: 2,
+                actual: 4
+            }),
+            "{backend:?}"
+        );
+        assert!(
+            matches!(
+                append(&store, 3, "wallet:a", ExpectedVersion::Exact(4), 1),
+                Err(AppendError::Conflict { .. })
+            ),
+            "{backend:?}: a refused writer stays fenced"
+        );
+        assert_eq!(
+            append(&store, 4, "wallet:b.c", ExpectedVersion::Any, 1),
+            Ok(3)
+        );
+        let all = assert_chain(&store, backend);
+        assert_eq!(all.len(), 7);
+        let a: Vec<u64> = store
+            .read_stream("wallet:a", 1)
+            .unwrap()
+            .iter()
+            .map(|e| e.version)
+            .collect();
+        assert_eq!(a, vec![1, 2, 3, 4], "{backend:?}");
+        let b: Vec<(String, u64)> = store
+            .read_stream("wallet:b.c", 2)
+            .unwrap()
+            .iter()
+            .map(|e| (e.stream.clone(), e.version))
+            .collect();
+        assert_eq!(
+            b,
+            vec![("wallet:b.c".into(), 2), ("wallet:b.c".into(), 3)],
+            "{backend:?}"
+        );
+        assert!(store.read_stream("wallet:nobody", 1).unwrap().is_empty());
+        runtime().block_on(store.close()).unwrap();
+    });
+}
+
+#[test]
+fn a_restart_keeps_the_log_and_the_chain_goes_on() {
+    // Goal: after close and reopen the head, the records and the versions are what was
+    // acknowledged, and the next append continues the sequence and the chain.
+    each_backend(|place| {
+        let backend = place.backend;
+        let store = place.open();
+        append(&store, 1, "packet:p", ExpectedVersion::Exact(0), 5).unwrap();
+        append(&store, 2, "wallet:w", ExpectedVersion::Exact(0), 2).unwrap();
+        let before = assert_chain(&store, backend);
+        runtime().block_on(store.close()).unwrap();
+        drop(store);
+        let store = place.open();
+        assert_eq!(store.head(), 7, "{backend:?}");
+        let after = store.read_all(1, usize::MAX).unwrap();
+        assert_eq!(
+            before.iter().map(|e| e.hash).collect::<Vec<_>>(),
+            after.iter().map(|e| e.hash).collect::<Vec<_>>(),
+            "{backend:?}"
+        );
+        assert!(matches!(
+            append(&store, 3, "packet:p", ExpectedVersion::Exact(4), 1),
+            Err(AppendError::Conflict { actual: 5, .. })
+        ));
+        assert_eq!(
+            append(&store, 4, "packet:p", ExpectedVersion::Exact(5), 1),
+            Ok(6)
+        );
+        assert_eq!(assert_chain(&store, backend).len(), 8);
+        runtime().block_on(store.close()).unwrap();
+    });
+}
+
+#[test]
+fn a_subscription_delivers_every_event_once_in_order_while_appends_go_on() {
+    // Goal: a consumer that starts mid-way catches up from the store, follows the live tail
+    // and sees every sequence exactly once, in order.
+    each_backend(|place| {
+        let backend = place.backend;
+        let store = place.open();
+        append(&store, 1, "wallet:s0", ExpectedVersion::Any, 10).unwrap();
+        let mut subscription = Subscription::new(store.clone(), 1, 64);
+        let writer = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                for i in 0..30 {
+                    append(
+                        &store,
+                        0,
+                        &format!("wallet:s{}", i % 4),
+                        ExpectedVersion::Any,
+                        3,
+                    )
+                    .unwrap();
+                }
+            })
+        };
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        runtime().block_on(async {
+            while seen.len() < 100 {
+                assert!(
+                    Instant::now() < deadline,
+                    "{backend:?}: {} of 100",
+                    seen.len()
+                );
+                let next = tokio::time::timeout(Duration::from_secs(5), subscription.next()).await;
+                if let Ok(events) = next {
+                    seen.extend(events.unwrap().iter().map(|e| e.seq));
+                }
+            }
+        });
+        writer.join().unwrap();
+        assert_eq!(seen, (1..=100).collect::<Vec<u64>>(), "{backend:?}");
+        runtime().block_on(store.close()).unwrap();
+    });
+}
+
+#[test]
+fn a_second_writer_on_the_same_jetstream_log_is_fenced() {
+    // Goal (D6): two processes opened on one log; the first appends; the second, whose view
+    // of the log is stale, cannot interleave: its append fails, it stops (unhealthy), and the
+    // chain stays linear with the first writer going on.
+    let Some(place) = Place::new(Backend::JetStream) else {
+        return;
+    };
+    let first = place.open_node("first");
+    let second = place.open_node("second");
+    append(&first, 1, "wallet:f", ExpectedVersion::Exact(0), 2).unwrap();
+    let refused = append(&second, 2, "wallet:g", ExpectedVersion::Exact(0), 1);
+    assert!(
+        matches!(refused, Err(AppendError::Unavailable(_))),
+        "{refused:?}"
+    );
+    assert!(!second.healthy(), "the loser fails stop");
+    assert!(matches!(
+        append(&second, 2, "wallet:g", ExpectedVersion::Exact(0), 1),
+        Err(AppendError::Unavailable(_))
+    ));
+    assert_eq!(
+        append(&first, 1, "wallet:f", ExpectedVersion::Exact(2), 1),
+        Ok(3)
+    );
+    let all = assert_chain(&first, Backend::JetStream);
+    assert!(
+        all.iter().all(|e| e.stream == "wallet:f"),
+        "nothing of the loser"
+    );
+    runtime().block_on(first.close()).unwrap();
+}
+
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Append `n` events to stream `s`, with the right expected version or a stale one.
+    Append { s: u8, n: u8, stale: bool },
+    /// Close the store and open it again.
+    Restart,
+}
+
+pub fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => (0u8..4, 1u8..4, proptest::bool::weighted(0.2)).prop_map(|(s, n, stale)| Op::Append { s, n, stale }),
+        1 => Just(Op::Restart),
+    ]
+}
+
+/// The model test's run: `ops` against the store `open` gives (reopened at each `Restart`)
+/// and against an in-memory model; they must agree after every step and at the end (order,
+/// versions, per-stream reads, chain). Returns the store, still open.
+pub fn model_run(
+    open: &dyn Fn() -> Arc<dyn EventStore>,
+    ops: Vec<Op>,
+) -> Result<Arc<dyn EventStore>, TestCaseError> {
+    let rt = runtime();
+    let mut store = open();
+    let mut model: Vec<(String, u64)> = Vec::new(); // (stream, version) by seq - 1
+    let mut versions: BTreeMap<String, u64> = BTreeMap::new();
+    let mut n = 0u64;
+    for op in ops {
+        match op {
+            Op::Append { s, n: count, stale } => {
+                let stream = format!("m:{s}");
+                let current = *versions.get(&stream).unwrap_or(&0);
+                let expected = if stale { current + 1 } else { current };
+                let events: Vec<_> = (0..count)
+                    .map(|_| {
+                        n += 1;
+                        event(n)
+                    })
+                    .collect();
+                let result = rt.block_on(
+                    store
+                        .append(0, stream.clone(), ExpectedVersion::Exact(expected), events)
+                        .unwrap(),
+                );
+                if stale {
+                    prop_assert!(
+                        matches!(result, Err(AppendError::Conflict { .. })),
+                        "stale append accepted"
+                    );
+                } else {
+                    let appended = result.unwrap();
+                    prop_assert_eq!(appended.last_version, current + count as u64);
+                    for v in 1..=count as u64 {
+                        model.push((stream.clone(), current + v));
+                    }
+                    versions.insert(stream, current + count as u64);
+                }
+            }
+            Op::Restart => {
+                rt.block_on(store.close()).unwrap();
+                drop(store);
+                store = open();
+            }
+        }
+        prop_assert_eq!(store.head(), model.len() as u64);
+    }
+    let all = store.read_all(1, usize::MAX).unwrap();
+    let got: Vec<(String, u64)> = all.iter().map(|e| (e.stream.clone(), e.version)).collect();
+    prop_assert_eq!(&got, &model);
+    for (stream, version) in &versions {
+        let events = store.read_stream(stream, 1).unwrap();
+        prop_assert_eq!(events.len() as u64, *version);
+    }
+    let mut prev = GENESIS_HASH;
+    for e in &all {
+        prop_assert_eq!(e.prev_hash, prev);
+        prop_assert_eq!(chain_hash(&prev, &e.encode_record().unwrap()), e.hash);
+        prev = e.hash;
+    }
+    Ok(store)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 8, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_jetstream_store_behaves_like_an_in_memory_log_across_restarts(ops in proptest::collection::vec(op(), 1..30)) {
+        // Goal: the sled model test (tests/core/store.rs), on JetStream: appends, stale
+        // writers and restarts; the stream holds exactly what the model accepted.
+        let Some(place) = Place::new(Backend::JetStream) else { return Ok(()) };
+        let reopen = || place.open();
+        let store = model_run(&reopen, ops)?;
+        runtime().block_on(store.close()).unwrap();
+    }
+}
