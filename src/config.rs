@@ -24,6 +24,58 @@ pub struct Config {
     pub coupons: CouponsSection,
     pub audit: AuditSection,
     pub auth: AuthConfig,
+    pub store: StoreSection,
+}
+
+/// Where the log lives: `sled` (embedded, in the data directory: the default) or NATS
+/// JetStream (`nats://host:port[,host:port...]`). Views, snapshots, checkpoints and keys stay in
+/// the data directory either way: they are derived or local.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSection {
+    /// `sled`, or `nats://host:port[,host:port...]`.
+    pub url: String,
+    /// The JetStream stream holding the log.
+    pub stream: String,
+    /// Replicas of the log's stream (JetStream): 3 by default; 1 only with
+    /// `single_replica_synced`.
+    pub replicas: usize,
+    /// The operator states that the JetStream server fsyncs every write (`sync_interval:
+    /// always`), which makes one replica acceptable.
+    pub single_replica_synced: bool,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection {
+            url: "sled".into(),
+            stream: "HONGBAO_LOG".into(),
+            replicas: crate::events::jetstream::REPLICAS_DEFAULT,
+            single_replica_synced: false,
+        }
+    }
+}
+
+impl StoreSection {
+    /// The JetStream durability stated here, checked (`None` for sled).
+    pub fn jetstream(&self) -> Result<Option<crate::events::jetstream::Durability>, ConfigError> {
+        if self.url == "sled" {
+            return Ok(None);
+        }
+        if !self.url.starts_with("nats://") {
+            return Err(ConfigError::Invalid(format!(
+                "store.url is sled or nats://host:port[,host:port...], not {:?}",
+                self.url
+            )));
+        }
+        crate::events::jetstream::Durability {
+            replicas: self.replicas,
+            single_replica_synced: self.single_replica_synced,
+        }
+        .check()
+        .map(Some)
+        .map_err(|e| ConfigError::Invalid(e.to_string()))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -249,6 +301,7 @@ impl Default for Config {
             coupons: CouponsSection::default(),
             audit: AuditSection::default(),
             auth: AuthConfig::default(),
+            store: StoreSection::default(),
         }
     }
 }
@@ -345,6 +398,7 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.store.jetstream()?;
         let positive = [
             (
                 "journal.batch_events_max",

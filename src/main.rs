@@ -55,6 +55,35 @@ struct Common {
     data_dir: Option<PathBuf>,
 }
 
+/// Where the log lives.
+#[derive(clap::Args, Clone)]
+struct StoreArgs {
+    /// The log: `sled` (embedded, in the data directory) or `nats://HOST:PORT[,HOST:PORT...]`
+    /// (NATS JetStream 2.12.3 or later; older servers are refused with the reason)
+    /// [default: sled, or [store] url].
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
+    /// Replicas of the log's JetStream stream [default: 3].
+    #[arg(long, value_name = "N")]
+    replicas: Option<usize>,
+    /// State that the JetStream server fsyncs every write (`sync_interval: always`): needed to
+    /// run on one replica, which could otherwise lose acknowledged writes.
+    #[arg(long)]
+    single_replica_synced: bool,
+}
+
+impl StoreArgs {
+    fn apply(self, config: &mut Config) {
+        if let Some(url) = self.store {
+            config.store.url = url;
+        }
+        if let Some(replicas) = self.replicas {
+            config.store.replicas = replicas;
+        }
+        config.store.single_replica_synced |= self.single_replica_synced;
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the HTTP API until SIGINT/SIGTERM (graceful: in-flight requests finish, log flushed).
@@ -67,6 +96,8 @@ enum Command {
         /// Refuse rewards for activities that have no budget (409 budget_not_set).
         #[arg(long)]
         require_budgets: bool,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// Replay the whole log and prove every invariant, then compare each view with a rebuild
     /// (exit 0 only if all hold; --json for machines).
@@ -239,9 +270,15 @@ fn progress_bar(total: u64, what: &str) -> ProgressBar {
     bar
 }
 
-fn serve(common: Common, addr: Option<String>, require_budgets: bool) -> anyhow::Result<ExitCode> {
+fn serve(
+    common: Common,
+    addr: Option<String>,
+    require_budgets: bool,
+    store: StoreArgs,
+) -> anyhow::Result<ExitCode> {
     init_logging("info");
     let mut config = load_config(&common)?;
+    store.apply(&mut config);
     if let Some(addr) = addr {
         config.server.addr = addr;
     }
@@ -639,7 +676,8 @@ fn main() -> ExitCode {
             common,
             addr,
             require_budgets,
-        } => serve(common, addr, require_budgets),
+            store,
+        } => serve(common, addr, require_budgets, store),
         Command::Verify {
             export: Some(file),
             expect_head,

@@ -157,6 +157,30 @@ async fn read_head(stream: &stream::Stream) -> Result<(u64, Hash), StoreError> {
     Ok((last, hash))
 }
 
+/// The stream really has the replicas the durability rests on: a single unclustered server
+/// accepts a stream of three replicas and keeps one copy, and a stream created earlier keeps
+/// the replicas it was created with.
+async fn check_replicas(stream: &stream::Stream, wanted: usize) -> Result<(), StoreError> {
+    let info = stream.get_info().await.map_err(unavailable)?;
+    let copies = info
+        .cluster
+        .as_ref()
+        .filter(|c| c.leader.is_some())
+        .map_or(1, |c| c.replicas.len() + 1);
+    if info.config.num_replicas.max(1) != wanted || copies < wanted {
+        let copies_text = if copies == 1 {
+            "1 copy".to_owned()
+        } else {
+            format!("{copies} copies")
+        };
+        return Err(StoreError::Io(format!(
+            "the log's stream {} keeps {copies_text} (created with {} replicas), not the {wanted} the durability rests on: run a cluster of at least {wanted} servers, or state a single synced server with --replicas 1 --single-replica-synced",
+            info.config.name, info.config.num_replicas
+        )));
+    }
+    Ok(())
+}
+
 impl JetStreamStore {
     /// Connects (refusing unsafe servers and durability), creates the log's stream if it does
     /// not exist (with the configured replicas), recovers the head and starts the writer.
@@ -207,10 +231,18 @@ impl JetStreamStore {
                 })
                 .await
                 .map_err(unavailable)?;
+            check_replicas(&stream, durability.replicas).await?;
             let (last_seq, last_hash) = read_head(&stream).await?;
             Ok::<_, StoreError>((js, stream, last_seq, last_hash))
-        })?;
-        let (js, stream, last_seq, last_hash) = opened?;
+        });
+        let (js, stream, last_seq, last_hash) = match opened {
+            Ok(Ok(opened)) => opened,
+            Ok(Err(e)) | Err(e) => {
+                // Not dropped in place: `open` may run inside another runtime (the server's).
+                runtime.shutdown_background();
+                return Err(e);
+            }
+        };
         let (queue, receiver) = mpsc::channel(config.queue_requests_max);
         let head = Arc::new(AtomicU64::new(last_seq));
         let healthy = Arc::new(AtomicBool::new(true));
@@ -247,6 +279,11 @@ impl JetStreamStore {
             config,
             writer: Mutex::new(Some(task)),
         }))
+    }
+
+    /// The local database for derived state (views, flow checkpoints, snapshots).
+    pub fn state_db(&self) -> &sled::Db {
+        &self.state
     }
 
     fn block<T: Send + 'static>(

@@ -182,7 +182,9 @@ impl utoipa::Modify for BearerAuth {
 pub struct AppState {
     pub config: Config,
     pub keys: Keys,
-    pub store: Arc<SledStore>,
+    pub store: Arc<dyn EventStore>,
+    /// What the log's durability rests on, as `/readyz` says it.
+    pub store_guarantee: String,
     pub wallets: Arc<Registry<Wallet>>,
     pub activities: Arc<Registry<Activity>>,
     /// Reward intake claims each order id in the order-id registry first (R4).
@@ -243,7 +245,8 @@ pub fn parse_id(field: &str, raw: &str) -> Result<Id, ApiError> {
 pub enum ServeError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("cannot open the event log: {0}")]
+    /// (The cause follows as the error's source, printed once by the command line.)
+    #[error("cannot open the event log")]
     Store(#[from] StoreError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -271,18 +274,47 @@ impl Application {
         let metrics = Arc::new(Metrics::new());
         let (keys, keys_file) =
             Keys::resolve(&config.auth, &config.data_dir, |v| std::env::var(v).ok())?;
-        let store = SledStore::open(
-            &config.data_dir,
-            config.journal(),
-            clock.clone(),
-            metrics.clone(),
-        )?;
-        let dyn_store: Arc<dyn EventStore> = store.clone();
+        // The log: sled in the data directory, or JetStream; derived state (views, flow
+        // checkpoints, snapshots) stays in a local sled database either way.
+        let (dyn_store, state_db, store_guarantee): (Arc<dyn EventStore>, sled::Db, String) =
+            match config.store.jetstream()? {
+                None => {
+                    let store = SledStore::open(
+                        &config.data_dir,
+                        config.journal(),
+                        clock.clone(),
+                        metrics.clone(),
+                    )?;
+                    let state = store.state_db().clone();
+                    (
+                        store,
+                        state,
+                        "sled: each batch flushed before it is acknowledged".into(),
+                    )
+                }
+                Some(durability) => {
+                    let mut js = crate::events::jetstream_store::JetStreamConfig::new(
+                        &config.store.url,
+                        &config.store.stream,
+                        config.data_dir.clone(),
+                    );
+                    js.durability = durability;
+                    let store = crate::events::jetstream_store::JetStreamStore::open(
+                        js,
+                        clock.clone(),
+                        metrics.clone(),
+                    )?;
+                    let state = store.state_db().clone();
+                    let guarantee = format!("JetStream: {}", durability.describe());
+                    (store, state, guarantee)
+                }
+            };
+        let store = dyn_store.clone();
         let checkpoints = start_checkpoints(&config, dyn_store.clone(), clock.clone())?;
         let views = crate::projections::all(metrics.clone());
         let projections = Arc::new(Projections::start(
             dyn_store.clone(),
-            store.state_db(),
+            &state_db,
             views,
             metrics.clone(),
         )?);
@@ -332,7 +364,7 @@ impl Application {
                 ServeError::Store(StoreError::Io("the withdrawals view is not running".into()))
             })?;
         let withdrawal_flows =
-            WithdrawalFlows::start(withdrawals.clone(), store.state_db(), withdrawal_view)?;
+            WithdrawalFlows::start(withdrawals.clone(), &state_db, withdrawal_view)?;
         let packets = Packets::new(
             Registry::new(runtime.clone()),
             wallets.clone(),
@@ -345,17 +377,17 @@ impl Application {
             .ok_or_else(|| {
                 ServeError::Store(StoreError::Io("the packets view is not running".into()))
             })?;
-        let packet_flows = PacketFlows::start(packets.clone(), store.state_db(), packet_view)?;
+        let packet_flows = PacketFlows::start(packets.clone(), &state_db, packet_view)?;
         let (coupons, coupon_flows) = Coupons::start(
             Registry::new(runtime.clone()),
             Registry::new(runtime.clone()),
             Registry::new(runtime.clone()),
             activities.clone(),
-            store.state_db(),
+            &state_db,
             config.coupons(),
         )?;
         let lanes = RewardLanes::start(
-            store.state_db(),
+            &state_db,
             wallets.clone(),
             activities.clone(),
             config.lanes(),
@@ -366,6 +398,7 @@ impl Application {
             signer: TokenSigner::new(&keys.token_secret),
             keys,
             store,
+            store_guarantee,
             wallets,
             activities,
             order_claims,

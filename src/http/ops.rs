@@ -5,7 +5,6 @@ use super::error::ApiError;
 use super::{AppState, ErrorBody};
 use crate::actors::ExecError;
 use crate::domain::switches::{SetSwitch, SwitchError};
-use crate::events::EventStore;
 use crate::projections::wallet as wallet_view;
 use actix_web::{web, HttpResponse};
 use serde_json::json;
@@ -20,7 +19,7 @@ pub async fn healthz() -> HttpResponse {
 /// Readiness: the journal is healthy (it stops after a failed write).
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses(
-        (status = 200, description = "Ready: journal healthy; includes log head and projection checkpoints"),
+        (status = 200, description = "Ready: journal healthy; includes log head, the store's durability guarantee and projection checkpoints"),
         (status = 503, description = "The journal has stopped after a write failure"),
     ))]
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
@@ -28,6 +27,7 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let body = json!({
         "status": if state.store.healthy() { "ready" } else { "journal_failed" },
         "log_head": head,
+        "store": state.store_guarantee,
         "projections": { wallet_view::NAME: state.projections.checkpoint(wallet_view::NAME) },
     });
     if state.store.healthy() {

@@ -4,7 +4,12 @@
 mod cli;
 mod coupons;
 mod crash;
+mod jetstream;
 mod lists;
+// Shared with the core tests; this binary uses a part of it.
+#[allow(dead_code)]
+#[path = "../support/nats.rs"]
+mod nats;
 mod ops;
 mod packets;
 mod rewards;
