@@ -438,30 +438,11 @@ impl EventStore for JetStreamStore {
     }
 
     fn save_snapshot(&self, stream: &str, version: u64, state: &[u8]) -> Result<(), StoreError> {
-        let mut value = Vec::with_capacity(8 + state.len());
-        value.extend_from_slice(&version.to_be_bytes());
-        value.extend_from_slice(state);
-        self.snapshots
-            .insert(stream.as_bytes(), value)
-            .map_err(|e| StoreError::Io(e.to_string()))?;
-        Ok(())
+        super::save_local_snapshot(&self.snapshots, stream, version, state)
     }
 
     fn load_snapshot(&self, stream: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-        match self
-            .snapshots
-            .get(stream.as_bytes())
-            .map_err(|e| StoreError::Io(e.to_string()))?
-        {
-            None => Ok(None),
-            Some(value) if value.len() > 8 => {
-                let version = u64::from_be_bytes(value[..8].try_into().expect("8 bytes"));
-                Ok(Some((version, value[8..].to_vec())))
-            }
-            Some(_) => Err(StoreError::Corrupt(format!(
-                "snapshot of {stream} is too short"
-            ))),
-        }
+        super::load_local_snapshot(&self.snapshots, stream)
     }
 
     fn healthy(&self) -> bool {

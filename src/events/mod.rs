@@ -262,6 +262,42 @@ pub trait EventStore: Send + Sync + 'static {
     fn close(&self) -> BoxFuture<'static, Result<(), StoreError>>;
 }
 
+/// Stores a snapshot in a local sled tree (`stream -> version (u64 BE) + encoded state`): both
+/// stores keep snapshots locally, as derived state (a lost one only costs replay).
+pub fn save_local_snapshot(
+    tree: &sled::Tree,
+    stream: &str,
+    version: u64,
+    state: &[u8],
+) -> Result<(), StoreError> {
+    let mut value = Vec::with_capacity(8 + state.len());
+    value.extend_from_slice(&version.to_be_bytes());
+    value.extend_from_slice(state);
+    tree.insert(stream.as_bytes(), value)
+        .map_err(|e| StoreError::Io(e.to_string()))?;
+    Ok(())
+}
+
+/// The latest snapshot of a stream in a local sled tree, if any (see [`save_local_snapshot`]).
+pub fn load_local_snapshot(
+    tree: &sled::Tree,
+    stream: &str,
+) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+    match tree
+        .get(stream.as_bytes())
+        .map_err(|e| StoreError::Io(e.to_string()))?
+    {
+        None => Ok(None),
+        Some(value) if value.len() > 8 => {
+            let version = u64::from_be_bytes(value[..8].try_into().expect("8 bytes"));
+            Ok(Some((version, value[8..].to_vec())))
+        }
+        Some(_) => Err(StoreError::Corrupt(format!(
+            "snapshot of {stream} is too short"
+        ))),
+    }
+}
+
 /// A consumer's cursor over the global log: catches up from the store, then follows the live
 /// tail, falling back to the store whenever it lags. Delivers every event exactly once, in order.
 pub struct Subscription {

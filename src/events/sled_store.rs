@@ -603,23 +603,11 @@ impl EventStore for SledStore {
     }
 
     fn save_snapshot(&self, stream: &str, version: u64, state: &[u8]) -> Result<(), StoreError> {
-        let mut value = Vec::with_capacity(8 + state.len());
-        value.extend_from_slice(&version.to_be_bytes());
-        value.extend_from_slice(state);
-        self.snapshots
-            .insert(stream.as_bytes(), value)
-            .map_err(io)?;
-        Ok(())
+        super::save_local_snapshot(&self.snapshots, stream, version, state)
     }
 
     fn load_snapshot(&self, stream: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-        match self.snapshots.get(stream.as_bytes()).map_err(io)? {
-            None => Ok(None),
-            Some(value) if value.len() > 8 => Ok(Some((be_u64(&value[..8])?, value[8..].to_vec()))),
-            Some(_) => Err(StoreError::Corrupt(format!(
-                "snapshot of {stream} is too short"
-            ))),
-        }
+        super::load_local_snapshot(&self.snapshots, stream)
     }
 
     fn healthy(&self) -> bool {
