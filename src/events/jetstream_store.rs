@@ -35,7 +35,7 @@ use crate::metrics::{stream_kind, Metrics};
 use async_nats::jetstream::{self, consumer, context::PublishErrorKind, stream};
 use futures::future::BoxFuture;
 use futures::StreamExt;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -256,7 +256,7 @@ impl JetStreamStore {
             next_seq: last_seq + 1,
             last_hash,
             versions: HashMap::new(),
-            fenced: HashSet::new(),
+            fenced: super::Fences::default(),
             head: head.clone(),
             healthy: healthy.clone(),
             live: live.clone(),
@@ -491,7 +491,7 @@ struct Writer {
     next_seq: u64,
     last_hash: Hash,
     versions: HashMap<String, u64>,
-    fenced: HashSet<(String, u64)>,
+    fenced: super::Fences,
     head: Arc<AtomicU64>,
     healthy: Arc<AtomicBool>,
     live: broadcast::Sender<LiveBatch>,
@@ -620,74 +620,41 @@ impl Writer {
                     continue;
                 }
             };
-            let fenced = request.writer != 0
-                && self
-                    .fenced
-                    .contains(&(request.stream.clone(), request.writer));
-            let expected = match request.expected {
-                ExpectedVersion::Exact(v) => v,
-                ExpectedVersion::Any => current,
-            };
-            if fenced || expected != current {
+            if let Err(conflict) =
+                self.fenced
+                    .admit(request.writer, &request.stream, request.expected, current)
+            {
                 self.metrics.journal_conflicts_total.inc();
-                if request.writer != 0 {
-                    self.fenced.insert((request.stream.clone(), request.writer));
-                }
-                let _ = request.reply.send(Err(AppendError::Conflict {
-                    stream: request.stream,
-                    expected,
-                    actual: current,
-                }));
+                let _ = request.reply.send(Err(conflict));
                 continue;
             }
             let first_seq = self.next_seq;
             let count = request.events.len() as u64;
-            let mut envelopes = Vec::with_capacity(request.events.len());
-            let mut encoded = Vec::with_capacity(request.events.len());
-            for (i, new) in request.events.into_iter().enumerate() {
-                let envelope = Envelope {
-                    seq: first_seq + i as u64,
-                    stream: request.stream.clone(),
-                    version: current + 1 + i as u64,
-                    event_id: rand::random(),
-                    correlation_id: new.correlation_id,
-                    recorded_at_ms: now_ms,
-                    schema_version: new.event.schema_version(),
-                    event: new.event,
-                    prev_hash: GENESIS_HASH,
-                    hash: GENESIS_HASH,
-                };
-                match envelope.encode_record() {
-                    Ok(record) => {
-                        encoded.push(record);
-                        envelopes.push(envelope);
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot encode event");
-                        encoded.clear();
-                        break;
-                    }
-                }
-            }
-            if encoded.len() as u64 != count {
-                let _ = request
-                    .reply
-                    .send(Err(AppendError::Unavailable("cannot encode".into())));
-                continue;
-            }
+            let sealed = super::seal_append(
+                &request.stream,
+                request.events,
+                first_seq,
+                current,
+                now_ms,
+                &mut self.last_hash,
+            );
             let subject = subject_of(&self.prefix, &request.stream);
-            let envelopes: Vec<Arc<Envelope>> = envelopes
-                .into_iter()
-                .zip(encoded)
-                .map(|(mut envelope, record)| {
-                    let (hash, stored) = super::seal(&self.last_hash, &record);
-                    envelope.prev_hash = self.last_hash;
-                    envelope.hash = hash;
-                    self.last_hash = hash;
-                    records.push((subject.clone(), envelope.seq, stored));
-                    Arc::new(envelope)
-                })
-                .collect();
+            let envelopes: Vec<Arc<Envelope>> = match sealed {
+                Ok(sealed) => sealed
+                    .into_iter()
+                    .map(|(envelope, stored)| {
+                        records.push((subject.clone(), envelope.seq, stored));
+                        envelope
+                    })
+                    .collect(),
+                Err(e) => {
+                    tracing::error!(error = %e, stream = %request.stream, "cannot encode event");
+                    let _ = request
+                        .reply
+                        .send(Err(AppendError::Unavailable(e.to_string())));
+                    continue;
+                }
+            };
             self.next_seq += count;
             self.versions
                 .insert(request.stream.clone(), current + count);
@@ -721,6 +688,9 @@ impl Writer {
                 Written::Unknown(why) | Written::Fenced(why) => why.clone(),
                 Written::Ok => unreachable!(),
             };
+            // Unhealthy before anyone hears of the failure (a resync makes it healthy again;
+            // a fence never does).
+            self.healthy.store(false, Ordering::Release);
             for (reply, _) in pending {
                 let _ = reply.send(Err(AppendError::Unavailable(why.clone())));
             }

@@ -262,6 +262,95 @@ pub trait EventStore: Send + Sync + 'static {
     fn close(&self) -> BoxFuture<'static, Result<(), StoreError>>;
 }
 
+/// Writers whose append to a stream was refused, kept to refuse their later appends to it
+/// (see [`EventStore::append`]). Bounded: refusals are rare, and forgetting all of them at the
+/// bound only lets a broken incarnation be refused by its version instead.
+#[derive(Default)]
+pub(crate) struct Fences(std::collections::HashSet<(String, u64)>);
+
+/// Fenced (stream, writer) pairs kept before the set is cleared.
+const FENCED_WRITERS_MAX: usize = 100_000;
+
+impl Fences {
+    /// The journal's admission rule, the same on every backend: an append goes in when it
+    /// expects the stream's `current` version and its writer was never refused on that stream;
+    /// otherwise it is a typed conflict, and its writer (if any) is fenced on that stream.
+    pub(crate) fn admit(
+        &mut self,
+        writer: u64,
+        stream: &str,
+        expected: ExpectedVersion,
+        current: u64,
+    ) -> Result<(), AppendError> {
+        let expected = match expected {
+            ExpectedVersion::Exact(expected) => expected,
+            ExpectedVersion::Any => current,
+        };
+        let key = (stream.to_owned(), writer);
+        if expected == current && (writer == 0 || !self.0.contains(&key)) {
+            return Ok(());
+        }
+        if writer != 0 {
+            if self.0.len() >= FENCED_WRITERS_MAX {
+                self.0.clear();
+            }
+            self.0.insert(key);
+        }
+        Err(AppendError::Conflict {
+            stream: stream.to_owned(),
+            expected,
+            actual: current,
+        })
+    }
+}
+
+/// The records of one admitted append, chained: each envelope with its stored bytes.
+pub(crate) type Sealed = Vec<(Arc<Envelope>, Vec<u8>)>;
+
+/// Builds the records of an admitted append (sequences from `first_seq`, versions after
+/// `current`), encodes every one before chaining any (so a refusal leaves the chain
+/// untouched), then chains them to `last_hash`, which ends at the last record's hash.
+pub(crate) fn seal_append(
+    stream: &str,
+    events: Vec<NewEvent>,
+    first_seq: u64,
+    current: u64,
+    now_ms: i64,
+    last_hash: &mut Hash,
+) -> Result<Sealed, CodecError> {
+    let envelopes: Vec<Envelope> = events
+        .into_iter()
+        .enumerate()
+        .map(|(i, new)| Envelope {
+            seq: first_seq + i as u64,
+            stream: stream.to_owned(),
+            version: current + 1 + i as u64,
+            event_id: rand::random(),
+            correlation_id: new.correlation_id,
+            recorded_at_ms: now_ms,
+            schema_version: new.event.schema_version(),
+            event: new.event,
+            prev_hash: GENESIS_HASH,
+            hash: GENESIS_HASH,
+        })
+        .collect();
+    let records = envelopes
+        .iter()
+        .map(Envelope::encode_record)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(envelopes
+        .into_iter()
+        .zip(records)
+        .map(|(mut envelope, record)| {
+            let (hash, stored) = seal(last_hash, &record);
+            envelope.prev_hash = *last_hash;
+            envelope.hash = hash;
+            *last_hash = hash;
+            (Arc::new(envelope), stored)
+        })
+        .collect())
+}
+
 /// Stores a snapshot in a local sled tree (`stream -> version (u64 BE) + encoded state`): both
 /// stores keep snapshots locally, as derived state (a lost one only costs replay).
 pub fn save_local_snapshot(

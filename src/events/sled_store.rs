@@ -39,7 +39,7 @@ use super::{
 use crate::clock::Clock;
 use crate::metrics::{stream_kind, Metrics};
 use futures::future::BoxFuture;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -51,8 +51,6 @@ const INDEX_PREFIX: u8 = b'S';
 /// Streams whose versions the writer keeps in memory before it forgets them all (they are
 /// re-read from the index on demand): bounds the writer's memory on campaigns with many users.
 const VERSION_CACHE_STREAMS_MAX: usize = 1_000_000;
-/// Fenced (stream, writer) pairs kept before the set is cleared; refusals are rare.
-const FENCED_WRITERS_MAX: usize = 100_000;
 /// How long `open` waits for a directory this process just closed to be released by sled's
 /// background work before calling it locked.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -375,7 +373,7 @@ impl SledStore {
             next_seq: last_seq + 1,
             last_hash,
             versions: HashMap::new(),
-            fenced: HashSet::new(),
+            fenced: super::Fences::default(),
             head: head.clone(),
             healthy: healthy.clone(),
             live: live.clone(),
@@ -648,7 +646,7 @@ struct Writer {
     /// this thread is the only writer.
     versions: HashMap<String, u64>,
     /// Writers one of whose appends to a stream was refused: their later appends to it are too.
-    fenced: HashSet<(String, u64)>,
+    fenced: super::Fences,
     head: Arc<AtomicU64>,
     healthy: Arc<AtomicBool>,
     live: broadcast::Sender<LiveBatch>,
@@ -734,27 +732,12 @@ impl Writer {
                     continue;
                 }
             };
-            let fenced = request.writer != 0
-                && self
-                    .fenced
-                    .contains(&(request.stream.clone(), request.writer));
-            let expected = match request.expected {
-                ExpectedVersion::Exact(expected) => expected,
-                ExpectedVersion::Any => current,
-            };
-            if fenced || expected != current {
+            if let Err(conflict) =
+                self.fenced
+                    .admit(request.writer, &request.stream, request.expected, current)
+            {
                 self.metrics.journal_conflicts_total.inc();
-                if request.writer != 0 {
-                    if self.fenced.len() >= FENCED_WRITERS_MAX {
-                        self.fenced.clear();
-                    }
-                    self.fenced.insert((request.stream.clone(), request.writer));
-                }
-                let _ = request.reply.send(Err(AppendError::Conflict {
-                    stream: request.stream,
-                    expected,
-                    actual: current,
-                }));
+                let _ = request.reply.send(Err(conflict));
                 continue;
             }
             if request.events.is_empty() {
@@ -770,29 +753,23 @@ impl Writer {
             }
             let first_seq = self.next_seq;
             let count = request.events.len() as u64;
-            let envelopes: Vec<Envelope> = request
-                .events
-                .into_iter()
-                .enumerate()
-                .map(|(i, new)| Envelope {
-                    seq: first_seq + i as u64,
-                    stream: request.stream.clone(),
-                    version: current + 1 + i as u64,
-                    event_id: rand::random(),
-                    correlation_id: new.correlation_id,
-                    recorded_at_ms: now_ms,
-                    schema_version: new.event.schema_version(),
-                    event: new.event,
-                    prev_hash: GENESIS_HASH,
-                    hash: GENESIS_HASH,
-                })
-                .collect();
-            // Encode the whole request before chaining any of it, so that a refusal leaves the
-            // batch's chain untouched.
-            let records: Result<Vec<Vec<u8>>, _> =
-                envelopes.iter().map(Envelope::encode_record).collect();
-            let records = match records {
-                Ok(records) => records,
+            let sealed = super::seal_append(
+                &request.stream,
+                request.events,
+                first_seq,
+                current,
+                now_ms,
+                &mut self.last_hash,
+            );
+            let envelopes: Vec<Arc<Envelope>> = match sealed {
+                Ok(sealed) => sealed
+                    .into_iter()
+                    .map(|(envelope, stored)| {
+                        batch.insert(&log_key(envelope.seq), stored);
+                        undo.remove(&log_key(envelope.seq));
+                        envelope
+                    })
+                    .collect(),
                 Err(e) => {
                     tracing::error!(error = %e, stream = %request.stream, "cannot encode event");
                     let _ = request
@@ -801,19 +778,6 @@ impl Writer {
                     continue;
                 }
             };
-            let envelopes: Vec<Arc<Envelope>> = envelopes
-                .into_iter()
-                .zip(records)
-                .map(|(mut envelope, record)| {
-                    let (hash, stored) = super::seal(&self.last_hash, &record);
-                    envelope.prev_hash = self.last_hash;
-                    envelope.hash = hash;
-                    self.last_hash = hash;
-                    batch.insert(&log_key(envelope.seq), stored);
-                    undo.remove(&log_key(envelope.seq));
-                    Arc::new(envelope)
-                })
-                .collect();
             // One index entry per stream per batch: a hot stream's many appends in one batch
             // cost one index write, not one each.
             let entry = index
