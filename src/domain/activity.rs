@@ -435,6 +435,22 @@ impl Activity {
         ))
     }
 
+    /// Money that left a budget comes back (saturating: `evolve` never judges).
+    fn give_back(&mut self, kind: RewardKind, amount: Fen) {
+        if let Some(total) = self.accepted_mut(kind) {
+            *total = total.checked_sub(amount).unwrap_or(Fen::ZERO);
+        }
+    }
+
+    /// A reward that ends without its money spent (voided, failed): its budget back, its order
+    /// settled as `state`.
+    fn settle_unspent(&mut self, order_id: &Id, kind: RewardKind, amount: Fen, state: OrderState) {
+        self.give_back(kind, amount);
+        if let Some(memo) = self.orders.get_mut(&order_key(order_id)) {
+            memo.state = state;
+        }
+    }
+
     fn budget_reply(&self) -> ActivityReply {
         ActivityReply::Budget {
             budget: self.budget,
@@ -622,9 +638,7 @@ impl Aggregate for Activity {
                 kind,
                 amount,
             } => {
-                if let Some(total) = self.accepted_mut(*kind) {
-                    *total = total.checked_sub(*amount).unwrap_or(Fen::ZERO);
-                }
+                self.give_back(*kind, *amount);
                 self.returned.insert(order_key(order_id));
             }
             ActivityEvent::RewardVoided {
@@ -632,27 +646,13 @@ impl Aggregate for Activity {
                 kind,
                 amount,
                 ..
-            } => {
-                if let Some(total) = self.accepted_mut(*kind) {
-                    *total = total.checked_sub(*amount).unwrap_or(Fen::ZERO);
-                }
-                if let Some(memo) = self.orders.get_mut(&order_key(order_id)) {
-                    memo.state = OrderState::Voided;
-                }
-            }
+            } => self.settle_unspent(order_id, *kind, *amount, OrderState::Voided),
             ActivityEvent::RewardFailed {
                 order_id,
                 kind,
                 amount,
                 ..
-            } => {
-                if let Some(total) = self.accepted_mut(*kind) {
-                    *total = total.checked_sub(*amount).unwrap_or(Fen::ZERO);
-                }
-                if let Some(memo) = self.orders.get_mut(&order_key(order_id)) {
-                    memo.state = OrderState::Failed;
-                }
-            }
+            } => self.settle_unspent(order_id, *kind, *amount, OrderState::Failed),
         }
     }
 

@@ -314,6 +314,25 @@ mod audit_of_packets {
         );
     }
 
+    /// pk expires with `count` shares and `amount` fen left, and records that amount refunded.
+    fn expire_and_refund(store: &Arc<SledStore>, count: u32, amount: u64) {
+        append_raw(
+            store,
+            "packet:pk",
+            packet(&[
+                PacketEvent::Expired {
+                    remaining_count: count,
+                    remaining_amount: Fen::new(amount),
+                    at_ms: 11,
+                },
+                PacketEvent::Refunded {
+                    amount: Fen::new(amount),
+                    at_ms: 12,
+                },
+            ]),
+        );
+    }
+
     fn failing(report: &AuditReport) -> Vec<(&'static str, String)> {
         report
             .checks
@@ -338,21 +357,7 @@ mod audit_of_packets {
         claim(&store, "b", 1);
         transfer(&store, "a", 100);
         transfer(&store, "b", 100);
-        append_raw(
-            &store,
-            "packet:pk",
-            packet(&[
-                PacketEvent::Expired {
-                    remaining_count: 1,
-                    remaining_amount: Fen::new(100),
-                    at_ms: 11,
-                },
-                PacketEvent::Refunded {
-                    amount: Fen::new(100),
-                    at_ms: 12,
-                },
-            ]),
-        );
+        expire_and_refund(&store, 1, 100);
         append_raw(
             &store,
             "wallet:sender",
@@ -429,21 +434,7 @@ mod audit_of_packets {
             "wallet:sender",
             vec![wallet(false, Entry::PacketPayment, "pk", 300, 0)],
         );
-        append_raw(
-            &store,
-            "packet:pk",
-            packet(&[
-                PacketEvent::Expired {
-                    remaining_count: 0,
-                    remaining_amount: Fen::ZERO,
-                    at_ms: 11,
-                },
-                PacketEvent::Refunded {
-                    amount: Fen::ZERO,
-                    at_ms: 12,
-                },
-            ]),
-        );
+        expire_and_refund(&store, 0, 0);
         let failed = run(&store);
         let names: Vec<_> = failed.iter().map(|(n, _)| *n).collect();
         assert_eq!(names, vec!["money_conserved", "packets"], "{failed:?}");
@@ -495,21 +486,7 @@ mod audit_of_packets {
         claim(&store, "b", 1);
         transfer(&store, "a", 100);
         transfer(&store, "b", 100);
-        append_raw(
-            &store,
-            "packet:pk",
-            packet(&[
-                PacketEvent::Expired {
-                    remaining_count: 1,
-                    remaining_amount: Fen::new(100),
-                    at_ms: 11,
-                },
-                PacketEvent::Refunded {
-                    amount: Fen::new(100),
-                    at_ms: 12,
-                },
-            ]),
-        );
+        expire_and_refund(&store, 1, 100);
         append_raw(
             &store,
             "wallet:sender",
