@@ -31,7 +31,7 @@
 use super::jetstream::{connect, ConnectError, Durability};
 use super::{
     split_stored, AppendAck, AppendError, Appended, Envelope, EventStore, ExpectedVersion, Hash,
-    LiveBatch, NewEvent, RawRecord, StoreError, GENESIS_HASH,
+    JournalCondition, LiveBatch, NewEvent, RawRecord, StoreError, GENESIS_HASH,
 };
 use crate::clock::Clock;
 use crate::metrics::{stream_kind, Metrics};
@@ -230,6 +230,8 @@ pub struct JetStreamStore {
     queue: mpsc::Sender<JournalMsg>,
     head: Arc<AtomicU64>,
     healthy: Arc<AtomicBool>,
+    /// Set (before `healthy` is cleared for good) when the journal failed stop.
+    stopped: Arc<AtomicBool>,
     live: broadcast::Sender<LiveBatch>,
     state: sled::Db,
     snapshots: sled::Tree,
@@ -366,6 +368,7 @@ impl JetStreamStore {
         let (queue, receiver) = mpsc::channel(config.queue_requests_max);
         let head = Arc::new(AtomicU64::new(last_seq));
         let healthy = Arc::new(AtomicBool::new(true));
+        let stopped = Arc::new(AtomicBool::new(false));
         let (live, _) = broadcast::channel(LIVE_BATCHES_MAX);
         metrics.log_head_seq.set(last_seq as i64);
         let incarnation = format!("{:032x}", rand::random::<u128>());
@@ -381,6 +384,7 @@ impl JetStreamStore {
             fenced: super::Fences::default(),
             head: head.clone(),
             healthy: healthy.clone(),
+            stopped: stopped.clone(),
             live: live.clone(),
             clock,
             metrics,
@@ -395,6 +399,7 @@ impl JetStreamStore {
             queue,
             head,
             healthy,
+            stopped,
             live,
             state,
             snapshots,
@@ -534,10 +539,18 @@ impl EventStore for JetStreamStore {
                 max: self.config.append_events_max,
             });
         }
-        if !self.healthy() {
-            return Err(AppendError::Unavailable(
-                "the JetStream journal has stopped".into(),
-            ));
+        match self.condition() {
+            JournalCondition::Ready => {}
+            JournalCondition::Recovering => {
+                return Err(AppendError::Unavailable(
+                    "the JetStream log is unreachable; the journal reconnects by itself".into(),
+                ))
+            }
+            JournalCondition::Failed => {
+                return Err(AppendError::Unavailable(
+                    "the JetStream journal has stopped (fenced by another writer)".into(),
+                ))
+            }
         }
         let (reply, ack) = oneshot::channel();
         let request = AppendRequest {
@@ -654,6 +667,16 @@ impl EventStore for JetStreamStore {
 
     fn healthy(&self) -> bool {
         self.healthy.load(Ordering::Acquire)
+    }
+
+    fn condition(&self) -> JournalCondition {
+        if self.healthy() {
+            JournalCondition::Ready
+        } else if self.stopped.load(Ordering::Acquire) {
+            JournalCondition::Failed
+        } else {
+            JournalCondition::Recovering
+        }
     }
 
     fn close(&self) -> BoxFuture<'static, Result<(), StoreError>> {
@@ -800,6 +823,7 @@ struct Writer {
     fenced: super::Fences,
     head: Arc<AtomicU64>,
     healthy: Arc<AtomicBool>,
+    stopped: Arc<AtomicBool>,
     live: broadcast::Sender<LiveBatch>,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
@@ -869,6 +893,7 @@ impl Writer {
                         why,
                         "another writer appended to the log; this journal stops (fencing)"
                     );
+                    self.stopped.store(true, Ordering::Release);
                     self.healthy.store(false, Ordering::Release);
                     self.receiver.close();
                     while let Ok(msg) = self.receiver.try_recv() {

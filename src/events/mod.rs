@@ -208,6 +208,28 @@ impl From<CodecError> for StoreError {
     }
 }
 
+/// Whether the journal accepts appends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JournalCondition {
+    Ready,
+    /// The log is unreachable or electing a leader; the journal re-reads the head and goes on
+    /// by itself when it answers again.
+    Recovering,
+    /// The journal stopped (a failed write, or fenced by another writer) and stays stopped.
+    Failed,
+}
+
+impl JournalCondition {
+    /// As `/readyz` says it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JournalCondition::Ready => "ready",
+            JournalCondition::Recovering => "log_unreachable",
+            JournalCondition::Failed => "journal_failed",
+        }
+    }
+}
+
 /// Resolves when an append is durable (or refused by the journal).
 pub type AppendAck = BoxFuture<'static, Result<Appended, AppendError>>;
 
@@ -255,8 +277,18 @@ pub trait EventStore: Send + Sync + 'static {
     /// The latest snapshot of a stream, if any.
     fn load_snapshot(&self, stream: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
 
-    /// False once the journal has failed (it stops rather than guess what is on disk).
+    /// False once the journal has failed (it stops rather than guess what is on disk), or
+    /// while it cannot accept appends (see [`EventStore::condition`]).
     fn healthy(&self) -> bool;
+
+    /// Why the journal is or is not accepting appends, for `/readyz`.
+    fn condition(&self) -> JournalCondition {
+        if self.healthy() {
+            JournalCondition::Ready
+        } else {
+            JournalCondition::Failed
+        }
+    }
 
     /// Finishes every append already submitted, flushes, and stops the journal.
     fn close(&self) -> BoxFuture<'static, Result<(), StoreError>>;

@@ -12,8 +12,8 @@ use hongbao::events::jetstream_store::{
 };
 use hongbao::events::sled_store::{JournalConfig, SledStore};
 use hongbao::events::{
-    chain_hash, seal, AppendError, Envelope, EventStore, ExpectedVersion, Subscription,
-    GENESIS_HASH,
+    chain_hash, seal, AppendError, Envelope, EventStore, ExpectedVersion, JournalCondition,
+    Subscription, GENESIS_HASH,
 };
 use hongbao::metrics::Metrics;
 use proptest::prelude::*;
@@ -379,11 +379,19 @@ fn the_writers_own_late_publish_is_adopted_and_anyone_elses_record_fences_it() {
         matches!(refused, Err(AppendError::Unavailable(_))),
         "{refused:?}"
     );
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(
-        !dyn_store.healthy(),
-        "a foreign record fences the journal for good"
-    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dyn_store.condition() != JournalCondition::Failed {
+        assert!(
+            Instant::now() < deadline,
+            "a foreign record fences the journal: {:?}",
+            dyn_store.condition()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(matches!(
+        append(&dyn_store, 5, "wallet:h", ExpectedVersion::Exact(0), 1),
+        Err(AppendError::Unavailable(_))
+    ));
     runtime().block_on(dyn_store.close()).unwrap();
 }
 
