@@ -55,6 +55,17 @@ const READ_WAIT: Duration = Duration::from_secs(10);
 /// outcome counts as unknown. Long enough for a loaded server that fsyncs every write, short
 /// enough that a client's retry still finds the command's first outcome meaningful.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// Messages in one JetStream atomic batch (the server's limit).
+const ATOMIC_BATCH_MAX: usize = 1000;
+
+/// A committed atomic batch, as the server acknowledges it.
+#[derive(Debug, serde::Deserialize)]
+struct BatchAck {
+    seq: u64,
+    batch: String,
+    count: u64,
+}
+
 /// The header naming the writer incarnation that published a record.
 pub const WRITER_HEADER: &str = "Hb-Writer";
 /// Records past the expected last sequence that may still be this writer's own late publishes
@@ -76,6 +87,9 @@ pub struct JetStreamConfig {
     pub batch_events_max: usize,
     pub queue_requests_max: usize,
     pub append_events_max: usize,
+    /// Records from which a journal batch is published as one JetStream atomic batch rather
+    /// than as pipelined messages (1: always atomic; `usize::MAX`: never).
+    pub atomic_batch_min: usize,
     /// Create the log's stream when it does not exist (`serve`); the offline commands only
     /// read a log that exists.
     pub create_stream: bool,
@@ -92,6 +106,7 @@ impl JetStreamConfig {
             batch_events_max: 1000,
             queue_requests_max: 65_536,
             append_events_max: 1000,
+            atomic_batch_min: 24,
             create_stream: true,
         }
     }
@@ -327,16 +342,29 @@ impl JetStreamStore {
                 .timeout(REQUEST_TIMEOUT)
                 .build(client);
             let stream = if create {
-                js.get_or_create_stream(stream::Config {
-                    name: name.clone(),
-                    subjects: vec![format!("{prefix}.>")],
-                    num_replicas: durability.replicas,
-                    storage: stream::StorageType::File,
-                    allow_direct: true,
-                    ..Default::default()
-                })
-                .await
-                .map_err(unavailable)?
+                let mut stream = js
+                    .get_or_create_stream(stream::Config {
+                        name: name.clone(),
+                        subjects: vec![format!("{prefix}.>")],
+                        num_replicas: durability.replicas,
+                        storage: stream::StorageType::File,
+                        allow_direct: true,
+                        allow_atomic_publish: true,
+                        deny_delete: true,
+                        deny_purge: true,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(unavailable)?;
+                let info = stream.get_info().await.map_err(unavailable)?;
+                if !info.config.allow_atomic_publish {
+                    // A log created before atomic batches: allow them (nothing else changes).
+                    let mut config = info.config.clone();
+                    config.allow_atomic_publish = true;
+                    js.update_stream(config).await.map_err(unavailable)?;
+                    stream = js.get_stream(&name).await.map_err(unavailable)?;
+                }
+                stream
             } else {
                 js.get_stream(&name).await.map_err(|e| {
                     if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(_)) {
@@ -389,6 +417,7 @@ impl JetStreamStore {
             clock,
             metrics,
             batch_events_max: config.batch_events_max,
+            atomic_batch_min: config.atomic_batch_min.max(1),
         };
         let task = handle.spawn(writer.run());
         Ok(Arc::new(JetStreamStore {
@@ -828,6 +857,7 @@ struct Writer {
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     batch_events_max: usize,
+    atomic_batch_min: usize,
 }
 
 /// How a batch ended.
@@ -1050,7 +1080,14 @@ impl Writer {
             return Written::Ok;
         }
         let started = Instant::now();
-        let outcome = self.publish(records).await;
+        // An atomic batch's commit costs about as much as a couple of dozen separately synced
+        // messages, whatever its size (measured: docs/BENCHMARKS.md): small batches go
+        // pipelined, large ones atomic.
+        let outcome = if records.len() >= self.atomic_batch_min {
+            self.publish_atomic(records).await
+        } else {
+            self.publish(records).await
+        };
         if !matches!(outcome, Written::Ok) {
             // Nothing of this batch is acknowledged; the stream says what landed.
             self.next_seq = start_seq;
@@ -1082,6 +1119,86 @@ impl Writer {
         let _ = self.live.send(Arc::new(published));
         for (reply, appended) in pending {
             let _ = reply.send(Ok(appended));
+        }
+        Written::Ok
+    }
+
+    /// Publishes the batch's records as JetStream atomic batches (ADR-50) of at most
+    /// [`ATOMIC_BATCH_MAX`] messages, one after the other: all of a batch's records are stored
+    /// or none, the server makes them durable together (one write, one fsync on a server that
+    /// syncs every write, one replication round in a cluster), and the batch's first message
+    /// carries the expected last sequence that fences it.
+    async fn publish_atomic(&self, records: Vec<(String, u64, Vec<u8>)>) -> Written {
+        let client = self.js.client();
+        let mut records = records.into_iter().peekable();
+        while records.peek().is_some() {
+            let chunk: Vec<_> = records.by_ref().take(ATOMIC_BATCH_MAX).collect();
+            let batch_id = format!("{:032x}", rand::random::<u128>());
+            let (count, first_seq) = (chunk.len(), chunk[0].1);
+            let last_seq = first_seq + count as u64 - 1;
+            let mut commit = None;
+            for (i, (subject, seq, stored)) in chunk.into_iter().enumerate() {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert(WRITER_HEADER, self.incarnation.as_str());
+                headers.insert("Nats-Batch-Id", batch_id.as_str());
+                headers.insert("Nats-Batch-Sequence", (i + 1).to_string());
+                if i == 0 {
+                    headers.insert("Nats-Expected-Last-Sequence", (seq - 1).to_string());
+                }
+                if i + 1 < count {
+                    if let Err(e) = client
+                        .publish_with_headers(subject, headers, stored.into())
+                        .await
+                    {
+                        return Written::Unknown(format!("publish of seq {seq}: {e}"));
+                    }
+                } else {
+                    headers.insert("Nats-Batch-Commit", "1");
+                    commit = Some(tokio::time::timeout(
+                        REQUEST_TIMEOUT,
+                        client.request_with_headers(subject, headers, stored.into()),
+                    ));
+                }
+            }
+            let reply = match commit.expect("a batch has a last record").await {
+                Err(_) => return Written::Unknown(format!("commit of seq {last_seq}: timed out")),
+                Ok(Err(e)) => return Written::Unknown(format!("commit of seq {last_seq}: {e}")),
+                Ok(Ok(reply)) => reply,
+            };
+            let answer: Result<jetstream::response::Response<BatchAck>, _> =
+                serde_json::from_slice(&reply.payload);
+            match answer {
+                Ok(jetstream::response::Response::Ok(ack))
+                    if ack.seq == last_seq
+                        && ack.batch == batch_id
+                        && ack.count == count as u64 => {}
+                Ok(jetstream::response::Response::Ok(ack)) => {
+                    return Written::Fenced(format!(
+                        "the batch of seq {first_seq}..={last_seq} was stored as {ack:?}"
+                    ))
+                }
+                Ok(jetstream::response::Response::Err { error })
+                    if error.error_code() == jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE =>
+                {
+                    return Written::Diverged {
+                        expected_last: first_seq - 1,
+                        why: format!(
+                            "seq {first_seq}: the stream's last sequence is not {}",
+                            first_seq - 1
+                        ),
+                    }
+                }
+                Ok(jetstream::response::Response::Err { error }) => {
+                    return Written::Unknown(format!(
+                        "batch of seq {first_seq}..={last_seq}: {error}"
+                    ))
+                }
+                Err(e) => {
+                    return Written::Unknown(format!(
+                        "batch of seq {first_seq}..={last_seq}: unreadable answer: {e}"
+                    ))
+                }
+            }
         }
         Written::Ok
     }

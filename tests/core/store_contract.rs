@@ -25,7 +25,10 @@ use std::time::{Duration, Instant};
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Backend {
     Sled,
+    /// JetStream, every journal batch published as one atomic batch (ADR-50).
     JetStream,
+    /// JetStream, every journal batch published as pipelined messages.
+    JetStreamPipelined,
 }
 
 /// A place for one log: a directory, and for JetStream a server of its own.
@@ -41,7 +44,9 @@ impl Place {
         let dir = tempfile::tempdir().unwrap();
         let server = match backend {
             Backend::Sled => None,
-            Backend::JetStream => Some(nats::single_synced(&nats::binary()?, dir.path())),
+            Backend::JetStream | Backend::JetStreamPipelined => {
+                Some(nats::single_synced(&nats::binary()?, dir.path()))
+            }
         };
         Some(Place {
             backend,
@@ -76,6 +81,10 @@ impl Place {
             replicas: 1,
             single_replica_synced: true,
         };
+        config.atomic_batch_min = match self.backend {
+            Backend::JetStreamPipelined => usize::MAX,
+            _ => 1,
+        };
         JetStreamStore::open(
             config,
             Arc::new(ManualClock::new(1_000)),
@@ -86,7 +95,11 @@ impl Place {
 }
 
 fn each_backend(test: impl Fn(&Place)) {
-    for backend in [Backend::Sled, Backend::JetStream] {
+    for backend in [
+        Backend::Sled,
+        Backend::JetStream,
+        Backend::JetStreamPipelined,
+    ] {
         match Place::new(backend) {
             Some(place) => test(&place),
             None => eprintln!("{backend:?}: skipped"),
@@ -275,7 +288,14 @@ fn a_second_writer_on_the_same_jetstream_log_is_fenced() {
     // Goal (D6): two processes opened on one log; the first appends; the second, whose view
     // of the log is stale, cannot interleave: its append fails, it stops (unhealthy), and the
     // chain stays linear with the first writer going on.
-    let Some(place) = Place::new(Backend::JetStream) else {
+    // Both ways of publishing a batch: atomic, and pipelined.
+    for backend in [Backend::JetStream, Backend::JetStreamPipelined] {
+        a_second_writer_on_the_same_jetstream_log_is_fenced_on(backend);
+    }
+}
+
+fn a_second_writer_on_the_same_jetstream_log_is_fenced_on(backend: Backend) {
+    let Some(place) = Place::new(backend) else {
         return;
     };
     let first = place.open_node("first");
@@ -295,7 +315,7 @@ fn a_second_writer_on_the_same_jetstream_log_is_fenced() {
         append(&first, 1, "wallet:f", ExpectedVersion::Exact(2), 1),
         Ok(3)
     );
-    let all = assert_chain(&first, Backend::JetStream);
+    let all = assert_chain(&first, backend);
     assert!(
         all.iter().all(|e| e.stream == "wallet:f"),
         "nothing of the loser"
@@ -346,7 +366,14 @@ fn the_writers_own_late_publish_is_adopted_and_anyone_elses_record_fences_it() {
     // writer's own incarnation: the writer's next batch meets it, adopts it (one 503, then
     // appends go on, the chain linear), and does not fence itself. The same record from
     // another incarnation is a second writer: the journal fails stop.
-    let Some(place) = Place::new(Backend::JetStream) else {
+    // Both ways of publishing a batch: atomic, and pipelined.
+    for backend in [Backend::JetStream, Backend::JetStreamPipelined] {
+        the_writers_own_late_publish_is_adopted_and_anyone_elses_record_fences_it_on(backend);
+    }
+}
+
+fn the_writers_own_late_publish_is_adopted_and_anyone_elses_record_fences_it_on(backend: Backend) {
+    let Some(place) = Place::new(backend) else {
         return;
     };
     let url = place.server.as_ref().unwrap().url();
@@ -370,7 +397,7 @@ fn the_writers_own_late_publish_is_adopted_and_anyone_elses_record_fences_it() {
         "appends go on after the head with the late record"
     );
     assert_eq!(dyn_store.read_stream("wallet:f", 1).unwrap().len(), 3);
-    let all = assert_chain(&dyn_store, Backend::JetStream);
+    let all = assert_chain(&dyn_store, backend);
     assert_eq!(all.len(), 4);
 
     publish_late_record(&url, &store, "wallet:f", "another-incarnation");
