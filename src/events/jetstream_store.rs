@@ -501,6 +501,35 @@ impl JetStreamStore {
     }
 }
 
+/// Versions from which reading a stream's tail first searches where it starts (below, reading
+/// the whole history costs less than the search's round trips).
+const TAIL_SEARCH_FROM_VERSION: u64 = 64;
+
+/// The smallest stream sequence from which the next record on `subject` has at least
+/// `version`, by binary search over sequences with direct gets (log2 of the log's length in
+/// round trips). `last_seq` holds a record of `subject` with at least `version`.
+async fn first_seq_at_version(
+    stream: &stream::Stream,
+    subject: &str,
+    version: u64,
+    last_seq: u64,
+) -> Result<u64, StoreError> {
+    let (mut low, mut high) = (1, last_seq);
+    while low < high {
+        let middle = low + (high - low) / 2;
+        let next = stream
+            .direct_get_next_for_subject(subject, Some(middle))
+            .await
+            .map_err(unavailable)?;
+        if Envelope::decode_stored(&next.payload)?.version >= version {
+            high = middle;
+        } else {
+            low = next.sequence + 1;
+        }
+    }
+    Ok(low)
+}
+
 /// Visits the messages `from_seq..=to_seq` (of `filter`'s subject, if any) in order, with an
 /// ordered consumer, stopping at `to_seq` or at the stream's end.
 async fn scan(
@@ -607,26 +636,36 @@ impl EventStore for JetStreamStore {
         if head == 0 {
             return Ok(Vec::new());
         }
+        let from_version = from_version.max(1);
         let subject = subject_of(&self.prefix, stream_id);
         let stream = self.stream.clone();
-        let last_subject = subject.clone();
-        let last = self.block(async move {
-            match stream.get_last_raw_message_by_subject(&last_subject).await {
-                Ok(message) => Ok(Some(message.sequence)),
-                Err(e)
-                    if e.kind()
-                        == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
-                {
-                    Ok(None)
+        let probe_subject = subject.clone();
+        // The subject's last record, then (for a tail after a snapshot) the first sequence
+        // from which its records have the version asked for: activation reads only the tail.
+        let start = self.block(async move {
+            let last = match stream.get_last_raw_message_by_subject(&probe_subject).await {
+                Ok(message) => message,
+                Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                    return Ok(None)
                 }
-                Err(e) => Err(unavailable(e)),
+                Err(e) => return Err(unavailable(e)),
+            };
+            let last_version = Envelope::decode_stored(&last.payload)?.version;
+            if last_version < from_version {
+                return Ok(None);
             }
+            let first = if from_version > TAIL_SEARCH_FROM_VERSION {
+                first_seq_at_version(&stream, &probe_subject, from_version, last.sequence).await?
+            } else {
+                1
+            };
+            Ok(Some((first, last.sequence)))
         })??;
-        let Some(last) = last else {
+        let Some((first, last)) = start else {
             return Ok(Vec::new());
         };
-        let mut events = self.read_range(Some(subject), 1, last.min(head))?;
-        events.retain(|e| e.stream == stream_id && e.version >= from_version.max(1));
+        let mut events = self.read_range(Some(subject), first, last.min(head))?;
+        events.retain(|e| e.stream == stream_id && e.version >= from_version);
         Ok(events)
     }
 
