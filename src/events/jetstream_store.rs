@@ -55,6 +55,8 @@ const READ_WAIT: Duration = Duration::from_secs(10);
 /// outcome counts as unknown. Long enough for a loaded server that fsyncs every write, short
 /// enough that a client's retry still finds the command's first outcome meaningful.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long the log's stream remembers message ids (a resent record within it is dropped).
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(10);
 /// Messages in one JetStream atomic batch (the server's limit).
 const ATOMIC_BATCH_MAX: usize = 1000;
 
@@ -66,6 +68,8 @@ struct BatchAck {
     count: u64,
 }
 
+/// Longest a read on behalf of a request may take (see `JetStreamStore::read`).
+const READ_TIMEOUT: Duration = Duration::from_secs(3);
 /// The header naming the writer incarnation that published a record.
 pub const WRITER_HEADER: &str = "Hb-Writer";
 /// Records past the expected last sequence that may still be this writer's own late publishes
@@ -250,6 +254,7 @@ pub struct JetStreamStore {
     live: broadcast::Sender<LiveBatch>,
     state: sled::Db,
     snapshots: sled::Tree,
+    client: async_nats::Client,
     /// The snapshot bucket (None for the offline commands, which only read the log).
     shared_snapshots: Option<kv::Store>,
     config: JetStreamConfig,
@@ -350,6 +355,9 @@ impl JetStreamStore {
                         storage: stream::StorageType::File,
                         allow_direct: true,
                         allow_atomic_publish: true,
+                        // Pipelined records carry their hash as message id (see `publish`);
+                        // the server remembers ids this long to drop a resent duplicate.
+                        duplicate_window: DUPLICATE_WINDOW,
                         deny_delete: true,
                         deny_purge: true,
                         ..Default::default()
@@ -393,6 +401,7 @@ impl JetStreamStore {
                 return Err(e);
             }
         };
+        let client = js.client();
         let (queue, receiver) = mpsc::channel(config.queue_requests_max);
         let head = Arc::new(AtomicU64::new(last_seq));
         let healthy = Arc::new(AtomicBool::new(true));
@@ -433,6 +442,7 @@ impl JetStreamStore {
             state,
             snapshots,
             shared_snapshots,
+            client,
             config,
             writer: Mutex::new(Some(task)),
             incarnation,
@@ -451,6 +461,25 @@ impl JetStreamStore {
         run_blocking(&self.handle, work)
     }
 
+    /// A read on behalf of a request (an activation, a projection's catch-up): refused at once
+    /// while the log is unreachable, and given up after [`READ_TIMEOUT`], so that a caller on
+    /// an HTTP worker thread answers 503 instead of holding the thread.
+    fn read<T: Send + 'static>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        if self.client.connection_state() != async_nats::connection::State::Connected
+            || self.condition() == JournalCondition::Recovering
+        {
+            return Err(unavailable("the log is unreachable"));
+        }
+        self.block(async move {
+            tokio::time::timeout(READ_TIMEOUT, work)
+                .await
+                .unwrap_or_else(|_| Err(unavailable("a log read timed out")))
+        })?
+    }
+
     /// Records `from_seq..=to_seq` of the log, read with an ordered consumer.
     fn read_range(
         &self,
@@ -459,7 +488,7 @@ impl JetStreamStore {
         to_seq: u64,
     ) -> Result<Vec<Envelope>, StoreError> {
         let stream = self.stream.clone();
-        self.block(async move {
+        self.read(async move {
             let mut out = Vec::new();
             scan(&stream, filter, from_seq, to_seq, |_, message| {
                 out.push(Envelope::decode_stored(&message.payload)?);
@@ -467,7 +496,7 @@ impl JetStreamStore {
             })
             .await?;
             Ok(out)
-        })?
+        })
     }
 
     /// The stored records `from_seq..=to_seq` with their subjects, for `verify` and `export`.
@@ -544,7 +573,7 @@ async fn scan(
     }
     let consumer = stream
         .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: filter.unwrap_or_default(),
+            filter_subject: filter.clone().unwrap_or_default(),
             deliver_policy: consumer::DeliverPolicy::ByStartSequence {
                 start_sequence: from_seq,
             },
@@ -552,23 +581,45 @@ async fn scan(
         })
         .await
         .map_err(unavailable)?;
-    let mut messages = consumer.messages().await.map_err(unavailable)?;
-    loop {
-        let next = tokio::time::timeout(READ_WAIT, messages.next())
-            .await
-            .map_err(|_| unavailable("a log read timed out"))?;
-        let Some(message) = next else { break };
-        let message = message.map_err(unavailable)?;
-        let seq = message.info().map_err(unavailable)?.stream_sequence;
-        if seq > to_seq {
-            break;
+    // Ephemeral, but the server keeps it for 30 s after its last use and caps a stream's
+    // consumers (1,000 by default): deleted as soon as the read is done.
+    let name = consumer.cached_info().name.clone();
+    let whole_log = filter.is_none();
+    let read = async {
+        let mut messages = consumer.messages().await.map_err(unavailable)?;
+        let mut next_seq = from_seq;
+        loop {
+            let next = tokio::time::timeout(READ_WAIT, messages.next())
+                .await
+                .map_err(|_| unavailable("a log read timed out"))?;
+            let Some(message) = next else { break };
+            let message = message.map_err(unavailable)?;
+            let seq = message.info().map_err(unavailable)?.stream_sequence;
+            if seq < next_seq {
+                // Redelivered (an ordered consumer that reset itself can start over): seen.
+                continue;
+            }
+            if whole_log && seq != next_seq {
+                return Err(unavailable(format!(
+                    "a log read skipped from seq {next_seq} to {seq}"
+                )));
+            }
+            if seq > to_seq {
+                break;
+            }
+            next_seq = seq + 1;
+            visit(seq, &message)?;
+            if seq == to_seq {
+                break;
+            }
         }
-        visit(seq, &message)?;
-        if seq == to_seq {
-            break;
-        }
+        Ok(())
     }
-    Ok(())
+    .await;
+    if let Err(e) = stream.delete_consumer(&name).await {
+        tracing::debug!(error = %e, consumer = name, "read consumer not deleted; it expires");
+    }
+    read
 }
 
 /// Runs `work` on the store's runtime and waits for it from any thread (an actor's, a test's),
@@ -642,7 +693,7 @@ impl EventStore for JetStreamStore {
         let probe_subject = subject.clone();
         // The subject's last record, then (for a tail after a snapshot) the first sequence
         // from which its records have the version asked for: activation reads only the tail.
-        let start = self.block(async move {
+        let start = self.read(async move {
             let last = match stream.get_last_raw_message_by_subject(&probe_subject).await {
                 Ok(message) => message,
                 Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
@@ -660,7 +711,7 @@ impl EventStore for JetStreamStore {
                 1
             };
             Ok(Some((first, last.sequence)))
-        })??;
+        })?;
         let Some((first, last)) = start else {
             return Ok(Vec::new());
         };
@@ -1030,18 +1081,22 @@ impl Writer {
         Ok(own)
     }
 
-    async fn version_of(&mut self, stream_id: &str) -> Result<u64, StoreError> {
+    /// A stream's version: cached, or from its subject's last record. `Ok(None)` when that
+    /// record lies beyond `head`, the last sequence this writer knows durable: somebody else
+    /// (or a late publish of this writer's own) wrote since.
+    async fn version_of(&mut self, stream_id: &str, head: u64) -> Result<Option<u64>, StoreError> {
         if let Some(&version) = self.versions.get(stream_id) {
-            return Ok(version);
+            return Ok(Some(version));
         }
         let subject = subject_of(&self.prefix, stream_id);
         let version = match self.stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(message) if message.sequence > head => return Ok(None),
             Ok(message) => Envelope::decode_stored(&message.payload)?.version,
             Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => 0,
             Err(e) => return Err(unavailable(e)),
         };
         self.versions.insert(stream_id.to_owned(), version);
-        Ok(version)
+        Ok(Some(version))
     }
 
     async fn write(&mut self, requests: Vec<AppendRequest>) -> Written {
@@ -1051,9 +1106,32 @@ impl Writer {
         let mut records: Vec<(String, u64, Vec<u8>)> = Vec::new();
         let mut published: Vec<Arc<Envelope>> = Vec::new();
         let (start_seq, start_hash) = (self.next_seq, self.last_hash);
-        for request in requests {
-            let current = match self.version_of(&request.stream).await {
-                Ok(v) => v,
+        let mut requests = requests.into_iter();
+        while let Some(request) = requests.next() {
+            let current = match self.version_of(&request.stream, start_seq - 1).await {
+                Ok(Some(v)) => v,
+                Ok(None) => {
+                    // The log moved past this writer's head: nothing of this batch goes out.
+                    self.next_seq = start_seq;
+                    self.last_hash = start_hash;
+                    self.versions.clear();
+                    self.healthy.store(false, Ordering::Release);
+                    let why = format!(
+                        "{} has a record past seq {}, this writer's head",
+                        request.stream,
+                        start_seq - 1
+                    );
+                    let replies = std::iter::once(request.reply)
+                        .chain(requests.map(|r| r.reply))
+                        .chain(pending.into_iter().map(|(reply, _)| reply));
+                    for reply in replies {
+                        let _ = reply.send(Err(AppendError::Unavailable(why.clone())));
+                    }
+                    return Written::Diverged {
+                        expected_last: start_seq - 1,
+                        why,
+                    };
+                }
                 Err(e) => {
                     let _ = request
                         .reply
@@ -1244,13 +1322,27 @@ impl Writer {
 
     /// Publishes the batch's records pipelined, each fenced by the expected last sequence,
     /// and waits for every acknowledgement.
+    ///
+    /// The expected last sequence alone would not keep the batch whole: if another writer's
+    /// record takes this batch's first sequence, the next record (expecting that sequence as
+    /// the last) would be accepted after it and break the chain. So each record is also named
+    /// by its hash (`Nats-Msg-Id`) and, after the first, expects the previous record's hash as
+    /// the stream's last message id: once one record is refused, every later one is too.
     async fn publish(&self, records: Vec<(String, u64, Vec<u8>)>) -> Written {
         let mut acks = Vec::with_capacity(records.len());
-        for (subject, seq, stored) in records {
-            let message = jetstream::message::PublishMessage::build()
+        for (i, (subject, seq, stored)) in records.into_iter().enumerate() {
+            let (prev_hash, hash) = match split_stored(&stored) {
+                Ok((prev, hash, _)) => (prev, hash),
+                Err(e) => return Written::Unknown(format!("seq {seq}: {e}")),
+            };
+            let mut message = jetstream::message::PublishMessage::build()
                 .payload(stored.into())
                 .header(WRITER_HEADER, self.incarnation.as_str())
+                .message_id(hex::encode(hash))
                 .expected_last_sequence(seq - 1);
+            if i > 0 {
+                message = message.expected_last_message_id(hex::encode(prev_hash));
+            }
             match self.js.send_publish(subject, message).await {
                 Ok(ack) => acks.push((seq, ack)),
                 Err(e) => return Written::Unknown(format!("publish of seq {seq}: {e}")),
@@ -1265,7 +1357,12 @@ impl Writer {
                         ack.sequence
                     ))
                 }
-                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        PublishErrorKind::WrongLastSequence | PublishErrorKind::WrongLastMessageId
+                    ) =>
+                {
                     return Written::Diverged {
                         expected_last: seq - 1,
                         why: format!("seq {seq}: the stream's last sequence is not {}", seq - 1),
