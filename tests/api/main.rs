@@ -5,6 +5,7 @@ mod cli;
 mod coupons;
 mod crash;
 mod jetstream;
+mod jetstream_faults;
 mod lists;
 // Shared with the core tests; this binary uses a part of it.
 #[allow(dead_code)]
