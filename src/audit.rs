@@ -44,7 +44,6 @@ use crate::domain::packet::PacketState;
 use crate::domain::wallet::{Account, BarredDebit, Entry, WalletEvent};
 use crate::domain::withdrawal::{Channel, OrderState, WithdrawalOrder};
 use crate::domain::{Aggregate, Event};
-use crate::events::sled_store::SledStore;
 use crate::events::{check_link, Envelope, StoreError, GENESIS_HASH};
 use crate::ids::Id;
 use crate::money::Fen;
@@ -1084,11 +1083,10 @@ fn check_packet(id: &str, replay: &PacketReplay, check: &mut CheckResult) -> (u1
 /// Audits the log in `store`; `channels` are the payment channels' own statements, when the data
 /// directory has them. `progress(done, total)` is called as records are replayed.
 pub fn audit(
-    store: &SledStore,
+    store: &dyn crate::events::Log,
     channels: Option<&SimulatedChannels>,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<AuditReport, StoreError> {
-    use crate::events::EventStore;
     let head = store.head();
     let mut auditor = Auditor::new();
     let mut events = 0u64;
@@ -1136,13 +1134,14 @@ struct Verified {
 /// Reads the log from seq 1, checks each record's sequence and hash link, decodes it, and sends
 /// batches; stops after the first break.
 fn read_verified(
-    store: &SledStore,
+    store: &dyn crate::events::Log,
     tx: std::sync::mpsc::SyncSender<Verified>,
 ) -> Result<(), StoreError> {
     let mut prev_hash = GENESIS_HASH;
     let mut batch = Verified::default();
-    for (expected_seq, record) in (1u64..).zip(store.raw_records(1)) {
-        let (seq, stored) = record?;
+    for (expected_seq, record) in (1u64..).zip(store.stored_records(1)) {
+        let record = record?;
+        let (seq, stored) = (record.seq, record.stored);
         let checked = if seq != expected_seq {
             Err(format!(
                 "sequence gap: expected seq {expected_seq}, found {seq}"

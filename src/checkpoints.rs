@@ -261,7 +261,7 @@ pub fn check_against_export(
 /// to be kept off the machine and checked with `verify --export --checkpoints`.
 pub fn check_local(
     data_dir: &Path,
-    store: &crate::events::sled_store::SledStore,
+    store: &dyn crate::events::Log,
 ) -> Result<Option<CheckpointReport>, CheckpointError> {
     let path = data_dir.join(CHECKPOINTS_FILE);
     if !path.exists() || !data_dir.join(KEY_FILE).exists() {
@@ -269,17 +269,15 @@ pub fn check_local(
     }
     let key = load_key(data_dir)?.verifying_key();
     let checkpoints = read_checkpoints(&path)?;
-    let head = crate::events::EventStore::head(store);
+    let head = store.head();
     let mut hashes = HashMap::new();
     for (_, checkpoint) in &checkpoints {
         if checkpoint.seq == 0 || checkpoint.seq > head || hashes.contains_key(&checkpoint.seq) {
             continue;
         }
-        if let Some(Ok((seq, stored))) = store.raw_records(checkpoint.seq).next() {
-            if let (true, Ok((_, hash, _))) =
-                (seq == checkpoint.seq, crate::events::split_stored(&stored))
-            {
-                hashes.insert(seq, hash);
+        if let Ok(Some(record)) = store.stored_record(checkpoint.seq) {
+            if let Ok((_, hash, _)) = crate::events::split_stored(&record.stored) {
+                hashes.insert(record.seq, hash);
             }
         }
     }

@@ -9,8 +9,7 @@
 //! the chain at that line, and the verifier names it.
 
 use crate::domain::Event;
-use crate::events::sled_store::SledStore;
-use crate::events::{chain_hash, Envelope, Hash, StoreError, GENESIS_HASH};
+use crate::events::{chain_hash, Envelope, Hash, Log, StoreError, GENESIS_HASH};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, Write};
@@ -73,15 +72,16 @@ pub struct ExportSummary {
 
 /// Writes records from `from` (1 = the whole log) as JSON lines.
 pub fn export(
-    store: &SledStore,
+    store: &dyn Log,
     from: u64,
     out: &mut dyn Write,
     mut progress: impl FnMut(u64),
 ) -> Result<ExportSummary, ExportError> {
     let mut written = 0u64;
     let mut summary = ExportSummary::default();
-    for record in store.raw_records(from.max(1)) {
-        let (seq, stored) = record?;
+    for record in store.stored_records(from.max(1)) {
+        let record = record?;
+        let (seq, stored) = (record.seq, record.stored);
         let envelope = Envelope::decode_stored(&stored)
             .map_err(|e| ExportError::Store(StoreError::Corrupt(format!("seq {seq}: {e}"))))?;
         summary.last_seq = Some(seq);

@@ -10,8 +10,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::{Parser, Subcommand};
 use hongbao::clock::SystemClock;
 use hongbao::config::Config;
-use hongbao::events::sled_store::SledStore;
-use hongbao::events::EventStore;
+use hongbao::events::{open_log, Log};
 use hongbao::http::Application;
 use hongbao::metrics::Metrics;
 use hongbao::projections::{self, Projection};
@@ -36,9 +35,11 @@ macro_rules! out {
     version,
     about = "Event-sourced money engine for peak-traffic campaigns",
     long_about = "hongbao keeps every movement of money as an event in an append-only, \
-                  hash-chained log (sled, in the data directory). `serve` runs the HTTP API; \
-                  the other commands read the log for operators and auditors. Commands that \
-                  read the log need the server stopped (the log is locked while it runs)."
+                  hash-chained log: sled in the data directory (the default), or NATS \
+                  JetStream (--store nats://...). `serve` runs the HTTP API; the other \
+                  commands read the log for operators and auditors. A sled log is locked \
+                  while the server runs: stop it first. A JetStream log can be read beside \
+                  running nodes, from a data directory of its own (--data-dir)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -104,6 +105,8 @@ enum Command {
     Audit {
         #[command(flatten)]
         common: Common,
+        #[command(flatten)]
+        store: StoreArgs,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -123,6 +126,8 @@ enum Command {
     Verify {
         #[command(flatten)]
         common: Common,
+        #[command(flatten)]
+        store: StoreArgs,
         /// An export (`hongbao export`) to re-check on its own; names the first line that does
         /// not hold.
         #[arg(long, value_name = "FILE")]
@@ -149,6 +154,8 @@ enum Command {
     Export {
         #[command(flatten)]
         common: Common,
+        #[command(flatten)]
+        store: StoreArgs,
         /// Output file [default: standard output].
         #[arg(long, short, value_name = "FILE")]
         output: Option<PathBuf>,
@@ -160,6 +167,8 @@ enum Command {
     Replay {
         #[command(flatten)]
         common: Common,
+        #[command(flatten)]
+        store: StoreArgs,
         /// The stream, e.g. wallet:u42, packet:pk-1, withdrawal:w-9, coupon-batch:spring.
         #[arg(long, value_name = "ID")]
         stream: String,
@@ -208,11 +217,15 @@ enum ProjectionsCommand {
         name: Option<String>,
         #[command(flatten)]
         common: Common,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// List projections with their checkpoints.
     List {
         #[command(flatten)]
         common: Common,
+        #[command(flatten)]
+        store: StoreArgs,
     },
 }
 
@@ -243,20 +256,27 @@ fn all_projections() -> Vec<Arc<dyn Projection>> {
     projections::all(Arc::new(Metrics::new()))
 }
 
-fn open_store(config: &Config) -> anyhow::Result<Arc<SledStore>> {
-    if !config.data_dir.join("log").exists() {
-        bail!(
-            "no log in {} (start `hongbao serve` first, or pass --data-dir)",
-            config.data_dir.display()
-        );
-    }
-    SledStore::open(
-        &config.data_dir,
-        config.journal(),
+/// The config of a command that reads the log: the file, then the command line's --store.
+fn log_config(common: &Common, store: StoreArgs) -> anyhow::Result<Config> {
+    let mut config = load_config(common)?;
+    store.apply(&mut config);
+    config.validate()?;
+    Ok(config)
+}
+
+/// Opens the log to read it (sled in the data directory, or JetStream), never creating one.
+fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Log>> {
+    let at = match config.store.url.as_str() {
+        "sled" => config.data_dir.display().to_string(),
+        url => format!("{url} (stream {})", config.store.stream),
+    };
+    open_log(
+        config,
+        false,
         Arc::new(SystemClock),
         Arc::new(Metrics::new()),
     )
-    .with_context(|| format!("opening the log in {}", config.data_dir.display()))
+    .with_context(|| format!("opening the log in {at}"))
 }
 
 fn progress_bar(total: u64, what: &str) -> ProgressBar {
@@ -301,11 +321,11 @@ fn serve(
     })
 }
 
-fn verify(common: Common) -> anyhow::Result<ExitCode> {
-    let config = load_config(&common)?;
+fn verify(common: Common, store: StoreArgs) -> anyhow::Result<ExitCode> {
+    let config = log_config(&common, store)?;
     let store = open_store(&config)?;
     let bar = progress_bar(store.head(), "verifying");
-    let report = hongbao::verify::verify_log(&store, |done, _| bar.set_position(done))?;
+    let report = hongbao::verify::verify_log(store.as_ref(), |done, _| bar.set_position(done))?;
     bar.finish_and_clear();
     out!("records checked:        {}", report.records)?;
     out!("streams:                {}", report.streams)?;
@@ -322,7 +342,7 @@ fn verify(common: Common) -> anyhow::Result<ExitCode> {
         "hash chain:             {}",
         if report.ok() { "ok" } else { "see below" }
     )?;
-    let signed = hongbao::checkpoints::check_local(&config.data_dir, &store)?;
+    let signed = hongbao::checkpoints::check_local(&config.data_dir, store.as_ref())?;
     match &signed {
         None => out!("signed checkpoints:     none in this data directory")?,
         Some(c) if c.violation.is_none() => out!(
@@ -349,8 +369,13 @@ fn verify(common: Common) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn export(common: Common, output: Option<PathBuf>, from: u64) -> anyhow::Result<ExitCode> {
-    let config = load_config(&common)?;
+fn export(
+    common: Common,
+    store: StoreArgs,
+    output: Option<PathBuf>,
+    from: u64,
+) -> anyhow::Result<ExitCode> {
+    let config = log_config(&common, store)?;
     let store = open_store(&config)?;
     let head = store.head();
     let bar = progress_bar(head.saturating_sub(from.max(1)) + 1, "exporting");
@@ -363,7 +388,7 @@ fn export(common: Common, output: Option<PathBuf>, from: u64) -> anyhow::Result<
             Box::new(std::io::BufWriter::new(std::io::stdout().lock()))
         }
     };
-    let summary = hongbao::export::export(&store, from, &mut out, |n| bar.set_position(n))?;
+    let summary = hongbao::export::export(store.as_ref(), from, &mut out, |n| bar.set_position(n))?;
     drop(out);
     bar.finish_and_clear();
     // On standard error, so that it never mixes with an export written to standard output.
@@ -385,6 +410,7 @@ fn export(common: Common, output: Option<PathBuf>, from: u64) -> anyhow::Result<
 
 fn replay(
     common: Common,
+    store: StoreArgs,
     stream: String,
     until: Option<u64>,
     at: Option<String>,
@@ -399,7 +425,7 @@ fn replay(
         ),
         (None, None) => Until::End,
     };
-    let config = load_config(&common)?;
+    let config = log_config(&common, store)?;
     let store = open_store(&config)?;
     let replayed = hongbao::replay::replay(store.as_ref(), &stream, point)?;
     if json {
@@ -531,8 +557,8 @@ fn public_key(common: Common) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn audit(common: Common, json: bool) -> anyhow::Result<ExitCode> {
-    let config = load_config(&common)?;
+fn audit(common: Common, store: StoreArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let config = log_config(&common, store)?;
     let store = open_store(&config)?;
     let channels = if config.data_dir.join("channels").exists() {
         Some(hongbao::channels::SimulatedChannels::open(
@@ -547,7 +573,7 @@ fn audit(common: Common, json: bool) -> anyhow::Result<ExitCode> {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     let started = std::time::Instant::now();
-    let mut report = hongbao::audit::audit(&store, channels.as_deref(), |done, _| {
+    let mut report = hongbao::audit::audit(store.as_ref(), channels.as_deref(), |done, _| {
         bar.set_position(done)
     })?;
     let replay_s = started.elapsed().as_secs_f64();
@@ -559,8 +585,9 @@ fn audit(common: Common, json: bool) -> anyhow::Result<ExitCode> {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     let started = std::time::Instant::now();
-    let views =
-        hongbao::audit::views_check(&store, &projections, |done, _| bar.set_position(done))?;
+    let views = hongbao::audit::views_check(store.as_ref(), &projections, |done, _| {
+        bar.set_position(done)
+    })?;
     let views_s = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
     report.checks.push(views);
@@ -613,8 +640,8 @@ fn audit(common: Common, json: bool) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn rebuild(name: Option<String>, common: Common) -> anyhow::Result<ExitCode> {
-    let config = load_config(&common)?;
+fn rebuild(name: Option<String>, common: Common, store: StoreArgs) -> anyhow::Result<ExitCode> {
+    let config = log_config(&common, store)?;
     let chosen: Vec<_> = all_projections()
         .into_iter()
         .filter(|p| name.as_deref().is_none_or(|n| n == p.name()))
@@ -654,8 +681,8 @@ fn rebuild(name: Option<String>, common: Common) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn list(common: Common) -> anyhow::Result<ExitCode> {
-    let config = load_config(&common)?;
+fn list(common: Common, store: StoreArgs) -> anyhow::Result<ExitCode> {
+    let config = log_config(&common, store)?;
     let store = open_store(&config)?;
     out!("log head: {}", store.head())?;
     for projection in all_projections() {
@@ -685,29 +712,40 @@ fn main() -> ExitCode {
             public_key,
             ..
         } => verify_export(file, expect_head, checkpoints.zip(public_key)),
-        Command::Verify { common, .. } => verify(common),
+        Command::Verify { common, store, .. } => verify(common, store),
         Command::Export {
             common,
+            store,
             output,
             from,
-        } => export(common, output, from),
+        } => export(common, store, output, from),
         Command::Replay {
             common,
+            store,
             stream,
             until,
             at,
             json,
-        } => replay(common, stream, until, at, json),
-        Command::Audit { common, json } => audit(common, json),
+        } => replay(common, store, stream, until, at, json),
+        Command::Audit {
+            common,
+            store,
+            json,
+        } => audit(common, store, json),
         Command::Checkpoints {
             command: CheckpointsCommand::PublicKey { common },
         } => public_key(common),
         Command::Projections {
-            command: ProjectionsCommand::Rebuild { name, common },
-        } => rebuild(name, common),
+            command:
+                ProjectionsCommand::Rebuild {
+                    name,
+                    common,
+                    store,
+                },
+        } => rebuild(name, common, store),
         Command::Projections {
-            command: ProjectionsCommand::List { common },
-        } => list(common),
+            command: ProjectionsCommand::List { common, store },
+        } => list(common, store),
         Command::Loadgen(args) => {
             init_logging("warn");
             hongbao::loadgen::run(*args)

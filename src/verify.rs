@@ -4,14 +4,15 @@
 //!   SHA-256 over `prev_hash` and its record bytes;
 //! - the global sequence: keys and records agree, start at 1, no gaps;
 //! - per-stream versions: each stream's events are numbered 1, 2, 3, ... in log order;
-//! - the stream index: every entry points at records of its stream with its versions, entries
-//!   of a stream are contiguous, and they cover exactly the events the log holds.
+//! - the stream index: on sled, every entry points at records of its stream with its versions,
+//!   entries of a stream are contiguous, and they cover exactly the events the log holds; on
+//!   JetStream, every record is filed under its stream's subject and each subject's last
+//!   record is its stream's last version (the reads an actor's activation relies on).
 //!
 //! Reports the first break by sequence number and stops there: everything after a broken link
 //! is unproven.
 
-use crate::events::sled_store::SledStore;
-use crate::events::{check_link, Envelope, StoreError, GENESIS_HASH};
+use crate::events::{check_link, Envelope, Log, RawRecord, StoreError, GENESIS_HASH};
 use std::collections::HashMap;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -33,17 +34,20 @@ impl VerifyReport {
 
 /// Verifies the log. `progress(done, total)` is called as records are checked.
 pub fn verify_log(
-    store: &SledStore,
+    store: &dyn Log,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<VerifyReport, StoreError> {
-    use crate::events::EventStore;
     let head = store.head();
     let mut report = VerifyReport::default();
     let mut prev_hash = GENESIS_HASH;
     let mut versions: HashMap<String, u64> = HashMap::new();
 
-    for (expected_seq, record) in (1u64..).zip(store.raw_records(1)) {
-        let (seq, stored) = record?;
+    for (expected_seq, record) in (1u64..).zip(store.stored_records(1)) {
+        let RawRecord {
+            seq,
+            stored,
+            subject,
+        } = record?;
         if seq != expected_seq {
             report.violation = Some(format!(
                 "sequence gap: expected seq {expected_seq}, found {seq}"
@@ -68,6 +72,17 @@ pub fn verify_log(
             report.violation = Some(format!("record under seq {seq} says seq {}", envelope.seq));
             return Ok(report);
         }
+        if let Some(subject) = subject {
+            let wanted = store.subject_of(&envelope.stream);
+            if wanted.as_deref() != Some(subject.as_str()) {
+                report.violation = Some(format!(
+                    "seq {seq} of {} is filed under subject {subject}, not {}: reading its stream would miss it",
+                    envelope.stream,
+                    wanted.unwrap_or_default()
+                ));
+                return Ok(report);
+            }
+        }
         let last = versions.entry(envelope.stream.clone()).or_insert(0);
         if envelope.version != *last + 1 {
             report.violation = Some(format!(
@@ -86,48 +101,8 @@ pub fn verify_log(
     progress(report.records, head);
     report.streams = versions.len() as u64;
 
-    // The index: contiguous per stream, pointing at the right records, covering all of them.
-    let mut indexed: HashMap<String, u64> = HashMap::new();
-    for entry in store.index_entries() {
-        let (stream, entry) = entry?;
-        report.index_entries += 1;
-        let covered = indexed.entry(stream.clone()).or_insert(0);
-        if entry.first_version != *covered + 1 {
-            report.violation = Some(format!(
-                "index of {stream} jumps from version {covered} to {}",
-                entry.first_version
-            ));
-            return Ok(report);
-        }
-        for (seq, version) in entry.positions() {
-            let stored = store.raw_records(seq).next().transpose()?;
-            let holds = match &stored {
-                Some((at, bytes)) if *at == seq => Envelope::decode_stored(bytes)
-                    .map(|e| e.stream == stream && e.version == version)
-                    .unwrap_or(false),
-                _ => false,
-            };
-            if !holds {
-                report.violation = Some(format!(
-                    "index says {stream}@{version} is at seq {seq}, the log disagrees"
-                ));
-                return Ok(report);
-            }
-        }
-        *covered = entry.last_version();
-    }
-    if indexed != versions {
-        let missing = versions
-            .iter()
-            .find(|(s, v)| indexed.get(*s) != Some(v))
-            .map(|(s, v)| {
-                format!(
-                    "{s} has {v} events in the log, {} indexed",
-                    indexed.get(s).copied().unwrap_or(0)
-                )
-            })
-            .unwrap_or_else(|| "the index names streams the log does not hold".into());
-        report.violation = Some(format!("index incomplete: {missing}"));
-    }
+    let index = store.check_index(&versions)?;
+    report.index_entries = index.entries;
+    report.violation = index.violation;
     Ok(report)
 }

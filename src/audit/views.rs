@@ -3,8 +3,7 @@
 //! write, a hand edit) is named with its first differing key.
 
 use super::CheckResult;
-use crate::events::sled_store::SledStore;
-use crate::events::StoreError;
+use crate::events::{Log, StoreError};
 use crate::projections::{self, Projection};
 use std::sync::Arc;
 
@@ -23,7 +22,7 @@ fn show(key: &[u8]) -> String {
 /// Compares each view in `store`'s state database with a rebuild into a temporary database.
 /// `progress(done, total)` counts events replayed over all views.
 pub fn views_check(
-    store: &SledStore,
+    store: &dyn Log,
     projections: &[Arc<dyn Projection>],
     mut progress: impl FnMut(u64, u64),
 ) -> Result<CheckResult, StoreError> {

@@ -10,7 +10,10 @@
 //!   entity's history is read with a subject filter, never by scanning the log;
 //! - the payload is the stored record, byte for byte as on sled:
 //!   `[prev_hash][hash][format][body]`, so the hash chain, `verify` and `export` are the same;
-//! - snapshots (derived state) stay in a local sled database beside the node.
+//! - snapshots are derived state: kept in a local sled database beside the node, and copied to
+//!   a JetStream key-value bucket (`<stream>_SNAPSHOTS`, same replicas) so that a node with an
+//!   empty data directory (a restart elsewhere, a failover) activates an entity from its latest
+//!   snapshot instead of replaying its whole history.
 //!
 //! Group commit: one writer task drains the queued appends (up to `batch_events_max` events),
 //! checks each against its stream's version (cache, or the subject's last record), chains
@@ -28,11 +31,11 @@
 use super::jetstream::{connect, ConnectError, Durability};
 use super::{
     split_stored, AppendAck, AppendError, Appended, Envelope, EventStore, ExpectedVersion, Hash,
-    LiveBatch, NewEvent, StoreError, GENESIS_HASH,
+    JournalCondition, LiveBatch, NewEvent, RawRecord, StoreError, GENESIS_HASH,
 };
 use crate::clock::Clock;
 use crate::metrics::{stream_kind, Metrics};
-use async_nats::jetstream::{self, consumer, context::PublishErrorKind, stream};
+use async_nats::jetstream::{self, consumer, context::PublishErrorKind, kv, stream};
 use futures::future::BoxFuture;
 use futures::StreamExt;
 use std::collections::HashMap;
@@ -48,6 +51,15 @@ const LIVE_BATCHES_MAX: usize = 1024;
 const RESYNC_RETRY: Duration = Duration::from_millis(200);
 /// Longest wait for one read of the log (an ordered consumer's next message).
 const READ_WAIT: Duration = Duration::from_secs(10);
+/// How long a request to JetStream (an append's acknowledgement, a read) may take before its
+/// outcome counts as unknown. Long enough for a loaded server that fsyncs every write, short
+/// enough that a client's retry still finds the command's first outcome meaningful.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// The header naming the writer incarnation that published a record.
+pub const WRITER_HEADER: &str = "Hb-Writer";
+/// Records past the expected last sequence that may still be this writer's own late publishes
+/// (a few batches at most); beyond this, the stream was written by someone else.
+const OWN_LATE_RECORDS_MAX: u64 = 100_000;
 
 /// Where and how the log lives on JetStream.
 #[derive(Debug, Clone)]
@@ -64,6 +76,9 @@ pub struct JetStreamConfig {
     pub batch_events_max: usize,
     pub queue_requests_max: usize,
     pub append_events_max: usize,
+    /// Create the log's stream when it does not exist (`serve`); the offline commands only
+    /// read a log that exists.
+    pub create_stream: bool,
 }
 
 impl JetStreamConfig {
@@ -77,6 +92,7 @@ impl JetStreamConfig {
             batch_events_max: 1000,
             queue_requests_max: 65_536,
             append_events_max: 1000,
+            create_stream: true,
         }
     }
 }
@@ -106,6 +122,88 @@ fn escape_into(out: &mut String, token: &str) {
     }
 }
 
+/// The key-value bucket for the snapshots of the log `stream`, created with the log's
+/// replicas if missing.
+async fn snapshot_bucket(
+    js: &jetstream::Context,
+    stream: &str,
+    replicas: usize,
+) -> Result<kv::Store, StoreError> {
+    let bucket = format!("{stream}_SNAPSHOTS");
+    if let Ok(store) = js.get_key_value(&bucket).await {
+        return Ok(store);
+    }
+    js.create_key_value(kv::Config {
+        bucket: bucket.clone(),
+        description: format!("snapshots of the entities of the log {stream} (derived state)"),
+        history: 1,
+        num_replicas: replicas,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| StoreError::Io(format!("JetStream: snapshot bucket {bucket}: {e}")))
+}
+
+/// Puts a snapshot taken at `version` unless the bucket already holds a later one (a slower
+/// node's, or an earlier put that was overtaken), with compare-and-set on the key's revision.
+async fn put_if_later(
+    bucket: &kv::Store,
+    key: &str,
+    version: u64,
+    value: Vec<u8>,
+) -> Result<(), String> {
+    for _ in 0..5 {
+        let outcome = match bucket.entry(key).await.map_err(|e| e.to_string())? {
+            Some(entry) if entry.operation == kv::Operation::Put => {
+                let held = entry
+                    .value
+                    .get(..8)
+                    .map_or(0, |v| u64::from_be_bytes(v.try_into().expect("8 bytes")));
+                if held >= version {
+                    return Ok(());
+                }
+                bucket
+                    .update(key, value.clone().into(), entry.revision)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+            _ => bucket
+                .create(key, value.clone().into())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        };
+        if outcome.is_ok() {
+            return Ok(());
+        }
+    }
+    Err("the key kept changing".into())
+}
+
+/// A snapshot's key: the stream id made a valid key (`[A-Za-z0-9_-]` kept, the rest `=XX`;
+/// the kind and the id joined by a dot), e.g. `wallet:u42` -> `wallet.u42`.
+pub fn snapshot_key(stream_id: &str) -> String {
+    let (kind, id) = stream_id.split_once(':').unwrap_or(("_", stream_id));
+    let escape = |token: &str| -> String {
+        if token.is_empty() {
+            return "_".into();
+        }
+        token
+            .bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+                    (b as char).to_string()
+                } else {
+                    format!("={b:02X}")
+                }
+            })
+            .collect()
+    };
+    format!("{}.{}", escape(kind), escape(id))
+}
+
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Io(format!("JetStream: {e}"))
 }
@@ -132,11 +230,16 @@ pub struct JetStreamStore {
     queue: mpsc::Sender<JournalMsg>,
     head: Arc<AtomicU64>,
     healthy: Arc<AtomicBool>,
+    /// Set (before `healthy` is cleared for good) when the journal failed stop.
+    stopped: Arc<AtomicBool>,
     live: broadcast::Sender<LiveBatch>,
     state: sled::Db,
     snapshots: sled::Tree,
+    /// The snapshot bucket (None for the offline commands, which only read the log).
+    shared_snapshots: Option<kv::Store>,
     config: JetStreamConfig,
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    incarnation: String,
 }
 
 /// The log's head as the stream holds it: last sequence and its record's hash.
@@ -209,19 +312,22 @@ impl JetStreamStore {
             .build()
             .map_err(|e| StoreError::Io(e.to_string()))?;
         let handle = runtime.handle().clone();
-        let (url, name, prefix) = (
+        let (url, name, prefix, create) = (
             config.url.clone(),
             config.stream.clone(),
             config.subject_prefix.clone(),
+            config.create_stream,
         );
         let opened = run_blocking(&handle, async move {
             let (client, _) = connect(&url).await.map_err(|e| match e {
                 ConnectError::Refused(refusal) => StoreError::Io(refusal.to_string()),
                 other => StoreError::Io(other.to_string()),
             })?;
-            let js = jetstream::new(client);
-            let stream = js
-                .get_or_create_stream(stream::Config {
+            let js = jetstream::ContextBuilder::new()
+                .timeout(REQUEST_TIMEOUT)
+                .build(client);
+            let stream = if create {
+                js.get_or_create_stream(stream::Config {
                     name: name.clone(),
                     subjects: vec![format!("{prefix}.>")],
                     num_replicas: durability.replicas,
@@ -230,12 +336,28 @@ impl JetStreamStore {
                     ..Default::default()
                 })
                 .await
-                .map_err(unavailable)?;
+                .map_err(unavailable)?
+            } else {
+                js.get_stream(&name).await.map_err(|e| {
+                    if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(_)) {
+                        StoreError::Io(format!(
+                            "no log stream {name} on {url} ({e}): nothing was served there, or [store] stream names another"
+                        ))
+                    } else {
+                        unavailable(e)
+                    }
+                })?
+            };
             check_replicas(&stream, durability.replicas).await?;
             let (last_seq, last_hash) = read_head(&stream).await?;
-            Ok::<_, StoreError>((js, stream, last_seq, last_hash))
+            let snapshots = if create {
+                Some(snapshot_bucket(&js, &name, durability.replicas).await?)
+            } else {
+                None
+            };
+            Ok::<_, StoreError>((js, stream, snapshots, last_seq, last_hash))
         });
-        let (js, stream, last_seq, last_hash) = match opened {
+        let (js, stream, shared_snapshots, last_seq, last_hash) = match opened {
             Ok(Ok(opened)) => opened,
             Ok(Err(e)) | Err(e) => {
                 // Not dropped in place: `open` may run inside another runtime (the server's).
@@ -246,9 +368,12 @@ impl JetStreamStore {
         let (queue, receiver) = mpsc::channel(config.queue_requests_max);
         let head = Arc::new(AtomicU64::new(last_seq));
         let healthy = Arc::new(AtomicBool::new(true));
+        let stopped = Arc::new(AtomicBool::new(false));
         let (live, _) = broadcast::channel(LIVE_BATCHES_MAX);
         metrics.log_head_seq.set(last_seq as i64);
+        let incarnation = format!("{:032x}", rand::random::<u128>());
         let writer = Writer {
+            incarnation: incarnation.clone(),
             js,
             stream: stream.clone(),
             prefix: config.subject_prefix.clone(),
@@ -259,6 +384,7 @@ impl JetStreamStore {
             fenced: super::Fences::default(),
             head: head.clone(),
             healthy: healthy.clone(),
+            stopped: stopped.clone(),
             live: live.clone(),
             clock,
             metrics,
@@ -273,11 +399,14 @@ impl JetStreamStore {
             queue,
             head,
             healthy,
+            stopped,
             live,
             state,
             snapshots,
+            shared_snapshots,
             config,
             writer: Mutex::new(Some(task)),
+            incarnation,
         }))
     }
 
@@ -300,41 +429,88 @@ impl JetStreamStore {
         from_seq: u64,
         to_seq: u64,
     ) -> Result<Vec<Envelope>, StoreError> {
-        if from_seq > to_seq {
-            return Ok(Vec::new());
-        }
         let stream = self.stream.clone();
         self.block(async move {
-            let consumer = stream
-                .create_consumer(consumer::pull::OrderedConfig {
-                    filter_subject: filter.unwrap_or_default(),
-                    deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                        start_sequence: from_seq,
-                    },
-                    ..Default::default()
-                })
-                .await
-                .map_err(unavailable)?;
-            let mut messages = consumer.messages().await.map_err(unavailable)?;
             let mut out = Vec::new();
-            loop {
-                let next = tokio::time::timeout(READ_WAIT, messages.next())
-                    .await
-                    .map_err(|_| unavailable("a log read timed out"))?;
-                let Some(message) = next else { break };
-                let message = message.map_err(unavailable)?;
-                let seq = message.info().map_err(unavailable)?.stream_sequence;
-                if seq > to_seq {
-                    break;
-                }
+            scan(&stream, filter, from_seq, to_seq, |_, message| {
                 out.push(Envelope::decode_stored(&message.payload)?);
-                if seq == to_seq {
-                    break;
-                }
-            }
+                Ok(())
+            })
+            .await?;
             Ok(out)
         })?
     }
+
+    /// The stored records `from_seq..=to_seq` with their subjects, for `verify` and `export`.
+    fn raw_range(&self, from_seq: u64, to_seq: u64) -> Result<Vec<RawRecord>, StoreError> {
+        let stream = self.stream.clone();
+        self.block(async move {
+            let mut out = Vec::new();
+            scan(&stream, None, from_seq, to_seq, |seq, message| {
+                out.push(RawRecord {
+                    seq,
+                    stored: message.payload.to_vec(),
+                    subject: Some(message.subject.to_string()),
+                });
+                Ok(())
+            })
+            .await?;
+            Ok(out)
+        })?
+    }
+
+    /// This store's writer incarnation, as its records' `Hb-Writer` header carries it.
+    #[doc(hidden)]
+    pub fn incarnation(&self) -> &str {
+        &self.incarnation
+    }
+
+    /// The JetStream stream holding the log (for tests that play a second writer).
+    #[doc(hidden)]
+    pub fn jetstream_stream(&self) -> &stream::Stream {
+        &self.stream
+    }
+}
+
+/// Visits the messages `from_seq..=to_seq` (of `filter`'s subject, if any) in order, with an
+/// ordered consumer, stopping at `to_seq` or at the stream's end.
+async fn scan(
+    stream: &stream::Stream,
+    filter: Option<String>,
+    from_seq: u64,
+    to_seq: u64,
+    mut visit: impl FnMut(u64, &jetstream::Message) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    if from_seq > to_seq {
+        return Ok(());
+    }
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: filter.unwrap_or_default(),
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: from_seq,
+            },
+            ..Default::default()
+        })
+        .await
+        .map_err(unavailable)?;
+    let mut messages = consumer.messages().await.map_err(unavailable)?;
+    loop {
+        let next = tokio::time::timeout(READ_WAIT, messages.next())
+            .await
+            .map_err(|_| unavailable("a log read timed out"))?;
+        let Some(message) = next else { break };
+        let message = message.map_err(unavailable)?;
+        let seq = message.info().map_err(unavailable)?.stream_sequence;
+        if seq > to_seq {
+            break;
+        }
+        visit(seq, &message)?;
+        if seq == to_seq {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// Runs `work` on the store's runtime and waits for it from any thread (an actor's, a test's),
@@ -363,10 +539,18 @@ impl EventStore for JetStreamStore {
                 max: self.config.append_events_max,
             });
         }
-        if !self.healthy() {
-            return Err(AppendError::Unavailable(
-                "the JetStream journal has stopped".into(),
-            ));
+        match self.condition() {
+            JournalCondition::Ready => {}
+            JournalCondition::Recovering => {
+                return Err(AppendError::Unavailable(
+                    "the JetStream log is unreachable; the journal reconnects by itself".into(),
+                ))
+            }
+            JournalCondition::Failed => {
+                return Err(AppendError::Unavailable(
+                    "the JetStream journal has stopped (fenced by another writer)".into(),
+                ))
+            }
         }
         let (reply, ack) = oneshot::channel();
         let request = AppendRequest {
@@ -437,16 +621,62 @@ impl EventStore for JetStreamStore {
         self.live.subscribe()
     }
 
+    /// Locally at once; to the bucket in the background (best effort: the actor does not
+    /// wait, and a lost copy only costs another node a replay).
     fn save_snapshot(&self, stream: &str, version: u64, state: &[u8]) -> Result<(), StoreError> {
-        super::save_local_snapshot(&self.snapshots, stream, version, state)
+        super::save_local_snapshot(&self.snapshots, stream, version, state)?;
+        if let Some(bucket) = self.shared_snapshots.clone() {
+            let key = snapshot_key(stream);
+            let mut value = Vec::with_capacity(8 + state.len());
+            value.extend_from_slice(&version.to_be_bytes());
+            value.extend_from_slice(state);
+            self.handle.spawn(async move {
+                if let Err(e) = put_if_later(&bucket, &key, version, value).await {
+                    tracing::debug!(error = %e, key, "snapshot not copied to the bucket");
+                }
+            });
+        }
+        Ok(())
     }
 
+    /// The later of the local snapshot and the bucket's copy.
     fn load_snapshot(&self, stream: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-        super::load_local_snapshot(&self.snapshots, stream)
+        let local = super::load_local_snapshot(&self.snapshots, stream)?;
+        let Some(bucket) = self.shared_snapshots.clone() else {
+            return Ok(local);
+        };
+        let key = snapshot_key(stream);
+        let shared = match self.block(async move { bucket.get(key).await })? {
+            Ok(Some(value)) if value.len() > 8 => Some((
+                u64::from_be_bytes(value[..8].try_into().expect("8 bytes")),
+                value[8..].to_vec(),
+            )),
+            Ok(_) => None,
+            Err(e) => {
+                // Derived state: without it, activation replays the stream.
+                tracing::debug!(error = %e, stream, "snapshot bucket unreadable");
+                None
+            }
+        };
+        Ok(match (local, shared) {
+            (Some(l), Some(s)) if s.0 > l.0 => Some(s),
+            (None, s) => s,
+            (l, _) => l,
+        })
     }
 
     fn healthy(&self) -> bool {
         self.healthy.load(Ordering::Acquire)
+    }
+
+    fn condition(&self) -> JournalCondition {
+        if self.healthy() {
+            JournalCondition::Ready
+        } else if self.stopped.load(Ordering::Acquire) {
+            JournalCondition::Failed
+        } else {
+            JournalCondition::Recovering
+        }
     }
 
     fn close(&self) -> BoxFuture<'static, Result<(), StoreError>> {
@@ -473,6 +703,103 @@ impl EventStore for JetStreamStore {
     }
 }
 
+/// Records an offline scan (`verify`, `export`, the audit) reads with one ordered consumer.
+const SCAN_CHUNK: u64 = 10_000;
+
+impl super::Log for JetStreamStore {
+    fn stored_records(
+        &self,
+        from_seq: u64,
+    ) -> Box<dyn Iterator<Item = Result<RawRecord, StoreError>> + '_> {
+        let head = self.head();
+        let mut next = from_seq.max(1);
+        let mut chunk = std::collections::VecDeque::new();
+        Box::new(std::iter::from_fn(move || {
+            if chunk.is_empty() && next <= head {
+                let to = head.min(next.saturating_add(SCAN_CHUNK - 1));
+                match self.raw_range(next, to) {
+                    Ok(records) if records.is_empty() => {
+                        next = head + 1;
+                        return Some(Err(StoreError::Corrupt(format!(
+                            "the stream holds no record at seq {next}, below its head {head}"
+                        ))));
+                    }
+                    Ok(records) => {
+                        next = records.last().map_or(to, |r| r.seq) + 1;
+                        chunk.extend(records);
+                    }
+                    Err(e) => {
+                        next = head + 1;
+                        return Some(Err(e));
+                    }
+                }
+            }
+            chunk.pop_front().map(Ok)
+        }))
+    }
+
+    fn stored_record(&self, seq: u64) -> Result<Option<RawRecord>, StoreError> {
+        if seq == 0 || seq > self.head() {
+            return Ok(None);
+        }
+        let stream = self.stream.clone();
+        self.block(async move {
+            let message = stream.get_raw_message(seq).await.map_err(unavailable)?;
+            Ok(Some(RawRecord {
+                seq: message.sequence,
+                stored: message.payload.to_vec(),
+                subject: Some(message.subject.to_string()),
+            }))
+        })?
+    }
+
+    fn subject_of(&self, stream: &str) -> Option<String> {
+        Some(subject_of(&self.prefix, stream))
+    }
+
+    /// JetStream's index is the subjects: each stream's last record by subject (the read
+    /// that activation relies on) must be that stream's last version. Every record's subject
+    /// itself is checked by the scan (see [`super::Log::subject_of`]).
+    fn check_index(
+        &self,
+        versions: &HashMap<String, u64>,
+    ) -> Result<super::IndexCheck, StoreError> {
+        let stream = self.stream.clone();
+        let wanted: Vec<(String, String, u64)> = versions
+            .iter()
+            .map(|(id, version)| (id.clone(), subject_of(&self.prefix, id), *version))
+            .collect();
+        self.block(async move {
+            let mut check = super::IndexCheck::default();
+            for (id, subject, version) in wanted {
+                check.entries += 1;
+                let found = match stream.get_last_raw_message_by_subject(&subject).await {
+                    Ok(message) => Envelope::decode_stored(&message.payload)
+                        .map(|e| (e.stream, e.version))
+                        .ok(),
+                    Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => None,
+                    Err(e) => return Err(unavailable(e)),
+                };
+                if found.as_ref() != Some(&(id.clone(), version)) {
+                    check.violation = Some(format!(
+                        "the last record on subject {subject} is {found:?}, not {id}@{version}"
+                    ));
+                    break;
+                }
+            }
+            Ok(check)
+        })?
+    }
+
+    fn state_db(&self) -> &sled::Db {
+        &self.state
+    }
+
+    fn describe(&self) -> String {
+        format!("JetStream: {}", self.config.durability.describe())
+    }
+}
+
 impl Drop for JetStreamStore {
     fn drop(&mut self) {
         // Not from inside the runtime: let its threads finish in the background.
@@ -484,6 +811,8 @@ impl Drop for JetStreamStore {
 
 /// The writer: the only code that publishes to the log's stream.
 struct Writer {
+    /// Carried by every record this writer publishes (header [`WRITER_HEADER`]).
+    incarnation: String,
     js: jetstream::Context,
     stream: stream::Stream,
     prefix: String,
@@ -494,6 +823,7 @@ struct Writer {
     fenced: super::Fences,
     head: Arc<AtomicU64>,
     healthy: Arc<AtomicBool>,
+    stopped: Arc<AtomicBool>,
     live: broadcast::Sender<LiveBatch>,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
@@ -505,6 +835,13 @@ enum Written {
     Ok,
     /// Outcome unknown (server unreachable, a leader election): re-read the head, go on.
     Unknown(String),
+    /// The stream's last sequence was not the expected one: another writer appended (this
+    /// one must stop), unless the records past `expected_last` are this writer's own late
+    /// publishes from a batch whose outcome was unknown.
+    Diverged {
+        expected_last: u64,
+        why: String,
+    },
     /// Another writer appended: this one must stop (fencing).
     Fenced(String),
 }
@@ -535,8 +872,18 @@ impl Writer {
                     }
                 }
             }
-            match self.write(batch).await {
-                Written::Ok => {}
+            let mut written = self.write(batch).await;
+            if let Written::Diverged { expected_last, why } = written {
+                written = match self.own_records_after(expected_last).await {
+                    Ok(true) => Written::Unknown(format!(
+                        "{why}: the records after seq {expected_last} are this writer's own late publishes"
+                    )),
+                    Ok(false) => Written::Fenced(why),
+                    Err(e) => Written::Unknown(format!("{why}; cannot read who wrote past it: {e}")),
+                };
+            }
+            match written {
+                Written::Ok | Written::Diverged { .. } => {}
                 Written::Unknown(why) => {
                     tracing::warn!(why, "JetStream batch not confirmed; re-reading the head");
                     self.resync().await;
@@ -546,6 +893,7 @@ impl Writer {
                         why,
                         "another writer appended to the log; this journal stops (fencing)"
                     );
+                    self.stopped.store(true, Ordering::Release);
                     self.healthy.store(false, Ordering::Release);
                     self.receiver.close();
                     while let Ok(msg) = self.receiver.try_recv() {
@@ -587,6 +935,30 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Whether every record after `expected_last` carries this writer's incarnation: its own
+    /// publishes of a batch answered `Unavailable`, which landed after the head was re-read
+    /// (the client resends what it buffered once the server is back). Then the chain is still
+    /// this writer's and linear (each of those records was fenced by its expected last
+    /// sequence), and a resync adopts them; anyone else's record means a second writer.
+    async fn own_records_after(&self, expected_last: u64) -> Result<bool, StoreError> {
+        let info = self.stream.get_info().await.map_err(unavailable)?;
+        let last = info.state.last_sequence;
+        if last <= expected_last || last - expected_last > OWN_LATE_RECORDS_MAX {
+            return Ok(false);
+        }
+        let mut own = true;
+        scan(&self.stream, None, expected_last + 1, last, |_, message| {
+            own &= message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(WRITER_HEADER))
+                .is_some_and(|v| v.as_str() == self.incarnation);
+            Ok(())
+        })
+        .await?;
+        Ok(own)
     }
 
     async fn version_of(&mut self, stream_id: &str) -> Result<u64, StoreError> {
@@ -685,7 +1057,9 @@ impl Writer {
             self.last_hash = start_hash;
             self.versions.clear();
             let why = match &outcome {
-                Written::Unknown(why) | Written::Fenced(why) => why.clone(),
+                Written::Unknown(why) | Written::Fenced(why) | Written::Diverged { why, .. } => {
+                    why.clone()
+                }
                 Written::Ok => unreachable!(),
             };
             // Unhealthy before anyone hears of the failure (a resync makes it healthy again;
@@ -719,6 +1093,7 @@ impl Writer {
         for (subject, seq, stored) in records {
             let message = jetstream::message::PublishMessage::build()
                 .payload(stored.into())
+                .header(WRITER_HEADER, self.incarnation.as_str())
                 .expected_last_sequence(seq - 1);
             match self.js.send_publish(subject, message).await {
                 Ok(ack) => acks.push((seq, ack)),
@@ -735,10 +1110,10 @@ impl Writer {
                     ))
                 }
                 Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
-                    return Written::Fenced(format!(
-                        "seq {seq}: the stream's last sequence is not {}",
-                        seq - 1
-                    ))
+                    return Written::Diverged {
+                        expected_last: seq - 1,
+                        why: format!("seq {seq}: the stream's last sequence is not {}", seq - 1),
+                    }
                 }
                 Err(e) => return Written::Unknown(format!("ack of seq {seq}: {e}")),
             }
@@ -764,5 +1139,23 @@ mod tests {
             subject_of("hb", "wallet:a~2Eb")
         );
         assert_eq!(subject_of("hb", "plain"), "hb._.plain");
+    }
+
+    #[test]
+    fn snapshot_keys_are_valid_and_distinct() {
+        // Goal: any stream id gives a key of the characters a bucket accepts
+        // (`[-/_=.A-Za-z0-9]`), and distinct ids give distinct keys.
+        for (id, key) in [
+            ("wallet:u42", "wallet.u42"),
+            ("packet:a.b:c", "packet.a=2Eb=3Ac"),
+            ("wallet:a=2E", "wallet.a=3D2E"),
+            ("plain", "_.plain"),
+        ] {
+            assert_eq!(snapshot_key(id), key);
+            assert!(key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-/_=.".contains(&b)));
+        }
+        assert_ne!(snapshot_key("wallet:a.b"), snapshot_key("wallet:a=2Eb"));
     }
 }

@@ -208,6 +208,28 @@ impl From<CodecError> for StoreError {
     }
 }
 
+/// Whether the journal accepts appends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JournalCondition {
+    Ready,
+    /// The log is unreachable or electing a leader; the journal re-reads the head and goes on
+    /// by itself when it answers again.
+    Recovering,
+    /// The journal stopped (a failed write, or fenced by another writer) and stays stopped.
+    Failed,
+}
+
+impl JournalCondition {
+    /// As `/readyz` says it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JournalCondition::Ready => "ready",
+            JournalCondition::Recovering => "log_unreachable",
+            JournalCondition::Failed => "journal_failed",
+        }
+    }
+}
+
 /// Resolves when an append is durable (or refused by the journal).
 pub type AppendAck = BoxFuture<'static, Result<Appended, AppendError>>;
 
@@ -255,11 +277,120 @@ pub trait EventStore: Send + Sync + 'static {
     /// The latest snapshot of a stream, if any.
     fn load_snapshot(&self, stream: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
 
-    /// False once the journal has failed (it stops rather than guess what is on disk).
+    /// False once the journal has failed (it stops rather than guess what is on disk), or
+    /// while it cannot accept appends (see [`EventStore::condition`]).
     fn healthy(&self) -> bool;
+
+    /// Why the journal is or is not accepting appends, for `/readyz`.
+    fn condition(&self) -> JournalCondition {
+        if self.healthy() {
+            JournalCondition::Ready
+        } else {
+            JournalCondition::Failed
+        }
+    }
 
     /// Finishes every append already submitted, flushes, and stops the journal.
     fn close(&self) -> BoxFuture<'static, Result<(), StoreError>>;
+}
+
+/// A record as the log stores it, for checks that must not trust the decoder (`verify`,
+/// `export`, the audit).
+#[derive(Debug, Clone)]
+pub struct RawRecord {
+    /// Its global sequence, as the backend files it (sled key, JetStream stream sequence).
+    pub seq: u64,
+    /// `[prev_hash][hash][format][body]`.
+    pub stored: Vec<u8>,
+    /// The subject it is filed under (JetStream), which per-stream reads rely on.
+    pub subject: Option<String>,
+}
+
+/// What a backend's per-stream index (sled's index entries, JetStream's subjects) says
+/// about the log, checked against the streams' versions found by a scan of the log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IndexCheck {
+    /// Index entries examined.
+    pub entries: u64,
+    /// The first disagreement, if any.
+    pub violation: Option<String>,
+}
+
+/// A log the offline commands (`verify`, `audit`, `export`, `replay`, `projections`) can read
+/// whole: an [`EventStore`] with its raw records and the local state database beside it.
+pub trait Log: EventStore {
+    /// Stored records from `from_seq` on, in order, up to the durable head (no decoding).
+    fn stored_records(
+        &self,
+        from_seq: u64,
+    ) -> Box<dyn Iterator<Item = Result<RawRecord, StoreError>> + '_>;
+
+    /// The stored record at `seq`, if the log holds it (at or below the durable head).
+    fn stored_record(&self, seq: u64) -> Result<Option<RawRecord>, StoreError> {
+        Ok(self
+            .stored_records(seq)
+            .next()
+            .transpose()?
+            .filter(|record| record.seq == seq))
+    }
+
+    /// The subject a stream's records must be filed under, where the backend files by
+    /// subject (None for sled).
+    fn subject_of(&self, _stream: &str) -> Option<String> {
+        None
+    }
+
+    /// Checks the backend's own per-stream index against `versions` (stream -> last version
+    /// in the log).
+    fn check_index(
+        &self,
+        versions: &std::collections::HashMap<String, u64>,
+    ) -> Result<IndexCheck, StoreError>;
+
+    /// The local database of derived state: views, flow checkpoints, snapshots.
+    fn state_db(&self) -> &sled::Db;
+
+    /// Where the log lives and what makes an acknowledgement durable, for people.
+    fn describe(&self) -> String;
+}
+
+/// Opens the configured log: sled in the data directory, or JetStream (`[store] url`), with
+/// the local state database in the data directory either way. `create` lets a JetStream log
+/// be created (`serve`); the offline commands only open a log that exists.
+pub fn open_log(
+    config: &crate::config::Config,
+    create: bool,
+    clock: Arc<dyn crate::clock::Clock>,
+    metrics: Arc<crate::metrics::Metrics>,
+) -> Result<Arc<dyn Log>, StoreError> {
+    let durability = config
+        .store
+        .jetstream()
+        .map_err(|e| StoreError::Io(e.to_string()))?;
+    match durability {
+        None => {
+            if !create && !config.data_dir.join("log").exists() {
+                return Err(StoreError::Io(format!(
+                    "no log in {} (start `hongbao serve` first, or pass --data-dir)",
+                    config.data_dir.display()
+                )));
+            }
+            let store =
+                sled_store::SledStore::open(&config.data_dir, config.journal(), clock, metrics)?;
+            Ok(store)
+        }
+        Some(durability) => {
+            let mut js = jetstream_store::JetStreamConfig::new(
+                &config.store.url,
+                &config.store.stream,
+                config.data_dir.clone(),
+            );
+            js.durability = durability;
+            js.create_stream = create;
+            let store = jetstream_store::JetStreamStore::open(js, clock, metrics)?;
+            Ok(store)
+        }
+    }
 }
 
 /// Writers whose append to a stream was refused, kept to refuse their later appends to it

@@ -474,6 +474,81 @@ impl SledStore {
     }
 }
 
+impl super::Log for SledStore {
+    fn stored_records(
+        &self,
+        from_seq: u64,
+    ) -> Box<dyn Iterator<Item = Result<super::RawRecord, StoreError>> + '_> {
+        Box::new(self.raw_records(from_seq).map(|record| {
+            record.map(|(seq, stored)| super::RawRecord {
+                seq,
+                stored: stored.to_vec(),
+                subject: None,
+            })
+        }))
+    }
+
+    /// The stream index: contiguous per stream, pointing at the right records, covering all
+    /// of them.
+    fn check_index(
+        &self,
+        versions: &HashMap<String, u64>,
+    ) -> Result<super::IndexCheck, StoreError> {
+        let mut check = super::IndexCheck::default();
+        let mut indexed: HashMap<String, u64> = HashMap::new();
+        for entry in self.index_entries() {
+            let (stream, entry) = entry?;
+            check.entries += 1;
+            let covered = indexed.entry(stream.clone()).or_insert(0);
+            if entry.first_version != *covered + 1 {
+                check.violation = Some(format!(
+                    "index of {stream} jumps from version {covered} to {}",
+                    entry.first_version
+                ));
+                return Ok(check);
+            }
+            for (seq, version) in entry.positions() {
+                let stored = self.raw_records(seq).next().transpose()?;
+                let holds = match &stored {
+                    Some((at, bytes)) if *at == seq => Envelope::decode_stored(bytes)
+                        .map(|e| e.stream == stream && e.version == version)
+                        .unwrap_or(false),
+                    _ => false,
+                };
+                if !holds {
+                    check.violation = Some(format!(
+                        "index says {stream}@{version} is at seq {seq}, the log disagrees"
+                    ));
+                    return Ok(check);
+                }
+            }
+            *covered = entry.last_version();
+        }
+        if &indexed != versions {
+            let missing = versions
+                .iter()
+                .find(|(s, v)| indexed.get(*s) != Some(v))
+                .map(|(s, v)| {
+                    format!(
+                        "{s} has {v} events in the log, {} indexed",
+                        indexed.get(s).copied().unwrap_or(0)
+                    )
+                })
+                .unwrap_or_else(|| "the index names streams the log does not hold".into());
+            check.violation = Some(format!("index incomplete: {missing}"));
+        }
+        Ok(check)
+    }
+
+    fn state_db(&self) -> &sled::Db {
+        &self.state
+    }
+
+    fn describe(&self) -> String {
+        "sled: each batch flushed before it is acknowledged".into()
+    }
+}
+
 impl EventStore for SledStore {
     fn append(
         &self,

@@ -24,7 +24,6 @@ use crate::domain::activity::Activity;
 use crate::domain::switches::Switches;
 use crate::domain::wallet::Wallet;
 use crate::domain::withdrawal::{Payee, PolicyState};
-use crate::events::sled_store::SledStore;
 use crate::events::{EventStore, StoreError};
 use crate::flows::coupons::{CouponFlows, Coupons};
 use crate::flows::packets::{PacketFlows, Packets};
@@ -276,39 +275,9 @@ impl Application {
             Keys::resolve(&config.auth, &config.data_dir, |v| std::env::var(v).ok())?;
         // The log: sled in the data directory, or JetStream; derived state (views, flow
         // checkpoints, snapshots) stays in a local sled database either way.
-        let (dyn_store, state_db, store_guarantee): (Arc<dyn EventStore>, sled::Db, String) =
-            match config.store.jetstream()? {
-                None => {
-                    let store = SledStore::open(
-                        &config.data_dir,
-                        config.journal(),
-                        clock.clone(),
-                        metrics.clone(),
-                    )?;
-                    let state = store.state_db().clone();
-                    (
-                        store,
-                        state,
-                        "sled: each batch flushed before it is acknowledged".into(),
-                    )
-                }
-                Some(durability) => {
-                    let mut js = crate::events::jetstream_store::JetStreamConfig::new(
-                        &config.store.url,
-                        &config.store.stream,
-                        config.data_dir.clone(),
-                    );
-                    js.durability = durability;
-                    let store = crate::events::jetstream_store::JetStreamStore::open(
-                        js,
-                        clock.clone(),
-                        metrics.clone(),
-                    )?;
-                    let state = store.state_db().clone();
-                    let guarantee = format!("JetStream: {}", durability.describe());
-                    (store, state, guarantee)
-                }
-            };
+        let log = crate::events::open_log(&config, true, clock.clone(), metrics.clone())?;
+        let (state_db, store_guarantee) = (log.state_db().clone(), log.describe());
+        let dyn_store: Arc<dyn EventStore> = log;
         let store = dyn_store.clone();
         let checkpoints = start_checkpoints(&config, dyn_store.clone(), clock.clone())?;
         let views = crate::projections::all(metrics.clone());

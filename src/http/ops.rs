@@ -20,17 +20,18 @@ pub async fn healthz() -> HttpResponse {
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses(
         (status = 200, description = "Ready: journal healthy; includes log head, the store's durability guarantee and projection checkpoints"),
-        (status = 503, description = "The journal has stopped after a write failure"),
+        (status = 503, description = "Not ready: `status` is `log_unreachable` while the JetStream log is unreachable or electing a leader (the node recovers by itself), or `journal_failed` once the journal stopped (a failed write, or fenced by another writer on the same log)"),
     ))]
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let head = state.store.head();
+    let condition = state.store.condition();
     let body = json!({
-        "status": if state.store.healthy() { "ready" } else { "journal_failed" },
+        "status": condition.as_str(),
         "log_head": head,
         "store": state.store_guarantee,
         "projections": { wallet_view::NAME: state.projections.checkpoint(wallet_view::NAME) },
     });
-    if state.store.healthy() {
+    if condition == crate::events::JournalCondition::Ready {
         HttpResponse::Ok().json(body)
     } else {
         HttpResponse::ServiceUnavailable().json(body)

@@ -456,3 +456,129 @@ fn the_server_signs_its_final_head_at_shutdown() {
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_offline_commands_read_a_jetstream_log_beside_the_running_node() {
+    // Goal (issue 12): verify, audit, export, replay and projections take --store and read the
+    // log from JetStream, from a data directory of their own while the node keeps running;
+    // the export re-checks on its own; and verify can fail there: a record filed under another
+    // entity's subject (which that entity's reads would miss) is named.
+    let Some(binary) = super::nats::binary() else {
+        return;
+    };
+    let nats_dir = tempfile::tempdir().unwrap();
+    let server = super::nats::single_synced(&binary, nats_dir.path());
+    let url = server.url();
+    let app = super::spawn_app_with({
+        let url = url.clone();
+        move |c| {
+            c.store.url = url;
+            c.store.replicas = 1;
+            c.store.single_replica_synced = true;
+        }
+    });
+    for i in 0..5 {
+        let (status, body) = app.deposit("off-a", &format!("off-dep-{i}"), 100).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let offline = tempfile::tempdir().unwrap();
+    let dir = offline.path().to_str().unwrap().to_owned();
+    let store = [
+        "--store",
+        url.as_str(),
+        "--replicas",
+        "1",
+        "--single-replica-synced",
+        "--data-dir",
+        dir.as_str(),
+    ];
+    let run = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&store);
+        hongbao(&all)
+    };
+
+    let (ok, out, err) = run(&["verify"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("result: OK"), "{out}");
+    let records: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("records checked:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(records >= 5, "{out}");
+
+    let (ok, out, err) = run(&["audit", "--json"]);
+    assert!(ok, "{out}{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["ok"], true, "{out}");
+    assert_eq!(report["events"].as_u64(), Some(records), "{out}");
+
+    let file = offline.path().join("log.jsonl");
+    let (ok, out, err) = run(&["export", "-o", file.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    let head = head_hash(&err);
+    let (ok, out, err) = hongbao(&[
+        "verify",
+        "--export",
+        file.to_str().unwrap(),
+        "--expect-head",
+        &head,
+    ]);
+    assert!(ok, "{out}{err}");
+
+    let (ok, out, err) = run(&["replay", "--stream", "wallet:off-a", "--json"]);
+    assert!(ok, "{out}{err}");
+    let replayed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        replayed["applied"].as_array().map(Vec::len),
+        Some(5),
+        "{out}"
+    );
+
+    let (ok, out, err) = run(&["projections", "rebuild", "wallets"]);
+    assert!(ok && out.contains("rebuilt wallets"), "{out}{err}");
+
+    // A record chained to the head but filed under another entity's subject.
+    tokio::task::spawn_blocking(move || app.server.stop())
+        .await
+        .unwrap()
+        .unwrap();
+    let last = hongbao::events::Envelope::decode_stored(&{
+        let client = async_nats::connect(&url).await.unwrap();
+        let stream = async_nats::jetstream::new(client)
+            .get_stream("HONGBAO_LOG")
+            .await
+            .unwrap();
+        let info = stream.get_info().await.unwrap();
+        stream
+            .get_raw_message(info.state.last_sequence)
+            .await
+            .unwrap()
+            .payload
+    })
+    .unwrap();
+    let envelope = hongbao::events::Envelope {
+        seq: last.seq + 1,
+        version: last.version + 1,
+        prev_hash: last.hash,
+        ..last.clone()
+    };
+    let (_, stored) = hongbao::events::seal(&last.hash, &envelope.encode_record().unwrap());
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+    let message = async_nats::jetstream::message::PublishMessage::build()
+        .payload(stored.into())
+        .expected_last_sequence(last.seq);
+    js.send_publish("hb.wallet.someone-else", message)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let (ok, out, err) = run(&["verify"]);
+    assert!(!ok, "{out}{err}");
+    assert!(
+        out.contains(&format!("seq {} of {}", last.seq + 1, last.stream))
+            && out.contains("filed under subject hb.wallet.someone-else"),
+        "{out}"
+    );
+}

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 fn run_audit(store: &Arc<SledStore>) -> AuditReport {
-    audit(store, None, |_, _| ()).unwrap()
+    audit(store.as_ref(), None, |_, _| ()).unwrap()
 }
 
 /// A clean mixed history: budget, two rewards (one credited, one pending), a deposit, a paid

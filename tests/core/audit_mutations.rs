@@ -206,10 +206,10 @@ fn all_views() -> Vec<Arc<dyn projections::Projection>> {
 
 /// Every check `hongbao audit` prints, as it prints them: the replay's, then the views'.
 fn audit_checks(fixture: &Fixture) -> Vec<CheckResult> {
-    let mut checks = audit(&fixture.store, Some(&fixture.channels), |_, _| ())
+    let mut checks = audit(fixture.store.as_ref(), Some(&fixture.channels), |_, _| ())
         .unwrap()
         .checks;
-    checks.push(views_check(&fixture.store, &all_views(), |_, _| ()).unwrap());
+    checks.push(views_check(fixture.store.as_ref(), &all_views(), |_, _| ()).unwrap());
     checks
 }
 

@@ -127,7 +127,7 @@ fn a_debit_that_arrives_after_the_packet_expired_is_refused() {
         let packet = w.packets.packet(&id("late")).await.unwrap().unwrap();
         assert_eq!(packet.state, Some(PacketState::Expired));
     });
-    clean(&audit(&store, None, |_, _| ()).unwrap());
+    clean(&audit(store.as_ref(), None, |_, _| ()).unwrap());
 }
 
 #[test]
@@ -165,7 +165,7 @@ fn a_debit_that_landed_before_the_expiry_is_refunded_in_full() {
             .await;
         assert!(marked.is_ok(), "the pay flow's second step: {marked:?}");
     });
-    clean(&audit(&store, None, |_, _| ()).unwrap());
+    clean(&audit(store.as_ref(), None, |_, _| ()).unwrap());
 }
 
 #[test]
@@ -192,7 +192,7 @@ fn paying_after_the_deadline_is_refused_before_any_debit() {
         );
         assert_eq!(change(&w).await, Fen::new(500));
     });
-    clean(&audit(&store, None, |_, _| ()).unwrap());
+    clean(&audit(store.as_ref(), None, |_, _| ()).unwrap());
 }
 
 #[test]
@@ -214,7 +214,7 @@ fn a_payment_before_the_deadline_is_kept_and_refunded_at_expiry() {
         assert!(w.packets.pay_c2c(&id("kept"), &id("pay-1")).await.is_ok());
         assert_eq!(change(&w).await, Fen::new(500));
     });
-    clean(&audit(&store, None, |_, _| ()).unwrap());
+    clean(&audit(store.as_ref(), None, |_, _| ()).unwrap());
 }
 
 mod audit_of_packets {
@@ -343,7 +343,7 @@ mod audit_of_packets {
     }
 
     fn run(store: &Arc<SledStore>) -> Vec<(&'static str, String)> {
-        failing(&audit(store, None, |_, _| ()).unwrap())
+        failing(&audit(store.as_ref(), None, |_, _| ()).unwrap())
     }
 
     #[test]
@@ -406,7 +406,7 @@ mod audit_of_packets {
             vec![wallet(false, Entry::PacketPayment, "old", 1, 0)],
         );
         append_raw(&store, "packet:old", overdue);
-        let report = audit(&store, None, |_, _| ()).unwrap();
+        let report = audit(store.as_ref(), None, |_, _| ()).unwrap();
         assert_eq!(failing(&report), vec![]);
         let notes = report
             .checks

@@ -342,7 +342,7 @@ fn each_side_corrupted_raises_the_reconciler_metric_and_the_audit_names_the_orde
         flows.stop().await;
         views.stop().await;
 
-        let report = audit(&store, Some(&channels), |_, _| ()).unwrap();
+        let report = audit(store.as_ref(), Some(&channels), |_, _| ()).unwrap();
         let statements = examples(&report, "channel_statements");
         for order in ["ok-2", "amt-1", "ghost-1"] {
             assert!(

@@ -143,7 +143,7 @@ fn concurrent_appends_get_a_contiguous_global_order_and_per_stream_order() {
         assert!(stream.windows(2).all(|w| w[0].seq < w[1].seq));
         assert_eq!(store.read_stream(&format!("s:{i}"), 41).unwrap().len(), 10);
     }
-    let report = verify_log(&store, |_, _| {}).unwrap();
+    let report = verify_log(store.as_ref(), |_, _| {}).unwrap();
     assert!(report.ok(), "{report:?}");
     assert_eq!(report.records, total);
     assert_eq!(report.streams, appenders);
@@ -173,7 +173,7 @@ fn the_hash_chain_links_every_record_and_a_tampered_byte_is_named() {
     for pair in all.windows(2) {
         assert_eq!(pair[1].prev_hash, pair[0].hash);
     }
-    assert!(verify_log(&store, |_, _| {}).unwrap().ok());
+    assert!(verify_log(store.as_ref(), |_, _| {}).unwrap().ok());
 
     // Flip one byte of record 13's body, directly in sled.
     let journal = store.log_db().open_tree("journal").unwrap();
@@ -183,7 +183,7 @@ fn the_hash_chain_links_every_record_and_a_tampered_byte_is_named() {
     let last = value.len() - 1;
     value[last] ^= 0x01;
     journal.insert(&key, value).unwrap();
-    let report = verify_log(&store, |_, _| {}).unwrap();
+    let report = verify_log(store.as_ref(), |_, _| {}).unwrap();
     let violation = report.violation.expect("tampering must be detected");
     assert!(violation.contains("seq 13"), "{violation}");
 }
@@ -262,7 +262,7 @@ proptest! {
         let store = super::store_contract::model_run(&reopen, ops)?;
         runtime().block_on(store.close()).unwrap();
         drop(store);
-        let report = verify_log(&open(dir.path()), |_, _| ()).unwrap();
+        let report = verify_log(open(dir.path()).as_ref(), |_, _| ()).unwrap();
         prop_assert!(report.ok(), "verify failed: {:?}", report);
     }
 }
@@ -322,7 +322,7 @@ fn a_hot_stream_gets_one_index_entry_per_batch_and_reads_back_in_order() {
         store.index_entries().any(|e| e.unwrap().1.runs.len() > 1),
         "no interleaved runs exercised"
     );
-    assert!(verify_log(&store, |_, _| ()).unwrap().ok());
+    assert!(verify_log(store.as_ref(), |_, _| ()).unwrap().ok());
 }
 
 #[test]
@@ -450,7 +450,7 @@ fn after_a_failed_flush_nothing_beyond_the_head_is_visible_and_a_restart_reuses_
         .unwrap();
     assert_eq!(appended.envelopes[0].seq, 3);
     assert_eq!(appended.envelopes[0].prev_hash, second_hash);
-    let report = verify_log(&store, |_, _| ()).unwrap();
+    let report = verify_log(store.as_ref(), |_, _| ()).unwrap();
     assert!(report.ok(), "{report:?}");
     assert_eq!(report.records, 3);
 }

@@ -7,10 +7,13 @@
 use super::{event, nats, runtime};
 use hongbao::clock::ManualClock;
 use hongbao::events::jetstream::Durability;
-use hongbao::events::jetstream_store::{JetStreamConfig, JetStreamStore};
+use hongbao::events::jetstream_store::{
+    subject_of, JetStreamConfig, JetStreamStore, WRITER_HEADER,
+};
 use hongbao::events::sled_store::{JournalConfig, SledStore};
 use hongbao::events::{
-    chain_hash, AppendError, Envelope, EventStore, ExpectedVersion, Subscription, GENESIS_HASH,
+    chain_hash, seal, AppendError, Envelope, EventStore, ExpectedVersion, JournalCondition,
+    Subscription, GENESIS_HASH,
 };
 use hongbao::metrics::Metrics;
 use proptest::prelude::*;
@@ -54,21 +57,31 @@ impl Place {
     /// For JetStream, `node` names the process's local directory (its snapshots): two nodes
     /// on one log each have their own.
     fn open_node(&self, node: &str) -> Arc<dyn EventStore> {
-        let clock = Arc::new(ManualClock::new(1_000));
-        let metrics = Arc::new(Metrics::new());
         match &self.server {
-            None => SledStore::open(self.dir.path(), JournalConfig::default(), clock, metrics)
-                .expect("open sled"),
-            Some(server) => {
-                let mut config =
-                    JetStreamConfig::new(&server.url(), "HB_LOG", self.dir.path().join(node));
-                config.durability = Durability {
-                    replicas: 1,
-                    single_replica_synced: true,
-                };
-                JetStreamStore::open(config, clock, metrics).expect("open JetStream")
-            }
+            None => SledStore::open(
+                self.dir.path(),
+                JournalConfig::default(),
+                Arc::new(ManualClock::new(1_000)),
+                Arc::new(Metrics::new()),
+            )
+            .expect("open sled"),
+            Some(_) => self.open_jetstream(node),
         }
+    }
+
+    fn open_jetstream(&self, node: &str) -> Arc<JetStreamStore> {
+        let server = self.server.as_ref().expect("a JetStream place");
+        let mut config = JetStreamConfig::new(&server.url(), "HB_LOG", self.dir.path().join(node));
+        config.durability = Durability {
+            replicas: 1,
+            single_replica_synced: true,
+        };
+        JetStreamStore::open(
+            config,
+            Arc::new(ManualClock::new(1_000)),
+            Arc::new(Metrics::new()),
+        )
+        .expect("open JetStream")
     }
 }
 
@@ -288,6 +301,128 @@ fn a_second_writer_on_the_same_jetstream_log_is_fenced() {
         "nothing of the loser"
     );
     runtime().block_on(first.close()).unwrap();
+}
+
+/// Publishes to the log at `url`, behind the store's back, the record that would follow the
+/// head (the next version of `stream`, chained to the head's hash), carrying `writer` in the
+/// writer header: a late-landing publish of that writer.
+fn publish_late_record(url: &str, store: &JetStreamStore, stream: &str, writer: &str) {
+    let log = store.read_all(1, usize::MAX).unwrap();
+    let last = log.last().expect("a record to follow");
+    let envelope = Envelope {
+        seq: last.seq + 1,
+        stream: stream.into(),
+        version: log.iter().filter(|e| e.stream == stream).count() as u64 + 1,
+        event_id: 7,
+        correlation_id: "late".into(),
+        recorded_at_ms: 1_000,
+        schema_version: 1,
+        event: event(99).event,
+        prev_hash: last.hash,
+        hash: GENESIS_HASH,
+    };
+    let (_, stored) = seal(&last.hash, &envelope.encode_record().unwrap());
+    let (url, subject, writer, expected) = (
+        url.to_owned(),
+        subject_of("hb", stream),
+        writer.to_owned(),
+        last.seq,
+    );
+    runtime().block_on(async move {
+        let js = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
+        let message = async_nats::jetstream::message::PublishMessage::build()
+            .payload(stored.into())
+            .header(WRITER_HEADER, writer.as_str())
+            .expected_last_sequence(expected);
+        let ack = js.send_publish(subject, message).await.unwrap();
+        assert_eq!(ack.await.unwrap().sequence, expected + 1);
+    });
+}
+
+#[test]
+fn the_writers_own_late_publish_is_adopted_and_anyone_elses_record_fences_it() {
+    // Goal: after an outage the NATS client resends what it buffered, so a record of a batch
+    // answered Unavailable can land after the writer re-read the head. That record carries the
+    // writer's own incarnation: the writer's next batch meets it, adopts it (one 503, then
+    // appends go on, the chain linear), and does not fence itself. The same record from
+    // another incarnation is a second writer: the journal fails stop.
+    let Some(place) = Place::new(Backend::JetStream) else {
+        return;
+    };
+    let url = place.server.as_ref().unwrap().url();
+    let store = place.open_jetstream("node");
+    let dyn_store: Arc<dyn EventStore> = store.clone();
+    append(&dyn_store, 1, "wallet:f", ExpectedVersion::Exact(0), 2).unwrap();
+    publish_late_record(&url, &store, "wallet:f", store.incarnation());
+    let answered = append(&dyn_store, 2, "wallet:g", ExpectedVersion::Exact(0), 1);
+    assert!(
+        matches!(answered, Err(AppendError::Unavailable(_))),
+        "the batch that met the late record is not acknowledged: {answered:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !dyn_store.healthy() {
+        assert!(Instant::now() < deadline, "the writer resynced");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        append(&dyn_store, 3, "wallet:g", ExpectedVersion::Exact(0), 1),
+        Ok(1),
+        "appends go on after the head with the late record"
+    );
+    assert_eq!(dyn_store.read_stream("wallet:f", 1).unwrap().len(), 3);
+    let all = assert_chain(&dyn_store, Backend::JetStream);
+    assert_eq!(all.len(), 4);
+
+    publish_late_record(&url, &store, "wallet:f", "another-incarnation");
+    let refused = append(&dyn_store, 4, "wallet:g", ExpectedVersion::Exact(1), 1);
+    assert!(
+        matches!(refused, Err(AppendError::Unavailable(_))),
+        "{refused:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dyn_store.condition() != JournalCondition::Failed {
+        assert!(
+            Instant::now() < deadline,
+            "a foreign record fences the journal: {:?}",
+            dyn_store.condition()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(matches!(
+        append(&dyn_store, 5, "wallet:h", ExpectedVersion::Exact(0), 1),
+        Err(AppendError::Unavailable(_))
+    ));
+    runtime().block_on(dyn_store.close()).unwrap();
+}
+
+#[test]
+fn a_node_on_an_empty_data_directory_finds_the_latest_snapshot_in_the_bucket() {
+    // Goal: snapshots reach the log's key-value bucket, so another node (a restart elsewhere,
+    // a failover) activates from them instead of replaying the whole stream; between its own
+    // older local snapshot and the bucket's, a node takes the later one.
+    let Some(place) = Place::new(Backend::JetStream) else {
+        return;
+    };
+    let first = place.open_node("first");
+    let second = place.open_node("second");
+    second.save_snapshot("wallet:s", 3, b"old state").unwrap();
+    first.save_snapshot("wallet:s", 7, b"state at 7").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = second.load_snapshot("wallet:s").unwrap();
+        if found == Some((7, b"state at 7".to_vec())) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the bucket's copy: {found:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let third = place.open_node("third");
+    assert_eq!(
+        third.load_snapshot("wallet:s").unwrap(),
+        Some((7, b"state at 7".to_vec())),
+        "an empty data directory"
+    );
+    assert_eq!(third.load_snapshot("wallet:none").unwrap(), None);
 }
 
 #[derive(Debug, Clone)]
