@@ -418,16 +418,26 @@ async fn check_exactly_once(base: &str, bursts: &[&Burst]) -> usize {
     checked
 }
 
-// TODO(audit/verify --store): once main's `verify`/`audit` take `--store`, run both on the log
-// in every test here (see `audit_and_verify`); until then the tests check through HTTP only.
-#[allow(dead_code)]
-fn audit_and_verify(data: &Path, store: &[String]) {
-    for subcommand in ["verify", "audit"] {
-        let mut args = vec![subcommand, "--data-dir", data.to_str().unwrap()];
-        args.extend(store.iter().map(String::as_str));
-        let (ok, out) = command(&args);
-        assert!(ok && out.contains("result: OK"), "{subcommand}:\n{out}");
-    }
+/// `hongbao verify` (hash chain, contiguous sequences, per-stream versions, the data
+/// directory's signed checkpoints against the log) and `hongbao audit` (every invariant
+/// replayed from the log, each view against a rebuild) on the JetStream log, with the data
+/// directory of a stopped node: both exit 0 and say OK.
+async fn audit_and_verify(data: &Path, store: &[String]) {
+    let (data, store) = (data.to_path_buf(), store.to_vec());
+    tokio::task::spawn_blocking(move || {
+        for subcommand in ["verify", "audit"] {
+            let mut args = vec![subcommand, "--data-dir", data.to_str().unwrap()];
+            args.extend(store.iter().map(String::as_str));
+            let (ok, out) = command(&args);
+            assert!(
+                ok && out.contains("result: OK"),
+                "{subcommand} on {}:\n{out}",
+                data.display()
+            );
+        }
+    })
+    .await
+    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
 }
 
 /// A fresh data directory under `dir`.
@@ -462,6 +472,7 @@ async fn kill_9_of_hongbao_mid_burst_on_jetstream_loses_no_acknowledged_deposit(
     let log = node.log();
     let status = node.terminate().await;
     assert!(status.success(), "exit {status:?}:\n{}", log.join("\n"));
+    audit_and_verify(&data, &args).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -514,6 +525,7 @@ async fn killing_the_streams_leader_of_three_nats_servers_mid_burst_loses_nothin
     let log = node.log();
     let status = node.terminate().await;
     assert!(status.success(), "exit {status:?}:\n{}", log.join("\n"));
+    audit_and_verify(&data, &args).await;
 }
 
 /// Waits until the cluster's JetStream answers (a fresh cluster elects its meta leader first).
@@ -598,7 +610,7 @@ async fn the_single_server_down_answers_503_and_hongbao_recovers_when_it_is_back
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(down.0, 503, "{}", down.1);
-    assert_eq!(down.1["status"], "journal_failed", "{}", down.1);
+    assert_eq!(down.1["status"], "log_unreachable", "{}", down.1);
     // A command while it is down: 503 with Retry-After, at once, on a wallet the clients use.
     let (status, retry_after, body) = deposit(&probe, &base, "fw0", "probe-down", 1)
         .await
@@ -645,6 +657,7 @@ async fn the_single_server_down_answers_503_and_hongbao_recovers_when_it_is_back
     let log = node.log();
     let status = node.terminate().await;
     assert!(status.success(), "exit {status:?}:\n{}", log.join("\n"));
+    audit_and_verify(&data, &args).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -669,12 +682,13 @@ async fn a_second_hongbao_on_the_same_log_is_fenced_and_no_deposit_is_lost() {
     let probe = probe_client();
     let deadline = Instant::now() + PATIENCE;
     let a_fenced = loop {
-        let ready_a = readyz(&probe, &a.base()).await.map(|r| r.0);
-        let ready_b = readyz(&probe, &b.base()).await.map(|r| r.0);
-        match (ready_a, ready_b) {
-            (Some(200), Some(200)) => {}
-            (Some(200), Some(503)) => break false,
-            (Some(503), Some(200)) => break true,
+        let ready_a = readyz(&probe, &a.base()).await;
+        let ready_b = readyz(&probe, &b.base()).await;
+        let stopped = |ready: &Option<(u16, Value)>| matches!(ready, Some((503, body)) if body["status"] == "journal_failed");
+        match (&ready_a, &ready_b) {
+            (Some((200, _)), Some((200, _))) => {}
+            (Some((200, _)), b_ready) if stopped(b_ready) => break false,
+            (a_ready, Some((200, _))) if stopped(a_ready) => break true,
             other => panic!("/readyz of A and B: {other:?}"),
         }
         assert!(
@@ -747,4 +761,18 @@ async fn a_second_hongbao_on_the_same_log_is_fenced_and_no_deposit_is_lost() {
     wait_caught_up(&reader.base()).await;
     check_exactly_once(&reader.base(), &[&burst_a, &burst_b]).await;
     assert!(reader.terminate().await.success());
+    audit_and_verify(&data_dir(dir.path(), "c"), &args).await;
+    // The two writers' own data directories: their signed checkpoints agree with the log.
+    for node in ["a", "b"] {
+        let data = data_dir(dir.path(), node);
+        let (data, args) = (data.to_str().unwrap().to_owned(), args.clone());
+        let (ok, out) = tokio::task::spawn_blocking(move || {
+            let mut verify = vec!["verify", "--data-dir", &data];
+            verify.extend(args.iter().map(String::as_str));
+            command(&verify)
+        })
+        .await
+        .unwrap();
+        assert!(ok && out.contains("result: OK"), "verify of {node}:\n{out}");
+    }
 }
