@@ -7,8 +7,7 @@ mod crash;
 mod jetstream;
 mod jetstream_faults;
 mod lists;
-// Shared with the core tests; this binary uses a part of it.
-#[allow(dead_code)]
+// Shared with the core tests (it allows its own dead code).
 #[path = "../support/nats.rs"]
 mod nats;
 mod ops;
