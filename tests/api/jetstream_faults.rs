@@ -71,6 +71,12 @@ impl Node {
         self.server().log.lock().unwrap().clone()
     }
 
+    /// Whether the process has exited by itself.
+    fn exited(&mut self) -> bool {
+        let server = self.0.as_mut().expect("running");
+        server.child.try_wait().ok().flatten().is_some()
+    }
+
     fn kill9(mut self) {
         self.0.take().expect("running").kill9();
     }
@@ -418,6 +424,28 @@ async fn check_exactly_once(base: &str, bursts: &[&Burst]) -> usize {
     checked
 }
 
+/// Where a writer stands in the two-writer test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Standing {
+    /// `/readyz` 200.
+    Ready,
+    /// Failed stop: `/readyz` 503 `journal_failed`, or the process exited.
+    Stopped,
+    /// Neither yet: no answer within 5 s, or `log_unreachable` for a moment.
+    Undecided,
+}
+
+async fn standing(probe: &reqwest::Client, node: &mut Node) -> Standing {
+    if node.exited() {
+        return Standing::Stopped;
+    }
+    match readyz(probe, &node.base()).await {
+        Some((200, _)) => Standing::Ready,
+        Some((503, body)) if body["status"] == "journal_failed" => Standing::Stopped,
+        _ => Standing::Undecided,
+    }
+}
+
 /// `hongbao verify` (hash chain, contiguous sequences, per-stream versions, the data
 /// directory's signed checkpoints against the log) and `hongbao audit` (every invariant
 /// replayed from the log, each view against a rebuild) on the JetStream log, with the data
@@ -664,64 +692,77 @@ async fn the_single_server_down_answers_503_and_hongbao_recovers_when_it_is_back
 async fn a_second_hongbao_on_the_same_log_is_fenced_and_no_deposit_is_lost() {
     // Goal: hongbao A takes deposits from 16 clients; B, with its own data directory and port,
     // starts on the same log and takes deposits on the same wallets. Exactly one of them fails
-    // stop (/readyz 503 journal_failed, its log names the fence, its commands answer 503) and
-    // the other goes on acknowledging; after settling through the survivor, a fresh third
+    // stop within 30 s (/readyz 503 journal_failed and its commands answer 503, or it exits;
+    // its log names the fence) and the other goes on acknowledging; after settling through the survivor, a fresh third
     // process reading the log alone finds every deposit of both exactly once.
     let Some(binary) = nats::binary() else { return };
     let dir = tempfile::tempdir().unwrap();
     let server = nats::single_synced(&binary, dir.path());
     let args = on_jetstream(&server.url(), 1);
-    let a = Node::start(&data_dir(dir.path(), "a"), &args).await;
+    let mut a = Node::start(&data_dir(dir.path(), "a"), &args).await;
     let burst_a = Arc::new(Burst::default());
     let firing_a = fire(&a.base(), "a", 16, burst_a.clone());
     burst_a.wait_acked(200, "A before B").await;
 
-    let b = Node::start(&data_dir(dir.path(), "b"), &args).await;
+    let mut b = Node::start(&data_dir(dir.path(), "b"), &args).await;
     let burst_b = Arc::new(Burst::default());
     let firing_b = fire(&b.base(), "b", 16, burst_b.clone());
     let probe = probe_client();
     let deadline = Instant::now() + PATIENCE;
     let a_fenced = loop {
-        let ready_a = readyz(&probe, &a.base()).await;
-        let ready_b = readyz(&probe, &b.base()).await;
-        let stopped = |ready: &Option<(u16, Value)>| matches!(ready, Some((503, body)) if body["status"] == "journal_failed");
-        match (&ready_a, &ready_b) {
-            (Some((200, _)), Some((200, _))) => {}
-            (Some((200, _)), b_ready) if stopped(b_ready) => break false,
-            (a_ready, Some((200, _))) if stopped(a_ready) => break true,
-            other => panic!("/readyz of A and B: {other:?}"),
+        let (standing_a, standing_b) = (
+            standing(&probe, &mut a).await,
+            standing(&probe, &mut b).await,
+        );
+        use Standing::{Ready, Stopped};
+        match (standing_a, standing_b) {
+            (Stopped, Stopped) => panic!(
+                "both processes stopped: A acknowledged {}, B {}",
+                burst_a.acked(),
+                burst_b.acked()
+            ),
+            (Ready, Stopped) => break false,
+            (Stopped, Ready) => break true,
+            _ => {}
         }
         assert!(
             Instant::now() < deadline,
-            "neither process was fenced: A acknowledged {}, B {}",
+            "no process failed stop within 30 s: A {standing_a:?} acknowledged {}, B \
+             {standing_b:?} acknowledged {} ({} answers 503 in all)",
             burst_a.acked(),
-            burst_b.acked()
+            burst_b.acked(),
+            burst_a.unavailable() + burst_b.unavailable()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let (fenced, survivor, survivor_burst) = if a_fenced {
-        (&a, &b, &burst_b)
+    let (mut fenced, survivor, survivor_burst) = if a_fenced {
+        (a, b, &burst_b)
     } else {
-        (&b, &a, &burst_a)
+        (b, a, &burst_a)
     };
     let fence = "this journal stops (fencing)";
     assert!(
         fenced.log().iter().any(|l| l.contains(fence)),
-        "{}",
-        fenced.log().join("\n")
+        "the stopped process does not name the fence"
     );
     assert!(!survivor.log().iter().any(|l| l.contains(fence)));
-    let (status, retry_after, body) = deposit(&probe, &fenced.base(), "fw0", "probe-fenced", 1)
-        .await
-        .expect("the fenced process answers");
-    assert_eq!(status, 503, "{body}");
-    assert!(retry_after.is_some(), "503 without Retry-After");
+    // Still running (it may have exited instead): its commands answer 503 with Retry-After.
+    if !fenced.exited() {
+        let (status, retry_after, body) = deposit(&probe, &fenced.base(), "fw0", "probe-fenced", 1)
+            .await
+            .expect("the fenced process answers within 5 s");
+        assert_eq!(status, 503, "{body}");
+        assert!(retry_after.is_some(), "503 without Retry-After");
+    }
     let acked = survivor_burst.acked();
     survivor_burst
         .wait_acked(acked + 200, "the survivor after the fence")
         .await;
-    let (status, ready) = readyz(&probe, &fenced.base()).await.expect("answers");
-    assert_eq!(status, 503, "a fence is final: {ready}");
+    assert_eq!(
+        standing(&probe, &mut fenced).await,
+        Standing::Stopped,
+        "a fence is final"
+    );
     firing_a.stop().await;
     firing_b.stop().await;
     for burst in [&burst_a, &burst_b] {
@@ -747,14 +788,16 @@ async fn a_second_hongbao_on_the_same_log_is_fenced_and_no_deposit_is_lost() {
     settle(&survivor_base, &burst_a).await;
     settle(&survivor_base, &burst_b).await;
     let survivor_log = survivor.log();
-    let (a_status, b_status) = (a.terminate().await, b.terminate().await);
-    // The survivor stops cleanly; the fenced one's exit status is not part of the promise.
-    let survivor_status = if a_fenced { b_status } else { a_status };
+    let status = survivor.terminate().await;
     assert!(
-        survivor_status.success(),
-        "survivor exit {survivor_status:?}:\n{}",
+        status.success(),
+        "survivor exit {status:?}:\n{}",
         survivor_log.join("\n")
     );
+    // The fenced one's exit status is not part of the promise, only that it stops.
+    if !fenced.exited() {
+        fenced.terminate().await;
+    }
 
     // A fresh process with an empty data directory: what it reads is the log's alone.
     let reader = Node::start(&data_dir(dir.path(), "c"), &args).await;
