@@ -477,7 +477,8 @@ fn data_dir(dir: &Path, name: &str) -> PathBuf {
 async fn kill_9_of_hongbao_mid_burst_on_jetstream_loses_no_acknowledged_deposit() {
     // Goal: SIGKILL of hongbao while 32 clients deposit on one synced JetStream server; after a
     // restart on the same log and data directory every 201 is in the ledger exactly once with
-    // the balance it stated, each in-flight deposit retried lands once, balances are the sums.
+    // the balance it stated, each in-flight deposit retried lands once, balances are the sums;
+    // `hongbao verify` and `hongbao audit` on the log (--store) exit 0.
     let Some(binary) = nats::binary() else { return };
     let dir = tempfile::tempdir().unwrap();
     let server = nats::single_synced(&binary, dir.path());
@@ -509,7 +510,8 @@ async fn killing_the_streams_leader_of_three_nats_servers_mid_burst_loses_nothin
     // the stream's leader (found with the NATS client; hongbao may or may not be connected to
     // it) is killed with SIGKILL while 16 clients deposit: after at most a short run of 503s
     // (each with Retry-After) deposits are acknowledged again without restarting anything,
-    // and every 201 is in the ledger exactly once with the balance it stated.
+    // and every 201 is in the ledger exactly once with the balance it stated; verify and audit
+    // on the log exit 0.
     let Some(binary) = nats::binary() else { return };
     let dir = tempfile::tempdir().unwrap();
     let mut servers = nats::cluster_of_three(&binary, dir.path());
@@ -598,7 +600,8 @@ async fn the_single_server_down_answers_503_and_hongbao_recovers_when_it_is_back
     // Goal: the one synced nats-server is killed (SIGKILL) while 16 clients deposit: commands
     // answer 503 with Retry-After and /readyz is not 200 while it is down; started again on the
     // same port and store directory, deposits are acknowledged again within 30 s without
-    // restarting hongbao, and every deposit, acknowledged or retried, is in the log once.
+    // restarting hongbao, and every deposit, acknowledged or retried, is in the log once;
+    // verify and audit on the log exit 0.
     let Some(binary) = nats::binary() else { return };
     let dir = tempfile::tempdir().unwrap();
     let server = nats::single_synced(&binary, dir.path());
@@ -693,8 +696,10 @@ async fn a_second_hongbao_on_the_same_log_is_fenced_and_no_deposit_is_lost() {
     // Goal: hongbao A takes deposits from 16 clients; B, with its own data directory and port,
     // starts on the same log and takes deposits on the same wallets. Exactly one of them fails
     // stop within 30 s (/readyz 503 journal_failed and its commands answer 503, or it exits;
-    // its log names the fence) and the other goes on acknowledging; after settling through the survivor, a fresh third
-    // process reading the log alone finds every deposit of both exactly once.
+    // its log names the fence) and the other goes on acknowledging; after settling through
+    // the survivor, a fresh third process reading the log alone finds every deposit of both
+    // exactly once, the chain is linear (verify) and the audit clean, and each writer's signed
+    // checkpoints agree with the log.
     let Some(binary) = nats::binary() else { return };
     let dir = tempfile::tempdir().unwrap();
     let server = nats::single_synced(&binary, dir.path());
