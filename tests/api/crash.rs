@@ -9,10 +9,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-struct Server {
-    child: Child,
-    port: u16,
-    log: Arc<Mutex<Vec<String>>>,
+pub(crate) struct Server {
+    pub(crate) child: Child,
+    pub(crate) port: u16,
+    pub(crate) log: Arc<Mutex<Vec<String>>>,
 }
 
 /// Starts `hongbao serve` on a free port and waits until it listens.
@@ -21,7 +21,7 @@ fn start(dir: &Path) -> Server {
 }
 
 /// As `start`, with extra command-line arguments.
-fn start_with(dir: &Path, extra: &[&str]) -> Server {
+pub(crate) fn start_with(dir: &Path, extra: &[&str]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_hongbao"))
         .args([
             "serve",
@@ -68,11 +68,11 @@ fn start_with(dir: &Path, extra: &[&str]) -> Server {
 }
 
 impl Server {
-    fn base(&self) -> String {
+    pub(crate) fn base(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    fn terminate(mut self) -> std::process::ExitStatus {
+    pub(crate) fn terminate(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
         assert!(Command::new("kill")
             .args(["-TERM", &pid])
@@ -93,7 +93,7 @@ impl Server {
         }
     }
 
-    fn kill9(mut self) {
+    pub(crate) fn kill9(mut self) {
         self.child.kill().unwrap(); // SIGKILL
         self.child.wait().unwrap();
     }
@@ -192,7 +192,7 @@ async fn fire(base: String, workers: usize, acked: Arc<Mutex<Vec<Acked>>>) {
     .await
 }
 
-async fn ledger(client: &reqwest::Client, base: &str, uid: &str) -> (i64, Vec<Value>) {
+pub(crate) async fn ledger(client: &reqwest::Client, base: &str, uid: &str) -> (i64, Vec<Value>) {
     let mut entries = Vec::new();
     let mut before: Option<u64> = None;
     loop {
@@ -290,7 +290,7 @@ fn verify(dir: &Path) {
 }
 
 /// Runs a hongbao subcommand; returns whether it succeeded and its stdout then stderr.
-fn command(args: &[&str]) -> (bool, String) {
+pub(crate) fn command(args: &[&str]) -> (bool, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_hongbao"))
         .args(args)
         .output()

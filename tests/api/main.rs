@@ -5,9 +5,9 @@ mod cli;
 mod coupons;
 mod crash;
 mod jetstream;
+mod jetstream_faults;
 mod lists;
-// Shared with the core tests; this binary uses a part of it.
-#[allow(dead_code)]
+// Shared with the core tests (it allows its own dead code).
 #[path = "../support/nats.rs"]
 mod nats;
 mod ops;

@@ -5,6 +5,12 @@
 //! into a virtual environment and sets it). Without it the tests skip, unless
 //! `HONGBAO_JETSTREAM=1` (set by `.ci/run`) says they must run: then a missing or failing
 //! server fails them loudly.
+//!
+//! A server can be stopped (SIGTERM) or killed (`kill -9`) and started again on the same port
+//! and store directory, for the outage tests.
+
+// Shared by two test binaries; each uses a part of it.
+#![allow(dead_code)]
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -42,6 +48,30 @@ fn free_port() -> u16 {
 pub struct NatsServer {
     child: Child,
     pub port: u16,
+    place: Place,
+}
+
+/// Where a server runs: enough to start it again as the same server.
+#[derive(Debug, Clone)]
+struct Place {
+    binary: PathBuf,
+    dir: PathBuf,
+    name: String,
+}
+
+/// A server that was stopped or killed: its port, configuration and store directory are kept
+/// so that [`Stopped::restart`] brings back the same server with what it had stored.
+#[derive(Debug)]
+pub struct Stopped {
+    pub port: u16,
+    place: Place,
+}
+
+impl Stopped {
+    /// Starts the server again on its port, with its configuration and store directory.
+    pub fn restart(self) -> NatsServer {
+        NatsServer::spawn(self.place, self.port)
+    }
 }
 
 impl NatsServer {
@@ -49,10 +79,36 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// The server's name (`single`, `n1`, `n2`, `n3`), as JetStream reports a stream's leader.
+    pub fn name(&self) -> &str {
+        &self.place.name
+    }
+
+    /// The server's log file (its stderr, appended to across restarts).
+    pub fn log_path(&self) -> PathBuf {
+        self.place.dir.join(format!("{}.log", self.place.name))
+    }
+
     fn start(binary: &Path, dir: &Path, name: &str, port: u16, config: &str) -> NatsServer {
         let conf = dir.join(format!("{name}.conf"));
         std::fs::write(&conf, config).unwrap();
-        let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+        let place = Place {
+            binary: binary.to_path_buf(),
+            dir: dir.to_path_buf(),
+            name: name.to_owned(),
+        };
+        NatsServer::spawn(place, port)
+    }
+
+    /// Starts the server from its configuration file and waits until it listens.
+    fn spawn(place: Place, port: u16) -> NatsServer {
+        let Place { binary, dir, name } = &place;
+        let conf = dir.join(format!("{name}.conf"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("{name}.log")))
+            .unwrap();
         let child = Command::new(binary)
             .arg("-c")
             .arg(&conf)
@@ -60,23 +116,50 @@ impl NatsServer {
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
-        let server = NatsServer { child, port };
+        let server = NatsServer { child, port, place };
         let deadline = Instant::now() + START_WAIT;
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
                 Instant::now() < deadline,
-                "{name} did not listen on {port}; see {}",
-                dir.join(format!("{name}.log")).display()
+                "{} did not listen on {port}; see {}",
+                server.place.name,
+                server.log_path().display()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
         server
     }
 
-    /// Kills the process at once (`kill -9`).
-    pub fn kill(mut self) {
+    /// Kills the process at once (`kill -9`): nothing is flushed that was not already synced.
+    pub fn kill(mut self) -> Stopped {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.stopped()
+    }
+
+    /// Stops the process with SIGTERM (a clean shutdown) and waits for it to exit.
+    pub fn stop(mut self) -> Stopped {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status();
+        assert!(sent.is_ok_and(|s| s.success()), "cannot signal {pid}");
+        let deadline = Instant::now() + START_WAIT;
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit after SIGTERM; see {}",
+                self.place.name,
+                self.log_path().display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.stopped()
+    }
+
+    fn stopped(&self) -> Stopped {
+        Stopped {
+            port: self.port,
+            place: self.place.clone(),
+        }
     }
 }
 
