@@ -6,7 +6,7 @@ use crate::clock::SystemClock;
 use crate::domain::wallet::{Entry, Line, WalletEvent};
 use crate::domain::Event;
 use crate::events::sled_store::{JournalConfig, SledStore};
-use crate::events::{EventStore, ExpectedVersion, NewEvent};
+use crate::events::{AppendError, EventStore, ExpectedVersion, NewEvent};
 use crate::ids::Id;
 use crate::metrics::Metrics;
 use crate::money::Fen;
@@ -28,6 +28,9 @@ pub struct JournalRun {
     pub mean_flush_ms: f64,
     /// Mean size of a stored record (hash header + format byte + body).
     pub record_bytes: usize,
+    /// Appends refused or failed after the warm-up (a full queue excepted): the store was
+    /// unavailable, or stopped.
+    pub failed: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -68,11 +71,41 @@ pub fn journal_run(
         metrics.clone(),
     )
     .map_err(std::io::Error::other)?;
+    let run = drive_appends(store.clone(), &metrics, in_flight, warmup, duration)?;
+    let sample: Vec<usize> = store
+        .raw_records(1)
+        .take(1000)
+        .filter_map(|r| r.ok())
+        .map(|(_, v)| v.len())
+        .collect();
+    let record_bytes = sample.iter().sum::<usize>() / sample.len().max(1);
+    Ok(JournalRun {
+        record_bytes,
+        ..run
+    })
+}
+
+/// The appenders of [`journal_run`] on any store (sled, JetStream): `in_flight` concurrent
+/// appenders, one event per append, each on its own stream at its exact version, for
+/// `warmup + duration`; only appends started after the warm-up count. The batching figures come
+/// from `metrics` (the store's); `record_bytes` is left 0 for the caller. Closes the store.
+pub fn drive_appends<S: EventStore>(
+    store: Arc<S>,
+    metrics: &Metrics,
+    in_flight: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> std::io::Result<JournalRun> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let (events, latency) = runtime.block_on(async {
+    let (batches_before, events_before, flush_before) = (
+        metrics.journal_batch_events.get_sample_count(),
+        metrics.journal_batch_events.get_sample_sum(),
+        metrics.journal_flush_seconds.get_sample_sum(),
+    );
+    let (events, failed, latency) = runtime.block_on(async {
         let measure_from = Instant::now() + warmup;
         let until = measure_from + duration;
         let tasks: Vec<_> = (0..in_flight)
@@ -80,10 +113,10 @@ pub fn journal_run(
                 let store = store.clone();
                 tokio::spawn(async move {
                     let stream = format!("bench:{i}");
-                    let mut version = store.stream_version(&stream).unwrap_or(0);
+                    let mut version = 0;
                     let mut latency =
                         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
-                    let mut events = 0u64;
+                    let (mut events, mut failed) = (0u64, 0u64);
                     while Instant::now() < until {
                         let started = Instant::now();
                         let event = sample_event(version);
@@ -94,45 +127,53 @@ pub fn journal_run(
                             vec![event],
                         ) {
                             Ok(ack) => ack,
-                            Err(_) => {
+                            Err(AppendError::Overloaded) => {
                                 tokio::task::yield_now().await;
                                 continue;
                             }
+                            Err(_) => {
+                                failed += u64::from(started >= measure_from);
+                                tokio::time::sleep(Duration::from_millis(1)).await;
+                                continue;
+                            }
                         };
-                        if let Ok(appended) = ack.await {
-                            version = appended.last_version;
-                            if started >= measure_from {
-                                events += 1;
-                                let _ =
-                                    latency.record((started.elapsed().as_micros() as u64).max(1));
+                        match ack.await {
+                            Ok(appended) => {
+                                version = appended.last_version;
+                                if started >= measure_from {
+                                    events += 1;
+                                    let _ = latency
+                                        .record((started.elapsed().as_micros() as u64).max(1));
+                                }
+                            }
+                            Err(_) => {
+                                // The outcome may be unknown: the stream's version says.
+                                failed += u64::from(started >= measure_from);
+                                version = store
+                                    .read_stream(&stream, 1)
+                                    .map_or(version, |e| e.last().map_or(0, |e| e.version));
                             }
                         }
                     }
-                    (events, latency)
+                    (events, failed, latency)
                 })
             })
             .collect();
-        let mut events = 0;
+        let (mut events, mut failed) = (0, 0);
         let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
         for task in tasks {
-            if let Ok((n, h)) = task.await {
+            if let Ok((n, f, h)) = task.await {
                 events += n;
+                failed += f;
                 let _ = latency.add(&h);
             }
         }
-        (events, latency)
+        (events, failed, latency)
     });
-    let batches = metrics.journal_batch_events.get_sample_count().max(1) as f64;
-    let mean_batch = metrics.journal_batch_events.get_sample_sum() / batches;
-    let mean_flush_ms = metrics.journal_flush_seconds.get_sample_sum() * 1000.0
-        / metrics.journal_flush_seconds.get_sample_count().max(1) as f64;
-    let sample: Vec<usize> = store
-        .raw_records(1)
-        .take(1000)
-        .filter_map(|r| r.ok())
-        .map(|(_, v)| v.len())
-        .collect();
-    let record_bytes = sample.iter().sum::<usize>() / sample.len().max(1);
+    let batches = (metrics.journal_batch_events.get_sample_count() - batches_before).max(1) as f64;
+    let mean_batch = (metrics.journal_batch_events.get_sample_sum() - events_before) / batches;
+    let mean_flush_ms =
+        (metrics.journal_flush_seconds.get_sample_sum() - flush_before) * 1000.0 / batches;
     runtime
         .block_on(store.close())
         .map_err(std::io::Error::other)?;
@@ -144,7 +185,8 @@ pub fn journal_run(
         p99_ms: latency.value_at_quantile(0.99) as f64 / 1000.0,
         mean_batch,
         mean_flush_ms,
-        record_bytes,
+        record_bytes: 0,
+        failed,
     })
 }
 

@@ -12,22 +12,29 @@
 //!   intake rate and latency beside hello-world, and how long the payout lanes (bank paced at
 //!   its configured rate) take to make every order final;
 //! - `journal`: durable appends through the journal without HTTP, beside raw sled
-//!   `apply_batch` + `flush()` at the journal's observed batch size and at 1/16/256/1024;
+//!   `apply_batch` + `flush()` at the journal's observed batch size and at 1/16/256/1024; with
+//!   `--store nats://...`, through the JetStream writer beside raw JetStream publishing at the
+//!   same in-flight and the writer's batch patterns without hongbao (see [`jetstream`]);
 //! - `packets`: one hot red packet claimed by many clients, hongbao beside the textbook
 //!   PostgreSQL and Redis designs (see [`packets`]);
 //! - `coupons`: one hot coupon batch, in-process and over HTTP, per merged deduction size:
 //!   acceptance and issuance rates and the acceptance-to-issued latency (see [`coupons`]).
+//!
+//! `--store nats://...` puts the in-process server's log (deposits, rewards, ...) on JetStream,
+//! in a stream of the load generator's own that is deleted afterwards.
 //!
 //! Every run prints requests/s and p50/p99/p99.9 latency from an hdrhistogram.
 
 pub mod client;
 pub mod coupons;
 pub mod hello;
+pub mod jetstream;
 pub mod journal;
 pub mod packets;
 
 use crate::clock::SystemClock;
 use crate::config::{AuthConfig, Config};
+use crate::events::jetstream::{Durability, REPLICAS_DEFAULT};
 use crate::http::RunningServer;
 use client::{post_json, RequestFactory, RunResult};
 use std::net::SocketAddr;
@@ -46,7 +53,8 @@ pub enum Scenario {
     /// Seeds users with balances and bound methods (W13), then withdraws: intake rate and how
     /// fast the payout lanes make every order final.
     Withdrawals,
-    /// Durable appends through the journal (no HTTP), beside raw sled batch+flush.
+    /// Durable appends through the journal (no HTTP), beside raw sled batch+flush; with
+    /// --store nats://..., through the JetStream writer beside raw JetStream publishing.
     Journal,
     /// One hot red packet claimed by --clients clients: hongbao beside textbook PostgreSQL
     /// and Redis designs (--backends), through pools of --pool connections.
@@ -88,6 +96,24 @@ pub struct LoadgenArgs {
     /// Data directory for the in-process server or journal (default: a fresh temporary one).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// The log of the in-process server or journal: `sled` (default) or
+    /// `nats://HOST:PORT[,HOST:PORT...]` (JetStream 2.12.3+). On JetStream every stream is the
+    /// load generator's own (HBLG_*), created per run and deleted after it; the in-process
+    /// server's takes the subjects `hb.>`, so no other stream on the server may hold them.
+    /// journal: raw JetStream publishing is measured beside it, on the same server.
+    #[arg(long, value_name = "URL")]
+    pub store: Option<String>,
+    /// With --store nats://...: replicas of the streams (the log's and the raw ones) [default: 3].
+    #[arg(long, value_name = "N")]
+    pub replicas: Option<usize>,
+    /// With --store nats://...: state that the server fsyncs every write (`sync_interval:
+    /// always`); needed for --replicas 1.
+    #[arg(long)]
+    pub single_replica_synced: bool,
+    /// journal with --store nats://...: batches outstanding in the raw batch comparisons
+    /// (1 is the writer's way: every ack of a batch before the next).
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    pub batch_depth: Vec<usize>,
     /// rewards: pause the crediting lanes (switch reward_lanes) during each run, then resume
     /// them and measure the drain: intake and crediting capacities measured apart.
     #[arg(long)]
@@ -153,6 +179,34 @@ pub struct LoadgenArgs {
     /// --in-flight closed-loop submitters; for latency below capacity.
     #[arg(long, value_name = "PER_S")]
     pub rate: Option<u64>,
+}
+
+impl LoadgenArgs {
+    /// `--store nats://...` with its durability, checked; `None` for sled.
+    fn nats(&self) -> Result<Option<(String, Durability)>, LoadgenError> {
+        match self.store.as_deref() {
+            None | Some("sled") => {
+                if self.replicas.is_some() || self.single_replica_synced {
+                    return Err(LoadgenError::Usage(
+                        "--replicas and --single-replica-synced need --store nats://...".into(),
+                    ));
+                }
+                Ok(None)
+            }
+            Some(url) if url.starts_with("nats://") => {
+                let durability = Durability {
+                    replicas: self.replicas.unwrap_or(REPLICAS_DEFAULT),
+                    single_replica_synced: self.single_replica_synced,
+                }
+                .check()
+                .map_err(|e| LoadgenError::Usage(e.to_string()))?;
+                Ok(Some((url.to_owned(), durability)))
+            }
+            Some(other) => Err(LoadgenError::Usage(format!(
+                "--store is sled or nats://HOST:PORT[,HOST:PORT...], not {other:?}"
+            ))),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -307,6 +361,8 @@ fn scrape(addr: SocketAddr) -> String {
 /// The server a scenario drives: in-process on a temporary data directory, or `--target`.
 struct Target {
     server: Option<RunningServer>,
+    /// The load generator's own log stream on JetStream (URL, name), deleted at `stop`.
+    nats_stream: Option<(String, String)>,
     addr: SocketAddr,
     admin_key: String,
     issuer_key: String,
@@ -330,6 +386,7 @@ impl Target {
             // Each scenario checks for the keys it needs (`Target::require`).
             return Ok(Target {
                 server: None,
+                nats_stream: None,
                 addr,
                 admin_key: args.admin_key.clone().unwrap_or_default(),
                 issuer_key: args.issuer_key.clone().unwrap_or_default(),
@@ -349,6 +406,17 @@ impl Target {
             .unwrap_or_else(|| temp.path().to_path_buf());
         config.server.addr = "127.0.0.1:0".into();
         config.server.workers = args.server_workers;
+        let nats_stream = match args.nats()? {
+            Some((url, durability)) => {
+                config.store.url = url.clone();
+                config.store.replicas = durability.replicas;
+                config.store.single_replica_synced = durability.single_replica_synced;
+                config.store.stream = jetstream::fresh_names("SERVER").0;
+                jetstream::wait_ready(&url, durability.replicas)?;
+                Some((url, config.store.stream.clone()))
+            }
+            None => None,
+        };
         tweak(&mut config);
         let key = |role: &str| format!("loadgen-{role}-{}", hex::encode(rand::random::<[u8; 8]>()));
         let (admin_key, issuer_key, gateway_key) = (key("admin"), key("issuer"), key("gateway"));
@@ -358,10 +426,19 @@ impl Target {
             gateway_key: Some(gateway_key.clone()),
             token_secret: Some(key("secret")),
         };
-        let server = RunningServer::start(config, Arc::new(SystemClock))?;
+        let server = match RunningServer::start(config, Arc::new(SystemClock)) {
+            Ok(server) => server,
+            Err(e) => {
+                if let Some((url, name)) = &nats_stream {
+                    let _ = jetstream::delete_stream(url, name);
+                }
+                return Err(e.into());
+            }
+        };
         let addr: SocketAddr = ([127, 0, 0, 1], server.port).into();
         Ok(Target {
             server: Some(server),
+            nats_stream,
             addr,
             admin_key,
             issuer_key,
@@ -400,10 +477,13 @@ impl Target {
     }
 
     fn stop(self) -> Result<(), LoadgenError> {
-        match self.server {
-            Some(server) => server.stop().map_err(LoadgenError::Usage),
-            None => Ok(()),
+        if let Some(server) = self.server {
+            server.stop().map_err(LoadgenError::Usage)?;
         }
+        if let Some((url, name)) = &self.nats_stream {
+            jetstream::delete_stream(url, name)?;
+        }
+        Ok(())
     }
 }
 
@@ -460,7 +540,16 @@ fn deposits(args: &LoadgenArgs) -> Result<(), LoadgenError> {
     target.stop()
 }
 
-fn journal(args: &LoadgenArgs) -> Result<(), LoadgenError> {
+/// One row of the journal table: the journal at one in-flight and the raw figure beside it
+/// (raw sled at the journal's batch size, or raw JetStream publishing at the same in-flight).
+#[derive(Debug, Clone)]
+pub struct JournalRow {
+    pub journal: journal::JournalRun,
+    pub raw_per_second: f64,
+}
+
+/// The journal scenario: prints its tables and returns its rows.
+pub fn journal_table(args: &LoadgenArgs) -> Result<Vec<JournalRow>, LoadgenError> {
     let base = match &args.data_dir {
         Some(dir) => {
             std::fs::create_dir_all(dir)?;
@@ -468,6 +557,9 @@ fn journal(args: &LoadgenArgs) -> Result<(), LoadgenError> {
         }
         None => tempfile::tempdir()?,
     };
+    if let Some((url, durability)) = args.nats()? {
+        return journal_jetstream(args, base.path(), &url, durability);
+    }
     let warmup = Duration::from_secs(args.warmup_s);
     let duration = Duration::from_secs(args.duration_s);
     println!(
@@ -485,6 +577,7 @@ fn journal(args: &LoadgenArgs) -> Result<(), LoadgenError> {
         "raw+idx@batch",
         "vs_idx"
     );
+    let mut rows = Vec::new();
     for &in_flight in &args.in_flight {
         let dir = base.path().join(format!("journal-{in_flight}"));
         let run = journal::journal_run(&dir, in_flight, warmup, duration)?;
@@ -508,6 +601,10 @@ fn journal(args: &LoadgenArgs) -> Result<(), LoadgenError> {
             format!("{:.0}@{}", indexed.records_per_second, batch),
             run.per_second / indexed.records_per_second.max(1e-9),
         );
+        rows.push(JournalRow {
+            journal: run,
+            raw_per_second: raw.records_per_second,
+        });
     }
     println!();
     println!(
@@ -527,7 +624,139 @@ fn journal(args: &LoadgenArgs) -> Result<(), LoadgenError> {
             "raw", batch, raw.records_per_second, raw.flush_p50_ms
         );
     }
-    Ok(())
+    Ok(rows)
+}
+
+/// The journal on JetStream beside raw JetStream publishing at the same in-flight, then the
+/// writer's batch patterns without hongbao at the journal's observed batch size.
+fn journal_jetstream(
+    args: &LoadgenArgs,
+    base: &std::path::Path,
+    url: &str,
+    durability: Durability,
+) -> Result<Vec<JournalRow>, LoadgenError> {
+    if args.batch_depth.contains(&0) {
+        return Err(LoadgenError::Usage(
+            "--batch-depth values must be positive".into(),
+        ));
+    }
+    let warmup = Duration::from_secs(args.warmup_s);
+    let duration = Duration::from_secs(args.duration_s);
+    let version = jetstream::wait_ready(url, durability.replicas)?;
+    println!(
+        "journal on JetStream at {url}: nats-server {version}, {}",
+        durability.describe()
+    );
+    println!(
+        "{:<10} {:>9} {:>9} {:>10} {:>8} {:>8} {:>7} {:>8} {:>6} {:>6} {:>9} {:>8} {:>8} {:>6} {:>7}",
+        "scenario",
+        "in_flight",
+        "events",
+        "durable/s",
+        "p50_ms",
+        "p99_ms",
+        "batch",
+        "flush_ms",
+        "bytes",
+        "failed",
+        "raw/s",
+        "raw_p50",
+        "raw_p99",
+        "errors",
+        "vs_raw"
+    );
+    let mut rows = Vec::new();
+    for &in_flight in &args.in_flight {
+        let dir = base.join(format!("journal-{in_flight}"));
+        let run = jetstream::journal_run(url, durability, &dir, in_flight, warmup, duration)?;
+        let raw = jetstream::raw_publish(
+            url,
+            durability.replicas,
+            in_flight,
+            run.record_bytes,
+            warmup,
+            duration,
+        )?;
+        println!(
+            "{:<10} {:>9} {:>9} {:>10.0} {:>8.3} {:>8.3} {:>7.1} {:>8.3} {:>6} {:>6} {:>9.0} {:>8.3} {:>8.3} {:>6} {:>7.2}",
+            "journal",
+            in_flight,
+            run.events,
+            run.per_second,
+            run.p50_ms,
+            run.p99_ms,
+            run.mean_batch,
+            run.mean_flush_ms,
+            run.record_bytes,
+            run.failed,
+            raw.per_second,
+            raw.p50_ms,
+            raw.p99_ms,
+            raw.errors,
+            run.per_second / raw.per_second.max(1e-9),
+        );
+        rows.push(JournalRow {
+            journal: run,
+            raw_per_second: raw.per_second,
+        });
+    }
+    if args.batch_depth.is_empty() {
+        return Ok(rows);
+    }
+    println!();
+    println!(
+        "raw batches at the journal's mean batch (no hongbao logic); latency of a whole batch"
+    );
+    println!(
+        "{:<10} {:>9} {:>7} {:>6} {:>10} {:>8} {:>8} {:>10} {:>8} {:>8}",
+        "raw",
+        "in_flight",
+        "batch",
+        "depth",
+        "fenced/s",
+        "p50_ms",
+        "p99_ms",
+        "atomic/s",
+        "p50_ms",
+        "p99_ms"
+    );
+    for row in &rows {
+        let batch = (row.journal.mean_batch.round() as usize).max(1);
+        for &depth in &args.batch_depth {
+            let bytes = row.journal.record_bytes;
+            // A failed figure (no ack in time on a busy disk) is reported, not fatal.
+            let figure = |mode| {
+                let r = durability.replicas;
+                match jetstream::raw_batches(url, r, mode, batch, depth, bytes, duration) {
+                    Ok(f) => (
+                        format!("{:.0}", f.per_second),
+                        format!("{:.3}", f.p50_ms),
+                        format!("{:.3}", f.p99_ms),
+                    ),
+                    Err(e) => {
+                        println!("{:<10} {mode:?} batches failed: {e}", "");
+                        ("failed".into(), "-".into(), "-".into())
+                    }
+                }
+            };
+            let fenced = figure(jetstream::BatchMode::Fenced);
+            let atomic = figure(jetstream::BatchMode::Atomic);
+            println!(
+                "{:<10} {:>9} {:>7} {:>6} {:>10} {:>8} {:>8} {:>10} {:>8} {:>8}",
+                "raw",
+                row.journal.in_flight,
+                batch,
+                depth,
+                fenced.0,
+                fenced.1,
+                fenced.2,
+                atomic.0,
+                atomic.1,
+                atomic.2,
+            );
+        }
+    }
+    Ok(rows)
 }
 
 fn rewards(args: &LoadgenArgs) -> Result<(), LoadgenError> {
@@ -1089,7 +1318,7 @@ pub fn run(args: LoadgenArgs) -> Result<(), LoadgenError> {
         Scenario::Deposits => deposits(&args),
         Scenario::Rewards => rewards(&args),
         Scenario::Withdrawals => withdrawals(&args),
-        Scenario::Journal => journal(&args),
+        Scenario::Journal => journal_table(&args).map(|_| ()),
         Scenario::Packets => hot_packet(&args),
         Scenario::Coupons => coupons::run(&args),
     }

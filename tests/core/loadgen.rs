@@ -3,9 +3,13 @@
 //! exactly the shares were won and that they sum to the total, and each coupon run that every
 //! accepted request was issued; both fail otherwise.
 //!
+//! The journal scenario gives its figures on sled and, when a nats-server 2.12.3+ is at hand
+//! (gated like tests/core/jetstream.rs), on one synced JetStream server beside raw publishing.
+//!
 //! The textbook baselines need the PostgreSQL and Redis of this machine: that test runs when
 //! `HONGBAO_SERVICES=1` (which `.ci/run` sets) and then fails loudly if they are missing.
 
+use super::nats;
 use clap::Parser;
 use hongbao::loadgen::{run, LoadgenArgs};
 
@@ -76,4 +80,73 @@ fn bad_coupon_arguments_are_refused_with_a_reason() {
         error.contains("in-process needs the in-process server"),
         "{error}"
     );
+}
+
+fn journal_rows(line: &str) -> Vec<hongbao::loadgen::JournalRow> {
+    let argv = std::iter::once("loadgen").chain(line.split_whitespace());
+    let cli = Cli::try_parse_from(argv).expect("arguments");
+    hongbao::loadgen::journal_table(&cli.args).expect("journal scenario")
+}
+
+#[test]
+fn the_journal_scenario_on_sled_measures_durable_appends_beside_raw_sled() {
+    // Goal: one second of durable appends at 4 in flight gives events, a batch size and a
+    // record size, and the raw sled figure beside them.
+    let rows = journal_rows("journal --in-flight 4 --duration-s 1 --warmup-s 0");
+    assert_eq!(rows.len(), 1);
+    let row = &rows[0];
+    assert!(row.journal.events > 0, "{row:?}");
+    assert!(row.journal.mean_batch >= 1.0, "{row:?}");
+    assert!(
+        row.journal.record_bytes > 64,
+        "hash header and a body: {row:?}"
+    );
+    assert!(row.raw_per_second > 0.0, "{row:?}");
+}
+
+#[test]
+fn the_journal_scenario_on_jetstream_measures_the_writer_beside_raw_publishing() {
+    // Goal (issue 12): on one synced nats-server, the journal's durable appends through the
+    // JetStream writer and raw JetStream publishing at the same in-flight both move; the
+    // batch comparisons (fenced and atomic) run; the load generator's streams are gone after.
+    let Some(binary) = nats::binary() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = nats::single_synced(&binary, dir.path());
+    let rows = journal_rows(&format!(
+        "journal --store {} --replicas 1 --single-replica-synced --in-flight 4 --duration-s 1 --warmup-s 0 --batch-depth 1",
+        server.url()
+    ));
+    assert_eq!(rows.len(), 1);
+    let row = &rows[0];
+    assert!(row.journal.events > 0, "{row:?}");
+    assert!(
+        row.journal.record_bytes > 64,
+        "hash header and a body: {row:?}"
+    );
+    assert!(row.raw_per_second > 0.0, "{row:?}");
+    let streams = super::runtime().block_on(async {
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let mut names = js.stream_names();
+        let mut out = Vec::new();
+        while let Some(name) = futures::StreamExt::next(&mut names).await {
+            out.push(name.unwrap());
+        }
+        out
+    });
+    assert!(streams.is_empty(), "left behind: {streams:?}");
+}
+
+#[test]
+fn bad_store_arguments_are_refused_with_a_reason() {
+    let error = loadgen("journal --replicas 3").unwrap_err();
+    assert!(error.contains("need --store nats://"), "{error}");
+    let error = loadgen("journal --store postgres://x").unwrap_err();
+    assert!(error.contains("--store is sled or nats://"), "{error}");
+    let error = loadgen("journal --store nats://127.0.0.1:1 --replicas 1").unwrap_err();
+    assert!(error.contains("--single-replica-synced"), "{error}");
+    let error = loadgen("deposits --store nats://127.0.0.1:1 --replicas 1").unwrap_err();
+    assert!(error.contains("--single-replica-synced"), "{error}");
 }
