@@ -468,9 +468,7 @@ impl JetStreamStore {
         &self,
         work: impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
     ) -> Result<T, StoreError> {
-        if self.client.connection_state() != async_nats::connection::State::Connected
-            || self.condition() == JournalCondition::Recovering
-        {
+        if self.condition() == JournalCondition::Recovering {
             return Err(unavailable("the log is unreachable"));
         }
         self.block(async move {
@@ -557,6 +555,14 @@ async fn first_seq_at_version(
         }
     }
     Ok(low)
+}
+
+/// Resolves once the client has lost its connection (checked every 50 ms), so that a writer
+/// waiting for acknowledgements answers 503 at once rather than after the request timeout.
+async fn disconnected(client: &async_nats::Client) {
+    while client.connection_state() == async_nats::connection::State::Connected {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Visits the messages `from_seq..=to_seq` (of `filter`'s subject, if any) in order, with an
@@ -765,7 +771,8 @@ impl EventStore for JetStreamStore {
             return Ok(local);
         };
         let key = snapshot_key(stream);
-        let shared = match self.block(async move { bucket.get(key).await })? {
+        let fetched = self.read(async move { bucket.get(key).await.map_err(unavailable) });
+        let shared = match fetched {
             Ok(Some(value)) if value.len() > 8 => Some((
                 u64::from_be_bytes(value[..8].try_into().expect("8 bytes")),
                 value[8..].to_vec(),
@@ -789,7 +796,8 @@ impl EventStore for JetStreamStore {
     }
 
     fn condition(&self) -> JournalCondition {
-        if self.healthy() {
+        let connected = self.client.connection_state() == async_nats::connection::State::Connected;
+        if self.healthy() && connected {
             JournalCondition::Ready
         } else if self.stopped.load(Ordering::Acquire) {
             JournalCondition::Failed
@@ -1277,7 +1285,15 @@ impl Writer {
                     ));
                 }
             }
-            let reply = match commit.expect("a batch has a last record").await {
+            let commit = commit.expect("a batch has a last record");
+            let reply = match tokio::select! {
+                reply = commit => reply,
+                () = disconnected(&client) => {
+                    return Written::Unknown(format!(
+                        "the connection dropped before the commit of seq {last_seq}"
+                    ))
+                }
+            } {
                 Err(_) => return Written::Unknown(format!("commit of seq {last_seq}: timed out")),
                 Ok(Err(e)) => return Written::Unknown(format!("commit of seq {last_seq}: {e}")),
                 Ok(Ok(reply)) => reply,
@@ -1348,8 +1364,15 @@ impl Writer {
                 Err(e) => return Written::Unknown(format!("publish of seq {seq}: {e}")),
             }
         }
+        let client = self.js.client();
         for (seq, ack) in acks {
-            match ack.await {
+            let ack = tokio::select! {
+                ack = ack => ack,
+                () = disconnected(&client) => {
+                    return Written::Unknown(format!("the connection dropped before seq {seq}'s ack"))
+                }
+            };
+            match ack {
                 Ok(ack) if ack.sequence == seq => {}
                 Ok(ack) => {
                     return Written::Fenced(format!(

@@ -108,7 +108,8 @@ async fn create_stream(
     }
 }
 
-/// Deletes one of the load generator's streams (only `HBLG_*` names).
+/// Deletes one of the load generator's streams (only `HBLG_*` names), and the snapshot bucket
+/// a log on it has beside it, if any.
 pub fn delete_stream(url: &str, name: &str) -> std::io::Result<()> {
     assert!(
         name.starts_with("HBLG_"),
@@ -117,6 +118,8 @@ pub fn delete_stream(url: &str, name: &str) -> std::io::Result<()> {
     runtime()?.block_on(async {
         let js = context(url).await?;
         js.delete_stream(name).await.map_err(other)?;
+        // Absent when nothing opened the stream as a log.
+        let _ = js.delete_key_value(format!("{name}_SNAPSHOTS")).await;
         Ok(())
     })
 }
@@ -175,6 +178,7 @@ pub fn journal_run(
                 .len();
         }
         js.delete_stream(&name).await.map_err(other)?;
+        let _ = js.delete_key_value(format!("{name}_SNAPSHOTS")).await;
         Ok::<_, std::io::Error>(total / sample.max(1) as usize)
     });
     let run = run?;
