@@ -446,6 +446,19 @@ async fn standing(probe: &reqwest::Client, node: &mut Node) -> Standing {
     }
 }
 
+/// The end of every test: the node catches up with the log, every burst's deposits are in it
+/// exactly once (see [`check_exactly_once`]), the node stops cleanly (SIGTERM, exit 0), and
+/// verify and audit on the log are clean. The deposits checked.
+async fn check_and_stop(node: Node, data: &Path, store: &[String], bursts: &[&Burst]) -> usize {
+    wait_caught_up(&node.base()).await;
+    let checked = check_exactly_once(&node.base(), bursts).await;
+    let log = node.log();
+    let status = node.terminate().await;
+    assert!(status.success(), "exit {status:?}:\n{}", log.join("\n"));
+    audit_and_verify(data, store).await;
+    checked
+}
+
 /// `hongbao verify` (hash chain, contiguous sequences, per-stream versions, the data
 /// directory's signed checkpoints against the log) and `hongbao audit` (every invariant
 /// replayed from the log, each view against a rebuild) on the JetStream log, with the data
@@ -496,12 +509,8 @@ async fn kill_9_of_hongbao_mid_burst_on_jetstream_loses_no_acknowledged_deposit(
     let node = Node::start(&data, &args).await;
     wait_caught_up(&node.base()).await;
     settle(&node.base(), &burst).await;
-    let checked = check_exactly_once(&node.base(), &[&burst]).await;
+    let checked = check_and_stop(node, &data, &args, &[&burst]).await;
     eprintln!("{acked_before_kill} acknowledged before the kill, {checked} after settling");
-    let log = node.log();
-    let status = node.terminate().await;
-    assert!(status.success(), "exit {status:?}:\n{}", log.join("\n"));
-    audit_and_verify(&data, &args).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -550,12 +559,7 @@ async fn killing_the_streams_leader_of_three_nats_servers_mid_burst_loses_nothin
     );
 
     settle(&node.base(), &burst).await;
-    wait_caught_up(&node.base()).await;
-    check_exactly_once(&node.base(), &[&burst]).await;
-    let log = node.log();
-    let status = node.terminate().await;
-    assert!(status.success(), "exit {status:?}:\n{}", log.join("\n"));
-    audit_and_verify(&data, &args).await;
+    check_and_stop(node, &data, &args, &[&burst]).await;
 }
 
 /// Waits until the cluster's JetStream answers (a fresh cluster elects its meta leader first).
@@ -683,12 +687,7 @@ async fn the_single_server_down_answers_503_and_hongbao_recovers_when_it_is_back
         },
     );
     settle(&base, &burst).await;
-    wait_caught_up(&base).await;
-    check_exactly_once(&base, &[&burst]).await;
-    let log = node.log();
-    let status = node.terminate().await;
-    assert!(status.success(), "exit {status:?}:\n{}", log.join("\n"));
-    audit_and_verify(&data, &args).await;
+    check_and_stop(node, &data, &args, &[&burst]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -805,11 +804,9 @@ async fn a_second_hongbao_on_the_same_log_is_fenced_and_no_deposit_is_lost() {
     }
 
     // A fresh process with an empty data directory: what it reads is the log's alone.
-    let reader = Node::start(&data_dir(dir.path(), "c"), &args).await;
-    wait_caught_up(&reader.base()).await;
-    check_exactly_once(&reader.base(), &[&burst_a, &burst_b]).await;
-    assert!(reader.terminate().await.success());
-    audit_and_verify(&data_dir(dir.path(), "c"), &args).await;
+    let reader_data = data_dir(dir.path(), "c");
+    let reader = Node::start(&reader_data, &args).await;
+    check_and_stop(reader, &reader_data, &args, &[&burst_a, &burst_b]).await;
     // The two writers' own data directories: their signed checkpoints agree with the log.
     for node in ["a", "b"] {
         let data = data_dir(dir.path(), node);
