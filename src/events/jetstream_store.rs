@@ -846,9 +846,10 @@ impl super::Log for JetStreamStore {
                 let to = head.min(next.saturating_add(SCAN_CHUNK - 1));
                 match self.raw_range(next, to) {
                     Ok(records) if records.is_empty() => {
+                        let missing = next;
                         next = head + 1;
                         return Some(Err(StoreError::Corrupt(format!(
-                            "the stream holds no record at seq {next}, below its head {head}"
+                            "the stream holds no record at seq {missing}, below its head {head}"
                         ))));
                     }
                     Ok(records) => {
@@ -1120,10 +1121,6 @@ impl Writer {
                 Ok(Some(v)) => v,
                 Ok(None) => {
                     // The log moved past this writer's head: nothing of this batch goes out.
-                    self.next_seq = start_seq;
-                    self.last_hash = start_hash;
-                    self.versions.clear();
-                    self.healthy.store(false, Ordering::Release);
                     let why = format!(
                         "{} has a record past seq {}, this writer's head",
                         request.stream,
@@ -1132,9 +1129,7 @@ impl Writer {
                     let replies = std::iter::once(request.reply)
                         .chain(requests.map(|r| r.reply))
                         .chain(pending.into_iter().map(|(reply, _)| reply));
-                    for reply in replies {
-                        let _ = reply.send(Err(AppendError::Unavailable(why.clone())));
-                    }
+                    self.abandon(start_seq, start_hash, replies, &why);
                     return Written::Diverged {
                         expected_last: start_seq - 1,
                         why,
@@ -1213,24 +1208,14 @@ impl Writer {
         } else {
             self.publish(records).await
         };
-        if !matches!(outcome, Written::Ok) {
-            // Nothing of this batch is acknowledged; the stream says what landed.
-            self.next_seq = start_seq;
-            self.last_hash = start_hash;
-            self.versions.clear();
-            let why = match &outcome {
-                Written::Unknown(why) | Written::Fenced(why) | Written::Diverged { why, .. } => {
-                    why.clone()
-                }
-                Written::Ok => unreachable!(),
-            };
-            // Unhealthy before anyone hears of the failure (a resync makes it healthy again;
-            // a fence never does).
-            self.healthy.store(false, Ordering::Release);
-            for (reply, _) in pending {
-                let _ = reply.send(Err(AppendError::Unavailable(why.clone())));
+        match &outcome {
+            Written::Ok => {}
+            Written::Unknown(why) | Written::Fenced(why) | Written::Diverged { why, .. } => {
+                // Nothing of this batch is acknowledged; the stream says what landed.
+                let replies = pending.into_iter().map(|(reply, _)| reply);
+                self.abandon(start_seq, start_hash, replies, why);
+                return outcome;
             }
-            return outcome;
         }
         self.metrics
             .journal_flush_seconds
@@ -1246,6 +1231,25 @@ impl Writer {
             let _ = reply.send(Ok(appended));
         }
         Written::Ok
+    }
+
+    /// Gives a batch up: the writer's position goes back to where the batch started, its
+    /// cached versions are dropped, and the journal is unhealthy before any of the batch's
+    /// appends hears `Unavailable` (a resync makes it healthy again; a fence never does).
+    fn abandon(
+        &mut self,
+        start_seq: u64,
+        start_hash: Hash,
+        replies: impl Iterator<Item = oneshot::Sender<Result<Appended, AppendError>>>,
+        why: &str,
+    ) {
+        self.next_seq = start_seq;
+        self.last_hash = start_hash;
+        self.versions.clear();
+        self.healthy.store(false, Ordering::Release);
+        for reply in replies {
+            let _ = reply.send(Err(AppendError::Unavailable(why.to_owned())));
+        }
     }
 
     /// Publishes the batch's records as JetStream atomic batches (ADR-50) of at most
