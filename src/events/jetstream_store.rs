@@ -97,6 +97,26 @@ pub struct JetStreamConfig {
     /// Create the log's stream when it does not exist (`serve`); the offline commands only
     /// read a log that exists.
     pub create_stream: bool,
+    /// Asked before every batch is published: `false` means this node no longer holds the
+    /// right to write the log (a cluster partition whose lease ran out), and the journal fails
+    /// stop without publishing. `None`: the only writer by configuration (one node).
+    pub write_guard: Option<WriteGuard>,
+}
+
+/// Whether this writer may still write (see [`JetStreamConfig::write_guard`]).
+#[derive(Clone)]
+pub struct WriteGuard(pub Arc<dyn Fn() -> bool + Send + Sync>);
+
+impl WriteGuard {
+    pub fn allows(&self) -> bool {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for WriteGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WriteGuard(allows: {})", self.allows())
+    }
 }
 
 impl JetStreamConfig {
@@ -112,6 +132,7 @@ impl JetStreamConfig {
             append_events_max: 1000,
             atomic_batch_min: 24,
             create_stream: true,
+            write_guard: None,
         }
     }
 }
@@ -427,6 +448,7 @@ impl JetStreamStore {
             metrics,
             batch_events_max: config.batch_events_max,
             atomic_batch_min: config.atomic_batch_min.max(1),
+            write_guard: config.write_guard.clone(),
         };
         let task = handle.spawn(writer.run());
         Ok(Arc::new(JetStreamStore {
@@ -957,6 +979,7 @@ struct Writer {
     metrics: Arc<Metrics>,
     batch_events_max: usize,
     atomic_batch_min: usize,
+    write_guard: Option<WriteGuard>,
 }
 
 /// How a batch ended.
@@ -1001,16 +1024,18 @@ impl Writer {
                     }
                 }
             }
-            let mut written = self.write(batch).await;
-            if let Written::Diverged { expected_last, why } = written {
-                written = match self.own_records_after(expected_last).await {
-                    Ok(true) => Written::Unknown(format!(
-                        "{why}: the records after seq {expected_last} are this writer's own late publishes"
-                    )),
-                    Ok(false) => Written::Fenced(why),
-                    Err(e) => Written::Unknown(format!("{why}; cannot read who wrote past it: {e}")),
-                };
-            }
+            let written = match &self.write_guard {
+                Some(guard) if !guard.allows() => {
+                    // Nothing of the batch goes out: the lease it was decided under is gone.
+                    let why = "this node's lease on the log ran out; it no longer writes it";
+                    let replies = batch.into_iter().map(|r| r.reply);
+                    // Stopped for good before the first refusal is heard.
+                    self.stopped.store(true, Ordering::Release);
+                    self.abandon(self.next_seq, self.last_hash, replies, why);
+                    Written::Fenced(why.into())
+                }
+                _ => self.write(batch).await,
+            };
             match written {
                 Written::Ok | Written::Diverged { .. } => {}
                 Written::Unknown(why) => {
@@ -1042,6 +1067,31 @@ impl Writer {
         if let Some(done) = close {
             let _ = done.send(());
         }
+    }
+
+    /// Decides what a diverged batch means before any of its appends hears the answer: the
+    /// writer's own late publishes (re-read the head, go on) or another writer's records
+    /// (fenced: stopped for good, so that a client told 503 already sees `journal_failed`).
+    async fn settle(&self, outcome: Written) -> Written {
+        let outcome = match outcome {
+            Written::Diverged { expected_last, why } => {
+                match self.own_records_after(expected_last).await {
+                    Ok(true) => Written::Unknown(format!(
+                        "{why}: the records after seq {expected_last} are this writer's own late publishes"
+                    )),
+                    Ok(false) => Written::Fenced(why),
+                    Err(e) => {
+                        Written::Unknown(format!("{why}; cannot read who wrote past it: {e}"))
+                    }
+                }
+            }
+            other => other,
+        };
+        if matches!(outcome, Written::Fenced(_)) {
+            self.healthy.store(false, Ordering::Release);
+            self.stopped.store(true, Ordering::Release);
+        }
+        outcome
     }
 
     /// After an unconfirmed batch: the stream is the truth. Retries until it answers.
@@ -1126,14 +1176,17 @@ impl Writer {
                         request.stream,
                         start_seq - 1
                     );
+                    let outcome = self
+                        .settle(Written::Diverged {
+                            expected_last: start_seq - 1,
+                            why: why.clone(),
+                        })
+                        .await;
                     let replies = std::iter::once(request.reply)
                         .chain(requests.map(|r| r.reply))
                         .chain(pending.into_iter().map(|(reply, _)| reply));
                     self.abandon(start_seq, start_hash, replies, &why);
-                    return Written::Diverged {
-                        expected_last: start_seq - 1,
-                        why,
-                    };
+                    return outcome;
                 }
                 Err(e) => {
                     let _ = request
@@ -1208,12 +1261,17 @@ impl Writer {
         } else {
             self.publish(records).await
         };
-        match &outcome {
+        match outcome {
             Written::Ok => {}
-            Written::Unknown(why) | Written::Fenced(why) | Written::Diverged { why, .. } => {
+            failed => {
                 // Nothing of this batch is acknowledged; the stream says what landed.
+                let outcome = self.settle(failed).await;
+                let why = match &outcome {
+                    Written::Unknown(why) | Written::Fenced(why) => why.clone(),
+                    Written::Ok | Written::Diverged { .. } => String::new(),
+                };
                 let replies = pending.into_iter().map(|(reply, _)| reply);
-                self.abandon(start_seq, start_hash, replies, why);
+                self.abandon(start_seq, start_hash, replies, &why);
                 return outcome;
             }
         }
