@@ -29,6 +29,7 @@ pub mod audit;
 pub mod channels;
 pub mod checkpoints;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod domain;
 pub mod events;

@@ -1,0 +1,886 @@
+//! Who is in the cluster and who holds which partition: three JetStream key-value buckets.
+//!
+//! - `hb_cluster`, key `deployment`: the partition count and lease TTL every node must agree
+//!   on, written once by the first node (create-if-absent) and compared by every later one.
+//! - `hb_nodes`, key `<node id>`: one entry per live node, renewed by its keeper. The bucket's
+//!   `max_age` is the lease TTL: a node that stops renewing (killed, paused, cut off)
+//!   disappears from it by itself.
+//! - `hb_leases`, key `p007`: the partition's holder (node and incarnation). Same `max_age`.
+//!   Taken with `create` (only if absent), renewed with `update` at the revision last seen
+//!   (compare-and-set), given up with a delete at that revision. The revision at which the
+//!   lease was taken is its epoch.
+//!
+//! The [`Keeper`] runs two tasks. The renewal task renews the node's registration and every
+//! lease it holds each TTL/4, all leases at once. A lease is *valid* for this node until
+//! 2/3 TTL after the last renewal was sent; the server keeps it at least a full TTL after it
+//! received that renewal, so a node stops believing it holds a partition at least TTL/3
+//! before any other node could take it, whatever happened to its renewals (a paused
+//! process, an unreachable bucket, a slow disk). Validity is checked before anything else
+//! when the task wakes, so a node that was paused past its lease gives the partition up
+//! before it sends anything. The planning task reads the live nodes and every lease each
+//! TTL/8 and applies [`plan::plan`]: it releases its surplus (the host drains first) and
+//! takes free partitions up to its share.
+//!
+//! The host (what serves a partition: its log writer, actors, flows and request subject)
+//! hears about each change through [`PartitionHost`], and asks [`Keeper::holds`] before it
+//! writes. Leases only keep two writers from fighting: the log's fencing keeps the books right
+//! even when a paused node wakes up believing it still holds its partitions.
+
+use super::partition::{Partition, Partitions};
+use super::{plan, NodeId};
+use async_nats::jetstream::{self, kv};
+use futures::future::{join_all, BoxFuture};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// The bucket holding what every node must agree on.
+pub const DEPLOYMENT_BUCKET: &str = "hb_cluster";
+/// The bucket of live nodes.
+pub const NODES_BUCKET: &str = "hb_nodes";
+/// The bucket of partition leases.
+pub const LEASES_BUCKET: &str = "hb_leases";
+/// How long a lease lasts without renewal unless configured otherwise.
+pub const LEASE_TTL_DEFAULT: Duration = Duration::from_secs(4);
+/// The shortest lease accepted: renewals every TTL/4 must fit in it comfortably.
+pub const LEASE_TTL_MIN: Duration = Duration::from_secs(1);
+const DEPLOYMENT_KEY: &str = "deployment";
+
+/// One node's cluster settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub node: NodeId,
+    pub partitions: Partitions,
+    pub lease_ttl: Duration,
+    /// Replicas of the three buckets (as the log's streams).
+    pub replicas: usize,
+}
+
+impl Settings {
+    pub fn new(node: NodeId, partitions: Partitions) -> Settings {
+        Settings {
+            node,
+            partitions,
+            lease_ttl: LEASE_TTL_DEFAULT,
+            replicas: crate::events::jetstream::REPLICAS_DEFAULT,
+        }
+    }
+
+    fn renew_every(&self) -> Duration {
+        self.lease_ttl / 4
+    }
+
+    fn plan_every(&self) -> Duration {
+        self.lease_ttl / 8
+    }
+
+    /// How long after a renewal was sent this node still counts on the lease.
+    fn valid_for(&self) -> Duration {
+        self.lease_ttl * 2 / 3
+    }
+}
+
+/// Why the cluster cannot be joined.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(
+        "this node says {asked} partitions but the deployment has {deployed}: every node must \
+         agree (P is fixed per deployment; changing it would move entities to other logs)"
+    )]
+    PartitionsDisagree { deployed: u16, asked: u16 },
+    #[error(
+        "this node says leases last {asked_ms} ms but the deployment's last {deployed_ms} ms: \
+         every node must agree"
+    )]
+    LeaseTtlDisagree { deployed_ms: u64, asked_ms: u64 },
+    #[error(
+        "node id {node} is in use by a live node (its registration was renewed for {waited:?})"
+    )]
+    NodeIdInUse { node: NodeId, waited: Duration },
+    #[error("a lease TTL must be at least {LEASE_TTL_MIN:?}, not {0:?}")]
+    BadLeaseTtl(Duration),
+    #[error("JetStream: {0}")]
+    Unavailable(String),
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> ClusterError {
+    ClusterError::Unavailable(format!("{what}: {e}"))
+}
+
+/// What every node must agree on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Deployment {
+    partitions: u16,
+    lease_ttl_ms: u64,
+}
+
+/// What a lease key holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct LeaseValue {
+    node: NodeId,
+    incarnation: String,
+    /// The revision at which the lease was taken (absent in the create itself).
+    #[serde(default)]
+    epoch: Option<u64>,
+}
+
+/// What a node key holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct NodeValue {
+    node: NodeId,
+    incarnation: String,
+}
+
+/// The three buckets of a deployment, checked.
+#[derive(Clone)]
+pub struct Buckets {
+    nodes: kv::Store,
+    leases: kv::Store,
+}
+
+async fn bucket(
+    js: &jetstream::Context,
+    name: &str,
+    description: &str,
+    max_age: Duration,
+    replicas: usize,
+) -> Result<kv::Store, ClusterError> {
+    if let Ok(store) = js.get_key_value(name).await {
+        return Ok(store);
+    }
+    let created = js
+        .create_key_value(kv::Config {
+            bucket: name.to_owned(),
+            description: description.to_owned(),
+            history: 1,
+            max_age,
+            num_replicas: replicas,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await;
+    match created {
+        Ok(store) => Ok(store),
+        // Another node created it at the same moment.
+        Err(e) => js
+            .get_key_value(name)
+            .await
+            .map_err(|_| unavailable(&format!("bucket {name}"), e)),
+    }
+}
+
+/// Joins the deployment's agreement: the first node writes its partition count and lease TTL,
+/// every later node must say the same (a node that disagrees is refused before it touches a
+/// lease). Creates the buckets when they do not exist.
+pub async fn check_deployment(
+    js: &jetstream::Context,
+    settings: &Settings,
+) -> Result<Buckets, ClusterError> {
+    if settings.lease_ttl < LEASE_TTL_MIN {
+        return Err(ClusterError::BadLeaseTtl(settings.lease_ttl));
+    }
+    let ours = Deployment {
+        partitions: settings.partitions.count(),
+        lease_ttl_ms: u64::try_from(settings.lease_ttl.as_millis()).unwrap_or(u64::MAX),
+    };
+    let agreement = bucket(
+        js,
+        DEPLOYMENT_BUCKET,
+        "what every hongbao node of this deployment agrees on",
+        Duration::ZERO,
+        settings.replicas,
+    )
+    .await?;
+    let encoded = serde_json::to_vec(&ours).map_err(|e| unavailable("deployment", e))?;
+    match agreement.create(DEPLOYMENT_KEY, encoded.into()).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+            let stored = agreement
+                .get(DEPLOYMENT_KEY)
+                .await
+                .map_err(|e| unavailable("deployment", e))?
+                .ok_or_else(|| unavailable("deployment", "vanished while read"))?;
+            let deployed: Deployment =
+                serde_json::from_slice(&stored).map_err(|e| unavailable("deployment", e))?;
+            if deployed.partitions != ours.partitions {
+                return Err(ClusterError::PartitionsDisagree {
+                    deployed: deployed.partitions,
+                    asked: ours.partitions,
+                });
+            }
+            if deployed.lease_ttl_ms != ours.lease_ttl_ms {
+                return Err(ClusterError::LeaseTtlDisagree {
+                    deployed_ms: deployed.lease_ttl_ms,
+                    asked_ms: ours.lease_ttl_ms,
+                });
+            }
+        }
+        Err(e) => return Err(unavailable("deployment", e)),
+    }
+    let ttl = settings.lease_ttl;
+    let nodes = bucket(
+        js,
+        NODES_BUCKET,
+        "live hongbao nodes",
+        ttl,
+        settings.replicas,
+    )
+    .await?;
+    let leases = bucket(
+        js,
+        LEASES_BUCKET,
+        "partition leases: holder and epoch",
+        ttl,
+        settings.replicas,
+    )
+    .await?;
+    Ok(Buckets { nodes, leases })
+}
+
+/// Why a host stops serving a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Close {
+    /// The node is over its fair share: drain in-flight work, then the lease is released.
+    Rebalance,
+    /// The lease is no longer valid (renewals failed or it was taken): stop writing at once.
+    Lost,
+    /// The node is leaving the cluster: drain, then the lease is released.
+    Leaving,
+}
+
+/// What serves partitions on this node, told by the keeper when it must start or stop.
+pub trait PartitionHost: Send + Sync + 'static {
+    /// The lease on `partition` was taken: read the partition's tail, resume its flows,
+    /// start answering; write only while `lease.is_valid()` (its [`Lease::write_guard`] asks
+    /// before every batch). An error gives the lease back.
+    fn open(&self, partition: Partition, lease: Lease) -> BoxFuture<'static, Result<(), String>>;
+    /// Stop serving `partition`; for a release, the lease is deleted once this returns.
+    fn close(&self, partition: Partition, why: Close) -> BoxFuture<'static, ()>;
+}
+
+/// A lease this node holds.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    epoch: u64,
+    revision: u64,
+    valid_until: Instant,
+}
+
+type HeldMap = Arc<Mutex<BTreeMap<Partition, Held>>>;
+
+/// One lease as its host sees it: the epoch it was taken at, and whether this node may still
+/// count on it (held, same epoch, validity not run out).
+#[derive(Clone)]
+pub struct Lease {
+    partition: Partition,
+    epoch: u64,
+    held: HeldMap,
+}
+
+impl Lease {
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    pub fn is_valid(&self) -> bool {
+        lock(&self.held)
+            .get(&self.partition)
+            .is_some_and(|h| h.epoch == self.epoch && h.valid_until > Instant::now())
+    }
+
+    /// For the partition's log writer: it publishes nothing once this lease is not valid.
+    pub fn write_guard(&self) -> crate::events::jetstream_store::WriteGuard {
+        let lease = self.clone();
+        crate::events::jetstream_store::WriteGuard(Arc::new(move || lease.is_valid()))
+    }
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Lease({} epoch {})", self.partition, self.epoch)
+    }
+}
+
+/// One partition's lease as the cluster view shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LeaseView {
+    pub partition: String,
+    /// The holder, or `None` while the partition is free.
+    pub node: Option<NodeId>,
+    pub epoch: Option<u64>,
+}
+
+/// What this node last read of the cluster (for `/v1/admin/cluster`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClusterView {
+    pub node: NodeId,
+    pub partitions: u16,
+    pub lease_ttl_ms: u64,
+    /// Live nodes (registrations not expired), sorted.
+    pub nodes: Vec<NodeId>,
+    /// Every partition in order.
+    pub leases: Vec<LeaseView>,
+    /// Partitions this node holds with a valid lease.
+    pub held: Vec<String>,
+}
+
+struct Shared {
+    settings: Settings,
+    incarnation: String,
+    buckets: Buckets,
+    host: Arc<dyn PartitionHost>,
+    held: HeldMap,
+    /// Taken around every change of what is held together with the host's call, so that the
+    /// host hears of each partition's opens and closes in the order they happened.
+    gate: tokio::sync::Mutex<()>,
+    node_revision: Mutex<u64>,
+    view: watch::Sender<Option<Arc<ClusterView>>>,
+}
+
+/// Holds this node's registration and leases. Dropping it stops its tasks without releasing
+/// anything (as a crash would: the leases expire); [`Keeper::leave`] hands everything over.
+pub struct Keeper {
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Keeper {
+    /// Registers the node (waiting up to one lease TTL for a previous incarnation's
+    /// registration to expire) and starts renewing and planning. `buckets` comes from
+    /// [`check_deployment`].
+    pub async fn start(
+        settings: Settings,
+        buckets: Buckets,
+        host: Arc<dyn PartitionHost>,
+    ) -> Result<Keeper, ClusterError> {
+        let incarnation = format!("{:032x}", rand::random::<u128>());
+        let value = NodeValue {
+            node: settings.node.clone(),
+            incarnation: incarnation.clone(),
+        };
+        let encoded = serde_json::to_vec(&value).map_err(|e| unavailable("node", e))?;
+        let started = Instant::now();
+        let wait = settings.lease_ttl + settings.lease_ttl / 2;
+        let revision = loop {
+            match buckets
+                .nodes
+                .create(settings.node.as_str(), encoded.clone().into())
+                .await
+            {
+                Ok(revision) => break revision,
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                    if started.elapsed() > wait {
+                        return Err(ClusterError::NodeIdInUse {
+                            node: settings.node.clone(),
+                            waited: started.elapsed(),
+                        });
+                    }
+                    tracing::info!(
+                        node = %settings.node,
+                        "node id registered by an earlier incarnation; waiting for it to expire"
+                    );
+                    tokio::time::sleep(settings.lease_ttl / 8).await;
+                }
+                Err(e) => return Err(unavailable("node registration", e)),
+            }
+        };
+        let (view, _) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            settings,
+            incarnation,
+            buckets,
+            host,
+            held: Arc::new(Mutex::new(BTreeMap::new())),
+            gate: tokio::sync::Mutex::new(()),
+            node_revision: Mutex::new(revision),
+            view,
+        });
+        let (stop, stopped) = watch::channel(false);
+        let renewing = tokio::spawn(renew_loop(shared.clone(), stopped.clone()));
+        let watching = tokio::spawn(watchdog_loop(shared.clone(), stopped.clone()));
+        let planning = tokio::spawn(plan_loop(shared.clone(), stopped));
+        Ok(Keeper {
+            shared,
+            stop,
+            tasks: vec![renewing, watching, planning],
+        })
+    }
+
+    /// The epoch of this node's lease on `partition` if it holds it and the lease is valid.
+    /// The host asks before it writes.
+    pub fn holds(&self, partition: Partition) -> Option<u64> {
+        self.held_until(partition)
+            .filter(|(_, until)| *until > Instant::now())
+            .map(|(epoch, _)| epoch)
+    }
+
+    /// The epoch and end of validity of this node's lease on `partition`, valid or not.
+    pub fn held_until(&self, partition: Partition) -> Option<(u64, Instant)> {
+        lock(&self.shared.held)
+            .get(&partition)
+            .map(|held| (held.epoch, held.valid_until))
+    }
+
+    /// Partitions held with a valid lease.
+    pub fn held(&self) -> Vec<Partition> {
+        let now = Instant::now();
+        lock(&self.shared.held)
+            .iter()
+            .filter(|(_, held)| held.valid_until > now)
+            .map(|(p, _)| *p)
+            .collect()
+    }
+
+    pub fn incarnation(&self) -> &str {
+        &self.shared.incarnation
+    }
+
+    /// What the planning task last read of the cluster (`None` before its first read).
+    pub fn view(&self) -> watch::Receiver<Option<Arc<ClusterView>>> {
+        self.shared.view.subscribe()
+    }
+
+    /// Leaves the cluster: stops renewing and planning, closes every partition (the host
+    /// drains), releases each lease and the registration, so that other nodes take over
+    /// at once instead of after a TTL.
+    pub async fn leave(mut self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+        let held: Vec<(Partition, Held)> = {
+            let _gate = self.shared.gate.lock().await;
+            let held: Vec<(Partition, Held)> = std::mem::take(&mut *lock(&self.shared.held))
+                .into_iter()
+                .collect();
+            for (partition, _) in &held {
+                self.shared.host.close(*partition, Close::Leaving).await;
+            }
+            held
+        };
+        for (partition, lease) in held {
+            release(&self.shared, partition, lease.revision).await;
+        }
+        let revision = *lock(&self.shared.node_revision);
+        if let Err(e) = self
+            .shared
+            .buckets
+            .nodes
+            .delete_expect_revision(self.shared.settings.node.as_str(), Some(revision))
+            .await
+        {
+            tracing::warn!(error = %e, "node registration not deleted; it expires by itself");
+        }
+    }
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+async fn sleep_or_stop(stopped: &mut watch::Receiver<bool>, period: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(period) => *stopped.borrow(),
+        _ = stopped.changed() => true,
+    }
+}
+
+fn lease_value(shared: &Shared, epoch: Option<u64>) -> Vec<u8> {
+    serde_json::to_vec(&LeaseValue {
+        node: shared.settings.node.clone(),
+        incarnation: shared.incarnation.clone(),
+        epoch,
+    })
+    .unwrap_or_default()
+}
+
+/// Forgets the leases that ran out or were taken (`lost`: partition and the revision found
+/// so; `taken`: another writer moved its revision, else its validity ran out) and tells the
+/// host to stop writing them. A lease renewed or re-taken meanwhile is left alone.
+async fn lose(shared: &Shared, lost: Vec<(Partition, u64)>, taken: bool) {
+    if lost.is_empty() {
+        return;
+    }
+    let _gate = shared.gate.lock().await;
+    for (partition, revision) in lost {
+        let removed = {
+            let mut held = lock(&shared.held);
+            match held.get(&partition) {
+                Some(lease)
+                    if lease.revision == revision
+                        && (taken || lease.valid_until <= Instant::now()) =>
+                {
+                    held.remove(&partition)
+                }
+                _ => None,
+            }
+        };
+        if removed.is_some() {
+            tracing::warn!(%partition, "lease lost: this node stops writing the partition");
+            shared.host.close(partition, Close::Lost).await;
+        }
+    }
+}
+
+async fn renew_loop(shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
+    let every = shared.settings.renew_every();
+    loop {
+        if sleep_or_stop(&mut stopped, every).await {
+            return;
+        }
+        // First what ran out while this task was not running (a paused process wakes up
+        // here), then the renewals, abandoned if they take longer than a period (the server
+        // is unreachable): validity counts from renewals that were answered, so an abandoned
+        // one only costs validity, and the next period tries again.
+        expire(&shared).await;
+        if tokio::time::timeout(every, renew_once(&shared))
+            .await
+            .is_err()
+        {
+            tracing::warn!("lease renewals unanswered for {every:?}");
+        }
+    }
+}
+
+/// Tells the host the moment a lease's validity ends, whatever the renewals are doing.
+async fn watchdog_loop(shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
+    let every = shared.settings.renew_every();
+    loop {
+        let now = Instant::now();
+        let earliest = lock(&shared.held)
+            .values()
+            .map(|lease| lease.valid_until)
+            .min()
+            .unwrap_or(now + every)
+            .min(now + every);
+        if sleep_or_stop(&mut stopped, earliest.saturating_duration_since(now)).await {
+            return;
+        }
+        expire(&shared).await;
+    }
+}
+
+async fn expire(shared: &Shared) {
+    let now = Instant::now();
+    let expired: Vec<(Partition, u64)> = lock(&shared.held)
+        .iter()
+        .filter(|(_, lease)| lease.valid_until <= now)
+        .map(|(p, lease)| (*p, lease.revision))
+        .collect();
+    lose(shared, expired, false).await;
+}
+
+async fn renew_once(shared: &Arc<Shared>) {
+    let node = shared.settings.node.as_str();
+    let registration = serde_json::to_vec(&NodeValue {
+        node: shared.settings.node.clone(),
+        incarnation: shared.incarnation.clone(),
+    })
+    .unwrap_or_default();
+    let revision = *lock(&shared.node_revision);
+    match shared
+        .buckets
+        .nodes
+        .update(node, registration.clone().into(), revision)
+        .await
+    {
+        Ok(next) => *lock(&shared.node_revision) = next,
+        Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+            // The registration expired (this node was paused or cut off past its TTL).
+            match shared.buckets.nodes.create(node, registration.into()).await {
+                Ok(next) => *lock(&shared.node_revision) = next,
+                Err(e) => tracing::error!(error = %e, "node registration cannot be renewed"),
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "node registration not renewed"),
+    }
+
+    let leases: Vec<(Partition, Held)> = lock(&shared.held).iter().map(|(p, h)| (*p, *h)).collect();
+    let renewals = leases.into_iter().map(|(partition, lease)| {
+        let value = lease_value(shared, Some(lease.epoch));
+        async move {
+            let sent = Instant::now();
+            let result = shared
+                .buckets
+                .leases
+                .update(partition.key(), value.into(), lease.revision)
+                .await;
+            (partition, lease, sent, result)
+        }
+    });
+    let mut lost = Vec::new();
+    let now = Instant::now();
+    for (partition, lease, sent, result) in join_all(renewals).await {
+        let mut held = lock(&shared.held);
+        // Skip a lease released or re-taken while the renewal was in flight.
+        let Some(current) = held.get_mut(&partition) else {
+            continue;
+        };
+        if current.revision != lease.revision {
+            continue;
+        }
+        match result {
+            // A renewal that lands after the lease ran out does not revive it: the host was
+            // told (or is about to be told) to stop; planning takes it back properly.
+            Ok(revision) if current.valid_until > now => {
+                current.revision = revision;
+                current.valid_until = sent + shared.settings.valid_for();
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                lost.push((partition, lease.revision));
+            }
+            Err(e) => tracing::warn!(%partition, error = %e, "lease not renewed"),
+        }
+    }
+    lose(shared, lost, true).await;
+}
+
+async fn release(shared: &Shared, partition: Partition, revision: u64) {
+    let leases = &shared.buckets.leases;
+    let mut revision = revision;
+    for _ in 0..2 {
+        match leases
+            .delete_expect_revision(partition.key(), Some(revision))
+            .await
+        {
+            Ok(()) => return,
+            Err(e) => {
+                // A renewal may have landed meanwhile: delete at its revision if the lease
+                // is still this incarnation's.
+                match leases.entry(partition.key()).await {
+                    Ok(Some(entry))
+                        if entry.operation == kv::Operation::Put
+                            && serde_json::from_slice::<LeaseValue>(&entry.value)
+                                .is_ok_and(|v| v.incarnation == shared.incarnation) =>
+                    {
+                        revision = entry.revision;
+                    }
+                    _ => {
+                        tracing::debug!(%partition, error = %e, "lease not released");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+    tracing::warn!(%partition, "lease not released; it expires by itself");
+}
+
+async fn plan_loop(shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
+    // Nodes starting together see each other before the first of them takes everything.
+    if sleep_or_stop(&mut stopped, shared.settings.renew_every()).await {
+        return;
+    }
+    loop {
+        if let Err(e) = plan_once(&shared).await {
+            tracing::warn!(error = %e, "cluster not read; planning again shortly");
+        }
+        if sleep_or_stop(&mut stopped, shared.settings.plan_every()).await {
+            return;
+        }
+    }
+}
+
+/// A lease as read from the bucket.
+struct Read {
+    value: LeaseValue,
+    revision: u64,
+}
+
+async fn read_leases(shared: &Shared) -> Result<BTreeMap<Partition, Read>, ClusterError> {
+    let leases = &shared.buckets.leases;
+    let keys: Vec<String> = match leases.keys().await {
+        Ok(keys) => keys.filter_map(|k| async move { k.ok() }).collect().await,
+        Err(e) => return Err(unavailable("leases", e)),
+    };
+    let reads = keys
+        .into_iter()
+        .filter_map(|key| Partition::from_key(&key).map(|p| (p, key)))
+        .filter(|(p, _)| p.0 < shared.settings.partitions.count())
+        .map(|(partition, key)| async move { (partition, leases.entry(key).await) });
+    let mut out = BTreeMap::new();
+    for (partition, entry) in join_all(reads).await {
+        let entry = entry.map_err(|e| unavailable("lease", e))?;
+        let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+            continue;
+        };
+        match serde_json::from_slice::<LeaseValue>(&entry.value) {
+            Ok(value) => {
+                out.insert(
+                    partition,
+                    Read {
+                        value,
+                        revision: entry.revision,
+                    },
+                );
+            }
+            Err(e) => tracing::error!(%partition, error = %e, "unreadable lease; left alone"),
+        }
+    }
+    Ok(out)
+}
+
+async fn plan_once(shared: &Arc<Shared>) -> Result<(), ClusterError> {
+    let settings = &shared.settings;
+    let me = &settings.node;
+    let mut live: BTreeSet<NodeId> = match shared.buckets.nodes.keys().await {
+        Ok(keys) => {
+            keys.filter_map(|k| async move { k.ok().and_then(|k| NodeId::parse(&k).ok()) })
+                .collect()
+                .await
+        }
+        Err(e) => return Err(unavailable("nodes", e)),
+    };
+    live.insert(me.clone());
+    let read = read_leases(shared).await?;
+
+    // Leases naming this node that it does not hold: an earlier incarnation's (dead: this one
+    // registered only after its registration expired), or this incarnation's after its
+    // validity ran out while the bucket was unreachable (it stopped writing then). Either way
+    // nobody else took them since: take them back at the revision read.
+    let orphans: Vec<(Partition, u64, u64)> = {
+        let held = lock(&shared.held);
+        read.iter()
+            .filter(|(p, r)| r.value.node == *me && !held.contains_key(p))
+            .map(|(p, r)| (*p, r.value.epoch.unwrap_or(r.revision), r.revision))
+            .collect()
+    };
+    for (partition, epoch, revision) in orphans {
+        let same_life = read[&partition].value.incarnation == shared.incarnation;
+        let epoch = if same_life { Some(epoch) } else { None };
+        let sent = Instant::now();
+        if let Ok(next) = shared
+            .buckets
+            .leases
+            .update(partition.key(), lease_value(shared, epoch).into(), revision)
+            .await
+        {
+            take(shared, partition, epoch.unwrap_or(next), next, sent).await;
+        }
+    }
+
+    let owners: BTreeMap<Partition, NodeId> = {
+        let held = lock(&shared.held);
+        read.iter()
+            .filter(|(p, r)| r.value.node != *me || held.contains_key(p))
+            .map(|(p, r)| (*p, r.value.node.clone()))
+            .collect()
+    };
+    let step = plan::plan(settings.partitions, &live, &owners, me);
+    for partition in step.release {
+        let lease = {
+            let _gate = shared.gate.lock().await;
+            let lease = lock(&shared.held).remove(&partition);
+            if lease.is_some() {
+                shared.host.close(partition, Close::Rebalance).await;
+            }
+            lease
+        };
+        if let Some(lease) = lease {
+            release(shared, partition, lease.revision).await;
+            tracing::info!(%partition, "lease released to rebalance");
+        }
+    }
+    for partition in step.acquire {
+        let sent = Instant::now();
+        match shared
+            .buckets
+            .leases
+            .create(partition.key(), lease_value(shared, None).into())
+            .await
+        {
+            Ok(revision) => take(shared, partition, revision, revision, sent).await,
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Err(e) => tracing::warn!(%partition, error = %e, "lease not taken"),
+        }
+    }
+    publish_view(shared, &live, &read);
+    Ok(())
+}
+
+/// Holds a lease just won and opens the partition; gives it back if the host cannot open it.
+async fn take(
+    shared: &Arc<Shared>,
+    partition: Partition,
+    epoch: u64,
+    revision: u64,
+    sent: Instant,
+) {
+    let gate = shared.gate.lock().await;
+    lock(&shared.held).insert(
+        partition,
+        Held {
+            epoch,
+            revision,
+            valid_until: sent + shared.settings.valid_for(),
+        },
+    );
+    tracing::info!(%partition, epoch, "lease taken");
+    let lease = Lease {
+        partition,
+        epoch,
+        held: shared.held.clone(),
+    };
+    if let Err(e) = shared.host.open(partition, lease).await {
+        tracing::error!(%partition, error = %e, "partition cannot be opened; lease given back");
+        let lease = lock(&shared.held).remove(&partition);
+        drop(gate);
+        if let Some(lease) = lease {
+            release(shared, partition, lease.revision).await;
+        }
+    }
+}
+
+fn publish_view(shared: &Shared, live: &BTreeSet<NodeId>, read: &BTreeMap<Partition, Read>) {
+    let settings = &shared.settings;
+    let now = Instant::now();
+    let held = lock(&shared.held);
+    let leases = settings
+        .partitions
+        .all()
+        .map(|p| {
+            // What this node holds is known better than what it read a moment ago.
+            let (node, epoch) = match (held.get(&p), read.get(&p)) {
+                (Some(lease), _) => (Some(settings.node.clone()), Some(lease.epoch)),
+                (None, Some(r)) => (
+                    Some(r.value.node.clone()),
+                    Some(r.value.epoch.unwrap_or(r.revision)),
+                ),
+                (None, None) => (None, None),
+            };
+            LeaseView {
+                partition: p.key(),
+                node,
+                epoch,
+            }
+        })
+        .collect();
+    let view = ClusterView {
+        node: settings.node.clone(),
+        partitions: settings.partitions.count(),
+        lease_ttl_ms: u64::try_from(settings.lease_ttl.as_millis()).unwrap_or(u64::MAX),
+        nodes: live.iter().cloned().collect(),
+        leases,
+        held: held
+            .iter()
+            .filter(|(_, lease)| lease.valid_until > now)
+            .map(|(p, _)| p.key())
+            .collect(),
+    };
+    shared.view.send_replace(Some(Arc::new(view)));
+}

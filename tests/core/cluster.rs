@@ -1,0 +1,595 @@
+//! Partition ownership and routing against a real nats-server (issue 13): the deployment
+//! agreement, fair shares among live nodes, hand-over when a node dies, joins or leaves, a
+//! node cut off from the lease bucket giving its partitions up before anyone could take them,
+//! a restarted node taking its own leases back, and requests reaching only the holder.
+//!
+//! The "nodes" here are lease keepers in one process with recording hosts; a dropped keeper
+//! stops renewing without releasing anything, as a killed process would.
+
+use super::{nats, runtime};
+use async_nats::jetstream;
+use futures::future::BoxFuture;
+use hongbao::clock::ManualClock;
+use hongbao::cluster::membership::{
+    check_deployment, Close, ClusterError, Keeper, Lease, PartitionHost, Settings,
+};
+use hongbao::cluster::partition::{Partition, Partitions};
+use hongbao::cluster::router::{RouteError, Router};
+use hongbao::cluster::NodeId;
+use hongbao::events::jetstream::{connect, Durability};
+use hongbao::events::jetstream_store::{JetStreamConfig, JetStreamStore};
+use hongbao::events::{AppendError, EventStore, ExpectedVersion, JournalCondition, GENESIS_HASH};
+use hongbao::metrics::Metrics;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const TTL: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum What {
+    Open(u64),
+    Close(Close),
+}
+
+#[derive(Debug, Clone)]
+struct Record {
+    node: String,
+    partition: Partition,
+    what: What,
+    at: Instant,
+}
+
+/// A host that only records what it was told, in one log shared by every node of a test.
+struct Recorder {
+    node: String,
+    log: Arc<Mutex<Vec<Record>>>,
+}
+
+impl Recorder {
+    fn push(&self, partition: Partition, what: What) {
+        self.log.lock().unwrap().push(Record {
+            node: self.node.clone(),
+            partition,
+            what,
+            at: Instant::now(),
+        });
+    }
+}
+
+impl PartitionHost for Recorder {
+    fn open(&self, partition: Partition, lease: Lease) -> BoxFuture<'static, Result<(), String>> {
+        self.push(partition, What::Open(lease.epoch()));
+        Box::pin(async { Ok(()) })
+    }
+
+    fn close(&self, partition: Partition, why: Close) -> BoxFuture<'static, ()> {
+        self.push(partition, What::Close(why));
+        Box::pin(async {})
+    }
+}
+
+fn settings(node: &str, partitions: u32) -> Settings {
+    Settings {
+        lease_ttl: TTL,
+        replicas: 1,
+        ..Settings::new(
+            NodeId::parse(node).unwrap(),
+            Partitions::new(partitions).unwrap(),
+        )
+    }
+}
+
+async fn context(url: &str) -> jetstream::Context {
+    let (client, _) = connect(url).await.expect("nats-server accepted");
+    jetstream::new(client)
+}
+
+async fn keeper(
+    url: &str,
+    settings: Settings,
+    log: &Arc<Mutex<Vec<Record>>>,
+) -> Result<Keeper, ClusterError> {
+    let js = context(url).await;
+    let buckets = check_deployment(&js, &settings).await?;
+    let host = Arc::new(Recorder {
+        node: settings.node.to_string(),
+        log: log.clone(),
+    });
+    Keeper::start(settings, buckets, host).await
+}
+
+/// Waits until `done` holds, checking after each poll that no partition is held (with a
+/// valid lease) by two keepers at once.
+async fn until(what: &str, within: Duration, keepers: &[&Keeper], mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut seen: BTreeMap<Partition, usize> = BTreeMap::new();
+        for (i, k) in keepers.iter().enumerate() {
+            for p in k.held() {
+                if let Some(other) = seen.insert(p, i) {
+                    panic!("{p} held by keepers {other} and {i} at once");
+                }
+            }
+        }
+        if done() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn counts(keepers: &[&Keeper]) -> Vec<usize> {
+    keepers.iter().map(|k| k.held().len()).collect()
+}
+
+fn all_held(keepers: &[&Keeper], partitions: u16) -> bool {
+    let held: BTreeSet<Partition> = keepers.iter().flat_map(|k| k.held()).collect();
+    held.len() == usize::from(partitions)
+}
+
+#[test]
+fn every_node_must_agree_on_the_partitions_and_the_lease_ttl() {
+    // Goal: the first node writes the deployment; a node with another P or TTL is refused
+    // before it touches a lease, naming both values.
+    let Some(binary) = nats::binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let server = nats::single_synced(&binary, dir.path());
+    runtime().block_on(async {
+        let js = context(&server.url()).await;
+        check_deployment(&js, &settings("n1", 16))
+            .await
+            .expect("first");
+        check_deployment(&js, &settings("n2", 16))
+            .await
+            .expect("same");
+        match check_deployment(&js, &settings("n3", 64)).await {
+            Err(
+                e @ ClusterError::PartitionsDisagree {
+                    deployed: 16,
+                    asked: 64,
+                },
+            ) => {
+                assert!(e.to_string().contains("every node must agree"), "{e}");
+            }
+            other => panic!("expected a refusal, got {:?}", other.err()),
+        }
+        let longer = Settings {
+            lease_ttl: Duration::from_secs(9),
+            ..settings("n4", 16)
+        };
+        assert!(matches!(
+            check_deployment(&js, &longer).await,
+            Err(ClusterError::LeaseTtlDisagree {
+                deployed_ms: 2000,
+                asked_ms: 9000
+            })
+        ));
+        let short = Settings {
+            lease_ttl: Duration::from_millis(300),
+            ..settings("n5", 16)
+        };
+        assert!(matches!(
+            check_deployment(&js, &short).await,
+            Err(ClusterError::BadLeaseTtl(_))
+        ));
+    });
+}
+
+#[test]
+fn live_nodes_share_the_partitions_and_a_dead_nodes_move_only_after_its_lease() {
+    // Goal: three nodes reach fair shares (4/4/4 of 12) with one holder per partition; when
+    // one dies (stops renewing, releases nothing), the two others take its partitions, each
+    // only after the dead node's own validity of that lease had ended, within a few TTLs.
+    let Some(binary) = nats::binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let server = nats::single_synced(&binary, dir.path());
+    let log = Arc::new(Mutex::new(Vec::new()));
+    runtime().block_on(async {
+        let url = server.url();
+        let k1 = keeper(&url, settings("n1", 12), &log).await.unwrap();
+        let k2 = keeper(&url, settings("n2", 12), &log).await.unwrap();
+        let k3 = keeper(&url, settings("n3", 12), &log).await.unwrap();
+        until("fair shares", TTL * 8, &[&k1, &k2, &k3], || {
+            counts(&[&k1, &k2, &k3]) == vec![4, 4, 4]
+        })
+        .await;
+        let mut view = k1.view();
+        view.wait_for(|v| {
+            v.as_ref()
+                .is_some_and(|v| v.nodes.len() == 3 && v.held.len() == 4)
+        })
+        .await
+        .unwrap();
+
+        let doomed: Vec<(Partition, Instant)> = k3
+            .held()
+            .into_iter()
+            .map(|p| (p, k3.held_until(p).unwrap().1))
+            .collect();
+        let killed = Instant::now();
+        drop(k3);
+        until(
+            "the dead node's partitions taken",
+            TTL * 4,
+            &[&k1, &k2],
+            || all_held(&[&k1, &k2], 12),
+        )
+        .await;
+        assert_eq!(counts(&[&k1, &k2]), vec![6, 6]);
+        let log = log.lock().unwrap().clone();
+        let mut handover = Duration::ZERO;
+        for (partition, valid_until) in doomed {
+            let opened = log
+                .iter()
+                .find(|r| {
+                    r.partition == partition
+                        && r.node != "n3"
+                        && r.at > killed
+                        && matches!(r.what, What::Open(_))
+                })
+                .unwrap_or_else(|| panic!("{partition} not reopened"));
+            assert!(
+                opened.at > valid_until,
+                "{partition} opened by {} while n3 still counted on its lease",
+                opened.node
+            );
+            handover = handover.max(opened.at - killed);
+        }
+        eprintln!("hand-over after a kill: {handover:?} (lease TTL {TTL:?})");
+    });
+}
+
+#[test]
+fn a_joining_node_gets_its_share_after_a_drain_and_a_leaving_one_hands_over_at_once() {
+    // Goal: n1 alone holds all 8; n2 joins: n1 closes 4 (a drain, Close::Rebalance) before n2
+    // opens each of them. n2 leaves: it releases its leases, so n1 holds all 8 again well
+    // before a lease could have expired.
+    let Some(binary) = nats::binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let server = nats::single_synced(&binary, dir.path());
+    let log = Arc::new(Mutex::new(Vec::new()));
+    runtime().block_on(async {
+        let url = server.url();
+        let k1 = keeper(&url, settings("n1", 8), &log).await.unwrap();
+        until("n1 holds everything", TTL * 4, &[&k1], || {
+            all_held(&[&k1], 8)
+        })
+        .await;
+        let k2 = keeper(&url, settings("n2", 8), &log).await.unwrap();
+        until("halves", TTL * 4, &[&k1, &k2], || {
+            counts(&[&k1, &k2]) == vec![4, 4]
+        })
+        .await;
+        let records = log.lock().unwrap().clone();
+        for p in k2.held() {
+            let closed = records.iter().position(|r| {
+                r.node == "n1" && r.partition == p && r.what == What::Close(Close::Rebalance)
+            });
+            let opened = records.iter().position(|r| {
+                r.node == "n2" && r.partition == p && matches!(r.what, What::Open(_))
+            });
+            assert!(
+                matches!((closed, opened), (Some(c), Some(o)) if c < o),
+                "{p}: n1 closed at {closed:?}, n2 opened at {opened:?}"
+            );
+        }
+        let left = Instant::now();
+        k2.leave().await;
+        until("n1 holds everything again", TTL * 4, &[&k1], || {
+            all_held(&[&k1], 8)
+        })
+        .await;
+        assert!(
+            left.elapsed() < TTL,
+            "took {:?}: the leases were not released",
+            left.elapsed()
+        );
+        let records = log.lock().unwrap().clone();
+        assert_eq!(
+            records
+                .iter()
+                .filter(|r| r.node == "n2" && r.what == What::Close(Close::Leaving))
+                .count(),
+            4
+        );
+    });
+}
+
+#[test]
+fn a_node_cut_off_from_the_bucket_stops_before_its_lease_could_expire_and_comes_back() {
+    // Goal: with the server gone, the node stops counting on every lease (Close::Lost) within
+    // the lease TTL of its last renewal, so no other node could have taken one yet; when the
+    // server is back it holds them again.
+    let Some(binary) = nats::binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let server = nats::single_synced(&binary, dir.path());
+    let log = Arc::new(Mutex::new(Vec::new()));
+    runtime().block_on(async {
+        let url = server.url();
+        let k1 = keeper(&url, settings("n1", 4), &log).await.unwrap();
+        until("n1 holds everything", TTL * 4, &[&k1], || {
+            all_held(&[&k1], 4)
+        })
+        .await;
+        let stopped = server.stop();
+        let cut = Instant::now();
+        until("every lease given up", TTL * 2, &[&k1], || {
+            k1.held().is_empty()
+        })
+        .await;
+        let lost_at: Vec<Instant> = log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.what == What::Close(Close::Lost))
+            .map(|r| r.at)
+            .collect();
+        assert_eq!(lost_at.len(), 4, "each partition closed as lost");
+        for at in lost_at {
+            assert!(at - cut < TTL, "closed {:?} after the cut", at - cut);
+        }
+        let server = stopped.restart();
+        until("held again", TTL * 10, &[&k1], || all_held(&[&k1], 4)).await;
+        drop(server);
+    });
+}
+
+#[test]
+fn a_node_id_in_use_is_refused_and_a_restarted_node_takes_its_leases_back() {
+    // Goal: a second process with a live node's id is refused; after that node dies, a new
+    // incarnation with its id waits for the old registration to expire, then holds its
+    // partitions again under new epochs.
+    let Some(binary) = nats::binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let server = nats::single_synced(&binary, dir.path());
+    let log = Arc::new(Mutex::new(Vec::new()));
+    runtime().block_on(async {
+        let url = server.url();
+        let first = keeper(&url, settings("n1", 4), &log).await.unwrap();
+        until("n1 holds everything", TTL * 4, &[&first], || {
+            all_held(&[&first], 4)
+        })
+        .await;
+        let epochs: Vec<u64> = first
+            .held()
+            .iter()
+            .map(|p| first.holds(*p).unwrap())
+            .collect();
+        match keeper(&url, settings("n1", 4), &log).await {
+            Err(ClusterError::NodeIdInUse { node, .. }) => assert_eq!(node.as_str(), "n1"),
+            other => panic!("expected NodeIdInUse, got {:?}", other.err()),
+        }
+        drop(first);
+        let second = keeper(&url, settings("n1", 4), &log).await.unwrap();
+        until(
+            "the new incarnation holds everything",
+            TTL * 4,
+            &[&second],
+            || all_held(&[&second], 4),
+        )
+        .await;
+        for (p, old) in second.held().iter().zip(epochs) {
+            assert!(second.holds(*p).unwrap() > old, "{p}: a new epoch");
+        }
+    });
+}
+
+#[test]
+fn a_request_reaches_only_the_partitions_holder_and_nobody_answers_for_a_free_one() {
+    // Goal: the holder of p003 answers requests sent from another connection; a request for
+    // a partition nobody serves fails at once as NoOwner (503 upstream); after the holder
+    // stops serving, p003 is NoOwner too, and no request taken was left unanswered.
+    let Some(binary) = nats::binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let server = nats::single_synced(&binary, dir.path());
+    runtime().block_on(async {
+        let (holder, _) = connect(&server.url()).await.unwrap();
+        let (caller, _) = connect(&server.url()).await.unwrap();
+        let holder = Router::new(holder, Duration::from_secs(2));
+        let caller = Router::new(caller, Duration::from_secs(2));
+        let serving = holder
+            .serve(
+                Partition(3),
+                Arc::new(|request: Vec<u8>| {
+                    Box::pin(async move {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        [b"p003 holder: ".as_slice(), &request].concat()
+                    }) as BoxFuture<'static, Vec<u8>>
+                }),
+            )
+            .await
+            .unwrap();
+        let answer = caller
+            .request(Partition(3), b"hello".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(answer, b"p003 holder: hello");
+        let started = Instant::now();
+        assert!(matches!(
+            caller.request(Partition(4), b"hello".to_vec()).await,
+            Err(RouteError::NoOwner(Partition(4)))
+        ));
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "no responders is immediate"
+        );
+        // A request in flight when the holder stops is still answered.
+        let in_flight = tokio::spawn({
+            let caller = caller.clone();
+            async move { caller.request(Partition(3), b"late".to_vec()).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        serving.stop().await;
+        assert_eq!(in_flight.await.unwrap().unwrap(), b"p003 holder: late");
+        assert!(matches!(
+            caller.request(Partition(3), b"again".to_vec()).await,
+            Err(RouteError::NoOwner(_))
+        ));
+    });
+}
+
+/// A host that opens the partition's JetStream log for real (one synced server, one
+/// replica), with or without the lease's write guard.
+struct LogHost {
+    url: String,
+    dir: std::path::PathBuf,
+    guarded: bool,
+    logs: Arc<Mutex<BTreeMap<Partition, Arc<JetStreamStore>>>>,
+}
+
+impl PartitionHost for LogHost {
+    fn open(&self, partition: Partition, lease: Lease) -> BoxFuture<'static, Result<(), String>> {
+        let mut config = JetStreamConfig::new(
+            &self.url,
+            &partition.stream_name(),
+            self.dir.join(partition.key()),
+        );
+        config.subject_prefix = partition.subject_prefix();
+        config.durability = Durability {
+            replicas: 1,
+            single_replica_synced: true,
+        };
+        config.write_guard = self.guarded.then(|| lease.write_guard());
+        let logs = self.logs.clone();
+        Box::pin(async move {
+            let store = tokio::task::spawn_blocking(move || {
+                JetStreamStore::open(
+                    config,
+                    Arc::new(ManualClock::new(1_000)),
+                    Arc::new(Metrics::new()),
+                )
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+            logs.lock().unwrap().insert(partition, store);
+            Ok(())
+        })
+    }
+
+    fn close(&self, partition: Partition, _why: Close) -> BoxFuture<'static, ()> {
+        self.logs.lock().unwrap().remove(&partition);
+        Box::pin(async {})
+    }
+}
+
+async fn append_to(
+    store: &Arc<JetStreamStore>,
+    writer: u64,
+    stream: &str,
+    expected: u64,
+) -> Result<u64, AppendError> {
+    let ack = store.append(
+        writer,
+        stream.into(),
+        ExpectedVersion::Exact(expected),
+        vec![super::event(expected + 1)],
+    )?;
+    ack.await.map(|a| a.last_version)
+}
+
+/// Starts a keeper of one partition whose host opens the partition's log.
+async fn log_node(
+    url: &str,
+    node: &str,
+    dir: &std::path::Path,
+    guarded: bool,
+) -> (Keeper, Arc<Mutex<BTreeMap<Partition, Arc<JetStreamStore>>>>) {
+    let settings = settings(node, 1);
+    let buckets = check_deployment(&context(url).await, &settings)
+        .await
+        .unwrap();
+    let logs = Arc::new(Mutex::new(BTreeMap::new()));
+    let host = Arc::new(LogHost {
+        url: url.to_owned(),
+        dir: dir.join(node),
+        guarded,
+        logs: logs.clone(),
+    });
+    let keeper = Keeper::start(settings, buckets, host).await.unwrap();
+    (keeper, logs)
+}
+
+async fn opened(
+    logs: &Arc<Mutex<BTreeMap<Partition, Arc<JetStreamStore>>>>,
+) -> Arc<JetStreamStore> {
+    let deadline = Instant::now() + TTL * 6;
+    loop {
+        if let Some(store) = logs.lock().unwrap().get(&Partition(0)) {
+            return store.clone();
+        }
+        assert!(Instant::now() < deadline, "p000 never opened");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[test]
+fn a_holder_paused_past_its_lease_cannot_write_once_another_node_took_the_partition() {
+    // Goal (CLUSTER.md's one rule): n1 writes p000, then "pauses" (its keeper stops renewing,
+    // its log writer stays alive and is never told). n2 takes p000 after the lease expires and
+    // writes. n1 wakes and appends: refused, and nothing of it enters the log. With the
+    // lease's write guard, refused before publishing (the lease ran out); without it, by the
+    // log itself (its expected last sequence is stale and the records past it are not its
+    // own). Either way one writer at a time, the chain linear, n2 goes on.
+    let Some(binary) = nats::binary() else { return };
+    for guarded in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let server = nats::single_synced(&binary, dir.path());
+        let url = server.url();
+        runtime().block_on(async {
+            let (k1, logs1) = log_node(&url, "n1", dir.path(), guarded).await;
+            let paused = opened(&logs1).await;
+            for v in 0..3 {
+                assert_eq!(append_to(&paused, 1, "wallet:u1", v).await, Ok(v + 1));
+            }
+            drop(k1);
+            let (k2, logs2) = log_node(&url, "n2", dir.path(), guarded).await;
+            let taker = opened(&logs2).await;
+            assert_eq!(k2.held(), vec![Partition(0)]);
+            assert_eq!(append_to(&taker, 2, "wallet:u2", 0).await, Ok(1));
+
+            let refused = append_to(&paused, 1, "wallet:u1", 3).await;
+            match &refused {
+                Err(AppendError::Unavailable(why)) if guarded => {
+                    assert!(why.contains("lease"), "{why}")
+                }
+                Err(AppendError::Unavailable(_)) => {}
+                other => panic!("guarded {guarded}: the paused writer got {other:?}"),
+            }
+            assert_eq!(paused.condition(), JournalCondition::Failed);
+            assert!(
+                append_to(&paused, 1, "wallet:u1", 3).await.is_err(),
+                "and stays stopped"
+            );
+            assert_eq!(append_to(&taker, 2, "wallet:u2", 1).await, Ok(2));
+            let log = taker.read_all(1, usize::MAX).unwrap();
+            let streams: Vec<(&str, u64)> =
+                log.iter().map(|e| (e.stream.as_str(), e.version)).collect();
+            assert_eq!(
+                streams,
+                vec![
+                    ("wallet:u1", 1),
+                    ("wallet:u1", 2),
+                    ("wallet:u1", 3),
+                    ("wallet:u2", 1),
+                    ("wallet:u2", 2)
+                ],
+                "guarded {guarded}"
+            );
+            let mut prev = GENESIS_HASH;
+            for e in &log {
+                assert_eq!(e.prev_hash, prev, "seq {} links", e.seq);
+                prev = e.hash;
+            }
+            let stream = taker.jetstream_stream().get_info().await.unwrap();
+            assert_eq!(stream.config.name, "HB_P000");
+            assert!(stream
+                .config
+                .subjects
+                .iter()
+                .any(|s| s.starts_with("hb.p000")));
+        });
+    }
+}
