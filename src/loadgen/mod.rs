@@ -27,6 +27,7 @@
 
 pub mod client;
 pub mod coupons;
+pub mod handover;
 pub mod hello;
 pub mod jetstream;
 pub mod journal;
@@ -62,6 +63,10 @@ pub enum Scenario {
     /// One hot coupon batch: durable acceptance, then issuance through the two layers, for
     /// each --merge-max, in-process and over HTTP (--modes).
     Coupons,
+    /// Partition lease hand-over (--store nats://... only): --nodes lease keepers share
+    /// --partitions; one is killed --kills times; time until its partitions are held again,
+    /// and until a new node has its fair share.
+    Handover,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -179,6 +184,18 @@ pub struct LoadgenArgs {
     /// --in-flight closed-loop submitters; for latency below capacity.
     #[arg(long, value_name = "PER_S")]
     pub rate: Option<u64>,
+    /// handover: lease keepers (nodes) sharing the partitions.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// handover: partitions of the deployment.
+    #[arg(long, default_value_t = crate::cluster::partition::PARTITIONS_DEFAULT)]
+    pub partitions: u16,
+    /// handover: lease TTL in milliseconds (renewed every TTL/4).
+    #[arg(long, default_value_t = 4_000)]
+    pub lease_ttl_ms: u64,
+    /// handover: keepers killed, one after the other (a new one joins after each).
+    #[arg(long, default_value_t = 10)]
+    pub kills: usize,
 }
 
 impl LoadgenArgs {
@@ -1321,5 +1338,45 @@ pub fn run(args: LoadgenArgs) -> Result<(), LoadgenError> {
         Scenario::Journal => journal_table(&args).map(|_| ()),
         Scenario::Packets => hot_packet(&args),
         Scenario::Coupons => coupons::run(&args),
+        Scenario::Handover => handover_table(&args),
     }
+}
+
+fn handover_table(args: &LoadgenArgs) -> Result<(), LoadgenError> {
+    let Some((url, durability)) = args.nats()? else {
+        return Err(LoadgenError::Usage(
+            "handover measures leases on JetStream: pass --store nats://...".into(),
+        ));
+    };
+    let partitions = crate::cluster::partition::Partitions::new(u32::from(args.partitions))
+        .map_err(|e| LoadgenError::Usage(e.to_string()))?;
+    let ttl = Duration::from_millis(args.lease_ttl_ms);
+    let measured = handover::run(
+        &url,
+        partitions,
+        ttl,
+        durability.replicas,
+        args.nodes,
+        args.kills,
+    )?;
+    let (kill_p50, kill_max) = handover::p50_max(&measured.after_kill);
+    let (join_p50, join_max) = handover::p50_max(&measured.after_join);
+    println!(
+        "handover: {} nodes, {} partitions, lease TTL {} ms, {} replicas, {} kills",
+        args.nodes,
+        partitions.count(),
+        args.lease_ttl_ms,
+        durability.replicas,
+        measured.after_kill.len()
+    );
+    println!("{:<28} {:>10} {:>10}", "", "p50 ms", "max ms");
+    println!(
+        "{:<28} {:>10.0} {:>10.0}",
+        "kill -> partitions held", kill_p50, kill_max
+    );
+    println!(
+        "{:<28} {:>10.0} {:>10.0}",
+        "join -> fair shares", join_p50, join_max
+    );
+    Ok(())
 }

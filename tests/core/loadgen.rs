@@ -150,3 +150,43 @@ fn bad_store_arguments_are_refused_with_a_reason() {
     let error = loadgen("deposits --store nats://127.0.0.1:1 --replicas 1").unwrap_err();
     assert!(error.contains("--single-replica-synced"), "{error}");
 }
+
+#[test]
+fn the_handover_scenario_never_reports_a_partition_taken_before_its_lease_expired() {
+    // Goal: the figure is a hand-over that waited for the lease: a dead keeper's partitions
+    // held again no sooner than 3/4 of the TTL after the kill (its last renewal was at most
+    // TTL/4 earlier), and no bucket of the load generator's is left behind. Bad arguments are
+    // refused with a reason.
+    let err = loadgen("handover").unwrap_err();
+    assert!(err.contains("--store nats://"), "{err}");
+    let Some(binary) = nats::binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let server = nats::single_synced(&binary, dir.path());
+    let url = server.url();
+    let err = loadgen(&format!(
+        "handover --store {url} --replicas 1 --single-replica-synced --nodes 1"
+    ))
+    .unwrap_err();
+    assert!(err.contains("--nodes 2"), "{err}");
+    let ttl = std::time::Duration::from_millis(1_000);
+    let partitions = hongbao::cluster::partition::Partitions::new(8).unwrap();
+    let measured = hongbao::loadgen::handover::run(&url, partitions, ttl, 1, 2, 2).unwrap();
+    assert_eq!(measured.after_kill.len(), 2);
+    assert_eq!(measured.after_join.len(), 2);
+    for took in &measured.after_kill {
+        assert!(
+            *took >= ttl * 3 / 4,
+            "taken over after {took:?}: before the lease expired"
+        );
+    }
+    super::runtime().block_on(async {
+        let (client, _) = hongbao::events::jetstream::connect(&url).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let mut names = js.stream_names();
+        use futures::StreamExt;
+        while let Some(name) = names.next().await {
+            let name = name.unwrap();
+            assert!(!name.starts_with("KV_hblg_"), "{name} left behind");
+        }
+    });
+}
