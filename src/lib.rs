@@ -21,6 +21,8 @@
 //!   reconciliation. [`channels`]: the payment channel trait and its simulator.
 //! - [`tokens`]: HMAC-signed reward tokens. [`checkpoints`]: Ed25519-signed log heads (D4).
 //! - [`loadgen`]: the project's own load generator and its hello-world baseline.
+//! - [`cluster`]: many nodes on JetStream (issue 13, in progress): partitions, leases,
+//!   routing. It stands beside the HTTP layer and uses only [`events`] below it.
 
 #![forbid(unsafe_code)]
 
