@@ -69,8 +69,31 @@ impl Router {
         }
     }
 
+    /// Publishes to a fresh inbox of this connection and waits for the message to come back.
+    async fn round_trip(&self) -> Result<(), RouteError> {
+        let unreachable = |e: &dyn std::fmt::Display| RouteError::Unreachable(e.to_string());
+        let inbox = self.client.new_inbox();
+        let mut probe = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| unreachable(&e))?;
+        self.client
+            .publish(inbox, Vec::new().into())
+            .await
+            .map_err(|e| unreachable(&e))?;
+        match tokio::time::timeout(self.timeout, probe.next()).await {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(RouteError::Unreachable("connection closed".into())),
+            Err(_) => Err(RouteError::Unreachable(format!(
+                "the server did not answer within {:?}",
+                self.timeout
+            ))),
+        }
+    }
+
     /// Starts answering `partition`'s requests with `handler`, each in a task of its own.
-    /// The subscription is registered with the server before this returns.
+    /// The server has the subscription before this returns.
     pub async fn serve(
         &self,
         partition: Partition,
@@ -81,11 +104,12 @@ impl Router {
             .queue_subscribe(partition.rpc_subject(), QUEUE_GROUP.into())
             .await
             .map_err(|e| RouteError::Unreachable(e.to_string()))?;
-        // Make sure the server has the interest before the lease holder says it serves.
-        self.client
-            .flush()
-            .await
-            .map_err(|e| RouteError::Unreachable(e.to_string()))?;
+        // The server has the interest before the holder says it serves: it handles one
+        // connection's commands in order, so once a message this connection publishes after
+        // the subscription comes back, the subscription is in place (a flush only empties
+        // the client's buffer: a request sent from another connection right after it could
+        // still meet "no responders").
+        self.round_trip().await?;
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let client = self.client.clone();
         let task = tokio::spawn(async move {

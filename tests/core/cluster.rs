@@ -389,10 +389,13 @@ fn a_request_reaches_only_the_partitions_holder_and_nobody_answers_for_a_free_on
         let (caller, _) = connect(&server.url()).await.unwrap();
         let holder = Router::new(holder, Duration::from_secs(2));
         let caller = Router::new(caller, Duration::from_secs(2));
+        // Tells the test each time the holder has taken a request.
+        let (taken_tx, mut taken) = tokio::sync::mpsc::unbounded_channel::<()>();
         let serving = holder
             .serve(
                 Partition(3),
-                Arc::new(|request: Vec<u8>| {
+                Arc::new(move |request: Vec<u8>| {
+                    let _ = taken_tx.send(());
                     Box::pin(async move {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         [b"p003 holder: ".as_slice(), &request].concat()
@@ -420,7 +423,8 @@ fn a_request_reaches_only_the_partitions_holder_and_nobody_answers_for_a_free_on
             let caller = caller.clone();
             async move { caller.request(Partition(3), b"late".to_vec()).await }
         });
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        taken.recv().await.unwrap(); // "hello"
+        taken.recv().await.unwrap(); // "late", now being answered
         serving.stop().await;
         assert_eq!(in_flight.await.unwrap().unwrap(), b"p003 holder: late");
         assert!(matches!(
