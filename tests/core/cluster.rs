@@ -99,6 +99,18 @@ async fn keeper(
     Keeper::start(settings, buckets, host).await
 }
 
+/// Starts n1 as the only node and waits until it holds all `partitions`.
+async fn sole_holder(url: &str, partitions: u16, log: &Arc<Mutex<Vec<Record>>>) -> Keeper {
+    let k1 = keeper(url, settings("n1", u32::from(partitions)), log)
+        .await
+        .unwrap();
+    until("n1 holds everything", TTL * 4, &[&k1], || {
+        all_held(&[&k1], partitions)
+    })
+    .await;
+    k1
+}
+
 /// Waits until `done` holds, checking after each poll that no partition is held (with a
 /// valid lease) by two keepers at once.
 async fn until(what: &str, within: Duration, keepers: &[&Keeper], mut done: impl FnMut() -> bool) {
@@ -252,11 +264,7 @@ fn a_joining_node_gets_its_share_after_a_drain_and_a_leaving_one_hands_over_at_o
     let log = Arc::new(Mutex::new(Vec::new()));
     runtime().block_on(async {
         let url = server.url();
-        let k1 = keeper(&url, settings("n1", 8), &log).await.unwrap();
-        until("n1 holds everything", TTL * 4, &[&k1], || {
-            all_held(&[&k1], 8)
-        })
-        .await;
+        let k1 = sole_holder(&url, 8, &log).await;
         let k2 = keeper(&url, settings("n2", 8), &log).await.unwrap();
         until("halves", TTL * 4, &[&k1, &k2], || {
             counts(&[&k1, &k2]) == vec![4, 4]
@@ -308,11 +316,7 @@ fn a_node_cut_off_from_the_bucket_stops_before_its_lease_could_expire_and_comes_
     let log = Arc::new(Mutex::new(Vec::new()));
     runtime().block_on(async {
         let url = server.url();
-        let k1 = keeper(&url, settings("n1", 4), &log).await.unwrap();
-        until("n1 holds everything", TTL * 4, &[&k1], || {
-            all_held(&[&k1], 4)
-        })
-        .await;
+        let k1 = sole_holder(&url, 4, &log).await;
         let stopped = server.stop();
         let cut = Instant::now();
         until("every lease given up", TTL * 2, &[&k1], || {
@@ -347,11 +351,7 @@ fn a_node_id_in_use_is_refused_and_a_restarted_node_takes_its_leases_back() {
     let log = Arc::new(Mutex::new(Vec::new()));
     runtime().block_on(async {
         let url = server.url();
-        let first = keeper(&url, settings("n1", 4), &log).await.unwrap();
-        until("n1 holds everything", TTL * 4, &[&first], || {
-            all_held(&[&first], 4)
-        })
-        .await;
+        let first = sole_holder(&url, 4, &log).await;
         let epochs: Vec<u64> = first
             .held()
             .iter()
