@@ -533,6 +533,7 @@ async fn lose(shared: &Shared, lost: Vec<(Partition, u64)>, taken: bool) {
         return;
     }
     let _gate = shared.gate.lock().await;
+    let mut closing = Vec::new();
     for (partition, revision) in lost {
         let removed = {
             let mut held = lock(&shared.held);
@@ -548,9 +549,11 @@ async fn lose(shared: &Shared, lost: Vec<(Partition, u64)>, taken: bool) {
         };
         if removed.is_some() {
             tracing::warn!(%partition, "lease lost: this node stops writing the partition");
-            shared.host.close(partition, Close::Lost).await;
+            closing.push(shared.host.close(partition, Close::Lost));
         }
     }
+    // Closed together: a woken node has every lease to give up at once.
+    join_all(closing).await;
 }
 
 async fn renew_loop(shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
@@ -564,11 +567,11 @@ async fn renew_loop(shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
         // is unreachable): validity counts from renewals that were answered, so an abandoned
         // one only costs validity, and the next period tries again.
         expire(&shared).await;
-        if tokio::time::timeout(every, renew_once(&shared))
-            .await
-            .is_err()
-        {
-            tracing::warn!("lease renewals unanswered for {every:?}");
+        // Only the renewals are timed: the host's closes of what they found lost run to
+        // their end (a close cut short could leave a partition half stopped).
+        match tokio::time::timeout(every, renew_once(&shared)).await {
+            Ok(lost) => lose(&shared, lost, true).await,
+            Err(_) => tracing::warn!("lease renewals unanswered for {every:?}"),
         }
     }
 }
@@ -601,7 +604,8 @@ async fn expire(shared: &Shared) {
     lose(shared, expired, false).await;
 }
 
-async fn renew_once(shared: &Arc<Shared>) {
+/// Renews the registration and every lease; returns the leases found taken by another node.
+async fn renew_once(shared: &Arc<Shared>) -> Vec<(Partition, u64)> {
     let node = shared.settings.node.as_str();
     let registration = serde_json::to_vec(&NodeValue {
         node: shared.settings.node.clone(),
@@ -664,7 +668,7 @@ async fn renew_once(shared: &Arc<Shared>) {
             Err(e) => tracing::warn!(%partition, error = %e, "lease not renewed"),
         }
     }
-    lose(shared, lost, true).await;
+    lost
 }
 
 async fn release(shared: &Shared, partition: Partition, revision: u64) {
