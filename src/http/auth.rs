@@ -4,7 +4,6 @@
 //! in the path).
 
 use super::error::ApiError;
-use super::AppState;
 use crate::config::Keys;
 use crate::domain::ChangedBy;
 use actix_web::{dev::Payload, http::header, web, FromRequest, HttpRequest};
@@ -76,8 +75,8 @@ impl Caller {
 
 /// The key of a request and the role it grants.
 fn authenticate(req: &HttpRequest) -> Result<(Role, &str), ApiError> {
-    let state = req
-        .app_data::<web::Data<AppState>>()
+    let keys = req
+        .app_data::<web::Data<Keys>>()
         .ok_or_else(ApiError::unauthorized)?;
     let key = req
         .headers()
@@ -86,7 +85,7 @@ fn authenticate(req: &HttpRequest) -> Result<(Role, &str), ApiError> {
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
         .ok_or_else(ApiError::unauthorized)?;
-    let role = role_of(&state.keys, key).ok_or_else(ApiError::unauthorized)?;
+    let role = role_of(keys, key).ok_or_else(ApiError::unauthorized)?;
     Ok((role, key))
 }
 

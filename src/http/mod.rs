@@ -100,6 +100,7 @@ pub struct ErrorBody {
                 ops::openapi,
         ops::set_switch,
         ops::list_switches,
+        crate::cluster::node::cluster_view,
     ),
     components(schemas(
                 ErrorBody,
@@ -151,6 +152,8 @@ pub struct ErrorBody {
         coupons::IssueBody,
         coupons::RequestBody,
         coupons::CouponItem,
+        crate::cluster::node::ClusterBody,
+        crate::cluster::node::PartitionBody,
     )),
     modifiers(&BearerAuth, &CommonStatuses),
     tags(
@@ -265,21 +268,20 @@ pub struct Application {
     checkpoints: crate::checkpoints::Checkpointer,
 }
 
-impl Application {
-    /// Opens the store in the configured data directory, resolves keys (generating them on
-    /// first start), starts the projections and binds `config.server.addr`.
-    pub async fn build(config: Config, clock: Arc<dyn Clock>) -> Result<Application, ServeError> {
-        config.validate()?;
-        let metrics = Arc::new(Metrics::new());
-        let (keys, keys_file) =
-            Keys::resolve(&config.auth, &config.data_dir, |v| std::env::var(v).ok())?;
-        // The log: sled in the data directory, or JetStream; derived state (views, flow
-        // checkpoints, snapshots) stays in a local sled database either way.
-        let log = crate::events::open_log(&config, true, clock.clone(), metrics.clone())?;
+impl AppState {
+    /// Everything that serves one log: its views, actors and flows. `continuous_audit` is off
+    /// for a cluster partition (the audit of a cluster replays every partition offline).
+    pub async fn build(
+        config: Config,
+        keys: Keys,
+        log: Arc<dyn crate::events::Log>,
+        clock: Arc<dyn Clock>,
+        metrics: Arc<Metrics>,
+        continuous_audit: bool,
+    ) -> Result<AppState, ServeError> {
         let (state_db, store_guarantee) = (log.state_db().clone(), log.describe());
         let dyn_store: Arc<dyn EventStore> = log;
         let store = dyn_store.clone();
-        let checkpoints = start_checkpoints(&config, dyn_store.clone(), clock.clone())?;
         let views = crate::projections::all(metrics.clone());
         let projections = Arc::new(Projections::start(
             dyn_store.clone(),
@@ -288,8 +290,7 @@ impl Application {
             metrics.clone(),
         )?);
         let live_audit = match config.audit.continuous_every_ms {
-            0 => None,
-            ms => Some(Arc::new(
+            ms if ms > 0 && continuous_audit => Some(Arc::new(
                 crate::audit::LiveAudit::start(
                     dyn_store.clone(),
                     metrics.clone(),
@@ -297,6 +298,7 @@ impl Application {
                 )
                 .map_err(ServeError::Server)?,
             )),
+            _ => None,
         };
         let runtime = Arc::new(Runtime {
             store: dyn_store.clone(),
@@ -363,7 +365,7 @@ impl Application {
             switches.subscribe(),
         )?;
         let openapi = ApiDoc::openapi().to_json().unwrap_or_else(|_| "{}".into());
-        let state = web::Data::new(AppState {
+        Ok(AppState {
             signer: TokenSigner::new(&keys.token_secret),
             keys,
             store,
@@ -387,51 +389,110 @@ impl Application {
             live_audit,
             metrics,
             openapi,
-            config: config.clone(),
-        });
+            config,
+        })
+    }
 
-        let listener =
-            TcpListener::bind(&config.server.addr).map_err(|source| ServeError::Bind {
-                addr: config.server.addr.clone(),
-                source,
-            })?;
-        let port = listener.local_addr().map_err(ServeError::Server)?.port();
-        let workers = match config.server.workers {
-            0 => std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2),
-            n => n,
-        };
+    /// Stops the flows, lets the views catch up and closes the log (flushed).
+    pub async fn stop(&self) -> Result<(), StoreError> {
+        // The flows stop together: none waits for another's drain.
+        futures::join!(
+            self.lanes.stop(),
+            self.withdrawal_flows.stop(),
+            self.packet_flows.stop(),
+            self.coupon_flows.stop(),
+            self.order_claims.stop(),
+        );
+        self.projections.stop().await;
+        if let Some(audit) = &self.live_audit {
+            audit.stop().await;
+        }
+        self.store.close().await
+    }
+}
+
+/// Binds `config.server.addr` and builds the server around `app` (the routes and their data).
+/// A cluster node (`cluster`) first sends each request to the cell of its home partition.
+pub(crate) fn serve_http<F>(
+    config: &Config,
+    cluster: bool,
+    app: F,
+) -> Result<(Server, u16), ServeError>
+where
+    F: Fn(&mut web::ServiceConfig) + Send + Clone + 'static,
+{
+    let listener = TcpListener::bind(&config.server.addr).map_err(|source| ServeError::Bind {
+        addr: config.server.addr.clone(),
+        source,
+    })?;
+    let port = listener.local_addr().map_err(ServeError::Server)?.port();
+    let workers = match config.server.workers {
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2),
+        n => n,
+    };
+    let body_max = config.server.request_body_bytes_max;
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(
+                web::JsonConfig::default()
+                    .limit(body_max)
+                    .content_type_required(false)
+                    .error_handler(|e, _| json_error(e).into()),
+            )
+            .app_data(
+                web::PathConfig::default()
+                    .error_handler(|e, _| ApiError::malformed(format!("invalid path: {e}")).into()),
+            )
+            .app_data(
+                web::QueryConfig::default().error_handler(|e, _| {
+                    ApiError::malformed(format!("invalid query: {e}")).into()
+                }),
+            )
+            .wrap(actix_web::middleware::Condition::new(
+                cluster,
+                from_fn(crate::cluster::node::dispatch),
+            ))
+            .wrap(from_fn(observe))
+            .configure(app.clone())
+    })
+    .workers(workers)
+    .shutdown_timeout(config.server.shutdown_timeout_s)
+    .disable_signals()
+    .listen(listener)
+    .map_err(|source| ServeError::Bind {
+        addr: config.server.addr.clone(),
+        source,
+    })?
+    .run();
+    Ok((server, port))
+}
+
+impl Application {
+    /// Opens the store in the configured data directory, resolves keys (generating them on
+    /// first start), starts the projections and binds `config.server.addr`.
+    pub async fn build(config: Config, clock: Arc<dyn Clock>) -> Result<Application, ServeError> {
+        config.validate()?;
+        let metrics = Arc::new(Metrics::new());
+        let (keys, keys_file) =
+            Keys::resolve(&config.auth, &config.data_dir, |v| std::env::var(v).ok())?;
+        // The log: sled in the data directory, or JetStream; derived state (views, flow
+        // checkpoints, snapshots) stays in a local sled database either way.
+        let log = crate::events::open_log(&config, true, clock.clone(), metrics.clone())?;
+        let checkpoints = start_checkpoints(&config, log.clone(), clock.clone())?;
+        let state = web::Data::new(
+            AppState::build(config.clone(), keys, log, clock, metrics.clone(), true).await?,
+        );
         let app_state = state.clone();
-        let body_max = config.server.request_body_bytes_max;
-        let server =
-            HttpServer::new(move || {
-                App::new()
-                    .app_data(app_state.clone())
-                    .app_data(
-                        web::JsonConfig::default()
-                            .limit(body_max)
-                            .content_type_required(false)
-                            .error_handler(|e, _| json_error(e).into()),
-                    )
-                    .app_data(web::PathConfig::default().error_handler(|e, _| {
-                        ApiError::malformed(format!("invalid path: {e}")).into()
-                    }))
-                    .app_data(web::QueryConfig::default().error_handler(|e, _| {
-                        ApiError::malformed(format!("invalid query: {e}")).into()
-                    }))
-                    .wrap(from_fn(observe))
-                    .configure(routes)
-            })
-            .workers(workers)
-            .shutdown_timeout(config.server.shutdown_timeout_s)
-            .disable_signals()
-            .listen(listener)
-            .map_err(|source| ServeError::Bind {
-                addr: config.server.addr.clone(),
-                source,
-            })?
-            .run();
+        let metrics = web::Data::from(metrics);
+        let keys = web::Data::new(state.keys.clone());
+        let (server, port) = serve_http(&config, false, move |cfg: &mut web::ServiceConfig| {
+            cfg.app_data(app_state.clone())
+                .app_data(metrics.clone())
+                .app_data(keys.clone());
+            routes(cfg);
+        })?;
         Ok(Application {
             port,
             server,
@@ -475,19 +536,7 @@ impl Application {
         let served = self.server.await;
         signals.abort();
         let started = Instant::now();
-        // The flows stop together: none waits for another's drain.
-        futures::join!(
-            self.state.lanes.stop(),
-            self.state.withdrawal_flows.stop(),
-            self.state.packet_flows.stop(),
-            self.state.coupon_flows.stop(),
-            self.state.order_claims.stop(),
-        );
-        self.state.projections.stop().await;
-        if let Some(audit) = &self.state.live_audit {
-            audit.stop().await;
-        }
-        let closed = self.state.store.close().await;
+        let closed = self.state.stop().await;
         // After the close: the last checkpoint signs the log's final head.
         self.checkpoints.finish().await;
         tracing::info!(
@@ -526,7 +575,7 @@ fn start_checkpoints(
 }
 
 #[cfg(unix)]
-async fn wait_for_signal() {
+pub(crate) async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
@@ -542,14 +591,46 @@ async fn wait_for_signal() {
 }
 
 #[cfg(not(unix))]
-async fn wait_for_signal() {
+pub(crate) async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-/// Every route. actix-router tries resources in this order (regular expressions for
-/// parameterised paths), so the peak-traffic endpoints come first.
+/// Every route of a single node.
 fn routes(cfg: &mut web::ServiceConfig) {
-    let routes: Vec<(&str, Vec<actix_web::Route>)> = vec![
+    let ops: Routes = vec![
+        ("/healthz", vec![web::get().to(ops::healthz)]),
+        ("/readyz", vec![web::get().to(ops::readyz)]),
+        ("/metrics", vec![web::get().to(ops::metrics)]),
+        ("/openapi.json", vec![web::get().to(ops::openapi)]),
+        (
+            "/v1/admin/cluster",
+            vec![web::get().to(crate::cluster::node::cluster_view)],
+        ),
+    ];
+    register(cfg, api_routes().into_iter().chain(ops));
+}
+
+/// Resources by path, each with its methods.
+pub(crate) type Routes = Vec<(&'static str, Vec<actix_web::Route>)>;
+
+/// Adds `routes` (a method not listed answers 405, an unknown path 404).
+pub(crate) fn register(
+    cfg: &mut web::ServiceConfig,
+    routes: impl IntoIterator<Item = (&'static str, Vec<actix_web::Route>)>,
+) {
+    for (path, methods) in routes {
+        let resource = methods
+            .into_iter()
+            .fold(web::resource(path), |r, route| r.route(route));
+        cfg.service(resource.default_service(web::to(method_not_allowed)));
+    }
+    cfg.default_service(web::to(no_route));
+}
+
+/// Every business endpoint. actix-router tries resources in this order (regular
+/// expressions for parameterised paths), so the peak-traffic endpoints come first.
+pub(crate) fn api_routes() -> Routes {
+    vec![
         // Peak traffic first: actix tries resources in order, one pattern match each.
         ("/v1/rewards", vec![web::post().to(rewards::send_reward)]),
         (
@@ -676,19 +757,7 @@ fn routes(cfg: &mut web::ServiceConfig) {
             "/v1/admin/withdrawals/parked",
             vec![web::get().to(withdrawals::parked)],
         ),
-        // Operations.
-        ("/healthz", vec![web::get().to(ops::healthz)]),
-        ("/readyz", vec![web::get().to(ops::readyz)]),
-        ("/metrics", vec![web::get().to(ops::metrics)]),
-        ("/openapi.json", vec![web::get().to(ops::openapi)]),
-    ];
-    for (path, methods) in routes {
-        let resource = methods
-            .into_iter()
-            .fold(web::resource(path), |r, route| r.route(route));
-        cfg.service(resource.default_service(web::to(method_not_allowed)));
-    }
-    cfg.default_service(web::to(no_route));
+    ]
 }
 
 async fn no_route() -> Result<HttpResponse, ApiError> {
@@ -717,9 +786,7 @@ async fn observe(
         .match_pattern()
         .unwrap_or_else(|| "unmatched".to_owned());
     let method = req.method().as_str().to_owned();
-    let metrics = req
-        .app_data::<web::Data<AppState>>()
-        .map(|s| s.metrics.clone());
+    let metrics = req.app_data::<web::Data<Metrics>>().cloned();
     let response = next.call(req).await;
     if let Some(metrics) = metrics {
         let status = match &response {

@@ -28,13 +28,18 @@ const OPEN_TO_EVERY_ROLE: &[&str] = &["get_batch", "get_request", "reward_status
 /// reach the journal or a view, so never answer 503.
 const MEMORY_ONLY: &[&str] = &["get_policy", "list_switches", "get_channel"];
 
+/// Operations a cluster node (`serve --node-id`) serves; every other `/v1` operation answers
+/// `501 not_in_cluster` there (its work crosses partitions; `docs/ARCHITECTURE.md`, "Cluster").
+pub const CLUSTER_SERVED: &[&str] = &["deposit", "get_wallet", "get_ledger", "cluster_view"];
+
 /// The modifier: see the module documentation.
 pub struct CommonStatuses;
 
 impl utoipa::Modify for CommonStatuses {
     fn modify(&self, openapi: &mut OpenApi) {
-        for item in openapi.paths.paths.values_mut() {
+        for (path, item) in openapi.paths.paths.iter_mut() {
             let path_parameters = item.parameters.as_ref().is_some_and(|p| !p.is_empty());
+            let business = path.starts_with("/v1/");
             for operation in [
                 &mut item.get,
                 &mut item.put,
@@ -45,13 +50,13 @@ impl utoipa::Modify for CommonStatuses {
             .into_iter()
             .flatten()
             {
-                add_common(operation, path_parameters);
+                add_common(operation, path_parameters, business);
             }
         }
     }
 }
 
-fn add_common(operation: &mut Operation, path_parameters: bool) {
+fn add_common(operation: &mut Operation, path_parameters: bool, business: bool) {
     let id = operation.operation_id.clone().unwrap_or_default();
     let secured = operation.security.as_ref().is_some_and(|s| !s.is_empty());
     let body = operation.request_body.is_some();
@@ -88,9 +93,18 @@ fn add_common(operation: &mut Operation, path_parameters: bool) {
             add(
                 "503",
                 "unavailable / overloaded / timeout: the journal or a view cannot answer now; \
-                 retry after `Retry-After` (a command with the same id)",
+                 on a cluster node also partition_moving (the partition is changing hands) or \
+                 partition_unreachable (its holder did not answer); retry after `Retry-After` \
+                 (a command with the same id)",
             );
         }
+    }
+    if business && !CLUSTER_SERVED.contains(&id.as_str()) {
+        add(
+            "501",
+            "not_in_cluster: a cluster node (`serve --node-id`) does not serve this endpoint \
+             yet (its work crosses partitions); a single node does",
+        );
     }
     for status in ["429", "503"] {
         if let Some(RefOr::T(response)) = operation.responses.responses.get_mut(status) {

@@ -314,6 +314,19 @@ impl Projections {
         matches!(reached, Ok(Ok(_)))
     }
 
+    /// Waits until every projection has applied `seq`, at most `timeout` in all. True if
+    /// they have.
+    pub async fn wait_all(&self, seq: u64, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        for name in self.checkpoints.keys() {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if !self.wait_for(name, seq, left).await {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Asks the runner to catch up with the head and stop; waits for it.
     pub async fn stop(&self) {
         let _ = self.stop.send(true);
