@@ -85,6 +85,24 @@ impl StoreArgs {
     }
 }
 
+/// Many nodes on one JetStream deployment (needs --store nats://...).
+#[derive(clap::Args)]
+struct ClusterArgs {
+    /// Join the cluster as this node (1 to 64 of A-Z a-z 0-9 _ -, unique among live nodes):
+    /// the node holds a fair share of the partitions and forwards every other request to
+    /// the partition's holder. The nodes must share their API keys (HONGBAO_ADMIN_KEY,
+    /// HONGBAO_ISSUER_KEY, HONGBAO_GATEWAY_KEY, HONGBAO_TOKEN_SECRET).
+    #[arg(long, value_name = "ID")]
+    node_id: Option<String>,
+    /// Partitions of the deployment, 1 to 1000, the same on every node (checked at start).
+    #[arg(long, value_name = "P", default_value_t = 64, requires = "node_id")]
+    partitions: u32,
+    /// Lease time-to-live in milliseconds (at least 1000), the same on every node: a dead
+    /// node's partitions move after about this long.
+    #[arg(long, value_name = "MS", default_value_t = 4000, requires = "node_id")]
+    lease_ttl_ms: u64,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the HTTP API until SIGINT/SIGTERM (graceful: in-flight requests finish, log flushed).
@@ -99,6 +117,8 @@ enum Command {
         require_budgets: bool,
         #[command(flatten)]
         store: StoreArgs,
+        #[command(flatten)]
+        cluster: ClusterArgs,
     },
     /// Replay the whole log and prove every invariant, then compare each view with a rebuild
     /// (exit 0 only if all hold; --json for machines).
@@ -317,6 +337,44 @@ fn serve(
         );
         app.run_until_stopped().await?;
         tracing::info!("stopped cleanly");
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn serve_node(
+    common: Common,
+    addr: Option<String>,
+    require_budgets: bool,
+    store: StoreArgs,
+    node: String,
+    cluster: ClusterArgs,
+) -> anyhow::Result<ExitCode> {
+    use hongbao::cluster::{membership::Settings, partition::Partitions, NodeId};
+    init_logging("info");
+    let mut config = load_config(&common)?;
+    store.apply(&mut config);
+    if let Some(addr) = addr {
+        config.server.addr = addr;
+    }
+    config.rewards.require_budgets |= require_budgets;
+    let node = NodeId::parse(&node).map_err(|e| anyhow::anyhow!("--node-id: {e}"))?;
+    let partitions =
+        Partitions::new(cluster.partitions).map_err(|e| anyhow::anyhow!("--partitions: {e}"))?;
+    let mut settings = Settings::new(node.clone(), partitions);
+    settings.lease_ttl = std::time::Duration::from_millis(cluster.lease_ttl_ms);
+    actix_web::rt::System::new().block_on(async move {
+        let started =
+            hongbao::cluster::node::Node::start(config.clone(), settings, Arc::new(SystemClock))
+                .await?;
+        tracing::info!(
+            node = %node,
+            partitions = partitions.count(),
+            port = started.port(),
+            store = %config.store.url,
+            "hongbao node listening"
+        );
+        started.run_until_stopped().await?;
+        tracing::info!("left the cluster cleanly");
         Ok(ExitCode::SUCCESS)
     })
 }
@@ -704,7 +762,11 @@ fn main() -> ExitCode {
             addr,
             require_budgets,
             store,
-        } => serve(common, addr, require_budgets, store),
+            cluster,
+        } => match cluster.node_id.clone() {
+            None => serve(common, addr, require_budgets, store),
+            Some(node) => serve_node(common, addr, require_budgets, store, node, cluster),
+        },
         Command::Verify {
             export: Some(file),
             expect_head,

@@ -16,6 +16,7 @@
 //! batch is accepted only at the sequence its writer expects).
 
 pub mod membership;
+pub mod node;
 pub mod partition;
 pub mod plan;
 pub mod router;

@@ -37,10 +37,12 @@ impl Partition {
         format!("hb.p{:03}", self.0)
     }
 
-    /// `hb.rpc.p007`: where requests for the partition's entities are sent; only its lease
-    /// holder listens.
-    pub fn rpc_subject(self) -> String {
-        format!("hb.rpc.p{:03}", self.0)
+    /// `hb.rpc.p007.12`: where requests for the partition's entities are sent while the
+    /// lease taken at epoch 12 lasts; only that lease's holder listens. A holder paused past
+    /// its lease still has its subscription until the server drops the connection, but it is
+    /// an earlier epoch's: requests addressed to the current epoch never reach it.
+    pub fn rpc_subject(self, epoch: u64) -> String {
+        format!("hb.rpc.p{:03}.{epoch}", self.0)
     }
 
     /// The partition named by a lease key (`p007`), if it is one.
@@ -130,7 +132,7 @@ mod tests {
         assert_eq!(p.key(), "p007");
         assert_eq!(p.stream_name(), "HB_P007");
         assert_eq!(p.subject_prefix(), "hb.p007");
-        assert_eq!(p.rpc_subject(), "hb.rpc.p007");
+        assert_eq!(p.rpc_subject(12), "hb.rpc.p007.12");
         assert_eq!(p.to_string(), "p007");
         assert_eq!(Partition::from_key("p007"), Some(p));
         assert_eq!(Partition::from_key("p999"), Some(Partition(999)));

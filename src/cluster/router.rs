@@ -43,17 +43,19 @@ impl Router {
         Router { client, timeout }
     }
 
-    /// Sends `request` to the holder of `partition` and returns its answer.
+    /// Sends `request` to the holder of `partition`'s lease taken at `epoch` and returns its
+    /// answer.
     pub async fn request(
         &self,
         partition: Partition,
+        epoch: u64,
         request: Vec<u8>,
     ) -> Result<Vec<u8>, RouteError> {
         use async_nats::client::RequestErrorKind;
         let sent = self
             .client
             .send_request(
-                partition.rpc_subject(),
+                partition.rpc_subject(epoch),
                 async_nats::Request::new()
                     .payload(request.into())
                     .timeout(Some(self.timeout)),
@@ -97,11 +99,12 @@ impl Router {
     pub async fn serve(
         &self,
         partition: Partition,
+        epoch: u64,
         handler: Handler,
     ) -> Result<Serving, RouteError> {
         let mut subscriber = self
             .client
-            .queue_subscribe(partition.rpc_subject(), QUEUE_GROUP.into())
+            .queue_subscribe(partition.rpc_subject(epoch), QUEUE_GROUP.into())
             .await
             .map_err(|e| RouteError::Unreachable(e.to_string()))?;
         // The server has the interest before the holder says it serves: it handles one

@@ -394,6 +394,7 @@ fn a_request_reaches_only_the_partitions_holder_and_nobody_answers_for_a_free_on
         let serving = holder
             .serve(
                 Partition(3),
+                7,
                 Arc::new(move |request: Vec<u8>| {
                     let _ = taken_tx.send(());
                     Box::pin(async move {
@@ -405,13 +406,18 @@ fn a_request_reaches_only_the_partitions_holder_and_nobody_answers_for_a_free_on
             .await
             .unwrap();
         let answer = caller
-            .request(Partition(3), b"hello".to_vec())
+            .request(Partition(3), 7, b"hello".to_vec())
             .await
             .unwrap();
         assert_eq!(answer, b"p003 holder: hello");
+        // Requests are addressed to the lease's epoch: another epoch's holder never gets them.
+        assert!(matches!(
+            caller.request(Partition(3), 8, b"hello".to_vec()).await,
+            Err(RouteError::NoOwner(Partition(3)))
+        ));
         let started = Instant::now();
         assert!(matches!(
-            caller.request(Partition(4), b"hello".to_vec()).await,
+            caller.request(Partition(4), 7, b"hello".to_vec()).await,
             Err(RouteError::NoOwner(Partition(4)))
         ));
         assert!(
@@ -421,14 +427,14 @@ fn a_request_reaches_only_the_partitions_holder_and_nobody_answers_for_a_free_on
         // A request in flight when the holder stops is still answered.
         let in_flight = tokio::spawn({
             let caller = caller.clone();
-            async move { caller.request(Partition(3), b"late".to_vec()).await }
+            async move { caller.request(Partition(3), 7, b"late".to_vec()).await }
         });
         taken.recv().await.unwrap(); // "hello"
         taken.recv().await.unwrap(); // "late", now being answered
         serving.stop().await;
         assert_eq!(in_flight.await.unwrap().unwrap(), b"p003 holder: late");
         assert!(matches!(
-            caller.request(Partition(3), b"again".to_vec()).await,
+            caller.request(Partition(3), 7, b"again".to_vec()).await,
             Err(RouteError::NoOwner(_))
         ));
     });

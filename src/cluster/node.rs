@@ -1,0 +1,977 @@
+//! A cluster node: `hongbao serve --store nats://... --node-id n1`. It holds some of the
+//! deployment's partitions (the [`Keeper`] decides which) and serves each held partition as a
+//! *cell*: the partition's own log (a [`JetStreamStore`] on its stream, fenced and guarded by
+//! the lease) with the single node's views, actors and flows over it ([`AppState::build`]).
+//!
+//! Any node accepts any request. The request's home entity (`wallet:u42` for
+//! `/v1/wallets/u42/...`) names its partition; a request whose partition this node holds runs
+//! on that cell's state; any other is forwarded over NATS request-reply to the holder (the
+//! [`Router`]), which runs it through its own HTTP stack and sends the answer back. While
+//! nobody serves the partition (a hand-over), the answer is 503 with `Retry-After`, never a
+//! guess. A request forwarded once is never forwarded again: a holder that has just let the
+//! partition go answers 503 too.
+//!
+//! Endpoints whose work crosses partitions (rewards, withdrawals, packets, coupons, the
+//! administration of switches, policy and channels) are not served by a cluster node yet: they
+//! answer 501 `not_in_cluster` rather than a wrong answer (docs/ARCHITECTURE.md, "Cluster").
+
+use super::membership::{
+    check_deployment, Close, ClusterView, Keeper, Lease, PartitionHost, Settings,
+};
+use super::partition::Partition;
+use super::router::{Handler, RouteError, Router, Serving};
+use crate::clock::Clock;
+use crate::config::{Config, Keys};
+use crate::events::jetstream_store::{JetStreamConfig, JetStreamStore};
+use crate::http::error::ApiError;
+use crate::http::{AppState, ServeError};
+use crate::metrics::Metrics;
+use actix_web::body::{BoxBody, MessageBody};
+use actix_web::dev::{Extensions, Server, ServerHandle, ServiceRequest, ServiceResponse};
+use actix_web::http::StatusCode;
+use actix_web::middleware::Next;
+use actix_web::{web, HttpResponse};
+use dashmap::DashMap;
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Carried by a request one node forwarded to another: the partition the sender meant. The
+/// receiver serves it only if it holds that partition (never forwards it again).
+pub const PARTITION_HEADER: &str = "x-hongbao-partition";
+/// On every answer a partition's cell gave: `node/partition/epoch` (`n2/p007/12`).
+pub const SERVED_BY_HEADER: &str = "x-hongbao-served-by";
+/// How long a client is asked to wait while a partition changes hands (`Retry-After: 1`).
+const RETRY_AFTER_MS: u64 = 1_000;
+/// Longest wait, when a partition is opened, for its views to catch up with its log.
+const VIEW_CATCH_UP_MAX: Duration = Duration::from_secs(30);
+/// Longest wait for the holder's answer to a forwarded request.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where a request is served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Place {
+    /// By the node itself (health, metrics, the cluster view, an unknown path).
+    Node,
+    /// By the holder of this entity's partition.
+    Entity(String),
+    /// Not by a cluster node yet.
+    NotInCluster,
+}
+
+/// The home entity of a request (by its path): what decides which partition serves it.
+pub fn place(path: &str) -> Place {
+    let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    match segments.as_slice() {
+        ["v1", "wallets", uid] | ["v1", "wallets", uid, "ledger"] => {
+            Place::Entity(format!("wallet:{uid}"))
+        }
+        ["v1", "wallets", uid, "change", "deposits"] => Place::Entity(format!("wallet:{uid}")),
+        ["v1", "admin", "cluster"] => Place::Node,
+        ["v1", ..] => Place::NotInCluster,
+        _ => Place::Node,
+    }
+}
+
+/// A request forwarded to a partition's holder.
+#[derive(Debug, Serialize, Deserialize)]
+struct HttpCall {
+    method: String,
+    /// Path and query.
+    path: String,
+    headers: Vec<(String, Vec<u8>)>,
+    body: Vec<u8>,
+}
+
+/// The holder's answer.
+#[derive(Debug, Serialize, Deserialize)]
+struct HttpAnswer {
+    status: u16,
+    headers: Vec<(String, Vec<u8>)>,
+    body: Vec<u8>,
+}
+
+/// One held partition.
+struct Cell {
+    state: web::Data<AppState>,
+    epoch: u64,
+    serving: tokio::sync::Mutex<Option<Serving>>,
+}
+
+/// The node's own series (in the node's registry, beside the cells' shared ones).
+struct ClusterMetrics {
+    /// 1 for each partition this node serves (series removed when it stops serving it).
+    served: prometheus::IntGaugeVec,
+    /// The epoch of this node's lease on each partition it serves.
+    epoch: prometheus::IntGaugeVec,
+    /// Each served partition's durable log head.
+    head: prometheus::IntGaugeVec,
+    /// Records of each served partition not yet in its wallet view.
+    view_lag: prometheus::IntGaugeVec,
+    /// Live nodes as this node last read them.
+    nodes: prometheus::IntGauge,
+    /// Requests forwarded to another node, by outcome.
+    forwarded: prometheus::IntCounterVec,
+}
+
+/// The outcomes `hongbao_cluster_forwarded_total` counts, each exposed from the start.
+const FORWARD_OUTCOMES: [&str; 4] = ["answered", "no_owner", "unreachable", "bad_answer"];
+
+impl ClusterMetrics {
+    fn register(registry: &prometheus::Registry) -> Result<ClusterMetrics, prometheus::Error> {
+        use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts};
+        let by_partition =
+            |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["partition"]);
+        let metrics = ClusterMetrics {
+            served: by_partition(
+                "hongbao_partition_served",
+                "1 for each partition this node serves (holds the lease, log open)",
+            )?,
+            epoch: by_partition(
+                "hongbao_partition_epoch",
+                "Epoch of this node's lease on each partition it serves",
+            )?,
+            head: by_partition(
+                "hongbao_partition_log_head_seq",
+                "Durable head of each partition log this node serves",
+            )?,
+            view_lag: by_partition(
+                "hongbao_partition_view_lag_records",
+                "Records of each served partition not yet applied to its wallet view",
+            )?,
+            nodes: IntGauge::new("hongbao_cluster_nodes_live", "Live nodes as last read")?,
+            forwarded: IntCounterVec::new(
+                Opts::new(
+                    "hongbao_cluster_forwarded_total",
+                    "Requests forwarded to the holder of their partition, by outcome",
+                ),
+                &["outcome"],
+            )?,
+        };
+        registry.register(Box::new(metrics.served.clone()))?;
+        registry.register(Box::new(metrics.epoch.clone()))?;
+        registry.register(Box::new(metrics.head.clone()))?;
+        registry.register(Box::new(metrics.view_lag.clone()))?;
+        registry.register(Box::new(metrics.nodes.clone()))?;
+        registry.register(Box::new(metrics.forwarded.clone()))?;
+        for outcome in FORWARD_OUTCOMES {
+            metrics.forwarded.with_label_values(&[outcome]);
+        }
+        Ok(metrics)
+    }
+
+    /// Sets the per-partition series from the cells served now (before each scrape).
+    fn refresh(&self, shared: &NodeShared) {
+        for family in [&self.served, &self.epoch, &self.head, &self.view_lag] {
+            family.reset();
+        }
+        for cell in shared.cells.iter() {
+            let key = cell.key().key();
+            let head = cell.state.store.head();
+            let applied = cell
+                .state
+                .projections
+                .checkpoint(crate::projections::wallet::NAME);
+            self.served.with_label_values(&[&key]).set(1);
+            self.epoch
+                .with_label_values(&[&key])
+                .set(i64::try_from(cell.epoch).unwrap_or(i64::MAX));
+            self.head
+                .with_label_values(&[&key])
+                .set(i64::try_from(head).unwrap_or(i64::MAX));
+            self.view_lag
+                .with_label_values(&[&key])
+                .set(i64::try_from(head.saturating_sub(applied)).unwrap_or(i64::MAX));
+        }
+        if let Some(view) = shared.view.borrow().as_ref() {
+            self.nodes
+                .set(i64::try_from(view.nodes.len()).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+/// What the HTTP workers, the keeper's host and the router's handlers share.
+pub struct NodeShared {
+    cluster_metrics: ClusterMetrics,
+    settings: Settings,
+    config: Config,
+    keys: Keys,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+    router: Router,
+    cells: DashMap<Partition, Arc<Cell>>,
+    /// One lock per partition, held through each open and each close: a partition is never
+    /// opened again while its previous cell is still stopping (they share its directory).
+    transitions: DashMap<Partition, Arc<tokio::sync::Mutex<()>>>,
+    /// The actix arbiter the cells' actors and flows run on.
+    arbiter: actix_rt::ArbiterHandle,
+    /// The cluster runtime (keeper, router, NATS client).
+    cluster: tokio::runtime::Handle,
+    /// This node's HTTP port: a forwarded request is served through it.
+    port: AtomicU16,
+    view: tokio::sync::watch::Receiver<Option<Arc<ClusterView>>>,
+}
+
+/// A running cluster node.
+pub struct Node {
+    shared: Arc<NodeShared>,
+    keeper: Option<Keeper>,
+    server: Server,
+    port: u16,
+    runtime: Option<tokio::runtime::Runtime>,
+    _arbiter: actix_rt::Arbiter,
+}
+
+/// Why a node cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    #[error(transparent)]
+    Cluster(#[from] super::membership::ClusterError),
+    #[error(
+        "cluster nodes must share their API keys: set HONGBAO_ADMIN_KEY, HONGBAO_ISSUER_KEY, \
+         HONGBAO_GATEWAY_KEY and HONGBAO_TOKEN_SECRET (or the [auth] section) to the same \
+         values on every node"
+    )]
+    KeysNotShared,
+    #[error("cluster mode needs a JetStream store (--store nats://...)")]
+    NotJetStream,
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Node {
+    /// Joins the deployment (refused if it disagrees on P or the lease TTL), binds the HTTP
+    /// listener and starts holding partitions. Must run inside an actix system.
+    pub async fn start(
+        config: Config,
+        settings: Settings,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Node, NodeError> {
+        config.validate().map_err(ServeError::from)?;
+        let durability = config
+            .store
+            .jetstream()
+            .map_err(|e| NodeError::Other(e.to_string()))?
+            .ok_or(NodeError::NotJetStream)?;
+        // Keys must not be generated per node: a key valid on one node would be refused by
+        // the holder a request is forwarded to.
+        let (keys, generated) =
+            Keys::resolve(&config.auth, &config.data_dir, |v| std::env::var(v).ok())
+                .map_err(ServeError::from)?;
+        if let Some(path) = generated {
+            let _ = std::fs::remove_file(path);
+            return Err(NodeError::KeysNotShared);
+        }
+        let metrics = Arc::new(Metrics::new());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("hongbao-cluster")
+            .enable_all()
+            .build()
+            .map_err(|e| NodeError::Other(format!("cannot start the cluster runtime: {e}")))?;
+        let url = config.store.url.clone();
+        let replicas = durability.replicas;
+        let mut settings = settings;
+        settings.replicas = replicas;
+        let joined = {
+            let settings = settings.clone();
+            runtime
+                .spawn(async move {
+                    let (client, _) = crate::events::jetstream::connect(&url)
+                        .await
+                        .map_err(|e| NodeError::Other(e.to_string()))?;
+                    let js = async_nats::jetstream::new(client.clone());
+                    let buckets = check_deployment(&js, &settings).await?;
+                    Ok::<_, NodeError>((client, buckets))
+                })
+                .await
+                .map_err(|e| NodeError::Other(e.to_string()))??
+        };
+        let (client, buckets) = joined;
+        let arbiter = actix_rt::Arbiter::new();
+        let (view_tx, view) = tokio::sync::watch::channel(None);
+        let cluster_metrics = ClusterMetrics::register(&metrics.registry)
+            .map_err(|e| NodeError::Other(format!("cannot register the cluster metrics: {e}")))?;
+        let shared = Arc::new(NodeShared {
+            cluster_metrics,
+            settings: settings.clone(),
+            config: config.clone(),
+            keys: keys.clone(),
+            clock,
+            metrics: metrics.clone(),
+            router: Router::new(client, FORWARD_TIMEOUT),
+            cells: DashMap::new(),
+            transitions: DashMap::new(),
+            arbiter: arbiter.handle(),
+            cluster: runtime.handle().clone(),
+            port: AtomicU16::new(0),
+            view,
+        });
+        let app_shared = web::Data::from(shared.clone());
+        let app_metrics = web::Data::from(metrics);
+        let app_keys = web::Data::new(keys);
+        let (server, port) =
+            crate::http::serve_http(&config, true, move |cfg: &mut web::ServiceConfig| {
+                cfg.app_data(app_shared.clone())
+                    .app_data(app_metrics.clone())
+                    .app_data(app_keys.clone());
+                routes(cfg);
+            })?;
+        shared.port.store(port, Ordering::Release);
+        let host: Arc<dyn PartitionHost> = Arc::new(Host(shared.clone()));
+        let keeper = runtime
+            .spawn(Keeper::start(settings, buckets, host))
+            .await
+            .map_err(|e| NodeError::Other(e.to_string()))??;
+        // The keeper's view, mirrored for the HTTP workers.
+        let mut keeper_view = keeper.view();
+        runtime.spawn(async move {
+            loop {
+                let current = keeper_view.borrow_and_update().clone();
+                if view_tx.send(current).is_err() || keeper_view.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Node {
+            shared,
+            keeper: Some(keeper),
+            server,
+            port,
+            runtime: Some(runtime),
+            _arbiter: arbiter,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn handle(&self) -> ServerHandle {
+        self.server.handle()
+    }
+
+    /// Serves until SIGINT/SIGTERM or the handle stops it, then leaves the cluster: stops
+    /// accepting, finishes in-flight requests, closes every partition (drained, flushed) and
+    /// releases its leases so that the others take over at once.
+    pub async fn run_until_stopped(self) -> Result<(), NodeError> {
+        let Node {
+            shared: _shared,
+            keeper,
+            server,
+            runtime,
+            ..
+        } = self;
+        let handle = server.handle();
+        let signals = actix_web::rt::spawn(async move {
+            crate::http::wait_for_signal().await;
+            tracing::info!("signal received; finishing in-flight requests, then leaving");
+            handle.stop(true).await;
+        });
+        let served = server.await;
+        signals.abort();
+        if let (Some(keeper), Some(runtime)) = (keeper, runtime.as_ref()) {
+            let _ = runtime.spawn(keeper.leave()).await;
+        }
+        if let Some(runtime) = runtime {
+            runtime.shutdown_background();
+        }
+        served.map_err(|e| NodeError::Serve(ServeError::Server(e)))
+    }
+}
+
+/// Opens and closes cells as the keeper takes and gives up leases.
+struct Host(Arc<NodeShared>);
+
+impl NodeShared {
+    fn transition(&self, partition: Partition) -> Arc<tokio::sync::Mutex<()>> {
+        self.transitions.entry(partition).or_default().clone()
+    }
+}
+
+impl PartitionHost for Host {
+    fn open(&self, partition: Partition, lease: Lease) -> BoxFuture<'static, Result<(), String>> {
+        let shared = self.0.clone();
+        Box::pin(async move {
+            let _transition = shared.transition(partition).lock_owned().await;
+            let started = std::time::Instant::now();
+            let cell = open_cell(&shared, partition, lease).await?;
+            shared.cells.insert(partition, cell.clone());
+            let handler = forwarded_handler(shared.clone(), partition);
+            match shared.router.serve(partition, cell.epoch, handler).await {
+                Ok(serving) => *cell.serving.lock().await = Some(serving),
+                Err(e) => {
+                    shared.cells.remove(&partition);
+                    stop_cell(&shared, cell).await;
+                    return Err(e.to_string());
+                }
+            }
+            tracing::info!(
+                partition = %partition,
+                epoch = cell.epoch,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "serving partition"
+            );
+            Ok(())
+        })
+    }
+
+    fn close(&self, partition: Partition, why: Close) -> BoxFuture<'static, ()> {
+        let shared = self.0.clone();
+        // A task of its own: the close runs to its end even if the caller stops waiting.
+        let closing = self.0.cluster.spawn(async move {
+            let _transition = shared.transition(partition).lock_owned().await;
+            let Some((_, cell)) = shared.cells.remove(&partition) else {
+                return;
+            };
+            let started = std::time::Instant::now();
+            if let Some(serving) = cell.serving.lock().await.take() {
+                serving.stop().await;
+            }
+            let answered_ms = started.elapsed().as_millis() as u64;
+            stop_cell(&shared, cell).await;
+            tracing::info!(
+                partition = %partition,
+                why = ?why,
+                answered_ms,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "partition closed"
+            );
+        });
+        Box::pin(async move {
+            let _ = closing.await;
+        })
+    }
+}
+
+/// The partition's log (guarded by the lease) with the single node's state over it.
+async fn open_cell(
+    shared: &Arc<NodeShared>,
+    partition: Partition,
+    lease: Lease,
+) -> Result<Arc<Cell>, String> {
+    let dir = shared
+        .config
+        .data_dir
+        .join("partitions")
+        .join(partition.key());
+    let mut js = JetStreamConfig::new(
+        &shared.config.store.url,
+        &partition.stream_name(),
+        dir.clone(),
+    );
+    js.subject_prefix = partition.subject_prefix();
+    js.durability = shared
+        .config
+        .store
+        .jetstream()
+        .map_err(|e| e.to_string())?
+        .ok_or("not a JetStream store")?;
+    js.create_stream = true;
+    js.write_guard = Some(lease.write_guard());
+    let (clock, metrics) = (shared.clock.clone(), shared.metrics.clone());
+    let log = tokio::task::spawn_blocking(move || JetStreamStore::open(js, clock, metrics))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("cannot open {partition}'s log: {e}"))?;
+    let mut config = shared.config.clone();
+    config.data_dir = dir;
+    let (keys, clock, metrics) = (
+        shared.keys.clone(),
+        shared.clock.clone(),
+        shared.metrics.clone(),
+    );
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    // Actors start on the arbiter they are created from: the cell's are all on the node's.
+    shared.arbiter.spawn_fn(move || {
+        actix_rt::spawn(async move {
+            let built = AppState::build(config, keys, log, clock, metrics, false).await;
+            let _ = tx.send(built.map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e))));
+        });
+    });
+    let state = rx
+        .await
+        .map_err(|_| "the cells' arbiter stopped".to_string())??;
+    // Served only once its views have caught up with the log as it was found: a partition
+    // that moved here answers from views as fresh as its last holder's, not from an old
+    // checkpoint (a partition new to this node replays its whole log first).
+    let head = state.store.head();
+    if !state.projections.wait_all(head, VIEW_CATCH_UP_MAX).await {
+        tracing::warn!(
+            partition = %partition,
+            head,
+            "views still catching up; serving (reads wait up to read_wait_ms each)"
+        );
+    }
+    Ok(Arc::new(Cell {
+        state: web::Data::new(state),
+        epoch: lease.epoch(),
+        serving: tokio::sync::Mutex::new(None),
+    }))
+}
+
+/// Stops a cell's flows and views and closes its log (on the arbiter its actors run on).
+async fn stop_cell(shared: &Arc<NodeShared>, cell: Arc<Cell>) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let state = cell.state.clone();
+    shared.arbiter.spawn_fn(move || {
+        actix_rt::spawn(async move {
+            let _ = tx.send(state.stop().await);
+        });
+    });
+    match rx.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "a partition's log did not close cleanly"),
+        Err(_) => tracing::warn!("the cells' arbiter stopped before a partition closed"),
+    }
+}
+
+/// Answers requests forwarded to `partition`: each runs through this node's own HTTP stack.
+fn forwarded_handler(shared: Arc<NodeShared>, partition: Partition) -> Handler {
+    Arc::new(move |request: Vec<u8>| {
+        let shared = shared.clone();
+        Box::pin(async move {
+            let answer = match serde_json::from_slice::<HttpCall>(&request) {
+                Ok(call) => loopback(shared.port.load(Ordering::Acquire), partition, call)
+                    .await
+                    .unwrap_or_else(|e| {
+                        error_answer(StatusCode::SERVICE_UNAVAILABLE, "forward_failed", &e)
+                    }),
+                Err(e) => error_answer(
+                    StatusCode::BAD_REQUEST,
+                    "malformed_forward",
+                    &format!("not a forwarded request: {e}"),
+                ),
+            };
+            serde_json::to_vec(&answer).unwrap_or_default()
+        })
+    })
+}
+
+fn error_answer(status: StatusCode, code: &str, message: &str) -> HttpAnswer {
+    HttpAnswer {
+        status: status.as_u16(),
+        headers: vec![("content-type".into(), b"application/json".to_vec())],
+        body: serde_json::to_vec(&serde_json::json!({"code": code, "message": message}))
+            .unwrap_or_default(),
+    }
+}
+
+/// Sends `call` to this node's own listener, marked with the partition it was meant for.
+async fn loopback(port: u16, partition: Partition, call: HttpCall) -> Result<HttpAnswer, String> {
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Bytes;
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| format!("cannot reach this node's listener: {e}"))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    let mut request = hyper::Request::builder()
+        .method(call.method.as_str())
+        .uri(call.path.as_str());
+    for (name, value) in &call.headers {
+        request = request.header(name.as_str(), value.as_slice());
+    }
+    let request = request
+        .header("host", format!("127.0.0.1:{port}"))
+        .header(PARTITION_HEADER, partition.key())
+        .body(Full::new(Bytes::from(call.body)))
+        .map_err(|e| e.to_string())?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let headers = forwardable(
+        response
+            .headers()
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_bytes())),
+    );
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes()
+        .to_vec();
+    Ok(HttpAnswer {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// End-to-end headers (RFC 9110 §7.6.1): the hop-by-hop ones and those the next hop sets
+/// itself are left out.
+fn forwardable<'a>(headers: impl Iterator<Item = (&'a str, &'a [u8])>) -> Vec<(String, Vec<u8>)> {
+    const HOP: [&str; 9] = [
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "host",
+        "content-length",
+        "date",
+    ];
+    headers
+        .filter(|(name, _)| !HOP.contains(name) && *name != PARTITION_HEADER)
+        .map(|(name, value)| (name.to_owned(), value.to_vec()))
+        .collect()
+}
+
+fn respond(error: ApiError) -> HttpResponse {
+    actix_web::ResponseError::error_response(&error)
+}
+
+fn moving(partition: Partition, why: &str) -> HttpResponse {
+    respond(
+        ApiError::unavailable(
+            "partition_moving",
+            format!("{partition} is changing hands ({why}); retry with the same business id"),
+        )
+        .with("retry_after_ms", RETRY_AFTER_MS),
+    )
+}
+
+/// Sends each request to the cell of its home partition, here or on its holder.
+pub(crate) async fn dispatch(
+    mut req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let Some(shared) = req.app_data::<web::Data<NodeShared>>().cloned() else {
+        return Ok(next.call(req).await?.map_into_boxed_body());
+    };
+    let entity = match place(req.path()) {
+        Place::Node => return Ok(next.call(req).await?.map_into_boxed_body()),
+        Place::NotInCluster => {
+            let response: HttpResponse = respond(ApiError::new(
+                StatusCode::NOT_IMPLEMENTED,
+                "not_in_cluster",
+                "this endpoint is not served by a cluster node yet (its work crosses \
+                 partitions); a single node serves it",
+            ));
+            return Ok(req.into_response(response));
+        }
+        Place::Entity(entity) => entity,
+    };
+    let partition = shared.settings.partitions.of(&entity);
+    if let Some(cell) = shared.cells.get(&partition).map(|c| c.clone()) {
+        let mut data = Extensions::new();
+        data.insert(cell.state.clone());
+        req.add_data_container(Rc::new(data));
+        let mut response = next.call(req).await?.map_into_boxed_body();
+        // Which node, partition and lease answered (forwarded back as it is).
+        if let Ok(value) = actix_web::http::header::HeaderValue::from_str(&format!(
+            "{}/{}/{}",
+            shared.settings.node,
+            partition.key(),
+            cell.epoch
+        )) {
+            response.headers_mut().insert(
+                actix_web::http::header::HeaderName::from_static(SERVED_BY_HEADER),
+                value,
+            );
+        }
+        return Ok(response);
+    }
+    if req.headers().contains_key(PARTITION_HEADER) {
+        return Ok(req.into_response(moving(partition, "forwarded here after it left")));
+    }
+    // The holder as this node last read the leases (every TTL/8): addressed by its epoch, so
+    // that a holder paused past its lease, still subscribed, is never asked.
+    let epoch = shared.view.borrow().as_ref().and_then(|view| {
+        view.leases
+            .get(usize::from(partition.0))
+            .and_then(|lease| lease.epoch)
+    });
+    let Some(epoch) = epoch else {
+        return Ok(req.into_response(moving(partition, "no node holds it right now")));
+    };
+    let body = req.extract::<web::Bytes>().await?;
+    let call = HttpCall {
+        method: req.method().as_str().to_owned(),
+        path: req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_else(|| req.path().to_owned()),
+        headers: forwardable(
+            req.headers()
+                .iter()
+                .map(|(name, value)| (name.as_str(), value.as_bytes())),
+        ),
+        body: body.to_vec(),
+    };
+    let encoded = serde_json::to_vec(&call).map_err(actix_web::error::ErrorInternalServerError)?;
+    let router = shared.router.clone();
+    let sent = shared
+        .cluster
+        .spawn(async move { router.request(partition, epoch, encoded).await })
+        .await
+        .map_err(actix_web::error::ErrorInternalServerError)?;
+    let (outcome, response) = match sent {
+        Ok(bytes) => match serde_json::from_slice::<HttpAnswer>(&bytes) {
+            Ok(answer) => {
+                let mut response = HttpResponse::build(
+                    StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY),
+                );
+                for (name, value) in answer.headers {
+                    response.append_header((name, value));
+                }
+                ("answered", response.body(answer.body))
+            }
+            Err(e) => (
+                "bad_answer",
+                respond(ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "bad_forward_answer",
+                    format!("the holder of {partition} answered something unreadable: {e}"),
+                )),
+            ),
+        },
+        Err(RouteError::NoOwner(_)) => {
+            ("no_owner", moving(partition, "no node serves it right now"))
+        }
+        Err(e) => (
+            "unreachable",
+            respond(
+                ApiError::unavailable(
+                    "partition_unreachable",
+                    format!("{e}; the outcome is unknown: retry with the same business id"),
+                )
+                .with("retry_after_ms", RETRY_AFTER_MS),
+            ),
+        ),
+    };
+    shared
+        .cluster_metrics
+        .forwarded
+        .with_label_values(&[outcome])
+        .inc();
+    Ok(req.into_response(response))
+}
+
+/// One partition as `GET /v1/admin/cluster` shows it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PartitionBody {
+    /// `p007`.
+    pub partition: String,
+    /// The lease holder; absent while the partition is free (a hand-over).
+    pub node: Option<String>,
+    /// The revision at which the holder took the lease: it grows with every hand-over.
+    pub epoch: Option<u64>,
+    /// For the partitions this node serves: its log's durable head.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub head: Option<u64>,
+    /// For the partitions this node serves: records durable but not yet in the wallet view.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub view_lag: Option<u64>,
+}
+
+/// The cluster as one node last read it (every lease TTL/8).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ClusterBody {
+    /// The node that answers.
+    pub node: String,
+    /// P, fixed for the deployment.
+    pub partitions_total: u16,
+    pub lease_ttl_ms: u64,
+    /// Live nodes, sorted.
+    pub nodes: Vec<String>,
+    /// The partitions this node holds a valid lease on.
+    pub held: Vec<String>,
+    /// How many of them it serves now (log open, answering).
+    pub serving: usize,
+    /// Every partition in order, with its holder and epoch.
+    pub partitions: Vec<PartitionBody>,
+}
+
+/// The cluster as this node sees it: live nodes, every partition's holder and epoch, and
+/// for the partitions this node serves, their log heads and view lag.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/cluster",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Nodes, partitions, holders, epochs; heads and view lag of the partitions this node serves", body = ClusterBody),
+        (status = 404, description = "not_clustered: this node serves one log (started without --node-id)", body = crate::http::ErrorBody),
+        (status = 503, description = "cluster_joining: the node has not read the cluster yet", body = crate::http::ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn cluster_view(
+    caller: crate::http::auth::Caller,
+    shared: Option<web::Data<NodeShared>>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require(&[])?;
+    let Some(shared) = shared else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_clustered",
+            "this node serves one log; start nodes with --node-id to form a cluster",
+        ));
+    };
+    let Some(view) = shared.view.borrow().clone() else {
+        return Err(ApiError::unavailable(
+            "cluster_joining",
+            "this node has not read the cluster yet; retry",
+        ));
+    };
+    let partitions: Vec<PartitionBody> = view
+        .leases
+        .iter()
+        .map(|lease| {
+            let served = Partition::from_key(&lease.partition)
+                .and_then(|p| shared.cells.get(&p).map(|c| c.clone()));
+            let head = served.as_ref().map(|c| c.state.store.head());
+            let view_lag = served.as_ref().map(|c| {
+                let applied = c
+                    .state
+                    .projections
+                    .checkpoint(crate::projections::wallet::NAME);
+                c.state.store.head().saturating_sub(applied)
+            });
+            PartitionBody {
+                partition: lease.partition.clone(),
+                node: lease.node.as_ref().map(|n| n.to_string()),
+                epoch: lease.epoch,
+                head,
+                view_lag,
+            }
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(ClusterBody {
+        node: view.node.to_string(),
+        partitions_total: view.partitions,
+        lease_ttl_ms: view.lease_ttl_ms,
+        nodes: view.nodes.iter().map(|n| n.to_string()).collect(),
+        held: view.held.clone(),
+        serving: shared.cells.len(),
+        partitions,
+    }))
+}
+
+/// Live as long as the process answers.
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+}
+
+/// Ready once the node has read the cluster and every partition it holds is being served
+/// with a healthy log.
+async fn readyz(shared: web::Data<NodeShared>) -> HttpResponse {
+    let view = shared.view.borrow().clone();
+    let failed: Vec<String> = shared
+        .cells
+        .iter()
+        .filter(|c| c.state.store.condition() != crate::events::JournalCondition::Ready)
+        .map(|c| c.key().key())
+        .collect();
+    let body = serde_json::json!({
+        "status": if view.is_none() { "joining" } else if failed.is_empty() { "ready" } else { "partition_failed" },
+        "node": shared.settings.node.to_string(),
+        "serving": shared.cells.len(),
+        "failed_partitions": failed,
+    });
+    if view.is_some() && failed.is_empty() {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}
+
+async fn metrics(metrics: web::Data<Metrics>, shared: web::Data<NodeShared>) -> HttpResponse {
+    shared.cluster_metrics.refresh(&shared);
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(metrics.render())
+}
+
+async fn openapi() -> HttpResponse {
+    use utoipa::OpenApi;
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(crate::http::ApiDoc::openapi().to_json().unwrap_or_default())
+}
+
+fn routes(cfg: &mut web::ServiceConfig) {
+    let node: crate::http::Routes = vec![
+        ("/v1/admin/cluster", vec![web::get().to(cluster_view)]),
+        ("/healthz", vec![web::get().to(healthz)]),
+        ("/readyz", vec![web::get().to(readyz)]),
+        ("/metrics", vec![web::get().to(metrics)]),
+        ("/openapi.json", vec![web::get().to(openapi)]),
+    ];
+    crate::http::register(cfg, node.into_iter().chain(crate::http::api_routes()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use utoipa::OpenApi;
+
+    #[test]
+    fn a_wallet_request_belongs_to_the_wallets_partition() {
+        assert_eq!(place("/v1/wallets/u42"), Place::Entity("wallet:u42".into()));
+        assert_eq!(
+            place("/v1/wallets/u42/"),
+            Place::Entity("wallet:u42".into())
+        );
+        assert_eq!(
+            place("/v1/wallets/u42/ledger"),
+            Place::Entity("wallet:u42".into())
+        );
+        assert_eq!(
+            place("/v1/wallets/u42/change/deposits"),
+            Place::Entity("wallet:u42".into())
+        );
+        assert_eq!(place("/v1/wallets/u42/rewards"), Place::NotInCluster);
+        assert_eq!(place("/v1/packets/p1"), Place::NotInCluster);
+        assert_eq!(place("/v1/admin/cluster"), Place::Node);
+        assert_eq!(place("/healthz"), Place::Node);
+    }
+
+    #[test]
+    fn the_document_says_which_operations_a_cluster_node_serves() {
+        // Goal: every /v1 operation of the OpenAPI document is served by a cluster node
+        // exactly when the document says so (no 501 listed), so the two cannot drift.
+        let doc = crate::http::ApiDoc::openapi();
+        let mut checked = 0;
+        for (path, item) in &doc.paths.paths {
+            if !path.starts_with("/v1/") {
+                continue;
+            }
+            let concrete: String = path
+                .split('/')
+                .map(|s| if s.starts_with('{') { "x1" } else { s })
+                .collect::<Vec<_>>()
+                .join("/");
+            for operation in [&item.get, &item.put, &item.post].into_iter().flatten() {
+                let id = operation.operation_id.clone().unwrap_or_default();
+                let served = place(&concrete) != Place::NotInCluster;
+                assert_eq!(
+                    served,
+                    crate::http::openapi::CLUSTER_SERVED.contains(&id.as_str()),
+                    "{id} ({path})"
+                );
+                assert_eq!(
+                    operation.responses.responses.contains_key("501"),
+                    !served,
+                    "{id} ({path})"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 30, "only {checked} operations");
+    }
+}
