@@ -22,15 +22,22 @@ fn start(dir: &Path) -> Server {
 
 /// As `start`, with extra command-line arguments.
 pub(crate) fn start_with(dir: &Path, extra: &[&str]) -> Server {
+    let mut args = vec![
+        "serve",
+        "--data-dir",
+        dir.to_str().unwrap(),
+        "--addr",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    spawn_binary(&args, "hongbao listening")
+}
+
+/// Runs the binary with `args` and the test keys, and waits (30 s at most) for the log line
+/// containing `ready` that gives the port it listens on (`port=N`).
+pub(crate) fn spawn_binary(args: &[&str], ready: &'static str) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_hongbao"))
-        .args([
-            "serve",
-            "--data-dir",
-            dir.to_str().unwrap(),
-            "--addr",
-            "127.0.0.1:0",
-        ])
-        .args(extra)
+        .args(args)
         .env("NO_COLOR", "1")
         .env("RUST_LOG", "info")
         .env("HONGBAO_ADMIN_KEY", ADMIN)
@@ -48,7 +55,7 @@ pub(crate) fn start_with(dir: &Path, extra: &[&str]) -> Server {
         let log = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("hongbao listening") {
+                if line.contains(ready) {
                     if let Some(port) = line
                         .split("port=")
                         .nth(1)
