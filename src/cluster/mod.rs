@@ -7,9 +7,12 @@
 //! - [`plan`]: fair shares of partitions among live nodes (pure, property-tested).
 //! - [`membership`]: the deployment check (every node agrees on P), the live-node registry
 //!   and the lease keeper: leases in a JetStream key-value bucket (TTL, compare-and-set on the
-//!   key's revision), renewed every TTL/3, given up before they could expire, spread fairly.
+//!   key's revision), renewed every TTL/4, given up before they could expire, spread fairly.
 //! - [`router`]: requests for a partition sent over NATS request-reply to its holder, which
-//!   alone listens on the partition's subject.
+//!   alone listens on the subject of the partition's current lease epoch.
+//! - [`node`]: `serve --node-id`: the HTTP server, the keeper, a cell (the single node's
+//!   state over the partition's log) per held partition, and the forwarding of every other
+//!   request to its partition's holder.
 //!
 //! Ownership is an optimisation: what keeps the books right when two nodes both believe they
 //! hold a partition (one paused past its lease) is the log's fencing, built in issue 12 (a

@@ -20,54 +20,81 @@ const LEASE_TTL_MS: u64 = 2_000;
 const USERS: usize = 32;
 
 struct Fleet {
-    js: NatsServer,
+    /// One synced server, or three (then every stream and bucket has three replicas).
+    js: Vec<Option<NatsServer>>,
+    url: String,
     dir: tempfile::TempDir,
     nodes: Vec<Option<Server>>,
 }
 
-/// Starts node `id` (on `port`, or a free one).
+/// Starts node `id` (on `port`, or a free one) on the servers at `url` (three replicas when
+/// it lists several).
 fn start_node(dir: &Path, url: &str, id: &str, port: u16) -> Server {
-    let data = dir.join(id);
+    let data = dir.join(id).to_str().unwrap().to_owned();
     let addr = format!("127.0.0.1:{port}");
     let partitions = PARTITIONS.to_string();
     let ttl = LEASE_TTL_MS.to_string();
-    spawn_binary(
-        &[
-            "serve",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--addr",
-            &addr,
-            "--store",
-            url,
-            "--replicas",
-            "1",
-            "--single-replica-synced",
-            "--node-id",
-            id,
-            "--partitions",
-            &partitions,
-            "--lease-ttl-ms",
-            &ttl,
-        ],
-        "hongbao node listening",
-    )
+    let mut args = vec![
+        "serve",
+        "--data-dir",
+        &data,
+        "--addr",
+        &addr,
+        "--store",
+        url,
+        "--node-id",
+        id,
+        "--partitions",
+        &partitions,
+        "--lease-ttl-ms",
+        &ttl,
+    ];
+    if url.contains(',') {
+        args.extend(["--replicas", "3"]);
+    } else {
+        args.extend(["--replicas", "1", "--single-replica-synced"]);
+    }
+    spawn_binary(&args, "hongbao node listening")
 }
 
 impl Fleet {
-    /// A JetStream server and three nodes, once every partition is served.
+    /// A synced JetStream server and three nodes, once every partition is served.
     async fn start() -> Option<Fleet> {
         let binary = nats::binary()?;
         let dir = tempfile::tempdir().unwrap();
         let js = nats::single_synced(&binary, dir.path());
-        let url = js.url();
+        Some(Fleet::on(vec![js], dir).await)
+    }
+
+    /// Three JetStream servers (three replicas of everything) and three nodes.
+    async fn start_on_three() -> Option<Fleet> {
+        let binary = nats::binary()?;
+        let dir = tempfile::tempdir().unwrap();
+        let servers = nats::cluster_of_three(&binary, dir.path());
+        Some(Fleet::on(servers, dir).await)
+    }
+
+    async fn on(servers: Vec<NatsServer>, dir: tempfile::TempDir) -> Fleet {
+        let url = format!(
+            "nats://{}",
+            servers
+                .iter()
+                .map(|s| format!("127.0.0.1:{}", s.port))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
         let nodes = ["n1", "n2", "n3"]
             .iter()
             .map(|id| Some(start_node(dir.path(), &url, id, 0)))
             .collect();
-        let fleet = Fleet { js, dir, nodes };
+        let fleet = Fleet {
+            js: servers.into_iter().map(Some).collect(),
+            url,
+            dir,
+            nodes,
+        };
         fleet.wait_balanced(3).await;
-        Some(fleet)
+        fleet
     }
 
     fn base(&self, i: usize) -> String {
@@ -81,7 +108,7 @@ impl Fleet {
     /// Starts node `i` again on the port it had (the clients keep their address list).
     fn restart(&mut self, i: usize, port: u16) {
         let id = format!("n{}", i + 1);
-        self.nodes[i] = Some(start_node(self.dir.path(), &self.js.url(), &id, port));
+        self.nodes[i] = Some(start_node(self.dir.path(), &self.url, &id, port));
     }
 
     fn logs(&self) -> String {
@@ -749,4 +776,71 @@ async fn a_rolling_restart_under_load_loses_nothing() {
     }
     let (acked, _) = load.finish().await;
     check_exactly_once(&fleet.bases(), &acked).await;
+}
+
+/// Runs `hongbao serve` with `args` and no keys in the environment; returns its exit status
+/// and what it printed (it must refuse before listening).
+fn refused_start(args: &[&str]) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_hongbao"))
+        .args(["serve", "--data-dir", dir.path().to_str().unwrap()])
+        .args(["--addr", "127.0.0.1:0"])
+        .args(args)
+        .env_remove("HONGBAO_ADMIN_KEY")
+        .env_remove("HONGBAO_ISSUER_KEY")
+        .env_remove("HONGBAO_GATEWAY_KEY")
+        .env_remove("HONGBAO_TOKEN_SECRET")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    // Nothing generated and left behind for the next start to pick up.
+    assert!(
+        !dir.path().join("keys.toml").exists(),
+        "a refused node left generated keys behind"
+    );
+    (output.status.success(), text)
+}
+
+#[test]
+fn a_node_is_refused_plainly_when_it_cannot_form_a_cluster() {
+    // Goal: each mistake an operator can make starting a node is refused before anything
+    // starts, with the reason and what to do (no NATS is needed to be refused).
+    let (ok, text) = refused_start(&["--node-id", "n1", "--store", "nats://127.0.0.1:1"]);
+    assert!(!ok && text.contains("HONGBAO_ADMIN_KEY"), "{text}");
+    let (ok, text) = refused_start(&["--node-id", "n1"]);
+    assert!(!ok && text.contains("--store nats://"), "{text}");
+    let (ok, text) = refused_start(&["--node-id", "n 1", "--store", "nats://127.0.0.1:1"]);
+    assert!(!ok && text.contains("--node-id"), "{text}");
+    let (ok, text) = refused_start(&[
+        "--node-id",
+        "n1",
+        "--partitions",
+        "0",
+        "--store",
+        "nats://127.0.0.1:1",
+    ]);
+    assert!(!ok && text.contains("--partitions"), "{text}");
+    // Cluster options without a node id are a usage error, not silently ignored.
+    let (ok, text) = refused_start(&["--partitions", "8"]);
+    assert!(!ok && text.contains("--node-id"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_one_jetstream_server_of_three_under_load_loses_nothing() {
+    // Goal: with every partition log and lease bucket on three replicas, killing one of the
+    // three JetStream servers mid-load leaves the service answering (the nodes connected to
+    // it reconnect to the others; its streams elect new leaders), and every acknowledged
+    // deposit is there exactly once.
+    let Some(mut fleet) = Fleet::start_on_three().await else {
+        return;
+    };
+    let load = Load::start(fleet.bases(), 12);
+    load.progress(150, "before the server is killed").await;
+    let killed = fleet.js[0].take().unwrap().kill();
+    load.progress(300, "with one JetStream server down").await;
+    let (acked, _) = load.finish().await;
+    fleet.wait_balanced(3).await;
+    check_exactly_once(&fleet.bases(), &acked).await;
+    drop(killed);
 }
