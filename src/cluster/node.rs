@@ -22,6 +22,7 @@ use super::partition::Partition;
 use super::router::{Handler, RouteError, Router, Serving};
 use crate::clock::Clock;
 use crate::config::{Config, Keys};
+use crate::events::codec;
 use crate::events::jetstream_store::{JetStreamConfig, JetStreamStore};
 use crate::http::error::ApiError;
 use crate::http::{AppState, ServeError};
@@ -212,6 +213,7 @@ pub struct NodeShared {
     cluster: tokio::runtime::Handle,
     /// This node's HTTP port: a forwarded request is served through it.
     port: AtomicU16,
+    loopback: Loopback,
     view: tokio::sync::watch::Receiver<Option<Arc<ClusterView>>>,
 }
 
@@ -310,6 +312,7 @@ impl Node {
             arbiter: arbiter.handle(),
             cluster: runtime.handle().clone(),
             port: AtomicU16::new(0),
+            loopback: Loopback::default(),
             view,
         });
         let app_shared = web::Data::from(shared.clone());
@@ -536,8 +539,10 @@ fn forwarded_handler(shared: Arc<NodeShared>, partition: Partition) -> Handler {
     Arc::new(move |request: Vec<u8>| {
         let shared = shared.clone();
         Box::pin(async move {
-            let answer = match serde_json::from_slice::<HttpCall>(&request) {
-                Ok(call) => loopback(shared.port.load(Ordering::Acquire), partition, call)
+            let answer = match codec::decode::<HttpCall>(&request) {
+                Ok(call) => shared
+                    .loopback
+                    .send(shared.port.load(Ordering::Acquire), partition, call)
                     .await
                     .unwrap_or_else(|e| {
                         error_answer(StatusCode::SERVICE_UNAVAILABLE, "forward_failed", &e)
@@ -548,7 +553,7 @@ fn forwarded_handler(shared: Arc<NodeShared>, partition: Partition) -> Handler {
                     &format!("not a forwarded request: {e}"),
                 ),
             };
-            serde_json::to_vec(&answer).unwrap_or_default()
+            codec::encode(&answer).unwrap_or_default()
         })
     })
 }
@@ -562,52 +567,101 @@ fn error_answer(status: StatusCode, code: &str, message: &str) -> HttpAnswer {
     }
 }
 
-/// Sends `call` to this node's own listener, marked with the partition it was meant for.
-async fn loopback(port: u16, partition: Partition, call: HttpCall) -> Result<HttpAnswer, String> {
-    use http_body_util::{BodyExt, Full};
-    use hyper::body::Bytes;
-    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .map_err(|e| format!("cannot reach this node's listener: {e}"))?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+/// Keep-alive HTTP/1.1 connections to this node's own listener, for forwarded requests.
+#[derive(Default)]
+struct Loopback {
+    idle: std::sync::Mutex<Vec<LoopbackSender>>,
+}
+
+type LoopbackSender =
+    hyper::client::conn::http1::SendRequest<http_body_util::Full<hyper::body::Bytes>>;
+
+/// Idle loopback connections kept (one per request in flight at most, beyond it they close).
+const LOOPBACK_IDLE_MAX: usize = 64;
+
+impl Loopback {
+    /// An idle connection that is still open, or a new one.
+    async fn connection(&self, port: u16) -> Result<LoopbackSender, String> {
+        loop {
+            let idle = self
+                .idle
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .pop();
+            match idle {
+                Some(mut sender) => {
+                    if sender.ready().await.is_ok() {
+                        return Ok(sender);
+                    }
+                }
+                None => break,
+            }
+        }
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| format!("cannot reach this node's listener: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| e.to_string())?;
+        tokio::spawn(connection);
+        Ok(sender)
+    }
+
+    /// Sends `call` to this node's own listener, marked with the partition it was meant for.
+    async fn send(
+        &self,
+        port: u16,
+        partition: Partition,
+        call: HttpCall,
+    ) -> Result<HttpAnswer, String> {
+        use http_body_util::{BodyExt, Full};
+        use hyper::body::Bytes;
+        let mut sender = self.connection(port).await?;
+        let mut request = hyper::Request::builder()
+            .method(call.method.as_str())
+            .uri(call.path.as_str());
+        for (name, value) in &call.headers {
+            request = request.header(name.as_str(), value.as_slice());
+        }
+        let request = request
+            .header("host", format!("127.0.0.1:{port}"))
+            .header(PARTITION_HEADER, partition.key())
+            .body(Full::new(Bytes::from(call.body)))
+            .map_err(|e| e.to_string())?;
+        let response = sender
+            .send_request(request)
             .await
             .map_err(|e| e.to_string())?;
-    tokio::spawn(connection);
-    let mut request = hyper::Request::builder()
-        .method(call.method.as_str())
-        .uri(call.path.as_str());
-    for (name, value) in &call.headers {
-        request = request.header(name.as_str(), value.as_slice());
+        let status = response.status().as_u16();
+        let headers = forwardable(
+            response
+                .headers()
+                .iter()
+                .map(|(name, value)| (name.as_str(), value.as_bytes())),
+        );
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes()
+            .to_vec();
+        // The whole answer was read: the connection can carry the next request.
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if idle.len() < LOOPBACK_IDLE_MAX {
+            idle.push(sender);
+        }
+        Ok(HttpAnswer {
+            status,
+            headers,
+            body,
+        })
     }
-    let request = request
-        .header("host", format!("127.0.0.1:{port}"))
-        .header(PARTITION_HEADER, partition.key())
-        .body(Full::new(Bytes::from(call.body)))
-        .map_err(|e| e.to_string())?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| e.to_string())?;
-    let status = response.status().as_u16();
-    let headers = forwardable(
-        response
-            .headers()
-            .iter()
-            .map(|(name, value)| (name.as_str(), value.as_bytes())),
-    );
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes()
-        .to_vec();
-    Ok(HttpAnswer {
-        status,
-        headers,
-        body,
-    })
 }
 
 /// End-to-end headers (RFC 9110 §7.6.1): the hop-by-hop ones and those the next hop sets
@@ -713,7 +767,7 @@ pub(crate) async fn dispatch(
         ),
         body: body.to_vec(),
     };
-    let encoded = serde_json::to_vec(&call).map_err(actix_web::error::ErrorInternalServerError)?;
+    let encoded = codec::encode(&call).map_err(actix_web::error::ErrorInternalServerError)?;
     let router = shared.router.clone();
     let sent = shared
         .cluster
@@ -721,7 +775,7 @@ pub(crate) async fn dispatch(
         .await
         .map_err(actix_web::error::ErrorInternalServerError)?;
     let (outcome, response) = match sent {
-        Ok(bytes) => match serde_json::from_slice::<HttpAnswer>(&bytes) {
+        Ok(bytes) => match codec::decode::<HttpAnswer>(&bytes) {
             Ok(answer) => {
                 let mut response = HttpResponse::build(
                     StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY),
