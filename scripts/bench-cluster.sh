@@ -15,6 +15,7 @@
 #
 #   scripts/bench-cluster.sh [LOG]        # LOG default: bench-cluster-<utc time>.log
 #   DURATION=10 IN_FLIGHT=96 KILLS=10 scripts/bench-cluster.sh
+#   SKIP_LOAD=1 KILLS=10 scripts/bench-cluster.sh     # the hand-over only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +25,7 @@ KILLS="${KILLS:-5}"
 PARTITIONS="${PARTITIONS:-64}"
 LEASE_TTL_MS="${LEASE_TTL_MS:-4000}"
 KEEP="${KEEP:-0}"
+SKIP_LOAD="${SKIP_LOAD:-0}"
 LOG="${1:-bench-cluster-$(date -u +%Y%m%dT%H%M%SZ).log}"
 HONGBAO="${HONGBAO:-target/release/hongbao}"
 
@@ -184,15 +186,20 @@ EOF
   echo "== $(date -u +%FT%TZ) $(uname -srm), $(nproc) cores; $("$NATS" --version)"
   echo "== $(git rev-parse --short HEAD) $(git status --porcelain | grep -q . && echo '(dirty)')"
   echo "== JetStream: $JS (one server, sync_interval: always); $PARTITIONS partitions, lease TTL $LEASE_TTL_MS ms"
-  run loadgen hello --in-flight 1,16,256 --duration-s "$DURATION"
-  run loadgen deposits --in-flight "$IN_FLIGHT" --duration-s "$DURATION" --no-baseline
-  run loadgen deposits --store "$JS" --replicas 1 --single-replica-synced \
-    --in-flight "$IN_FLIGHT" --duration-s "$DURATION" --no-baseline
-  for n in 1 2 3; do
-    echo
-    echo "==== $n node(s)"
-    fleet "$n"
-  done
+  if [ "$SKIP_LOAD" = 1 ]; then
+    for id in n1 n2 n3; do start_node "$id"; done
+    echo "balanced over n1 n2 n3 in $(wait_balanced n1 n2 n3) ms"
+  else
+    run loadgen hello --in-flight 1,16,256 --duration-s "$DURATION"
+    run loadgen deposits --in-flight "$IN_FLIGHT" --duration-s "$DURATION" --no-baseline
+    run loadgen deposits --store "$JS" --replicas 1 --single-replica-synced \
+      --in-flight "$IN_FLIGHT" --duration-s "$DURATION" --no-baseline
+    for n in 1 2 3; do
+      echo
+      echo "==== $n node(s)"
+      fleet "$n"
+    done
+  fi
   echo
   echo "==== hand-over after kill -9 ($KILLS kills, fleet of 3)"
   for k in $(seq "$KILLS"); do

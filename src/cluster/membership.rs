@@ -817,6 +817,7 @@ async fn plan_once(shared: &Arc<Shared>) -> Result<(), ClusterError> {
             tracing::info!(%partition, "lease released to rebalance");
         }
     }
+    let mut won = Vec::new();
     for partition in step.acquire {
         let sent = Instant::now();
         match shared
@@ -825,13 +826,15 @@ async fn plan_once(shared: &Arc<Shared>) -> Result<(), ClusterError> {
             .create(partition.key(), lease_value(shared, None).into())
             .await
         {
-            Ok(revision) => take(shared, partition, revision, revision, sent).await,
+            Ok(revision) => won.push((partition, revision, revision, sent)),
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
             // A race lost to another node can also surface as a failed read of the key
             // (seen on three replicas); the next planning round reads again.
             Err(e) => tracing::debug!(%partition, error = %e, "lease not taken"),
         }
     }
+    // Opened together: a node taking over a dead node's share opens many partitions.
+    take_all(shared, won).await;
     publish_view(shared, &live, &read);
     Ok(())
 }
@@ -844,28 +847,49 @@ async fn take(
     revision: u64,
     sent: Instant,
 ) {
+    take_all(shared, vec![(partition, epoch, revision, sent)]).await;
+}
+
+/// Holds leases just won, `(partition, epoch, revision, sent)`, and opens their partitions
+/// concurrently; gives back those the host cannot open.
+async fn take_all(shared: &Arc<Shared>, won: Vec<(Partition, u64, u64, Instant)>) {
+    if won.is_empty() {
+        return;
+    }
     let gate = shared.gate.lock().await;
-    lock(&shared.held).insert(
-        partition,
-        Held {
-            epoch,
-            revision,
-            valid_until: sent + shared.settings.valid_for(),
-        },
-    );
-    tracing::info!(%partition, epoch, "lease taken");
-    let lease = Lease {
-        partition,
-        epoch,
-        held: shared.held.clone(),
-    };
-    if let Err(e) = shared.host.open(partition, lease).await {
-        tracing::error!(%partition, error = %e, "partition cannot be opened; lease given back");
-        let lease = lock(&shared.held).remove(&partition);
-        drop(gate);
-        if let Some(lease) = lease {
-            release(shared, partition, lease.revision).await;
+    let opens: Vec<_> = won
+        .into_iter()
+        .map(|(partition, epoch, revision, sent)| {
+            lock(&shared.held).insert(
+                partition,
+                Held {
+                    epoch,
+                    revision,
+                    valid_until: sent + shared.settings.valid_for(),
+                },
+            );
+            tracing::info!(%partition, epoch, "lease taken");
+            let lease = Lease {
+                partition,
+                epoch,
+                held: shared.held.clone(),
+            };
+            let opened = shared.host.open(partition, lease);
+            async move { (partition, opened.await) }
+        })
+        .collect();
+    let mut failed = Vec::new();
+    for (partition, opened) in join_all(opens).await {
+        if let Err(e) = opened {
+            tracing::error!(%partition, error = %e, "partition cannot be opened; lease given back");
+            if let Some(lease) = lock(&shared.held).remove(&partition) {
+                failed.push((partition, lease.revision));
+            }
         }
+    }
+    drop(gate);
+    for (partition, revision) in failed {
+        release(shared, partition, revision).await;
     }
 }
 
