@@ -130,6 +130,11 @@ enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Audit every partition log of the cluster deployment on --store nats://... (the
+        /// partition count is read from the deployment): each log replayed and checked with
+        /// every invariant and view; a partition without a log fails the audit.
+        #[arg(long)]
+        cluster: bool,
     },
     /// Check the whole log: hash chain, sequence contiguity, per-stream versions, stream index,
     /// the data directory's signed checkpoints against the log, and print its head (last seq,
@@ -698,6 +703,121 @@ fn audit(common: Common, store: StoreArgs, json: bool) -> anyhow::Result<ExitCod
     })
 }
 
+/// `audit --cluster`: every partition's log audited on its own (today no money crosses
+/// partitions: a cluster node serves only the wallet endpoints, so each partition's books
+/// must balance by themselves), the events counted over all of them.
+fn audit_cluster(common: Common, store: StoreArgs, json: bool) -> anyhow::Result<ExitCode> {
+    use hongbao::cluster::{membership, node, partition::Partition};
+    use hongbao::events::jetstream_store::JetStreamStore;
+    let config = log_config(&common, store)?;
+    if !config.store.url.starts_with("nats://") {
+        bail!("--cluster audits a cluster deployment: give its --store nats://...");
+    }
+    let url = config.store.url.clone();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let partitions = runtime
+        .block_on(async {
+            let (client, _) = hongbao::events::jetstream::connect(&url).await?;
+            let js = async_nats::jetstream::new(client);
+            anyhow::Ok(membership::deployed_partitions(&js, membership::NAMESPACE_DEFAULT).await?)
+        })
+        .with_context(|| format!("reading the cluster deployment on {url}"))?
+        .ok_or_else(|| {
+            anyhow::anyhow!("no cluster deployment on {url} (no node was started with --node-id)")
+        })?;
+    let bar = ProgressBar::new(u64::from(partitions.count()));
+    bar.set_style(
+        ProgressStyle::with_template("auditing partitions [{bar:40}] {pos}/{len} ({eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    if json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let started = std::time::Instant::now();
+    let mut rows = Vec::new();
+    for n in 0..partitions.count() {
+        let partition = Partition(n);
+        let (js, _) = node::partition_log(&config, partition)?;
+        let row = match JetStreamStore::open(js, Arc::new(SystemClock), Arc::new(Metrics::new())) {
+            Err(e) => Err(format!("no readable log: {e}")),
+            Ok(store) => {
+                let mut report = hongbao::audit::audit(store.as_ref(), None, |_, _| {})?;
+                report.checks.push(hongbao::audit::views_check(
+                    store.as_ref(),
+                    &all_projections(),
+                    |_, _| {},
+                )?);
+                let _ = runtime.block_on(hongbao::events::EventStore::close(store.as_ref()));
+                Ok(report)
+            }
+        };
+        rows.push((partition, row));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let ok = rows
+        .iter()
+        .all(|(_, row)| row.as_ref().is_ok_and(|r| r.ok()));
+    let events: u64 = rows
+        .iter()
+        .filter_map(|(_, row)| row.as_ref().ok().map(|r| r.events))
+        .sum();
+    if json {
+        let partitions: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(partition, row)| match row {
+                Ok(report) => serde_json::json!({"partition": partition.key(),
+                    "ok": report.ok(), "events": report.events, "checks": report.checks}),
+                Err(why) => serde_json::json!({"partition": partition.key(), "ok": false,
+                    "error": why}),
+            })
+            .collect();
+        out!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"ok": ok, "events": events,
+                "seconds": started.elapsed().as_secs_f64(), "partitions": partitions}))?
+        )?;
+    } else {
+        out!(
+            "audited {} partitions, {events} events in all, in {:.2} s",
+            rows.len(),
+            started.elapsed().as_secs_f64()
+        )?;
+        for (partition, row) in &rows {
+            match row {
+                Ok(report) if report.ok() => {
+                    out!("{}  ok      {:>10} events", partition.key(), report.events)?
+                }
+                Ok(report) => {
+                    out!("{}  FAILED  {:>10} events", partition.key(), report.events)?;
+                    for check in report.checks.iter().filter(|c| !c.ok()) {
+                        out!("      {:<20} {}", check.name, check.description)?;
+                        for example in &check.examples {
+                            out!("      {:<20}   ! {example}", "")?;
+                        }
+                    }
+                }
+                Err(why) => out!("{}  FAILED  {why}", partition.key())?,
+            }
+        }
+        out!(
+            "result: {}",
+            if ok {
+                "OK, every invariant holds in every partition"
+            } else {
+                "FAILED"
+            }
+        )?;
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
 fn rebuild(name: Option<String>, common: Common, store: StoreArgs) -> anyhow::Result<ExitCode> {
     let config = log_config(&common, store)?;
     let chosen: Vec<_> = all_projections()
@@ -793,7 +913,14 @@ fn main() -> ExitCode {
             common,
             store,
             json,
+            cluster: false,
         } => audit(common, store, json),
+        Command::Audit {
+            common,
+            store,
+            json,
+            cluster: true,
+        } => audit_cluster(common, store, json),
         Command::Checkpoints {
             command: CheckpointsCommand::PublicKey { common },
         } => public_key(common),

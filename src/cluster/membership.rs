@@ -257,6 +257,29 @@ pub async fn check_deployment(
     Ok(Buckets { nodes, leases })
 }
 
+/// The partition count the deployment in `namespace` agreed on, read without joining it (for
+/// the offline tools); `None` when no node ever started there.
+pub async fn deployed_partitions(
+    js: &jetstream::Context,
+    namespace: &str,
+) -> Result<Option<Partitions>, ClusterError> {
+    let Ok(agreement) = js.get_key_value(format!("{namespace}_cluster")).await else {
+        return Ok(None);
+    };
+    let Some(stored) = agreement
+        .get(DEPLOYMENT_KEY)
+        .await
+        .map_err(|e| unavailable("deployment", e))?
+    else {
+        return Ok(None);
+    };
+    let deployed: Deployment =
+        serde_json::from_slice(&stored).map_err(|e| unavailable("deployment", e))?;
+    Partitions::new(u32::from(deployed.partitions))
+        .map(Some)
+        .map_err(|e| unavailable("deployment", e))
+}
+
 /// Why a host stops serving a partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Close {

@@ -452,29 +452,32 @@ impl PartitionHost for Host {
     }
 }
 
+/// How `partition`'s log is opened from `config` (its JetStream servers and durability), with
+/// its local state under `<data_dir>/partitions/p007`: by a node serving it, and by the
+/// offline tools reading it.
+pub fn partition_log(
+    config: &Config,
+    partition: Partition,
+) -> Result<(JetStreamConfig, std::path::PathBuf), NodeError> {
+    let dir = config.data_dir.join("partitions").join(partition.key());
+    let mut js = JetStreamConfig::new(&config.store.url, &partition.stream_name(), dir.clone());
+    js.subject_prefix = partition.subject_prefix();
+    js.durability = config
+        .store
+        .jetstream()
+        .map_err(|e| NodeError::Other(e.to_string()))?
+        .ok_or(NodeError::NotJetStream)?;
+    js.create_stream = false;
+    Ok((js, dir))
+}
+
 /// The partition's log (guarded by the lease) with the single node's state over it.
 async fn open_cell(
     shared: &Arc<NodeShared>,
     partition: Partition,
     lease: Lease,
 ) -> Result<Arc<Cell>, String> {
-    let dir = shared
-        .config
-        .data_dir
-        .join("partitions")
-        .join(partition.key());
-    let mut js = JetStreamConfig::new(
-        &shared.config.store.url,
-        &partition.stream_name(),
-        dir.clone(),
-    );
-    js.subject_prefix = partition.subject_prefix();
-    js.durability = shared
-        .config
-        .store
-        .jetstream()
-        .map_err(|e| e.to_string())?
-        .ok_or("not a JetStream store")?;
+    let (mut js, dir) = partition_log(&shared.config, partition).map_err(|e| e.to_string())?;
     js.create_stream = true;
     js.write_guard = Some(lease.write_guard());
     let (clock, metrics) = (shared.clock.clone(), shared.metrics.clone());

@@ -163,6 +163,52 @@ impl Fleet {
     }
 }
 
+impl Fleet {
+    /// `hongbao audit --cluster` from a data directory of its own: every partition's log
+    /// passes, and it read every record the nodes serve (the sum of their partitions' heads).
+    async fn audit(&self) {
+        let client = reqwest::Client::new();
+        let mut heads = 0;
+        for base in self.bases() {
+            let view = cluster_view(&client, &base).await.expect("cluster view");
+            heads += view["partitions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|p| p["head"].as_u64())
+                .sum::<u64>();
+        }
+        let auditor = tempfile::tempdir().unwrap();
+        let output = Command::new(env!("CARGO_BIN_EXE_hongbao"))
+            .args(["audit", "--cluster", "--json", "--store", &self.url])
+            .args(["--data-dir", auditor.path().to_str().unwrap()])
+            .args(if self.url.contains(',') {
+                vec!["--replicas", "3"]
+            } else {
+                vec!["--replicas", "1", "--single-replica-synced"]
+            })
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout);
+        let report: Value = serde_json::from_str(&text).unwrap_or_else(|_| {
+            panic!(
+                "audit printed no report:\n{text}\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
+        assert!(output.status.success() && report["ok"] == true, "{report}");
+        assert_eq!(
+            report["partitions"].as_array().unwrap().len(),
+            PARTITIONS as usize
+        );
+        assert!(heads > 0);
+        assert_eq!(
+            report["events"], heads,
+            "the audit did not read every record"
+        );
+    }
+}
+
 impl Drop for Fleet {
     /// A failed test leaves no node running.
     fn drop(&mut self) {
@@ -702,6 +748,7 @@ async fn kill_9_one_node_mid_load_loses_no_acknowledged_deposit() {
     fleet.restart(1, port);
     fleet.wait_balanced(3).await;
     check_exactly_once(&fleet.bases(), &acked).await;
+    fleet.audit().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
