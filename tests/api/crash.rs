@@ -525,7 +525,7 @@ async fn ledger_activity(client: &reqwest::Client, base: &str, uid: &str) -> (i6
     )
 }
 
-async fn call(
+pub(crate) async fn call(
     client: &reqwest::Client,
     method: reqwest::Method,
     url: String,
