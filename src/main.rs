@@ -197,7 +197,8 @@ enum Command {
         /// The stream, e.g. wallet:u42, packet:pk-1, withdrawal:w-9, coupon-batch:spring.
         #[arg(long, value_name = "ID")]
         stream: String,
-        /// Apply only events at or below this global sequence number.
+        /// Apply only events at or below this global sequence number (with --cluster: of the
+        /// stream's partition log).
         #[arg(long, value_name = "SEQ", conflicts_with = "at")]
         until: Option<u64>,
         /// Apply only events recorded at or before this time (RFC 3339).
@@ -206,6 +207,10 @@ enum Command {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+        /// The stream lives in a cluster deployment on --store nats://...: read it from its
+        /// partition's log (found from the stream id and the deployment's partition count).
+        #[arg(long)]
+        cluster: bool,
     },
     /// Signed checkpoints of the log's head (Ed25519), for auditors.
     Checkpoints {
@@ -483,6 +488,7 @@ fn replay(
     until: Option<u64>,
     at: Option<String>,
     json: bool,
+    cluster: bool,
 ) -> anyhow::Result<ExitCode> {
     use hongbao::replay::Until;
     let point = match (until, at.as_deref()) {
@@ -494,7 +500,15 @@ fn replay(
         (None, None) => Until::End,
     };
     let config = log_config(&common, store)?;
-    let store = open_store(&config)?;
+    let store: Arc<dyn Log> = if cluster {
+        let partition = deployed_partitions(&config)?.of(&stream);
+        if !json {
+            out!("{stream} is in partition {partition}")?;
+        }
+        open_partition(&config, partition)?
+    } else {
+        open_store(&config)?
+    };
     let replayed = hongbao::replay::replay(store.as_ref(), &stream, point)?;
     if json {
         out!("{}", serde_json::to_string_pretty(&replayed)?)?;
@@ -708,21 +722,17 @@ fn audit(common: Common, store: StoreArgs, json: bool) -> anyhow::Result<ExitCod
     })
 }
 
-/// `audit --cluster`: every partition's log audited on its own (today no money crosses
-/// partitions: a cluster node serves only the wallet endpoints, so each partition's books
-/// must balance by themselves), the events counted over all of them.
-fn audit_cluster(common: Common, store: StoreArgs, json: bool) -> anyhow::Result<ExitCode> {
-    use hongbao::cluster::{membership, node, partition::Partition};
-    use hongbao::events::jetstream_store::JetStreamStore;
-    let config = log_config(&common, store)?;
-    if !config.store.url.starts_with("nats://") {
-        bail!("--cluster audits a cluster deployment: give its --store nats://...");
-    }
+/// The partition count of the cluster deployment on the configured JetStream servers.
+fn deployed_partitions(config: &Config) -> anyhow::Result<hongbao::cluster::partition::Partitions> {
+    use hongbao::cluster::membership;
     let url = config.store.url.clone();
+    if !url.starts_with("nats://") {
+        bail!("--cluster reads a cluster deployment: give its --store nats://...");
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let partitions = runtime
+    runtime
         .block_on(async {
             let (client, _) = hongbao::events::jetstream::connect(&url).await?;
             let js = async_nats::jetstream::new(client);
@@ -731,7 +741,34 @@ fn audit_cluster(common: Common, store: StoreArgs, json: bool) -> anyhow::Result
         .with_context(|| format!("reading the cluster deployment on {url}"))?
         .ok_or_else(|| {
             anyhow::anyhow!("no cluster deployment on {url} (no node was started with --node-id)")
-        })?;
+        })
+}
+
+/// Opens a cluster partition's log to read it (never creating it).
+fn open_partition(
+    config: &Config,
+    partition: hongbao::cluster::partition::Partition,
+) -> anyhow::Result<Arc<dyn Log>> {
+    let (js, _) = hongbao::cluster::node::partition_log(config, partition)?;
+    let store = hongbao::events::jetstream_store::JetStreamStore::open(
+        js,
+        Arc::new(SystemClock),
+        Arc::new(Metrics::new()),
+    )
+    .with_context(|| format!("opening {partition}'s log"))?;
+    Ok(store)
+}
+
+/// `audit --cluster`: every partition's log audited on its own (today no money crosses
+/// partitions: a cluster node serves only the wallet endpoints, so each partition's books
+/// must balance by themselves), the events counted over all of them.
+fn audit_cluster(common: Common, store: StoreArgs, json: bool) -> anyhow::Result<ExitCode> {
+    use hongbao::cluster::partition::Partition;
+    let config = log_config(&common, store)?;
+    let partitions = deployed_partitions(&config)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let bar = ProgressBar::new(u64::from(partitions.count()));
     bar.set_style(
         ProgressStyle::with_template("auditing partitions [{bar:40}] {pos}/{len} ({eta})")
@@ -744,9 +781,8 @@ fn audit_cluster(common: Common, store: StoreArgs, json: bool) -> anyhow::Result
     let mut rows = Vec::new();
     for n in 0..partitions.count() {
         let partition = Partition(n);
-        let (js, _) = node::partition_log(&config, partition)?;
-        let row = match JetStreamStore::open(js, Arc::new(SystemClock), Arc::new(Metrics::new())) {
-            Err(e) => Err(format!("no readable log: {e}")),
+        let row = match open_partition(&config, partition) {
+            Err(e) => Err(format!("no readable log: {e:#}")),
             Ok(store) => {
                 let mut report = hongbao::audit::audit(store.as_ref(), None, |_, _| {})?;
                 report.checks.push(hongbao::audit::views_check(
@@ -912,8 +948,9 @@ fn main() -> ExitCode {
             stream,
             until,
             at,
+            cluster,
             json,
-        } => replay(common, store, stream, until, at, json),
+        } => replay(common, store, stream, until, at, json, cluster),
         Command::Audit {
             common,
             store,

@@ -164,6 +164,34 @@ impl Fleet {
 }
 
 impl Fleet {
+    /// The options that open the fleet's logs from the command line.
+    fn store_args(&self) -> Vec<&str> {
+        let mut args = vec!["--store", self.url.as_str()];
+        if self.url.contains(',') {
+            args.extend(["--replicas", "3"]);
+        } else {
+            args.extend(["--replicas", "1", "--single-replica-synced"]);
+        }
+        args
+    }
+
+    /// `hongbao replay --cluster --stream STREAM --json`, from a data directory of its own.
+    fn replay(&self, stream: &str) -> Value {
+        let dir = tempfile::tempdir().unwrap();
+        let output = Command::new(env!("CARGO_BIN_EXE_hongbao"))
+            .args(["replay", "--cluster", "--json", "--stream", stream])
+            .args(self.store_args())
+            .args(["--data-dir", dir.path().to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap()
+    }
+
     /// `hongbao audit --cluster` from a data directory of its own: every partition's log
     /// passes, and it read every record the nodes serve (the sum of their partitions' heads).
     async fn audit(&self) {
@@ -180,13 +208,9 @@ impl Fleet {
         }
         let auditor = tempfile::tempdir().unwrap();
         let output = Command::new(env!("CARGO_BIN_EXE_hongbao"))
-            .args(["audit", "--cluster", "--json", "--store", &self.url])
+            .args(["audit", "--cluster", "--json"])
+            .args(self.store_args())
             .args(["--data-dir", auditor.path().to_str().unwrap()])
-            .args(if self.url.contains(',') {
-                vec!["--replicas", "3"]
-            } else {
-                vec!["--replicas", "1", "--single-replica-synced"]
-            })
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&output.stdout);
@@ -724,6 +748,10 @@ async fn kill_9_one_node_mid_load_loses_no_acknowledged_deposit() {
     fleet.wait_balanced(3).await;
     check_exactly_once(&fleet.bases(), &acked).await;
     fleet.audit().await;
+    // `replay --cluster` finds a wallet's partition by itself: one event per deposit.
+    let (_, entries) = ledger(&reqwest::Client::new(), &fleet.base(0), &uid(0)).await;
+    let replayed = fleet.replay(&format!("wallet:{}", uid(0)));
+    assert_eq!(replayed["version"], entries.len() as u64, "{replayed}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
