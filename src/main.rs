@@ -187,6 +187,10 @@ enum Command {
         /// First sequence number to export [default: 1, the whole log].
         #[arg(long, value_name = "SEQ", default_value_t = 1)]
         from: u64,
+        /// Export every partition log of the cluster deployment on --store nats://... into
+        /// the directory --output, one file per partition (`p007.jsonl`), each with its head.
+        #[arg(long, requires = "output")]
+        cluster: bool,
     },
     /// Time travel: a stream's state as of a point in the log (support and disputes).
     Replay {
@@ -440,6 +444,55 @@ fn verify(common: Common, store: StoreArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(1))
         }
     }
+}
+
+/// `export --cluster`: one file per partition in the directory `output`.
+fn export_cluster(
+    common: Common,
+    store: StoreArgs,
+    output: PathBuf,
+    from: u64,
+) -> anyhow::Result<ExitCode> {
+    let config = log_config(&common, store)?;
+    let partitions = deployed_partitions(&config)?;
+    std::fs::create_dir_all(&output).with_context(|| format!("creating {}", output.display()))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let bar = ProgressBar::new(u64::from(partitions.count()));
+    bar.set_style(
+        ProgressStyle::with_template("exporting partitions [{bar:40}] {pos}/{len} ({eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut records = 0;
+    for n in 0..partitions.count() {
+        let partition = hongbao::cluster::partition::Partition(n);
+        let store = open_partition(&config, partition)?;
+        let path = output.join(format!("{}.jsonl", partition.key()));
+        let mut out = std::io::BufWriter::new(
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?,
+        );
+        let summary = hongbao::export::export(store.as_ref(), from, &mut out, |_| {})?;
+        std::io::Write::flush(&mut out).with_context(|| format!("writing {}", path.display()))?;
+        let _ = runtime.block_on(hongbao::events::EventStore::close(store.as_ref()));
+        records += summary.records;
+        bar.suspend(|| {
+            eprintln!(
+                "{}: {}",
+                path.display(),
+                head_text(summary.last_seq, summary.last_hash, summary.records)
+            )
+        });
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    eprintln!(
+        "exported {records} records of {} partitions to {} (check each file with `hongbao \
+         verify --export FILE --expect-head HASH`)",
+        partitions.count(),
+        output.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn export(
@@ -939,8 +992,16 @@ fn main() -> ExitCode {
         Command::Export {
             common,
             store,
+            output: Some(output),
+            from,
+            cluster: true,
+        } => export_cluster(common, store, output, from),
+        Command::Export {
+            common,
+            store,
             output,
             from,
+            ..
         } => export(common, store, output, from),
         Command::Replay {
             common,

@@ -192,9 +192,8 @@ impl Fleet {
         serde_json::from_slice(&output.stdout).unwrap()
     }
 
-    /// `hongbao audit --cluster` from a data directory of its own: every partition's log
-    /// passes, and it read every record the nodes serve (the sum of their partitions' heads).
-    async fn audit(&self) {
+    /// The sum of the partitions' heads as the nodes serving them say.
+    async fn heads(&self) -> u64 {
         let client = reqwest::Client::new();
         let mut heads = 0;
         for base in self.bases() {
@@ -206,6 +205,68 @@ impl Fleet {
                 .filter_map(|p| p["head"].as_u64())
                 .sum::<u64>();
         }
+        heads
+    }
+
+    /// `hongbao export --cluster`: one file per partition, each verified standalone against
+    /// the head the export printed for it, all of them holding every record.
+    async fn export_and_verify(&self) {
+        let heads = self.heads().await;
+        let dir = tempfile::tempdir().unwrap();
+        let files = dir.path().join("export");
+        let output = Command::new(env!("CARGO_BIN_EXE_hongbao"))
+            .args(["export", "--cluster", "--output", files.to_str().unwrap()])
+            .args(self.store_args())
+            .args(["--data-dir", dir.path().join("reader").to_str().unwrap()])
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(output.status.success(), "{said}");
+        let mut records = 0;
+        for n in 0..PARTITIONS {
+            let file = files.join(format!("p{n:03}.jsonl"));
+            let line = said
+                .lines()
+                .find(|l| l.starts_with(file.to_str().unwrap()))
+                .unwrap_or_else(|| panic!("no head printed for {}:\n{said}", file.display()));
+            let hash = line
+                .split("hash ")
+                .nth(1)
+                .unwrap()
+                .split(',')
+                .next()
+                .unwrap();
+            records += line
+                .rsplit(", ")
+                .next()
+                .and_then(|r| r.strip_suffix(" records"))
+                .unwrap()
+                .parse::<u64>()
+                .unwrap();
+            let verified = Command::new(env!("CARGO_BIN_EXE_hongbao"))
+                .args([
+                    "verify",
+                    "--export",
+                    file.to_str().unwrap(),
+                    "--expect-head",
+                    hash,
+                ])
+                .output()
+                .unwrap();
+            assert!(
+                verified.status.success(),
+                "{}: {}",
+                file.display(),
+                String::from_utf8_lossy(&verified.stdout)
+            );
+        }
+        assert_eq!(records, heads, "the export did not hold every record");
+    }
+
+    /// `hongbao audit --cluster` from a data directory of its own: every partition's log
+    /// passes, and it read every record the nodes serve (the sum of their partitions' heads).
+    async fn audit(&self) {
+        let heads = self.heads().await;
         let auditor = tempfile::tempdir().unwrap();
         let output = Command::new(env!("CARGO_BIN_EXE_hongbao"))
             .args(["audit", "--cluster", "--json"])
@@ -752,6 +813,7 @@ async fn kill_9_one_node_mid_load_loses_no_acknowledged_deposit() {
     let (_, entries) = ledger(&reqwest::Client::new(), &fleet.base(0), &uid(0)).await;
     let replayed = fleet.replay(&format!("wallet:{}", uid(0)));
     assert_eq!(replayed["version"], entries.len() as u64, "{replayed}");
+    fleet.export_and_verify().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
