@@ -334,6 +334,7 @@ fn users_span_partitions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_node_gives_the_same_answer_to_the_same_request() {
+    let _heavy = super::heavy().await;
     let Some(fleet) = Fleet::start().await else {
         return;
     };
@@ -778,6 +779,7 @@ fn signal(server: &Server, signal: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_one_node_mid_load_loses_no_acknowledged_deposit() {
+    let _heavy = super::heavy().await;
     let Some(mut fleet) = Fleet::start().await else {
         return;
     };
@@ -818,6 +820,7 @@ async fn kill_9_one_node_mid_load_loses_no_acknowledged_deposit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_paused_past_its_lease_writes_nothing_when_it_wakes() {
+    let _heavy = super::heavy().await;
     let Some(fleet) = Fleet::start().await else {
         return;
     };
@@ -867,6 +870,7 @@ async fn a_node_paused_past_its_lease_writes_nothing_when_it_wakes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_under_load_loses_nothing() {
+    let _heavy = super::heavy().await;
     let Some(mut fleet) = Fleet::start().await else {
         return;
     };
@@ -940,6 +944,7 @@ fn a_node_is_refused_plainly_when_it_cannot_form_a_cluster() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_one_jetstream_server_of_three_under_load_loses_nothing() {
+    let _heavy = super::heavy().await;
     // Goal: with every partition log and lease bucket on three replicas, killing one of the
     // three JetStream servers mid-load leaves the service answering (the nodes connected to
     // it reconnect to the others; its streams elect new leaders), and every acknowledged

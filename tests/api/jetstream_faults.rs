@@ -515,6 +515,7 @@ async fn kill_9_of_hongbao_mid_burst_on_jetstream_loses_no_acknowledged_deposit(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_streams_leader_of_three_nats_servers_mid_burst_loses_nothing() {
+    let _heavy = super::heavy().await;
     // Goal: three nats-servers, the log on three replicas, hongbao given all three addresses;
     // the stream's leader (found with the NATS client; hongbao may or may not be connected to
     // it) is killed with SIGKILL while 16 clients deposit: after at most a short run of 503s

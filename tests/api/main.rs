@@ -28,6 +28,13 @@ pub const ISSUER: &str = "test-issuer-key-000000001";
 pub const GATEWAY: &str = "test-gateway-key-00000001";
 pub const SECRET: &str = "test-token-secret-0000001";
 
+/// Held by the tests that start several server processes (three JetStream servers, a fleet of
+/// nodes): on two cores, two of them at once starve each other's elections and leases.
+pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
+    static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    HEAVY.lock().await
+}
+
 fn rand_suffix() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
