@@ -247,6 +247,10 @@ pub struct ServerConfig {
     /// How long a read waits for its projection to reach the log head before answering with
     /// what it has (read-your-writes for a client that just got a 2xx).
     pub read_wait_ms: u64,
+    /// How long a connection may take to deliver a request's head before it is answered 408.
+    /// Longer than the JetStream log's request timeout (15 s): an HTTP worker held by a log
+    /// read while the log elects a leader must not turn requests that did arrive into 408s.
+    pub request_head_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -314,6 +318,7 @@ impl Default for ServerConfig {
             request_body_bytes_max: 64 * 1024,
             shutdown_timeout_s: 30,
             read_wait_ms: 1000,
+            request_head_timeout_ms: 20_000,
         }
     }
 }

@@ -458,6 +458,9 @@ where
             .configure(app.clone())
     })
     .workers(workers)
+    .client_request_timeout(std::time::Duration::from_millis(
+        config.server.request_head_timeout_ms,
+    ))
     .shutdown_timeout(config.server.shutdown_timeout_s)
     .disable_signals()
     .listen(listener)
