@@ -172,10 +172,6 @@ impl ClusterMetrics {
         for cell in shared.cells.iter() {
             let key = cell.key().key();
             let head = cell.state.store.head();
-            let applied = cell
-                .state
-                .projections
-                .checkpoint(crate::projections::wallet::NAME);
             self.served.with_label_values(&[&key]).set(1);
             self.epoch
                 .with_label_values(&[&key])
@@ -185,12 +181,23 @@ impl ClusterMetrics {
                 .set(i64::try_from(head).unwrap_or(i64::MAX));
             self.view_lag
                 .with_label_values(&[&key])
-                .set(i64::try_from(head.saturating_sub(applied)).unwrap_or(i64::MAX));
+                .set(i64::try_from(cell.view_lag()).unwrap_or(i64::MAX));
         }
         if let Some(view) = shared.view.borrow().as_ref() {
             self.nodes
                 .set(i64::try_from(view.nodes.len()).unwrap_or(i64::MAX));
         }
+    }
+}
+
+impl Cell {
+    /// Records durable in the partition's log but not yet in its wallet view.
+    fn view_lag(&self) -> u64 {
+        let applied = self
+            .state
+            .projections
+            .checkpoint(crate::projections::wallet::NAME);
+        self.state.store.head().saturating_sub(applied)
     }
 }
 
@@ -892,13 +899,7 @@ pub async fn cluster_view(
             let served = Partition::from_key(&lease.partition)
                 .and_then(|p| shared.cells.get(&p).map(|c| c.clone()));
             let head = served.as_ref().map(|c| c.state.store.head());
-            let view_lag = served.as_ref().map(|c| {
-                let applied = c
-                    .state
-                    .projections
-                    .checkpoint(crate::projections::wallet::NAME);
-                c.state.store.head().saturating_sub(applied)
-            });
+            let view_lag = served.as_ref().map(|c| c.view_lag());
             PartitionBody {
                 partition: lease.partition.clone(),
                 node: lease.node.as_ref().map(|n| n.to_string()),
@@ -917,11 +918,6 @@ pub async fn cluster_view(
         serving: shared.cells.len(),
         partitions,
     }))
-}
-
-/// Live as long as the process answers.
-async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
 }
 
 /// Ready once the node has read the cluster and every partition it holds is being served
@@ -964,7 +960,7 @@ async fn openapi() -> HttpResponse {
 fn routes(cfg: &mut web::ServiceConfig) {
     let node: crate::http::Routes = vec![
         ("/v1/admin/cluster", vec![web::get().to(cluster_view)]),
-        ("/healthz", vec![web::get().to(healthz)]),
+        ("/healthz", vec![web::get().to(crate::http::ops::healthz)]),
         ("/readyz", vec![web::get().to(readyz)]),
         ("/metrics", vec![web::get().to(metrics)]),
         ("/openapi.json", vec![web::get().to(openapi)]),
