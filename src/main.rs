@@ -741,39 +741,45 @@ fn audit(common: Common, store: StoreArgs, json: bool) -> anyhow::Result<ExitCod
             report.events,
             report.events as f64 / replay_s.max(1e-9)
         )?;
-        for check in &report.checks {
-            let verdict = if check.ok() { "ok" } else { "FAILED" };
-            out!(
-                "{:<20} {:<7} {:>10} checked  {}",
-                check.name,
-                verdict,
-                check.checked,
-                check.description
-            )?;
-            for note in &check.notes {
-                out!("{:<20}         {note}", "")?;
-            }
-            for example in &check.examples {
-                out!("{:<20}   ! {example}", "")?;
-            }
-            if check.violations as usize > check.examples.len() {
-                out!("{:<20}   ! ... {} violations in all", "", check.violations)?;
-            }
-        }
-        out!(
-            "result: {}",
-            if report.ok() {
-                "OK, every invariant holds"
-            } else {
-                "FAILED"
-            }
-        )?;
+        print_checks(&report)?;
     }
     Ok(if report.ok() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     })
+}
+
+/// An audit's checks, one line each with its notes and first violations, and the verdict.
+fn print_checks(report: &hongbao::audit::AuditReport) -> anyhow::Result<()> {
+    for check in &report.checks {
+        let verdict = if check.ok() { "ok" } else { "FAILED" };
+        out!(
+            "{:<20} {:<7} {:>10} checked  {}",
+            check.name,
+            verdict,
+            check.checked,
+            check.description
+        )?;
+        for note in &check.notes {
+            out!("{:<20}         {note}", "")?;
+        }
+        for example in &check.examples {
+            out!("{:<20}   ! {example}", "")?;
+        }
+        if check.violations as usize > check.examples.len() {
+            out!("{:<20}   ! ... {} violations in all", "", check.violations)?;
+        }
+    }
+    out!(
+        "result: {}",
+        if report.ok() {
+            "OK, every invariant holds"
+        } else {
+            "FAILED"
+        }
+    )?;
+    Ok(())
 }
 
 /// The partition count of the cluster deployment on the configured JetStream servers.
@@ -813,9 +819,9 @@ fn open_partition(
     Ok(store)
 }
 
-/// `audit --cluster`: every partition's log audited on its own (today no money crosses
-/// partitions: a cluster node serves only the wallet endpoints, so each partition's books
-/// must balance by themselves), the events counted over all of them.
+/// `audit --cluster`: the partitions' logs audited as one set of books (money moves between
+/// partitions: a packet's escrow in one, its sender's wallet in another), each log's chain and
+/// views checked on their own.
 fn audit_cluster(common: Common, store: StoreArgs, json: bool) -> anyhow::Result<ExitCode> {
     use hongbao::cluster::partition::Partition;
     let config = log_config(&common, store)?;
@@ -823,90 +829,73 @@ fn audit_cluster(common: Common, store: StoreArgs, json: bool) -> anyhow::Result
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let bar = ProgressBar::new(u64::from(partitions.count()));
-    bar.set_style(
-        ProgressStyle::with_template("auditing partitions [{bar:40}] {pos}/{len} ({eta})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let started = std::time::Instant::now();
+    let mut logs = Vec::with_capacity(usize::from(partitions.count()));
+    for n in 0..partitions.count() {
+        let partition = Partition(n);
+        logs.push((partition.key(), open_partition(&config, partition)?));
+    }
+    let borrowed: Vec<(String, &dyn hongbao::events::Log)> = logs
+        .iter()
+        .map(|(name, log)| (name.clone(), log.as_ref()))
+        .collect();
+    let total: u64 = logs.iter().map(|(_, log)| log.head()).sum();
+    let bar = progress_bar(total * 2, "auditing the partitions");
     if json {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
+    let mut report = hongbao::audit::audit_logs(&borrowed, |done, _| bar.set_position(done))?;
+    bar.finish_and_clear();
+    let replay_s = started.elapsed().as_secs_f64();
+    // Each partition's views against a rebuild from its own log.
     let started = std::time::Instant::now();
+    let bar = progress_bar(total * all_projections().len() as u64, "rebuilding views");
+    if json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut views: Option<hongbao::audit::CheckResult> = None;
     let mut rows = Vec::new();
-    for n in 0..partitions.count() {
-        let partition = Partition(n);
-        let row = match open_partition(&config, partition) {
-            Err(e) => Err(format!("no readable log: {e:#}")),
-            Ok(store) => {
-                let mut report = hongbao::audit::audit(store.as_ref(), None, |_, _| {})?;
-                report.checks.push(hongbao::audit::views_check(
-                    store.as_ref(),
-                    &all_projections(),
-                    |_, _| {},
-                )?);
-                let _ = runtime.block_on(hongbao::events::EventStore::close(store.as_ref()));
-                Ok(report)
-            }
-        };
-        rows.push((partition, row));
-        bar.inc(1);
+    let mut done = 0;
+    for (name, log) in &logs {
+        let check = hongbao::audit::views_check(log.as_ref(), &all_projections(), |n, _| {
+            bar.set_position(done + n)
+        })?;
+        done += log.head() * all_projections().len() as u64;
+        rows.push(serde_json::json!({"partition": name, "events": log.head(),
+            "views_ok": check.ok()}));
+        let merged = views.get_or_insert_with(|| hongbao::audit::CheckResult {
+            checked: 0,
+            violations: 0,
+            examples: Vec::new(),
+            notes: Vec::new(),
+            ..check.clone()
+        });
+        merged.checked += check.checked;
+        merged.violations += check.violations;
+        merged
+            .examples
+            .extend(check.examples.iter().map(|e| format!("{name}: {e}")));
+        let _ = runtime.block_on(hongbao::events::EventStore::close(log.as_ref()));
     }
     bar.finish_and_clear();
-    let ok = rows
-        .iter()
-        .all(|(_, row)| row.as_ref().is_ok_and(|r| r.ok()));
-    let events: u64 = rows
-        .iter()
-        .filter_map(|(_, row)| row.as_ref().ok().map(|r| r.events))
-        .sum();
+    let views_s = started.elapsed().as_secs_f64();
+    report.checks.extend(views);
     if json {
-        let partitions: Vec<serde_json::Value> = rows
-            .iter()
-            .map(|(partition, row)| match row {
-                Ok(report) => serde_json::json!({"partition": partition.key(),
-                    "ok": report.ok(), "events": report.events, "checks": report.checks}),
-                Err(why) => serde_json::json!({"partition": partition.key(), "ok": false,
-                    "error": why}),
-            })
-            .collect();
         out!(
             "{}",
-            serde_json::to_string_pretty(&serde_json::json!({"ok": ok, "events": events,
-                "seconds": started.elapsed().as_secs_f64(), "partitions": partitions}))?
+            serde_json::to_string_pretty(&serde_json::json!({"ok": report.ok(),
+                "events": report.events, "replay_s": replay_s, "views_s": views_s,
+                "checks": report.checks, "partitions": rows}))?
         )?;
     } else {
         out!(
-            "audited {} partitions, {events} events in all, in {:.2} s",
-            rows.len(),
-            started.elapsed().as_secs_f64()
+            "audited {} partitions, {} events in all: replay and checks {replay_s:.2} s, views rebuilt and compared {views_s:.2} s",
+            logs.len(),
+            report.events,
         )?;
-        for (partition, row) in &rows {
-            match row {
-                Ok(report) if report.ok() => {
-                    out!("{}  ok      {:>10} events", partition.key(), report.events)?
-                }
-                Ok(report) => {
-                    out!("{}  FAILED  {:>10} events", partition.key(), report.events)?;
-                    for check in report.checks.iter().filter(|c| !c.ok()) {
-                        out!("      {:<20} {}", check.name, check.description)?;
-                        for example in &check.examples {
-                            out!("      {:<20}   ! {example}", "")?;
-                        }
-                    }
-                }
-                Err(why) => out!("{}  FAILED  {why}", partition.key())?,
-            }
-        }
-        out!(
-            "result: {}",
-            if ok {
-                "OK, every invariant holds in every partition"
-            } else {
-                "FAILED"
-            }
-        )?;
+        print_checks(&report)?;
     }
-    Ok(if ok {
+    Ok(if report.ok() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
