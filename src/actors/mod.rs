@@ -38,7 +38,9 @@ mod registry;
 
 pub use aggregate::AggregateActor;
 pub use board::Board;
-pub use registry::{ExecError, Registry, Runtime};
+pub use registry::{
+    ExecError, Placement, Registries, Registry, RemoteAnswer, RemoteCall, RemoteOp, Runtime,
+};
 
 use std::time::Duration;
 

@@ -8,8 +8,10 @@ use crate::events::EventStore;
 use crate::metrics::Metrics;
 use actix::{Actor, Addr, MailboxError};
 use dashmap::DashMap;
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 /// Times a command is offered to an incarnation before the caller gets the last error: covers
@@ -25,10 +27,98 @@ pub struct Runtime {
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<Metrics>,
     pub config: ActorConfig,
+    /// On a cluster node: where the streams of other partitions live. `None` on a single node
+    /// (every stream is served here).
+    pub placement: Option<Arc<dyn Placement>>,
+    /// This runtime's registries by stream prefix, which answer the commands other nodes send.
+    pub registries: Registries,
+}
+
+/// Where streams are served, for a runtime that serves only some of them (a cluster partition).
+pub trait Placement: Send + Sync {
+    /// Whether `stream` (`wallet:u42`) is served by this runtime.
+    fn is_local(&self, stream: &str) -> bool;
+    /// Sends `call` to the runtime that serves `stream` and returns its answer; `Err` when it
+    /// could not be asked or did not answer (the outcome is unknown).
+    fn call(
+        &self,
+        stream: &str,
+        call: RemoteCall,
+    ) -> BoxFuture<'static, Result<RemoteAnswer, String>>;
+}
+
+/// A registry operation sent to the runtime that serves the stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RemoteCall {
+    /// The aggregate's stream prefix (`wallet`): which registry answers.
+    pub prefix: String,
+    /// The aggregate instance (`u42`).
+    pub id: String,
+    pub op: RemoteOp,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum RemoteOp {
+    /// An encoded command; the answer is an encoded `Result<Reply, ExecError<Error>>`.
+    Execute(Vec<u8>),
+    /// The answer is an encoded `Result<(state, version), ExecError<Error>>`.
+    State,
+}
+
+/// The answer to a [`RemoteCall`]: the typed result, encoded, or why the serving side could not
+/// run it at all (no such registry there, a bad encoding).
+pub type RemoteAnswer = Result<Vec<u8>, String>;
+
+/// The registries of one runtime by stream prefix (held weakly: a registry ends with its owner).
+#[derive(Default)]
+pub struct Registries {
+    by_prefix: DashMap<&'static str, Weak<dyn Serve>>,
+}
+
+/// A registry as the serving side of [`RemoteCall`]s sees it.
+trait Serve: Send + Sync {
+    fn serve(self: Arc<Self>, id: String, op: RemoteOp) -> BoxFuture<'static, RemoteAnswer>;
+}
+
+impl Registries {
+    /// Runs a call sent from another node on this runtime's registry for its prefix. Must be
+    /// called from within the actix arbiter this runtime's actors run on.
+    pub fn serve(&self, call: RemoteCall) -> BoxFuture<'static, RemoteAnswer> {
+        let registry = self
+            .by_prefix
+            .get(call.prefix.as_str())
+            .and_then(|weak| weak.upgrade());
+        match registry {
+            Some(registry) => registry.serve(call.id, call.op),
+            None => Box::pin(futures::future::ready(Err(format!(
+                "no {} registry is running here",
+                call.prefix
+            )))),
+        }
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> RemoteAnswer {
+    crate::events::codec::encode(value).map_err(|e| format!("answer not encodable: {e}"))
+}
+
+impl<A: Aggregate> Serve for Registry<A> {
+    fn serve(self: Arc<Self>, id: String, op: RemoteOp) -> BoxFuture<'static, RemoteAnswer> {
+        Box::pin(async move {
+            match op {
+                RemoteOp::Execute(bytes) => {
+                    let command: A::Command = crate::events::codec::decode(&bytes)
+                        .map_err(|e| format!("not a {} command: {e}", A::STREAM_PREFIX))?;
+                    encode(&self.execute_here(&id, command).await)
+                }
+                RemoteOp::State => encode(&self.state_here(&id).await),
+            }
+        })
+    }
 }
 
 /// Why a command got no domain answer.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum ExecError<E> {
     /// The domain refused the command; nothing was written.
     #[error("rejected: {0:?}")]
@@ -58,6 +148,8 @@ const SWEEP_INTERVAL_MAX: Duration = Duration::from_secs(1);
 pub struct Registry<A: Aggregate> {
     runtime: Arc<Runtime>,
     actors: DashMap<String, Handle<A>>,
+    /// Serves every stream here, whatever the runtime's placement says.
+    pinned: bool,
 }
 
 impl<A: Aggregate> Registry<A> {
@@ -66,10 +158,28 @@ impl<A: Aggregate> Registry<A> {
     /// for `idle_under_pressure` (a campaign touches millions of wallets once each; keeping
     /// them all for minutes would cost gigabytes). The thread ends with the registry.
     pub fn new(runtime: Arc<Runtime>) -> Arc<Registry<A>> {
+        Self::create(runtime, false)
+    }
+
+    /// A registry that serves its streams on this runtime even on a cluster node: each
+    /// partition's own copy of a singleton (switches, the withdrawal policy) until those are
+    /// streams of the fleet.
+    pub fn pinned(runtime: Arc<Runtime>) -> Arc<Registry<A>> {
+        Self::create(runtime, true)
+    }
+
+    fn create(runtime: Arc<Runtime>, pinned: bool) -> Arc<Registry<A>> {
         let registry = Arc::new(Registry {
             runtime,
             actors: DashMap::new(),
+            pinned,
         });
+        let serving: Arc<dyn Serve> = registry.clone();
+        registry
+            .runtime
+            .registries
+            .by_prefix
+            .insert(A::STREAM_PREFIX, Arc::downgrade(&serving));
         let weak = Arc::downgrade(&registry);
         let config = registry.runtime.config;
         let interval = (config.idle_under_pressure.min(config.idle_passivate) / 2)
@@ -119,8 +229,55 @@ impl<A: Aggregate> Registry<A> {
     }
 
     /// Runs a command on the aggregate `id`, activating its actor if needed. Must be called
-    /// from within an actix system (actors are started on the caller's arbiter).
+    /// from within an actix system (actors are started on the caller's arbiter). On a cluster
+    /// node, an aggregate of another partition runs on that partition's holder, the answer
+    /// the same (a transport failure is `Unavailable`: retry with the same business id).
     pub async fn execute(
+        self: &Arc<Self>,
+        id: &str,
+        command: A::Command,
+    ) -> Result<A::Reply, ExecError<A::Error>> {
+        match self.elsewhere(id) {
+            None => self.execute_here(id, command).await,
+            Some((placement, stream)) => {
+                let bytes = crate::events::codec::encode(&command)
+                    .map_err(|e| ExecError::Unavailable(format!("command not encodable: {e}")))?;
+                Self::remote(placement, stream, id, RemoteOp::Execute(bytes)).await
+            }
+        }
+    }
+
+    /// The placement to use if `id`'s stream is served by another runtime.
+    fn elsewhere(&self, id: &str) -> Option<(Arc<dyn Placement>, String)> {
+        let placement = self.runtime.placement.as_ref().filter(|_| !self.pinned)?;
+        let stream = Self::stream_id(id);
+        (!placement.is_local(&stream)).then(|| (placement.clone(), stream))
+    }
+
+    /// Runs `op` on the runtime that serves `stream`.
+    async fn remote<T: serde::de::DeserializeOwned>(
+        placement: Arc<dyn Placement>,
+        stream: String,
+        id: &str,
+        op: RemoteOp,
+    ) -> Result<T, ExecError<A::Error>> {
+        let call = RemoteCall {
+            prefix: A::STREAM_PREFIX.to_owned(),
+            id: id.to_owned(),
+            op,
+        };
+        let answer = placement
+            .call(&stream, call)
+            .await
+            .map_err(ExecError::Unavailable)?
+            .map_err(|why| ExecError::Unavailable(format!("{stream}: {why}")))?;
+        let result: Result<T, ExecError<A::Error>> = crate::events::codec::decode(&answer)
+            .map_err(|e| ExecError::Unavailable(format!("{stream}: unreadable answer: {e}")))?;
+        result
+    }
+
+    /// [`execute`](Self::execute) on this runtime's own actor.
+    async fn execute_here(
         self: &Arc<Self>,
         id: &str,
         command: A::Command,
@@ -154,6 +311,13 @@ impl<A: Aggregate> Registry<A> {
     /// A copy of the aggregate's durable state and its version (for reads that must see the
     /// actor's own view, and for tests).
     pub async fn state(self: &Arc<Self>, id: &str) -> Result<(A, u64), ExecError<A::Error>> {
+        match self.elsewhere(id) {
+            None => self.state_here(id).await,
+            Some((placement, stream)) => Self::remote(placement, stream, id, RemoteOp::State).await,
+        }
+    }
+
+    async fn state_here(self: &Arc<Self>, id: &str) -> Result<(A, u64), ExecError<A::Error>> {
         let stream = Self::stream_id(id);
         for _ in 0..DELIVERY_ATTEMPTS_MAX {
             let (addr, incarnation) = self.actor(&stream);

@@ -20,6 +20,7 @@ use super::membership::{
 };
 use super::partition::Partition;
 use super::router::{Handler, RouteError, Router, Serving};
+use crate::actors::{Placement, RemoteAnswer, RemoteCall};
 use crate::clock::Clock;
 use crate::config::{Config, Keys};
 use crate::events::codec;
@@ -59,6 +60,12 @@ pub enum Place {
     Node,
     /// By the holder of this entity's partition.
     Entity(String),
+    /// By the holder of the partition of the entity `prefix:<id>` whose id is the JSON body's
+    /// string `field` (a creation whose id is not in the path).
+    BodyField {
+        prefix: &'static str,
+        field: &'static str,
+    },
     /// Not by a cluster node yet.
     NotInCluster,
 }
@@ -71,10 +78,27 @@ pub fn place(path: &str) -> Place {
             Place::Entity(format!("wallet:{uid}"))
         }
         ["v1", "wallets", uid, "change", "deposits"] => Place::Entity(format!("wallet:{uid}")),
+        ["v1", "packets"] => Place::BodyField {
+            prefix: "packet",
+            field: "packet_id",
+        },
+        ["v1", "packets", id] | ["v1", "packets", id, "pay" | "claims"] => {
+            Place::Entity(format!("packet:{id}"))
+        }
         ["v1", "admin", "cluster"] => Place::Node,
         ["v1", ..] => Place::NotInCluster,
         _ => Place::Node,
     }
+}
+
+/// What travels on a partition's request subject.
+#[derive(Debug, Serialize, Deserialize)]
+enum Routed {
+    /// An HTTP request for one of its entities; answered with an [`HttpAnswer`].
+    Http(HttpCall),
+    /// A command (or state read) for one of its entities from a flow or handler of another
+    /// partition; answered with a [`RemoteAnswer`].
+    Registry(RemoteCall),
 }
 
 /// A request forwarded to a partition's holder.
@@ -116,10 +140,14 @@ struct ClusterMetrics {
     nodes: prometheus::IntGauge,
     /// Requests forwarded to another node, by outcome.
     forwarded: prometheus::IntCounterVec,
+    /// Commands and state reads this node's cells sent to another partition's holder.
+    commands: prometheus::IntCounterVec,
 }
 
 /// The outcomes `hongbao_cluster_forwarded_total` counts, each exposed from the start.
 const FORWARD_OUTCOMES: [&str; 4] = ["answered", "no_owner", "unreachable", "bad_answer"];
+/// The outcomes `hongbao_cluster_commands_sent_total` counts.
+const COMMAND_OUTCOMES: [&str; 3] = ["answered", "no_owner", "unreachable"];
 
 impl ClusterMetrics {
     fn register(registry: &prometheus::Registry) -> Result<ClusterMetrics, prometheus::Error> {
@@ -151,6 +179,14 @@ impl ClusterMetrics {
                 ),
                 &["outcome"],
             )?,
+            commands: IntCounterVec::new(
+                Opts::new(
+                    "hongbao_cluster_commands_sent_total",
+                    "Commands and state reads sent to the holder of another partition (a flow \
+                     or handler reaching an entity it does not serve), by outcome",
+                ),
+                &["outcome"],
+            )?,
         };
         registry.register(Box::new(metrics.served.clone()))?;
         registry.register(Box::new(metrics.epoch.clone()))?;
@@ -158,8 +194,12 @@ impl ClusterMetrics {
         registry.register(Box::new(metrics.view_lag.clone()))?;
         registry.register(Box::new(metrics.nodes.clone()))?;
         registry.register(Box::new(metrics.forwarded.clone()))?;
+        registry.register(Box::new(metrics.commands.clone()))?;
         for outcome in FORWARD_OUTCOMES {
             metrics.forwarded.with_label_values(&[outcome]);
+        }
+        for outcome in COMMAND_OUTCOMES {
+            metrics.commands.with_label_values(&[outcome]);
         }
         Ok(metrics)
     }
@@ -399,6 +439,15 @@ impl Node {
 struct Host(Arc<NodeShared>);
 
 impl NodeShared {
+    /// The epoch of `partition`'s holder as this node last read the leases (every TTL/8).
+    fn holder_epoch(&self, partition: Partition) -> Option<u64> {
+        self.view.borrow().as_ref().and_then(|view| {
+            view.leases
+                .get(usize::from(partition.0))
+                .and_then(|lease| lease.epoch)
+        })
+    }
+
     fn transition(&self, partition: Partition) -> Arc<tokio::sync::Mutex<()>> {
         self.transitions.entry(partition).or_default().clone()
     }
@@ -499,11 +548,15 @@ async fn open_cell(
         shared.clock.clone(),
         shared.metrics.clone(),
     );
+    let placement: Arc<dyn Placement> = Arc::new(CellPlacement {
+        partition,
+        shared: Arc::downgrade(shared),
+    });
     let (tx, rx) = tokio::sync::oneshot::channel();
     // Actors start on the arbiter they are created from: the cell's are all on the node's.
     shared.arbiter.spawn_fn(move || {
         actix_rt::spawn(async move {
-            let built = AppState::build(config, keys, log, clock, metrics, false).await;
+            let built = AppState::build(config, keys, log, clock, metrics, Some(placement)).await;
             let _ = tx.send(built.map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e))));
         });
     });
@@ -544,28 +597,110 @@ async fn stop_cell(shared: &Arc<NodeShared>, cell: Arc<Cell>) {
     }
 }
 
-/// Answers requests forwarded to `partition`: each runs through this node's own HTTP stack.
+/// Answers what is sent to `partition`'s subject: HTTP requests run through this node's own
+/// HTTP stack, registry calls on the cell's registries (on the cells' arbiter).
 fn forwarded_handler(shared: Arc<NodeShared>, partition: Partition) -> Handler {
     Arc::new(move |request: Vec<u8>| {
         let shared = shared.clone();
         Box::pin(async move {
-            let answer = match codec::decode::<HttpCall>(&request) {
-                Ok(call) => shared
-                    .loopback
-                    .send(shared.port.load(Ordering::Acquire), partition, call)
-                    .await
-                    .unwrap_or_else(|e| {
-                        error_answer(StatusCode::SERVICE_UNAVAILABLE, "forward_failed", &e)
-                    }),
-                Err(e) => error_answer(
+            match codec::decode::<Routed>(&request) {
+                Ok(Routed::Http(call)) => {
+                    let answer = shared
+                        .loopback
+                        .send(shared.port.load(Ordering::Acquire), partition, call)
+                        .await
+                        .unwrap_or_else(|e| {
+                            error_answer(StatusCode::SERVICE_UNAVAILABLE, "forward_failed", &e)
+                        });
+                    codec::encode(&answer).unwrap_or_default()
+                }
+                Ok(Routed::Registry(call)) => {
+                    let answer = serve_registry_call(&shared, partition, call).await;
+                    codec::encode(&answer).unwrap_or_default()
+                }
+                Err(e) => codec::encode(&error_answer(
                     StatusCode::BAD_REQUEST,
                     "malformed_forward",
-                    &format!("not a forwarded request: {e}"),
-                ),
-            };
-            codec::encode(&answer).unwrap_or_default()
+                    &format!("not a routed request: {e}"),
+                ))
+                .unwrap_or_default(),
+            }
         })
     })
+}
+
+/// Runs a registry call on `partition`'s cell, if this node still serves it.
+async fn serve_registry_call(
+    shared: &Arc<NodeShared>,
+    partition: Partition,
+    call: RemoteCall,
+) -> RemoteAnswer {
+    let Some(cell) = shared.cells.get(&partition).map(|c| c.clone()) else {
+        return Err(format!("{partition} is changing hands; retry"));
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    // Actors start on the arbiter they are created from: the cell's are all on the node's.
+    shared.arbiter.spawn_fn(move || {
+        actix_rt::spawn(async move {
+            let answer = cell.state.wallets.runtime().registries.serve(call).await;
+            let _ = tx.send(answer);
+        });
+    });
+    rx.await
+        .unwrap_or_else(|_| Err("the cells' arbiter stopped".into()))
+}
+
+/// Where a cell's runtime finds the streams of other partitions: on their holders, through the
+/// router, addressed by the epoch of the holder's lease as this node last read it.
+struct CellPlacement {
+    partition: Partition,
+    shared: std::sync::Weak<NodeShared>,
+}
+
+impl Placement for CellPlacement {
+    fn is_local(&self, stream: &str) -> bool {
+        match self.shared.upgrade() {
+            Some(shared) => shared.settings.partitions.of(stream) == self.partition,
+            // The node is stopping: nothing leaves it any more.
+            None => true,
+        }
+    }
+
+    fn call(
+        &self,
+        stream: &str,
+        call: RemoteCall,
+    ) -> BoxFuture<'static, Result<RemoteAnswer, String>> {
+        let shared = self.shared.upgrade();
+        let stream = stream.to_owned();
+        Box::pin(async move {
+            let shared = shared.ok_or("the node is stopping")?;
+            let partition = shared.settings.partitions.of(&stream);
+            let epoch = shared
+                .holder_epoch(partition)
+                .ok_or_else(|| format!("{partition} is changing hands (no holder right now)"))?;
+            let encoded = codec::encode(&Routed::Registry(call)).map_err(|e| e.to_string())?;
+            let router = shared.router.clone();
+            let sent = shared
+                .cluster
+                .spawn(async move { router.request(partition, epoch, encoded).await })
+                .await
+                .map_err(|e| e.to_string())?;
+            let outcome = match &sent {
+                Ok(_) => "answered",
+                Err(RouteError::NoOwner(_)) => "no_owner",
+                Err(_) => "unreachable",
+            };
+            shared
+                .cluster_metrics
+                .commands
+                .with_label_values(&[outcome])
+                .inc();
+            let bytes = sent.map_err(|e| e.to_string())?;
+            codec::decode::<RemoteAnswer>(&bytes)
+                .map_err(|e| format!("{partition}'s holder answered something unreadable: {e}"))
+        })
+    }
 }
 
 fn error_answer(status: StatusCode, code: &str, message: &str) -> HttpAnswer {
@@ -728,6 +863,17 @@ pub(crate) async fn dispatch(
             return Ok(req.into_response(response));
         }
         Place::Entity(entity) => entity,
+        Place::BodyField { prefix, field } => {
+            let body = req.extract::<web::Bytes>().await?;
+            // A body without the id goes where the empty id hashes to: the handler there
+            // refuses it as a single node would.
+            let id = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|json| json.get(field)?.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            req.set_payload(actix_web::dev::Payload::from(body));
+            format!("{prefix}:{id}")
+        }
     };
     let partition = shared.settings.partitions.of(&entity);
     if let Some(cell) = shared.cells.get(&partition).map(|c| c.clone()) {
@@ -754,12 +900,7 @@ pub(crate) async fn dispatch(
     }
     // The holder as this node last read the leases (every TTL/8): addressed by its epoch, so
     // that a holder paused past its lease, still subscribed, is never asked.
-    let epoch = shared.view.borrow().as_ref().and_then(|view| {
-        view.leases
-            .get(usize::from(partition.0))
-            .and_then(|lease| lease.epoch)
-    });
-    let Some(epoch) = epoch else {
+    let Some(epoch) = shared.holder_epoch(partition) else {
         return Ok(req.into_response(moving(partition, "no node holds it right now")));
     };
     let body = req.extract::<web::Bytes>().await?;
@@ -777,7 +918,8 @@ pub(crate) async fn dispatch(
         ),
         body: body.to_vec(),
     };
-    let encoded = codec::encode(&call).map_err(actix_web::error::ErrorInternalServerError)?;
+    let encoded =
+        codec::encode(&Routed::Http(call)).map_err(actix_web::error::ErrorInternalServerError)?;
     let router = shared.router.clone();
     let sent = shared
         .cluster
@@ -989,7 +1131,19 @@ mod tests {
             Place::Entity("wallet:u42".into())
         );
         assert_eq!(place("/v1/wallets/u42/rewards"), Place::NotInCluster);
-        assert_eq!(place("/v1/packets/p1"), Place::NotInCluster);
+        assert_eq!(place("/v1/packets/p1"), Place::Entity("packet:p1".into()));
+        assert_eq!(
+            place("/v1/packets/p1/claims"),
+            Place::Entity("packet:p1".into())
+        );
+        assert_eq!(
+            place("/v1/packets"),
+            Place::BodyField {
+                prefix: "packet",
+                field: "packet_id"
+            }
+        );
+        assert_eq!(place("/v1/coupons/issue"), Place::NotInCluster);
         assert_eq!(place("/v1/admin/cluster"), Place::Node);
         assert_eq!(place("/healthz"), Place::Node);
     }

@@ -147,7 +147,7 @@ impl Reward {
 
 /// What a reward token carries: enough to credit the reward without a lookup, bound together
 /// by the token's signature (see `crate::tokens`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RewardClaim {
     pub activity_id: Id,
     pub order_id: Id,
@@ -213,7 +213,7 @@ pub struct Budgets {
     pub subsidy: Fen,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ActivityCommand {
     /// Sets the budget totals (raising is allowed, lowering below what is accepted is not).
     SetBudget(Budgets),
@@ -290,7 +290,7 @@ impl ActivityEvent {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ActivityReply {
     Budget {
         budget: Option<Budgets>,
@@ -305,7 +305,7 @@ pub enum ActivityReply {
     Failed,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum ActivityError {
     #[error("order {order_id} was already accepted with a different payload")]
     IdempotencyConflict { order_id: Id },

@@ -131,7 +131,7 @@ pub struct CouponIntake {
     pub memos: HashMap<u128, IntakeMemo>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum IntakeCommand {
     /// Accepts requests durably (merged: one event for all the new ones).
     Accept { requests: Vec<IssueRequest> },
@@ -165,7 +165,7 @@ impl IntakeEvent {
 }
 
 /// The answer to one request of an `Accept`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Acceptance {
     /// Accepted now.
     New,
@@ -175,7 +175,7 @@ pub enum Acceptance {
     Conflict,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum IntakeReply {
     Accepted(Vec<Acceptance>),
     /// The verdict of each request after the command.
@@ -183,7 +183,7 @@ pub enum IntakeReply {
 }
 
 /// Intake commands cannot be refused as a whole.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum IntakeError {}
 
 impl Aggregate for CouponIntake {
@@ -367,13 +367,13 @@ impl CouponBatch {
 }
 
 /// A batch's spec and issued count: what the local stock view keeps.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchInfo {
     pub spec: BatchSpec,
     pub issued: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BatchCommand {
     Create(BatchSpec),
     /// Decides a merged group of requests `(seq_no, uid)` at once.
@@ -421,7 +421,7 @@ impl BatchEvent {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BatchReply {
     Info(BatchInfo),
     /// One outcome per request, in order, and the batch's issued count after.
@@ -431,7 +431,7 @@ pub enum BatchReply {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum BatchError {
     #[error("batch id already used with another spec")]
     IdempotencyConflict,
@@ -625,7 +625,7 @@ pub struct CouponGroup {
     pub places: HashMap<u128, Place>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum GroupCommand {
     Reserve { requests: Vec<IssueRequest> },
     Release { requests: Vec<IssueRequest> },
@@ -654,7 +654,7 @@ impl GroupEvent {
 }
 
 /// Group commands cannot be refused as a whole.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum GroupError {}
 
 impl Aggregate for CouponGroup {

@@ -50,10 +50,12 @@ pub enum Decision<E, R> {
 pub trait Aggregate:
     Default + Clone + Send + Unpin + Serialize + DeserializeOwned + 'static
 {
-    type Command: Clone + Send + std::fmt::Debug + 'static;
+    /// Commands, replies and refusals are serde types: a cluster node sends a command for an
+    /// entity of another partition to that partition's holder and gets the answer back.
+    type Command: Clone + Send + std::fmt::Debug + Serialize + DeserializeOwned + 'static;
     type Event: Clone + Send + std::fmt::Debug + 'static;
-    type Reply: Clone + Send + std::fmt::Debug + 'static;
-    type Error: Clone + Send + std::fmt::Debug + 'static;
+    type Reply: Clone + Send + std::fmt::Debug + Serialize + DeserializeOwned + 'static;
+    type Error: Clone + Send + std::fmt::Debug + Serialize + DeserializeOwned + 'static;
 
     /// Prefix of this aggregate's stream ids (`wallet` gives `wallet:<id>`).
     const STREAM_PREFIX: &'static str;

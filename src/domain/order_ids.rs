@@ -68,7 +68,7 @@ impl OrderClaim {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OrderIdCommand {
     /// Claims each order id for its activity and payload (1 to [`CLAIMS_PER_COMMAND_MAX`]).
     Claim { claims: Vec<OrderClaim> },
@@ -89,7 +89,7 @@ impl OrderIdEvent {
 }
 
 /// What a claim got.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClaimOutcome {
     /// First use of the order id: it is now bound to this activity and payload.
     Claimed,
@@ -100,10 +100,10 @@ pub enum ClaimOutcome {
 }
 
 /// One outcome per claim, in the command's order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClaimReply(pub Vec<ClaimOutcome>);
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum OrderIdError {
     #[error("a claim command carries 1 to {CLAIMS_PER_COMMAND_MAX} claims, not {0}")]
     BadSize(usize),

@@ -98,7 +98,7 @@ impl PacketState {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PacketCommand {
     Create(PacketSpec),
     /// May a payment be taken now? Answers the packet's state if it may (or if it was paid
@@ -159,7 +159,7 @@ impl PacketEvent {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum PacketError {
     #[error("packet id already used with another payload")]
     IdempotencyConflict,
@@ -190,7 +190,7 @@ pub struct ClaimRecord {
     pub at_ms: Millis,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PacketReply {
     /// The packet after the command.
     State {

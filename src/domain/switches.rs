@@ -34,7 +34,7 @@ pub fn default_of(name: &str) -> Option<bool> {
         .map(|(_, on, _)| *on)
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SetSwitch {
     pub name: String,
     pub on: bool,
@@ -67,7 +67,7 @@ impl SwitchEvent {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum SwitchError {
     #[error("no switch named {0}")]
     Unknown(String),

@@ -133,7 +133,7 @@ impl Entry {
 }
 
 /// Commands a wallet accepts.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WalletCommand {
     /// Adds money to the entry's account (deposit, reward). `source` names where the money
     /// comes from when an order id alone does not (a reward's activity); it is part of the
@@ -224,7 +224,7 @@ impl WalletEvent {
 }
 
 /// The answer to an accepted command (new or replayed).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Movement {
     pub line: Line,
     pub account: Account,
@@ -234,7 +234,7 @@ pub struct Movement {
     pub barred: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum WalletError {
     #[error("order {order_id} was already used with a different payload")]
     IdempotencyConflict { order_id: Id },

@@ -115,7 +115,7 @@ pub struct WithdrawalRequest {
 }
 
 /// A payout attempt's definite outcome.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PayoutResult {
     Succeeded,
     /// Refused, throttled, or an unknown outcome that the channel's record showed as not paid.
@@ -124,7 +124,7 @@ pub enum PayoutResult {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WithdrawalCommand {
     Request(WithdrawalRequest),
     /// The wallet debited the amount.
@@ -238,7 +238,7 @@ impl WithdrawalEvent {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum WithdrawalError {
     #[error("order was already requested with a different payload")]
     IdempotencyConflict,
@@ -558,7 +558,7 @@ impl Default for WithdrawalPolicy {
 }
 
 /// Why a withdrawal is refused before any money moves.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum Gate {
     #[error("the minimum withdrawal is {min}")]
     BelowMinimum { min: Fen },
@@ -569,7 +569,7 @@ pub enum Gate {
     NotYetOpenForUser { opens_at_ms: Option<Millis> },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("invalid policy: {0}")]
 pub struct PolicyError(pub String);
 
@@ -706,7 +706,7 @@ pub struct PolicyState {
 }
 
 /// Replace the policy; `by` is the key that asks.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SetPolicy {
     pub policy: WithdrawalPolicy,
     pub by: ChangedBy,
@@ -800,7 +800,7 @@ pub struct Payee {
     pub methods: Vec<PayoutMethod>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BindMethod {
     pub channel: Channel,
     pub account: String,
@@ -811,7 +811,7 @@ pub enum PayeeEvent {
     MethodBound(PayoutMethod),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum PayeeError {
     #[error("accounts are 1-{ACCOUNT_CHARS_MAX} printable characters")]
     InvalidAccount,

@@ -269,16 +269,18 @@ pub struct Application {
 }
 
 impl AppState {
-    /// Everything that serves one log: its views, actors and flows. `continuous_audit` is off
-    /// for a cluster partition (the audit of a cluster replays every partition offline).
+    /// Everything that serves one log: its views, actors and flows. A cluster partition gives
+    /// the `placement` of the streams it does not serve, and has no continuous audit (the
+    /// audit of a cluster replays every partition offline).
     pub async fn build(
         config: Config,
         keys: Keys,
         log: Arc<dyn crate::events::Log>,
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
-        continuous_audit: bool,
+        placement: Option<Arc<dyn crate::actors::Placement>>,
     ) -> Result<AppState, ServeError> {
+        let continuous_audit = placement.is_none();
         let (state_db, store_guarantee) = (log.state_db().clone(), log.describe());
         let dyn_store: Arc<dyn EventStore> = log;
         let store = dyn_store.clone();
@@ -305,15 +307,19 @@ impl AppState {
             clock: clock.clone(),
             metrics: metrics.clone(),
             config: config.actors(),
+            placement,
+            registries: Default::default(),
         });
         let wallets = Registry::new(runtime.clone());
         let activities = Registry::new(runtime.clone());
         let order_claims =
             crate::flows::order_claims::OrderClaims::start(Registry::new(runtime.clone()));
-        let switches = Board::load(Registry::new(runtime.clone()))
+        // (Pinned: on a cluster node each partition keeps its own switches and policy, at
+        // their defaults, until they are streams of the fleet.)
+        let switches = Board::load(Registry::pinned(runtime.clone()))
             .await
             .map_err(|e| ServeError::Store(StoreError::Io(format!("cannot load switches: {e}"))))?;
-        let policy = Board::load(Registry::new(runtime.clone()))
+        let policy = Board::load(Registry::pinned(runtime.clone()))
             .await
             .map_err(|e| {
                 ServeError::Store(StoreError::Io(format!(
@@ -485,7 +491,7 @@ impl Application {
         let log = crate::events::open_log(&config, true, clock.clone(), metrics.clone())?;
         let checkpoints = start_checkpoints(&config, log.clone(), clock.clone())?;
         let state = web::Data::new(
-            AppState::build(config.clone(), keys, log, clock, metrics.clone(), true).await?,
+            AppState::build(config.clone(), keys, log, clock, metrics.clone(), None).await?,
         );
         let app_state = state.clone();
         let metrics = web::Data::from(metrics);

@@ -30,7 +30,16 @@ const MEMORY_ONLY: &[&str] = &["get_policy", "list_switches", "get_channel"];
 
 /// Operations a cluster node (`serve --node-id`) serves; every other `/v1` operation answers
 /// `501 not_in_cluster` there (its work crosses partitions; `docs/ARCHITECTURE.md`, "Cluster").
-pub const CLUSTER_SERVED: &[&str] = &["deposit", "get_wallet", "get_ledger", "cluster_view"];
+pub const CLUSTER_SERVED: &[&str] = &[
+    "deposit",
+    "get_wallet",
+    "get_ledger",
+    "cluster_view",
+    "create",
+    "pay",
+    "claim",
+    "details",
+];
 
 /// The modifier: see the module documentation.
 pub struct CommonStatuses;

@@ -23,6 +23,8 @@ fn registry(
         clock: Arc::new(ManualClock::new(0)),
         metrics: metrics.clone(),
         config,
+        placement: None,
+        registries: Default::default(),
     });
     (Registry::new(runtime), metrics)
 }

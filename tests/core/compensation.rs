@@ -103,6 +103,8 @@ fn stuck_orders_are_compensated_per_state_after_the_age() {
             clock: Arc::new(clock.clone()),
             metrics: metrics.clone(),
             config: ActorConfig::default(),
+            placement: None,
+            registries: Default::default(),
         });
         let wallets: Arc<Registry<Wallet>> = Registry::new(runtime.clone());
         let channel = Arc::new(HangingChannel {
@@ -299,6 +301,8 @@ fn a_payout_lane_and_the_sweeper_never_drive_one_order_at_once() {
             clock: Arc::new(clock.clone()),
             metrics: metrics.clone(),
             config: ActorConfig::default(),
+            placement: None,
+            registries: Default::default(),
         });
         let wallets: Arc<Registry<Wallet>> = Registry::new(runtime.clone());
         let channel = Arc::new(GatedChannel::default());
@@ -392,6 +396,8 @@ fn a_debit_still_on_its_way_when_the_sweeper_abandons_the_order_never_lands() {
             clock: Arc::new(clock.clone()),
             metrics: Arc::new(Metrics::new()),
             config: ActorConfig::default(),
+            placement: None,
+            registries: Default::default(),
         });
         let wallets: Arc<Registry<Wallet>> = Registry::new(runtime.clone());
         let withdrawals = Withdrawals::new(

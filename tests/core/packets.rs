@@ -36,6 +36,8 @@ fn world(store: &Arc<SledStore>) -> World {
         clock: Arc::new(clock.clone()),
         metrics: Arc::new(Metrics::new()),
         config: ActorConfig::default(),
+        placement: None,
+        registries: Default::default(),
     });
     let wallets: Arc<Registry<Wallet>> = Registry::new(runtime.clone());
     let packets = Packets::new(
