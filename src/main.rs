@@ -92,7 +92,8 @@ struct ClusterArgs {
     /// the node holds a fair share of the partitions and forwards every other request to
     /// the partition's holder. The nodes must share their API keys (HONGBAO_ADMIN_KEY,
     /// HONGBAO_ISSUER_KEY, HONGBAO_GATEWAY_KEY, HONGBAO_TOKEN_SECRET). A cluster node serves
-    /// the wallet and operations endpoints; the others answer 501 not_in_cluster for now.
+    /// the wallet, red packet, switch, withdrawal-policy and operations endpoints; the others
+    /// answer 501 not_in_cluster for now.
     #[arg(long, value_name = "ID")]
     node_id: Option<String>,
     /// Partitions of the deployment, 1 to 1000, the same on every node (checked at start).
@@ -132,8 +133,9 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// Audit every partition log of the cluster deployment on --store nats://... (the
-        /// partition count is read from the deployment): each log replayed and checked with
-        /// every invariant and view; a partition without a log fails the audit.
+        /// partition count is read from the deployment) as one set of books: each log's chain
+        /// and views checked on their own, every invariant over all of them (money moves
+        /// between partitions); a partition without a log fails the audit.
         #[arg(long)]
         cluster: bool,
     },

@@ -33,7 +33,7 @@
 //!   wait for their flush; then the journal is closed. Actor state needs no saving: it is the log.
 
 mod aggregate;
-mod board;
+pub mod board;
 mod registry;
 
 pub use aggregate::AggregateActor;

@@ -148,8 +148,6 @@ const SWEEP_INTERVAL_MAX: Duration = Duration::from_secs(1);
 pub struct Registry<A: Aggregate> {
     runtime: Arc<Runtime>,
     actors: DashMap<String, Handle<A>>,
-    /// Serves every stream here, whatever the runtime's placement says.
-    pinned: bool,
 }
 
 impl<A: Aggregate> Registry<A> {
@@ -158,21 +156,9 @@ impl<A: Aggregate> Registry<A> {
     /// for `idle_under_pressure` (a campaign touches millions of wallets once each; keeping
     /// them all for minutes would cost gigabytes). The thread ends with the registry.
     pub fn new(runtime: Arc<Runtime>) -> Arc<Registry<A>> {
-        Self::create(runtime, false)
-    }
-
-    /// A registry that serves its streams on this runtime even on a cluster node: each
-    /// partition's own copy of a singleton (switches, the withdrawal policy) until those are
-    /// streams of the fleet.
-    pub fn pinned(runtime: Arc<Runtime>) -> Arc<Registry<A>> {
-        Self::create(runtime, true)
-    }
-
-    fn create(runtime: Arc<Runtime>, pinned: bool) -> Arc<Registry<A>> {
         let registry = Arc::new(Registry {
             runtime,
             actors: DashMap::new(),
-            pinned,
         });
         let serving: Arc<dyn Serve> = registry.clone();
         registry
@@ -249,7 +235,7 @@ impl<A: Aggregate> Registry<A> {
 
     /// The placement to use if `id`'s stream is served by another runtime.
     fn elsewhere(&self, id: &str) -> Option<(Arc<dyn Placement>, String)> {
-        let placement = self.runtime.placement.as_ref().filter(|_| !self.pinned)?;
+        let placement = self.runtime.placement.as_ref()?;
         let stream = Self::stream_id(id);
         (!placement.is_local(&stream)).then(|| (placement.clone(), stream))
     }

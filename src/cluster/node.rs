@@ -11,22 +11,31 @@
 //! guess. A request forwarded once is never forwarded again: a holder that has just let the
 //! partition go answers 503 too.
 //!
-//! Endpoints whose work crosses partitions (rewards, withdrawals, packets, coupons, the
-//! administration of switches, policy and channels) are not served by a cluster node yet: they
-//! answer 501 `not_in_cluster` rather than a wrong answer (docs/ARCHITECTURE.md, "Cluster").
+//! A cell's registries run a command for an entity of another partition on that partition's
+//! holder ([`CellPlacement`], the same subject as forwarded HTTP requests), so flows and
+//! handlers move money between partitions unchanged (red packets are served this way). The
+//! switches and the withdrawal policy are the fleet's: they live in `p000`, and every node
+//! keeps their current state for its cells, read from there every [`SINGLETONS_POLL`].
+//! Endpoints that need what is not built yet (views across partitions: rewards, withdrawals,
+//! coupons, the payment channels' administration) answer 501 `not_in_cluster` rather than a
+//! wrong answer (docs/ARCHITECTURE.md, "Cluster").
 
 use super::membership::{
     check_deployment, Close, ClusterView, Keeper, Lease, PartitionHost, Settings,
 };
 use super::partition::Partition;
 use super::router::{Handler, RouteError, Router, Serving};
-use crate::actors::{Placement, RemoteAnswer, RemoteCall};
+use crate::actors::board::{self, Current};
+use crate::actors::{ExecError, Placement, RemoteAnswer, RemoteCall, RemoteOp};
 use crate::clock::Clock;
 use crate::config::{Config, Keys};
+use crate::domain::switches::Switches;
+use crate::domain::withdrawal::PolicyState;
+use crate::domain::Aggregate;
 use crate::events::codec;
 use crate::events::jetstream_store::{JetStreamConfig, JetStreamStore};
 use crate::http::error::ApiError;
-use crate::http::{AppState, ServeError};
+use crate::http::{AppState, CellContext, ServeError};
 use crate::metrics::Metrics;
 use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{Extensions, Server, ServerHandle, ServiceRequest, ServiceResponse};
@@ -52,6 +61,9 @@ const RETRY_AFTER_MS: u64 = 1_000;
 const VIEW_CATCH_UP_MAX: Duration = Duration::from_secs(30);
 /// Longest wait for the holder's answer to a forwarded request.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a node reads the fleet's singletons (switches, withdrawal policy) from their
+/// home partitions: a change made through another node is in force here within about this.
+const SINGLETONS_POLL: Duration = Duration::from_millis(250);
 
 /// Where a request is served.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +98,14 @@ pub fn place(path: &str) -> Place {
             Place::Entity(format!("packet:{id}"))
         }
         ["v1", "admin", "cluster"] => Place::Node,
+        ["v1", "admin", "switches"] | ["v1", "admin", "switches", _] => {
+            Place::Entity(format!("{}:{}", Switches::STREAM_PREFIX, board::STREAM_ID))
+        }
+        ["v1", "admin", "withdrawal-policy"] => Place::Entity(format!(
+            "{}:{}",
+            PolicyState::STREAM_PREFIX,
+            board::STREAM_ID
+        )),
         ["v1", ..] => Place::NotInCluster,
         _ => Place::Node,
     }
@@ -262,6 +282,10 @@ pub struct NodeShared {
     port: AtomicU16,
     loopback: Loopback,
     view: tokio::sync::watch::Receiver<Option<Arc<ClusterView>>>,
+    /// The fleet's switches and withdrawal policy as this node last read them, shared by its
+    /// cells' boards.
+    switches: Arc<Current<Switches>>,
+    policy: Arc<Current<PolicyState>>,
 }
 
 /// A running cluster node.
@@ -361,6 +385,8 @@ impl Node {
             port: AtomicU16::new(0),
             loopback: Loopback::default(),
             view,
+            switches: Current::unloaded(),
+            policy: Current::unloaded(),
         });
         let app_shared = web::Data::from(shared.clone());
         let app_metrics = web::Data::from(metrics);
@@ -378,6 +404,18 @@ impl Node {
             .spawn(Keeper::start(settings, buckets, host))
             .await
             .map_err(|e| NodeError::Other(e.to_string()))??;
+        // The fleet's singletons, read from their home partitions for as long as the node runs.
+        let poller = Arc::downgrade(&shared);
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(SINGLETONS_POLL).await;
+                let Some(shared) = poller.upgrade() else {
+                    return;
+                };
+                shared.read_singleton::<Switches>(&shared.switches).await;
+                shared.read_singleton::<PolicyState>(&shared.policy).await;
+            }
+        });
         // The keeper's view, mirrored for the HTTP workers.
         let mut keeper_view = keeper.view();
         runtime.spawn(async move {
@@ -439,6 +477,44 @@ impl Node {
 struct Host(Arc<NodeShared>);
 
 impl NodeShared {
+    /// Reads the singleton `A` (`switches:global`) from its home partition's holder and
+    /// publishes it to the cells if it is newer than what they have. A failure (a hand-over)
+    /// keeps the last state; the next poll tries again.
+    async fn read_singleton<A: Aggregate + Sync>(&self, current: &Current<A>) {
+        let stream = format!("{}:{}", A::STREAM_PREFIX, board::STREAM_ID);
+        let partition = self.settings.partitions.of(&stream);
+        let Some(epoch) = self.holder_epoch(partition) else {
+            return;
+        };
+        let call = Routed::Registry(RemoteCall {
+            prefix: A::STREAM_PREFIX.to_owned(),
+            id: board::STREAM_ID.to_owned(),
+            op: RemoteOp::State,
+        });
+        let Ok(encoded) = codec::encode(&call) else {
+            return;
+        };
+        let read = match self.router.request(partition, epoch, encoded).await {
+            Ok(bytes) => codec::decode::<RemoteAnswer>(&bytes)
+                .map_err(|e| e.to_string())
+                .and_then(|answer| answer)
+                .and_then(|bytes| {
+                    codec::decode::<Result<(A, u64), ExecError<A::Error>>>(&bytes)
+                        .map_err(|e| e.to_string())
+                })
+                .and_then(|result| result.map_err(|e| e.to_string())),
+            Err(e) => Err(e.to_string()),
+        };
+        match read {
+            Ok((state, version)) => {
+                if current.offer(state, version) {
+                    tracing::info!(stream, version, "fleet singleton changed");
+                }
+            }
+            Err(e) => tracing::debug!(stream, error = %e, "fleet singleton not read"),
+        }
+    }
+
     /// The epoch of `partition`'s holder as this node last read the leases (every TTL/8).
     fn holder_epoch(&self, partition: Partition) -> Option<u64> {
         self.view.borrow().as_ref().and_then(|view| {
@@ -548,21 +624,36 @@ async fn open_cell(
         shared.clock.clone(),
         shared.metrics.clone(),
     );
-    let placement: Arc<dyn Placement> = Arc::new(CellPlacement {
-        partition,
-        shared: Arc::downgrade(shared),
-    });
+    let cell = CellContext {
+        placement: Arc::new(CellPlacement {
+            partition,
+            shared: Arc::downgrade(shared),
+        }),
+        switches: shared.switches.clone(),
+        policy: shared.policy.clone(),
+    };
     let (tx, rx) = tokio::sync::oneshot::channel();
     // Actors start on the arbiter they are created from: the cell's are all on the node's.
     shared.arbiter.spawn_fn(move || {
         actix_rt::spawn(async move {
-            let built = AppState::build(config, keys, log, clock, metrics, Some(placement)).await;
+            let built = AppState::build(config, keys, log, clock, metrics, Some(cell)).await;
             let _ = tx.send(built.map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e))));
         });
     });
-    let state = rx
-        .await
-        .map_err(|_| "the cells' arbiter stopped".to_string())??;
+    let state = web::Data::new(
+        rx.await
+            .map_err(|_| "the cells' arbiter stopped".to_string())??,
+    );
+    let cell = Arc::new(Cell {
+        state,
+        epoch: lease.epoch(),
+        serving: tokio::sync::Mutex::new(None),
+    });
+    if let Err(e) = singletons_in_force(shared, partition, &cell.state).await {
+        stop_cell(shared, cell).await;
+        return Err(e);
+    }
+    let state = &cell.state;
     // Served only once its views have caught up with the log as it was found: a partition
     // that moved here answers from views as fresh as its last holder's, not from an old
     // checkpoint (a partition new to this node replays its whole log first).
@@ -574,11 +665,60 @@ async fn open_cell(
             "views still catching up; serving (reads wait up to read_wait_ms each)"
         );
     }
-    Ok(Arc::new(Cell {
-        state: web::Data::new(state),
-        epoch: lease.epoch(),
-        serving: tokio::sync::Mutex::new(None),
-    }))
+    Ok(cell)
+}
+
+/// Makes sure a cell starts under the fleet's switches and withdrawal policy, never under
+/// defaults the fleet has changed: the home partition of a singleton reads it from its own log;
+/// any other waits until the node has read it from its home (a hand-over of the home delays
+/// the open, and the keeper tries again).
+async fn singletons_in_force(
+    shared: &Arc<NodeShared>,
+    partition: Partition,
+    state: &web::Data<AppState>,
+) -> Result<(), String> {
+    // Both live in the same home partition (`Partitions::of`), which reads them from its own
+    // log and waits for nothing.
+    let home = shared
+        .settings
+        .partitions
+        .of(super::partition::FLEET_SINGLETONS[0]);
+    if home == partition {
+        refresh_on_arbiter(shared, state.clone(), false).await?;
+        refresh_on_arbiter(shared, state.clone(), true).await?;
+    }
+    let started = std::time::Instant::now();
+    while !(shared.switches.loaded() && shared.policy.loaded()) {
+        if started.elapsed() > VIEW_CATCH_UP_MAX {
+            return Err(format!(
+                "the fleet's switches and withdrawal policy were not readable within \
+                 {VIEW_CATCH_UP_MAX:?} (their home partition {home} is not served)"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// Refreshes a board of a cell's state on the cells' arbiter (where its actors live).
+async fn refresh_on_arbiter(
+    shared: &Arc<NodeShared>,
+    state: web::Data<AppState>,
+    policy: bool,
+) -> Result<(), String> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    shared.arbiter.spawn_fn(move || {
+        actix_rt::spawn(async move {
+            let refreshed = if policy {
+                state.policy.refresh().await.map_err(|e| e.to_string())
+            } else {
+                state.switches.refresh().await.map_err(|e| e.to_string())
+            };
+            let _ = tx.send(refreshed);
+        });
+    });
+    rx.await
+        .unwrap_or_else(|_| Err("the cells' arbiter stopped".into()))
 }
 
 /// Stops a cell's flows and views and closes its log (on the arbiter its actors run on).
@@ -1144,6 +1284,15 @@ mod tests {
             }
         );
         assert_eq!(place("/v1/coupons/issue"), Place::NotInCluster);
+        // The fleet's singletons are served by their home partition.
+        assert_eq!(
+            place("/v1/admin/switches/c2c_send"),
+            Place::Entity("switches:global".into())
+        );
+        assert_eq!(
+            place("/v1/admin/withdrawal-policy"),
+            Place::Entity("policy:global".into())
+        );
         assert_eq!(place("/v1/admin/cluster"), Place::Node);
         assert_eq!(place("/healthz"), Place::Node);
     }

@@ -66,6 +66,10 @@ impl fmt::Display for Partition {
 #[error("a deployment needs 1 to {PARTITIONS_MAX} partitions, not {0}")]
 pub struct BadPartitionCount(pub u32);
 
+/// The streams of which a deployment has one for the whole fleet: the switches and the
+/// withdrawal policy.
+pub const FLEET_SINGLETONS: [&str; 2] = ["switches:global", "policy:global"];
+
 /// The partition map of a deployment: P partitions, fixed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Partitions(u16);
@@ -82,8 +86,13 @@ impl Partitions {
         self.0
     }
 
-    /// The partition of an entity's stream (`wallet:u42`).
+    /// The partition of an entity's stream (`wallet:u42`). The fleet's singletons
+    /// ([`FLEET_SINGLETONS`]) live together in `p000`: a partition that opens waits until its
+    /// node has read them, so their home must not wait for anything itself.
     pub fn of(self, stream_id: &str) -> Partition {
+        if FLEET_SINGLETONS.contains(&stream_id) {
+            return Partition(0);
+        }
         let digest = Sha256::digest(stream_id.as_bytes());
         let mut first = [0u8; 8];
         first.copy_from_slice(&digest[..8]);
@@ -108,6 +117,16 @@ impl Default for Partitions {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn the_fleet_singletons_share_the_first_partition() {
+        for count in [1, 2, 7, 64, 1000] {
+            let partitions = Partitions::new(count).unwrap();
+            for stream in FLEET_SINGLETONS {
+                assert_eq!(partitions.of(stream), Partition(0), "{stream} of {count}");
+            }
+        }
+    }
 
     #[test]
     fn the_map_is_pinned() {

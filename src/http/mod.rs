@@ -180,6 +180,15 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+/// What a cluster node gives each partition's state (`AppState::build`).
+pub struct CellContext {
+    /// Where the streams of the other partitions are served.
+    pub placement: Arc<dyn crate::actors::Placement>,
+    /// The node's switches and withdrawal policy, shared by its cells.
+    pub switches: Arc<crate::actors::board::Current<Switches>>,
+    pub policy: Arc<crate::actors::board::Current<PolicyState>>,
+}
+
 /// Everything a handler may use.
 pub struct AppState {
     pub config: Config,
@@ -270,17 +279,18 @@ pub struct Application {
 
 impl AppState {
     /// Everything that serves one log: its views, actors and flows. A cluster partition gives
-    /// the `placement` of the streams it does not serve, and has no continuous audit (the
-    /// audit of a cluster replays every partition offline).
+    /// its `cell` context (where the other partitions' streams are, the node's singletons) and
+    /// has no continuous audit (the audit of a cluster replays every partition offline).
     pub async fn build(
         config: Config,
         keys: Keys,
         log: Arc<dyn crate::events::Log>,
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
-        placement: Option<Arc<dyn crate::actors::Placement>>,
+        cell: Option<CellContext>,
     ) -> Result<AppState, ServeError> {
-        let continuous_audit = placement.is_none();
+        let continuous_audit = cell.is_none();
+        let placement = cell.as_ref().map(|c| c.placement.clone());
         let (state_db, store_guarantee) = (log.state_db().clone(), log.describe());
         let dyn_store: Arc<dyn EventStore> = log;
         let store = dyn_store.clone();
@@ -314,18 +324,28 @@ impl AppState {
         let activities = Registry::new(runtime.clone());
         let order_claims =
             crate::flows::order_claims::OrderClaims::start(Registry::new(runtime.clone()));
-        // (Pinned: on a cluster node each partition keeps its own switches and policy, at
-        // their defaults, until they are streams of the fleet.)
-        let switches = Board::load(Registry::pinned(runtime.clone()))
-            .await
-            .map_err(|e| ServeError::Store(StoreError::Io(format!("cannot load switches: {e}"))))?;
-        let policy = Board::load(Registry::pinned(runtime.clone()))
-            .await
-            .map_err(|e| {
-                ServeError::Store(StoreError::Io(format!(
-                    "cannot load the withdrawal policy: {e}"
-                )))
-            })?;
+        // On a cluster node the boards follow the node's singletons (read from their home
+        // partitions) and change them there; on one node they load from this log.
+        let (switches, policy) = match &cell {
+            Some(cell) => (
+                Board::following(Registry::new(runtime.clone()), cell.switches.clone()),
+                Board::following(Registry::new(runtime.clone()), cell.policy.clone()),
+            ),
+            None => (
+                Board::load(Registry::new(runtime.clone()))
+                    .await
+                    .map_err(|e| {
+                        ServeError::Store(StoreError::Io(format!("cannot load switches: {e}")))
+                    })?,
+                Board::load(Registry::new(runtime.clone()))
+                    .await
+                    .map_err(|e| {
+                        ServeError::Store(StoreError::Io(format!(
+                            "cannot load the withdrawal policy: {e}"
+                        )))
+                    })?,
+            ),
+        };
         let payees = Registry::new(runtime.clone());
         let channels = SimulatedChannels::open(&config.data_dir, runtime.clock.clone())?;
         let withdrawals = Withdrawals::new(

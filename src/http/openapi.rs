@@ -39,6 +39,10 @@ pub const CLUSTER_SERVED: &[&str] = &[
     "pay",
     "claim",
     "details",
+    "set_switch",
+    "list_switches",
+    "set_policy",
+    "get_policy",
 ];
 
 /// The modifier: see the module documentation.

@@ -1220,3 +1220,124 @@ fn packet_partition(id: &str) -> u16 {
         .of(&format!("packet:{id}"))
         .0
 }
+
+/// Tries a C2C packet creation through `base` for a sender without money: `201` when C2C
+/// sending is on, `503 c2c_send_off` when the fleet switched it off.
+async fn c2c_create_status(client: &reqwest::Client, base: &str, id: &str) -> (u16, Value) {
+    call(
+        client,
+        reqwest::Method::POST,
+        format!("{base}/v1/packets"),
+        GATEWAY,
+        Some(
+            serde_json::json!({"packet_id": id, "sender_uid": "nobody", "mode": "c2c",
+            "total": 100, "count": 1, "split": "even"}),
+        ),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_changed_through_one_node_is_in_force_on_every_node_and_survives_its_home() {
+    // Goal: the switches are one stream for the fleet (in partition p000): turned off through
+    // one node, C2C sending is refused by every node for packets of every partition within a
+    // moment; every node lists the same switches, naming who changed them; the holder of
+    // their home killed with kill -9, the switch stays off on the survivors and on the node
+    // that takes the home; turned on again, every node creates packets again.
+    let _heavy = super::heavy().await;
+    let Some(mut fleet) = Fleet::start().await else {
+        return;
+    };
+    let client = reqwest::Client::new();
+    let switch = |on: bool| serde_json::json!({ "on": on });
+    let (status, body) = call(
+        &client,
+        reqwest::Method::PUT,
+        format!("{}/v1/admin/switches/c2c_send", fleet.base(2)),
+        ADMIN,
+        Some(switch(false)),
+    )
+    .await;
+    assert_eq!(
+        (status, &body["c2c_send"]),
+        (200, &Value::Bool(false)),
+        "{body}"
+    );
+    // Every node, packets of many partitions: refused once each node has read the change.
+    let refused_everywhere = |fleet: &Fleet, round: &'static str| {
+        let (client, bases) = (client.clone(), fleet.bases());
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            for (i, base) in bases.iter().enumerate() {
+                for k in 0..8 {
+                    let id = format!("sw-{round}-{i}-{k}");
+                    loop {
+                        let (status, body) = c2c_create_status(&client, base, &id).await;
+                        if status == 503 && body["code"] == "c2c_send_off" {
+                            break;
+                        }
+                        assert!(Instant::now() < deadline, "{base} {id}: {status} {body}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }
+    };
+    refused_everywhere(&fleet, "off").await;
+    let mut lists = Vec::new();
+    for base in fleet.bases() {
+        let (status, list) = call(
+            &client,
+            reqwest::Method::GET,
+            format!("{base}/v1/admin/switches"),
+            ADMIN,
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{list}");
+        assert_eq!(list["c2c_send"], false, "{list}");
+        assert_eq!(list["changed_by"]["c2c_send"]["role"], "admin", "{list}");
+        lists.push(list);
+    }
+    assert!(lists.windows(2).all(|w| w[0] == w[1]), "{lists:?}");
+    // Kill the node serving p000 (the switches' home); the switch stays off.
+    let view = cluster_view(&client, &fleet.base(0)).await.unwrap();
+    let home = view["partitions"][0]["node"].as_str().unwrap().to_owned();
+    let victim: usize = home.trim_start_matches('n').parse::<usize>().unwrap() - 1;
+    let node = fleet.nodes[victim].take().unwrap();
+    let port = node.port;
+    node.kill9();
+    fleet.wait_balanced(2).await;
+    refused_everywhere(&fleet, "after-kill").await;
+    fleet.restart(victim, port);
+    fleet.wait_balanced(3).await;
+    refused_everywhere(&fleet, "after-restart").await;
+    // On again, through another node: every node creates packets again.
+    let (status, body) = call(
+        &client,
+        reqwest::Method::PUT,
+        format!(
+            "{}/v1/admin/switches/c2c_send",
+            fleet.base((victim + 1) % 3)
+        ),
+        ADMIN,
+        Some(switch(true)),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for (i, base) in fleet.bases().iter().enumerate() {
+        for k in 0..8 {
+            let id = format!("sw-on-{i}-{k}");
+            loop {
+                let (status, body) = c2c_create_status(&client, base, &id).await;
+                if status == 201 {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{base} {id}: {status} {body}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    fleet.audit().await;
+}
