@@ -207,6 +207,8 @@ struct Auditor {
     /// Several logs (a cluster's partitions) replayed business events first, wallet movements
     /// after: a packet's escrow is checked at the end, not after every movement.
     merged: bool,
+    /// With several logs: every stream in the log the deployment's map gives it.
+    placement: Option<CheckResult>,
 }
 
 /// The reward of `order_id` if `activity` is the one that accepted it (or nothing has accepted
@@ -257,6 +259,7 @@ impl Auditor {
             deviation: 0,
             last_at_ms: 0,
             merged: false,
+            placement: None,
         }
     }
 
@@ -961,8 +964,9 @@ impl Auditor {
             "deposits {} + reward credits {} = balances {balances} + paid out {paid} + in transit {in_transit} + packet escrow {escrow} + returned to budgets {} (fen)",
             self.deposits, self.reward_credits, self.budget_returns
         ));
-        vec![
-            chain,
+        let mut checks = vec![chain];
+        checks.extend(self.placement.clone());
+        checks.extend([
             wallets_check,
             conservation,
             rewards_check,
@@ -971,7 +975,8 @@ impl Auditor {
             channels_check,
             packets_check,
             self.coupons.finish(),
-        ]
+        ]);
+        checks
     }
 }
 
@@ -1110,6 +1115,7 @@ pub fn audit(
         &mut auditor,
         u64::MAX,
         |_| true,
+        |_, _| {},
         |done| progress(done, head),
     )?;
     progress(events, head);
@@ -1129,23 +1135,48 @@ pub fn audit(
 /// movement with a decision therefore see the decision, and a packet's escrow is checked once
 /// every movement is in (`escrow never overdrawn` at the end rather than after each one).
 /// Each log is read twice, up to the head found on the first read.
+///
+/// `home(stream)` is the index in `logs` of the log the deployment files `stream` in: a record
+/// found in another log is named (`placement`), since the nodes would never read it there.
 pub fn audit_logs(
     logs: &[(String, &dyn crate::events::Log)],
+    home: impl Fn(&str) -> usize,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<AuditReport, StoreError> {
     let total: u64 = logs.iter().map(|(_, log)| log.head()).sum::<u64>() * 2;
     let mut auditor = Auditor::new();
     auditor.merged = true;
+    auditor.placement = Some(CheckResult::new(
+        "placement",
+        "every record in the partition the deployment's map gives its stream",
+    ));
     let is_wallet = |e: &Envelope| matches!(e.event, Event::Wallet(_));
     let (mut events, mut done) = (0u64, 0u64);
     let mut heads = Vec::with_capacity(logs.len());
-    for (name, log) in logs {
+    for (index, (name, log)) in logs.iter().enumerate() {
+        let placed = |auditor: &mut Auditor, e: &Envelope| {
+            let Some(check) = auditor.placement.as_mut() else {
+                return;
+            };
+            check.checked += 1;
+            let expected = home(&e.stream);
+            if expected != index {
+                let filed = logs
+                    .get(expected)
+                    .map_or("no partition", |(n, _)| n.as_str());
+                check.violation(format!(
+                    "{name} seq {}: {} belongs in {filed}",
+                    e.seq, e.stream
+                ));
+            }
+        };
         let read = replay(
             *log,
             name,
             &mut auditor,
             u64::MAX,
             |e| !is_wallet(e),
+            placed,
             |n| progress(done + n, total),
         )?;
         heads.push(read);
@@ -1155,9 +1186,15 @@ pub fn audit_logs(
     // The second read checks nothing of the chain (the first did, up to the same head).
     let chain = auditor.chain.clone();
     for ((name, log), head) in logs.iter().zip(heads) {
-        done += replay(*log, name, &mut auditor, head, is_wallet, |n| {
-            progress(done + n, total)
-        })?;
+        done += replay(
+            *log,
+            name,
+            &mut auditor,
+            head,
+            is_wallet,
+            |_, _| {},
+            |n| progress(done + n, total),
+        )?;
     }
     auditor.chain = chain;
     progress(total, total);
@@ -1168,14 +1205,15 @@ pub fn audit_logs(
 }
 
 /// Reads `store` from seq 1 to `until` (or its end), checks each record's place in the chain
-/// (a break named with `name`), and observes the records `wanted` says; returns how many
-/// records were read.
+/// (a break named with `name`), shows every record to `each`, and observes the records
+/// `wanted` says; returns how many records were read.
 fn replay(
     store: &dyn crate::events::Log,
     name: &str,
     auditor: &mut Auditor,
     until: u64,
     wanted: impl Fn(&Envelope) -> bool,
+    mut each: impl FnMut(&mut Auditor, &Envelope),
     mut progress: impl FnMut(u64),
 ) -> Result<u64, StoreError> {
     let mut events = 0u64;
@@ -1186,6 +1224,7 @@ fn replay(
         for batch in rx {
             for envelope in batch.records {
                 auditor.chain.checked += 1;
+                each(auditor, &envelope);
                 if wanted(&envelope) {
                     auditor.check_version(&envelope);
                     auditor.observe(&envelope);

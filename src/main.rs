@@ -846,7 +846,9 @@ fn audit_cluster(common: Common, store: StoreArgs, json: bool) -> anyhow::Result
     if json {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    let mut report = hongbao::audit::audit_logs(&borrowed, |done, _| bar.set_position(done))?;
+    // The map files stream `s` in partition `partitions.of(s)`: the index of its log here.
+    let home = |stream: &str| usize::from(partitions.of(stream).0);
+    let mut report = hongbao::audit::audit_logs(&borrowed, home, |done, _| bar.set_position(done))?;
     bar.finish_and_clear();
     let replay_s = started.elapsed().as_secs_f64();
     // Each partition's views against a rebuild from its own log.

@@ -627,6 +627,7 @@ async fn open_cell(
     let cell = CellContext {
         placement: Arc::new(CellPlacement {
             partition,
+            partitions: shared.settings.partitions,
             shared: Arc::downgrade(shared),
         }),
         switches: shared.switches.clone(),
@@ -775,6 +776,11 @@ async fn serve_registry_call(
     partition: Partition,
     call: RemoteCall,
 ) -> RemoteAnswer {
+    let stream = format!("{}:{}", call.prefix, call.id);
+    if shared.settings.partitions.of(&stream) != partition {
+        // Never run here: it would write the entity into another partition's log.
+        return Err(format!("{stream} is not an entity of {partition}"));
+    }
     let Some(cell) = shared.cells.get(&partition).map(|c| c.clone()) else {
         return Err(format!("{partition} is changing hands; retry"));
     };
@@ -794,16 +800,15 @@ async fn serve_registry_call(
 /// router, addressed by the epoch of the holder's lease as this node last read it.
 struct CellPlacement {
     partition: Partition,
+    /// The deployment's map (fixed): whether a stream is this cell's never depends on the node
+    /// still running.
+    partitions: super::partition::Partitions,
     shared: std::sync::Weak<NodeShared>,
 }
 
 impl Placement for CellPlacement {
     fn is_local(&self, stream: &str) -> bool {
-        match self.shared.upgrade() {
-            Some(shared) => shared.settings.partitions.of(stream) == self.partition,
-            // The node is stopping: nothing leaves it any more.
-            None => true,
-        }
+        self.partitions.of(stream) == self.partition
     }
 
     fn call(

@@ -109,7 +109,9 @@ fn split_history(wallets: &Arc<SledStore>, business: &Arc<SledStore>) {
     );
 }
 
-fn run_audit_logs(logs: &[&Arc<SledStore>]) -> AuditReport {
+/// Audits `logs` together, the wallets filed in `wallets` and everything else in the other
+/// log (the map of `split_history`).
+fn run_audit_logs(logs: &[&Arc<SledStore>], wallets: &Arc<SledStore>) -> AuditReport {
     let named: Vec<(String, &dyn hongbao::events::Log)> = logs
         .iter()
         .enumerate()
@@ -120,7 +122,15 @@ fn run_audit_logs(logs: &[&Arc<SledStore>]) -> AuditReport {
             )
         })
         .collect();
-    audit_logs(&named, |_, _| ()).unwrap()
+    let wallets_at = logs.iter().position(|l| Arc::ptr_eq(l, wallets)).unwrap();
+    let home = |stream: &str| {
+        if stream.starts_with("wallet:") {
+            wallets_at
+        } else {
+            1 - wallets_at
+        }
+    };
+    audit_logs(&named, home, |_, _| ()).unwrap()
 }
 
 #[test]
@@ -134,7 +144,7 @@ fn partitions_audited_together_balance_where_each_alone_cannot() {
     split_history(&wallets, &business);
     assert!(failing(&run_audit(&wallets)).contains(&"reward_credits"));
     for logs in [[&wallets, &business], [&business, &wallets]] {
-        let report = run_audit_logs(&logs);
+        let report = run_audit_logs(&logs, &wallets);
         assert!(report.ok(), "{:#?}", report.checks);
         assert_eq!(report.events, 9);
         let chain = report
@@ -173,9 +183,30 @@ fn a_credit_of_a_reward_voided_in_another_partition_is_named() {
         "wallet:u2",
         vec![credit(Entry::Reward, "r2", 100, 100, Some("cny"))],
     );
-    let report = run_audit_logs(&[&wallets, &business]);
+    let report = run_audit_logs(&[&wallets, &business], &wallets);
     assert_eq!(failing(&report), ["reward_credits"]);
     assert!(examples(&report, "reward_credits").contains("cny/r2 was voided"));
+}
+
+#[test]
+fn a_stream_filed_in_the_wrong_partition_is_named() {
+    // Goal: a record in a partition the deployment's map does not give its stream (the nodes
+    // would never read it there) fails the placement check, named with where it belongs.
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (wallets, business) = (open(a.path()), open(b.path()));
+    split_history(&wallets, &business);
+    append(
+        &business,
+        "wallet:u9",
+        vec![credit(Entry::Deposit, "d9", 10, 10, None)],
+    );
+    let report = run_audit_logs(&[&wallets, &business], &wallets);
+    assert_eq!(failing(&report), ["placement"]);
+    assert!(
+        examples(&report, "placement").contains("p001 seq 7: wallet:u9 belongs in p000"),
+        "{}",
+        examples(&report, "placement")
+    );
 }
 
 #[test]
