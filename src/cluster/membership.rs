@@ -158,6 +158,19 @@ pub struct Buckets {
     leases: kv::Store,
 }
 
+impl Buckets {
+    /// The epoch of `partition`'s lease as the bucket has it now (`None`: free, or unreadable):
+    /// for a caller that cannot wait for the next planning round's view.
+    pub async fn holder_epoch(&self, partition: Partition) -> Option<u64> {
+        let entry = self.leases.entry(partition.key()).await.ok()??;
+        if entry.operation != kv::Operation::Put {
+            return None;
+        }
+        let value: LeaseValue = serde_json::from_slice(&entry.value).ok()?;
+        Some(value.epoch.unwrap_or(entry.revision))
+    }
+}
+
 async fn bucket(
     js: &jetstream::Context,
     name: &str,
@@ -856,6 +869,9 @@ async fn plan_once(shared: &Arc<Shared>) -> Result<(), ClusterError> {
             Err(e) => tracing::debug!(%partition, error = %e, "lease not taken"),
         }
     }
+    // The holders read, published before the opens (which may wait for a partition another
+    // node holds, found through this view), and again with what was won.
+    publish_view(shared, &live, &read);
     // Opened together: a node taking over a dead node's share opens many partitions.
     take_all(shared, won).await;
     publish_view(shared, &live, &read);

@@ -286,6 +286,8 @@ pub struct NodeShared {
     /// cells' boards.
     switches: Arc<Current<Switches>>,
     policy: Arc<Current<PolicyState>>,
+    /// The deployment's buckets, to find a partition's holder between two planning rounds.
+    buckets: super::membership::Buckets,
 }
 
 /// A running cluster node.
@@ -387,6 +389,7 @@ impl Node {
             view,
             switches: Current::unloaded(),
             policy: Current::unloaded(),
+            buckets: buckets.clone(),
         });
         let app_shared = web::Data::from(shared.clone());
         let app_metrics = web::Data::from(metrics);
@@ -483,9 +486,6 @@ impl NodeShared {
     async fn read_singleton<A: Aggregate + Sync>(&self, current: &Current<A>) {
         let stream = format!("{}:{}", A::STREAM_PREFIX, board::STREAM_ID);
         let partition = self.settings.partitions.of(&stream);
-        let Some(epoch) = self.holder_epoch(partition) else {
-            return;
-        };
         let call = Routed::Registry(RemoteCall {
             prefix: A::STREAM_PREFIX.to_owned(),
             id: board::STREAM_ID.to_owned(),
@@ -494,7 +494,18 @@ impl NodeShared {
         let Ok(encoded) = codec::encode(&call) else {
             return;
         };
-        let read = match self.router.request(partition, epoch, encoded).await {
+        // The holder as last planned; if that is unknown or gone, as the bucket has it now
+        // (a node's first opens wait for these states while its keeper's round is not over).
+        let mut sent = match self.holder_epoch(partition) {
+            Some(epoch) => self.router.request(partition, epoch, encoded.clone()).await,
+            None => Err(RouteError::NoOwner(partition)),
+        };
+        if matches!(sent, Err(RouteError::NoOwner(_))) {
+            if let Some(epoch) = self.buckets.holder_epoch(partition).await {
+                sent = self.router.request(partition, epoch, encoded).await;
+            }
+        }
+        let read = match sent {
             Ok(bytes) => codec::decode::<RemoteAnswer>(&bytes)
                 .map_err(|e| e.to_string())
                 .and_then(|answer| answer)

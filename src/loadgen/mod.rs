@@ -86,6 +86,11 @@ pub struct LoadgenArgs {
     /// Drive an already running server (http://HOST:PORT) instead of an in-process one.
     #[arg(long, value_name = "URL")]
     pub target: Option<String>,
+    /// packets with --target on a cluster node: the other nodes (http://HOST:PORT,...), whose
+    /// /metrics count the packet transfers their partitions make (the load generator waits
+    /// for every share's transfer, wherever the packet's partition is served).
+    #[arg(long, value_name = "URL", value_delimiter = ',')]
+    pub fleet: Vec<String>,
     /// Admin key for --target.
     #[arg(long, env = "HONGBAO_ADMIN_KEY", hide_env_values = true)]
     pub admin_key: Option<String>,
@@ -1084,6 +1089,15 @@ fn withdrawals(args: &LoadgenArgs) -> Result<(), LoadgenError> {
     target.stop()
 }
 
+/// The address of a `--fleet` node (`http://IP:PORT`).
+fn fleet_addr(url: &str) -> Result<SocketAddr, LoadgenError> {
+    url.strip_prefix("http://")
+        .unwrap_or(url)
+        .trim_end_matches('/')
+        .parse()
+        .map_err(|_| LoadgenError::Usage(format!("--fleet takes http://IP:PORT, got {url}")))
+}
+
 /// Creates and pays a C2C packet of `shares` lucky shares on hongbao.
 fn hongbao_packet(target: &Target, packet: &str, shares: u32) -> Result<(), LoadgenError> {
     let total = u64::from(shares) * packets::SHARE_MEAN_FEN;
@@ -1226,9 +1240,22 @@ fn hot_packet(args: &LoadgenArgs) -> Result<(), LoadgenError> {
             None
         };
         let durable = durability(&runtime, backend, &claimer);
+        // Where packet transfers are counted: the target, and on a cluster every other node.
+        let counted: Vec<SocketAddr> = match &target {
+            Some(t) => std::iter::once(Ok(t.addr))
+                .chain(args.fleet.iter().map(|url| fleet_addr(url)))
+                .collect::<Result<_, _>>()?,
+            None => Vec::new(),
+        };
+        let transfers = || -> f64 {
+            counted
+                .iter()
+                .map(|addr| metric_value(&scrape(*addr), "hongbao_packet_transfers_total"))
+                .sum()
+        };
         for r in 0..args.rounds {
             let packet = format!("lg-{run_id}-{}-{r}", backend.name());
-            let transfers_before = target.as_ref().map(|t| scrape(t.addr));
+            let transfers_before = target.as_ref().map(|t| (scrape(t.addr), transfers()));
             match &target {
                 Some(t) => hongbao_packet(t, &packet, args.shares)?,
                 None => runtime.block_on(packets::prepare_baseline(
@@ -1241,14 +1268,11 @@ fn hot_packet(args: &LoadgenArgs) -> Result<(), LoadgenError> {
             let result = runtime.block_on(packets::round(claimer.clone(), &packet, args.clients));
             // hongbao moves each share from escrow to its winner after the answer: how long
             // until every transfer of the round is done.
-            let transfer_s = match (&target, &transfers_before) {
-                (Some(t), Some(before)) => {
-                    let name = "hongbao_packet_transfers_total";
+            let transfer_s = match &transfers_before {
+                Some((_, before)) => {
                     let started = std::time::Instant::now();
-                    let goal = metric_value(before, name) + f64::from(args.shares);
-                    while metric_value(&scrape(t.addr), name) < goal
-                        && started.elapsed() < Duration::from_secs(120)
-                    {
+                    let goal = before + f64::from(args.shares);
+                    while transfers() < goal && started.elapsed() < Duration::from_secs(120) {
                         std::thread::sleep(Duration::from_millis(20));
                     }
                     format!(
@@ -1282,7 +1306,7 @@ fn hot_packet(args: &LoadgenArgs) -> Result<(), LoadgenError> {
                     args.shares
                 ));
             }
-            if let (Some(t), Some(before)) = (&target, &transfers_before) {
+            if let (Some(t), Some((before, _))) = (&target, &transfers_before) {
                 journal_line(before, &scrape(t.addr), result.claiming.as_secs_f64());
             }
             if let Some(e) = &result.first_failure {
