@@ -2,8 +2,11 @@
 # Reproduces the "Cluster (issue 13): nodes" figures of docs/BENCHMARKS.md on one machine:
 # deposits through one, two and three `hongbao serve --node-id` nodes on one synced
 # nats-server (64 partitions), beside a single node on sled and on JetStream and the hello
-# baseline, all in the same run; then the hand-over after `kill -9` of a node (time until every
-# partition is served again, over KILLS kills).
+# baseline, all in the same run; a hot red packet claimed through the first node of each fleet
+# (the packet, its sender's wallet and its claimers' wallets in different partitions: every
+# transfer is a command sent to another partition's holder), beside the same on a single
+# JetStream node; then the hand-over after `kill -9` of a node (time until every partition is
+# served again, over KILLS kills).
 #
 # Each node gets its share of the load from a load generator of its own (`loadgen deposits
 # --target`), so about (N-1)/N of each node's requests are forwarded to another node. On a
@@ -26,6 +29,11 @@ PARTITIONS="${PARTITIONS:-64}"
 LEASE_TTL_MS="${LEASE_TTL_MS:-4000}"
 KEEP="${KEEP:-0}"
 SKIP_LOAD="${SKIP_LOAD:-0}"
+# The hot packet: shares, concurrent claimers, connections, packets per fleet.
+SHARES="${SHARES:-2000}"
+CLIENTS="${CLIENTS:-200}"
+POOL="${POOL:-32}"
+ROUNDS="${ROUNDS:-2}"
 LOG="${1:-bench-cluster-$(date -u +%Y%m%dT%H%M%SZ).log}"
 HONGBAO="${HONGBAO:-target/release/hongbao}"
 
@@ -169,6 +177,17 @@ for f in files:
             rate += float(cols[5]); p99 = max(p99, float(cols[7]))
 print(f"fleet of {n}: {rate:.0f} deposits/s in all ({rate/int(n):.0f} per node), worst p99 {p99:.2f} ms, {ok} ok, {errors} errors")
 EOF
+  # The hot packet through the first node; the others' metrics count the transfers their
+  # partitions make.
+  local others=()
+  for id in "${ids[@]:1}"; do others+=("http://127.0.0.1:${NODE_PORT[$id]}"); done
+  local fleet_arg=()
+  if [ "${#others[@]}" -gt 0 ]; then fleet_arg=(--fleet "$(IFS=,; echo "${others[*]}")"); fi
+  echo "-- hot packet through n1 (fleet of $n):"
+  HONGBAO_GATEWAY_KEY="bench-gateway-0123456789abcdef" "$HONGBAO" loadgen packets \
+    --target "http://127.0.0.1:${NODE_PORT[n1]}" --admin-key "$ADMIN_KEY" "${fleet_arg[@]}" \
+    --backends hongbao --shares "$SHARES" --clients "$CLIENTS" --pool "$POOL" \
+    --rounds "$ROUNDS" --no-baseline
   # The fleet of three stays for the hand-over measurement.
   [ "$n" = 3 ] || stop_nodes "${ids[@]}"
 }
@@ -185,6 +204,8 @@ EOF
     run loadgen deposits --in-flight "$IN_FLIGHT" --duration-s "$DURATION" --no-baseline
     run loadgen deposits --store "$JS" --replicas 1 --single-replica-synced \
       --in-flight "$IN_FLIGHT" --duration-s "$DURATION" --no-baseline
+    run loadgen packets --store "$JS" --replicas 1 --single-replica-synced --backends hongbao \
+      --shares "$SHARES" --clients "$CLIENTS" --pool "$POOL" --rounds "$ROUNDS" --no-baseline
     for n in 1 2 3; do
       echo
       echo "==== $n node(s)"
