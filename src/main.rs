@@ -172,6 +172,11 @@ enum Command {
         /// The checkpoint public key (hex), as `hongbao checkpoints public-key` printed it.
         #[arg(long, value_name = "HEX", requires = "checkpoints")]
         public_key: Option<String>,
+        /// Verify every partition log of the cluster deployment on --store nats://... (the
+        /// partition count is read from the deployment), each on its own: chain, sequence,
+        /// stream versions, every record's subject; a partition without a log fails.
+        #[arg(long, conflicts_with = "export")]
+        cluster: bool,
     },
     /// Write the log as JSON lines (seq, stream, version, type, payload, prev_hash, hash...)
     /// that `hongbao verify --export` re-checks with nothing but the file.
@@ -446,6 +451,62 @@ fn verify(common: Common, store: StoreArgs) -> anyhow::Result<ExitCode> {
             out!("result: FAILED: {violation}")?;
             Ok(ExitCode::from(1))
         }
+    }
+}
+
+/// `verify --cluster`: every partition's log verified on its own, one line each.
+fn verify_cluster(common: Common, store: StoreArgs) -> anyhow::Result<ExitCode> {
+    use hongbao::cluster::partition::Partition;
+    let config = log_config(&common, store)?;
+    let partitions = deployed_partitions(&config)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (mut failed, mut records) = (0usize, 0u64);
+    for n in 0..partitions.count() {
+        let partition = Partition(n);
+        let verified = open_partition(&config, partition).and_then(|log| {
+            let bar = progress_bar(log.head(), &format!("verifying {partition}"));
+            let report =
+                hongbao::verify::verify_log(log.as_ref(), |done, _| bar.set_position(done));
+            bar.finish_and_clear();
+            let _ = runtime.block_on(hongbao::events::EventStore::close(log.as_ref()));
+            Ok(report?)
+        });
+        match verified {
+            Ok(report) => {
+                records += report.records;
+                let head = head_text(
+                    report.last_hash.map(|_| report.records),
+                    report.last_hash,
+                    report.records,
+                );
+                match report.violation {
+                    None => out!("{}  ok      {head}", partition.key())?,
+                    Some(why) => {
+                        failed += 1;
+                        out!("{}  FAILED  {head}: {why}", partition.key())?
+                    }
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                out!("{}  FAILED  no readable log: {e:#}", partition.key())?
+            }
+        }
+    }
+    if failed == 0 {
+        out!(
+            "result: OK ({} partitions, {records} records: each chain intact, sequence contiguous from 1, stream versions continuous, every record under its subject)",
+            partitions.count()
+        )?;
+        Ok(ExitCode::SUCCESS)
+    } else {
+        out!(
+            "result: FAILED ({failed} of {} partitions)",
+            partitions.count()
+        )?;
+        Ok(ExitCode::from(1))
     }
 }
 
@@ -982,6 +1043,12 @@ fn main() -> ExitCode {
             public_key,
             ..
         } => verify_export(file, expect_head, checkpoints.zip(public_key)),
+        Command::Verify {
+            common,
+            store,
+            cluster: true,
+            ..
+        } => verify_cluster(common, store),
         Command::Verify { common, store, .. } => verify(common, store),
         Command::Export {
             common,

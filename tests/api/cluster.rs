@@ -263,6 +263,32 @@ impl Fleet {
         assert_eq!(records, heads, "the export did not hold every record");
     }
 
+    /// `hongbao verify --cluster` from a data directory of its own: every partition's chain
+    /// holds, and the records it checked are every record the nodes serve.
+    async fn verify(&self) {
+        let heads = self.heads().await;
+        let verifier = tempfile::tempdir().unwrap();
+        let output = Command::new(env!("CARGO_BIN_EXE_hongbao"))
+            .args(["verify", "--cluster"])
+            .args(self.store_args())
+            .args(["--data-dir", verifier.path().to_str().unwrap()])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{text}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with('p')).collect();
+        assert_eq!(lines.len(), PARTITIONS as usize, "{text}");
+        assert!(lines.iter().all(|l| l.contains("  ok  ")), "{text}");
+        assert!(
+            text.contains(&format!("{PARTITIONS} partitions, {heads} records")),
+            "verify did not check every record ({heads}):\n{text}"
+        );
+    }
+
     /// `hongbao audit --cluster` from a data directory of its own: every partition's log
     /// passes, and it read every record the nodes serve (the sum of their partitions' heads).
     async fn audit(&self) {
@@ -1211,6 +1237,7 @@ async fn red_packets_move_money_between_partitions_exactly_once_through_a_kill()
     fleet.restart(1, killed.unwrap());
     fleet.wait_balanced(3).await;
     fleet.audit().await;
+    fleet.verify().await;
 }
 
 /// The partition of a packet (the deployment's map, as the nodes compute it).
