@@ -166,8 +166,9 @@ struct ClusterMetrics {
 
 /// The outcomes `hongbao_cluster_forwarded_total` counts, each exposed from the start.
 const FORWARD_OUTCOMES: [&str; 4] = ["answered", "no_owner", "unreachable", "bad_answer"];
-/// The outcomes `hongbao_cluster_commands_sent_total` counts.
-const COMMAND_OUTCOMES: [&str; 3] = ["answered", "no_owner", "unreachable"];
+/// The outcomes `hongbao_cluster_commands_sent_total` counts (`local`: another partition this
+/// node serves, answered without NATS).
+const COMMAND_OUTCOMES: [&str; 4] = ["local", "answered", "no_owner", "unreachable"];
 
 impl ClusterMetrics {
     fn register(registry: &prometheus::Registry) -> Result<ClusterMetrics, prometheus::Error> {
@@ -832,6 +833,15 @@ impl Placement for CellPlacement {
         Box::pin(async move {
             let shared = shared.ok_or("the node is stopping")?;
             let partition = shared.settings.partitions.of(&stream);
+            // A partition this node serves too: its cell answers here, without NATS.
+            if shared.cells.contains_key(&partition) {
+                shared
+                    .cluster_metrics
+                    .commands
+                    .with_label_values(&["local"])
+                    .inc();
+                return Ok(serve_registry_call(&shared, partition, call).await);
+            }
             let epoch = shared
                 .holder_epoch(partition)
                 .ok_or_else(|| format!("{partition} is changing hands (no holder right now)"))?;

@@ -1228,6 +1228,30 @@ async fn red_packets_move_money_between_partitions_exactly_once_through_a_kill()
             seen[0]
         );
     }
+    // The transfers were commands to the claimers' wallet partitions: on another node through
+    // NATS, or on the same node's cell directly.
+    let (mut sent, mut local) = (0.0, 0.0);
+    for base in &bases {
+        let text = client
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let outcome = |o: &str| {
+            metric(
+                &text,
+                &format!("hongbao_cluster_commands_sent_total{{outcome=\"{o}\"}}"),
+            )
+            .expect("the commands series is exposed")
+        };
+        sent += outcome("answered");
+        local += outcome("local");
+    }
+    assert!(sent > 0.0, "no command crossed to another node");
+    eprintln!("commands to other partitions: {sent} through NATS, {local} on the same node");
     eprintln!(
         "packets: {PACKETS} over {} partitions, {answered} claims answered ({} claimers, {} fen), node n2 killed after {kill_at} claims",
         partitions.len(),
