@@ -111,6 +111,14 @@ fn split_history(wallets: &Arc<SledStore>, business: &Arc<SledStore>) {
 
 /// Audits `logs` together, the wallets filed in `wallets` and everything else in the other
 /// log (the map of `split_history`).
+/// Two fresh logs holding `split_history` (kept as long as the directories are).
+fn split_logs() -> ([tempfile::TempDir; 2], Arc<SledStore>, Arc<SledStore>) {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let (wallets, business) = (open(dirs[0].path()), open(dirs[1].path()));
+    split_history(&wallets, &business);
+    (dirs, wallets, business)
+}
+
 fn run_audit_logs(logs: &[&Arc<SledStore>], wallets: &Arc<SledStore>) -> AuditReport {
     let named: Vec<(String, &dyn hongbao::events::Log)> = logs
         .iter()
@@ -139,9 +147,7 @@ fn partitions_audited_together_balance_where_each_alone_cannot() {
     // proven as one set of books; alone, the wallets' partition shows a credit never accepted
     // (the check that would catch a forged credit), and the order in which the logs are given
     // changes nothing.
-    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (wallets, business) = (open(a.path()), open(b.path()));
-    split_history(&wallets, &business);
+    let (_dirs, wallets, business) = split_logs();
     assert!(failing(&run_audit(&wallets)).contains(&"reward_credits"));
     for logs in [[&wallets, &business], [&business, &wallets]] {
         let report = run_audit_logs(&logs, &wallets);
@@ -161,9 +167,7 @@ fn a_credit_of_a_reward_voided_in_another_partition_is_named() {
     // Goal: the merged replay compares a movement with the decision in the other log: the
     // credit of a reward that the activity (in another partition) voided is named, whichever
     // log recorded its fact first.
-    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (wallets, business) = (open(a.path()), open(b.path()));
-    split_history(&wallets, &business);
+    let (_dirs, wallets, business) = split_logs();
     append(
         &business,
         "activity:cny",
@@ -192,9 +196,7 @@ fn a_credit_of_a_reward_voided_in_another_partition_is_named() {
 fn a_stream_filed_in_the_wrong_partition_is_named() {
     // Goal: a record in a partition the deployment's map does not give its stream (the nodes
     // would never read it there) fails the placement check, named with where it belongs.
-    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (wallets, business) = (open(a.path()), open(b.path()));
-    split_history(&wallets, &business);
+    let (_dirs, wallets, business) = split_logs();
     append(
         &business,
         "wallet:u9",
