@@ -32,6 +32,8 @@ pub struct Runtime {
     pub placement: Option<Arc<dyn Placement>>,
     /// This runtime's registries by stream prefix, which answer the commands other nodes send.
     pub registries: Registries,
+    /// On a cluster node: the fleet-wide rate limits the lanes spend. `None`: this process's.
+    pub pacing: Option<Arc<dyn crate::flows::FleetPacing>>,
 }
 
 /// Where streams are served, for a runtime that serves only some of them (a cluster partition).

@@ -86,6 +86,11 @@ impl Settings {
         format!("{}_leases", self.namespace)
     }
 
+    /// The bucket of fleet-wide rate limits.
+    pub fn limits_bucket(&self) -> String {
+        format!("{}_limits", self.namespace)
+    }
+
     fn renew_every(&self) -> Duration {
         self.lease_ttl / 4
     }

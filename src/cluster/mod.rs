@@ -10,6 +10,8 @@
 //!   key's revision), renewed every TTL/4, given up before they could expire, spread fairly.
 //! - [`router`]: requests for a partition sent over NATS request-reply to its holder, which
 //!   alone listens on the subject of the partition's current lease epoch.
+//! - [`limits`]: fleet-wide rate limits: token buckets in a key-value bucket, taken in
+//!   batches by each node and spent locally.
 //! - [`node`]: `serve --node-id`: the HTTP server, the keeper, a cell (the single node's
 //!   state over the partition's log) per held partition, and the forwarding of every other
 //!   request to its partition's holder.
@@ -18,6 +20,7 @@
 //! hold a partition (one paused past its lease) is the log's fencing, built in issue 12 (a
 //! batch is accepted only at the sequence its writer expects).
 
+pub mod limits;
 pub mod membership;
 pub mod node;
 pub mod partition;

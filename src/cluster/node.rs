@@ -289,6 +289,8 @@ pub struct NodeShared {
     policy: Arc<Current<PolicyState>>,
     /// The deployment's buckets, to find a partition's holder between two planning rounds.
     buckets: super::membership::Buckets,
+    /// The fleet's rate limits, which every cell's lanes spend.
+    limits: Arc<super::limits::FleetLimits>,
 }
 
 /// A running cluster node.
@@ -356,6 +358,7 @@ impl Node {
         settings.replicas = replicas;
         let joined = {
             let settings = settings.clone();
+            let (clock, registry) = (clock.clone(), metrics.registry.clone());
             runtime
                 .spawn(async move {
                     let (client, _) = crate::events::jetstream::connect(&url)
@@ -363,12 +366,22 @@ impl Node {
                         .map_err(|e| NodeError::Other(e.to_string()))?;
                     let js = async_nats::jetstream::new(client.clone());
                     let buckets = check_deployment(&js, &settings).await?;
-                    Ok::<_, NodeError>((client, buckets))
+                    let limits = super::limits::FleetLimits::open(
+                        &js,
+                        &settings.limits_bucket(),
+                        settings.replicas,
+                        clock,
+                        tokio::runtime::Handle::current(),
+                        &registry,
+                    )
+                    .await
+                    .map_err(NodeError::Other)?;
+                    Ok::<_, NodeError>((client, buckets, limits))
                 })
                 .await
                 .map_err(|e| NodeError::Other(e.to_string()))??
         };
-        let (client, buckets) = joined;
+        let (client, buckets, limits) = joined;
         let arbiter = actix_rt::Arbiter::new();
         let (view_tx, view) = tokio::sync::watch::channel(None);
         let cluster_metrics = ClusterMetrics::register(&metrics.registry)
@@ -391,6 +404,7 @@ impl Node {
             switches: Current::unloaded(),
             policy: Current::unloaded(),
             buckets: buckets.clone(),
+            limits: Arc::new(limits),
         });
         let app_shared = web::Data::from(shared.clone());
         let app_metrics = web::Data::from(metrics);
@@ -644,6 +658,7 @@ async fn open_cell(
         }),
         switches: shared.switches.clone(),
         policy: shared.policy.clone(),
+        pacing: shared.limits.clone(),
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
     // Actors start on the arbiter they are created from: the cell's are all on the node's.

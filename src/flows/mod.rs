@@ -14,9 +14,49 @@ pub mod packets;
 pub mod reward_lanes;
 pub mod withdrawals;
 
+use crate::actors::Runtime;
 use crate::events::StoreError;
 use std::future::Future;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::{oneshot, watch};
+
+/// What paces a lane: a token for one unit of work, or how long until the next may be there.
+pub trait Pacer: Send + Sync {
+    fn check(&self) -> Result<(), Duration>;
+}
+
+/// Where a cluster node's lanes get their pacers: the fleet's limits by name
+/// (`cluster::limits`), so a rate is the whole fleet's, not each partition's.
+pub trait FleetPacing: Send + Sync {
+    fn pacer(&self, name: &str, rate_per_s: u32) -> Arc<dyn Pacer>;
+}
+
+/// This process's own token bucket (governor), for one node.
+struct LocalPacer(governor::DefaultDirectRateLimiter);
+
+impl Pacer for LocalPacer {
+    fn check(&self) -> Result<(), Duration> {
+        use governor::clock::Clock as _;
+        self.0.check().map_err(|not_until| {
+            not_until.wait_time_from(governor::clock::DefaultClock::default().now())
+        })
+    }
+}
+
+/// The pacer of the limit `name` (`payout.bank`, `credit.cash`) at `rate_per_s` for lanes on
+/// `runtime`: the fleet's on a cluster node, this process's otherwise; none for a rate of 0
+/// (unlimited).
+pub fn pacer(runtime: &Runtime, name: &str, rate_per_s: u32) -> Option<Arc<dyn Pacer>> {
+    let rate = NonZeroU32::new(rate_per_s)?;
+    Some(match &runtime.pacing {
+        Some(fleet) => fleet.pacer(name, rate.get()),
+        None => Arc::new(LocalPacer(governor::DefaultDirectRateLimiter::direct(
+            governor::Quota::per_second(rate),
+        ))),
+    })
+}
 
 /// Background tasks on an actix arbiter of their own, stopped together: [`FlowGroup::stop`]
 /// signals every task, waits until each has finished (they drain and save their checkpoints)

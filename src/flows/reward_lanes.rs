@@ -31,10 +31,7 @@ use crate::events::{Envelope, EventStore, StoreError, Subscription};
 use crate::ids::Id;
 use crate::metrics::Metrics;
 use futures::stream::{FuturesUnordered, StreamExt};
-use governor::clock::Clock as _;
-use governor::{DefaultDirectRateLimiter, Quota};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -93,7 +90,7 @@ enum Outcome {
 struct Lane {
     kind: RewardKind,
     queue: VecDeque<Item>,
-    limiter: Option<DefaultDirectRateLimiter>,
+    limiter: Option<Arc<dyn super::Pacer>>,
     in_flight: usize,
 }
 
@@ -125,7 +122,7 @@ impl RewardLanes {
         let lanes = Lanes {
             lanes: PRIORITY
                 .iter()
-                .map(|&kind| Lane::new(kind, &config))
+                .map(|&kind| Lane::new(kind, &config, &runtime))
                 .collect(),
             outstanding: BTreeSet::new(),
             read_to: checkpoint,
@@ -153,12 +150,9 @@ impl RewardLanes {
 }
 
 impl Lane {
-    fn new(kind: RewardKind, config: &LaneConfig) -> Lane {
-        let limiter = config
-            .rate_per_s
-            .get(&kind)
-            .and_then(|&r| NonZeroU32::new(r))
-            .map(|rate| DefaultDirectRateLimiter::direct(Quota::per_second(rate)));
+    fn new(kind: RewardKind, config: &LaneConfig, runtime: &crate::actors::Runtime) -> Lane {
+        let rate = config.rate_per_s.get(&kind).copied().unwrap_or(0);
+        let limiter = super::pacer(runtime, &format!("credit.{}", kind.as_str()), rate);
         Lane {
             kind,
             queue: VecDeque::new(),
@@ -245,9 +239,7 @@ impl Lanes {
                     break;
                 }
                 if let Some(limiter) = &lane.limiter {
-                    if let Err(not_until) = limiter.check() {
-                        let ready_in = not_until
-                            .wait_time_from(governor::clock::DefaultClock::default().now());
+                    if let Err(ready_in) = limiter.check() {
                         wait = Some(wait.map_or(ready_in, |w| w.min(ready_in)));
                         self.metrics
                             .reward_lane_throttled_total

@@ -37,9 +37,7 @@ use crate::metrics::Metrics;
 use crate::projections::withdrawals as view;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
-use governor::{DefaultDirectRateLimiter, Quota};
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -566,7 +564,7 @@ fn lane_trigger(envelope: &Envelope) -> Option<Id> {
 struct PayoutLanes {
     withdrawals: Arc<Withdrawals>,
     tree: sled::Tree,
-    limiters: BTreeMap<Channel, DefaultDirectRateLimiter>,
+    limiters: BTreeMap<Channel, Arc<dyn super::Pacer>>,
     /// Orders ready to go, per channel (the channel learnt from the order's request).
     ready: BTreeMap<Channel, std::collections::VecDeque<Id>>,
     /// Orders to look at again later: (due time, order).
@@ -587,17 +585,14 @@ type Running = FuturesUnordered<BoxFuture<'static, (Id, Result<Step, Transient>)
 impl PayoutLanes {
     fn new(withdrawals: Arc<Withdrawals>, tree: sled::Tree) -> Result<PayoutLanes, StoreError> {
         let checkpoint = load_checkpoint(&tree, LANES_FLOW)?;
+        let runtime = withdrawals.orders.runtime().clone();
         let limiters = withdrawals
             .config
             .rate_per_s
             .iter()
             .filter_map(|(channel, rate)| {
-                NonZeroU32::new(*rate).map(|r| {
-                    (
-                        *channel,
-                        DefaultDirectRateLimiter::direct(Quota::per_second(r)),
-                    )
-                })
+                super::pacer(&runtime, &format!("payout.{}", channel.as_str()), *rate)
+                    .map(|pacer| (*channel, pacer))
             })
             .collect();
         Ok(PayoutLanes {
@@ -687,10 +682,7 @@ impl PayoutLanes {
                     break;
                 };
                 if let Some(limiter) = self.limiters.get(channel) {
-                    if let Err(not_until) = limiter.check() {
-                        use governor::clock::Clock as _;
-                        let ready_in = not_until
-                            .wait_time_from(governor::clock::DefaultClock::default().now());
+                    if let Err(ready_in) = limiter.check() {
                         wait = Some(wait.map_or(ready_in, |w| w.min(ready_in)));
                         break;
                     }

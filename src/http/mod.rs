@@ -187,6 +187,8 @@ pub struct CellContext {
     /// The node's switches and withdrawal policy, shared by its cells.
     pub switches: Arc<crate::actors::board::Current<Switches>>,
     pub policy: Arc<crate::actors::board::Current<PolicyState>>,
+    /// The fleet's rate limits, which the cell's lanes spend.
+    pub pacing: Arc<dyn crate::flows::FleetPacing>,
 }
 
 /// Everything a handler may use.
@@ -319,6 +321,7 @@ impl AppState {
             config: config.actors(),
             placement,
             registries: Default::default(),
+            pacing: cell.as_ref().map(|c| c.pacing.clone()),
         });
         let wallets = Registry::new(runtime.clone());
         let activities = Registry::new(runtime.clone());

@@ -25,6 +25,7 @@ fn registry(
         config,
         placement: None,
         registries: Default::default(),
+        pacing: None,
     });
     (Registry::new(runtime), metrics)
 }

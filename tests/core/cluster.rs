@@ -603,3 +603,86 @@ fn a_holder_paused_past_its_lease_cannot_write_once_another_node_took_the_partit
         });
     }
 }
+
+#[test]
+fn a_fleet_limit_holds_across_nodes_whatever_their_number() {
+    // Goal: three "nodes" (each its own connection and limiter) spend one fleet-wide limit of
+    // 200/s as fast as they can for 2 s: every 500 ms window of the fleet's spending stays
+    // within the rate plus three batches (the bound limits.rs proves), the whole run within
+    // 2 s of the rate plus that, and the fleet is not starved (over half the rate is spent).
+    // One node alone at the same limit spends about what three do.
+    use hongbao::cluster::limits::FleetLimits;
+    use hongbao::flows::Pacer;
+    let Some(binary) = nats::binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let server = nats::single_synced(&binary, dir.path());
+    const RATE: u32 = 200;
+    const RUN: Duration = Duration::from_secs(2);
+    // A batch is 100 ms of the rate: 20 tokens.
+    const SLACK: usize = 3 * 20;
+    let spend = |nodes: usize, limit: &'static str| {
+        runtime().block_on(async {
+            let mut limiters = Vec::new();
+            for _ in 0..nodes {
+                let js = context(&server.url()).await;
+                let limits = FleetLimits::open(
+                    &js,
+                    "hb_limits",
+                    1,
+                    Arc::new(hongbao::clock::SystemClock),
+                    tokio::runtime::Handle::current(),
+                    &prometheus::Registry::new(),
+                )
+                .await
+                .unwrap();
+                limiters.push((Arc::new(limits.limiter(limit, RATE)), limits));
+            }
+            let started = Instant::now();
+            let spent = Arc::new(Mutex::new(Vec::new()));
+            let mut tasks = Vec::new();
+            for (limiter, _) in &limiters {
+                for _ in 0..4 {
+                    let (limiter, spent) = (limiter.clone(), spent.clone());
+                    tasks.push(tokio::spawn(async move {
+                        while started.elapsed() < RUN {
+                            match Pacer::check(limiter.as_ref()) {
+                                Ok(()) => spent.lock().unwrap().push(started.elapsed()),
+                                Err(wait) => tokio::time::sleep(wait).await,
+                            }
+                        }
+                    }));
+                }
+            }
+            for task in tasks {
+                task.await.unwrap();
+            }
+            let mut spent = spent.lock().unwrap().clone();
+            spent.sort();
+            spent
+        })
+    };
+    let check = |spent: &[Duration], nodes: usize| {
+        let total = spent.len();
+        let rate = RATE as usize;
+        assert!(
+            total <= rate * 2 + SLACK,
+            "{nodes} nodes spent {total} in 2 s"
+        );
+        assert!(total >= rate, "{nodes} nodes starved: {total} in 2 s");
+        let window = Duration::from_millis(500);
+        for (i, start) in spent.iter().enumerate() {
+            let within = spent[i..]
+                .iter()
+                .take_while(|t| **t < *start + window)
+                .count();
+            assert!(
+                within <= rate / 2 + SLACK,
+                "{nodes} nodes spent {within} in the 500 ms from {start:?}"
+            );
+        }
+        total
+    };
+    let three = check(&spend(3, "payout.bank"), 3);
+    let one = check(&spend(1, "payout.alipay"), 1);
+    eprintln!("fleet limit {RATE}/s over 2 s: three nodes spent {three}, one node {one}");
+}

@@ -105,6 +105,7 @@ fn stuck_orders_are_compensated_per_state_after_the_age() {
             config: ActorConfig::default(),
             placement: None,
             registries: Default::default(),
+            pacing: None,
         });
         let wallets: Arc<Registry<Wallet>> = Registry::new(runtime.clone());
         let channel = Arc::new(HangingChannel {
@@ -303,6 +304,7 @@ fn a_payout_lane_and_the_sweeper_never_drive_one_order_at_once() {
             config: ActorConfig::default(),
             placement: None,
             registries: Default::default(),
+            pacing: None,
         });
         let wallets: Arc<Registry<Wallet>> = Registry::new(runtime.clone());
         let channel = Arc::new(GatedChannel::default());
@@ -398,6 +400,7 @@ fn a_debit_still_on_its_way_when_the_sweeper_abandons_the_order_never_lands() {
             config: ActorConfig::default(),
             placement: None,
             registries: Default::default(),
+            pacing: None,
         });
         let wallets: Arc<Registry<Wallet>> = Registry::new(runtime.clone());
         let withdrawals = Withdrawals::new(

@@ -38,6 +38,7 @@ fn world(store: &Arc<SledStore>) -> World {
         config: ActorConfig::default(),
         placement: None,
         registries: Default::default(),
+        pacing: None,
     });
     let wallets: Arc<Registry<Wallet>> = Registry::new(runtime.clone());
     let packets = Packets::new(

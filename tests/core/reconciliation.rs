@@ -162,6 +162,7 @@ fn each_side_corrupted_raises_the_reconciler_metric_and_the_audit_names_the_orde
             config: ActorConfig::default(),
             placement: None,
             registries: Default::default(),
+            pacing: None,
         });
         let wallets: Arc<Registry<Wallet>> = Registry::new(runtime.clone());
         let channels = SimulatedChannels::open(dir.path(), clock.clone()).unwrap();
