@@ -209,6 +209,8 @@ struct Auditor {
     merged: bool,
     /// With several logs: every stream in the log the deployment's map gives it.
     placement: Option<CheckResult>,
+    /// Rewards noted pending on wallets (a cluster's): (seq, uid, note).
+    notes: Vec<(u64, String, crate::domain::wallet::PendingNote)>,
 }
 
 /// The reward of `order_id` if `activity` is the one that accepted it (or nothing has accepted
@@ -260,6 +262,7 @@ impl Auditor {
             last_at_ms: 0,
             merged: false,
             placement: None,
+            notes: Vec::new(),
         }
     }
 
@@ -271,6 +274,11 @@ impl Auditor {
             WalletEvent::Credited(line) | WalletEvent::Debited(line) => line,
             WalletEvent::DebitBarred(bar) => {
                 replay.barred.insert(bar.clone());
+                return;
+            }
+            // No money moves; checked against the accepted rewards at the end.
+            WalletEvent::PendingNoted(note) => {
+                self.notes.push((envelope.seq, uid, note.clone()));
                 return;
             }
         };
@@ -751,6 +759,22 @@ impl Auditor {
         rewards_check.notes.push(format!(
             "{pending} accepted rewards still pending (not yet credited, delivered, failed or voided)"
         ));
+        // A reward noted pending on a wallet is one its activity accepted, as noted.
+        for (seq, uid, note) in &self.notes {
+            rewards_check.checked += 1;
+            let matches = self.rewards.get(&note.order_id).is_some_and(|replay| {
+                replay.activity == note.activity_id.as_str()
+                    && replay.reward.as_ref().is_some_and(|r| {
+                        r.uid.as_str() == uid && r.kind == note.kind && r.amount == note.amount
+                    })
+            });
+            if !matches {
+                rewards_check.violation(format!(
+                    "seq {seq}: wallet {uid} notes reward {}/{} ({} {}) pending, which its activity did not accept so",
+                    note.activity_id, note.order_id, note.kind, note.amount
+                ));
+            }
+        }
 
         // Withdrawals. The channels' statements first, line by line (a statement is read as
         // a stream, never held whole): each line must belong to an order of that channel and

@@ -163,6 +163,20 @@ pub enum WalletCommand {
         order_id: Id,
         source: Option<Id>,
     },
+    /// On a cluster: records on the wallet a money reward its activity (in another partition)
+    /// accepted and has not credited yet, so that the wallet's own partition shows it pending
+    /// until the credit settles it (R6). Moves no money; nothing is recorded if the reward is
+    /// already credited or noted. The reply moves nothing (amount 0).
+    NotePending(PendingNote),
+}
+
+/// A money reward accepted by an activity, noted on the wallet it will be credited to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PendingNote {
+    pub activity_id: Id,
+    pub order_id: Id,
+    pub kind: super::activity::RewardKind,
+    pub amount: Fen,
 }
 
 impl WalletCommand {
@@ -172,6 +186,7 @@ impl WalletCommand {
             | WalletCommand::Debit { order_id, .. }
             | WalletCommand::Refund { order_id, .. }
             | WalletCommand::BarDebit { order_id, .. } => order_id,
+            WalletCommand::NotePending(note) => &note.order_id,
         }
     }
 }
@@ -203,6 +218,8 @@ pub enum WalletEvent {
     Debited(Line),
     /// No money moved: the debit named will be refused from now on.
     DebitBarred(BarredDebit),
+    /// Appended in issue 13. No money moved: a reward accepted elsewhere, to be credited here.
+    PendingNoted(PendingNote),
 }
 
 impl WalletEvent {
@@ -211,6 +228,7 @@ impl WalletEvent {
             WalletEvent::Credited(_) => "wallet.credited",
             WalletEvent::Debited(_) => "wallet.debited",
             WalletEvent::DebitBarred(_) => "wallet.debit_barred",
+            WalletEvent::PendingNoted(_) => "wallet.pending_noted",
         }
     }
 
@@ -218,7 +236,7 @@ impl WalletEvent {
     pub fn line(&self) -> Option<&Line> {
         match self {
             WalletEvent::Credited(line) | WalletEvent::Debited(line) => Some(line),
-            WalletEvent::DebitBarred(_) => None,
+            WalletEvent::DebitBarred(_) | WalletEvent::PendingNoted(_) => None,
         }
     }
 }
@@ -273,6 +291,8 @@ pub struct Wallet {
     pub entries: HashMap<(Entry, Id), Recorded>,
     /// Debits that must never happen.
     pub barred: HashSet<BarredDebit>,
+    /// Rewards noted pending and not credited yet, by (activity, order id).
+    pub noted: HashSet<(Id, Id)>,
 }
 
 impl Wallet {
@@ -468,6 +488,39 @@ impl Aggregate for Wallet {
                     WalletEvent::Credited,
                 ))
             }
+            WalletCommand::NotePending(note) => {
+                let Some(entry) = note.kind.wallet_entry() else {
+                    return Err(WalletError::WrongEntry {
+                        entry: Entry::Reward,
+                    });
+                };
+                let reply = Movement {
+                    account: entry.account(),
+                    line: Line {
+                        entry,
+                        order_id: note.order_id.clone(),
+                        amount: Fen::ZERO,
+                        balance_after: self.balance(entry.account()),
+                        source: Some(note.activity_id.clone()),
+                    },
+                    replayed: true,
+                    barred: false,
+                };
+                let key = (note.activity_id.clone(), note.order_id.clone());
+                // Credited already (the credit settled it), or noted: nothing to record.
+                if self.entries.contains_key(&(entry, note.order_id.clone()))
+                    || self.noted.contains(&key)
+                {
+                    return Ok(Decision::Reply(reply));
+                }
+                Ok(Decision::Emit(
+                    vec![WalletEvent::PendingNoted(note.clone())],
+                    Movement {
+                        replayed: false,
+                        ..reply
+                    },
+                ))
+            }
             WalletCommand::BarDebit {
                 entry,
                 order_id,
@@ -508,7 +561,16 @@ impl Aggregate for Wallet {
                 self.barred.insert(bar.clone());
                 return;
             }
+            WalletEvent::PendingNoted(note) => {
+                self.noted
+                    .insert((note.activity_id.clone(), note.order_id.clone()));
+                return;
+            }
         };
+        // A reward credit settles its note.
+        if let (Entry::Reward | Entry::SubsidyReward, Some(source)) = (line.entry, &line.source) {
+            self.noted.remove(&(source.clone(), line.order_id.clone()));
+        }
         let account = line.entry.account();
         // The event carries the resulting balance; it is the fact. Pair assertion: in debug
         // builds, check that it agrees with the arithmetic the decision made.
@@ -791,6 +853,48 @@ mod tests {
         )
     }
 
+    fn note(order: &str, amount: u64) -> WalletCommand {
+        WalletCommand::NotePending(PendingNote {
+            activity_id: id("act1"),
+            order_id: id(order),
+            kind: crate::domain::activity::RewardKind::Cash,
+            amount: Fen::new(amount),
+        })
+    }
+
+    #[test]
+    fn a_noted_reward_is_settled_by_its_credit_and_never_noted_after_it() {
+        // Goal: a note records once and moves no money; the reward's credit settles it; a
+        // note for a reward already credited records nothing; an item reward cannot be noted.
+        let mut w = Wallet::default();
+        assert!(matches!(
+            w.decide(&note("r1", 50), &CTX),
+            Ok(Decision::Emit(ref e, ref m)) if e.len() == 1 && !m.replayed && m.line.amount.is_zero()
+        ));
+        run(&mut w, &note("r1", 50)).unwrap();
+        assert!(w.noted.contains(&(id("act1"), id("r1"))));
+        assert!(matches!(w.decide(&note("r1", 50), &CTX), Ok(Decision::Reply(m)) if m.replayed));
+        assert_eq!(w.balance(Account::Activity), Fen::ZERO);
+        run(&mut w, &reward("r1", 50)).unwrap();
+        assert!(w.noted.is_empty());
+        assert_eq!(w.balance(Account::Activity), Fen::new(50));
+        assert!(matches!(
+            w.decide(&note("r1", 50), &CTX),
+            Ok(Decision::Reply(_))
+        ));
+        let item = WalletCommand::NotePending(PendingNote {
+            kind: crate::domain::activity::RewardKind::Item,
+            ..match note("r2", 1) {
+                WalletCommand::NotePending(n) => n,
+                _ => unreachable!(),
+            }
+        });
+        assert!(matches!(
+            w.decide(&item, &CTX),
+            Err(WalletError::WrongEntry { .. })
+        ));
+    }
+
     fn run(wallet: &mut Wallet, command: &WalletCommand) -> Result<Movement, WalletError> {
         match wallet.decide(command, &CTX)? {
             Decision::Emit(events, reply) => {
@@ -870,6 +974,7 @@ mod tests {
         Reward(u8, u64),
         Withdraw(u8, u64),
         Refund(u8),
+        Note(u8, u64),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -881,6 +986,7 @@ mod tests {
             (0u8..8, amount.clone()).prop_map(|(o, a)| Op::Reward(o, a)),
             (0u8..8, amount).prop_map(|(o, a)| Op::Withdraw(o, a)),
             (0u8..8).prop_map(Op::Refund),
+            (0u8..8, 1u64..1_000).prop_map(|(o, a)| Op::Note(o, a)),
         ]
     }
 
@@ -890,6 +996,7 @@ mod tests {
             Op::Reward(o, a) => reward(&format!("o{o}"), *a),
             Op::Withdraw(o, a) => withdraw(&format!("o{o}"), *a),
             Op::Refund(o) => refund(&format!("o{o}")),
+            Op::Note(o, a) => note(&format!("o{o}"), *a),
         }
     }
 
@@ -914,6 +1021,11 @@ mod tests {
             }
             let rebuilt = replay(Wallet::default(), &log);
             prop_assert_eq!(&rebuilt, &live);
+            // A reward is noted pending or credited, never both.
+            for (activity, order) in &live.noted {
+                prop_assert!(!(activity.as_str() == "act1"
+                    && live.entries.contains_key(&(Entry::Reward, order.clone()))));
+            }
             // Conservation per account, computed with wide integers so nothing can overflow.
             for account in [Account::Activity, Account::Change, Account::Subsidy] {
                 let mut sum: i128 = 0;

@@ -145,6 +145,21 @@ impl WalletView {
             WalletEvent::Debited(line) => (line, Direction::Debit),
             // Nothing moved: no balance change, no ledger line.
             WalletEvent::DebitBarred(_) => return Ok(()),
+            // A reward accepted in another partition (a cluster's), pending here until its
+            // credit removes the key in the credit's own batch.
+            WalletEvent::PendingNoted(note) => {
+                let pending = PendingReward {
+                    activity_id: note.activity_id.to_string(),
+                    order_id: note.order_id.to_string(),
+                    kind: note.kind,
+                    amount: note.amount,
+                };
+                tx.insert(
+                    pending_key(uid, note.activity_id.as_str(), note.order_id.as_str()),
+                    codec::encode(&pending)?,
+                );
+                return Ok(());
+            }
         };
         let key = record_key(uid);
         let mut record: BalanceRecord = match tx.get(&key)? {

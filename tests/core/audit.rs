@@ -728,3 +728,40 @@ mod coupons {
         );
     }
 }
+
+#[test]
+fn a_reward_noted_pending_that_its_activity_did_not_accept_is_named() {
+    // Goal: on a cluster a wallet notes rewards accepted in other partitions as pending; a
+    // note the activity never accepted (or accepted for another amount) would show the user
+    // money that is not coming, and is named; the notes of accepted rewards pass.
+    use hongbao::domain::activity::RewardKind;
+    use hongbao::domain::wallet::{PendingNote, WalletEvent};
+    let (_dirs, wallets, business) = split_logs();
+    let noted = |order: &str, amount: u64| {
+        Event::Wallet(WalletEvent::PendingNoted(PendingNote {
+            activity_id: id("cny"),
+            order_id: id(order),
+            kind: RewardKind::Cash,
+            amount: Fen::new(amount),
+        }))
+    };
+    append(&wallets, "wallet:u1", vec![noted("r1", 600)]);
+    let report = run_audit_logs(&[&wallets, &business], &wallets);
+    assert!(report.ok(), "{:#?}", report.checks);
+    append(
+        &wallets,
+        "wallet:u1",
+        vec![noted("r7", 5), noted("r1", 601)],
+    );
+    let report = run_audit_logs(&[&wallets, &business], &wallets);
+    assert_eq!(failing(&report), ["reward_credits"]);
+    let named = examples(&report, "reward_credits");
+    assert!(
+        named.contains("notes reward cny/r7 (cash 5 fen) pending"),
+        "{named}"
+    );
+    assert!(
+        named.contains("notes reward cny/r1 (cash 601 fen) pending"),
+        "{named}"
+    );
+}
