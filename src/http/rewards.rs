@@ -9,7 +9,7 @@ use crate::domain::activity::{
     ActivityCommand, ActivityReply, Budgets, Reward, RewardClaim, RewardKind, EXT_FIELDS_MAX,
     EXT_KEY_CHARS_MAX, EXT_VALUE_CHARS_MAX,
 };
-use crate::domain::wallet::Entry;
+use crate::domain::wallet::{Entry, PendingNote, WalletCommand};
 use crate::ids::Id;
 use crate::money::Fen;
 use crate::projections::rewards as view;
@@ -230,6 +230,17 @@ async fn accept(
     reward: Reward,
 ) -> Result<HttpResponse, ApiError> {
     let kind = reward.kind;
+    // A cluster node notes a money reward on the wallet (in its own partition) as pending, so
+    // the wallet page keeps R6 there; coupon and item rewards settle on the activity, which
+    // that page cannot see yet.
+    let cluster = state.wallets.runtime().placement.is_some();
+    if cluster && kind.wallet_entry().is_none() {
+        return Err(ApiError::new(
+            actix_web::http::StatusCode::NOT_IMPLEMENTED,
+            "not_in_cluster",
+            "coupon and item rewards are not served by a cluster node yet; a single node serves them",
+        ));
+    }
     let claim = RewardClaim::of(&activity_id, &reward);
     let accepted = state
         .order_claims
@@ -242,6 +253,23 @@ async fn accept(
         .await;
     match accepted {
         Ok(replayed) => {
+            if cluster {
+                let note = WalletCommand::NotePending(PendingNote {
+                    activity_id: claim.activity_id.clone(),
+                    order_id: claim.order_id.clone(),
+                    kind,
+                    amount: claim.amount,
+                });
+                if let Err(e) = state.wallets.execute(claim.uid.as_str(), note).await {
+                    return Err(ApiError::unavailable(
+                        "pending_unconfirmed",
+                        format!(
+                            "the reward is accepted but not yet shown on the wallet ({e}); retry with the same order id"
+                        ),
+                    )
+                    .with("retry_after_ms", 1_000u64));
+                }
+            }
             if !replayed {
                 state
                     .metrics
@@ -277,7 +305,8 @@ async fn accept(
         (status = 403, description = "Not an issuer key", body = ErrorBody),
         (status = 409, description = "idempotency_conflict (the order id is already used, in any activity, with another payload) / budget_exhausted (with remaining) / budget_not_set", body = ErrorBody),
         (status = 422, description = "invalid_amount / amount_too_large / invalid_kind / batch_id_required / invalid_ext", body = ErrorBody),
-        (status = 503, description = "Outcome unknown: retry with the same order id", body = ErrorBody),
+        (status = 501, description = "not_in_cluster: a coupon or item reward sent to a cluster node (not served there yet)", body = ErrorBody),
+        (status = 503, description = "Outcome unknown, or pending_unconfirmed on a cluster node (accepted, not yet on the wallet): retry with the same order id", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]

@@ -5,7 +5,7 @@
 
 use super::crash::{call, spawn_binary, Server};
 use super::nats::{self, NatsServer};
-use super::{metric, ADMIN, GATEWAY};
+use super::{metric, ADMIN, GATEWAY, ISSUER};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -1391,4 +1391,169 @@ async fn a_switch_changed_through_one_node_is_in_force_on_every_node_and_survive
         }
     }
     fleet.audit().await;
+}
+
+/// Sets switch `name` through `base` and waits long enough for every node to read it (each
+/// reads the fleet's switches every 250 ms).
+async fn set_switch(client: &reqwest::Client, base: &str, name: &str, on: bool) {
+    let (status, body) = call(
+        client,
+        reqwest::Method::PUT,
+        format!("{base}/v1/admin/switches/{name}"),
+        ADMIN,
+        Some(serde_json::json!({ "on": on })),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewards_stay_within_budget_and_are_pending_or_credited_on_every_node_through_a_kill() {
+    // Goal: rewards of one activity (its budget in one partition) for users of every
+    // partition, sent through every node while crediting is paused fleet-wide: accepted up
+    // to the budget and not a fen beyond, each shown pending on its user's wallet page through
+    // every node (noted on the wallet's own partition), the same answers again after one node
+    // is killed with kill -9; crediting resumed, each accepted reward is credited once and no
+    // longer pending, the activity's page agrees, and the cluster audit passes (budgets,
+    // credits and notes checked across partitions).
+    let _heavy = super::heavy().await;
+    let Some(mut fleet) = Fleet::start().await else {
+        return;
+    };
+    let client = reqwest::Client::new();
+    const BUDGET: u64 = 10_000;
+    const REWARDS: usize = 60;
+    let (status, body) = call(
+        &client,
+        reqwest::Method::PUT,
+        format!("{}/v1/admin/activities/cny/budget", fleet.base(2)),
+        ADMIN,
+        Some(serde_json::json!({"cash": BUDGET, "subsidy": 0})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    set_switch(&client, &fleet.base(0), "reward_lanes", false).await;
+    let reward = |k: usize| {
+        serde_json::json!({"order_id": format!("rw-{k}"), "uid": uid(k % USERS),
+            "activity_id": "cny", "scene": "rain", "kind": "cash", "amount": 200 + k})
+    };
+    // Sent in order with growing amounts: accepted is the longest prefix within the budget.
+    let mut expected_accepted = Vec::new();
+    let mut sum = 0;
+    for k in 0..REWARDS {
+        if sum + 200 + k as u64 > BUDGET {
+            break;
+        }
+        sum += 200 + k as u64;
+        expected_accepted.push(k);
+    }
+    let send_all = |bases: Vec<String>| {
+        let client = client.clone();
+        async move {
+            let mut accepted = Vec::new();
+            for k in 0..REWARDS {
+                let (status, body) = send_retrying(
+                    &client,
+                    &bases,
+                    k,
+                    reqwest::Method::POST,
+                    "/v1/rewards",
+                    ISSUER,
+                    Some(reward(k)),
+                )
+                .await;
+                match (status, body["code"].as_str()) {
+                    (202, _) => accepted.push(k),
+                    (409, Some("budget_exhausted")) => {}
+                    _ => panic!("reward {k}: {status} {body}"),
+                }
+            }
+            accepted
+        }
+    };
+    assert_eq!(send_all(fleet.bases()).await, expected_accepted);
+    let pending_on = |fleet: &Fleet, k: usize| {
+        let (client, bases) = (client.clone(), fleet.bases());
+        async move {
+            let mut pages = Vec::new();
+            for base in &bases {
+                let wallet =
+                    get_settled(&client, base, &format!("/v1/wallets/{}", uid(k % USERS))).await;
+                let pending = wallet["pending"].as_array().unwrap().clone();
+                pages.push((pending, wallet["balances"].clone()));
+            }
+            pages
+        }
+    };
+    // Paused: every accepted reward is pending on its user's page, through every node.
+    for &k in &expected_accepted {
+        for (pending, balances) in pending_on(&fleet, k).await {
+            assert!(
+                pending.iter().any(|p| p["order_id"] == format!("rw-{k}")
+                    && p["activity_id"] == "cny"
+                    && p["amount"] == 200 + k as u64),
+                "rw-{k} not pending for {}: {pending:?}",
+                uid(k % USERS)
+            );
+            assert_eq!(balances["activity"], 0, "credited while paused");
+        }
+    }
+    // Kill a node; the same rewards again through the others: the same answers.
+    let node = fleet.nodes[1].take().unwrap();
+    let port = node.port;
+    node.kill9();
+    fleet.wait_balanced(2).await;
+    assert_eq!(send_all(fleet.bases()).await, expected_accepted);
+    set_switch(&client, &fleet.base(0), "reward_lanes", true).await;
+    // Each user's activity balance is the sum of their accepted rewards, none pending.
+    let mut owed: BTreeMap<String, u64> = BTreeMap::new();
+    for &k in &expected_accepted {
+        *owed.entry(uid(k % USERS)).or_default() += 200 + k as u64;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    'settle: loop {
+        let mut settled = true;
+        for (user, amount) in &owed {
+            for base in fleet.bases() {
+                let wallet = get_settled(&client, &base, &format!("/v1/wallets/{user}")).await;
+                settled &= wallet["balances"]["activity"] == *amount
+                    && wallet["pending"].as_array().unwrap().is_empty();
+                assert!(
+                    wallet["balances"]["activity"].as_u64().unwrap() <= *amount,
+                    "{user} credited beyond what was accepted: {wallet}"
+                );
+            }
+        }
+        if settled {
+            break 'settle;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "credits never settled\n{}",
+            fleet.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for base in fleet.bases() {
+        let (status, activity) = call(
+            &client,
+            reqwest::Method::GET,
+            format!("{base}/v1/admin/activities/cny"),
+            ADMIN,
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{activity}");
+        assert_eq!(activity["accepted"]["cash"], sum, "{activity}");
+        assert_eq!(activity["remaining"]["cash"], BUDGET - sum, "{activity}");
+    }
+    fleet.restart(1, port);
+    fleet.wait_balanced(3).await;
+    fleet.audit().await;
+    eprintln!(
+        "rewards: {} of {REWARDS} accepted for {sum} of a {BUDGET} fen budget, over {} users",
+        expected_accepted.len(),
+        owed.len()
+    );
 }
