@@ -18,6 +18,8 @@ const PARTITIONS: u32 = 8;
 const LEASE_TTL_MS: u64 = 2_000;
 /// Users the load spreads over (over every partition of 8: checked by `users_span_partitions`).
 const USERS: usize = 32;
+/// The configuration file every node of a fleet starts with, if the test wrote one.
+const FLEET_CONFIG: &str = "hongbao.toml";
 
 struct Fleet {
     /// One synced server, or three (then every stream and bucket has three replicas).
@@ -54,6 +56,12 @@ fn start_node(dir: &Path, url: &str, id: &str, port: u16) -> Server {
     } else {
         args.extend(["--replicas", "1", "--single-replica-synced"]);
     }
+    // A fleet given a configuration (`Fleet::configure`) starts every node with it.
+    let config = dir.join(FLEET_CONFIG);
+    let config = config.to_str().unwrap().to_owned();
+    if Path::new(&config).exists() {
+        args.extend(["--config", &config]);
+    }
     spawn_binary(&args, "hongbao node listening")
 }
 
@@ -62,6 +70,15 @@ impl Fleet {
     async fn start() -> Option<Fleet> {
         let binary = nats::binary()?;
         let dir = tempfile::tempdir().unwrap();
+        let js = nats::single_synced(&binary, dir.path());
+        Some(Fleet::on(vec![js], dir).await)
+    }
+
+    /// A synced JetStream server and three nodes started with the configuration `toml`.
+    async fn start_configured(toml: &str) -> Option<Fleet> {
+        let binary = nats::binary()?;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(FLEET_CONFIG), toml).unwrap();
         let js = nats::single_synced(&binary, dir.path());
         Some(Fleet::on(vec![js], dir).await)
     }
@@ -1555,5 +1572,115 @@ async fn rewards_stay_within_budget_and_are_pending_or_credited_on_every_node_th
         "rewards: {} of {REWARDS} accepted for {sum} of a {BUDGET} fen budget, over {} users",
         expected_accepted.len(),
         owed.len()
+    );
+}
+
+/// Cash rewards credited so far by the whole fleet (every node's lanes).
+async fn fleet_cash_credits(client: &reqwest::Client, bases: &[String]) -> f64 {
+    let mut credited = 0.0;
+    for base in bases {
+        let text = client
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        credited += metric(
+            &text,
+            "hongbao_rewards_credited_total{kind=\"cash\",path=\"lane\"}",
+        )
+        .unwrap_or(0.0);
+    }
+    credited
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_crediting_rate_is_the_fleets_whatever_the_partitions_and_nodes() {
+    // Goal: `[rewards] cash_per_s = 40` is a capacity of the whole fleet: 120 cash rewards of
+    // twelve activities (their lanes in many partitions on every node) released at once are
+    // credited at 40/s in all, every second within 40 plus three batches of 4 (and a margin
+    // for the sampling); a token bucket per partition, as on one node, would credit them all
+    // at once (each partition's bucket starts full).
+    let _heavy = super::heavy().await;
+    let Some(fleet) = Fleet::start_configured("[rewards]\ncash_per_s = 40\n").await else {
+        return;
+    };
+    const RATE: f64 = 40.0;
+    const REWARDS: usize = 120;
+    let client = reqwest::Client::new();
+    let bases = fleet.bases();
+    set_switch(&client, &bases[0], "reward_lanes", false).await;
+    let activities: HashSet<u16> = (0..12)
+        .map(|a| {
+            hongbao::cluster::partition::Partitions::new(PARTITIONS)
+                .unwrap()
+                .of(&format!("activity:act-{a}"))
+                .0
+        })
+        .collect();
+    assert!(activities.len() >= 4, "the activities span few partitions");
+    for k in 0..REWARDS {
+        let body = serde_json::json!({"order_id": format!("rate-{k}"), "uid": uid(k % USERS),
+            "activity_id": format!("act-{}", k % 12), "scene": "rain", "kind": "cash",
+            "amount": 100});
+        let (status, answer) = send_retrying(
+            &client,
+            &bases,
+            k,
+            reqwest::Method::POST,
+            "/v1/rewards",
+            ISSUER,
+            Some(body),
+        )
+        .await;
+        assert_eq!(status, 202, "{answer}");
+    }
+    let before = fleet_cash_credits(&client, &bases).await;
+    assert_eq!(before, 0.0, "credited while paused");
+    // Crediting on, sampled from the moment it is switched on (nodes read it within 250 ms).
+    let started = Instant::now();
+    let (status, body) = call(
+        &client,
+        reqwest::Method::PUT,
+        format!("{}/v1/admin/switches/reward_lanes", bases[0]),
+        ADMIN,
+        Some(serde_json::json!({ "on": true })),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let mut samples = vec![(Duration::ZERO, fleet_cash_credits(&client, &bases).await)];
+    while samples.last().unwrap().1 < REWARDS as f64 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "credits stalled: {samples:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        samples.push((started.elapsed(), fleet_cash_credits(&client, &bases).await));
+    }
+    for (i, (t1, c1)) in samples.iter().enumerate() {
+        for (t2, c2) in &samples[i + 1..] {
+            let window = (*t2 - *t1).as_secs_f64();
+            if window > 1.0 {
+                break;
+            }
+            assert!(
+                c2 - c1 <= RATE * 1.25 + 12.0,
+                "{} credits in {window:.2} s: {samples:?}",
+                c2 - c1
+            );
+        }
+    }
+    let (elapsed, _) = *samples.last().unwrap();
+    // 120 at 40/s, less what was in the buckets at the start: well over two seconds.
+    assert!(
+        elapsed >= Duration::from_secs(2),
+        "120 credited in {elapsed:?}: faster than the fleet's rate: {samples:?}"
+    );
+    eprintln!(
+        "fleet crediting at {RATE}/s: {REWARDS} rewards over {} partitions credited in {:.2} s",
+        activities.len(),
+        elapsed.as_secs_f64()
     );
 }
