@@ -86,9 +86,9 @@ pub struct LoadgenArgs {
     /// Drive an already running server (http://HOST:PORT) instead of an in-process one.
     #[arg(long, value_name = "URL")]
     pub target: Option<String>,
-    /// packets with --target on a cluster node: the other nodes (http://HOST:PORT,...), whose
-    /// /metrics count the packet transfers their partitions make (the load generator waits
-    /// for every share's transfer, wherever the packet's partition is served).
+    /// packets and rewards with --target on a cluster node: the other nodes
+    /// (http://HOST:PORT,...), whose /metrics count the transfers and credits their partitions
+    /// make (the load generator waits for them, wherever the partition is served).
     #[arg(long, value_name = "URL", value_delimiter = ',')]
     pub fleet: Vec<String>,
     /// Admin key for --target.
@@ -815,13 +815,19 @@ fn rewards(args: &LoadgenArgs) -> Result<(), LoadgenError> {
         "drain_s",
         "drain/s"
     );
-    let credited = |text: &str| {
-        metric_value(
-            text,
-            "hongbao_rewards_credited_total{kind=\"cash\",path=\"lane\"}",
-        )
+    // Credits counted on the target and, on a cluster, on every node of --fleet (the lanes run
+    // on the holder of the activity's partition).
+    let counted: Vec<SocketAddr> = std::iter::once(Ok(addr))
+        .chain(args.fleet.iter().map(|url| fleet_addr(url)))
+        .collect::<Result<_, _>>()?;
+    let fleet_sum = |name: &str| -> f64 {
+        counted
+            .iter()
+            .map(|a| metric_value(&scrape(*a), name))
+            .sum()
     };
-    let pending = |text: &str| metric_value(text, "hongbao_reward_pending{kind=\"cash\"}");
+    let credited_now = || fleet_sum("hongbao_rewards_credited_total{kind=\"cash\",path=\"lane\"}");
+    let accepted_now = || fleet_sum("hongbao_rewards_accepted_total{kind=\"cash\"}");
     let run_id: u32 = rand::random();
     for &in_flight in &args.in_flight {
         let key = target.issuer_key.clone();
@@ -853,6 +859,7 @@ fn rewards(args: &LoadgenArgs) -> Result<(), LoadgenError> {
             set_lanes(false);
         }
         let before = scrape(addr);
+        let (credited_before, accepted_before) = (credited_now(), accepted_now());
         let started = std::time::Instant::now();
         let result = client::drive(
             addr,
@@ -864,20 +871,22 @@ fn rewards(args: &LoadgenArgs) -> Result<(), LoadgenError> {
         )?;
         let run_s = started.elapsed().as_secs_f64();
         let after = scrape(addr);
-        let credited_in_run = credited(&after) - credited(&before);
-        let backlog = pending(&after);
-        // Let the lanes drain the backlog before the next run (and measure how long it takes).
+        let credited_in_run = credited_now() - credited_before;
+        // Every reward accepted since the run began, the warm-up's too.
+        let accepted = accepted_now() - accepted_before;
+        let backlog = (accepted - credited_in_run).max(0.0);
+        // Let the lanes drain the backlog before the next run (and measure how long it takes):
+        // until every reward accepted in the run is credited.
         if args.pause_lanes {
             set_lanes(true);
         }
         let drain_started = std::time::Instant::now();
-        let mut drained = after.clone();
-        while pending(&drained) > 0.0 && drain_started.elapsed() < Duration::from_secs(120) {
+        let mut credited_total = credited_in_run;
+        while credited_total < accepted && drain_started.elapsed() < Duration::from_secs(120) {
             std::thread::sleep(Duration::from_millis(50));
-            drained = scrape(addr);
+            credited_total = credited_now() - credited_before;
         }
         let drain_s = drain_started.elapsed().as_secs_f64();
-        let credited_total = credited(&drained) - credited(&before);
         // Rewards counted in `credited_in_run` were credited before the drain began.
         let baseline = if args.no_baseline {
             None
