@@ -1684,3 +1684,196 @@ async fn the_crediting_rate_is_the_fleets_whatever_the_partitions_and_nodes() {
         elapsed.as_secs_f64()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mixed_load_through_every_node_survives_kill_9_exactly_once() {
+    // Goal: the issue's mixed night on three nodes, at once and through every node: deposits
+    // from six clients, rewards of an activity with a budget, and C2C red packets paid, claimed
+    // and transferred across partitions; one node killed with kill -9 in the middle of it all.
+    // Afterwards every acknowledged deposit is in its ledger once, every accepted reward is
+    // credited once and the budget holds, every claim is in its claimer's wallet once and the
+    // packets' senders paid exactly their packets, and the cluster audit and verify pass.
+    let _heavy = super::heavy().await;
+    let Some(mut fleet) = Fleet::start().await else {
+        return;
+    };
+    let client = reqwest::Client::new();
+    let bases = fleet.bases();
+    const BUDGET: u64 = 6_000;
+    const PACKETS: usize = 4;
+    const SHARES: usize = 6;
+    let post = reqwest::Method::POST;
+    let (status, body) = call(
+        &client,
+        reqwest::Method::PUT,
+        format!("{}/v1/admin/activities/mix/budget", bases[1]),
+        ADMIN,
+        Some(serde_json::json!({"cash": BUDGET, "subsidy": 0})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    for s in 0..PACKETS {
+        let (status, body) = send_retrying(
+            &client,
+            &bases,
+            s,
+            post.clone(),
+            &format!("/v1/wallets/ms{s}/change/deposits"),
+            ADMIN,
+            Some(serde_json::json!({"order_id": format!("mix-fund-{s}"), "amount": 1_000})),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let load = Load::start(bases.clone(), 6);
+    load.progress(50, "deposits before the mix").await;
+    // Rewards and packets run beside the deposits; the kill lands while all three are going.
+    let rewards = {
+        let (client, bases) = (client.clone(), bases.clone());
+        tokio::spawn(async move {
+            let mut accepted: BTreeMap<String, u64> = BTreeMap::new();
+            let mut refused = 0;
+            for k in 0..60usize {
+                let (user, amount) = (format!("mr{}", k % 16), 100 + (k % 5) as u64);
+                let body = serde_json::json!({"order_id": format!("mix-r{k}"), "uid": user,
+                    "activity_id": "mix", "scene": "rain", "kind": "cash", "amount": amount});
+                let (status, answer) = send_retrying(
+                    &client,
+                    &bases,
+                    k,
+                    reqwest::Method::POST,
+                    "/v1/rewards",
+                    ISSUER,
+                    Some(body),
+                )
+                .await;
+                match (status, answer["code"].as_str()) {
+                    (202, _) => *accepted.entry(user).or_default() += amount,
+                    (409, Some("budget_exhausted")) => refused += 1,
+                    _ => panic!("reward mix-r{k}: {status} {answer}"),
+                }
+            }
+            (accepted, refused)
+        })
+    };
+    let packets = {
+        let (client, bases) = (client.clone(), bases.clone());
+        tokio::spawn(async move {
+            let mut claimed: BTreeMap<String, i64> = BTreeMap::new();
+            for p in 0..PACKETS {
+                let id = format!("mix-pk-{p}");
+                let create = serde_json::json!({"packet_id": id, "sender_uid": format!("ms{p}"),
+                    "mode": "c2c", "total": 600, "count": SHARES, "split": "lucky"});
+                let (status, body) = send_retrying(
+                    &client,
+                    &bases,
+                    p,
+                    reqwest::Method::POST,
+                    "/v1/packets",
+                    GATEWAY,
+                    Some(create),
+                )
+                .await;
+                assert_eq!(status, 201, "{body}");
+                let pay = serde_json::json!({"payment_id": format!("mix-pay-{p}")});
+                let (status, body) = send_retrying(
+                    &client,
+                    &bases,
+                    p + 1,
+                    reqwest::Method::POST,
+                    &format!("/v1/packets/{id}/pay"),
+                    GATEWAY,
+                    Some(pay),
+                )
+                .await;
+                assert_eq!(status, 200, "{body}");
+                for c in 0..SHARES {
+                    let user = format!("mp{}", (p * 5 + c) % 12);
+                    let (status, body) = send_retrying(
+                        &client,
+                        &bases,
+                        p + c,
+                        reqwest::Method::POST,
+                        &format!("/v1/packets/{id}/claims"),
+                        GATEWAY,
+                        Some(serde_json::json!({ "uid": user })),
+                    )
+                    .await;
+                    assert_eq!(status, 200, "{body}");
+                    *claimed.entry(user).or_default() += body["amount"].as_i64().unwrap();
+                }
+            }
+            claimed
+        })
+    };
+    load.progress(100, "with the mix going").await;
+    let node = fleet.nodes[1].take().unwrap();
+    let port = node.port;
+    node.kill9();
+    fleet.wait_balanced(2).await;
+    let (accepted, refused) = rewards.await.unwrap();
+    let claimed = packets.await.unwrap();
+    load.progress(100, "after the kill").await;
+    let (acked, _) = load.finish().await;
+    let bases = fleet.bases();
+    check_exactly_once(&bases, &acked).await;
+    // Rewards: within the budget, each user's activity balance their accepted rewards.
+    let accepted_sum: u64 = accepted.values().sum();
+    assert!(
+        accepted_sum <= BUDGET && refused > 0,
+        "{accepted_sum} accepted, {refused} refused"
+    );
+    // Packets: each claimer's change is their claims; each sender paid exactly 600.
+    let mut owed: Vec<(String, &str, i64)> = accepted
+        .iter()
+        .map(|(u, a)| (u.clone(), "activity", *a as i64))
+        .collect();
+    owed.extend(claimed.iter().map(|(u, a)| (u.clone(), "change", *a)));
+    owed.extend((0..PACKETS).map(|s| (format!("ms{s}"), "change", 400)));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut wrong = Vec::new();
+        for (user, account, amount) in &owed {
+            for base in &bases {
+                let wallet = get_settled(&client, base, &format!("/v1/wallets/{user}")).await;
+                let held = wallet["balances"][*account].as_i64().unwrap();
+                if held != *amount || !wallet["pending"].as_array().unwrap().is_empty() {
+                    wrong.push(format!(
+                        "{user} {account} {held} (owed {amount}) via {base}"
+                    ));
+                }
+            }
+        }
+        if wrong.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never settled: {wrong:?}\n{}",
+            fleet.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (status, activity) = call(
+        &client,
+        reqwest::Method::GET,
+        format!("{}/v1/admin/activities/mix", bases[0]),
+        ADMIN,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, &activity["accepted"]["cash"]),
+        (200, &Value::from(accepted_sum))
+    );
+    fleet.restart(1, port);
+    fleet.wait_balanced(3).await;
+    fleet.audit().await;
+    fleet.verify().await;
+    eprintln!(
+        "mixed: {} deposits, {accepted_sum} fen of rewards to {} users ({refused} refused by the budget), {} claims",
+        acked.len(),
+        accepted.len(),
+        PACKETS * SHARES
+    );
+}
