@@ -513,14 +513,7 @@ async fn every_node_gives_the_same_answer_to_the_same_request() {
         .await;
         assert_eq!(status, 200, "{ready}");
         // Per-partition series: one per partition this node serves.
-        let text = client
-            .get(format!("{base}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = scrape(&client, base).await;
         assert_eq!(
             metric(&text, "hongbao_partition_served"),
             Some(view["held"].as_array().unwrap().len() as f64),
@@ -1087,40 +1080,9 @@ async fn red_packets_move_money_between_partitions_exactly_once_through_a_kill()
     for k in 0..PACKETS {
         let id = format!("pk-{k}");
         partitions.insert(packet_partition(&id));
-        let (status, body) = send_retrying(
-            &client,
-            &bases,
-            k,
-            post.clone(),
-            "/v1/packets",
-            GATEWAY,
-            Some(
-                serde_json::json!({"packet_id": id, "sender_uid": uid(k % SENDERS),
-                "mode": "c2c", "total": TOTAL, "count": SHARES, "split": "lucky",
-                "expires_in_s": if expiring(k) { 3 } else { 600 }}),
-            ),
-        )
-        .await;
-        assert_eq!(
-            (status, body["state"].as_str()),
-            (201, Some("pending_payment")),
-            "{body}"
-        );
-        let (status, body) = send_retrying(
-            &client,
-            &bases,
-            k + 1,
-            post.clone(),
-            &format!("/v1/packets/{id}/pay"),
-            GATEWAY,
-            Some(serde_json::json!({"payment_id": format!("pay-{k}")})),
-        )
-        .await;
-        assert_eq!(
-            (status, body["state"].as_str()),
-            (200, Some("active")),
-            "{body}"
-        );
+        let spec = serde_json::json!({"sender_uid": uid(k % SENDERS), "total": TOTAL,
+            "count": SHARES, "split": "lucky", "expires_in_s": if expiring(k) { 3 } else { 600 }});
+        c2c_packet(&client, &bases, k, &id, spec, &format!("pay-{k}")).await;
     }
     assert!(partitions.len() > 3, "the packets span few partitions");
     // Claims through every node; one node is killed half-way and the clients go on.
@@ -1249,14 +1211,7 @@ async fn red_packets_move_money_between_partitions_exactly_once_through_a_kill()
     // NATS, or on the same node's cell directly.
     let (mut sent, mut local) = (0.0, 0.0);
     for base in &bases {
-        let text = client
-            .get(format!("{base}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = scrape(&client, base).await;
         let outcome = |o: &str| {
             metric(
                 &text,
@@ -1579,14 +1534,7 @@ async fn rewards_stay_within_budget_and_are_pending_or_credited_on_every_node_th
 async fn fleet_cash_credits(client: &reqwest::Client, bases: &[String]) -> f64 {
     let mut credited = 0.0;
     for base in bases {
-        let text = client
-            .get(format!("{base}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = scrape(client, base).await;
         credited += metric(
             &text,
             "hongbao_rewards_credited_total{kind=\"cash\",path=\"lane\"}",
@@ -1762,31 +1710,9 @@ async fn a_mixed_load_through_every_node_survives_kill_9_exactly_once() {
             let mut claimed: BTreeMap<String, i64> = BTreeMap::new();
             for p in 0..PACKETS {
                 let id = format!("mix-pk-{p}");
-                let create = serde_json::json!({"packet_id": id, "sender_uid": format!("ms{p}"),
-                    "mode": "c2c", "total": 600, "count": SHARES, "split": "lucky"});
-                let (status, body) = send_retrying(
-                    &client,
-                    &bases,
-                    p,
-                    reqwest::Method::POST,
-                    "/v1/packets",
-                    GATEWAY,
-                    Some(create),
-                )
-                .await;
-                assert_eq!(status, 201, "{body}");
-                let pay = serde_json::json!({"payment_id": format!("mix-pay-{p}")});
-                let (status, body) = send_retrying(
-                    &client,
-                    &bases,
-                    p + 1,
-                    reqwest::Method::POST,
-                    &format!("/v1/packets/{id}/pay"),
-                    GATEWAY,
-                    Some(pay),
-                )
-                .await;
-                assert_eq!(status, 200, "{body}");
+                let spec = serde_json::json!({"sender_uid": format!("ms{p}"), "total": 600,
+                    "count": SHARES, "split": "lucky"});
+                c2c_packet(&client, &bases, p, &id, spec, &format!("mix-pay-{p}")).await;
                 for c in 0..SHARES {
                     let user = format!("mp{}", (p * 5 + c) % 12);
                     let (status, body) = send_retrying(
@@ -1875,5 +1801,62 @@ async fn a_mixed_load_through_every_node_survives_kill_9_exactly_once() {
         acked.len(),
         accepted.len(),
         PACKETS * SHARES
+    );
+}
+
+/// A node's /metrics text.
+async fn scrape(client: &reqwest::Client, base: &str) -> String {
+    client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Creates C2C packet `id` (`spec`: its sender, total, shares...) and pays it with
+/// `payment_id`, through the nodes from `first` on, retrying as a client of a fleet does.
+async fn c2c_packet(
+    client: &reqwest::Client,
+    bases: &[String],
+    first: usize,
+    id: &str,
+    spec: Value,
+    payment_id: &str,
+) {
+    let mut create = spec;
+    create["packet_id"] = id.into();
+    create["mode"] = "c2c".into();
+    let (status, body) = send_retrying(
+        client,
+        bases,
+        first,
+        reqwest::Method::POST,
+        "/v1/packets",
+        GATEWAY,
+        Some(create),
+    )
+    .await;
+    assert_eq!(
+        (status, body["state"].as_str()),
+        (201, Some("pending_payment")),
+        "{body}"
+    );
+    let (status, body) = send_retrying(
+        client,
+        bases,
+        first + 1,
+        reqwest::Method::POST,
+        &format!("/v1/packets/{id}/pay"),
+        GATEWAY,
+        Some(serde_json::json!({ "payment_id": payment_id })),
+    )
+    .await;
+    assert_eq!(
+        (status, body["state"].as_str()),
+        (200, Some("active")),
+        "{body}"
     );
 }
