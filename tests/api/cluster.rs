@@ -5,7 +5,7 @@
 
 use super::crash::{call, spawn_binary, Server};
 use super::nats::{self, NatsServer};
-use super::{metric, ADMIN, GATEWAY, ISSUER};
+use super::{metric, scrape, ADMIN, GATEWAY, ISSUER};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -1802,18 +1802,6 @@ async fn a_mixed_load_through_every_node_survives_kill_9_exactly_once() {
         accepted.len(),
         PACKETS * SHARES
     );
-}
-
-/// A node's /metrics text.
-async fn scrape(client: &reqwest::Client, base: &str) -> String {
-    client
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
 }
 
 /// Creates C2C packet `id` (`spec`: its sender, total, shares...) and pays it with

@@ -202,14 +202,7 @@ impl TestApp {
 
     /// The Prometheus text of `/metrics`.
     pub async fn metrics_text(&self) -> String {
-        self.client
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        scrape(&self.client, &self.url("")).await
     }
 
     pub async fn get(&self, path: &str, key: Option<&str>) -> (u16, Value) {
@@ -305,6 +298,18 @@ impl TestApp {
 /// The sum of the series `name` (a metric name, which matches every label set, or a name with
 /// its labels, which matches that series) in Prometheus text; `None` when no such series is
 /// exposed, so that a metric missing because something is broken never reads as a healthy 0.
+/// The Prometheus text of the server at `base` (`http://127.0.0.1:PORT`).
+pub async fn scrape(client: &reqwest::Client, base: &str) -> String {
+    client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 pub fn metric(text: &str, name: &str) -> Option<f64> {
     let values: Vec<f64> = text
         .lines()
