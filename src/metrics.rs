@@ -75,7 +75,24 @@ fn latency_buckets() -> Vec<f64> {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let registry = Registry::new();
+        Metrics::on(Registry::new())
+    }
+
+    /// The series of one partition of a cluster node: every one carries
+    /// `partition="p007"`, so the node can expose all its partitions' side by side.
+    pub fn for_partition(partition: &str) -> Metrics {
+        let labels =
+            std::collections::HashMap::from([("partition".to_owned(), partition.to_owned())]);
+        match Registry::new_custom(None, Some(labels)) {
+            Ok(registry) => Metrics::on(registry),
+            Err(e) => {
+                tracing::error!(error = %e, "partition metrics unlabelled");
+                Metrics::new()
+            }
+        }
+    }
+
+    fn on(registry: Registry) -> Metrics {
         let http_request_duration_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "hongbao_http_request_duration_seconds",
@@ -430,14 +447,54 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        use prometheus::Encoder;
-        let mut out = Vec::new();
-        let encoder = prometheus::TextEncoder::new();
-        if encoder.encode(&self.registry.gather(), &mut out).is_err() {
-            return String::new();
-        }
-        String::from_utf8(out).unwrap_or_default()
+        render_families(&self.registry.gather())
     }
+
+    /// This registry's series with those of `parts` (a cluster node's partitions, each
+    /// labelled `partition`), one family per name. A series of this registry without labels
+    /// is left out of a family the parts have: on a cluster node the node's own copy of a
+    /// per-log series (the log head, the lanes' backlog) is never set, only the partitions'.
+    pub fn render_with(&self, parts: &[&Metrics]) -> String {
+        let mut families: std::collections::BTreeMap<String, prometheus::proto::MetricFamily> =
+            std::collections::BTreeMap::new();
+        for part in parts {
+            for mut family in part.registry.gather() {
+                match families.get_mut(family.name()) {
+                    Some(merged) => merged.mut_metric().extend(family.take_metric()),
+                    None => {
+                        families.insert(family.name().to_owned(), family);
+                    }
+                }
+            }
+        }
+        for mut family in self.registry.gather() {
+            match families.get_mut(family.name()) {
+                Some(merged) => {
+                    let labelled = family
+                        .take_metric()
+                        .into_iter()
+                        .filter(|m| !m.get_label().is_empty());
+                    merged.mut_metric().extend(labelled);
+                }
+                None => {
+                    families.insert(family.name().to_owned(), family);
+                }
+            }
+        }
+        render_families(&families.into_values().collect::<Vec<_>>())
+    }
+}
+
+fn render_families(families: &[prometheus::proto::MetricFamily]) -> String {
+    use prometheus::Encoder;
+    let mut out = Vec::new();
+    if prometheus::TextEncoder::new()
+        .encode(families, &mut out)
+        .is_err()
+    {
+        return String::new();
+    }
+    String::from_utf8(out).unwrap_or_default()
 }
 
 impl Default for Metrics {

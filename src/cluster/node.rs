@@ -281,7 +281,6 @@ pub struct NodeShared {
     config: Config,
     keys: Keys,
     clock: Arc<dyn Clock>,
-    metrics: Arc<Metrics>,
     router: Router,
     cells: DashMap<Partition, Arc<Cell>>,
     /// One lock per partition, held through each open and each close: a partition is never
@@ -404,7 +403,6 @@ impl Node {
             config: config.clone(),
             keys: keys.clone(),
             clock,
-            metrics: metrics.clone(),
             router: Router::new(client, FORWARD_TIMEOUT),
             cells: DashMap::new(),
             transitions: DashMap::new(),
@@ -650,18 +648,16 @@ async fn open_cell(
     let (mut js, dir) = partition_log(&shared.config, partition).map_err(|e| e.to_string())?;
     js.create_stream = true;
     js.write_guard = Some(lease.write_guard());
-    let (clock, metrics) = (shared.clock.clone(), shared.metrics.clone());
+    // The partition's own series (labelled with it), exposed by the node beside the others'.
+    let cell_metrics = Arc::new(Metrics::for_partition(&partition.key()));
+    let (clock, metrics) = (shared.clock.clone(), cell_metrics.clone());
     let log = tokio::task::spawn_blocking(move || JetStreamStore::open(js, clock, metrics))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("cannot open {partition}'s log: {e}"))?;
     let mut config = shared.config.clone();
     config.data_dir = dir;
-    let (keys, clock, metrics) = (
-        shared.keys.clone(),
-        shared.clock.clone(),
-        shared.metrics.clone(),
-    );
+    let (keys, clock, metrics) = (shared.keys.clone(), shared.clock.clone(), cell_metrics);
     let cell = CellContext {
         placement: Arc::new(CellPlacement {
             partition,
@@ -1280,9 +1276,11 @@ async fn readyz(shared: web::Data<NodeShared>) -> HttpResponse {
 
 async fn metrics(metrics: web::Data<Metrics>, shared: web::Data<NodeShared>) -> HttpResponse {
     shared.cluster_metrics.refresh(&shared);
+    let cells: Vec<Arc<Cell>> = shared.cells.iter().map(|c| c.value().clone()).collect();
+    let parts: Vec<&Metrics> = cells.iter().map(|c| c.state.metrics.as_ref()).collect();
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
-        .body(metrics.render())
+        .body(metrics.render_with(&parts))
 }
 
 async fn openapi() -> HttpResponse {

@@ -333,13 +333,28 @@ fn hello_run(args: &LoadgenArgs, in_flight: usize) -> Result<RunResult, LoadgenE
 }
 
 /// Reads a counter-like sample (`name value`) from a Prometheus exposition.
-fn metric_value(text: &str, name: &str) -> f64 {
+/// The sum of the series of `query` in a Prometheus text: `name` alone (every series of the
+/// family) or `name{a="x",b="y"}` (the series carrying at least those labels: a cluster node
+/// adds `partition="p007"` to the series of each partition).
+fn metric_value(text: &str, query: &str) -> f64 {
+    let (name, wanted) = match query.split_once('{') {
+        Some((name, labels)) => (name, labels.trim_end_matches('}')),
+        None => (query, ""),
+    };
+    let wanted: Vec<&str> = wanted.split(',').filter(|l| !l.is_empty()).collect();
     text.lines()
-        .find_map(|l| {
-            l.strip_prefix(name)
-                .and_then(|rest| rest.trim().parse().ok())
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (family, labels) = match series.split_once('{') {
+                Some((family, labels)) => (family, labels.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let matches =
+                family == name && wanted.iter().all(|w| labels.split(',').any(|l| l == *w));
+            matches.then(|| value.parse::<f64>().ok()).flatten()
         })
-        .unwrap_or(0.0)
+        .sum()
 }
 
 /// One blocking HTTP/1.1 request on a fresh connection; returns the status and the body.
@@ -1412,4 +1427,27 @@ fn handover_table(args: &LoadgenArgs) -> Result<(), LoadgenError> {
         "join -> fair shares", join_p50, join_max
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::metric_value;
+
+    #[test]
+    fn a_metric_query_sums_every_series_carrying_its_labels() {
+        // One node's series, and a cluster node's, labelled with their partitions.
+        let text = "# TYPE hongbao_x counter\n\
+                    hongbao_x{kind=\"cash\",path=\"lane\"} 3\n\
+                    hongbao_x{kind=\"cash\",partition=\"p001\",path=\"lane\"} 4\n\
+                    hongbao_x{kind=\"item\",partition=\"p002\",path=\"lane\"} 5\n\
+                    hongbao_xy 7\n\
+                    hongbao_y 2\n";
+        assert_eq!(
+            metric_value(text, "hongbao_x{kind=\"cash\",path=\"lane\"}"),
+            7.0
+        );
+        assert_eq!(metric_value(text, "hongbao_x"), 12.0);
+        assert_eq!(metric_value(text, "hongbao_y"), 2.0);
+        assert_eq!(metric_value(text, "hongbao_z"), 0.0);
+    }
 }

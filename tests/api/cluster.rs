@@ -519,6 +519,25 @@ async fn every_node_gives_the_same_answer_to_the_same_request() {
             Some(view["held"].as_array().unwrap().len() as f64),
             "{base}"
         );
+        // Each served partition's own series, labelled with it: its log head as the
+        // cluster view says; and no unlabelled copy of a per-log series on a node.
+        for p in view["partitions"].as_array().unwrap() {
+            if let Some(head) = p["head"].as_u64() {
+                let key = p["partition"].as_str().unwrap();
+                assert_eq!(
+                    metric(
+                        &text,
+                        &format!("hongbao_log_head_seq{{partition=\"{key}\"}}")
+                    ),
+                    Some(head as f64),
+                    "{base} {key}"
+                );
+            }
+        }
+        assert!(
+            !text.lines().any(|l| l.starts_with("hongbao_log_head_seq ")),
+            "{base}: an unlabelled log head on a cluster node"
+        );
         forwarded += metric(
             &text,
             "hongbao_cluster_forwarded_total{outcome=\"answered\"}",
@@ -1535,11 +1554,16 @@ async fn fleet_cash_credits(client: &reqwest::Client, bases: &[String]) -> f64 {
     let mut credited = 0.0;
     for base in bases {
         let text = scrape(client, base).await;
-        credited += metric(
-            &text,
-            "hongbao_rewards_credited_total{kind=\"cash\",path=\"lane\"}",
-        )
-        .unwrap_or(0.0);
+        // Every partition's series (each labelled with its partition).
+        credited += text
+            .lines()
+            .filter(|l| {
+                l.starts_with("hongbao_rewards_credited_total{")
+                    && l.contains("kind=\"cash\"")
+                    && l.contains("path=\"lane\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
     }
     credited
 }
