@@ -45,8 +45,12 @@ DIR="$(mktemp -d -t hongbao-cluster-XXXXXX)"
 PIDS=()
 cleanup() {
   [ "$KEEP" = 1 ] && return 0
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  # Last started first: the nodes leave the cluster through the server, which goes last.
+  local i
+  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+    kill "${PIDS[i]}" 2>/dev/null || true
+    wait "${PIDS[i]}" 2>/dev/null || true
+  done
   rm -rf "$DIR"
 }
 trap cleanup EXIT
@@ -231,7 +235,9 @@ EOF
     start_node "$victim"
     wait_balanced n1 n2 n3 >/dev/null
   done
-} 2>&1 | tee "$LOG"
+# In this shell, not a pipeline's subshell: the nodes started above are in PIDS, so the
+# cleanup stops them (they were left running when the block was piped into tee).
+} > >(tee "$LOG") 2>&1
 echo "figures in $LOG"
 if [ "$KEEP" = 1 ]; then
   echo "left running (data in $DIR): JetStream $JS; nodes:"

@@ -62,6 +62,8 @@ const RETRY_AFTER_MS: u64 = 1_000;
 const VIEW_CATCH_UP_MAX: Duration = Duration::from_secs(30);
 /// Longest wait for the holder's answer to a forwarded request.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a stopping node tries to leave cleanly (close its partitions, release its leases).
+const LEAVE_MAX: Duration = Duration::from_secs(30);
 /// How often a node reads the fleet's singletons (switches, withdrawal policy) from their
 /// home partitions: a change made through another node is in force here within about this.
 const SINGLETONS_POLL: Duration = Duration::from_millis(250);
@@ -492,7 +494,16 @@ impl Node {
         let served = server.await;
         signals.abort();
         if let (Some(keeper), Some(runtime)) = (keeper, runtime.as_ref()) {
-            let _ = runtime.spawn(keeper.leave()).await;
+            // Bounded: with the servers unreachable a clean leave never ends. Going without it
+            // is a crash as far as the fleet can tell (the leases expire), and loses nothing
+            // acknowledged (acknowledged means durable).
+            match tokio::time::timeout(LEAVE_MAX, runtime.spawn(keeper.leave())).await {
+                Ok(_) => {}
+                Err(_) => tracing::error!(
+                    after_s = LEAVE_MAX.as_secs(),
+                    "could not leave the cluster cleanly (JetStream unreachable?); exiting, the leases expire by themselves"
+                ),
+            }
         }
         if let Some(runtime) = runtime {
             runtime.shutdown_background();

@@ -1872,3 +1872,53 @@ async fn c2c_packet(
         "{body}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_while_jetstream_is_unreachable_exits_within_bounds() {
+    // Goal: SIGTERM to a node whose JetStream server is gone ends the process: it cannot leave
+    // cleanly (close its partitions, release its leases), so after trying for 30 s it exits as
+    // if it had crashed (its leases expire by themselves) instead of hanging for ever (it
+    // did: over a minute, seen by hand).
+    let _heavy = super::heavy().await;
+    let Some(binary) = nats::binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let server = nats::single_synced(&binary, dir.path());
+    let url = format!("nats://127.0.0.1:{}", server.port);
+    let mut node = start_node(dir.path(), &url, "n1", 0);
+    // Serving every partition, so that leaving has partitions to close and leases to release.
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster_view(&client, &node.base())
+        .await
+        .and_then(|v| v["serving"].as_u64())
+        != Some(u64::from(PARTITIONS))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the node never served its partitions"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.kill();
+    let stopping = Instant::now();
+    let pid = node.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    while node.child.try_wait().unwrap().is_none() {
+        assert!(
+            stopping.elapsed() < Duration::from_secs(50),
+            "still running 50 s after SIGTERM:\n{}",
+            node.log.lock().unwrap().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = node.log.lock().unwrap().join("\n");
+    assert!(
+        log.contains("could not leave the cluster cleanly"),
+        "no word of the unclean leave:\n{log}"
+    );
+    eprintln!("exited {:?} after SIGTERM", stopping.elapsed());
+}
