@@ -39,7 +39,8 @@ mod registry;
 pub use aggregate::AggregateActor;
 pub use board::Board;
 pub use registry::{
-    ExecError, Placement, Registries, Registry, RemoteAnswer, RemoteCall, RemoteOp, Runtime,
+    typed_answer, ExecError, Placement, Registries, Registry, RemoteAnswer, RemoteCall, RemoteOp,
+    Runtime,
 };
 
 use std::time::Duration;

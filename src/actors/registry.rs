@@ -71,6 +71,19 @@ pub enum RemoteOp {
 /// run it at all (no such registry there, a bad encoding).
 pub type RemoteAnswer = Result<Vec<u8>, String>;
 
+/// The typed result of a call on `stream` from what came back: a transport failure, a refusal
+/// to run it and an unreadable answer are all `Unavailable` (the outcome is unknown).
+pub fn typed_answer<T: serde::de::DeserializeOwned, E: serde::de::DeserializeOwned>(
+    stream: &str,
+    sent: Result<RemoteAnswer, String>,
+) -> Result<T, ExecError<E>> {
+    let answer = sent
+        .map_err(ExecError::Unavailable)?
+        .map_err(|why| ExecError::Unavailable(format!("{stream}: {why}")))?;
+    crate::events::codec::decode::<Result<T, ExecError<E>>>(&answer)
+        .map_err(|e| ExecError::Unavailable(format!("{stream}: unreadable answer: {e}")))?
+}
+
 /// The registries of one runtime by stream prefix (held weakly: a registry ends with its owner).
 #[derive(Default)]
 pub struct Registries {
@@ -254,14 +267,7 @@ impl<A: Aggregate> Registry<A> {
             id: id.to_owned(),
             op,
         };
-        let answer = placement
-            .call(&stream, call)
-            .await
-            .map_err(ExecError::Unavailable)?
-            .map_err(|why| ExecError::Unavailable(format!("{stream}: {why}")))?;
-        let result: Result<T, ExecError<A::Error>> = crate::events::codec::decode(&answer)
-            .map_err(|e| ExecError::Unavailable(format!("{stream}: unreadable answer: {e}")))?;
-        result
+        typed_answer(&stream, placement.call(&stream, call).await)
     }
 
     /// [`execute`](Self::execute) on this runtime's own actor.

@@ -27,7 +27,7 @@ use super::membership::{
 use super::partition::Partition;
 use super::router::{Handler, RouteError, Router, Serving};
 use crate::actors::board::{self, Current};
-use crate::actors::{ExecError, Placement, RemoteAnswer, RemoteCall, RemoteOp};
+use crate::actors::{typed_answer, Placement, RemoteAnswer, RemoteCall, RemoteOp};
 use crate::clock::Clock;
 use crate::config::{Config, Keys};
 use crate::domain::switches::Switches;
@@ -521,38 +521,16 @@ impl NodeShared {
     /// keeps the last state; the next poll tries again.
     async fn read_singleton<A: Aggregate + Sync>(&self, current: &Current<A>) {
         let stream = format!("{}:{}", A::STREAM_PREFIX, board::STREAM_ID);
-        let partition = self.settings.partitions.of(&stream);
-        let call = Routed::Registry(RemoteCall {
+        let call = RemoteCall {
             prefix: A::STREAM_PREFIX.to_owned(),
             id: board::STREAM_ID.to_owned(),
             op: RemoteOp::State,
-        });
-        let Ok(encoded) = codec::encode(&call) else {
-            return;
         };
-        // The holder as last planned; if that is unknown or gone, as the bucket has it now
-        // (a node's first opens wait for these states while its keeper's round is not over).
-        let mut sent = match self.holder_epoch(partition) {
-            Some(epoch) => self.router.request(partition, epoch, encoded.clone()).await,
-            None => Err(RouteError::NoOwner(partition)),
-        };
-        if matches!(sent, Err(RouteError::NoOwner(_))) {
-            if let Some(epoch) = self.buckets.holder_epoch(partition).await {
-                sent = self.router.request(partition, epoch, encoded).await;
-            }
-        }
-        let read = match sent {
-            Ok(bytes) => codec::decode::<RemoteAnswer>(&bytes)
-                .map_err(|e| e.to_string())
-                .and_then(|answer| answer)
-                .and_then(|bytes| {
-                    codec::decode::<Result<(A, u64), ExecError<A::Error>>>(&bytes)
-                        .map_err(|e| e.to_string())
-                })
-                .and_then(|result| result.map_err(|e| e.to_string())),
-            Err(e) => Err(e.to_string()),
-        };
-        match read {
+        // Not counted as a command: every node reads these four times a second.
+        let sent = self
+            .send_registry_call(self.settings.partitions.of(&stream), call, false)
+            .await;
+        match typed_answer::<(A, u64), A::Error>(&stream, sent) {
             Ok((state, version)) => {
                 if current.offer(state, version) {
                     tracing::info!(stream, version, "fleet singleton changed");
@@ -560,6 +538,56 @@ impl NodeShared {
             }
             Err(e) => tracing::debug!(stream, error = %e, "fleet singleton not read"),
         }
+    }
+
+    /// Sends a registry call to `partition`'s holder: the one of the lease epoch this node last
+    /// read or, if that is unknown or gone, the one the lease bucket names now (a node's first
+    /// opens wait for the fleet's singletons before its keeper's round is over). `counted`:
+    /// in `hongbao_cluster_commands_sent_total`.
+    async fn send_registry_call(
+        &self,
+        partition: Partition,
+        call: RemoteCall,
+        counted: bool,
+    ) -> Result<RemoteAnswer, String> {
+        let encoded = codec::encode(&Routed::Registry(call)).map_err(|e| e.to_string())?;
+        let router = self.router.clone();
+        let first = self.holder_epoch(partition);
+        let buckets = self.buckets.clone();
+        // On the cluster runtime, where the NATS client lives.
+        let sent = self
+            .cluster
+            .spawn(async move {
+                let sent = match first {
+                    Some(epoch) => router.request(partition, epoch, encoded.clone()).await,
+                    None => Err(RouteError::NoOwner(partition)),
+                };
+                if !matches!(sent, Err(RouteError::NoOwner(_))) {
+                    return sent;
+                }
+                match buckets.holder_epoch(partition).await {
+                    Some(epoch) if Some(epoch) != first => {
+                        router.request(partition, epoch, encoded).await
+                    }
+                    _ => sent,
+                }
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let outcome = match &sent {
+            Ok(_) => "answered",
+            Err(RouteError::NoOwner(_)) => "no_owner",
+            Err(_) => "unreachable",
+        };
+        if counted {
+            self.cluster_metrics
+                .commands
+                .with_label_values(&[outcome])
+                .inc();
+        }
+        let bytes = sent.map_err(|e| e.to_string())?;
+        codec::decode::<RemoteAnswer>(&bytes)
+            .map_err(|e| format!("{partition}'s holder answered something unreadable: {e}"))
     }
 
     /// The epoch of `partition`'s holder as this node last read the leases (every TTL/8).
@@ -876,29 +904,7 @@ impl Placement for CellPlacement {
                     .inc();
                 return Ok(serve_registry_call(&shared, partition, call).await);
             }
-            let epoch = shared
-                .holder_epoch(partition)
-                .ok_or_else(|| format!("{partition} is changing hands (no holder right now)"))?;
-            let encoded = codec::encode(&Routed::Registry(call)).map_err(|e| e.to_string())?;
-            let router = shared.router.clone();
-            let sent = shared
-                .cluster
-                .spawn(async move { router.request(partition, epoch, encoded).await })
-                .await
-                .map_err(|e| e.to_string())?;
-            let outcome = match &sent {
-                Ok(_) => "answered",
-                Err(RouteError::NoOwner(_)) => "no_owner",
-                Err(_) => "unreachable",
-            };
-            shared
-                .cluster_metrics
-                .commands
-                .with_label_values(&[outcome])
-                .inc();
-            let bytes = sent.map_err(|e| e.to_string())?;
-            codec::decode::<RemoteAnswer>(&bytes)
-                .map_err(|e| format!("{partition}'s holder answered something unreadable: {e}"))
+            shared.send_registry_call(partition, call, true).await
         })
     }
 }
