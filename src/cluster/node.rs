@@ -707,18 +707,13 @@ async fn open_cell(
         policy: shared.policy.clone(),
         pacing: shared.limits.clone(),
     };
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    // Actors start on the arbiter they are created from: the cell's are all on the node's.
-    shared.arbiter.spawn_fn(move || {
-        actix_rt::spawn(async move {
-            let built = AppState::build(config, keys, log, clock, metrics, Some(cell)).await;
-            let _ = tx.send(built.map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e))));
-        });
-    });
-    let state = web::Data::new(
-        rx.await
-            .map_err(|_| "the cells' arbiter stopped".to_string())??,
-    );
+    let built = on_arbiter(shared, move || async move {
+        AppState::build(config, keys, log, clock, metrics, Some(cell))
+            .await
+            .map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e)))
+    })
+    .await;
+    let state = web::Data::new(built.ok_or("the cells' arbiter stopped")??);
     let cell = Arc::new(Cell {
         state,
         epoch: lease.epoch(),
@@ -781,34 +776,43 @@ async fn refresh_on_arbiter(
     state: web::Data<AppState>,
     policy: bool,
 ) -> Result<(), String> {
+    on_arbiter(shared, move || async move {
+        if policy {
+            state.policy.refresh().await.map_err(|e| e.to_string())
+        } else {
+            state.switches.refresh().await.map_err(|e| e.to_string())
+        }
+    })
+    .await
+    .unwrap_or_else(|| Err("the cells' arbiter stopped".into()))
+}
+
+/// Runs `work` on the cells' arbiter (actors start on the arbiter they are created from: the
+/// cells' all run on the node's) and returns its outcome; `None` if the arbiter has stopped.
+async fn on_arbiter<T, F>(
+    shared: &NodeShared,
+    work: impl FnOnce() -> F + Send + 'static,
+) -> Option<T>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = T> + 'static,
+{
     let (tx, rx) = tokio::sync::oneshot::channel();
     shared.arbiter.spawn_fn(move || {
         actix_rt::spawn(async move {
-            let refreshed = if policy {
-                state.policy.refresh().await.map_err(|e| e.to_string())
-            } else {
-                state.switches.refresh().await.map_err(|e| e.to_string())
-            };
-            let _ = tx.send(refreshed);
+            let _ = tx.send(work().await);
         });
     });
-    rx.await
-        .unwrap_or_else(|_| Err("the cells' arbiter stopped".into()))
+    rx.await.ok()
 }
 
 /// Stops a cell's flows and views and closes its log (on the arbiter its actors run on).
 async fn stop_cell(shared: &Arc<NodeShared>, cell: Arc<Cell>) {
-    let (tx, rx) = tokio::sync::oneshot::channel();
     let state = cell.state.clone();
-    shared.arbiter.spawn_fn(move || {
-        actix_rt::spawn(async move {
-            let _ = tx.send(state.stop().await);
-        });
-    });
-    match rx.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "a partition's log did not close cleanly"),
-        Err(_) => tracing::warn!("the cells' arbiter stopped before a partition closed"),
+    match on_arbiter(shared, move || async move { state.stop().await }).await {
+        Some(Ok(())) => {}
+        Some(Err(e)) => tracing::warn!(error = %e, "a partition's log did not close cleanly"),
+        None => tracing::warn!("the cells' arbiter stopped before a partition closed"),
     }
 }
 
@@ -858,16 +862,11 @@ async fn serve_registry_call(
     let Some(cell) = shared.cells.get(&partition).map(|c| c.clone()) else {
         return Err(format!("{partition} is changing hands; retry"));
     };
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    // Actors start on the arbiter they are created from: the cell's are all on the node's.
-    shared.arbiter.spawn_fn(move || {
-        actix_rt::spawn(async move {
-            let answer = cell.state.wallets.runtime().registries.serve(call).await;
-            let _ = tx.send(answer);
-        });
-    });
-    rx.await
-        .unwrap_or_else(|_| Err("the cells' arbiter stopped".into()))
+    on_arbiter(shared, move || {
+        cell.state.wallets.runtime().registries.serve(call)
+    })
+    .await
+    .unwrap_or_else(|| Err("the cells' arbiter stopped".into()))
 }
 
 /// Where a cell's runtime finds the streams of other partitions: on their holders, through the
