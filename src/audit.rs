@@ -1162,9 +1162,11 @@ pub fn audit(
 ///
 /// `home(stream)` is the index in `logs` of the log the deployment files `stream` in: a record
 /// found in another log is named (`placement`), since the nodes would never read it there.
+/// `channels` are the fleet's channel statements (a local copy), judged as on one node.
 pub fn audit_logs(
     logs: &[(String, &dyn crate::events::Log)],
     home: impl Fn(&str) -> usize,
+    channels: Option<&SimulatedChannels>,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<AuditReport, StoreError> {
     let total: u64 = logs.iter().map(|(_, log)| log.head()).sum::<u64>() * 2;
@@ -1224,7 +1226,7 @@ pub fn audit_logs(
     progress(total, total);
     Ok(AuditReport {
         events,
-        checks: auditor.finish(None),
+        checks: auditor.finish(channels),
     })
 }
 

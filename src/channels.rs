@@ -14,6 +14,7 @@ use crate::domain::withdrawal::Channel;
 use crate::events::{codec, StoreError};
 use crate::ids::Id;
 use crate::money::Fen;
+use async_nats::jetstream::kv;
 use futures::future::BoxFuture;
 use governor::{DefaultDirectRateLimiter, Quota};
 use serde::{Deserialize, Serialize};
@@ -120,15 +121,24 @@ pub struct StatementLine {
     pub calls: u32,
 }
 
-/// Locks that make a payment call's read-decide-write atomic per order: the lock of an order is
-/// one of this many, chosen by a hash of the channel and order id. Striped, so memory stays
-/// bounded whatever the number of orders; two orders sharing a stripe only wait for each other.
+/// Locks that make a payment call's read-decide-write atomic per order within one process: the
+/// lock of an order is one of this many, chosen by a hash of the channel and order id. Striped,
+/// so memory stays bounded whatever the number of orders; two orders sharing a stripe only wait
+/// for each other. Between processes (the nodes of a fleet sharing one book) the write itself
+/// is a compare-and-set, and a call that lost the race reads again and decides again.
 const ORDER_LOCK_STRIPES: usize = 256;
+
+/// Rounds of read-decide-write a payment call tries before it answers "channel busy" (each lost
+/// round means another call for the same order wrote first).
+const WRITE_ROUNDS: usize = 16;
+
+/// The key of a channel's settings in its shared bucket (statement keys are hex digits).
+const SETTINGS_KEY: &str = "_settings";
 
 struct SimChannel {
     settings: RwLock<ChannelSettings>,
-    limiter: Mutex<DefaultDirectRateLimiter>,
-    statement: sled::Tree,
+    /// The capacity's limiter and the rate it was built for.
+    limiter: Mutex<(u32, DefaultDirectRateLimiter)>,
 }
 
 fn limiter(rate_per_s: u32) -> DefaultDirectRateLimiter {
@@ -140,10 +150,39 @@ fn io(e: sled::Error) -> StoreError {
     StoreError::Io(e.to_string())
 }
 
+fn kv_error(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Io(format!("channel book: {e}"))
+}
+
+/// Where the simulated channels keep their books.
+enum Book {
+    /// One node: a sled database in its data directory.
+    Local {
+        db: sled::Db,
+        settings: sled::Tree,
+        statements: BTreeMap<Channel, sled::Tree>,
+    },
+    /// A fleet: one JetStream key-value bucket per channel (`<namespace>_channel_bank`), shared
+    /// by every node, so a partition that moves to another node finds every payment its
+    /// previous holder made. Lines are keyed by the order id in hex (any id is a valid key,
+    /// and hex keeps the ids' order); the settings are the key `_settings`.
+    Shared {
+        buckets: BTreeMap<Channel, kv::Store>,
+        /// The runtime of the node's NATS client, where every bucket call runs.
+        runtime: tokio::runtime::Handle,
+    },
+}
+
+/// What a line was when read: what the compare-and-set of its next write expects.
+enum Version {
+    Local(Option<sled::IVec>),
+    /// The entry's revision; 0 for no entry.
+    Shared(u64),
+}
+
 /// The simulated bank, Alipay and cashier, with their statements on disk.
 pub struct SimulatedChannels {
-    db: sled::Db,
-    settings: sled::Tree,
+    book: Book,
     channels: BTreeMap<Channel, SimChannel>,
     clock: Arc<dyn Clock>,
     /// See [`ORDER_LOCK_STRIPES`]; held across a call's read, decision and durable write.
@@ -151,6 +190,33 @@ pub struct SimulatedChannels {
 }
 
 impl SimulatedChannels {
+    fn with_book(
+        book: Book,
+        stored: impl Fn(Channel) -> ChannelSettings,
+        clock: Arc<dyn Clock>,
+    ) -> Arc<SimulatedChannels> {
+        let channels = Channel::ALL
+            .into_iter()
+            .map(|channel| {
+                let settings = stored(channel);
+                let sim = SimChannel {
+                    limiter: Mutex::new((settings.rate_per_s, limiter(settings.rate_per_s))),
+                    settings: RwLock::new(settings),
+                };
+                (channel, sim)
+            })
+            .collect();
+        Arc::new(SimulatedChannels {
+            book,
+            channels,
+            clock,
+            order_locks: (0..ORDER_LOCK_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+        })
+    }
+
+    /// The channels of one node, their books in `<dir>/channels`.
     pub fn open(dir: &Path, clock: Arc<dyn Clock>) -> Result<Arc<SimulatedChannels>, StoreError> {
         let db = sled::Config::new()
             .path(dir.join("channels"))
@@ -158,30 +224,82 @@ impl SimulatedChannels {
             .open()
             .map_err(io)?;
         let settings = db.open_tree("settings").map_err(io)?;
-        let mut channels = BTreeMap::new();
+        let mut statements = BTreeMap::new();
+        let mut stored = BTreeMap::new();
         for channel in Channel::ALL {
-            let stored: ChannelSettings = match settings.get(channel.as_str()).map_err(io)? {
+            let value: ChannelSettings = match settings.get(channel.as_str()).map_err(io)? {
                 Some(bytes) => codec::decode(&bytes)?,
                 None => ChannelSettings::default(),
             };
-            channels.insert(
+            stored.insert(channel, value);
+            statements.insert(
                 channel,
-                SimChannel {
-                    limiter: Mutex::new(limiter(stored.rate_per_s)),
-                    settings: RwLock::new(stored),
-                    statement: db.open_tree(format!("statement:{channel}")).map_err(io)?,
-                },
+                db.open_tree(format!("statement:{channel}")).map_err(io)?,
             );
         }
-        Ok(Arc::new(SimulatedChannels {
+        let book = Book::Local {
             db,
             settings,
-            channels,
-            clock,
-            order_locks: (0..ORDER_LOCK_STRIPES)
-                .map(|_| tokio::sync::Mutex::new(()))
-                .collect(),
-        }))
+            statements,
+        };
+        Ok(Self::with_book(book, |c| stored[&c], clock))
+    }
+
+    /// The channels of a fleet, their books in the JetStream key-value buckets
+    /// `<namespace>_channel_<name>` (created with `replicas` when absent, if `replicas` is
+    /// given; a reader gives none and is refused when a bucket is missing), shared by every
+    /// node that opens them. Bucket calls run on `runtime` (the NATS client's).
+    pub async fn open_shared(
+        js: &async_nats::jetstream::Context,
+        namespace: &str,
+        replicas: Option<usize>,
+        clock: Arc<dyn Clock>,
+        runtime: tokio::runtime::Handle,
+    ) -> Result<Arc<SimulatedChannels>, StoreError> {
+        let mut buckets = BTreeMap::new();
+        let mut stored = BTreeMap::new();
+        for channel in Channel::ALL {
+            let name = format!("{namespace}_channel_{}", channel.as_str());
+            let bucket = match (js.get_key_value(&name).await, replicas) {
+                (Ok(bucket), _) => bucket,
+                (Err(e), None) => return Err(kv_error(format!("bucket {name}: {e}"))),
+                (Err(_), Some(replicas)) => {
+                    let created = js
+                        .create_key_value(kv::Config {
+                            bucket: name.clone(),
+                            description: format!(
+                                "the simulated {channel} channel's statement and settings"
+                            ),
+                            history: 1,
+                            num_replicas: replicas,
+                            storage: async_nats::jetstream::stream::StorageType::File,
+                            ..Default::default()
+                        })
+                        .await;
+                    match created {
+                        Ok(bucket) => bucket,
+                        // Another node created it at the same moment.
+                        Err(e) => js
+                            .get_key_value(&name)
+                            .await
+                            .map_err(|_| kv_error(format!("bucket {name}: {e}")))?,
+                    }
+                }
+            };
+            let value = match bucket.get(SETTINGS_KEY).await.map_err(kv_error)? {
+                Some(bytes) => codec::decode(&bytes)?,
+                None => ChannelSettings::default(),
+            };
+            stored.insert(channel, value);
+            buckets.insert(channel, bucket);
+        }
+        let book = Book::Shared { buckets, runtime };
+        Ok(Self::with_book(book, |c| stored[&c], clock))
+    }
+
+    /// Whether the books are a fleet's (JetStream) rather than one node's.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.book, Book::Shared { .. })
     }
 
     fn channel(&self, channel: Channel) -> &SimChannel {
@@ -190,6 +308,19 @@ impl SimulatedChannels {
             .expect("every channel is simulated")
     }
 
+    /// Runs a bucket call on the NATS client's runtime.
+    async fn on_client<T, F>(runtime: &tokio::runtime::Handle, call: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        runtime
+            .spawn(call)
+            .await
+            .map_err(|e| StoreError::Io(format!("channel book call: {e}")))?
+    }
+
+    /// The settings as this process last read them.
     pub fn settings(&self, channel: Channel) -> ChannelSettings {
         *self
             .channel(channel)
@@ -198,60 +329,177 @@ impl SimulatedChannels {
             .expect("settings lock")
     }
 
-    /// Changes a channel's behaviour (kept across restarts).
-    pub fn configure(&self, channel: Channel, settings: ChannelSettings) -> Result<(), StoreError> {
-        settings.validate().map_err(StoreError::Corrupt)?;
+    /// The settings in force: on a fleet, read from the shared book (another node may have
+    /// changed them), and kept as this process's.
+    pub async fn current_settings(&self, channel: Channel) -> Result<ChannelSettings, StoreError> {
+        let Book::Shared { buckets, runtime } = &self.book else {
+            return Ok(self.settings(channel));
+        };
+        let bucket = buckets[&channel].clone();
+        let stored = Self::on_client(runtime, async move {
+            bucket.get(SETTINGS_KEY).await.map_err(kv_error)
+        })
+        .await?;
+        let settings = match stored {
+            Some(bytes) => codec::decode(&bytes)?,
+            None => ChannelSettings::default(),
+        };
+        self.adopt(channel, settings);
+        Ok(settings)
+    }
+
+    fn adopt(&self, channel: Channel, settings: ChannelSettings) {
         let sim = self.channel(channel);
-        self.settings
-            .insert(channel.as_str(), codec::encode(&settings)?)
-            .map_err(io)?;
-        self.db.flush().map_err(io)?;
         *sim.settings.write().expect("settings lock") = settings;
-        *sim.limiter.lock().expect("limiter lock") = limiter(settings.rate_per_s);
+        let mut limiter_slot = sim.limiter.lock().expect("limiter lock");
+        if limiter_slot.0 != settings.rate_per_s {
+            *limiter_slot = (settings.rate_per_s, limiter(settings.rate_per_s));
+        }
+    }
+
+    /// Changes a channel's behaviour (kept across restarts; on a fleet, for every node).
+    pub async fn configure(
+        &self,
+        channel: Channel,
+        settings: ChannelSettings,
+    ) -> Result<(), StoreError> {
+        settings.validate().map_err(StoreError::Corrupt)?;
+        let encoded = codec::encode(&settings)?;
+        match &self.book {
+            Book::Local {
+                db, settings: tree, ..
+            } => {
+                tree.insert(channel.as_str(), encoded).map_err(io)?;
+                db.flush().map_err(io)?;
+            }
+            Book::Shared { buckets, runtime } => {
+                let bucket = buckets[&channel].clone();
+                Self::on_client(runtime, async move {
+                    bucket
+                        .put(SETTINGS_KEY, encoded.into())
+                        .await
+                        .map(|_| ())
+                        .map_err(kv_error)
+                })
+                .await?;
+            }
+        }
+        // A new rate starts a new limiter even when the number is the same: a reconfiguration
+        // starts the capacity afresh.
+        let sim = self.channel(channel);
+        *sim.settings.write().expect("settings lock") = settings;
+        *sim.limiter.lock().expect("limiter lock") =
+            (settings.rate_per_s, limiter(settings.rate_per_s));
         Ok(())
     }
 
     /// The channel's own record, by order id (at most `limit` lines).
-    pub fn statement(
+    pub async fn statement(
         &self,
         channel: Channel,
         limit: usize,
     ) -> Result<Vec<StatementLine>, StoreError> {
-        self.statement_after(channel, None, limit)
+        self.statement_after(channel, None, limit).await
     }
 
     /// At most `limit` lines of the record with order ids after `after` (from the first
-    /// without), in order id order: a range scan from the cursor, so a page costs its own
-    /// lines whatever its depth.
-    pub fn statement_after(
+    /// without), in order id order. One node's book is range-scanned from the cursor, so a
+    /// page costs its own lines whatever its depth; a fleet's book lists its keys for each
+    /// page (a key-value bucket has no range reads), then reads the page's lines.
+    pub async fn statement_after(
         &self,
         channel: Channel,
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<StatementLine>, StoreError> {
-        use std::ops::Bound;
-        let start = match after {
-            Some(order_id) => Bound::Excluded(order_id.as_bytes().to_vec()),
-            None => Bound::Unbounded,
-        };
-        self.channel(channel)
-            .statement
-            .range::<Vec<u8>, _>((start, Bound::Unbounded))
-            .take(limit)
-            .map(|item| Ok(codec::decode(&item.map_err(io)?.1)?))
-            .collect()
+        match &self.book {
+            Book::Local { statements, .. } => {
+                use std::ops::Bound;
+                let start = match after {
+                    Some(order_id) => Bound::Excluded(order_id.as_bytes().to_vec()),
+                    None => Bound::Unbounded,
+                };
+                statements[&channel]
+                    .range::<Vec<u8>, _>((start, Bound::Unbounded))
+                    .take(limit)
+                    .map(|item| Ok(codec::decode(&item.map_err(io)?.1)?))
+                    .collect()
+            }
+            Book::Shared { buckets, runtime } => {
+                let bucket = buckets[&channel].clone();
+                let after = after.map(|a| hex::encode(a.as_bytes()));
+                Self::on_client(runtime, async move {
+                    use futures::TryStreamExt;
+                    let mut keys: Vec<String> = bucket
+                        .keys()
+                        .await
+                        .map_err(kv_error)?
+                        .try_filter(|k| futures::future::ready(k.as_str() != SETTINGS_KEY))
+                        .try_collect()
+                        .await
+                        .map_err(kv_error)?;
+                    keys.retain(|k| after.as_ref().is_none_or(|a| k > a));
+                    keys.sort_unstable();
+                    keys.truncate(limit);
+                    let mut lines = Vec::with_capacity(keys.len());
+                    for key in keys {
+                        if let Some(bytes) = bucket.get(key.as_str()).await.map_err(kv_error)? {
+                            lines.push(codec::decode(&bytes)?);
+                        }
+                    }
+                    Ok(lines)
+                })
+                .await
+            }
+        }
     }
 
     /// Every line of a channel's statement, in order id order, read lazily: the audit walks a
-    /// statement of any size in constant memory.
+    /// statement of any size in constant memory. One node's book only: a fleet's is read
+    /// through [`SimulatedChannels::copy_into`] first.
     pub fn lines(
         &self,
         channel: Channel,
-    ) -> impl Iterator<Item = Result<StatementLine, StoreError>> + '_ {
-        self.channel(channel)
-            .statement
-            .iter()
-            .map(|item| Ok(codec::decode(&item.map_err(io)?.1)?))
+    ) -> Box<dyn Iterator<Item = Result<StatementLine, StoreError>> + '_> {
+        match &self.book {
+            Book::Local { statements, .. } => Box::new(
+                statements[&channel]
+                    .iter()
+                    .map(|item| Ok(codec::decode(&item.map_err(io)?.1)?)),
+            ),
+            Book::Shared { .. } => Box::new(std::iter::once(Err(StoreError::Corrupt(
+                "a fleet's channel book is read through a local copy".into(),
+            )))),
+        }
+    }
+
+    /// Copies every statement line and setting of these channels into one node's book at
+    /// `dir` (for the audit of a fleet, which reads statements line by line).
+    pub async fn copy_into(
+        &self,
+        dir: &Path,
+        mut progress: impl FnMut(u64),
+    ) -> Result<Arc<SimulatedChannels>, StoreError> {
+        let copy = SimulatedChannels::open(dir, self.clock.clone())?;
+        let mut copied = 0u64;
+        for channel in Channel::ALL {
+            copy.configure(channel, self.current_settings(channel).await?)
+                .await?;
+            let mut after: Option<String> = None;
+            loop {
+                let page = self
+                    .statement_after(channel, after.as_deref(), 1_000)
+                    .await?;
+                let Some(last) = page.last() else { break };
+                after = Some(last.order_id.clone());
+                for line in &page {
+                    copy.record_line(channel, line).await?;
+                    copied += 1;
+                    progress(copied);
+                }
+            }
+        }
+        Ok(copy)
     }
 
     /// Writes a statement line exactly as given, replacing the order's line, durably; bypasses
@@ -259,38 +507,117 @@ impl SimulatedChannels {
     /// with a payment call in flight for the same order). For tests that corrupt the channel's
     /// side of the books, and for operators repairing a simulated statement by hand; the
     /// reconciler and `hongbao audit` then judge the line like any other.
-    pub fn record_line(&self, channel: Channel, line: &StatementLine) -> Result<(), StoreError> {
-        self.channel(channel)
-            .statement
-            .insert(line.order_id.as_str(), codec::encode(line)?)
-            .map_err(io)?;
-        self.db.flush().map_err(io)?;
-        Ok(())
+    pub async fn record_line(
+        &self,
+        channel: Channel,
+        line: &StatementLine,
+    ) -> Result<(), StoreError> {
+        let encoded = codec::encode(line)?;
+        match &self.book {
+            Book::Local { db, statements, .. } => {
+                statements[&channel]
+                    .insert(line.order_id.as_str(), encoded)
+                    .map_err(io)?;
+                db.flush().map_err(io)?;
+                Ok(())
+            }
+            Book::Shared { buckets, runtime } => {
+                let (bucket, key) = (buckets[&channel].clone(), hex::encode(&line.order_id));
+                Self::on_client(runtime, async move {
+                    bucket
+                        .put(key, encoded.into())
+                        .await
+                        .map(|_| ())
+                        .map_err(kv_error)
+                })
+                .await
+            }
+        }
     }
 
-    fn record(&self, channel: Channel, order_id: &Id) -> Result<Option<StatementLine>, StoreError> {
-        self.channel(channel)
-            .statement
-            .get(order_id.as_str())
-            .map_err(io)?
-            .map(|bytes| Ok(codec::decode(&bytes)?))
-            .transpose()
+    /// An order's line, with what its next write must find in its place.
+    async fn record(
+        &self,
+        channel: Channel,
+        order_id: &Id,
+    ) -> Result<(Option<StatementLine>, Version), StoreError> {
+        match &self.book {
+            Book::Local { statements, .. } => {
+                let raw = statements[&channel].get(order_id.as_str()).map_err(io)?;
+                let line = raw.as_ref().map(|b| codec::decode(b)).transpose()?;
+                Ok((line, Version::Local(raw)))
+            }
+            Book::Shared { buckets, runtime } => {
+                let (bucket, key) = (buckets[&channel].clone(), hex::encode(order_id.as_str()));
+                let entry =
+                    Self::on_client(
+                        runtime,
+                        async move { bucket.entry(key).await.map_err(kv_error) },
+                    )
+                    .await?;
+                match entry {
+                    Some(e) if e.operation == kv::Operation::Put => {
+                        Ok((Some(codec::decode(&e.value)?), Version::Shared(e.revision)))
+                    }
+                    Some(e) => Ok((None, Version::Shared(e.revision))),
+                    None => Ok((None, Version::Shared(0))),
+                }
+            }
+        }
     }
 
-    async fn write(&self, channel: Channel, line: &StatementLine) -> Result<(), StoreError> {
-        self.channel(channel)
-            .statement
-            .insert(line.order_id.as_str(), codec::encode(line)?)
-            .map_err(io)?;
-        // Durable before the channel answers, like a real channel's books. A blocking flush on
-        // the blocking pool: sled 0.34's `flush_async` can deadlock when several run at once
-        // (spacejam/sled#1308, fixed after the last release).
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(|e| StoreError::Io(e.to_string()))?
-            .map_err(io)?;
-        Ok(())
+    /// Writes an order's line if it is still as read (`read`), durably before it answers, like
+    /// a real channel's books; `Ok(false)` when another call wrote first.
+    async fn write(
+        &self,
+        channel: Channel,
+        line: &StatementLine,
+        read: &Version,
+    ) -> Result<bool, StoreError> {
+        let encoded = codec::encode(line)?;
+        match (&self.book, read) {
+            (Book::Local { db, statements, .. }, Version::Local(previous)) => {
+                let swapped = statements[&channel]
+                    .compare_and_swap(line.order_id.as_str(), previous.clone(), Some(encoded))
+                    .map_err(io)?;
+                if swapped.is_err() {
+                    return Ok(false);
+                }
+                // A blocking flush on the blocking pool: sled 0.34's `flush_async` can deadlock
+                // when several run at once (spacejam/sled#1308, fixed after the last release).
+                let db = db.clone();
+                tokio::task::spawn_blocking(move || db.flush())
+                    .await
+                    .map_err(|e| StoreError::Io(e.to_string()))?
+                    .map_err(io)?;
+                Ok(true)
+            }
+            (Book::Shared { buckets, runtime }, Version::Shared(revision)) => {
+                let (bucket, key, revision) = (
+                    buckets[&channel].clone(),
+                    hex::encode(&line.order_id),
+                    *revision,
+                );
+                Self::on_client(runtime, async move {
+                    let written = if revision == 0 {
+                        match bucket.create(key, encoded.into()).await {
+                            Ok(_) => true,
+                            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => false,
+                            Err(e) => return Err(kv_error(e)),
+                        }
+                    } else {
+                        match bucket.update(key, encoded.into(), revision).await {
+                            Ok(_) => true,
+                            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => false,
+                            Err(e) => return Err(kv_error(e)),
+                        }
+                    };
+                    Ok(written)
+                })
+                .await
+            }
+            _ => Err(StoreError::Corrupt("a version from another book".into())),
+        }
     }
 
     fn order_lock(&self, channel: Channel, order_id: &Id) -> &tokio::sync::Mutex<()> {
@@ -302,76 +629,95 @@ impl SimulatedChannels {
     }
 
     async fn pay_now(self: Arc<Self>, channel: Channel, order_id: Id, amount: Fen) -> PayOutcome {
-        let settings = self.settings(channel);
+        let settings = match self.current_settings(channel).await {
+            Ok(settings) => settings,
+            Err(e) => return PayOutcome::Failed(format!("channel error: {e}")),
+        };
         if settings.latency_ms > 0 {
             tokio::time::sleep(Duration::from_millis(settings.latency_ms)).await;
         }
-        // One call per order at a time, from reading the line to its durable write: two
-        // concurrent calls can neither both pay nor write a refusal over a payment, and every
-        // call is counted (issue 11).
+        // One call per order at a time in this process, from reading the line to its durable
+        // write; between processes, the write is a compare-and-set and a lost round is played
+        // again. Two concurrent calls can neither both pay nor write a refusal over a payment,
+        // and every call is counted (issue 11).
         let _order = self.order_lock(channel, &order_id).lock().await;
-        let previous = match self.record(channel, &order_id) {
-            Ok(previous) => previous,
-            Err(e) => return PayOutcome::Failed(format!("channel error: {e}")),
-        };
-        if let Some(line) = previous.as_ref().filter(|l| l.amount != amount) {
-            // An order id is one payment of one amount (W10): a repeat for another amount is
-            // someone else's mistake, refused without touching the line.
-            return PayOutcome::Failed(format!(
-                "order {order_id} was sent for {}, not {amount}",
-                line.amount
-            ));
-        }
-        let calls = previous.as_ref().map(|l| l.calls).unwrap_or(0) + 1;
-        if let Some(line) = &previous {
-            if line.status == RecordStatus::Succeeded {
-                // Idempotent: paid once, never again. The repeat is counted for the statement.
-                let line = StatementLine {
-                    calls,
-                    ..line.clone()
-                };
-                let _ = self.write(channel, &line).await;
-                return PayOutcome::Succeeded;
-            }
-        }
-        if self
-            .channel(channel)
-            .limiter
-            .lock()
-            .expect("limiter lock")
-            .check()
-            .is_err()
-        {
-            return PayOutcome::Throttled;
-        }
         let roll: f64 = rand::random();
-        let line = |status| StatementLine {
-            order_id: order_id.to_string(),
-            amount,
-            status,
-            at_ms: self.clock.now_ms(),
-            calls,
-        };
-        if roll < settings.timeout_rate {
-            // The answer is lost; whether the money moved is up to the coin.
-            if rand::random::<bool>() {
-                if let Err(e) = self.write(channel, &line(RecordStatus::Succeeded)).await {
-                    tracing::error!(error = %e, "channel simulator cannot record");
+        let paid_on_timeout = rand::random::<bool>();
+        let mut admitted = false;
+        for _ in 0..WRITE_ROUNDS {
+            let (previous, read) = match self.record(channel, &order_id).await {
+                Ok(record) => record,
+                Err(e) => return PayOutcome::Failed(format!("channel error: {e}")),
+            };
+            if let Some(line) = previous.as_ref().filter(|l| l.amount != amount) {
+                // An order id is one payment of one amount (W10): a repeat for another amount
+                // is someone else's mistake, refused without touching the line.
+                return PayOutcome::Failed(format!(
+                    "order {order_id} was sent for {}, not {amount}",
+                    line.amount
+                ));
+            }
+            let calls = previous.as_ref().map(|l| l.calls).unwrap_or(0) + 1;
+            if let Some(line) = &previous {
+                if line.status == RecordStatus::Succeeded {
+                    // Idempotent: paid once, never again. The repeat is counted for the
+                    // statement.
+                    let line = StatementLine {
+                        calls,
+                        ..line.clone()
+                    };
+                    match self.write(channel, &line, &read).await {
+                        Ok(false) => continue,
+                        _ => return PayOutcome::Succeeded,
+                    }
                 }
             }
-            return PayOutcome::Timeout;
-        }
-        if roll < settings.timeout_rate + settings.fail_rate {
-            return match self.write(channel, &line(RecordStatus::Failed)).await {
-                Ok(()) => PayOutcome::Failed("declined by the channel".into()),
+            if !admitted {
+                let limiter = self.channel(channel).limiter.lock().expect("limiter lock");
+                if limiter.1.check().is_err() {
+                    return PayOutcome::Throttled;
+                }
+                admitted = true;
+            }
+            let line = |status| StatementLine {
+                order_id: order_id.to_string(),
+                amount,
+                status,
+                at_ms: self.clock.now_ms(),
+                calls,
+            };
+            if roll < settings.timeout_rate {
+                // The answer is lost; whether the money moved is up to the coin.
+                if paid_on_timeout {
+                    match self
+                        .write(channel, &line(RecordStatus::Succeeded), &read)
+                        .await
+                    {
+                        Ok(false) => continue,
+                        Ok(true) => {}
+                        Err(e) => tracing::error!(error = %e, "channel simulator cannot record"),
+                    }
+                }
+                return PayOutcome::Timeout;
+            }
+            let (status, answer) = if roll < settings.timeout_rate + settings.fail_rate {
+                (
+                    RecordStatus::Failed,
+                    PayOutcome::Failed("declined by the channel".into()),
+                )
+            } else {
+                (RecordStatus::Succeeded, PayOutcome::Succeeded)
+            };
+            return match self.write(channel, &line(status), &read).await {
+                Ok(true) => answer,
+                Ok(false) => continue,
+                // The channel could not record it: it did not pay.
                 Err(e) => PayOutcome::Failed(format!("channel error: {e}")),
             };
         }
-        match self.write(channel, &line(RecordStatus::Succeeded)).await {
-            Ok(()) => PayOutcome::Succeeded,
-            // The channel could not record it: it did not pay.
-            Err(e) => PayOutcome::Failed(format!("channel error: {e}")),
-        }
+        PayOutcome::Failed(format!(
+            "channel busy: {WRITE_ROUNDS} concurrent calls for order {order_id} wrote first"
+        ))
     }
 }
 
@@ -391,15 +737,19 @@ impl PaymentChannel for Simulator {
     }
 
     fn query(&self, channel: Channel, order_id: &Id) -> BoxFuture<'static, QueryOutcome> {
-        let outcome = match self.0.record(channel, order_id) {
-            Ok(None) => QueryOutcome::NoRecord,
-            Ok(Some(line)) if line.status == RecordStatus::Succeeded => QueryOutcome::Succeeded {
-                amount: line.amount,
-            },
-            Ok(Some(_)) => QueryOutcome::Failed("declined by the channel".into()),
-            Err(e) => QueryOutcome::Failed(format!("channel error: {e}")),
-        };
-        Box::pin(async move { outcome })
+        let (sim, order_id) = (self.0.clone(), order_id.clone());
+        Box::pin(async move {
+            match sim.record(channel, &order_id).await {
+                Ok((None, _)) => QueryOutcome::NoRecord,
+                Ok((Some(line), _)) if line.status == RecordStatus::Succeeded => {
+                    QueryOutcome::Succeeded {
+                        amount: line.amount,
+                    }
+                }
+                Ok((Some(_), _)) => QueryOutcome::Failed("declined by the channel".into()),
+                Err(e) => QueryOutcome::Failed(format!("channel error: {e}")),
+            }
+        })
     }
 }
 
@@ -435,6 +785,7 @@ mod tests {
                     ..Default::default()
                 },
             )
+            .await
             .unwrap();
         assert_eq!(
             sim.pay(Channel::Bank, &id("o1"), Fen::new(5), "acct").await,
@@ -457,12 +808,13 @@ mod tests {
                     ..Default::default()
                 },
             )
+            .await
             .unwrap();
         assert_eq!(
             sim.pay(Channel::Bank, &id("o2"), Fen::new(5), "acct").await,
             PayOutcome::Succeeded
         );
-        let statement = sim.0.statement(Channel::Bank, 10).unwrap();
+        let statement = sim.0.statement(Channel::Bank, 10).await.unwrap();
         assert_eq!(statement.len(), 2);
         assert!(statement
             .iter()
@@ -488,6 +840,7 @@ mod tests {
                     ..Default::default()
                 },
             )
+            .await
             .unwrap();
         let mut paid = 0;
         for i in 0..40 {
@@ -519,7 +872,7 @@ mod tests {
             fail_rate: 0.0,
             timeout_rate: 0.0,
         };
-        channels.configure(Channel::Change, settings).unwrap();
+        channels.configure(Channel::Change, settings).await.unwrap();
         let sim = Simulator(channels.clone());
         let outcomes = futures::future::join_all(
             (0..10).map(|i| sim.pay(Channel::Change, &id(&format!("c{i}")), Fen::new(1), "u")),
@@ -554,6 +907,7 @@ mod tests {
                         ..Default::default()
                     },
                 )
+                .await
                 .unwrap();
             let order = id("one-order");
             let outcomes = futures::future::join_all((0..20).map(|_| {
@@ -562,7 +916,7 @@ mod tests {
             }))
             .await;
             let outcomes: Vec<PayOutcome> = outcomes.into_iter().map(|o| o.unwrap()).collect();
-            let statement = sim.0.statement(Channel::Bank, 10).unwrap();
+            let statement = sim.0.statement(Channel::Bank, 10).await.unwrap();
             assert_eq!(statement.len(), 1, "one line per order");
             assert_eq!(statement[0].calls, 20, "every call counted: {statement:?}");
             let paid = outcomes.contains(&PayOutcome::Succeeded);
@@ -588,6 +942,7 @@ mod tests {
                     ..Default::default()
                 },
             )
+            .await
             .unwrap();
         assert_eq!(
             sim.pay(Channel::Bank, &id("o9"), Fen::new(5), "a").await,
@@ -597,7 +952,7 @@ mod tests {
             sim.pay(Channel::Bank, &id("o9"), Fen::new(6), "a").await,
             PayOutcome::Failed(_)
         ));
-        let statement = sim.0.statement(Channel::Bank, 10).unwrap();
+        let statement = sim.0.statement(Channel::Bank, 10).await.unwrap();
         assert_eq!(
             (statement[0].amount, statement[0].status),
             (Fen::new(5), RecordStatus::Succeeded)

@@ -92,8 +92,9 @@ struct ClusterArgs {
     /// the node holds a fair share of the partitions and forwards every other request to
     /// the partition's holder. The nodes must share their API keys (HONGBAO_ADMIN_KEY,
     /// HONGBAO_ISSUER_KEY, HONGBAO_GATEWAY_KEY, HONGBAO_TOKEN_SECRET). A cluster node serves
-    /// the wallet, money reward, red packet, switch, withdrawal-policy and operations
-    /// endpoints; the others answer 501 not_in_cluster for now.
+    /// the wallet, money reward, red packet, withdrawal, payment channel, switch,
+    /// withdrawal-policy and operations endpoints; the others answer 501 not_in_cluster for
+    /// now.
     #[arg(long, value_name = "ID")]
     node_id: Option<String>,
     /// Partitions of the deployment, 1 to 1000, the same on every node (checked at start).
@@ -867,6 +868,36 @@ fn deployed_partitions(config: &Config) -> anyhow::Result<hongbao::cluster::part
         })
 }
 
+/// The fleet's channel statements (their shared books), copied into `dir` for the audit to
+/// read line by line; none when no node ever opened them.
+async fn fleet_channels(
+    config: &Config,
+    dir: &std::path::Path,
+) -> anyhow::Result<Option<Arc<hongbao::channels::SimulatedChannels>>> {
+    use hongbao::cluster::membership;
+    let (client, _) = hongbao::events::jetstream::connect(&config.store.url).await?;
+    let js = async_nats::jetstream::new(client);
+    let shared = match hongbao::channels::SimulatedChannels::open_shared(
+        &js,
+        membership::NAMESPACE_DEFAULT,
+        None,
+        Arc::new(SystemClock),
+        tokio::runtime::Handle::current(),
+    )
+    .await
+    {
+        Ok(shared) => shared,
+        Err(e) => {
+            tracing::warn!(error = %e, "no channel books to audit");
+            return Ok(None);
+        }
+    };
+    let bar = progress_bar(0, "copying the channels' statements");
+    let copy = shared.copy_into(dir, |n| bar.set_position(n)).await?;
+    bar.finish_and_clear();
+    Ok(Some(copy))
+}
+
 /// Opens a cluster partition's log to read it (never creating it).
 fn open_partition(
     config: &Config,
@@ -909,7 +940,12 @@ fn audit_cluster(common: Common, store: StoreArgs, json: bool) -> anyhow::Result
     }
     // The map files stream `s` in partition `partitions.of(s)`: the index of its log here.
     let home = |stream: &str| usize::from(partitions.of(stream).0);
-    let mut report = hongbao::audit::audit_logs(&borrowed, home, |done, _| bar.set_position(done))?;
+    let copy_dir = tempfile::tempdir()?;
+    let channels = runtime.block_on(fleet_channels(&config, copy_dir.path()))?;
+    let mut report =
+        hongbao::audit::audit_logs(&borrowed, home, channels.as_deref(), |done, _| {
+            bar.set_position(done)
+        })?;
     bar.finish_and_clear();
     let replay_s = started.elapsed().as_secs_f64();
     // Each partition's views against a rebuild from its own log.

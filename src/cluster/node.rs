@@ -13,12 +13,13 @@
 //!
 //! A cell's registries run a command for an entity of another partition on that partition's
 //! holder ([`CellPlacement`], the same subject as forwarded HTTP requests), so flows and
-//! handlers move money between partitions unchanged (red packets and money rewards are served
-//! this way; a reward is also noted pending on its wallet's partition). The
+//! handlers move money between partitions unchanged (red packets, money rewards and
+//! withdrawals are served this way; a reward is also noted pending on its wallet's partition;
+//! the payment channels' books are the fleet's, in key-value buckets). The
 //! switches and the withdrawal policy are the fleet's: they live in `p000`, and every node
 //! keeps their current state for its cells, read from there every [`SINGLETONS_POLL`].
-//! Endpoints that need what is not built yet (withdrawals, coupons, coupon and item rewards,
-//! a reward's status by order id, the payment channels' administration) answer 501
+//! Endpoints that need what is not built yet (coupons, coupon and item rewards, a reward's
+//! status by order id, the list of parked withdrawals) answer 501
 //! `not_in_cluster` rather than a wrong answer (docs/ARCHITECTURE.md, "Cluster").
 
 use super::membership::{
@@ -110,6 +111,21 @@ pub fn place(path: &str) -> Place {
         },
         ["v1", "packets", id] | ["v1", "packets", id, "pay" | "claims"] => {
             Place::Entity(format!("packet:{id}"))
+        }
+        ["v1", "wallets", uid, "payout-methods"] => Place::Entity(format!("payee:{uid}")),
+        ["v1", "wallets", _, "withdrawals"] => Place::BodyField {
+            prefix: "withdrawal",
+            field: "order_id",
+        },
+        ["v1", "withdrawals", id] => Place::Entity(format!("withdrawal:{id}")),
+        // The channels' books are the fleet's (key-value buckets every cell shares): any cell
+        // serves them; the fleet's singletons' home is the one every node can name.
+        ["v1", "admin", "channels", _] | ["v1", "admin", "channels", _, "statement"] => {
+            Place::Entity(format!(
+                "{}:{}",
+                PolicyState::STREAM_PREFIX,
+                board::STREAM_ID
+            ))
         }
         ["v1", "admin", "cluster"] => Place::Node,
         ["v1", "admin", "switches"] | ["v1", "admin", "switches", _] => {
@@ -304,6 +320,8 @@ pub struct NodeShared {
     buckets: super::membership::Buckets,
     /// The fleet's rate limits, which every cell's lanes spend.
     limits: Arc<super::limits::FleetLimits>,
+    /// The payment channels (their books in the fleet's buckets), shared by every cell.
+    channels: Arc<crate::channels::SimulatedChannels>,
 }
 
 /// A running cluster node.
@@ -372,6 +390,7 @@ impl Node {
         let joined = {
             let settings = settings.clone();
             let (clock, registry) = (clock.clone(), metrics.registry.clone());
+            let clock_for_channels = clock.clone();
             runtime
                 .spawn(async move {
                     let (client, _) = crate::events::jetstream::connect(&url)
@@ -389,12 +408,23 @@ impl Node {
                     )
                     .await
                     .map_err(NodeError::Other)?;
-                    Ok::<_, NodeError>((client, buckets, limits))
+                    let channels = crate::channels::SimulatedChannels::open_shared(
+                        &js,
+                        &settings.namespace,
+                        Some(settings.replicas),
+                        clock_for_channels,
+                        tokio::runtime::Handle::current(),
+                    )
+                    .await
+                    .map_err(|e| {
+                        NodeError::Other(format!("cannot open the channels' books: {e}"))
+                    })?;
+                    Ok::<_, NodeError>((client, buckets, limits, channels))
                 })
                 .await
                 .map_err(|e| NodeError::Other(e.to_string()))??
         };
-        let (client, buckets, limits) = joined;
+        let (client, buckets, limits, channels) = joined;
         let arbiter = actix_rt::Arbiter::new();
         let (view_tx, view) = tokio::sync::watch::channel(None);
         let cluster_metrics = ClusterMetrics::register(&metrics.registry)
@@ -417,6 +447,7 @@ impl Node {
             policy: Current::unloaded(),
             buckets: buckets.clone(),
             limits: Arc::new(limits),
+            channels,
         });
         let app_shared = web::Data::from(shared.clone());
         let app_metrics = web::Data::from(metrics);
@@ -706,6 +737,7 @@ async fn open_cell(
         switches: shared.switches.clone(),
         policy: shared.policy.clone(),
         pacing: shared.limits.clone(),
+        channels: shared.channels.clone(),
     };
     let built = on_arbiter(shared, move || async move {
         AppState::build(config, keys, log, clock, metrics, Some(cell))
@@ -1373,6 +1405,26 @@ mod tests {
             Place::Entity("wallet:u1".into())
         );
         assert_eq!(place("/v1/rewards/o1"), Place::NotInCluster);
+        assert_eq!(
+            place("/v1/wallets/u1/withdrawals"),
+            Place::BodyField {
+                prefix: "withdrawal",
+                field: "order_id"
+            }
+        );
+        assert_eq!(
+            place("/v1/withdrawals/w1"),
+            Place::Entity("withdrawal:w1".into())
+        );
+        assert_eq!(
+            place("/v1/wallets/u1/payout-methods"),
+            Place::Entity("payee:u1".into())
+        );
+        assert_eq!(
+            place("/v1/admin/channels/bank/statement"),
+            Place::Entity("policy:global".into())
+        );
+        assert_eq!(place("/v1/admin/withdrawals/parked"), Place::NotInCluster);
         // The fleet's singletons are served by their home partition.
         assert_eq!(
             place("/v1/admin/switches/c2c_send"),

@@ -189,6 +189,9 @@ pub struct CellContext {
     pub policy: Arc<crate::actors::board::Current<PolicyState>>,
     /// The fleet's rate limits, which the cell's lanes spend.
     pub pacing: Arc<dyn crate::flows::FleetPacing>,
+    /// The payment channels, their books shared by the fleet (a partition that moves finds
+    /// every payment its previous holder made).
+    pub channels: Arc<SimulatedChannels>,
 }
 
 /// Everything a handler may use.
@@ -350,7 +353,10 @@ impl AppState {
             ),
         };
         let payees = Registry::new(runtime.clone());
-        let channels = SimulatedChannels::open(&config.data_dir, runtime.clock.clone())?;
+        let channels = match &cell {
+            Some(cell) => cell.channels.clone(),
+            None => SimulatedChannels::open(&config.data_dir, runtime.clock.clone())?,
+        };
         let withdrawals = Withdrawals::new(
             Registry::new(runtime.clone()),
             wallets.clone(),

@@ -51,6 +51,13 @@ pub const CLUSTER_SERVED: &[&str] = &[
     "get_activity",
     "force_credit",
     "list_rewards",
+    "bind_method",
+    "list_methods",
+    "withdraw",
+    "get_withdrawal",
+    "set_channel",
+    "get_channel",
+    "statement",
 ];
 
 /// Served operations that still answer `501 not_in_cluster` on a cluster node for some input

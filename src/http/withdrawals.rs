@@ -662,6 +662,7 @@ pub async fn set_channel(
     state
         .channels
         .configure(channel, settings)
+        .await
         .map_err(view_error)?;
     tracing::info!(channel = %channel, ?settings, "payment channel reconfigured");
     Ok(HttpResponse::Ok().json(channel_body(settings)))
@@ -677,7 +678,12 @@ pub async fn get_channel(
 ) -> Result<HttpResponse, ApiError> {
     caller.require(&[])?;
     let channel = channel_path(&path)?;
-    Ok(HttpResponse::Ok().json(channel_body(state.channels.settings(channel))))
+    let settings = state
+        .channels
+        .current_settings(channel)
+        .await
+        .map_err(view_error)?;
+    Ok(HttpResponse::Ok().json(channel_body(settings)))
 }
 
 fn statement_item(line: crate::channels::StatementLine) -> StatementItem {
@@ -747,6 +753,7 @@ pub async fn statement(
     let lines = state
         .channels
         .statement_after(channel, after.as_deref(), limit + 1)
+        .await
         .map_err(view_error)?
         .into_iter()
         .map(|line| {
@@ -779,6 +786,7 @@ fn statement_lines(
             };
             let lines = channels
                 .statement_after(channel, after.as_deref(), STATEMENT_STREAM_CHUNK_LINES)
+                .await
                 .map_err(|e| {
                     tracing::error!(error = %e, %channel, "statement stream cut by a read failure");
                     actix_web::error::ErrorServiceUnavailable("statement read failed")

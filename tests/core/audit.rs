@@ -138,7 +138,7 @@ fn run_audit_logs(logs: &[&Arc<SledStore>], wallets: &Arc<SledStore>) -> AuditRe
             1 - wallets_at
         }
     };
-    audit_logs(&named, home, |_, _| ()).unwrap()
+    audit_logs(&named, home, None, |_, _| ()).unwrap()
 }
 
 #[test]

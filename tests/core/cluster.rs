@@ -686,3 +686,101 @@ fn a_fleet_limit_holds_across_nodes_whatever_their_number() {
     let one = check(&spend(1, "payout.alipay"), 1);
     eprintln!("fleet limit {RATE}/s over 2 s: three nodes spent {three}, one node {one}");
 }
+
+#[test]
+fn a_fleets_channel_book_pays_an_order_once_whichever_node_calls() {
+    // Goal: the simulated channels' books are the fleet's. Two "nodes" (each its own
+    // connection and simulator over the same buckets) call for the same orders at once, with
+    // refusals mixed in: one line per order, every call counted, paid exactly when a call was
+    // answered paid, and once paid never refused. Settings changed through one node are in
+    // force on the other. The statement is in order id order for ids a key-value key could not
+    // hold as they are (`:`), pages from a cursor, and the audit's local copy has every line.
+    use hongbao::channels::{
+        ChannelSettings, PayOutcome, PaymentChannel, RecordStatus, SimulatedChannels, Simulator,
+    };
+    use hongbao::domain::withdrawal::Channel;
+    use hongbao::ids::Id;
+    use hongbao::money::Fen;
+    let Some(binary) = nats::binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let server = nats::single_synced(&binary, dir.path());
+    runtime().block_on(async {
+        let mut nodes = Vec::new();
+        for _ in 0..2 {
+            let js = context(&server.url()).await;
+            let sim = SimulatedChannels::open_shared(
+                &js,
+                "hb",
+                Some(1),
+                Arc::new(hongbao::clock::SystemClock),
+                tokio::runtime::Handle::current(),
+            )
+            .await
+            .unwrap();
+            nodes.push(sim);
+        }
+        let settings = ChannelSettings {
+            latency_ms: 0,
+            fail_rate: 0.5,
+            ..Default::default()
+        };
+        nodes[0].configure(Channel::Bank, settings).await.unwrap();
+        assert_eq!(
+            nodes[1].current_settings(Channel::Bank).await.unwrap(),
+            settings,
+            "a setting made through one node is the other's"
+        );
+        let orders: Vec<Id> = (0..20)
+            .map(|i| Id::parse(&format!("w:{i:02}")).unwrap())
+            .collect();
+        let mut calls = Vec::new();
+        for order in &orders {
+            for round in 0..6 {
+                let sim = Simulator(nodes[round % 2].clone());
+                let order = order.clone();
+                calls.push(tokio::spawn(async move {
+                    let outcome = sim.pay(Channel::Bank, &order, Fen::new(7), "acct").await;
+                    (order, outcome)
+                }));
+            }
+        }
+        let mut answered_paid = BTreeSet::new();
+        for call in calls {
+            let (order, outcome) = call.await.unwrap();
+            assert!(
+                !matches!(&outcome, PayOutcome::Failed(why) if why.contains("busy")),
+                "{order}: {outcome:?}"
+            );
+            if outcome == PayOutcome::Succeeded {
+                answered_paid.insert(order.to_string());
+            }
+        }
+        let statement = nodes[1].statement(Channel::Bank, 100).await.unwrap();
+        let ids: Vec<&str> = statement.iter().map(|l| l.order_id.as_str()).collect();
+        let expected: Vec<&str> = orders.iter().map(|o| o.as_str()).collect();
+        assert_eq!(ids, expected, "one line per order, in order id order");
+        for line in &statement {
+            assert_eq!(line.calls, 6, "every call counted: {line:?}");
+            assert_eq!(
+                line.status == RecordStatus::Succeeded,
+                answered_paid.contains(&line.order_id),
+                "paid exactly when a call was answered paid: {line:?}"
+            );
+        }
+        assert!(
+            !answered_paid.is_empty(),
+            "some orders paid at fail rate 0.5"
+        );
+        let page = nodes[0]
+            .statement_after(Channel::Bank, Some("w:09"), 5)
+            .await
+            .unwrap();
+        let page: Vec<&str> = page.iter().map(|l| l.order_id.as_str()).collect();
+        assert_eq!(page, ["w:10", "w:11", "w:12", "w:13", "w:14"]);
+        let copy_dir = tempfile::tempdir().unwrap();
+        let copy = nodes[0].copy_into(copy_dir.path(), |_| {}).await.unwrap();
+        let copied: Vec<_> = copy.lines(Channel::Bank).map(|l| l.unwrap()).collect();
+        assert_eq!(copied, statement, "the audit's copy is the statement");
+        assert_eq!(copy.settings(Channel::Bank), settings);
+    });
+}

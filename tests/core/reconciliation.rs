@@ -174,6 +174,7 @@ fn each_side_corrupted_raises_the_reconciler_metric_and_the_audit_names_the_orde
                     ..Default::default()
                 },
             )
+            .await
             .unwrap();
         let config = WithdrawalConfig {
             retry_backoff: vec![Duration::from_millis(10)],
@@ -245,12 +246,14 @@ fn each_side_corrupted_raises_the_reconciler_metric_and_the_audit_names_the_orde
         }
         channels
             .record_line(Channel::Bank, &paid_line("ok-2", 499))
+            .await
             .unwrap();
 
         // 1. The channel's line for an order says another amount: the channel refuses to pay
         //    the order's amount, the order fails and is refunded; the line says paid.
         channels
             .record_line(Channel::Bank, &paid_line("amt-1", 499))
+            .await
             .unwrap();
         withdrawals
             .request(&id("amt-1"), request("amt", 500))
@@ -272,6 +275,7 @@ fn each_side_corrupted_raises_the_reconciler_metric_and_the_audit_names_the_orde
         .await;
         channels
             .record_line(Channel::Bank, &paid_line("short-1", 500))
+            .await
             .unwrap();
         append(&store, "withdrawal:short-1", order_history(&["succeeded"])).await;
         wait_count("debit mismatch for short-1", 1, || mismatches("debit")).await;
@@ -340,6 +344,7 @@ fn each_side_corrupted_raises_the_reconciler_metric_and_the_audit_names_the_orde
         // 5. A payment on the channel's statement with no order at all.
         channels
             .record_line(Channel::Bank, &paid_line("ghost-1", 300))
+            .await
             .unwrap();
 
         flows.stop().await;
