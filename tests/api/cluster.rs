@@ -308,7 +308,8 @@ impl Fleet {
 
     /// `hongbao audit --cluster` from a data directory of its own: every partition's log
     /// passes, and it read every record the nodes serve (the sum of their partitions' heads).
-    async fn audit(&self) {
+    /// `hongbao audit --cluster --json`, which must pass; its report.
+    async fn audit(&self) -> Value {
         let heads = self.heads().await;
         let auditor = tempfile::tempdir().unwrap();
         let output = Command::new(env!("CARGO_BIN_EXE_hongbao"))
@@ -334,6 +335,7 @@ impl Fleet {
             report["events"], heads,
             "the audit did not read every record"
         );
+        report
     }
 }
 
@@ -1921,4 +1923,348 @@ async fn a_node_stopped_while_jetstream_is_unreachable_exits_within_bounds() {
         "no word of the unclean leave:\n{log}"
     );
     eprintln!("exited {:?} after SIGTERM", stopping.elapsed());
+}
+
+/// Samples, every 100 ms until `stop`, the payout attempts on `channel` the fleet made since
+/// the start: each node's series per partition (a cell's counters start at zero when it
+/// opens, vanish when it closes), summed over their increases, so a partition that moves or
+/// a node that dies takes nothing back.
+fn sample_payout_attempts(
+    bases: Vec<String>,
+    channel: &'static str,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<(Duration, f64)>> {
+    tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        let started = Instant::now();
+        let (mut last, mut total, mut samples) = (HashMap::new(), 0.0, Vec::new());
+        let prefix = format!("hongbao_payout_attempts_total{{channel=\"{channel}\"");
+        while !stop.load(Ordering::Relaxed) {
+            for base in &bases {
+                let Ok(response) = client
+                    .get(format!("{base}/metrics"))
+                    .timeout(Duration::from_secs(1))
+                    .send()
+                    .await
+                else {
+                    continue;
+                };
+                let text = response.text().await.unwrap_or_default();
+                for line in text.lines().filter(|l| l.starts_with(&prefix)) {
+                    let Some((series, value)) = line.rsplit_once(' ') else {
+                        continue;
+                    };
+                    let value: f64 = value.parse().unwrap_or(0.0);
+                    let before = last.insert(format!("{base}{series}"), value).unwrap_or(0.0);
+                    total += if value >= before {
+                        value - before
+                    } else {
+                        value
+                    };
+                }
+            }
+            samples.push((started.elapsed(), total));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        samples
+    })
+}
+
+/// One check of an audit report, by name.
+fn audit_check<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} check in {report}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn withdrawals_on_a_flaky_channel_are_paid_once_within_the_fleets_limit_through_a_kill() {
+    // Goal: withdrawals through every node, on a bank that refuses 60 % of the payments and
+    // times out on 20 % (half of those did pay), with one node killed mid-run: every
+    // accepted order ends paid exactly when the bank's statement says paid (for its amount) or
+    // refunded once; every user's balance is their funding less what was paid; the bank is
+    // never paid faster than `bank_per_s = 20` for the whole fleet; and the cluster audit
+    // checks every order against the statement. Before the channels' books were the fleet's,
+    // a moved partition found no record of its previous holder's payments.
+    let _heavy = super::heavy().await;
+    let Some(mut fleet) =
+        Fleet::start_configured("[withdrawals]\nbank_per_s = 20\nretry_backoff_ms = [100]\n").await
+    else {
+        return;
+    };
+    const USERS_W: usize = 8;
+    const ORDERS_PER_USER: usize = 8;
+    const FUNDING: i64 = 2_000;
+    const RATE: usize = 20;
+    let client = reqwest::Client::new();
+    let bases = fleet.bases();
+    let (put, post, get) = (
+        reqwest::Method::PUT,
+        reqwest::Method::POST,
+        reqwest::Method::GET,
+    );
+    // An attempt pays with probability 0.3: about a quarter of the orders fail all four
+    // attempts and are refunded.
+    let flaky = serde_json::json!({"rate_per_s": 10_000, "latency_ms": 5, "fail_rate": 0.6,
+        "timeout_rate": 0.2});
+    let (status, body) = send_retrying(
+        &client,
+        &bases,
+        0,
+        put.clone(),
+        "/v1/admin/channels/bank",
+        ADMIN,
+        Some(flaky.clone()),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    for i in 0..bases.len() {
+        let (status, body) = send_retrying(
+            &client,
+            &bases,
+            i,
+            get.clone(),
+            "/v1/admin/channels/bank",
+            ADMIN,
+            None,
+        )
+        .await;
+        assert_eq!(
+            (status, &body),
+            (200, &flaky),
+            "the fleet's bank, via node {i}"
+        );
+    }
+    let (status, body) = send_retrying(
+        &client,
+        &bases,
+        1,
+        put.clone(),
+        "/v1/admin/activities/wfund/budget",
+        ADMIN,
+        Some(serde_json::json!({"cash": 100_000, "subsidy": 0})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let mut methods = Vec::new();
+    for u in 0..USERS_W {
+        let user = format!("wu{u}");
+        let reward = serde_json::json!({"order_id": format!("wfund-{u}"), "uid": user,
+            "activity_id": "wfund", "scene": "test", "kind": "cash", "amount": FUNDING});
+        let (status, body) = send_retrying(
+            &client,
+            &bases,
+            u,
+            post.clone(),
+            "/v1/rewards",
+            ISSUER,
+            Some(reward),
+        )
+        .await;
+        assert_eq!(status, 202, "{body}");
+        let tokens = serde_json::json!({ "tokens": [body["token"]] });
+        let (status, body) = send_retrying(
+            &client,
+            &bases,
+            u + 1,
+            post.clone(),
+            &format!("/v1/wallets/{user}/force-credit"),
+            GATEWAY,
+            Some(tokens),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let method = serde_json::json!({"kind": "bank", "account": format!("6222-{user}")});
+        let (status, body) = send_retrying(
+            &client,
+            &bases,
+            u + 2,
+            post.clone(),
+            &format!("/v1/wallets/{user}/payout-methods"),
+            GATEWAY,
+            Some(method),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+        methods.push(body["method_id"].as_str().unwrap().to_owned());
+    }
+    // The orders, all at once through every node in turn (faster than the bank's pace), in
+    // two waves; the kill lands between them, while the first wave is being paid.
+    let stop_sampling = Arc::new(AtomicBool::new(false));
+    let sampler = sample_payout_attempts(bases.clone(), "bank", stop_sampling.clone());
+    let mut orders: BTreeMap<String, (String, i64)> = BTreeMap::new();
+    let all = USERS_W * ORDERS_PER_USER;
+    let mut killed = None;
+    for wave in [0..all / 3, all / 3..all] {
+        if wave.start > 0 {
+            let node = fleet.nodes[1].take().unwrap();
+            killed = Some(node.port);
+            node.kill9();
+        }
+        let sent = wave.map(|k| {
+            let (client, bases, post) = (client.clone(), bases.clone(), post.clone());
+            let (u, amount) = (k % USERS_W, 100 + (k % 7) as i64 * 10);
+            let (user, order) = (format!("wu{u}"), format!("wd-{k:02}"));
+            let body = serde_json::json!({"order_id": order, "amount": amount,
+                "method_id": methods[u]});
+            async move {
+                let path = format!("/v1/wallets/{user}/withdrawals");
+                let (status, answer) =
+                    send_retrying(&client, &bases, k, post, &path, GATEWAY, Some(body)).await;
+                assert_eq!(status, 202, "{order}: {answer}");
+                (order, (user, amount))
+            }
+        });
+        orders.extend(futures::future::join_all(sent).await);
+    }
+    fleet.wait_balanced(2).await;
+    let bases = fleet.bases();
+    // Every order final, read through every node alike.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut finals: BTreeMap<String, String> = BTreeMap::new();
+    while finals.len() < orders.len() {
+        for (k, order) in orders.keys().enumerate() {
+            if finals.contains_key(order) {
+                continue;
+            }
+            let (status, body) = send_retrying(
+                &client,
+                &bases,
+                k,
+                get.clone(),
+                &format!("/v1/withdrawals/{order}"),
+                GATEWAY,
+                None,
+            )
+            .await;
+            assert_eq!(status, 200, "{order}: {body}");
+            let state = body["state"].as_str().unwrap().to_owned();
+            if state == "succeeded" || state == "refunded" {
+                finals.insert(order.clone(), state);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not final in 120 s: {} of {}\n{}",
+            finals.len(),
+            orders.len(),
+            fleet.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    stop_sampling.store(true, Ordering::Relaxed);
+    let attempts = sampler.await.unwrap();
+    let (status, lines) = send_retrying(
+        &client,
+        &bases,
+        0,
+        get.clone(),
+        "/v1/admin/channels/bank/statement?limit=1000",
+        ADMIN,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{lines}");
+    let statement: HashMap<String, Value> = lines
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| (l["order_id"].as_str().unwrap().to_owned(), l.clone()))
+        .collect();
+    let mut paid: BTreeMap<String, i64> = BTreeMap::new();
+    let mut paid_count = 0;
+    for (order, (user, amount)) in &orders {
+        let line = statement.get(order);
+        let line_paid = line.is_some_and(|l| l["status"] == "succeeded");
+        assert_eq!(
+            finals[order] == "succeeded",
+            line_paid,
+            "{order} is {} but the bank's line is {line:?}",
+            finals[order]
+        );
+        if line_paid {
+            assert_eq!(line.unwrap()["amount"], *amount, "{order}");
+            *paid.entry(user.clone()).or_default() += amount;
+            paid_count += 1;
+        }
+    }
+    assert!(
+        statement.keys().all(|o| orders.contains_key(o)),
+        "a line for no order"
+    );
+    let refunded = finals.values().filter(|s| *s == "refunded").count();
+    assert!(
+        refunded > 0 && paid_count > orders.len() / 3,
+        "the bank is flaky: {refunded} refunded, {} paid",
+        paid_count
+    );
+    for u in 0..USERS_W {
+        let user = format!("wu{u}");
+        let owed = FUNDING - paid.get(&user).copied().unwrap_or(0);
+        for base in &bases {
+            let wallet = get_settled(&client, base, &format!("/v1/wallets/{user}")).await;
+            assert_eq!(wallet["balances"]["activity"], owed, "{user} via {base}");
+        }
+        let page = get_settled(
+            &client,
+            &bases[0],
+            &format!("/v1/wallets/{user}/ledger?limit=500"),
+        )
+        .await;
+        let refunds = page["ledger"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["entry"] == "withdrawal_refund")
+            .count();
+        let user_refunded = orders
+            .iter()
+            .filter(|(o, (owner, _))| *owner == user && finals[*o] == "refunded")
+            .count();
+        assert_eq!(
+            refunds, user_refunded,
+            "{user}: one refund per refunded order"
+        );
+    }
+    // The fleet's pace: the bank's payment calls in any second at most the rate plus three
+    // batches of 100 ms (2 tokens each), with a margin for the sampling; and all of them take
+    // well over what they would at once.
+    for (i, (t1, c1)) in attempts.iter().enumerate() {
+        for (t2, c2) in &attempts[i + 1..] {
+            let window = (*t2 - *t1).as_secs_f64();
+            if window > 1.0 {
+                break;
+            }
+            assert!(
+                c2 - c1 <= RATE as f64 * 1.25 + 12.0,
+                "{} payment calls in {window:.2} s: {attempts:?}",
+                c2 - c1
+            );
+        }
+    }
+    let calls = attempts.last().unwrap().1;
+    assert!(
+        calls >= orders.len() as f64,
+        "{calls} calls sampled for {} orders",
+        orders.len()
+    );
+    fleet.restart(1, killed.unwrap());
+    fleet.wait_balanced(3).await;
+    let report = fleet.audit().await;
+    let channels = audit_check(&report, "channel_statements");
+    assert!(
+        channels["checked"].as_u64().unwrap() >= orders.len() as u64,
+        "the audit read the fleet's statements: {channels}"
+    );
+    fleet.verify().await;
+    eprintln!(
+        "withdrawals: {} orders on a flaky bank through a kill: {} paid, {refunded} refunded; \
+         {calls} payment calls in {:.2} s at {RATE}/s for the fleet",
+        orders.len(),
+        paid_count,
+        attempts.last().unwrap().0.as_secs_f64()
+    );
 }
