@@ -82,6 +82,10 @@ pub enum Place {
         prefix: &'static str,
         field: &'static str,
     },
+    /// By every partition's holder, each for its own entities, the pages merged into one
+    /// (a list over the whole fleet, such as the parked withdrawals). A request marked with
+    /// a partition (`x-hongbao-partition`) is that partition's part.
+    EveryPartition(crate::http::paging::Merge),
     /// Not by a cluster node yet.
     NotInCluster,
 }
@@ -127,6 +131,9 @@ pub fn place(path: &str) -> Place {
                 board::STREAM_ID
             ))
         }
+        ["v1", "admin", "withdrawals", "parked"] => {
+            Place::EveryPartition(crate::http::withdrawals::PARKED_MERGE)
+        }
         ["v1", "admin", "cluster"] => Place::Node,
         ["v1", "admin", "switches"] | ["v1", "admin", "switches", _] => {
             Place::Entity(format!("{}:{}", Switches::STREAM_PREFIX, board::STREAM_ID))
@@ -152,7 +159,7 @@ enum Routed {
 }
 
 /// A request forwarded to a partition's holder.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct HttpCall {
     method: String,
     /// Path and query.
@@ -1080,6 +1087,135 @@ fn moving(partition: Partition, why: &str) -> HttpResponse {
     )
 }
 
+/// The request as it travels to a partition's holder.
+async fn http_call(req: &mut ServiceRequest) -> Result<HttpCall, actix_web::Error> {
+    let body = req.extract::<web::Bytes>().await?;
+    Ok(HttpCall {
+        method: req.method().as_str().to_owned(),
+        path: req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_else(|| req.path().to_owned()),
+        headers: forwardable(
+            req.headers()
+                .iter()
+                .map(|(name, value)| (name.as_str(), value.as_bytes())),
+        ),
+        body: body.to_vec(),
+    })
+}
+
+/// A list over the whole fleet: the same page asked of every partition (marked with it: on
+/// this node through its own listener, elsewhere through the partition's holder), merged.
+/// Any part that cannot answer makes the whole answer its error, never a short page that
+/// looks whole.
+async fn every_partition(
+    shared: &Arc<NodeShared>,
+    req: &mut ServiceRequest,
+    merge: crate::http::paging::Merge,
+) -> Result<HttpResponse, actix_web::Error> {
+    let raw_limit =
+        web::Query::<std::collections::HashMap<String, String>>::from_query(req.query_string())
+            .ok()
+            .and_then(|q| q.get("limit").cloned());
+    let limit = match crate::http::paging::limit(raw_limit.as_deref(), merge.limits) {
+        Ok(limit) => limit,
+        Err(e) => return Ok(respond(e)),
+    };
+    let call = http_call(req).await?;
+    /// Why a partition gave no page (Send, unlike a response).
+    enum Failed {
+        Moving(Partition, &'static str),
+        Unreachable(Partition, String),
+        Answered(HttpAnswer),
+        NotAList(Partition, String),
+    }
+    let asks = (0..shared.settings.partitions.count()).map(|n| {
+        let partition = Partition(n);
+        let (shared, call) = (shared.clone(), call.clone());
+        async move {
+            let answer = if shared.cells.contains_key(&partition) {
+                shared
+                    .loopback
+                    .send(shared.port.load(Ordering::Acquire), partition, call)
+                    .await
+            } else {
+                let Some(epoch) = shared.holder_epoch(partition) else {
+                    return Err(Failed::Moving(partition, "no node holds it right now"));
+                };
+                let mut marked = call;
+                marked
+                    .headers
+                    .push((PARTITION_HEADER.to_owned(), partition.key().into_bytes()));
+                let encoded = codec::encode(&Routed::Http(marked))
+                    .map_err(|e| Failed::Unreachable(partition, e.to_string()))?;
+                match shared.router.request(partition, epoch, encoded).await {
+                    Ok(bytes) => codec::decode::<HttpAnswer>(&bytes).map_err(|e| e.to_string()),
+                    Err(RouteError::NoOwner(_)) => {
+                        return Err(Failed::Moving(partition, "no node serves it right now"))
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            };
+            let answer = answer.map_err(|e| Failed::Unreachable(partition, e))?;
+            if answer.status != 200 {
+                return Err(Failed::Answered(answer));
+            }
+            let more = answer
+                .headers
+                .iter()
+                .any(|(name, _)| name.eq_ignore_ascii_case("link"));
+            let items: Vec<serde_json::Value> = serde_json::from_slice(&answer.body)
+                .map_err(|e| Failed::NotAList(partition, e.to_string()))?;
+            Ok((items, more))
+        }
+    });
+    let asked = shared
+        .cluster
+        .spawn(futures::future::join_all(asks))
+        .await
+        .map_err(actix_web::error::ErrorInternalServerError)?;
+    let mut parts = Vec::with_capacity(asked.len());
+    for part in asked {
+        let failed = match part {
+            Ok(part) => {
+                parts.push(part);
+                continue;
+            }
+            Err(failed) => failed,
+        };
+        return Ok(match failed {
+            Failed::Moving(partition, why) => moving(partition, why),
+            Failed::Unreachable(partition, e) => respond(
+                ApiError::unavailable("partition_unreachable", format!("{partition}: {e}"))
+                    .with("retry_after_ms", RETRY_AFTER_MS),
+            ),
+            Failed::Answered(answer) => {
+                let mut response = HttpResponse::build(
+                    StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY),
+                );
+                for (name, value) in answer.headers {
+                    response.append_header((name, value));
+                }
+                response.body(answer.body)
+            }
+            Failed::NotAList(partition, e) => respond(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "bad_forward_answer",
+                format!("{partition} answered a page that is not a list: {e}"),
+            )),
+        });
+    }
+    let (items, next) = merge.merge(parts, limit);
+    Ok(crate::http::paging::respond(
+        req.request(),
+        &items,
+        limit,
+        next,
+    ))
+}
+
 /// Sends each request to the cell of its home partition, here or on its holder.
 pub(crate) async fn dispatch(
     mut req: ServiceRequest,
@@ -1088,7 +1224,7 @@ pub(crate) async fn dispatch(
     let Some(shared) = req.app_data::<web::Data<NodeShared>>().cloned() else {
         return Ok(next.call(req).await?.map_into_boxed_body());
     };
-    let entity = match place(req.path()) {
+    let partition = match place(req.path()) {
         Place::Node => return Ok(next.call(req).await?.map_into_boxed_body()),
         Place::NotInCluster => {
             let response: HttpResponse = respond(ApiError::new(
@@ -1099,7 +1235,20 @@ pub(crate) async fn dispatch(
             ));
             return Ok(req.into_response(response));
         }
-        Place::Entity(entity) => entity,
+        Place::EveryPartition(merge) => {
+            let part = req
+                .headers()
+                .get(PARTITION_HEADER)
+                .and_then(|v| Partition::from_key(v.to_str().ok()?));
+            match part {
+                Some(partition) => partition,
+                None => {
+                    let response = every_partition(&shared, &mut req, merge).await?;
+                    return Ok(req.into_response(response));
+                }
+            }
+        }
+        Place::Entity(entity) => shared.settings.partitions.of(&entity),
         Place::BodyField { prefix, field } => {
             let body = req.extract::<web::Bytes>().await?;
             // A body without the id goes where the empty id hashes to: the handler there
@@ -1109,10 +1258,9 @@ pub(crate) async fn dispatch(
                 .and_then(|json| json.get(field)?.as_str().map(str::to_owned))
                 .unwrap_or_default();
             req.set_payload(actix_web::dev::Payload::from(body));
-            format!("{prefix}:{id}")
+            shared.settings.partitions.of(&format!("{prefix}:{id}"))
         }
     };
-    let partition = shared.settings.partitions.of(&entity);
     if let Some(cell) = shared.cells.get(&partition).map(|c| c.clone()) {
         let mut data = Extensions::new();
         data.insert(cell.state.clone());
@@ -1140,21 +1288,7 @@ pub(crate) async fn dispatch(
     let Some(epoch) = shared.holder_epoch(partition) else {
         return Ok(req.into_response(moving(partition, "no node holds it right now")));
     };
-    let body = req.extract::<web::Bytes>().await?;
-    let call = HttpCall {
-        method: req.method().as_str().to_owned(),
-        path: req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str().to_owned())
-            .unwrap_or_else(|| req.path().to_owned()),
-        headers: forwardable(
-            req.headers()
-                .iter()
-                .map(|(name, value)| (name.as_str(), value.as_bytes())),
-        ),
-        body: body.to_vec(),
-    };
+    let call = http_call(&mut req).await?;
     let encoded =
         codec::encode(&Routed::Http(call)).map_err(actix_web::error::ErrorInternalServerError)?;
     let router = shared.router.clone();
@@ -1424,7 +1558,10 @@ mod tests {
             place("/v1/admin/channels/bank/statement"),
             Place::Entity("policy:global".into())
         );
-        assert_eq!(place("/v1/admin/withdrawals/parked"), Place::NotInCluster);
+        assert!(matches!(
+            place("/v1/admin/withdrawals/parked"),
+            Place::EveryPartition(_)
+        ));
         // The fleet's singletons are served by their home partition.
         assert_eq!(
             place("/v1/admin/switches/c2c_send"),

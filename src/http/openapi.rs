@@ -58,6 +58,7 @@ pub const CLUSTER_SERVED: &[&str] = &[
     "set_channel",
     "get_channel",
     "statement",
+    "parked",
 ];
 
 /// Served operations that still answer `501 not_in_cluster` on a cluster node for some input

@@ -25,7 +25,7 @@ use serde::Serialize;
 const CURSOR_CHARS_MAX: usize = 512;
 
 /// A list's page sizes.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Items per page when the request names no `limit`.
     pub default: usize,
@@ -169,6 +169,49 @@ pub fn respond<T: Serialize>(
     response.json(items)
 }
 
+/// How the pages of one list read from several logs (a cluster's partitions) make one page:
+/// every part is asked for the same page (the same `limit` and `after`) of items sorted by
+/// the string field `key`, whose value is also the cursor's position (tagged `cursor`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Merge {
+    pub key: &'static str,
+    pub limits: Limits,
+    pub cursor: u8,
+}
+
+impl Merge {
+    /// The first `limit` items of all the parts, in key order, and the cursor after the last
+    /// one when more follow (more than `limit` in all, or a part that had more itself). The
+    /// first `limit` items after a cursor are each among their own part's first `limit`, so
+    /// the merged page is exactly the page one list would give.
+    pub fn merge(
+        &self,
+        parts: Vec<(Vec<serde_json::Value>, bool)>,
+        limit: usize,
+    ) -> (Vec<serde_json::Value>, Option<Cursor>) {
+        let part_had_more = parts.iter().any(|(_, more)| *more);
+        let mut items: Vec<(String, serde_json::Value)> = parts
+            .into_iter()
+            .flat_map(|(items, _)| items)
+            .map(|item| {
+                let key = item[self.key].as_str().unwrap_or_default().to_owned();
+                (key, item)
+            })
+            .collect();
+        items.sort_by(|a, b| a.0.cmp(&b.0));
+        let more = part_had_more || items.len() > limit;
+        items.truncate(limit);
+        let next = if more {
+            items
+                .last()
+                .map(|(key, _)| Cursor::new(self.cursor, key.as_bytes()))
+        } else {
+            None
+        };
+        (items.into_iter().map(|(_, item)| item).collect(), next)
+    }
+}
+
 /// The OpenAPI description of the `Link` response header of a paged list.
 pub const LINK_DESCRIPTION: &str =
     "RFC 8288 `<path?...&limit=N&after=CURSOR>; rel=\"next\"`, present only when more items follow";
@@ -221,6 +264,70 @@ mod tests {
         assert_eq!((kept, next), (vec![0, 1, 2], Some(Cursor::new(b't', [2]))));
         let (kept, next) = cut(items, 4);
         assert_eq!((kept.len(), next), (4, None));
+    }
+
+    #[test]
+    fn merged_parts_give_the_page_one_list_would() {
+        // Goal: pages of several parts, merged, are the pages of the whole list: every item
+        // once, in key order, with a next cursor exactly while items remain.
+        use serde_json::json;
+        let merge = Merge {
+            key: "order_id",
+            limits: Limits {
+                default: 3,
+                max: 10,
+            },
+            cursor: b'd',
+        };
+        let parts: Vec<Vec<&str>> = vec![
+            vec!["a", "d", "e", "h"],
+            vec!["b", "c"],
+            vec![],
+            vec!["f", "g"],
+        ];
+        let page = |after: Option<&str>, limit: usize| {
+            let parts = parts
+                .iter()
+                .map(|part| {
+                    let rest: Vec<_> = part
+                        .iter()
+                        .filter(|k| after.is_none_or(|a| **k > a))
+                        .collect();
+                    let more = rest.len() > limit;
+                    (
+                        rest.into_iter()
+                            .take(limit)
+                            .map(|k| json!({"order_id": k}))
+                            .collect(),
+                        more,
+                    )
+                })
+                .collect();
+            merge.merge(parts, limit)
+        };
+        let mut seen = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let (items, next) = page(after.as_deref(), 3);
+            seen.extend(
+                items
+                    .iter()
+                    .map(|i| i["order_id"].as_str().unwrap().to_owned()),
+            );
+            match next {
+                Some(cursor) => after = Some(cursor.position_str().unwrap().to_owned()),
+                None => break,
+            }
+        }
+        assert_eq!(seen, ["a", "b", "c", "d", "e", "f", "g", "h"]);
+        let (items, next) = page(None, 8);
+        assert_eq!(
+            (items.len(), next.is_none()),
+            (8, true),
+            "one page holds all"
+        );
+        let (_, next) = page(None, 7);
+        assert!(next.is_some(), "one left after seven");
     }
 
     #[test]

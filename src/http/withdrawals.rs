@@ -37,7 +37,7 @@ pub const PARKED_PAGE: Limits = Limits {
     max: 1_000,
 };
 /// Cursor tag of the parked listing (position: the last order id sent).
-const PARKED_CURSOR: u8 = b'd';
+pub const PARKED_CURSOR: u8 = b'd';
 /// The media type of the whole statement as JSON lines.
 const NDJSON: &str = "application/x-ndjson";
 
@@ -806,6 +806,13 @@ fn statement_lines(
         }
     })
 }
+
+/// How a cluster node merges the parked orders of every partition into one page.
+pub const PARKED_MERGE: crate::http::paging::Merge = crate::http::paging::Merge {
+    key: "order_id",
+    limits: PARKED_PAGE,
+    cursor: PARKED_CURSOR,
+};
 
 /// Payouts parked in the dead-letter set and not settled yet, by order id, paged.
 #[utoipa::path(get, path = "/v1/admin/withdrawals/parked", tag = "withdrawals", params(ParkedQuery),

@@ -2251,6 +2251,24 @@ async fn withdrawals_on_a_flaky_channel_are_paid_once_within_the_fleets_limit_th
         "{calls} calls sampled for {} orders",
         orders.len()
     );
+    // The parked listing is the fleet's (every partition asked, pages merged): all settled
+    // now, so empty through every node; its paging input refused as on one node.
+    for (i, base) in bases.iter().enumerate() {
+        for (query, expected) in [("?limit=5", 200), ("?limit=0", 400), ("?after=@", 400)] {
+            let (status, body) = call(
+                &client,
+                get.clone(),
+                format!("{base}/v1/admin/withdrawals/parked{query}"),
+                ADMIN,
+                None,
+            )
+            .await;
+            assert_eq!(status, expected, "parked{query} via node {i}: {body}");
+            if status == 200 {
+                assert_eq!(body, serde_json::json!([]), "via node {i}");
+            }
+        }
+    }
     fleet.restart(1, killed.unwrap());
     fleet.wait_balanced(3).await;
     let report = fleet.audit().await;
