@@ -192,6 +192,11 @@ EOF
   HONGBAO_ISSUER_KEY="bench-issuer-0123456789abcdef" "$HONGBAO" loadgen rewards \
     --target "http://127.0.0.1:${NODE_PORT[n1]}" --admin-key "$ADMIN_KEY" "${fleet_arg[@]}" \
     --in-flight "$IN_FLIGHT" --duration-s "$DURATION" --pause-lanes --no-baseline
+  echo "-- withdrawals through n1 (fleet of $n; paid by the simulated bank, its book the fleet's):"
+  HONGBAO_ISSUER_KEY="bench-issuer-0123456789abcdef" \
+    HONGBAO_GATEWAY_KEY="bench-gateway-0123456789abcdef" "$HONGBAO" loadgen withdrawals \
+    --target "http://127.0.0.1:${NODE_PORT[n1]}" --admin-key "$ADMIN_KEY" "${fleet_arg[@]}" \
+    --in-flight "$IN_FLIGHT" --duration-s "$DURATION" --no-baseline
   echo "-- hot packet through n1 (fleet of $n):"
   HONGBAO_GATEWAY_KEY="bench-gateway-0123456789abcdef" "$HONGBAO" loadgen packets \
     --target "http://127.0.0.1:${NODE_PORT[n1]}" --admin-key "$ADMIN_KEY" "${fleet_arg[@]}" \
@@ -215,6 +220,8 @@ EOF
       --in-flight "$IN_FLIGHT" --duration-s "$DURATION" --no-baseline
     run loadgen rewards --store "$JS" --replicas 1 --single-replica-synced \
       --in-flight "$IN_FLIGHT" --duration-s "$DURATION" --pause-lanes --no-baseline
+    run loadgen withdrawals --store "$JS" --replicas 1 --single-replica-synced \
+      --in-flight "$IN_FLIGHT" --duration-s "$DURATION" --no-baseline
     run loadgen packets --store "$JS" --replicas 1 --single-replica-synced --backends hongbao \
       --shares "$SHARES" --clients "$CLIENTS" --pool "$POOL" --rounds "$ROUNDS" --no-baseline
     for n in 1 2 3; do

@@ -86,9 +86,9 @@ pub struct LoadgenArgs {
     /// Drive an already running server (http://HOST:PORT) instead of an in-process one.
     #[arg(long, value_name = "URL")]
     pub target: Option<String>,
-    /// packets and rewards with --target on a cluster node: the other nodes
-    /// (http://HOST:PORT,...), whose /metrics count the transfers and credits their partitions
-    /// make (the load generator waits for them, wherever the partition is served).
+    /// packets, rewards and withdrawals with --target on a cluster node: the other nodes
+    /// (http://HOST:PORT,...), whose /metrics count the transfers, credits and payouts their
+    /// partitions make (the load generator waits for them, wherever the partition is served).
     #[arg(long, value_name = "URL", value_delimiter = ',')]
     pub fleet: Vec<String>,
     /// Admin key for --target.
@@ -832,15 +832,8 @@ fn rewards(args: &LoadgenArgs) -> Result<(), LoadgenError> {
     );
     // Credits counted on the target and, on a cluster, on every node of --fleet (the lanes run
     // on the holder of the activity's partition).
-    let counted: Vec<SocketAddr> = std::iter::once(Ok(addr))
-        .chain(args.fleet.iter().map(|url| fleet_addr(url)))
-        .collect::<Result<_, _>>()?;
-    let fleet_sum = |name: &str| -> f64 {
-        counted
-            .iter()
-            .map(|a| metric_value(&scrape(*a), name))
-            .sum()
-    };
+    let counted = counted_addrs(addr, args)?;
+    let fleet_sum = |name: &str| fleet_metric(&counted, name);
     let credited_now = || fleet_sum("hongbao_rewards_credited_total{kind=\"cash\",path=\"lane\"}");
     let accepted_now = || fleet_sum("hongbao_rewards_accepted_total{kind=\"cash\"}");
     let run_id: u32 = rand::random();
@@ -950,6 +943,7 @@ fn rewards(args: &LoadgenArgs) -> Result<(), LoadgenError> {
 /// parallel over a few threads. Returns the method ids by user index.
 fn seed_users(
     target: &Target,
+    counted: &[SocketAddr],
     users: usize,
     funding_fen: u64,
 ) -> Result<Vec<String>, LoadgenError> {
@@ -993,7 +987,7 @@ fn seed_users(
     }
     // Wait until the crediting lanes have credited every seed reward.
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while metric_value(&scrape(addr), "hongbao_reward_pending{kind=\"cash\"}") > 0.0 {
+    while fleet_metric(counted, "hongbao_reward_pending{kind=\"cash\"}") > 0.0 {
         if std::time::Instant::now() > deadline {
             return Err(LoadgenError::Usage(
                 "seed rewards not credited within 2 minutes".into(),
@@ -1011,7 +1005,10 @@ fn withdrawals(args: &LoadgenArgs) -> Result<(), LoadgenError> {
     let users = args.users.max(1);
     let seeding = std::time::Instant::now();
     // Enough for every run to withdraw 100 fen per request without running dry.
-    let methods = Arc::new(seed_users(&target, users, 10_000_000)?);
+    // Orders are counted on the target and, on a cluster, on every node of --fleet (an order's
+    // lane runs on the holder of its partition).
+    let counted = counted_addrs(addr, args)?;
+    let methods = Arc::new(seed_users(&target, &counted, users, 10_000_000)?);
     println!(
         "seeded {users} users (balance + bank method) in {:.1} s",
         seeding.elapsed().as_secs_f64()
@@ -1030,8 +1027,8 @@ fn withdrawals(args: &LoadgenArgs) -> Result<(), LoadgenError> {
         "drain_s",
         "paid/s"
     );
-    let succeeded =
-        |text: &str| metric_value(text, "hongbao_withdrawals_total{state=\"succeeded\"}");
+    let succeeded = || fleet_metric(&counted, "hongbao_withdrawals_total{state=\"succeeded\"}");
+    let requested = || fleet_metric(&counted, "hongbao_withdrawals_total{state=\"requested\"}");
     let run_id: u32 = rand::random();
     for &in_flight in &args.in_flight {
         let (key, methods) = (target.gateway_key.clone(), methods.clone());
@@ -1047,7 +1044,7 @@ fn withdrawals(args: &LoadgenArgs) -> Result<(), LoadgenError> {
                 ),
             )
         });
-        let before = scrape(addr);
+        let (succeeded_before, requested_before) = (succeeded(), requested());
         let run_started = std::time::Instant::now();
         let result = client::drive(
             addr,
@@ -1060,20 +1057,13 @@ fn withdrawals(args: &LoadgenArgs) -> Result<(), LoadgenError> {
         let run_s = run_started.elapsed().as_secs_f64();
         // Every order accepted in the run (warm-up included) must end final.
         let started = std::time::Instant::now();
-        let accepted_all =
-            metric_value(
-                &scrape(addr),
-                "hongbao_withdrawals_total{state=\"requested\"}",
-            ) - metric_value(&before, "hongbao_withdrawals_total{state=\"requested\"}");
-        let mut now = scrape(addr);
-        while succeeded(&now) - succeeded(&before) < accepted_all
-            && started.elapsed() < Duration::from_secs(120)
-        {
+        let accepted_all = requested() - requested_before;
+        let mut paid = succeeded() - succeeded_before;
+        while paid < accepted_all && started.elapsed() < Duration::from_secs(120) {
             std::thread::sleep(Duration::from_millis(50));
-            now = scrape(addr);
+            paid = succeeded() - succeeded_before;
         }
         let final_s = started.elapsed().as_secs_f64();
-        let paid = succeeded(&now) - succeeded(&before);
         let baseline = if args.no_baseline {
             None
         } else {
@@ -1111,6 +1101,19 @@ fn withdrawals(args: &LoadgenArgs) -> Result<(), LoadgenError> {
         }
     }
     target.stop()
+}
+
+/// Where a scenario's flows are counted: the target, and on a cluster every node of --fleet
+/// (a flow runs on the holder of its entity's partition, wherever that is).
+fn counted_addrs(target: SocketAddr, args: &LoadgenArgs) -> Result<Vec<SocketAddr>, LoadgenError> {
+    std::iter::once(Ok(target))
+        .chain(args.fleet.iter().map(|url| fleet_addr(url)))
+        .collect()
+}
+
+/// A metric summed over `addrs` (see [`metric_value`] for the series it sums).
+fn fleet_metric(addrs: &[SocketAddr], name: &str) -> f64 {
+    addrs.iter().map(|a| metric_value(&scrape(*a), name)).sum()
 }
 
 /// The address of a `--fleet` node (`http://IP:PORT`).
