@@ -200,7 +200,7 @@ impl Metrics {
         );
         let reward_pending = gauge(
             "hongbao_reward_pending",
-            "Rewards accepted and not yet settled, by kind",
+            "Rewards accepted and not yet settled, by kind (on a cluster, sum over the partitions: one partition's value is its acceptances less its settlements, and may be negative)",
             &["kind"],
         );
         let reward_lane_backlog = gauge(

@@ -252,6 +252,11 @@ impl RewardsView {
     }
 }
 
+/// A count as a gauge's value.
+fn count(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 impl Projection for RewardsView {
     fn name(&self) -> &'static str {
         NAME
@@ -274,7 +279,10 @@ impl Projection for RewardsView {
             self.metrics
                 .reward_pending
                 .with_label_values(&[kind.as_str()])
-                .set(t.accepted.saturating_sub(t.settled) as i64);
+                // Signed, not saturated: on a cluster a reward is accepted in its activity's
+                // partition and settled in its wallet's, so a partition's own difference may
+                // be negative, and only the sum over the partitions is the fleet's pending.
+                .set(count(t.accepted).saturating_sub(count(t.settled)));
             tx.insert(kind_key(kind), codec::encode(&t)?);
         }
         for (activity, t) in totals.activities {
