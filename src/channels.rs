@@ -320,6 +320,24 @@ impl SimulatedChannels {
             .map_err(|e| StoreError::Io(format!("channel book call: {e}")))?
     }
 
+    /// Writes `key` in a shared bucket whatever it held (no compare-and-set).
+    async fn put_shared(
+        runtime: &tokio::runtime::Handle,
+        bucket: &kv::Store,
+        key: String,
+        value: Vec<u8>,
+    ) -> Result<(), StoreError> {
+        let bucket = bucket.clone();
+        Self::on_client(runtime, async move {
+            bucket
+                .put(key, value.into())
+                .await
+                .map(|_| ())
+                .map_err(kv_error)
+        })
+        .await
+    }
+
     /// The settings as this process last read them.
     pub fn settings(&self, channel: Channel) -> ChannelSettings {
         *self
@@ -373,15 +391,7 @@ impl SimulatedChannels {
                 db.flush().map_err(io)?;
             }
             Book::Shared { buckets, runtime } => {
-                let bucket = buckets[&channel].clone();
-                Self::on_client(runtime, async move {
-                    bucket
-                        .put(SETTINGS_KEY, encoded.into())
-                        .await
-                        .map(|_| ())
-                        .map_err(kv_error)
-                })
-                .await?;
+                Self::put_shared(runtime, &buckets[&channel], SETTINGS_KEY.into(), encoded).await?;
             }
         }
         // A new rate starts a new limiter even when the number is the same: a reconfiguration
@@ -522,15 +532,8 @@ impl SimulatedChannels {
                 Ok(())
             }
             Book::Shared { buckets, runtime } => {
-                let (bucket, key) = (buckets[&channel].clone(), hex::encode(&line.order_id));
-                Self::on_client(runtime, async move {
-                    bucket
-                        .put(key, encoded.into())
-                        .await
-                        .map(|_| ())
-                        .map_err(kv_error)
-                })
-                .await
+                let key = hex::encode(&line.order_id);
+                Self::put_shared(runtime, &buckets[&channel], key, encoded).await
             }
         }
     }
