@@ -907,6 +907,11 @@ fn channel_expectation(event: &WithdrawalEvent) -> Option<bool> {
 /// reconciler follows the log, and such a line has no event.
 struct Reconciler {
     withdrawals: Arc<Withdrawals>,
+    /// Whether this log holds the wallets' movements for its orders: on one node it does; on
+    /// a cluster partition an order's wallet is in another partition's log, so the reconciler
+    /// checks the order against the channel only, and the debits and refunds are the cluster
+    /// audit's to match (it reads every partition).
+    wallets_in_log: bool,
     tree: sled::Tree,
     open: HashMap<Id, Ledgered>,
     /// Orders seen final lately (at most [`RECENT_FINAL_MAX`], oldest forgotten first): a
@@ -922,8 +927,10 @@ const RECENT_FINAL_MAX: usize = 100_000;
 impl Reconciler {
     fn new(withdrawals: Arc<Withdrawals>, tree: sled::Tree) -> Result<Reconciler, StoreError> {
         let read_to = load_checkpoint(&tree, RECONCILER_FLOW)?;
+        let wallets_in_log = withdrawals.orders.runtime().placement.is_none();
         Ok(Reconciler {
             withdrawals,
+            wallets_in_log,
             tree,
             open: HashMap::new(),
             recent_final: Default::default(),
@@ -964,6 +971,9 @@ impl Reconciler {
     async fn observe(&mut self, envelope: &Envelope) {
         match &envelope.event {
             Event::Withdrawal(event) => self.order_event(envelope, event).await,
+            // Another partition's orders (if any): tracking them here would hold the
+            // checkpoint back for ever, their order events never coming.
+            Event::Wallet(_) if !self.wallets_in_log => {}
             Event::Wallet(wallet_event) => {
                 let Some(line) = wallet_event.line() else {
                     return;
@@ -1046,7 +1056,11 @@ impl Reconciler {
             return;
         };
         let state = entry.order.state.map(|s| s.as_str()).unwrap_or("?");
-        let mut findings = entry.wallet_findings(event);
+        let mut findings = if self.wallets_in_log {
+            entry.wallet_findings(event)
+        } else {
+            Vec::new()
+        };
         if let Some(paid_expected) = channel_expectation(event) {
             let record = self
                 .withdrawals
