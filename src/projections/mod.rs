@@ -51,6 +51,13 @@ pub trait Projection: Send + Sync + 'static {
     /// Applies one event. Events of no interest are ignored.
     fn apply(&self, tx: &mut ViewTx<'_>, envelope: &Envelope) -> Result<(), StoreError>;
 
+    /// Called once when the view is opened (its stored state as of its checkpoint), before
+    /// any event is applied: publishes what its gauges say, so that they are right from the
+    /// start rather than absent until the next event of interest.
+    fn opened(&self, _tree: &sled::Tree) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// Applies a batch (committed atomically with the checkpoint afterwards). Override to
     /// aggregate hot values (totals) once per batch instead of once per event.
     fn apply_batch(&self, tx: &mut ViewTx<'_>, events: &[&Envelope]) -> Result<(), StoreError> {
@@ -267,6 +274,7 @@ impl Projections {
                 reset(&tree, projection.version())?;
             }
             let at = checkpoint(&tree)?;
+            projection.opened(&tree)?;
             let (publish, subscribe) = watch::channel(at);
             checkpoints.insert(projection.name(), subscribe);
             trees.insert(projection.name(), tree.clone());

@@ -252,6 +252,34 @@ impl RewardsView {
     }
 }
 
+impl RewardsView {
+    fn publish_kind(&self, kind: RewardKind, t: &KindTotals) {
+        self.metrics
+            .reward_pending
+            .with_label_values(&[kind.as_str()])
+            // Signed, not saturated: on a cluster a reward is accepted in its activity's
+            // partition and settled in its wallet's, so a partition's own difference may be
+            // negative, and only the sum over the partitions is the fleet's pending.
+            .set(count(t.accepted).saturating_sub(count(t.settled)));
+    }
+
+    fn publish_activity(&self, activity: &str, t: &ActivityTotals) {
+        let Some((cash, subsidy)) = t.budget else {
+            return;
+        };
+        let left = |budget: Fen, accepted: Fen| {
+            budget.checked_sub(accepted).unwrap_or(Fen::ZERO).as_u64() as i64
+        };
+        let gauge = &self.metrics.budget_remaining_fen;
+        gauge
+            .with_label_values(&[activity, "cash"])
+            .set(left(cash, t.accepted_cash));
+        gauge
+            .with_label_values(&[activity, "subsidy"])
+            .set(left(subsidy, t.accepted_subsidy));
+    }
+}
+
 /// A count as a gauge's value.
 fn count(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
@@ -270,34 +298,31 @@ impl Projection for RewardsView {
         self.apply_batch(tx, &[envelope])
     }
 
+    fn opened(&self, tree: &sled::Tree) -> Result<(), StoreError> {
+        for kind in RewardKind::ALL {
+            if let Some(bytes) = tree.get(kind_key(kind)).map_err(io)? {
+                self.publish_kind(kind, &decode_view(&bytes)?);
+            }
+        }
+        for item in tree.scan_prefix([b'a']) {
+            let (key, bytes) = item.map_err(io)?;
+            let activity = String::from_utf8_lossy(&key[1..]).into_owned();
+            self.publish_activity(&activity, &decode_view(&bytes)?);
+        }
+        Ok(())
+    }
+
     fn apply_batch(&self, tx: &mut ViewTx<'_>, events: &[&Envelope]) -> Result<(), StoreError> {
         let mut totals = BatchTotals::default();
         for envelope in events {
             self.apply_one(tx, &mut totals, envelope)?;
         }
         for (kind, t) in totals.kinds {
-            self.metrics
-                .reward_pending
-                .with_label_values(&[kind.as_str()])
-                // Signed, not saturated: on a cluster a reward is accepted in its activity's
-                // partition and settled in its wallet's, so a partition's own difference may
-                // be negative, and only the sum over the partitions is the fleet's pending.
-                .set(count(t.accepted).saturating_sub(count(t.settled)));
+            self.publish_kind(kind, &t);
             tx.insert(kind_key(kind), codec::encode(&t)?);
         }
         for (activity, t) in totals.activities {
-            if let Some((cash, subsidy)) = t.budget {
-                let left = |budget: Fen, accepted: Fen| {
-                    budget.checked_sub(accepted).unwrap_or(Fen::ZERO).as_u64() as i64
-                };
-                let gauge = &self.metrics.budget_remaining_fen;
-                gauge
-                    .with_label_values(&[&activity, "cash"])
-                    .set(left(cash, t.accepted_cash));
-                gauge
-                    .with_label_values(&[&activity, "subsidy"])
-                    .set(left(subsidy, t.accepted_subsidy));
-            }
+            self.publish_activity(&activity, &t);
             tx.insert(activity_key(&activity), codec::encode(&t)?);
         }
         Ok(())

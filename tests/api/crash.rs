@@ -1301,3 +1301,65 @@ async fn the_audit_compares_every_view_with_a_rebuild_and_names_a_drifted_row() 
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reward_gauges_are_right_from_the_first_scrape_after_a_restart() {
+    // Goal: the pending and budget gauges come from the view as it was left, not only from
+    // the next event: with crediting switched off, five rewards of 100 fen accepted against a
+    // 10,000 fen budget; after a restart, before anything else happens, the first scrape says
+    // 5 pending and 9,500 fen left. (They were absent until the next reward; on a cluster, a
+    // partition's absent gauge made the fleet's sum wrong for ever.)
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let client = reqwest::Client::new();
+    let base = server.base();
+    let put = |path: &str, body: Value| {
+        client
+            .put(format!("{base}{path}"))
+            .bearer_auth(ADMIN)
+            .json(&body)
+            .send()
+    };
+    let answer = put(
+        "/v1/admin/switches/reward_lanes",
+        serde_json::json!({"on": false}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer.status(), 200);
+    let answer = put(
+        "/v1/admin/activities/gauges/budget",
+        serde_json::json!({"cash": 10_000, "subsidy": 0}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer.status(), 200);
+    for k in 0..5 {
+        let body = serde_json::json!({"order_id": format!("g-{k}"), "uid": format!("gu{k}"),
+            "activity_id": "gauges", "scene": "test", "kind": "cash", "amount": 100});
+        let answer = client
+            .post(format!("{base}/v1/rewards"))
+            .bearer_auth(ISSUER)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 202);
+    }
+    assert!(server.terminate().success());
+    let server = start(dir.path());
+    let text = super::scrape(&client, &server.base()).await;
+    assert_eq!(
+        super::metric(&text, "hongbao_reward_pending{kind=\"cash\"}"),
+        Some(5.0),
+        "pending after the restart"
+    );
+    assert_eq!(
+        super::metric(
+            &text,
+            "hongbao_budget_remaining_fen{activity=\"gauges\",kind=\"cash\"}"
+        ),
+        Some(9_500.0),
+        "budget left after the restart"
+    );
+}
