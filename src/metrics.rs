@@ -11,6 +11,7 @@ use prometheus::{
 pub struct Metrics {
     pub registry: Registry,
     pub http_request_duration_seconds: HistogramVec,
+    pub http_errors_total: IntCounterVec,
     pub journal_batch_events: Histogram,
     pub journal_flush_seconds: Histogram,
     pub journal_append_seconds: Histogram,
@@ -100,6 +101,14 @@ impl Metrics {
             )
             .buckets(latency_buckets()),
             &["route", "method", "status"],
+        )
+        .expect("metric definition");
+        let http_errors_total = IntCounterVec::new(
+            Opts::new(
+                "hongbao_http_errors_total",
+                "Error answers by route pattern, status and error code (the body's `code`): which 503 or 409 it was",
+            ),
+            &["route", "status", "code"],
         )
         .expect("metric definition");
         let journal_batch_events = Histogram::with_opts(
@@ -379,6 +388,7 @@ impl Metrics {
             budget_remaining_fen,
             registry,
             http_request_duration_seconds,
+            http_errors_total,
             journal_batch_events,
             journal_flush_seconds,
             journal_append_seconds,
@@ -397,6 +407,7 @@ impl Metrics {
     fn register_all(&self) {
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(self.http_request_duration_seconds.clone()),
+            Box::new(self.http_errors_total.clone()),
             Box::new(self.journal_batch_events.clone()),
             Box::new(self.journal_flush_seconds.clone()),
             Box::new(self.journal_append_seconds.clone()),

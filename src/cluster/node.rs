@@ -1073,6 +1073,27 @@ fn forwardable<'a>(headers: impl Iterator<Item = (&'a str, &'a [u8])>) -> Vec<(S
         .collect()
 }
 
+/// A holder's answer as this node gives it; an error answer keeps its code for the metrics
+/// (`hongbao_http_errors_total`), as if this node had answered it.
+fn answered(answer: HttpAnswer) -> HttpResponse {
+    let mut response =
+        HttpResponse::build(StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY));
+    for (name, value) in answer.headers {
+        response.append_header((name, value));
+    }
+    let code = (answer.status >= 400)
+        .then(|| serde_json::from_slice::<serde_json::Value>(&answer.body).ok())
+        .flatten()
+        .and_then(|json| json.get("code")?.as_str().map(str::to_owned));
+    let mut response = response.body(answer.body);
+    if let Some(code) = code {
+        response
+            .extensions_mut()
+            .insert(crate::http::error::ErrorCode(code));
+    }
+    response
+}
+
 fn respond(error: ApiError) -> HttpResponse {
     actix_web::ResponseError::error_response(&error)
 }
@@ -1191,15 +1212,7 @@ async fn every_partition(
                 ApiError::unavailable("partition_unreachable", format!("{partition}: {e}"))
                     .with("retry_after_ms", RETRY_AFTER_MS),
             ),
-            Failed::Answered(answer) => {
-                let mut response = HttpResponse::build(
-                    StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY),
-                );
-                for (name, value) in answer.headers {
-                    response.append_header((name, value));
-                }
-                response.body(answer.body)
-            }
+            Failed::Answered(answer) => answered(answer),
             Failed::NotAList(partition, e) => respond(ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 "bad_forward_answer",
@@ -1299,15 +1312,7 @@ pub(crate) async fn dispatch(
         .map_err(actix_web::error::ErrorInternalServerError)?;
     let (outcome, response) = match sent {
         Ok(bytes) => match codec::decode::<HttpAnswer>(&bytes) {
-            Ok(answer) => {
-                let mut response = HttpResponse::build(
-                    StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY),
-                );
-                for (name, value) in answer.headers {
-                    response.append_header((name, value));
-                }
-                ("answered", response.body(answer.body))
-            }
+            Ok(answer) => ("answered", answered(answer)),
             Err(e) => (
                 "bad_answer",
                 respond(ApiError::new(

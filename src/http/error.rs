@@ -18,6 +18,11 @@ use std::fmt;
 /// Suggested wait before retrying after a transient failure.
 const RETRY_AFTER_MS_DEFAULT: u64 = 1000;
 
+/// The `code` of an error answer, kept with the response for the metrics
+/// (`hongbao_http_errors_total`).
+#[derive(Debug, Clone)]
+pub struct ErrorCode(pub String);
+
 #[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -122,7 +127,11 @@ impl ResponseError for ApiError {
         if let Some(ms) = self.extra.get("retry_after_ms").and_then(Value::as_u64) {
             response.insert_header((header::RETRY_AFTER, ms.div_ceil(1000).max(1).to_string()));
         }
-        response.json(self.body())
+        let mut response = response.json(self.body());
+        response
+            .extensions_mut()
+            .insert(ErrorCode(self.code.to_owned()));
+        response
     }
 }
 

@@ -814,7 +814,9 @@ async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
     ))
 }
 
-/// Records every request's latency by route pattern, method and status.
+/// Records every request's latency by route pattern, method and status, and every error
+/// answer by its code (on a cluster, an answer forwarded from the holder carries its code too:
+/// counted by the node the client asked and by the holder that answered).
 async fn observe(
     req: ServiceRequest,
     next: Next<impl MessageBody>,
@@ -827,14 +829,30 @@ async fn observe(
     let metrics = req.app_data::<web::Data<Metrics>>().cloned();
     let response = next.call(req).await;
     if let Some(metrics) = metrics {
-        let status = match &response {
-            Ok(r) => r.status().as_u16(),
-            Err(e) => e.as_response_error().status_code().as_u16(),
+        let (status, code) = match &response {
+            Ok(r) => (
+                r.status().as_u16(),
+                r.response()
+                    .extensions()
+                    .get::<error::ErrorCode>()
+                    .map(|c| c.0.clone()),
+            ),
+            Err(e) => (
+                e.as_response_error().status_code().as_u16(),
+                e.as_error::<ApiError>().map(|a| a.code.to_owned()),
+            ),
         };
+        let status = status.to_string();
         metrics
             .http_request_duration_seconds
-            .with_label_values(&[&route, &method, &status.to_string()])
+            .with_label_values(&[&route, &method, &status])
             .observe(started.elapsed().as_secs_f64());
+        if let Some(code) = code {
+            metrics
+                .http_errors_total
+                .with_label_values(&[&route, &status, &code])
+                .inc();
+        }
     }
     response
 }

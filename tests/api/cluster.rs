@@ -425,6 +425,22 @@ async fn every_node_gives_the_same_answer_to_the_same_request() {
             assert_eq!(status, 409, "{refused}");
             assert_eq!(refused["code"], "idempotency_conflict");
         }
+    }
+    // Every node counted the refusals it answered by their code, the forwarded ones too (the
+    // holder's answer keeps its code), so an operator sees which 409 it was on the node the
+    // client asked: each of the 3 x USERS refusals once where it was asked, and the two thirds
+    // that were forwarded once more by their holder (through its own listener).
+    let mut counted = 0.0;
+    for base in &bases {
+        let text = scrape(&client, base).await;
+        counted += metric(
+            &text,
+            "hongbao_http_errors_total{code=\"idempotency_conflict\",route=\"/v1/wallets/{uid}/change/deposits\",status=\"409\"}",
+        )
+        .unwrap_or(0.0);
+    }
+    assert_eq!(counted, (5 * USERS) as f64, "refusals counted by code");
+    for (n, (_, _)) in &first {
         let mut pages = Vec::new();
         for base in &bases {
             let (status, wallet) = call(

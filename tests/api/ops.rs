@@ -1,6 +1,6 @@
 //! Operations endpoints and the contract: health, readiness, metrics, OpenAPI, unknown routes.
 
-use super::{spawn_app, TestApp, ADMIN, GATEWAY, ISSUER};
+use super::{metric, spawn_app, TestApp, ADMIN, GATEWAY, ISSUER};
 use serde_json::Value;
 
 #[tokio::test]
@@ -289,4 +289,56 @@ async fn every_list_documents_its_paging_and_means_it() {
             "{path}: above the documented maximum: {body}"
         );
     }
+}
+
+#[tokio::test]
+async fn every_error_answer_is_counted_by_its_code() {
+    // Goal: an operator tells which 409 or 503 the service answered, not only how many:
+    // `hongbao_http_errors_total{code,route,status}` counts each error answer by its body's
+    // code (two different 409s stay apart), and a success counts nothing.
+    let app = spawn_app();
+    let path = "/v1/wallets/ec-u1/change/deposits";
+    let (status, _) = app
+        .post(path, Some(ADMIN), r#"{"order_id":"ec-1","amount":100}"#)
+        .await;
+    assert_eq!(status, 201);
+    for _ in 0..2 {
+        let (status, body) = app
+            .post(path, Some(ADMIN), r#"{"order_id":"ec-1","amount":101}"#)
+            .await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (409, Some("idempotency_conflict"))
+        );
+    }
+    let (status, body) = app
+        .post(path, Some(ADMIN), r#"{"order_id":"ec-2","amount":0}"#)
+        .await;
+    assert_eq!(status, 422, "{body}");
+    let code = body["code"].as_str().unwrap().to_owned();
+    let text = app.metrics_text().await;
+    let route = "/v1/wallets/{uid}/change/deposits";
+    assert_eq!(
+        metric(
+            &text,
+            &format!(
+                "hongbao_http_errors_total{{code=\"idempotency_conflict\",route=\"{route}\",status=\"409\"}}"
+            )
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            &format!(
+                "hongbao_http_errors_total{{code=\"{code}\",route=\"{route}\",status=\"422\"}}"
+            )
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&text, "hongbao_http_errors_total"),
+        Some(3.0),
+        "only the error answers"
+    );
 }
