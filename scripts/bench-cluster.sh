@@ -95,8 +95,10 @@ start_node() {
   wait_port "$port"
 }
 
-# balanced ID...: every listed node sees exactly these nodes, every partition held by one of
-# them, and serves what it holds.
+# balanced ID...: every listed node sees exactly these nodes, holds its fair share of the
+# partitions (P/N rounded down or up: a fleet still handing partitions to a node that has just
+# joined answers 503 partition_moving for them), every partition held by one of them, and
+# serves what it holds.
 balanced() {
   python3 - "$PARTITIONS" "$@" <<'EOF'
 import json, os, sys, urllib.request
@@ -111,6 +113,8 @@ for id in ids:
     except Exception:
         sys.exit(1)
     if sorted(view["nodes"]) != sorted(ids) or view["serving"] != len(view["held"]):
+        sys.exit(1)
+    if not partitions // len(ids) <= len(view["held"]) <= -(-partitions // len(ids)):
         sys.exit(1)
     if any(p.get("node") not in ids for p in view["partitions"]):
         sys.exit(1)
