@@ -1362,4 +1362,5 @@ async fn the_reward_gauges_are_right_from_the_first_scrape_after_a_restart() {
         Some(9_500.0),
         "budget left after the restart"
     );
+    assert!(server.terminate().success());
 }
