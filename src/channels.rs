@@ -260,13 +260,37 @@ impl SimulatedChannels {
         let mut stored = BTreeMap::new();
         for channel in Channel::ALL {
             let name = format!("{namespace}_channel_{}", channel.as_str());
-            let bucket = match (js.get_key_value(&name).await, replicas) {
-                (Ok(bucket), _) => bucket,
+            let bucket = Self::bucket(js, &name, channel, replicas).await?;
+            let value = match bucket.get(SETTINGS_KEY).await.map_err(kv_error)? {
+                Some(bytes) => codec::decode(&bytes)?,
+                None => ChannelSettings::default(),
+            };
+            stored.insert(channel, value);
+            buckets.insert(channel, bucket);
+        }
+        let book = Book::Shared { buckets, runtime };
+        Ok(Self::with_book(book, |c| stored[&c], clock))
+    }
+
+    /// The bucket `name`, created with `replicas` when absent. Nodes starting together race
+    /// to create it, and on three servers the loser's first read can fail while the winner's
+    /// stream is being placed: it reads again (for up to about 10 s) rather than failing the
+    /// node's start.
+    async fn bucket(
+        js: &async_nats::jetstream::Context,
+        name: &str,
+        channel: Channel,
+        replicas: Option<usize>,
+    ) -> Result<kv::Store, StoreError> {
+        let mut last = String::new();
+        for _ in 0..40 {
+            match (js.get_key_value(name).await, replicas) {
+                (Ok(bucket), _) => return Ok(bucket),
                 (Err(e), None) => return Err(kv_error(format!("bucket {name}: {e}"))),
                 (Err(_), Some(replicas)) => {
                     let created = js
                         .create_key_value(kv::Config {
-                            bucket: name.clone(),
+                            bucket: name.to_owned(),
                             description: format!(
                                 "the simulated {channel} channel's statement and settings"
                             ),
@@ -277,24 +301,15 @@ impl SimulatedChannels {
                         })
                         .await;
                     match created {
-                        Ok(bucket) => bucket,
-                        // Another node created it at the same moment.
-                        Err(e) => js
-                            .get_key_value(&name)
-                            .await
-                            .map_err(|_| kv_error(format!("bucket {name}: {e}")))?,
+                        Ok(bucket) => return Ok(bucket),
+                        // Another node is creating it: read it again shortly.
+                        Err(e) => last = e.to_string(),
                     }
                 }
-            };
-            let value = match bucket.get(SETTINGS_KEY).await.map_err(kv_error)? {
-                Some(bytes) => codec::decode(&bytes)?,
-                None => ChannelSettings::default(),
-            };
-            stored.insert(channel, value);
-            buckets.insert(channel, bucket);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        let book = Book::Shared { buckets, runtime };
-        Ok(Self::with_book(book, |c| stored[&c], clock))
+        Err(kv_error(format!("bucket {name}: {last}")))
     }
 
     /// Whether the books are a fleet's (JetStream) rather than one node's.

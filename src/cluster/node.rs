@@ -331,6 +331,34 @@ pub struct NodeShared {
     channels: Arc<crate::channels::SimulatedChannels>,
 }
 
+/// The cluster runtime while a node starts: a start that fails on the way (returning its error
+/// from within the actix system) shuts it down in the background; dropping a runtime there
+/// panics and hid the error.
+struct RuntimeGuard(Option<tokio::runtime::Runtime>);
+
+impl RuntimeGuard {
+    fn into_inner(mut self) -> Option<tokio::runtime::Runtime> {
+        self.0.take()
+    }
+}
+
+impl std::ops::Deref for RuntimeGuard {
+    type Target = tokio::runtime::Runtime;
+    fn deref(&self) -> &tokio::runtime::Runtime {
+        self.0
+            .as_ref()
+            .expect("the runtime until the node is built")
+    }
+}
+
+impl Drop for RuntimeGuard {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 /// A running cluster node.
 pub struct Node {
     shared: Arc<NodeShared>,
@@ -384,12 +412,14 @@ impl Node {
             return Err(NodeError::KeysNotShared);
         }
         let metrics = Arc::new(Metrics::new());
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("hongbao-cluster")
-            .enable_all()
-            .build()
-            .map_err(|e| NodeError::Other(format!("cannot start the cluster runtime: {e}")))?;
+        let runtime = RuntimeGuard(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("hongbao-cluster")
+                .enable_all()
+                .build()
+                .map_err(|e| NodeError::Other(format!("cannot start the cluster runtime: {e}")))?,
+        ));
         let url = config.store.url.clone();
         let replicas = durability.replicas;
         let mut settings = settings;
@@ -499,7 +529,7 @@ impl Node {
             keeper: Some(keeper),
             server,
             port,
-            runtime: Some(runtime),
+            runtime: runtime.into_inner(),
             _arbiter: arbiter,
         })
     }
