@@ -1700,7 +1700,8 @@ async fn the_crediting_rate_is_the_fleets_whatever_the_partitions_and_nodes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mixed_load_through_every_node_survives_kill_9_exactly_once() {
-    // Goal: the mixed night on three nodes, at once and through every node: deposits
+    // Goal: the mixed night on three nodes and three JetStream servers (three replicas
+    // of every partition and bucket), at once and through every node: deposits
     // from six clients, rewards of an activity with a budget, C2C red packets paid, claimed
     // and transferred across partitions, and withdrawals on a flaky bank; one node killed with
     // kill -9 in the middle of it all. Afterwards every acknowledged deposit is in its ledger
@@ -1709,7 +1710,7 @@ async fn a_mixed_load_through_every_node_survives_kill_9_exactly_once() {
     // withdrawal is paid exactly when the bank says so or refunded once, and the cluster audit
     // and verify pass.
     let _heavy = super::heavy().await;
-    let Some(mut fleet) = Fleet::start().await else {
+    let Some(mut fleet) = Fleet::start_on_three().await else {
         return;
     };
     let client = reqwest::Client::new();
