@@ -122,15 +122,6 @@ pub fn place(path: &str) -> Place {
             field: "order_id",
         },
         ["v1", "withdrawals", id] => Place::Entity(format!("withdrawal:{id}")),
-        // The channels' books are the fleet's (key-value buckets every cell shares): any cell
-        // serves them; the fleet's singletons' home is the one every node can name.
-        ["v1", "admin", "channels", _] | ["v1", "admin", "channels", _, "statement"] => {
-            Place::Entity(format!(
-                "{}:{}",
-                PolicyState::STREAM_PREFIX,
-                board::STREAM_ID
-            ))
-        }
         ["v1", "admin", "withdrawals", "parked"] => {
             Place::EveryPartition(crate::http::withdrawals::PARKED_MERGE)
         }
@@ -138,7 +129,11 @@ pub fn place(path: &str) -> Place {
         ["v1", "admin", "switches"] | ["v1", "admin", "switches", _] => {
             Place::Entity(format!("{}:{}", Switches::STREAM_PREFIX, board::STREAM_ID))
         }
-        ["v1", "admin", "withdrawal-policy"] => Place::Entity(format!(
+        // The policy's home; the channels' books are the fleet's (key-value buckets every
+        // cell shares), so any cell serves them: the singletons' home is one every node names.
+        ["v1", "admin", "withdrawal-policy"]
+        | ["v1", "admin", "channels", _]
+        | ["v1", "admin", "channels", _, "statement"] => Place::Entity(format!(
             "{}:{}",
             PolicyState::STREAM_PREFIX,
             board::STREAM_ID
