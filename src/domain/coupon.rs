@@ -115,8 +115,12 @@ pub enum Verdict {
     Pending,
     /// Screened: the batch decides.
     Passed,
-    /// Refused before the batch was asked (risk, group, sold out from the local view): final.
+    /// Refused before the batch was asked (risk, group, sold out from the local view), or by
+    /// the batch when outcomes are settled on the intake: final.
     Rejected(Refusal),
+    /// Issued coupon number `n` of the request's batch, noted on the intake when outcomes are
+    /// settled there (a cluster: the intake's partition answers a request's status): final.
+    Issued(u64),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,8 +140,8 @@ pub enum IntakeCommand {
     /// Accepts requests durably (merged: one event for all the new ones).
     Accept { requests: Vec<IssueRequest> },
     /// Records verdicts (merged). A request unknown here (a coupon reward, accepted in its
-    /// activity's stream) gets a memo; `Pending -> Passed | Rejected`, `Passed -> Rejected`;
-    /// a rejection is final.
+    /// activity's stream) gets a memo; `Pending -> Passed | Rejected`, `Passed -> Rejected |
+    /// Issued`; a rejection and an issue are final.
     Record {
         verdicts: Vec<(IssueRequest, Verdict)>,
     },
@@ -247,7 +251,10 @@ impl Aggregate for CouponIntake {
                         (Some(Verdict::Pending), v @ (Verdict::Passed | Verdict::Rejected(_))) => {
                             Some(v)
                         }
-                        (Some(Verdict::Passed), v @ Verdict::Rejected(_)) => Some(v),
+                        (
+                            Some(Verdict::Passed),
+                            v @ (Verdict::Rejected(_) | Verdict::Issued(_)),
+                        ) => Some(v),
                         _ => None,
                     };
                     match next {
@@ -823,8 +830,15 @@ pub enum Outcome {
 }
 
 /// The protocol: given what is known, the next step. `screen` is the risk verdict (None:
-/// passed); `grouped` whether the batch has a group.
-pub fn next_step(progress: &Progress, screen: Option<Refusal>, grouped: bool) -> Step {
+/// passed); `grouped` whether the batch has a group; `settle` whether the batch's decision is
+/// noted on the intake too before the request is done (on a cluster the intake and the batch
+/// live in different partitions, and the intake's view answers the request's status).
+pub fn next_step(
+    progress: &Progress,
+    screen: Option<Refusal>,
+    grouped: bool,
+    settle: bool,
+) -> Step {
     let verdict = match progress.verdict {
         None | Some(Verdict::Pending) => {
             return Step::Record(screen.map_or(Verdict::Passed, Verdict::Rejected))
@@ -837,6 +851,7 @@ pub fn next_step(progress: &Progress, screen: Option<Refusal>, grouped: bool) ->
             return Step::Release
         }
         Some(Verdict::Rejected(reason)) => return Step::Done(Outcome::Rejected(reason)),
+        Some(Verdict::Issued(n)) => return Step::Done(Outcome::Issued(n)),
         Some(Verdict::Passed) => Verdict::Passed,
     };
     debug_assert_eq!(verdict, Verdict::Passed);
@@ -852,10 +867,13 @@ pub fn next_step(progress: &Progress, screen: Option<Refusal>, grouped: bool) ->
     match progress.issue {
         None if progress.sold_out_locally => Step::Record(Verdict::Rejected(Refusal::SoldOut)),
         None => Step::Deduct,
+        Some(Issue::Granted(n)) if settle => Step::Record(Verdict::Issued(n)),
         Some(Issue::Granted(n)) => Step::Done(Outcome::Issued(n)),
         Some(Issue::Refused(reason)) => {
             if grouped && progress.place == Some(Place::Held) {
                 Step::Release
+            } else if settle {
+                Step::Record(Verdict::Rejected(reason))
             } else {
                 Step::Done(Outcome::Rejected(reason))
             }
@@ -1204,6 +1222,8 @@ mod tests {
         /// Process memory: seq_nos sent to a batch since the (re)start.
         dispatched: std::collections::HashSet<u128>,
         restarted: bool,
+        /// Outcomes settled on the intake (a cluster's protocol).
+        settle: bool,
     }
 
     impl World {
@@ -1244,7 +1264,7 @@ mod tests {
             {
                 d.progress.sold_out_locally = true;
             }
-            match next_step(&d.progress, d.screen, grouped) {
+            match next_step(&d.progress, d.screen, grouped, self.settle) {
                 Step::Done(outcome) => d.done = Some(outcome),
                 Step::Record(verdict) => {
                     let (next, reply) = run(
@@ -1318,8 +1338,10 @@ mod tests {
             schedule in prop::collection::vec((any::<prop::sample::Index>(), prop::bool::weighted(0.15), prop::bool::weighted(0.05)), 0..400),
             stock in 1u64..12,
             limit in 1u32..3,
+            settle in any::<bool>(),
         ) {
             let mut world = World::new(stock, limit);
+            world.settle = settle;
             let names = ["g1", "g2", "free"];
             // One payload per seq_no (the intake refuses other payloads for a seq_no), but a
             // seq_no may have two drivers at once (the green channel and the queue).
@@ -1367,12 +1389,18 @@ mod tests {
                 match d.done.unwrap() {
                     Outcome::Issued(n) => {
                         prop_assert_eq!(b.decided.get(&k), Some(&Issue::Granted(n)));
-                        prop_assert_eq!(verdict, Verdict::Passed, "issued but rejected on the intake");
+                        // Settled: the intake says what the batch decided; otherwise it only
+                        // knows the request passed.
+                        let noted = if settle { Verdict::Issued(n) } else { Verdict::Passed };
+                        prop_assert_eq!(verdict, noted, "issued but the intake says otherwise");
                         *per_user_batch.entry((d.request.uid.to_string(), d.request.batch_id.to_string())).or_default() += 1;
                     }
                     Outcome::Rejected(reason) => {
                         prop_assert!(!matches!(b.decided.get(&k), Some(Issue::Granted(_))), "rejected but granted");
                         prop_assert!(verdict == Verdict::Rejected(reason) || b.decided.get(&k) == Some(&Issue::Refused(reason)));
+                        if settle {
+                            prop_assert_eq!(verdict, Verdict::Rejected(reason), "a final refusal the intake does not hold");
+                        }
                     }
                 }
             }

@@ -168,6 +168,9 @@ pub struct Coupons {
     green: mpsc::Sender<GreenRequest>,
     config: CouponConfig,
     metrics: Arc<Metrics>,
+    /// Outcomes are noted on the intake too ([`next_step`]'s `settle`): on a cluster node,
+    /// where a request's intake and its batch are in different partitions.
+    settle: bool,
 }
 
 /// The running batchers and layer task.
@@ -194,6 +197,7 @@ impl Coupons {
         config: CouponConfig,
     ) -> Result<(Arc<Coupons>, CouponFlows), StoreError> {
         let runtime = intakes.runtime().clone();
+        let settle = runtime.placement.is_some();
         let (store, clock, metrics) = (
             runtime.store.clone(),
             runtime.clock.clone(),
@@ -217,6 +221,7 @@ impl Coupons {
             green,
             config: config.clone(),
             metrics: metrics.clone(),
+            settle,
         });
         let mut flows = FlowGroup::start();
         for (shard, rx) in receivers.into_iter().enumerate() {
@@ -317,6 +322,7 @@ impl Coupons {
         match self.submit(request.clone()).await? {
             Acceptance::Conflict => return Err(IssueError::Conflict),
             Acceptance::Repeat(Verdict::Rejected(reason)) => return Ok(Outcome::Rejected(reason)),
+            Acceptance::Repeat(Verdict::Issued(n)) => return Ok(Outcome::Issued(n)),
             Acceptance::New | Acceptance::Repeat(_) => {}
         }
         let (reply, answer) = oneshot::channel();
@@ -817,7 +823,7 @@ async fn drive(coupons: Arc<Coupons>, layer: Layer, mut items: Vec<Tracked>) -> 
                 .stock
                 .get(&t.request.batch_id)
                 .and_then(|e| e.spec.group_id.clone());
-            match next_step(&t.progress, t.screen, group.is_some()) {
+            match next_step(&t.progress, t.screen, group.is_some(), coupons.settle) {
                 Step::Done(outcome) => t.done = Some(outcome),
                 Step::Record(verdict) => records
                     .entry(intake_shard(&t.request.seq_no, shards))

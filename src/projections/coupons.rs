@@ -3,13 +3,17 @@
 //!
 //! Keys in `view:coupons`:
 //! - `b` + batch id -> [`BatchSummary`]
-//! - `q` + seq_no -> [`RequestLine`]: accepted, or rejected (with the reason)
+//! - `q` + seq_no -> [`RequestLine`]: accepted, or rejected (with the reason); on a cluster
+//!   also issued (the outcome settled on the intake, see `next_step`'s `settle`)
 //! - `w` + uid + `0x00` + coupon id -> [`WalletCoupon`], with the seq_no it was issued for
 //!
 //! A grant writes only the wallet row: a request whose line says accepted is issued when its
 //! user's wallet holds a coupon for its seq_no (a user holds few coupons; the scan is short).
 //! One row per request and one per coupon, not three: at peak this view's sled writes are what
-//! the two cores spend most on (docs/BENCHMARKS.md, coupons).
+//! the two cores spend most on (docs/BENCHMARKS.md, coupons). On a cluster the intake and the
+//! batch are in different partitions, each with its own view: the intake's partition answers a
+//! request's status from the outcome the layers note on the intake, and a user's coupons are
+//! gathered from every partition (the batches').
 
 use super::{decode_view, Projection, ViewTx};
 use crate::clock::Millis;
@@ -142,15 +146,22 @@ impl Projection for CouponsView {
             }
             Event::CouponIntake(IntakeEvent::Recorded { verdicts, .. }) => {
                 for (request, verdict) in verdicts {
-                    if let Verdict::Rejected(reason) = verdict {
-                        let line = RequestLine::new(
-                            &request.uid,
-                            request.batch_id.as_str(),
-                            RequestStatus::Rejected,
-                            at_ms,
-                        )
-                        .rejected(*reason);
-                        Self::put(tx, &request.seq_no, &line)?;
+                    let line = |status| {
+                        RequestLine::new(&request.uid, request.batch_id.as_str(), status, at_ms)
+                    };
+                    match verdict {
+                        Verdict::Rejected(reason) => {
+                            let line = line(RequestStatus::Rejected).rejected(*reason);
+                            Self::put(tx, &request.seq_no, &line)?;
+                        }
+                        // Settled on the intake (a cluster, where the grant is in the batch's
+                        // partition): the line says it all.
+                        Verdict::Issued(n) => {
+                            let mut line = line(RequestStatus::Issued);
+                            line.coupon_id = Some(coupon_id(&request.batch_id, *n));
+                            Self::put(tx, &request.seq_no, &line)?;
+                        }
+                        Verdict::Pending | Verdict::Passed => {}
                     }
                 }
             }
