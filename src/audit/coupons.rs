@@ -1,5 +1,11 @@
 //! The `coupons` check: replays intake, batch and group events independently of the domain's
 //! own `evolve` and proves C9-C11 from the log alone.
+//!
+//! What each stream says of itself (a batch's numbering, limits and refusals, a group's
+//! places) is checked as it is read; what one stream says of another (a grant against its
+//! acceptance and the intake's verdicts, a released place against the grants) is checked at
+//! the end, whatever order the streams were read in: on a cluster they are in different
+//! partitions' logs, read one after the other.
 
 use super::CheckResult;
 use super::{HashMap, HashSet};
@@ -24,11 +30,15 @@ pub(super) struct CouponAudit {
     /// Requests refused before their batch was asked (final).
     rejected_early: HashMap<String, Refusal>,
     batches: HashMap<String, BatchReplay>,
-    /// seq_no -> (batch, coupon number) of its grant.
-    granted: HashMap<String, (String, u64)>,
+    /// seq_no -> (batch, coupon number, uid) of its grant.
+    granted: HashMap<String, (String, u64, String)>,
     refused: HashMap<String, Refusal>,
+    /// Outcomes noted on the intake (a cluster): seq_no -> coupon number.
+    noted_issued: HashMap<String, u64>,
     /// Group places currently held, by (group, seq_no).
     places: HashSet<(String, String)>,
+    /// Group places ever released, by (group, seq_no).
+    released: HashSet<(String, String)>,
 }
 
 impl CouponAudit {
@@ -43,7 +53,9 @@ impl CouponAudit {
             batches: HashMap::default(),
             granted: HashMap::default(),
             refused: HashMap::default(),
+            noted_issued: HashMap::default(),
             places: HashSet::default(),
+            released: HashSet::default(),
         }
     }
 
@@ -72,15 +84,15 @@ impl CouponAudit {
             }
             IntakeEvent::Recorded { verdicts, .. } => {
                 for (r, verdict) in verdicts {
-                    if let Verdict::Rejected(reason) = verdict {
-                        let seq = r.seq_no.to_string();
-                        if let Some((batch, n)) = self.granted.get(&seq) {
-                            self.check.violation(format!(
-                                "request {seq}: rejected ({}) after coupon {batch}-{n} was granted",
-                                reason.as_str()
-                            ));
+                    let seq = r.seq_no.to_string();
+                    match verdict {
+                        Verdict::Rejected(reason) => {
+                            self.rejected_early.insert(seq, *reason);
                         }
-                        self.rejected_early.insert(seq, *reason);
+                        Verdict::Issued(n) => {
+                            self.noted_issued.insert(seq, *n);
+                        }
+                        Verdict::Pending | Verdict::Passed => {}
                     }
                 }
             }
@@ -128,30 +140,16 @@ impl CouponAudit {
                             spec.per_user_limit
                         ));
                     }
-                    match self.accepted.get(&seq) {
-                        None => self.check.violation(format!(
-                            "request {seq}: granted coupon {batch_id}-{n} but never accepted"
-                        )),
-                        Some((u, b)) if *u != uid || b != batch_id => {
-                            self.check.violation(format!(
-                                "request {seq}: accepted for {u}/{b}, granted to {uid}/{batch_id}"
-                            ))
-                        }
-                        Some(_) => {}
-                    }
-                    if let Some(reason) = self.rejected_early.get(&seq) {
-                        self.check.violation(format!(
-                            "request {seq}: granted after its final refusal ({})",
-                            reason.as_str()
-                        ));
-                    }
                     if let Some(reason) = self.refused.get(&seq) {
                         self.check.violation(format!(
                             "request {seq}: granted after the batch refused it ({})",
                             reason.as_str()
                         ));
                     }
-                    if let Some((b, m)) = self.granted.insert(seq.clone(), (batch_id.into(), n)) {
+                    if let Some((b, m, _)) = self
+                        .granted
+                        .insert(seq.clone(), (batch_id.into(), n, uid.clone()))
+                    {
                         self.check.violation(format!(
                             "request {seq}: granted twice ({b}-{m} and {batch_id}-{n})"
                         ));
@@ -159,7 +157,7 @@ impl CouponAudit {
                 }
                 for refused in refusals {
                     let seq = refused.seq_no.to_string();
-                    if let Some((b, n)) = self.granted.get(&seq) {
+                    if let Some((b, n, _)) = self.granted.get(&seq) {
                         self.check.violation(format!(
                             "request {seq}: refused ({}) after coupon {b}-{n} was granted",
                             refused.reason.as_str()
@@ -188,12 +186,7 @@ impl CouponAudit {
                             r.seq_no
                         ));
                     }
-                    if self.granted.contains_key(place.1.as_str()) {
-                        self.check.violation(format!(
-                            "group {group_id}: place of request {} released though it was granted",
-                            r.seq_no
-                        ));
-                    }
+                    self.released.insert(place);
                 }
             }
         }
@@ -213,6 +206,53 @@ impl CouponAudit {
     pub(super) fn finish(&self) -> CheckResult {
         let mut check = self.check.clone();
         check.checked = self.accepted.len() as u64;
+        // Each grant against what the other streams say of its request.
+        let mut grants: Vec<_> = self.granted.iter().collect();
+        grants.sort();
+        for (seq, (batch_id, n, uid)) in grants {
+            match self.accepted.get(seq) {
+                None => check.violation(format!(
+                    "request {seq}: granted coupon {batch_id}-{n} but never accepted"
+                )),
+                Some((u, b)) if u != uid || b != batch_id => check.violation(format!(
+                    "request {seq}: accepted for {u}/{b}, granted to {uid}/{batch_id}"
+                )),
+                Some(_) => {}
+            }
+            if let Some(reason) = self.rejected_early.get(seq) {
+                check.violation(format!(
+                    "request {seq}: granted coupon {batch_id}-{n} despite its final refusal ({})",
+                    reason.as_str()
+                ));
+            }
+            if let Some(noted) = self.noted_issued.get(seq).filter(|m| *m != n) {
+                check.violation(format!(
+                    "request {seq}: its intake says coupon {batch_id}-{noted}, its batch granted {batch_id}-{n}"
+                ));
+            }
+        }
+        let mut noted: Vec<_> = self
+            .noted_issued
+            .iter()
+            .filter(|(seq, _)| !self.granted.contains_key(*seq))
+            .collect();
+        noted.sort();
+        for (seq, n) in noted {
+            check.violation(format!(
+                "request {seq}: its intake says coupon {n} was issued, no batch granted it"
+            ));
+        }
+        let mut released: Vec<_> = self
+            .released
+            .iter()
+            .filter(|(_, seq)| self.granted.contains_key(seq))
+            .collect();
+        released.sort();
+        for (group_id, seq) in released {
+            check.violation(format!(
+                "group {group_id}: place of request {seq} released though it was granted"
+            ));
+        }
         // Stock and group exclusion, per batch.
         let mut holders: HashMap<(String, String), HashSet<&str>> = HashMap::default();
         let mut issued_total = 0u64;

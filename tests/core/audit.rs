@@ -596,6 +596,111 @@ mod coupons {
         assert!(note.contains("1 pending"), "{note}");
     }
 
+    /// A cluster's coupons: the intake in one partition, the batch in another, the outcomes
+    /// noted on the intake (s1 issued coupon 1, s2 sold out).
+    fn cluster_coupons(intakes: &Arc<SledStore>, batches: &Arc<SledStore>) {
+        let (s1, s2) = (request("s1", "u1", "a"), request("s2", "u2", "a"));
+        append(batches, "coupon-batch:a", vec![spec(1, 1, None)]);
+        accept(intakes, &[("s1", "u1", "a"), ("s2", "u2", "a")]);
+        let recorded = |verdicts| Event::CouponIntake(IntakeEvent::Recorded { verdicts, at_ms: 0 });
+        append(
+            intakes,
+            "coupon-intake:0",
+            vec![recorded(vec![
+                (s1.clone(), Verdict::Passed),
+                (s2.clone(), Verdict::Passed),
+            ])],
+        );
+        append(
+            batches,
+            "coupon-batch:a",
+            vec![deducted(
+                &[("s1", "u1", 1)],
+                &[("s2", "u2", Refusal::SoldOut)],
+            )],
+        );
+        append(
+            intakes,
+            "coupon-intake:0",
+            vec![recorded(vec![
+                (s1, Verdict::Issued(1)),
+                (s2, Verdict::Rejected(Refusal::SoldOut)),
+            ])],
+        );
+    }
+
+    fn audit_partitions(logs: [&Arc<SledStore>; 2], intakes: &Arc<SledStore>) -> AuditReport {
+        let named: Vec<(String, &dyn hongbao::events::Log)> = logs
+            .iter()
+            .enumerate()
+            .map(|(n, log)| {
+                (
+                    format!("p{n:03}"),
+                    log.as_ref() as &dyn hongbao::events::Log,
+                )
+            })
+            .collect();
+        let intakes_at = logs.iter().position(|l| Arc::ptr_eq(l, intakes)).unwrap();
+        let home = |stream: &str| {
+            if stream.starts_with("coupon-intake:") {
+                intakes_at
+            } else {
+                1 - intakes_at
+            }
+        };
+        audit_logs(&named, home, None, |_, _| ()).unwrap()
+    }
+
+    #[test]
+    fn a_clusters_coupons_audit_clean_whichever_partition_is_read_first() {
+        // Goal: on a cluster a grant (the batch's partition) may be read before its acceptance
+        // (the intake's): the cross-stream checks wait for the end, so both orders are clean,
+        // and the outcomes noted on the intake agree with the grants.
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let (intakes, batches) = (open(dirs[0].path()), open(dirs[1].path()));
+        cluster_coupons(&intakes, &batches);
+        for logs in [[&intakes, &batches], [&batches, &intakes]] {
+            let report = audit_partitions(logs, &intakes);
+            assert!(report.ok(), "{:#?}", report.checks);
+            let note = coupons_note(&report);
+            assert!(
+                note.contains("2 accepted = 1 issued (1 coupons) + 1 refused"),
+                "{note}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_intake_noting_a_coupon_its_batch_did_not_grant_is_named() {
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let (intakes, batches) = (open(dirs[0].path()), open(dirs[1].path()));
+        cluster_coupons(&intakes, &batches);
+        // s3 noted issued without a grant; s1 noted with another number than its grant's.
+        accept(&intakes, &[("s3", "u3", "a")]);
+        append(
+            &intakes,
+            "coupon-intake:0",
+            vec![Event::CouponIntake(IntakeEvent::Recorded {
+                verdicts: vec![
+                    (request("s3", "u3", "a"), Verdict::Issued(2)),
+                    (request("s1", "u1", "a"), Verdict::Issued(2)),
+                ],
+                at_ms: 0,
+            })],
+        );
+        let report = audit_partitions([&batches, &intakes], &intakes);
+        assert_eq!(failing(&report), ["coupons"]);
+        let found = examples(&report, "coupons");
+        assert!(
+            found.contains("request s3: its intake says coupon 2 was issued, no batch granted it"),
+            "{found}"
+        );
+        assert!(
+            found.contains("request s1: its intake says coupon a-2, its batch granted a-1"),
+            "{found}"
+        );
+    }
+
     fn coupon_reward(order: &str, uid: &str, batch: &str) -> Event {
         Event::Activity(ActivityEvent::RewardAccepted(Reward {
             order_id: id(order),
@@ -719,7 +824,9 @@ mod coupons {
         let report = run_audit(&store);
         let found = examples(&report, "coupons");
         assert!(
-            found.contains("request s4: granted after its final refusal (group_exclusive)"),
+            found.contains(
+                "request s4: granted coupon b-1 despite its final refusal (group_exclusive)"
+            ),
             "{found}"
         );
         assert!(
