@@ -58,6 +58,9 @@ pub struct Settings {
     pub replicas: usize,
     /// The buckets are `<namespace>_cluster`, `<namespace>_nodes` and `<namespace>_leases`.
     pub namespace: String,
+    /// The coupon intake shard count: a seq_no's shard (its intake entity, so its partition)
+    /// must be the same whichever node computes it. `None`: not checked.
+    pub coupon_intake_shards: Option<u32>,
 }
 
 impl Settings {
@@ -68,6 +71,7 @@ impl Settings {
             lease_ttl: LEASE_TTL_DEFAULT,
             replicas: crate::events::jetstream::REPLICAS_DEFAULT,
             namespace: NAMESPACE_DEFAULT.into(),
+            coupon_intake_shards: None,
         }
     }
 
@@ -119,6 +123,11 @@ pub enum ClusterError {
     )]
     LeaseTtlDisagree { deployed_ms: u64, asked_ms: u64 },
     #[error(
+        "this node says {asked} coupon intake shards but the deployment has {deployed}: every \
+         node must agree (a seq_no's shard decides which intake accepts it)"
+    )]
+    IntakeShardsDisagree { deployed: u32, asked: u32 },
+    #[error(
         "node id {node} is in use by a live node (its registration was renewed for {waited:?})"
     )]
     NodeIdInUse { node: NodeId, waited: Duration },
@@ -137,6 +146,9 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> ClusterError {
 struct Deployment {
     partitions: u16,
     lease_ttl_ms: u64,
+    /// Absent in a deployment recorded before it was agreed on: not checked there.
+    #[serde(default)]
+    coupon_intake_shards: Option<u32>,
 }
 
 /// What a lease key holds.
@@ -220,6 +232,7 @@ pub async fn check_deployment(
     let ours = Deployment {
         partitions: settings.partitions.count(),
         lease_ttl_ms: u64::try_from(settings.lease_ttl.as_millis()).unwrap_or(u64::MAX),
+        coupon_intake_shards: settings.coupon_intake_shards,
     };
     let agreement = bucket(
         js,
@@ -251,6 +264,13 @@ pub async fn check_deployment(
                     deployed_ms: deployed.lease_ttl_ms,
                     asked_ms: ours.lease_ttl_ms,
                 });
+            }
+            if let (Some(deployed), Some(asked)) =
+                (deployed.coupon_intake_shards, ours.coupon_intake_shards)
+            {
+                if deployed != asked {
+                    return Err(ClusterError::IntakeShardsDisagree { deployed, asked });
+                }
             }
         }
         Err(e) => return Err(unavailable("deployment", e)),

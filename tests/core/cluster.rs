@@ -73,6 +73,7 @@ fn settings(node: &str, partitions: u32) -> Settings {
     Settings {
         lease_ttl: TTL,
         replicas: 1,
+        coupon_intake_shards: Some(4),
         ..Settings::new(
             NodeId::parse(node).unwrap(),
             Partitions::new(partitions).unwrap(),
@@ -142,9 +143,9 @@ fn all_held(keepers: &[&Keeper], partitions: u16) -> bool {
 }
 
 #[test]
-fn every_node_must_agree_on_the_partitions_and_the_lease_ttl() {
-    // Goal: the first node writes the deployment; a node with another P or TTL is refused
-    // before it touches a lease, naming both values.
+fn every_node_must_agree_on_the_partitions_the_lease_ttl_and_the_intake_shards() {
+    // Goal: the first node writes the deployment; a node with another P, TTL or coupon intake
+    // shard count is refused before it touches a lease, naming both values.
     let Some(binary) = nats::binary() else { return };
     let dir = tempfile::tempdir().unwrap();
     let server = nats::single_synced(&binary, dir.path());
@@ -178,6 +179,22 @@ fn every_node_must_agree_on_the_partitions_and_the_lease_ttl() {
                 asked_ms: 9000
             })
         ));
+        // Another shard count would send a seq_no to another intake than the other nodes do.
+        let sharded = Settings {
+            coupon_intake_shards: Some(8),
+            ..settings("n6", 16)
+        };
+        match check_deployment(&js, &sharded).await {
+            Err(
+                e @ ClusterError::IntakeShardsDisagree {
+                    deployed: 4,
+                    asked: 8,
+                },
+            ) => {
+                assert!(e.to_string().contains("every node must agree"), "{e}");
+            }
+            other => panic!("expected a refusal, got {:?}", other.err()),
+        }
         let short = Settings {
             lease_ttl: Duration::from_millis(300),
             ..settings("n5", 16)
