@@ -15,12 +15,13 @@
 //! holder ([`CellPlacement`], the same subject as forwarded HTTP requests), so flows and
 //! handlers move money between partitions unchanged (red packets, money rewards and
 //! withdrawals are served this way; a reward is also noted pending on its wallet's partition;
-//! the payment channels' books are the fleet's, in key-value buckets). The
-//! switches and the withdrawal policy are the fleet's: they live in `p000`, and every node
-//! keeps their current state for its cells, read from there every [`SINGLETONS_POLL`].
-//! Endpoints that need what is not built yet (coupons, coupon and item rewards, a reward's
-//! status by order id, the list of parked withdrawals) answer 501
-//! `not_in_cluster` rather than a wrong answer (docs/ARCHITECTURE.md, "Cluster").
+//! the payment channels' books are the fleet's, in key-value buckets; a coupon request is
+//! served by its intake shard's partition, whose layers reach batches and groups through
+//! their holders). The switches and the withdrawal policy are the fleet's: they live in
+//! `p000`, and every node keeps their current state for its cells, read from there every
+//! [`SINGLETONS_POLL`]. Endpoints that need what is not built yet (coupon and item rewards, a
+//! reward's status by order id) answer 501 `not_in_cluster` rather than a wrong answer
+//! (docs/ARCHITECTURE.md, "Cluster").
 
 use super::membership::{
     check_deployment, Close, ClusterView, Keeper, Lease, PartitionHost, Settings,
@@ -31,6 +32,7 @@ use crate::actors::board::{self, Current};
 use crate::actors::{typed_answer, Placement, RemoteAnswer, RemoteCall, RemoteOp};
 use crate::clock::Clock;
 use crate::config::{Config, Keys};
+use crate::domain::coupon::{intake_shard, CouponIntake};
 use crate::domain::switches::Switches;
 use crate::domain::withdrawal::PolicyState;
 use crate::domain::Aggregate;
@@ -86,6 +88,10 @@ pub enum Place {
     /// (a list over the whole fleet, such as the parked withdrawals). A request marked with
     /// a partition (`x-hongbao-partition`) is that partition's part.
     EveryPartition(crate::http::paging::Merge),
+    /// By the holder of the partition of a coupon request's intake shard (the deployment's
+    /// shard count, which every node agrees on, and the seq_no): the path's seq_no, or the
+    /// JSON body's `seq_no` when `None`.
+    CouponIntake(Option<String>),
     /// Not by a cluster node yet.
     NotInCluster,
 }
@@ -124,6 +130,17 @@ pub fn place(path: &str) -> Place {
         ["v1", "withdrawals", id] => Place::Entity(format!("withdrawal:{id}")),
         ["v1", "admin", "withdrawals", "parked"] => {
             Place::EveryPartition(crate::http::withdrawals::PARKED_MERGE)
+        }
+        ["v1", "coupon-batches"] => Place::BodyField {
+            prefix: "coupon-batch",
+            field: "batch_id",
+        },
+        ["v1", "coupon-batches", id] => Place::Entity(format!("coupon-batch:{id}")),
+        ["v1", "coupons", "issue"] => Place::CouponIntake(None),
+        ["v1", "coupons", "requests", seq_no] => Place::CouponIntake(Some((*seq_no).to_owned())),
+        // Written by the batches' partitions: gathered from every one.
+        ["v1", "wallets", _, "coupons"] => {
+            Place::EveryPartition(crate::http::coupons::WALLET_COUPONS_MERGE)
         }
         ["v1", "admin", "cluster"] => Place::Node,
         ["v1", "admin", "switches"] | ["v1", "admin", "switches", _] => {
@@ -418,6 +435,7 @@ impl Node {
         let url = config.store.url.clone();
         let replicas = durability.replicas;
         let mut settings = settings;
+        settings.coupon_intake_shards = Some(config.coupons().intake_shards.max(1));
         settings.replicas = replicas;
         let joined = {
             let settings = settings.clone();
@@ -1255,6 +1273,19 @@ async fn every_partition(
 }
 
 /// Sends each request to the cell of its home partition, here or on its holder.
+/// The JSON body's string `field` (empty when absent: the request goes where the empty id
+/// hashes to, and the handler there refuses it as a single node would); the body stays in the
+/// request for the handler.
+async fn body_field(req: &mut ServiceRequest, field: &str) -> Result<String, actix_web::Error> {
+    let body = req.extract::<web::Bytes>().await?;
+    let id = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|json| json.get(field)?.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    req.set_payload(actix_web::dev::Payload::from(body));
+    Ok(id)
+}
+
 pub(crate) async fn dispatch(
     mut req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
@@ -1288,15 +1319,22 @@ pub(crate) async fn dispatch(
         }
         Place::Entity(entity) => shared.settings.partitions.of(&entity),
         Place::BodyField { prefix, field } => {
-            let body = req.extract::<web::Bytes>().await?;
-            // A body without the id goes where the empty id hashes to: the handler there
-            // refuses it as a single node would.
-            let id = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|json| json.get(field)?.as_str().map(str::to_owned))
-                .unwrap_or_default();
-            req.set_payload(actix_web::dev::Payload::from(body));
+            let id = body_field(&mut req, field).await?;
             shared.settings.partitions.of(&format!("{prefix}:{id}"))
+        }
+        Place::CouponIntake(seq_no) => {
+            let seq_no = match seq_no {
+                Some(seq_no) => seq_no,
+                None => body_field(&mut req, "seq_no").await?,
+            };
+            // A bad seq_no goes where shard 0 lives: the handler there refuses it.
+            let shard = crate::ids::Id::parse(&seq_no)
+                .map(|id| intake_shard(&id, shared.config.coupons().intake_shards))
+                .unwrap_or(0);
+            shared
+                .settings
+                .partitions
+                .of(&format!("{}:{shard}", CouponIntake::STREAM_PREFIX))
         }
     };
     if let Some(cell) = shared.cells.get(&partition).map(|c| c.clone()) {
@@ -1533,7 +1571,10 @@ mod tests {
             place("/v1/wallets/u42/change/deposits"),
             Place::Entity("wallet:u42".into())
         );
-        assert_eq!(place("/v1/wallets/u42/coupons"), Place::NotInCluster);
+        assert!(matches!(
+            place("/v1/wallets/u42/coupons"),
+            Place::EveryPartition(_)
+        ));
         assert_eq!(place("/v1/packets/p1"), Place::Entity("packet:p1".into()));
         assert_eq!(
             place("/v1/packets/p1/claims"),
@@ -1546,7 +1587,23 @@ mod tests {
                 field: "packet_id"
             }
         );
-        assert_eq!(place("/v1/coupons/issue"), Place::NotInCluster);
+        // Coupons: a request by its intake shard, a batch by its id.
+        assert_eq!(place("/v1/coupons/issue"), Place::CouponIntake(None));
+        assert_eq!(
+            place("/v1/coupons/requests/s1"),
+            Place::CouponIntake(Some("s1".into()))
+        );
+        assert_eq!(
+            place("/v1/coupon-batches"),
+            Place::BodyField {
+                prefix: "coupon-batch",
+                field: "batch_id"
+            }
+        );
+        assert_eq!(
+            place("/v1/coupon-batches/spring"),
+            Place::Entity("coupon-batch:spring".into())
+        );
         // Rewards: by the activity, the wallet page's lists by the wallet; a reward's status
         // by order id alone is not served yet.
         assert_eq!(

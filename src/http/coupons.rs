@@ -23,6 +23,14 @@ pub const WALLET_COUPONS_PAGE: Limits = Limits {
 /// Cursor tag of a user's coupons (position: the last coupon id sent).
 const WALLET_COUPONS_CURSOR: u8 = b'w';
 
+/// How a cluster node merges a user's coupons from every partition (each batch's partition
+/// keeps the coupons it granted) into one page.
+pub const WALLET_COUPONS_MERGE: paging::Merge = paging::Merge {
+    key: "coupon_id",
+    limits: WALLET_COUPONS_PAGE,
+    cursor: WALLET_COUPONS_CURSOR,
+};
+
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct WalletCouponsQuery {

@@ -59,6 +59,11 @@ pub const CLUSTER_SERVED: &[&str] = &[
     "get_channel",
     "statement",
     "parked",
+    "create_batch",
+    "get_batch",
+    "issue",
+    "get_request",
+    "wallet_coupons",
 ];
 
 /// Served operations that still answer `501 not_in_cluster` on a cluster node for some input

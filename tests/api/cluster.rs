@@ -7,7 +7,7 @@ use super::crash::{call, spawn_binary, Server};
 use super::nats::{self, NatsServer};
 use super::{metric, scrape, ADMIN, GATEWAY, ISSUER};
 use serde_json::Value;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -476,7 +476,7 @@ async fn every_node_gives_the_same_answer_to_the_same_request() {
         let (status, body) = call(
             &client,
             reqwest::Method::GET,
-            format!("{base}/v1/coupon-batches/b1"),
+            format!("{base}/v1/rewards/o1"),
             GATEWAY,
             None,
         )
@@ -484,6 +484,20 @@ async fn every_node_gives_the_same_answer_to_the_same_request() {
         assert_eq!(
             (status, body["code"].as_str()),
             (501, Some("not_in_cluster"))
+        );
+        // A coupon batch nobody created is unknown through every node (its partition's view).
+        let (status, body) = call(
+            &client,
+            reqwest::Method::GET,
+            format!("{base}/v1/coupon-batches/b1"),
+            GATEWAY,
+            None,
+        )
+        .await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (404, Some("unknown_batch")),
+            "{body}"
         );
         let (status, _) = call(
             &client,
@@ -1703,12 +1717,14 @@ async fn a_mixed_load_through_every_node_survives_kill_9_exactly_once() {
     // Goal: the issue's mixed night on three nodes and three JetStream servers (three replicas
     // of every partition and bucket), at once and through every node: deposits
     // from six clients, rewards of an activity with a budget, C2C red packets paid, claimed
-    // and transferred across partitions, and withdrawals on a flaky bank; one node killed with
-    // kill -9 in the middle of it all. Afterwards every acknowledged deposit is in its ledger
-    // once, every accepted reward is credited once and the budget holds, every claim is in its
-    // claimer's wallet once and the packets' senders paid exactly their packets, every
-    // withdrawal is paid exactly when the bank says so or refunded once, and the cluster audit
-    // and verify pass.
+    // and transferred across partitions, withdrawals on a flaky bank, and coupons of a batch
+    // asked for beyond its stock (some on the green channel); one node killed with kill -9 in
+    // the middle of it all. Afterwards every acknowledged deposit is in its ledger once, every
+    // accepted reward is credited once and the budget holds, every claim is in its claimer's
+    // wallet once and the packets' senders paid exactly their packets, every withdrawal is
+    // paid exactly when the bank says so or refunded once, the batch issued exactly its stock
+    // (each request's status and each user's coupons the same through every node), and the
+    // cluster audit and verify pass.
     let _heavy = super::heavy().await;
     let Some(mut fleet) = Fleet::start_on_three().await else {
         return;
@@ -1751,6 +1767,7 @@ async fn a_mixed_load_through_every_node_survives_kill_9_exactly_once() {
     const WITHDRAWERS: usize = 4;
     const WITHDRAWER_FUNDING: i64 = 1_000;
     let methods = fund_and_bind(&client, &bases, "mw", WITHDRAWERS, WITHDRAWER_FUNDING).await;
+    create_coupon_batch(&client, &bases, "mix-cb", COUPON_STOCK, COUPON_LIMIT).await;
     let load = Load::start(bases.clone(), 6);
     load.progress(50, "deposits before the mix").await;
     // Withdrawals in waves of four, spanning the kill.
@@ -1795,6 +1812,13 @@ async fn a_mixed_load_through_every_node_survives_kill_9_exactly_once() {
             (accepted, refused)
         })
     };
+    let coupons_sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let coupons = {
+        let (client, bases, sent) = (client.clone(), bases.clone(), coupons_sent.clone());
+        tokio::spawn(
+            async move { ask_coupons(&client, &bases, "mix-cb", COUPON_ASKS, &sent).await },
+        )
+    };
     let packets = {
         let (client, bases) = (client.clone(), bases.clone());
         tokio::spawn(async move {
@@ -1824,13 +1848,21 @@ async fn a_mixed_load_through_every_node_survives_kill_9_exactly_once() {
         })
     };
     load.progress(100, "with the mix going").await;
+    // Some coupon requests in the layers of the node about to die, the rest during and after
+    // the hand-over.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while coupons_sent.load(Ordering::SeqCst) < 8 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let node = fleet.nodes[1].take().unwrap();
     let port = node.port;
+    let coupons_before_kill = coupons_sent.load(Ordering::SeqCst);
     node.kill9();
     fleet.wait_balanced(2).await;
     let (accepted, refused) = rewards.await.unwrap();
     let claimed = packets.await.unwrap();
     let withdrawn = withdrawals.await.unwrap();
+    let asked = coupons.await.unwrap();
     load.progress(100, "after the kill").await;
     let (acked, _) = load.finish().await;
     let bases = fleet.bases();
@@ -1885,6 +1917,7 @@ async fn a_mixed_load_through_every_node_survives_kill_9_exactly_once() {
         (200, &Value::from(accepted_sum))
     );
     let (paid, refunded) = check_withdrawals(&fleet, &client, &withdrawn, WITHDRAWER_FUNDING).await;
+    let coupon_refusals = check_coupons(&client, &bases, "mix-cb", &asked).await;
     fleet.restart(1, port);
     fleet.wait_balanced(3).await;
     let report = fleet.audit().await;
@@ -1893,14 +1926,208 @@ async fn a_mixed_load_through_every_node_survives_kill_9_exactly_once() {
         channels["checked"].as_u64().unwrap() >= withdrawn.len() as u64,
         "the audit read the fleet's statements: {channels}"
     );
+    let coupon_check = audit_check(&report, "coupons");
+    let note = format!(
+        "{COUPON_ASKS} accepted = {COUPON_STOCK} issued ({COUPON_STOCK} coupons) + {} refused",
+        COUPON_ASKS - COUPON_STOCK as usize
+    );
+    assert!(
+        coupon_check["notes"].to_string().contains(&note),
+        "the audit counted every coupon request: {coupon_check}"
+    );
     fleet.verify().await;
     eprintln!(
-        "mixed: {} deposits, {accepted_sum} fen of rewards to {} users ({refused} refused by the budget), {} claims, {} withdrawals ({paid} paid, {refunded} refunded)",
+        "mixed: {} deposits, {accepted_sum} fen of rewards to {} users ({refused} refused by the budget), {} claims, {} withdrawals ({paid} paid, {refunded} refunded), {COUPON_ASKS} coupon requests ({coupons_before_kill} answered before the kill; {COUPON_STOCK} issued, refused: {coupon_refusals:?})",
         acked.len(),
         accepted.len(),
         PACKETS * SHARES,
         withdrawn.len()
     );
+}
+
+/// The mixed night's coupons: a batch of this stock, at most this many per user, asked for by
+/// more requests (from `COUPON_ASKS / 3` users) than it can grant.
+const COUPON_STOCK: u64 = 24;
+const COUPON_LIMIT: u32 = 2;
+const COUPON_ASKS: usize = 60;
+
+async fn create_coupon_batch(
+    client: &reqwest::Client,
+    bases: &[String],
+    batch: &str,
+    stock: u64,
+    limit: u32,
+) {
+    let (status, body) = send_retrying(
+        client,
+        bases,
+        2,
+        reqwest::Method::POST,
+        "/v1/coupon-batches",
+        ADMIN,
+        Some(serde_json::json!({"batch_id": batch, "stock": stock,
+            "per_user_limit": limit, "value": 500})),
+    )
+    .await;
+    assert_eq!(
+        (status, body["remaining"].as_u64()),
+        (201, Some(stock)),
+        "{body}"
+    );
+}
+
+/// What a coupon request was answered when it was sent: accepted (202), or on the green
+/// channel (every fourth) its outcome: issued with its coupon, or refused with its code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Asked {
+    Accepted,
+    Issued(String),
+    Refused(String),
+}
+
+/// Sends `n` coupon requests for `batch` through every node in turn (`mc-<k>` for user
+/// `mcu<k % (n/3)>`), paced to last a few seconds, retrying each with its seq_no as a client
+/// does; counts the answered ones in `sent`; returns each answer.
+async fn ask_coupons(
+    client: &reqwest::Client,
+    bases: &[String],
+    batch: &str,
+    n: usize,
+    sent: &std::sync::atomic::AtomicUsize,
+) -> BTreeMap<String, (String, Asked)> {
+    let mut asked = BTreeMap::new();
+    for k in 0..n {
+        let (seq_no, uid, sync) = (format!("mc-{k}"), format!("mcu{}", k % (n / 3)), k % 4 == 0);
+        let (status, body) = send_retrying(
+            client,
+            bases,
+            k,
+            reqwest::Method::POST,
+            "/v1/coupons/issue",
+            ISSUER,
+            Some(
+                serde_json::json!({"seq_no": seq_no, "uid": uid, "batch_id": batch,
+                "sync": sync}),
+            ),
+        )
+        .await;
+        let answer = match (sync, status) {
+            (false, 202) => Asked::Accepted,
+            (true, 200) => Asked::Issued(body["coupon_id"].as_str().unwrap().to_owned()),
+            (true, 409 | 410) => Asked::Refused(body["code"].as_str().unwrap().to_owned()),
+            _ => panic!("coupon request {seq_no} (sync {sync}): {status} {body}"),
+        };
+        asked.insert(seq_no, (uid, answer));
+        sent.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    asked
+}
+
+/// Waits until every request of `asked` is final, then checks through every node: each
+/// request's status the same everywhere and as its green-channel answer said; the batch issued
+/// exactly its stock, distinct coupons, nobody above the limit, only sold_out or user_limit
+/// refusals; each user's coupons (gathered from every partition) exactly theirs. Returns the
+/// refusals by reason.
+async fn check_coupons(
+    client: &reqwest::Client,
+    bases: &[String],
+    batch: &str,
+    asked: &BTreeMap<String, (String, Asked)>,
+) -> BTreeMap<String, usize> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut finals: BTreeMap<String, Value> = BTreeMap::new();
+    for seq_no in asked.keys() {
+        loop {
+            let line =
+                get_settled(client, &bases[0], &format!("/v1/coupons/requests/{seq_no}")).await;
+            if line["status"] != "accepted" {
+                finals.insert(seq_no.clone(), line);
+                break;
+            }
+            assert!(Instant::now() < deadline, "{seq_no} never final: {line}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let mut refusals: BTreeMap<String, usize> = BTreeMap::new();
+    let mut held: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut coupons = BTreeSet::new();
+    for (seq_no, line) in &finals {
+        let (uid, answer) = &asked[seq_no];
+        for base in &bases[1..] {
+            let there = get_settled(client, base, &format!("/v1/coupons/requests/{seq_no}")).await;
+            assert_eq!(
+                (&there["status"], &there["coupon_id"], &there["reason"]),
+                (&line["status"], &line["coupon_id"], &line["reason"]),
+                "{seq_no} via {base}"
+            );
+        }
+        match line["status"].as_str() {
+            Some("issued") => {
+                let coupon = line["coupon_id"].as_str().unwrap().to_owned();
+                assert!(coupons.insert(coupon.clone()), "{coupon} issued twice");
+                assert!(
+                    matches!(answer, Asked::Accepted) || *answer == Asked::Issued(coupon.clone()),
+                    "{seq_no}: answered {answer:?}, now {line}"
+                );
+                held.entry(uid.clone()).or_default().insert(coupon);
+            }
+            Some("rejected") => {
+                let reason = line["reason"].as_str().unwrap().to_owned();
+                assert!(
+                    matches!(reason.as_str(), "sold_out" | "user_limit"),
+                    "{seq_no}: {line}"
+                );
+                assert!(
+                    matches!(answer, Asked::Accepted) || *answer == Asked::Refused(reason.clone()),
+                    "{seq_no}: answered {answer:?}, now {line}"
+                );
+                *refusals.entry(reason).or_default() += 1;
+            }
+            _ => panic!("{seq_no}: {line}"),
+        }
+    }
+    assert_eq!(
+        coupons.len() as u64,
+        COUPON_STOCK,
+        "the batch issued exactly its stock"
+    );
+    for base in bases {
+        let summary = get_settled(client, base, &format!("/v1/coupon-batches/{batch}")).await;
+        assert_eq!(
+            (summary["issued"].as_u64(), summary["remaining"].as_u64()),
+            (Some(COUPON_STOCK), Some(0)),
+            "{summary} via {base}"
+        );
+    }
+    let users: BTreeSet<&String> = asked.values().map(|(uid, _)| uid).collect();
+    for uid in users {
+        let theirs = held.get(uid).cloned().unwrap_or_default();
+        assert!(
+            theirs.len() <= COUPON_LIMIT as usize,
+            "{uid} holds {theirs:?}"
+        );
+        for base in bases {
+            let url = format!("{base}/v1/wallets/{uid}/coupons");
+            let page = loop {
+                match call(client, reqwest::Method::GET, url.clone(), GATEWAY, None).await {
+                    (200, page) => break page,
+                    (503, _) if Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(100)).await
+                    }
+                    (status, body) => panic!("{url}: {status} {body}"),
+                }
+            };
+            let listed: BTreeSet<String> = page
+                .as_array()
+                .unwrap_or_else(|| panic!("{url}: {page}"))
+                .iter()
+                .map(|c| c["coupon_id"].as_str().unwrap().to_owned())
+                .collect();
+            assert_eq!(listed, theirs, "{uid}'s coupons via {base}");
+        }
+    }
+    refusals
 }
 
 /// Creates C2C packet `id` (`spec`: its sender, total, shares...) and pays it with
