@@ -2,8 +2,9 @@
 # Reproduces the "Cluster (issue 13): nodes" figures of docs/BENCHMARKS.md on one machine:
 # deposits through one, two and three `hongbao serve --node-id` nodes on one synced
 # nats-server (64 partitions), beside a single node on sled and on JetStream and the hello
-# baseline, all in the same run; rewards of one activity (crediting paused, then drained) and
-# a hot red packet claimed through the first node of each fleet
+# baseline, all in the same run; rewards of one activity (crediting paused, then drained),
+# withdrawals, coupons of one hot batch and a hot red packet claimed through the first node of
+# each fleet
 # (the packet, its sender's wallet and its claimers' wallets in different partitions: every
 # transfer is a command sent to another partition's holder), beside the same on a single
 # JetStream node; then the hand-over after `kill -9` of a node (time until every partition is
@@ -201,6 +202,10 @@ EOF
     HONGBAO_GATEWAY_KEY="bench-gateway-0123456789abcdef" "$HONGBAO" loadgen withdrawals \
     --target "http://127.0.0.1:${NODE_PORT[n1]}" --admin-key "$ADMIN_KEY" "${fleet_arg[@]}" \
     --in-flight "$IN_FLIGHT" --duration-s "$DURATION" --no-baseline
+  echo "-- coupons of one hot batch through n1 (fleet of $n; the layers of the intakes' partitions deduct from the batch's holder):"
+  HONGBAO_ISSUER_KEY="bench-issuer-0123456789abcdef" "$HONGBAO" loadgen coupons \
+    --target "http://127.0.0.1:${NODE_PORT[n1]}" --admin-key "$ADMIN_KEY" "${fleet_arg[@]}" \
+    --modes http --merge-max 512 --in-flight "$IN_FLIGHT" --duration-s "$DURATION" --no-baseline
   echo "-- hot packet through n1 (fleet of $n):"
   HONGBAO_GATEWAY_KEY="bench-gateway-0123456789abcdef" "$HONGBAO" loadgen packets \
     --target "http://127.0.0.1:${NODE_PORT[n1]}" --admin-key "$ADMIN_KEY" "${fleet_arg[@]}" \
@@ -226,6 +231,8 @@ EOF
       --in-flight "$IN_FLIGHT" --duration-s "$DURATION" --pause-lanes --no-baseline
     run loadgen withdrawals --store "$JS" --replicas 1 --single-replica-synced \
       --in-flight "$IN_FLIGHT" --duration-s "$DURATION" --no-baseline
+    run loadgen coupons --store "$JS" --replicas 1 --single-replica-synced --modes http \
+      --merge-max 512 --in-flight "$IN_FLIGHT" --duration-s "$DURATION" --no-baseline
     run loadgen packets --store "$JS" --replicas 1 --single-replica-synced --backends hongbao \
       --shares "$SHARES" --clients "$CLIENTS" --pool "$POOL" --rounds "$ROUNDS" --no-baseline
     for n in 1 2 3; do

@@ -57,11 +57,17 @@ struct Run {
 /// The acceptance-to-issued histogram between two scrapes: (upper bound, cumulative count).
 fn issue_buckets(before: &str, after: &str) -> Vec<(f64, f64)> {
     let name = "hongbao_coupon_issue_seconds_bucket{le=\"";
+    // One series per partition on a cluster node (and per node of a fleet): each bound once,
+    // its count summed over them all.
+    let mut seen = std::collections::HashSet::new();
     after
         .lines()
         .filter_map(|l| l.strip_prefix(name))
         .filter_map(|rest| {
             let (le, _) = rest.split_once('"')?;
+            if !seen.insert(le.to_owned()) {
+                return None;
+            }
             let bound = if le == "+Inf" {
                 f64::INFINITY
             } else {
@@ -278,6 +284,16 @@ pub fn run(args: &LoadgenArgs) -> Result<(), LoadgenError> {
     for &merge in &args.merge_max {
         let target = Target::with(args, |c| c.coupons.merge_max = merge)?;
         target.require(true, true, false)?;
+        // Requests are issued by the layers of their intake's partition: on a cluster, on
+        // whichever node holds it, so the counts are every node's of --fleet with the target's.
+        let counted = super::counted_addrs(target.addr, args)?;
+        let scrape_fleet = || -> String {
+            counted
+                .iter()
+                .map(|a| scrape(*a))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
         if args.target.is_some() && args.merge_max.len() > 1 {
             println!(
                 "(--target: the server's own merge_max applies; the column shows the request)"
@@ -300,7 +316,7 @@ pub fn run(args: &LoadgenArgs) -> Result<(), LoadgenError> {
         for &mode in &args.modes {
             for &in_flight in &args.in_flight {
                 let run_id: u64 = rand::random::<u32>().into();
-                let before = scrape(target.addr);
+                let before = scrape_fleet();
                 let started = Instant::now();
                 let result = match (mode, &target.server) {
                     (Mode::InProcess, Some(server)) => runtime.block_on(drive_in_process(
@@ -312,7 +328,7 @@ pub fn run(args: &LoadgenArgs) -> Result<(), LoadgenError> {
                     )),
                     _ => drive_http(args, &target, run_id, in_flight)?,
                 };
-                let at_end = scrape(target.addr);
+                let at_end = scrape_fleet();
                 let issued_in_run = metric_value(&at_end, ISSUED) - metric_value(&before, ISSUED);
                 // Drain: every accepted request issued.
                 let goal = metric_value(&before, ISSUED) + result.accepted as f64;
@@ -324,7 +340,7 @@ pub fn run(args: &LoadgenArgs) -> Result<(), LoadgenError> {
                         break;
                     }
                     std::thread::sleep(Duration::from_millis(10));
-                    now = scrape(target.addr);
+                    now = scrape_fleet();
                 }
                 let total_s = started.elapsed().as_secs_f64();
                 let issued = metric_value(&now, ISSUED) - metric_value(&before, ISSUED);

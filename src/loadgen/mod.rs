@@ -86,9 +86,10 @@ pub struct LoadgenArgs {
     /// Drive an already running server (http://HOST:PORT) instead of an in-process one.
     #[arg(long, value_name = "URL")]
     pub target: Option<String>,
-    /// packets, rewards and withdrawals with --target on a cluster node: the other nodes
-    /// (http://HOST:PORT,...), whose /metrics count the transfers, credits and payouts their
-    /// partitions make (the load generator waits for them, wherever the partition is served).
+    /// packets, rewards, withdrawals and coupons with --target on a cluster node: the other
+    /// nodes (http://HOST:PORT,...), whose /metrics count the transfers, credits, payouts and
+    /// coupons their partitions make (the load generator waits for them, wherever the
+    /// partition is served).
     #[arg(long, value_name = "URL", value_delimiter = ',')]
     pub fleet: Vec<String>,
     /// Admin key for --target.
