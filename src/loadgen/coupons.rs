@@ -56,15 +56,22 @@ struct Run {
 
 /// The acceptance-to-issued histogram between two scrapes: (upper bound, cumulative count).
 fn issue_buckets(before: &str, after: &str) -> Vec<(f64, f64)> {
-    let name = "hongbao_coupon_issue_seconds_bucket{le=\"";
-    // One series per partition on a cluster node (and per node of a fleet): each bound once,
-    // its count summed over them all.
+    let family = "hongbao_coupon_issue_seconds_bucket{";
+    // One series per partition on a cluster node (and per node of a fleet), its labels in any
+    // order: each bound once, its count summed over them all.
     let mut seen = std::collections::HashSet::new();
     after
         .lines()
-        .filter_map(|l| l.strip_prefix(name))
-        .filter_map(|rest| {
-            let (le, _) = rest.split_once('"')?;
+        .filter_map(|l| {
+            l.strip_prefix(family)?
+                .split_once('}')
+                .map(|(labels, _)| labels)
+        })
+        .filter_map(|labels| {
+            let le = labels
+                .split(',')
+                .find_map(|l| l.strip_prefix("le=\""))?
+                .trim_end_matches('"');
             if !seen.insert(le.to_owned()) {
                 return None;
             }
@@ -73,7 +80,7 @@ fn issue_buckets(before: &str, after: &str) -> Vec<(f64, f64)> {
             } else {
                 le.parse().ok()?
             };
-            let key = format!("{name}{le}\"}}");
+            let key = format!("{family}le=\"{le}\"}}");
             Some((
                 bound,
                 metric_value(after, &key) - metric_value(before, &key),
@@ -401,5 +408,26 @@ pub fn run(args: &LoadgenArgs) -> Result<(), LoadgenError> {
             "accepted requests not issued: {}",
             lost.join("; ")
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_issue_histogram_is_summed_over_partitions_whatever_the_label_order() {
+        // Goal: a cluster node exposes one series per partition (labels in any order); each
+        // bound counts once, with every partition's observations.
+        let before = "hongbao_coupon_issue_seconds_bucket{le=\"0.1\",partition=\"p001\"} 1\n\
+                      hongbao_coupon_issue_seconds_bucket{le=\"+Inf\",partition=\"p001\"} 1\n";
+        let after = "# TYPE hongbao_coupon_issue_seconds histogram\n\
+                     hongbao_coupon_issue_seconds_bucket{le=\"0.1\",partition=\"p001\"} 3\n\
+                     hongbao_coupon_issue_seconds_bucket{le=\"+Inf\",partition=\"p001\"} 4\n\
+                     hongbao_coupon_issue_seconds_bucket{partition=\"p002\",le=\"0.1\"} 5\n\
+                     hongbao_coupon_issue_seconds_bucket{partition=\"p002\",le=\"+Inf\"} 8\n";
+        let buckets = issue_buckets(before, after);
+        assert_eq!(buckets, vec![(0.1, 7.0), (f64::INFINITY, 11.0)]);
+        assert_eq!(bucket_quantile_ms(&buckets, 0.5), 100.0);
     }
 }
