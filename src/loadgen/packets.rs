@@ -277,6 +277,23 @@ impl Claimer {
                 let Ok(mut conn) = pool.get().await else {
                     return Claimed::Failed("pool closed".into());
                 };
+                if conn.sender.ready().await.is_err() {
+                    // Closed while idle in the pool (the server ends keep-alive connections
+                    // idle past its timeout, as between rounds): nothing was sent, so a fresh
+                    // connection takes its place and the claim goes on it, not counted as an
+                    // error.
+                    drop(Object::take(conn));
+                    match http_connect(*addr).await {
+                        Ok(fresh) => {
+                            let _ = pool.add(fresh).await;
+                        }
+                        Err(e) => return Claimed::Failed(e),
+                    }
+                    conn = match pool.get().await {
+                        Ok(conn) => conn,
+                        Err(_) => return Claimed::Failed("pool closed".into()),
+                    };
+                }
                 let request = post_json(
                     *addr,
                     &format!("/v1/packets/{packet}/claims"),
