@@ -435,7 +435,7 @@ impl Node {
         let url = config.store.url.clone();
         let replicas = durability.replicas;
         let mut settings = settings;
-        settings.coupon_intake_shards = Some(config.coupons().intake_shards.max(1));
+        settings.coupon_intake_shards = Some(config.coupons.intake_shards.max(1));
         settings.replicas = replicas;
         let joined = {
             let settings = settings.clone();
@@ -1272,7 +1272,6 @@ async fn every_partition(
     ))
 }
 
-/// Sends each request to the cell of its home partition, here or on its holder.
 /// The JSON body's string `field` (empty when absent: the request goes where the empty id
 /// hashes to, and the handler there refuses it as a single node would); the body stays in the
 /// request for the handler.
@@ -1286,6 +1285,7 @@ async fn body_field(req: &mut ServiceRequest, field: &str) -> Result<String, act
     Ok(id)
 }
 
+/// Sends each request to the cell of its home partition, here or on its holder.
 pub(crate) async fn dispatch(
     mut req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
@@ -1329,7 +1329,7 @@ pub(crate) async fn dispatch(
             };
             // A bad seq_no goes where shard 0 lives: the handler there refuses it.
             let shard = crate::ids::Id::parse(&seq_no)
-                .map(|id| intake_shard(&id, shared.config.coupons().intake_shards))
+                .map(|id| intake_shard(&id, shared.config.coupons.intake_shards))
                 .unwrap_or(0);
             shared
                 .settings

@@ -472,33 +472,22 @@ async fn every_node_gives_the_same_answer_to_the_same_request() {
     }
     let mut forwarded = 0.0;
     for base in &bases {
-        // Work not served by a cluster node yet is refused plainly, not answered wrongly.
-        let (status, body) = call(
-            &client,
-            reqwest::Method::GET,
-            format!("{base}/v1/rewards/o1"),
-            GATEWAY,
-            None,
-        )
-        .await;
-        assert_eq!(
-            (status, body["code"].as_str()),
-            (501, Some("not_in_cluster"))
-        );
-        // A coupon batch nobody created is unknown through every node (its partition's view).
-        let (status, body) = call(
-            &client,
-            reqwest::Method::GET,
-            format!("{base}/v1/coupon-batches/b1"),
-            GATEWAY,
-            None,
-        )
-        .await;
-        assert_eq!(
-            (status, body["code"].as_str()),
-            (404, Some("unknown_batch")),
-            "{body}"
-        );
+        // Work not served by a cluster node yet is refused plainly, not answered wrongly; a
+        // coupon batch nobody created is unknown through every node (its partition's view).
+        for (path, expected) in [
+            ("/v1/rewards/o1", (501, Some("not_in_cluster"))),
+            ("/v1/coupon-batches/b1", (404, Some("unknown_batch"))),
+        ] {
+            let (status, body) = call(
+                &client,
+                reqwest::Method::GET,
+                format!("{base}{path}"),
+                GATEWAY,
+                None,
+            )
+            .await;
+            assert_eq!((status, body["code"].as_str()), expected, "{path}: {body}");
+        }
         let (status, _) = call(
             &client,
             reqwest::Method::GET,

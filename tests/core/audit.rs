@@ -120,6 +120,16 @@ fn split_logs() -> ([tempfile::TempDir; 2], Arc<SledStore>, Arc<SledStore>) {
 }
 
 fn run_audit_logs(logs: &[&Arc<SledStore>], wallets: &Arc<SledStore>) -> AuditReport {
+    audit_two_logs(logs, wallets, |stream| stream.starts_with("wallet:"))
+}
+
+/// Audits two logs together, the streams `filed_in_first` picks filed in `first` and every other
+/// in the other log.
+fn audit_two_logs(
+    logs: &[&Arc<SledStore>],
+    first: &Arc<SledStore>,
+    filed_in_first: impl Fn(&str) -> bool,
+) -> AuditReport {
     let named: Vec<(String, &dyn hongbao::events::Log)> = logs
         .iter()
         .enumerate()
@@ -130,12 +140,12 @@ fn run_audit_logs(logs: &[&Arc<SledStore>], wallets: &Arc<SledStore>) -> AuditRe
             )
         })
         .collect();
-    let wallets_at = logs.iter().position(|l| Arc::ptr_eq(l, wallets)).unwrap();
+    let first_at = logs.iter().position(|l| Arc::ptr_eq(l, first)).unwrap();
     let home = |stream: &str| {
-        if stream.starts_with("wallet:") {
-            wallets_at
+        if filed_in_first(stream) {
+            first_at
         } else {
-            1 - wallets_at
+            1 - first_at
         }
     };
     audit_logs(&named, home, None, |_, _| ()).unwrap()
@@ -630,25 +640,9 @@ mod coupons {
     }
 
     fn audit_partitions(logs: [&Arc<SledStore>; 2], intakes: &Arc<SledStore>) -> AuditReport {
-        let named: Vec<(String, &dyn hongbao::events::Log)> = logs
-            .iter()
-            .enumerate()
-            .map(|(n, log)| {
-                (
-                    format!("p{n:03}"),
-                    log.as_ref() as &dyn hongbao::events::Log,
-                )
-            })
-            .collect();
-        let intakes_at = logs.iter().position(|l| Arc::ptr_eq(l, intakes)).unwrap();
-        let home = |stream: &str| {
-            if stream.starts_with("coupon-intake:") {
-                intakes_at
-            } else {
-                1 - intakes_at
-            }
-        };
-        audit_logs(&named, home, None, |_, _| ()).unwrap()
+        audit_two_logs(&logs, intakes, |stream| {
+            stream.starts_with("coupon-intake:")
+        })
     }
 
     #[test]
