@@ -1906,7 +1906,14 @@ async fn a_mixed_load_through_every_node_survives_kill_9_exactly_once() {
         (200, &Value::from(accepted_sum))
     );
     let (paid, refunded) = check_withdrawals(&fleet, &client, &withdrawn, WITHDRAWER_FUNDING).await;
-    let coupon_refusals = check_coupons(&client, &bases, "mix-cb", &asked).await;
+    let coupon_refusals = check_coupons(
+        &client,
+        &bases,
+        "mix-cb",
+        &asked,
+        (COUPON_STOCK, COUPON_LIMIT),
+    )
+    .await;
     fleet.restart(1, port);
     fleet.wait_balanced(3).await;
     let report = fleet.audit().await;
@@ -1987,30 +1994,41 @@ async fn ask_coupons(
     let mut asked = BTreeMap::new();
     for k in 0..n {
         let (seq_no, uid, sync) = (format!("mc-{k}"), format!("mcu{}", k % (n / 3)), k % 4 == 0);
-        let (status, body) = send_retrying(
-            client,
-            bases,
-            k,
-            reqwest::Method::POST,
-            "/v1/coupons/issue",
-            ISSUER,
-            Some(
-                serde_json::json!({"seq_no": seq_no, "uid": uid, "batch_id": batch,
-                "sync": sync}),
-            ),
-        )
-        .await;
-        let answer = match (sync, status) {
-            (false, 202) => Asked::Accepted,
-            (true, 200) => Asked::Issued(body["coupon_id"].as_str().unwrap().to_owned()),
-            (true, 409 | 410) => Asked::Refused(body["code"].as_str().unwrap().to_owned()),
-            _ => panic!("coupon request {seq_no} (sync {sync}): {status} {body}"),
-        };
+        let answer = ask_coupon(client, bases, k, &seq_no, &uid, batch, sync).await;
         asked.insert(seq_no, (uid, answer));
         sent.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(60)).await;
     }
     asked
+}
+
+/// One coupon request, through the nodes from `first` on, retried with its seq_no as a client
+/// does until a node answers it.
+async fn ask_coupon(
+    client: &reqwest::Client,
+    bases: &[String],
+    first: usize,
+    seq_no: &str,
+    uid: &str,
+    batch: &str,
+    sync: bool,
+) -> Asked {
+    let (status, body) = send_retrying(
+        client,
+        bases,
+        first,
+        reqwest::Method::POST,
+        "/v1/coupons/issue",
+        ISSUER,
+        Some(serde_json::json!({"seq_no": seq_no, "uid": uid, "batch_id": batch, "sync": sync})),
+    )
+    .await;
+    match (sync, status) {
+        (false, 202) => Asked::Accepted,
+        (true, 200) => Asked::Issued(body["coupon_id"].as_str().unwrap().to_owned()),
+        (true, 409 | 410) => Asked::Refused(body["code"].as_str().unwrap().to_owned()),
+        _ => panic!("coupon request {seq_no} (sync {sync}): {status} {body}"),
+    }
 }
 
 /// Waits until every request of `asked` is final, then checks through every node: each
@@ -2023,6 +2041,7 @@ async fn check_coupons(
     bases: &[String],
     batch: &str,
     asked: &BTreeMap<String, (String, Asked)>,
+    (stock, limit): (u64, u32),
 ) -> BTreeMap<String, usize> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut finals: BTreeMap<String, Value> = BTreeMap::new();
@@ -2078,24 +2097,21 @@ async fn check_coupons(
     }
     assert_eq!(
         coupons.len() as u64,
-        COUPON_STOCK,
+        stock,
         "the batch issued exactly its stock"
     );
     for base in bases {
         let summary = get_settled(client, base, &format!("/v1/coupon-batches/{batch}")).await;
         assert_eq!(
             (summary["issued"].as_u64(), summary["remaining"].as_u64()),
-            (Some(COUPON_STOCK), Some(0)),
+            (Some(stock), Some(0)),
             "{summary} via {base}"
         );
     }
     let users: BTreeSet<&String> = asked.values().map(|(uid, _)| uid).collect();
     for uid in users {
         let theirs = held.get(uid).cloned().unwrap_or_default();
-        assert!(
-            theirs.len() <= COUPON_LIMIT as usize,
-            "{uid} holds {theirs:?}"
-        );
+        assert!(theirs.len() <= limit as usize, "{uid} holds {theirs:?}");
         for base in bases {
             let url = format!("{base}/v1/wallets/{uid}/coupons");
             let page = loop {
@@ -2117,6 +2133,111 @@ async fn check_coupons(
         }
     }
     refusals
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_coupon_batch_takes_merged_deductions_from_every_node_and_issues_its_stock_exactly() {
+    // Goal: one batch asked for by concurrent clients through every node, its requests' intake
+    // shards spread over the partitions (8 shards) and so over the nodes: the batch, one actor
+    // in one partition, takes merged deductions from the layers of every node that holds an
+    // intake shard; a node is killed with kill -9 mid-load and its shards' layers resume on
+    // the survivors from their logs. Exactly the stock is issued, distinct, one per user;
+    // every request final, the same through every node; the audit counts every request.
+    let _heavy = super::heavy().await;
+    let Some(mut fleet) = Fleet::start_configured("[coupons]\nintake_shards = 8\n").await else {
+        return;
+    };
+    const STOCK: u64 = 120;
+    const ASKS: usize = 360;
+    const CLIENTS: usize = 12;
+    let client = reqwest::Client::new();
+    let bases = fleet.bases();
+    create_coupon_batch(&client, &bases, "hot-cb", STOCK, 1).await;
+    // Which node holds each intake shard's partition now, before the load.
+    let view = cluster_view(&client, &bases[0]).await.unwrap();
+    let holder = |partition: u16| {
+        view["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["partition"] == format!("p{partition:03}"))
+            .and_then(|p| p["node"].as_str())
+            .unwrap()
+            .to_owned()
+    };
+    let partitions = hongbao::cluster::partition::Partitions::new(PARTITIONS).unwrap();
+    let intake_holders: BTreeSet<String> = (0..8)
+        .map(|shard| holder(partitions.of(&format!("coupon-intake:{shard}")).0))
+        .collect();
+    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let (client, bases, sent) = (client.clone(), bases.clone(), sent.clone());
+            tokio::spawn(async move {
+                let mut asked = BTreeMap::new();
+                for k in (c..ASKS).step_by(CLIENTS) {
+                    let (seq_no, uid) = (format!("hc-{k}"), format!("hcu{k}"));
+                    let answer =
+                        ask_coupon(&client, &bases, k, &seq_no, &uid, "hot-cb", k % 5 == 0).await;
+                    asked.insert(seq_no, (uid, answer));
+                    sent.fetch_add(1, Ordering::SeqCst);
+                }
+                asked
+            })
+        })
+        .collect();
+    // Merged deductions sent by each node's layers, read before the kill (a killed node's
+    // counters die with it).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sent.load(Ordering::SeqCst) < ASKS / 3 {
+        assert!(Instant::now() < deadline, "the load did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut deductions = BTreeMap::new();
+    for (i, base) in bases.iter().enumerate() {
+        let text = scrape(&client, base).await;
+        let count = metric(&text, "hongbao_coupon_merge_size_count").unwrap_or(0.0);
+        let sum = metric(&text, "hongbao_coupon_merge_size_sum").unwrap_or(0.0);
+        deductions.insert(format!("n{}", i + 1), (count, sum));
+    }
+    let node = fleet.nodes[1].take().unwrap();
+    let port = node.port;
+    node.kill9();
+    let mut asked = BTreeMap::new();
+    for c in clients {
+        asked.extend(c.await.unwrap());
+    }
+    fleet.wait_balanced(2).await;
+    let bases = fleet.bases();
+    for node in &intake_holders {
+        let (count, _) = deductions[node];
+        assert!(
+            count > 0.0,
+            "{node} holds an intake shard but sent no deduction: {deductions:?}"
+        );
+    }
+    let refusals = check_coupons(&client, &bases, "hot-cb", &asked, (STOCK, 1)).await;
+    assert_eq!(
+        refusals.values().sum::<usize>(),
+        ASKS - STOCK as usize,
+        "{refusals:?}"
+    );
+    fleet.restart(1, port);
+    fleet.wait_balanced(3).await;
+    let report = fleet.audit().await;
+    let note = format!(
+        "{ASKS} accepted = {STOCK} issued ({STOCK} coupons) + {} refused",
+        ASKS - STOCK as usize
+    );
+    let coupons = audit_check(&report, "coupons");
+    assert!(coupons["notes"].to_string().contains(&note), "{coupons}");
+    let (count, sum): (f64, f64) = deductions
+        .values()
+        .fold((0.0, 0.0), |(c, s), (count, sum)| (c + count, s + sum));
+    eprintln!(
+        "hot batch: {ASKS} requests from {CLIENTS} clients, {STOCK} issued; intake shards held by {intake_holders:?}; before the kill {count} deductions of {:.1} requests on average, by node {deductions:?}",
+        sum / count.max(1.0)
+    );
 }
 
 /// Creates C2C packet `id` (`spec`: its sender, total, shares...) and pays it with
