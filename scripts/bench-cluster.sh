@@ -57,14 +57,6 @@ cleanup() {
 trap cleanup EXIT
 
 
-wait_port() {
-  for _ in $(seq 600); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    sleep 0.05
-  done
-  echo "nothing listens on $1; see $DIR" >&2
-  exit 1
-}
 
 # The nodes share their keys (a forwarded request is authenticated again by its holder); only
 # the nodes get them: the single-node load generator runs a server with keys of its own.
@@ -96,41 +88,16 @@ start_node() {
   wait_port "$port"
 }
 
-# balanced ID...: every listed node sees exactly these nodes, holds its fair share of the
-# partitions (P/N rounded down or up: a fleet still handing partitions to a node that has just
-# joined answers 503 partition_moving for them), every partition held by one of them, and
-# serves what it holds.
+# balanced ID...: the listed nodes see only each other, at fair shares, serving every
+# partition (lib.sh's fleet_balanced).
 balanced() {
-  python3 - "$PARTITIONS" "$@" <<'EOF'
-import json, os, sys, urllib.request
-partitions, ids = int(sys.argv[1]), sys.argv[2:]
-served = 0
-for id in ids:
-    port = os.environ["PORT_" + id]
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/admin/cluster",
-        headers={"Authorization": "Bearer " + os.environ["ADMIN_KEY"]})
-    try:
-        view = json.load(urllib.request.urlopen(request, timeout=2))
-    except Exception:
-        sys.exit(1)
-    if sorted(view["nodes"]) != sorted(ids) or view["serving"] != len(view["held"]):
-        sys.exit(1)
-    if not partitions // len(ids) <= len(view["held"]) <= -(-partitions // len(ids)):
-        sys.exit(1)
-    if any(p.get("node") not in ids for p in view["partitions"]):
-        sys.exit(1)
-    served += view["serving"]
-sys.exit(0 if served == partitions else 1)
-EOF
-}
-
-export_ports() {
-  for id in "${!NODE_PORT[@]}"; do export "PORT_$id=${NODE_PORT[$id]}"; done
+  local ports=() id
+  for id in "$@"; do ports+=("${NODE_PORT[$id]}"); done
+  fleet_balanced "$PARTITIONS" "${ports[@]}"
 }
 
 # wait_balanced ID...: prints the milliseconds it took.
 wait_balanced() {
-  export_ports
   local start end
   start="$(date +%s%N)"
   for _ in $(seq 600); do

@@ -260,8 +260,8 @@ impl SimulatedChannels {
         let mut stored = BTreeMap::new();
         for channel in Channel::ALL {
             let name = format!("{namespace}_channel_{}", channel.as_str());
-            let bucket = Self::bucket(js, &name, channel, replicas).await?;
-            let value = match bucket.get(SETTINGS_KEY).await.map_err(kv_error)? {
+            let (bucket, settings) = Self::bucket(js, &name, channel, replicas).await?;
+            let value = match settings {
                 Some(bytes) => codec::decode(&bytes)?,
                 None => ChannelSettings::default(),
             };
@@ -272,20 +272,21 @@ impl SimulatedChannels {
         Ok(Self::with_book(book, |c| stored[&c], clock))
     }
 
-    /// The bucket `name`, created with `replicas` when absent. Nodes starting together race
-    /// to create it, and on three servers the loser's first read can fail while the winner's
-    /// stream is being placed: it reads again (for up to about 10 s) rather than failing the
-    /// node's start.
+    /// The bucket `name`, created with `replicas` when absent, and its stored settings. Nodes
+    /// starting together race to create it, and on three servers a bucket just created (by
+    /// this node or another) answers its first reads with "no responders" until its stream
+    /// has a leader: it is read again (for up to about 10 s) rather than failing the node's
+    /// start (seen: the third node of `scripts/cluster.sh` exited so on fresh servers).
     async fn bucket(
         js: &async_nats::jetstream::Context,
         name: &str,
         channel: Channel,
         replicas: Option<usize>,
-    ) -> Result<kv::Store, StoreError> {
+    ) -> Result<(kv::Store, Option<Vec<u8>>), StoreError> {
         let mut last = String::new();
         for _ in 0..40 {
-            match (js.get_key_value(name).await, replicas) {
-                (Ok(bucket), _) => return Ok(bucket),
+            let found = match (js.get_key_value(name).await, replicas) {
+                (Ok(bucket), _) => Some(bucket),
                 (Err(e), None) => return Err(kv_error(format!("bucket {name}: {e}"))),
                 (Err(_), Some(replicas)) => {
                     let created = js
@@ -301,10 +302,20 @@ impl SimulatedChannels {
                         })
                         .await;
                     match created {
-                        Ok(bucket) => return Ok(bucket),
+                        Ok(bucket) => Some(bucket),
                         // Another node is creating it: read it again shortly.
-                        Err(e) => last = e.to_string(),
+                        Err(e) => {
+                            last = e.to_string();
+                            None
+                        }
                     }
+                }
+            };
+            if let Some(bucket) = found {
+                match bucket.get(SETTINGS_KEY).await {
+                    Ok(settings) => return Ok((bucket, settings.map(|b| b.to_vec()))),
+                    // No leader yet for the bucket's stream: read it again shortly.
+                    Err(e) => last = e.to_string(),
                 }
             }
             tokio::time::sleep(Duration::from_millis(250)).await;

@@ -994,6 +994,48 @@ fn refused_start(args: &[&str]) -> (bool, String) {
     (output.status.success(), text)
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_cluster_script_starts_three_servers_and_three_nodes_that_answer_alike() {
+    // Goal: `scripts/cluster.sh` (the README's way to try a cluster) starts three JetStream
+    // servers and three nodes from nothing, they share the partitions, and a deposit through
+    // one node reads back through the two others; everything it started is stopped. Its first
+    // runs failed here: a node starting on fresh servers read a just-created bucket before
+    // its stream had a leader ("no responders") and exited.
+    let _heavy = super::heavy().await;
+    let Some(binary) = nats::binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cluster.sh"))
+        .env("SMOKE", "1")
+        .env("DIR", dir.path())
+        .env("PARTITIONS", PARTITIONS.to_string())
+        .env("LEASE_TTL_MS", LEASE_TTL_MS.to_string())
+        .env("HONGBAO", env!("CARGO_BIN_EXE_hongbao"))
+        .env("HONGBAO_NATS_SERVER", &binary)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    let logs: String = ["n1", "n2", "n3"]
+        .iter()
+        .map(|n| std::fs::read_to_string(dir.path().join(format!("{n}.log"))).unwrap_or_default())
+        .collect();
+    assert!(
+        output.status.success() && text.contains("smoke: ok"),
+        "{text}\n{logs}"
+    );
+    // Nothing left running on the script's data directory.
+    let ps = Command::new("pgrep")
+        .args(["-f", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&ps.stdout).trim().is_empty(),
+        "left running: {}",
+        String::from_utf8_lossy(&ps.stdout)
+    );
+}
+
 #[test]
 fn a_node_is_refused_plainly_when_it_cannot_form_a_cluster() {
     // Goal: each mistake an operator can make starting a node is refused before anything
