@@ -40,12 +40,7 @@ start() {
   printf '%s' "$3" >"$DIR/$name.conf"
   "$NATS" -c "$DIR/$name.conf" >"$DIR/$name.out" 2>"$DIR/$name.log" &
   PIDS+=("$!")
-  for _ in $(seq 300); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
-    sleep 0.05
-  done
-  echo "$name did not listen on $port; see $DIR/$name.log" >&2
-  exit 1
+  wait_port "$port" "$name; see $DIR/$name.log" || exit 1
 }
 
 SINGLE_PORT="$(free_port)"
