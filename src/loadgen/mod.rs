@@ -1269,18 +1269,11 @@ fn hot_packet(args: &LoadgenArgs) -> Result<(), LoadgenError> {
         };
         let durable = durability(&runtime, backend, &claimer);
         // Where packet transfers are counted: the target, and on a cluster every other node.
-        let counted: Vec<SocketAddr> = match &target {
-            Some(t) => std::iter::once(Ok(t.addr))
-                .chain(args.fleet.iter().map(|url| fleet_addr(url)))
-                .collect::<Result<_, _>>()?,
+        let counted = match &target {
+            Some(t) => counted_addrs(t.addr, args)?,
             None => Vec::new(),
         };
-        let transfers = || -> f64 {
-            counted
-                .iter()
-                .map(|addr| metric_value(&scrape(*addr), "hongbao_packet_transfers_total"))
-                .sum()
-        };
+        let transfers = || fleet_metric(&counted, "hongbao_packet_transfers_total");
         for r in 0..args.rounds {
             let packet = format!("lg-{run_id}-{}-{r}", backend.name());
             let transfers_before = target.as_ref().map(|t| (scrape(t.addr), transfers()));

@@ -717,7 +717,10 @@ async fn get_settled(client: &reqwest::Client, base: &str, path: &str) -> Value 
         let mut body: Value = response.json().await.unwrap_or(Value::Null);
         match status {
             200 => {
-                body["served_by"] = served_by.into();
+                // A list answer has no room for it.
+                if let Some(object) = body.as_object_mut() {
+                    object.insert("served_by".into(), served_by.into());
+                }
                 return body;
             }
             503 if Instant::now() < deadline => {
@@ -2155,19 +2158,10 @@ async fn check_coupons(
         let theirs = held.get(uid).cloned().unwrap_or_default();
         assert!(theirs.len() <= limit as usize, "{uid} holds {theirs:?}");
         for base in bases {
-            let url = format!("{base}/v1/wallets/{uid}/coupons");
-            let page = loop {
-                match call(client, reqwest::Method::GET, url.clone(), GATEWAY, None).await {
-                    (200, page) => break page,
-                    (503, _) if Instant::now() < deadline => {
-                        tokio::time::sleep(Duration::from_millis(100)).await
-                    }
-                    (status, body) => panic!("{url}: {status} {body}"),
-                }
-            };
+            let page = get_settled(client, base, &format!("/v1/wallets/{uid}/coupons")).await;
             let listed: BTreeSet<String> = page
                 .as_array()
-                .unwrap_or_else(|| panic!("{url}: {page}"))
+                .unwrap_or_else(|| panic!("{uid}'s coupons via {base}: {page}"))
                 .iter()
                 .map(|c| c["coupon_id"].as_str().unwrap().to_owned())
                 .collect();
