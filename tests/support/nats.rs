@@ -89,7 +89,13 @@ impl NatsServer {
         self.place.dir.join(format!("{}.log", self.place.name))
     }
 
-    fn start(binary: &Path, dir: &Path, name: &str, port: u16, config: &str) -> NatsServer {
+    fn start(
+        binary: &Path,
+        dir: &Path,
+        name: &str,
+        port: u16,
+        config: &str,
+    ) -> Result<NatsServer, String> {
         let conf = dir.join(format!("{name}.conf"));
         std::fs::write(&conf, config).unwrap();
         let place = Place {
@@ -97,11 +103,17 @@ impl NatsServer {
             dir: dir.to_path_buf(),
             name: name.to_owned(),
         };
-        NatsServer::spawn(place, port)
+        NatsServer::try_spawn(place, port)
     }
 
     /// Starts the server from its configuration file and waits until it listens.
     fn spawn(place: Place, port: u16) -> NatsServer {
+        NatsServer::try_spawn(place, port).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Starts the server and waits until it listens; why not (with its log's end) if it exits
+    /// or does not listen in time.
+    fn try_spawn(place: Place, port: u16) -> Result<NatsServer, String> {
         let Place { binary, dir, name } = &place;
         let conf = dir.join(format!("{name}.conf"));
         let log = std::fs::OpenOptions::new()
@@ -116,18 +128,25 @@ impl NatsServer {
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
-        let server = NatsServer { child, port, place };
+        let mut server = NatsServer { child, port, place };
         let deadline = Instant::now() + START_WAIT;
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "{} did not listen on {port}; see {}",
-                server.place.name,
-                server.log_path().display()
-            );
+            let exited = server.child.try_wait().ok().flatten();
+            if exited.is_some() || Instant::now() >= deadline {
+                let log = std::fs::read_to_string(server.log_path()).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                return Err(format!(
+                    "{} did not listen on {port} ({}); the end of {}:\n{}",
+                    server.place.name,
+                    exited.map_or("still running".to_owned(), |s| s.to_string()),
+                    server.log_path().display(),
+                    tail.join("\n")
+                ));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
-        server
+        Ok(server)
     }
 
     /// Kills the process at once (`kill -9`): nothing is flushed that was not already synced.
@@ -170,36 +189,68 @@ impl Drop for NatsServer {
     }
 }
 
+/// Tries `start` (on ports it picks in the directory it is given) up to three times: a port
+/// picked free may be taken by another process before the server binds it. Each try gets a
+/// directory of its own (`dir`, then `dir/retry1`...).
+fn with_fresh_ports<T>(dir: &Path, start: impl Fn(&Path) -> Result<T, String>) -> T {
+    let mut failures = Vec::new();
+    for attempt in 0..3 {
+        let place = if attempt == 0 {
+            dir.to_path_buf()
+        } else {
+            let retry = dir.join(format!("retry{attempt}"));
+            std::fs::create_dir_all(&retry).unwrap();
+            retry
+        };
+        match start(&place) {
+            Ok(started) => return started,
+            Err(e) => {
+                eprintln!("nats-server did not start, trying fresh ports: {e}");
+                failures.push(e);
+            }
+        }
+    }
+    panic!(
+        "nats-server did not start in three tries:\n{}",
+        failures.join("\n")
+    )
+}
+
 /// One server that fsyncs every write (`sync_interval: always`), JetStream in `dir`.
 pub fn single_synced(binary: &Path, dir: &Path) -> NatsServer {
-    let port = free_port();
-    let store = dir.join("single");
-    let config = format!(
-        "server_name: single\nlisten: 127.0.0.1:{port}\njetstream {{\n  store_dir: {:?}\n  sync_interval: always\n}}\n",
-        store.display().to_string()
-    );
-    NatsServer::start(binary, dir, "single", port, &config)
+    with_fresh_ports(dir, |dir| {
+        let port = free_port();
+        let store = dir.join("single");
+        let config = format!(
+            "server_name: single\nlisten: 127.0.0.1:{port}\njetstream {{\n  store_dir: {:?}\n  sync_interval: always\n}}\n",
+            store.display().to_string()
+        );
+        NatsServer::start(binary, dir, "single", port, &config)
+    })
 }
 
 /// Three servers in one cluster (JetStream on each, `sync_interval: always`), in `dir`.
 pub fn cluster_of_three(binary: &Path, dir: &Path) -> Vec<NatsServer> {
-    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
-    let routes: Vec<String> = ports
-        .iter()
-        .map(|(_, cluster)| format!("nats://127.0.0.1:{cluster}"))
-        .collect();
-    ports
-        .iter()
-        .enumerate()
-        .map(|(i, (port, cluster))| {
-            let name = format!("n{}", i + 1);
-            let store = dir.join(&name);
-            let config = format!(
-                "server_name: {name}\nlisten: 127.0.0.1:{port}\njetstream {{\n  store_dir: {:?}\n  sync_interval: always\n}}\ncluster {{\n  name: hongbao-test\n  listen: 127.0.0.1:{cluster}\n  routes: [{}]\n}}\n",
-                store.display().to_string(),
-                routes.join(", ")
-            );
-            NatsServer::start(binary, dir, &name, *port, &config)
-        })
-        .collect()
+    with_fresh_ports(dir, |dir| {
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let routes: Vec<String> = ports
+            .iter()
+            .map(|(_, cluster)| format!("nats://127.0.0.1:{cluster}"))
+            .collect();
+        ports
+            .iter()
+            .enumerate()
+            .map(|(i, (port, cluster))| {
+                let name = format!("n{}", i + 1);
+                let store = dir.join(&name);
+                let config = format!(
+                    "server_name: {name}\nlisten: 127.0.0.1:{port}\njetstream {{\n  store_dir: {:?}\n  sync_interval: always\n}}\ncluster {{\n  name: hongbao-test\n  listen: 127.0.0.1:{cluster}\n  routes: [{}]\n}}\n",
+                    store.display().to_string(),
+                    routes.join(", ")
+                );
+                NatsServer::start(binary, dir, &name, *port, &config)
+            })
+            // The servers started before a failure are dropped (killed) with the error.
+            .collect::<Result<Vec<_>, String>>()
+    })
 }
