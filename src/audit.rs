@@ -38,13 +38,13 @@ pub use live::LiveAudit;
 pub use views::views_check;
 
 use crate::channels::{RecordStatus, SimulatedChannels};
-use crate::domain::activity::{ActivityEvent, FailReason, Reward, RewardKind};
+use crate::domain::activity::{activity_of_stream, ActivityEvent, FailReason, Reward, RewardKind};
 use crate::domain::coupon::reward_request;
 use crate::domain::packet::PacketState;
 use crate::domain::wallet::{Account, BarredDebit, Entry, WalletEvent};
 use crate::domain::withdrawal::{Channel, OrderState, WithdrawalOrder};
 use crate::domain::{Aggregate, Event};
-use crate::events::{check_link, Envelope, StoreError, GENESIS_HASH};
+use crate::events::{check_link, Envelope, RawRecord, StoreError, GENESIS_HASH};
 use crate::ids::Id;
 use crate::money::Fen;
 use serde::Serialize;
@@ -163,11 +163,37 @@ impl PacketReplay {
     }
 }
 
+/// One activity entity's budget books: the activity's own (`budget`, and slices granted to
+/// its intake shards and not taken back: `sliced_*`), or an intake shard's (what it holds:
+/// received minus released, `held_*`). `cash` and `subsidy` are what the entity accepted.
 #[derive(Default)]
 struct Budget {
     budget: Option<(Fen, Fen)>,
     cash: u128,
     subsidy: u128,
+    /// An intake shard's stream (`activity:cny@3`).
+    shard: bool,
+    sliced_cash: i128,
+    sliced_subsidy: i128,
+    held_cash: i128,
+    held_subsidy: i128,
+}
+
+/// Both sides of one intake shard's slices of one kind, matched at the end (cumulative fen).
+#[derive(Default)]
+struct SliceFlow {
+    granted: u128,
+    received: u128,
+    released: u128,
+    taken_back: u128,
+}
+
+fn by_kind(kind: RewardKind, cash: &mut i128, subsidy: &mut i128, delta: i128) {
+    match kind {
+        RewardKind::Cash => *cash += delta,
+        RewardKind::Subsidy => *subsidy += delta,
+        RewardKind::Coupon | RewardKind::Item => {}
+    }
 }
 
 /// Everything the audit accumulates while it replays.
@@ -187,7 +213,10 @@ struct Auditor {
     packets: HashMap<String, PacketReplay>,
     /// By order id alone: an order id gives one reward, whatever the activity (R4).
     rewards: HashMap<Id, RewardReplay>,
+    /// By activity entity: the activity (`cny`) or one of its intake shards (`cny@3`).
     budgets: HashMap<String, Budget>,
+    /// Budget slices by (activity, shard, kind).
+    slices: HashMap<(String, u32, RewardKind), SliceFlow>,
     orders: HashMap<Id, OrderReplay>,
     /// Money totals in fen, wide so that no sum can overflow.
     deposits: u128,
@@ -211,6 +240,8 @@ struct Auditor {
     placement: Option<CheckResult>,
     /// Rewards noted pending on wallets (a cluster's): (seq, uid, note).
     notes: Vec<(u64, String, crate::domain::wallet::PendingNote)>,
+    /// Notes settled on wallets without a credit (a cluster's): (seq, uid, activity, order).
+    settled_notes: Vec<(u64, String, Id, Id)>,
 }
 
 /// The reward of `order_id` if `activity` is the one that accepted it (or nothing has accepted
@@ -248,6 +279,7 @@ impl Auditor {
             packets: HashMap::default(),
             rewards: HashMap::default(),
             budgets: HashMap::default(),
+            slices: HashMap::default(),
             orders: HashMap::default(),
             deposits: 0,
             reward_credits: 0,
@@ -263,6 +295,7 @@ impl Auditor {
             merged: false,
             placement: None,
             notes: Vec::new(),
+            settled_notes: Vec::new(),
         }
     }
 
@@ -279,6 +312,14 @@ impl Auditor {
             // No money moves; checked against the accepted rewards at the end.
             WalletEvent::PendingNoted(note) => {
                 self.notes.push((envelope.seq, uid, note.clone()));
+                return;
+            }
+            WalletEvent::NoteSettled {
+                activity_id,
+                order_id,
+            } => {
+                let settled = (envelope.seq, uid, activity_id.clone(), order_id.clone());
+                self.settled_notes.push(settled);
                 return;
             }
         };
@@ -477,13 +518,29 @@ impl Auditor {
     }
 
     fn activity_event(&mut self, envelope: &Envelope, event: &ActivityEvent) {
-        let activity = stream_id(envelope, "activity")
+        // The budget books are the entity's (an intake shard keeps its own); a reward is its
+        // activity's, whichever shard accepted it.
+        let entity = stream_id(envelope, "activity")
             .unwrap_or_default()
             .to_owned();
+        let (activity, shard) = match activity_of_stream(&envelope.stream) {
+            Some((activity, shard)) => (activity.to_string(), shard),
+            None => (entity.clone(), None),
+        };
+        if let Some(books) = self.budgets.get_mut(&entity) {
+            books.shard = shard.is_some();
+        } else {
+            self.budgets.insert(
+                entity.clone(),
+                Budget {
+                    shard: shard.is_some(),
+                    ..Budget::default()
+                },
+            );
+        }
         match event {
             ActivityEvent::BudgetSet(b) => {
-                self.budgets.entry(activity.clone()).or_default().budget =
-                    Some((b.cash, b.subsidy));
+                self.budgets.entry(entity.clone()).or_default().budget = Some((b.cash, b.subsidy));
             }
             ActivityEvent::RewardAccepted(reward) => {
                 if reward.kind == RewardKind::Coupon {
@@ -516,7 +573,7 @@ impl Auditor {
                         replay.reward = Some(reward.clone());
                     }
                 }
-                let budget = self.budgets.entry(activity.clone()).or_default();
+                let budget = self.budgets.entry(entity.clone()).or_default();
                 let amount = reward.amount.as_u64() as u128;
                 match reward.kind {
                     RewardKind::Cash => budget.cash += amount,
@@ -545,7 +602,7 @@ impl Auditor {
                     }
                     replay.failed = Some(*reason);
                 }
-                let budget = self.budgets.entry(activity.clone()).or_default();
+                let budget = self.budgets.entry(entity.clone()).or_default();
                 let amount = amount.as_u64() as u128;
                 match kind {
                     RewardKind::Cash => budget.cash = budget.cash.saturating_sub(amount),
@@ -565,7 +622,7 @@ impl Auditor {
                     .or_default()
                     .returned_to_budget += amount;
                 self.escrow_covers(envelope, order_id.as_str());
-                let budget = self.budgets.entry(activity.clone()).or_default();
+                let budget = self.budgets.entry(entity.clone()).or_default();
                 match kind {
                     RewardKind::Cash => budget.cash = budget.cash.saturating_sub(amount),
                     RewardKind::Subsidy => budget.subsidy = budget.subsidy.saturating_sub(amount),
@@ -587,7 +644,7 @@ impl Auditor {
                     }
                     replay.voided = true;
                 }
-                let budget = self.budgets.entry(activity.clone()).or_default();
+                let budget = self.budgets.entry(entity.clone()).or_default();
                 let amount = amount.as_u64() as u128;
                 match kind {
                     RewardKind::Cash => budget.cash = budget.cash.saturating_sub(amount),
@@ -595,14 +652,95 @@ impl Auditor {
                     RewardKind::Coupon | RewardKind::Item => {}
                 }
             }
+            ActivityEvent::SliceGranted {
+                shard: other,
+                kind,
+                amount,
+            }
+            | ActivityEvent::SliceTakenBack {
+                shard: other,
+                kind,
+                amount,
+            } => {
+                let granted = matches!(event, ActivityEvent::SliceGranted { .. });
+                let amount = amount.as_u64() as u128;
+                let delta = if granted {
+                    amount as i128
+                } else {
+                    -(amount as i128)
+                };
+                let books = self.budgets.entry(entity.clone()).or_default();
+                by_kind(
+                    *kind,
+                    &mut books.sliced_cash,
+                    &mut books.sliced_subsidy,
+                    delta,
+                );
+                let flow = self
+                    .slices
+                    .entry((activity.clone(), *other, *kind))
+                    .or_default();
+                if granted {
+                    flow.granted += amount;
+                } else {
+                    flow.taken_back += amount;
+                }
+            }
+            ActivityEvent::SliceReceived { kind, amount }
+            | ActivityEvent::SliceReleased { kind, amount } => {
+                let received = matches!(event, ActivityEvent::SliceReceived { .. });
+                let Some(shard) = shard else {
+                    self.budgets_check.violation(format!(
+                        "seq {}: activity {activity} records a slice of its own ({})",
+                        envelope.seq,
+                        event.type_name()
+                    ));
+                    return;
+                };
+                let amount = amount.as_u64() as u128;
+                let delta = if received {
+                    amount as i128
+                } else {
+                    -(amount as i128)
+                };
+                let books = self.budgets.entry(entity.clone()).or_default();
+                by_kind(*kind, &mut books.held_cash, &mut books.held_subsidy, delta);
+                let flow = self
+                    .slices
+                    .entry((activity.clone(), shard, *kind))
+                    .or_default();
+                if received {
+                    flow.received += amount;
+                } else {
+                    flow.released += amount;
+                }
+            }
         }
         self.budgets_check.checked += 1;
-        let budget = self.budgets.entry(activity.clone()).or_default();
-        if let Some((cash, subsidy)) = budget.budget {
-            if budget.cash > cash.as_u64() as u128 || budget.subsidy > subsidy.as_u64() as u128 {
+        let books = self.budgets.entry(entity.clone()).or_default();
+        let (cash, subsidy) = (books.cash as i128, books.subsidy as i128);
+        if books.shard {
+            // A shard accepts money only within what it holds.
+            if cash > books.held_cash
+                || subsidy > books.held_subsidy
+                || books.held_cash < 0
+                || books.held_subsidy < 0
+            {
                 self.budgets_check.violation(format!(
-                    "seq {}: activity {activity} accepted cash {} / subsidy {} against a budget of {} / {}",
-                    envelope.seq, budget.cash, budget.subsidy, cash.as_u64(), subsidy.as_u64()
+                    "seq {}: intake shard {entity} accepted cash {cash} / subsidy {subsidy} holding slices of {} / {}",
+                    envelope.seq, books.held_cash, books.held_subsidy
+                ));
+            }
+        } else if let Some((budget_cash, budget_subsidy)) = books.budget {
+            // The activity's own acceptances and the slices its shards hold, within the budget.
+            let used_cash = cash + books.sliced_cash;
+            let used_subsidy = subsidy + books.sliced_subsidy;
+            if used_cash > budget_cash.as_u64() as i128
+                || used_subsidy > budget_subsidy.as_u64() as i128
+            {
+                self.budgets_check.violation(format!(
+                    "seq {}: activity {activity} accepted cash {cash} / subsidy {subsidy} and granted slices of {} / {} against a budget of {} / {}",
+                    envelope.seq, books.sliced_cash, books.sliced_subsidy, budget_cash.as_u64(), budget_subsidy.as_u64()
                 ));
             }
         }
@@ -688,19 +826,79 @@ impl Auditor {
     /// End-of-log checks.
     /// End-of-log checks, on top of what the replay found; the replay state is only read, so
     /// the continuous audit concludes without copying it.
+    /// Budget slices, matched across the streams (in any order, so at the end): a shard
+    /// received no more than its activity granted it, the activity took back no more than the
+    /// shard released; and over the activity and all its shards, accepted money within the
+    /// budget (the sum itself, not a remainder).
+    fn check_slices(&self, budgets_check: &mut CheckResult) {
+        let mut slices: Vec<_> = self.slices.iter().collect();
+        slices.sort_by(|a, b| a.0.cmp(b.0));
+        for ((activity, shard, kind), flow) in slices {
+            budgets_check.checked += 1;
+            if flow.received > flow.granted {
+                budgets_check.violation(format!(
+                    "intake shard {activity}@{shard} received {} of {kind}, its activity granted {}",
+                    flow.received, flow.granted
+                ));
+            }
+            if flow.taken_back > flow.released {
+                budgets_check.violation(format!(
+                    "activity {activity} took back {} of {kind} from shard {shard}, which released {}",
+                    flow.taken_back, flow.released
+                ));
+            }
+        }
+        /// An activity over itself and its intake shards.
+        #[derive(Default)]
+        struct Whole {
+            cash: u128,
+            subsidy: u128,
+            budget: Option<(Fen, Fen)>,
+            sharded: bool,
+        }
+        let mut wholes: std::collections::BTreeMap<&str, Whole> = Default::default();
+        for (entity, books) in &self.budgets {
+            let activity = entity
+                .split_once(crate::domain::activity::SHARD_SEPARATOR)
+                .map_or(entity.as_str(), |(a, _)| a);
+            let whole = wholes.entry(activity).or_default();
+            whole.cash += books.cash;
+            whole.subsidy += books.subsidy;
+            whole.sharded |= books.shard;
+            if !books.shard {
+                whole.budget = books.budget;
+            }
+        }
+        for (activity, whole) in wholes {
+            let (Some((budget_cash, budget_subsidy)), true) = (whole.budget, whole.sharded) else {
+                continue;
+            };
+            budgets_check.checked += 1;
+            let (cash, subsidy) = (whole.cash, whole.subsidy);
+            if cash > budget_cash.as_u64() as u128 || subsidy > budget_subsidy.as_u64() as u128 {
+                budgets_check.violation(format!(
+                    "activity {activity} and its intake shards accepted cash {cash} / subsidy {subsidy} against a budget of {} / {}",
+                    budget_cash.as_u64(),
+                    budget_subsidy.as_u64()
+                ));
+            }
+        }
+    }
+
     fn finish(&self, channels: Option<&SimulatedChannels>) -> Vec<CheckResult> {
         let (chain, wallets_check, mut conservation) = (
             self.chain.clone(),
             self.wallets_check.clone(),
             self.conservation.clone(),
         );
-        let (mut rewards_check, budgets_check, mut withdrawals_check) = (
+        let (mut rewards_check, mut budgets_check, mut withdrawals_check) = (
             self.rewards_check.clone(),
             self.budgets_check.clone(),
             self.withdrawals_check.clone(),
         );
         let (mut channels_check, mut packets_check) =
             (self.channels_check.clone(), self.packets_check.clone());
+        self.check_slices(&mut budgets_check);
         // Rewards: every accepted one settled or pending.
         let mut pending = 0u64;
         for (order_id, replay) in &self.rewards {
@@ -772,6 +970,24 @@ impl Auditor {
                 rewards_check.violation(format!(
                     "seq {seq}: wallet {uid} notes reward {}/{} ({} {}) pending, which its activity did not accept so",
                     note.activity_id, note.order_id, note.kind, note.amount
+                ));
+            }
+        }
+        // A note settled without a credit is of a reward of that user that its activity
+        // settled so (delivered, failed or voided): never one still pending there.
+        for (seq, uid, activity, order_id) in &self.settled_notes {
+            rewards_check.checked += 1;
+            let settled = self.rewards.get(order_id).is_some_and(|replay| {
+                replay.activity == activity.as_str()
+                    && replay
+                        .reward
+                        .as_ref()
+                        .is_some_and(|r| r.uid.as_str() == uid)
+                    && (replay.delivered || replay.failed.is_some() || replay.voided)
+            });
+            if !settled {
+                rewards_check.violation(format!(
+                    "seq {seq}: wallet {uid} settles its note of reward {activity}/{order_id}, which its activity did not deliver, fail or void"
                 ));
             }
         }
@@ -1243,10 +1459,14 @@ fn replay(
     mut progress: impl FnMut(u64),
 ) -> Result<u64, StoreError> {
     let mut events = 0u64;
-    // Two stages on two threads: reading, hash-checking and decoding records; replaying them.
+    // Three stages on three threads: reading records (the store's iteration); checking each
+    // one's hash link and decoding it; replaying them. The two first were one thread, the
+    // slowest stage; split, the machine's cores share the work.
+    let (raw_tx, raw_rx) = std::sync::mpsc::sync_channel::<Read>(READ_AHEAD_BATCHES);
     let (tx, rx) = std::sync::mpsc::sync_channel::<Verified>(READ_AHEAD_BATCHES);
     let read = std::thread::scope(|scope| {
-        let reader = scope.spawn(move || read_verified(store, until, tx));
+        let reader = scope.spawn(move || read_raw(store, until, raw_tx));
+        scope.spawn(move || verify(raw_rx, tx));
         for batch in rx {
             for envelope in batch.records {
                 auditor.chain.checked += 1;
@@ -1287,43 +1507,36 @@ struct Verified {
     broken: Option<String>,
 }
 
-/// Reads the log from seq 1 to `until`, checks each record's sequence and hash link, decodes it,
-/// and sends batches; stops after the first break.
-fn read_verified(
+/// Records as read, in order; then, if the sequence breaks there, why.
+#[derive(Default)]
+struct Read {
+    records: Vec<RawRecord>,
+    broken: Option<String>,
+}
+
+/// Reads the log from seq 1 to `until`, checks that the sequence has no gap, and sends batches;
+/// stops after the first gap.
+fn read_raw(
     store: &dyn crate::events::Log,
     until: u64,
-    tx: std::sync::mpsc::SyncSender<Verified>,
+    tx: std::sync::mpsc::SyncSender<Read>,
 ) -> Result<(), StoreError> {
-    let mut prev_hash = GENESIS_HASH;
-    let mut batch = Verified::default();
+    let mut batch = Read::default();
     for (expected_seq, record) in (1u64..=until).zip(store.stored_records(1)) {
         let record = record?;
-        let (seq, stored) = (record.seq, record.stored);
-        let checked = if seq != expected_seq {
-            Err(format!(
-                "sequence gap: expected seq {expected_seq}, found {seq}"
-            ))
-        } else {
-            check_link(&prev_hash, &stored)
-                .map_err(|e| format!("seq {seq}: {e}"))
-                .and_then(|hash| {
-                    prev_hash = hash;
-                    Envelope::decode_stored(&stored)
-                        .map_err(|e| format!("seq {seq} does not decode: {e}"))
-                })
-        };
-        match checked {
-            Ok(envelope) => batch.records.push(envelope),
-            Err(why) => {
-                batch.broken = Some(why);
-                let _ = tx.send(batch);
-                return Ok(());
-            }
+        if record.seq != expected_seq {
+            batch.broken = Some(format!(
+                "sequence gap: expected seq {expected_seq}, found {}",
+                record.seq
+            ));
+            let _ = tx.send(batch);
+            return Ok(());
         }
+        batch.records.push(record);
         if batch.records.len() == READ_BATCH_RECORDS {
             let full = std::mem::replace(
                 &mut batch,
-                Verified {
+                Read {
                     records: Vec::with_capacity(READ_BATCH_RECORDS),
                     broken: None,
                 },
@@ -1335,4 +1548,40 @@ fn read_verified(
     }
     let _ = tx.send(batch);
     Ok(())
+}
+
+/// Checks each record's hash link to the one before it (from the genesis hash) and decodes it,
+/// in order; sends the proven records and stops after the first break (a link, a record that
+/// does not decode, or the reader's sequence gap).
+fn verify(rx: std::sync::mpsc::Receiver<Read>, tx: std::sync::mpsc::SyncSender<Verified>) {
+    let mut prev_hash = GENESIS_HASH;
+    for read in rx {
+        let mut batch = Verified {
+            records: Vec::with_capacity(read.records.len()),
+            broken: None,
+        };
+        for record in &read.records {
+            let (seq, stored) = (record.seq, &record.stored);
+            let checked = check_link(&prev_hash, stored)
+                .map_err(|e| format!("seq {seq}: {e}"))
+                .and_then(|hash| {
+                    prev_hash = hash;
+                    Envelope::decode_stored(stored)
+                        .map_err(|e| format!("seq {seq} does not decode: {e}"))
+                });
+            match checked {
+                Ok(envelope) => batch.records.push(envelope),
+                Err(why) => {
+                    batch.broken = Some(why);
+                    let _ = tx.send(batch);
+                    return;
+                }
+            }
+        }
+        batch.broken = read.broken;
+        let stop = batch.broken.is_some();
+        if tx.send(batch).is_err() || stop {
+            return;
+        }
+    }
 }

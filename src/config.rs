@@ -215,7 +215,20 @@ pub struct RewardsSection {
     /// Accepted rewards held in memory by the lanes.
     pub lane_queue_max: usize,
     pub lane_checkpoint_interval_ms: u64,
+    /// On a cluster: intake shards per activity (`cny@0`..), each accepting rewards against
+    /// slices of the budget, so that one activity's intake spreads over the fleet. Every node
+    /// of a deployment must agree (checked at start). A single node accepts every reward in
+    /// its activity and ignores it.
+    pub intake_shards: u32,
+    /// On a cluster: the budget slice (fen) an intake shard asks for; the activity grants less
+    /// when its budget runs low.
+    pub slice_fen: u64,
 }
+
+/// Default intake shards per activity on a cluster.
+pub const REWARD_INTAKE_SHARDS: u32 = 4;
+/// Default budget slice: 1,000 yuan.
+pub const REWARD_SLICE_FEN: u64 = 100_000;
 
 impl Default for RewardsSection {
     fn default() -> Self {
@@ -230,6 +243,8 @@ impl Default for RewardsSection {
             lane_in_flight_max: lanes.in_flight_max,
             lane_queue_max: lanes.queue_max,
             lane_checkpoint_interval_ms: lanes.checkpoint_interval.as_millis() as u64,
+            intake_shards: REWARD_INTAKE_SHARDS,
+            slice_fen: REWARD_SLICE_FEN,
         }
     }
 }
@@ -437,6 +452,8 @@ impl Config {
                 "rewards.lane_checkpoint_interval_ms",
                 self.rewards.lane_checkpoint_interval_ms,
             ),
+            ("rewards.intake_shards", self.rewards.intake_shards as u64),
+            ("rewards.slice_fen", self.rewards.slice_fen),
             ("coupons.intake_shards", self.coupons.intake_shards as u64),
             (
                 "coupons.intake_merge_max",
@@ -454,6 +471,11 @@ impl Config {
             if value == 0 {
                 return Err(ConfigError::Invalid(format!("{name} must be positive")));
             }
+        }
+        if self.rewards.intake_shards > 64 {
+            return Err(ConfigError::Invalid(
+                "rewards.intake_shards must be 1 to 64".into(),
+            ));
         }
         if self.coupons.intake_shards > 64 {
             return Err(ConfigError::Invalid(

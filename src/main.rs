@@ -92,9 +92,7 @@ struct ClusterArgs {
     /// the node holds a fair share of the partitions and forwards every other request to
     /// the partition's holder. The nodes must share their API keys (HONGBAO_ADMIN_KEY,
     /// HONGBAO_ISSUER_KEY, HONGBAO_GATEWAY_KEY, HONGBAO_TOKEN_SECRET). A cluster node serves
-    /// the wallet, money reward, red packet, withdrawal, payment channel, switch,
-    /// withdrawal-policy and operations endpoints; the others answer 501 not_in_cluster for
-    /// now.
+    /// every endpoint a single node serves.
     #[arg(long, value_name = "ID")]
     node_id: Option<String>,
     /// Partitions of the deployment, 1 to 1000, the same on every node (checked at start).

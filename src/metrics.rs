@@ -24,6 +24,7 @@ pub struct Metrics {
     pub projection_checkpoint_seq: IntGaugeVec,
     pub rewards_accepted_total: IntCounterVec,
     pub rewards_refused_total: IntCounterVec,
+    pub reward_slices_total: IntCounterVec,
     pub rewards_credited_total: IntCounterVec,
     pub rewards_voided_total: IntCounterVec,
     pub reward_pending: IntGaugeVec,
@@ -49,6 +50,7 @@ pub struct Metrics {
     pub coupon_layer_backlog: IntGaugeVec,
     pub coupon_layer_processed_total: IntCounterVec,
     pub coupon_merge_size: Histogram,
+    pub packet_claim_lot_size: Histogram,
     pub coupon_issue_seconds: Histogram,
     pub audit_violations_total: IntCounterVec,
     pub audit_checked_seq: IntGauge,
@@ -191,6 +193,11 @@ impl Metrics {
             "hongbao_rewards_accepted_total",
             "Rewards accepted (durable), by kind",
             &["kind"],
+        );
+        let reward_slices_total = counter(
+            "hongbao_reward_slices_total",
+            "Budget slice steps of a cluster's reward intake shards: granted (a slice received), short (the activity had less unallocated than needed), recall (unused slices taken back from the other shards), quiet (a shortage answered without recalling, just after a recall found nothing)",
+            &["step"],
         );
         let rewards_refused_total = counter(
             "hongbao_rewards_refused_total",
@@ -335,6 +342,14 @@ impl Metrics {
             .buckets(exponential_buckets(1.0, 2.0, 14).expect("static bucket layout")),
         )
         .expect("metric definition");
+        let packet_claim_lot_size = Histogram::with_opts(
+            HistogramOpts::new(
+                "hongbao_packet_claim_lot_size",
+                "Claims of one packet decided and recorded together (one event per lot)",
+            )
+            .buckets(exponential_buckets(1.0, 2.0, 10).expect("static bucket layout")),
+        )
+        .expect("metric definition");
         let coupon_issue_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "hongbao_coupon_issue_seconds",
@@ -363,6 +378,7 @@ impl Metrics {
             coupon_layer_backlog,
             coupon_layer_processed_total,
             coupon_merge_size,
+            packet_claim_lot_size,
             coupon_issue_seconds,
             packet_claims_total,
             packet_transfers_total,
@@ -378,6 +394,7 @@ impl Metrics {
             reconciliation_checks_total,
             rewards_accepted_total,
             rewards_refused_total,
+            reward_slices_total,
             rewards_credited_total,
             rewards_voided_total,
             reward_pending,
@@ -420,6 +437,7 @@ impl Metrics {
             Box::new(self.projection_checkpoint_seq.clone()),
             Box::new(self.rewards_accepted_total.clone()),
             Box::new(self.rewards_refused_total.clone()),
+            Box::new(self.reward_slices_total.clone()),
             Box::new(self.rewards_credited_total.clone()),
             Box::new(self.rewards_voided_total.clone()),
             Box::new(self.reward_pending.clone()),
@@ -445,6 +463,7 @@ impl Metrics {
             Box::new(self.coupon_layer_backlog.clone()),
             Box::new(self.coupon_layer_processed_total.clone()),
             Box::new(self.coupon_merge_size.clone()),
+            Box::new(self.packet_claim_lot_size.clone()),
             Box::new(self.coupon_issue_seconds.clone()),
             Box::new(self.audit_violations_total.clone()),
             Box::new(self.audit_checked_seq.clone()),

@@ -24,6 +24,32 @@ impl<A: Aggregate> Message for Execute<A> {
     type Result = Result<A::Reply, ExecError<A::Error>>;
 }
 
+/// Resolves once the events a reply rests on are durable; an error if they never will be (the
+/// actor broke down and will replay the log).
+pub type Durable<E> = futures::future::BoxFuture<'static, Result<(), ExecError<E>>>;
+
+/// Runs one command. Answered once its events (if any) are submitted to the journal, with
+/// [`Durable`] for when they are on disk: for a caller whose next command, submitted after
+/// it to a store that is [`in_order_fail_stop`](crate::events::EventStore::in_order_fail_stop),
+/// cannot become durable before it, and who waits for both before answering its client. A
+/// refusal comes with the wait for the state it was decided on (`Registry::execute_submitted`
+/// answers it only once that is durable, as [`Execute`] does). Answered in the handler itself,
+/// before the actor sees the append's acknowledgement: a write that fails at once is the
+/// [`Durable`]'s error, not a lost answer.
+pub struct ExecuteSubmitted<A: Aggregate> {
+    pub command: A::Command,
+}
+
+/// What [`ExecuteSubmitted`] answers: the decision, and when what it rests on is durable.
+pub type SubmittedReply<A> = (
+    Result<<A as Aggregate>::Reply, <A as Aggregate>::Error>,
+    Durable<<A as Aggregate>::Error>,
+);
+
+impl<A: Aggregate> Message for ExecuteSubmitted<A> {
+    type Result = Result<SubmittedReply<A>, ExecError<A::Error>>;
+}
+
 /// Sent by the registry's sweeper to an actor idle for longer than `idle_for`.
 pub struct Passivate {
     pub idle_for: Duration,
@@ -194,17 +220,8 @@ impl<A: Aggregate> AggregateActor<A> {
         if *self.durable.borrow() >= version {
             return Box::pin(fut::ready(result));
         }
-        let mut durable = self.durable.subscribe();
-        let stream = self.stream.clone();
-        Box::pin(
-            async move {
-                match durable.wait_for(|d| *d >= version).await {
-                    Ok(_) => result,
-                    Err(_) => Err(ExecError::Unavailable(format!("{stream} stopped"))),
-                }
-            }
-            .into_actor(self),
-        )
+        let durable = self.durable_at(version);
+        Box::pin(async move { durable.await.and(result) }.into_actor(self))
     }
 
     fn maybe_snapshot(&mut self) {
@@ -301,35 +318,41 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
     }
 }
 
-impl<A: Aggregate> Handler<Execute<A>> for AggregateActor<A> {
-    type Result = ResponseActFuture<Self, Result<A::Reply, ExecError<A::Error>>>;
+/// A decided command: its reply, and its append's acknowledgement if it emitted events.
+enum Submitted<A: Aggregate> {
+    /// Nothing to write: the reply rests on the state up to this version.
+    Reply(A::Reply, u64),
+    /// Applied in memory and submitted; durable once `ack` resolves (handled by [`acked`]).
+    Appended(A::Reply, crate::events::AppendAck, u64),
+}
 
-    fn handle(&mut self, msg: Execute<A>, ctx: &mut Context<Self>) -> Self::Result {
+impl<A: Aggregate> AggregateActor<A> {
+    /// Decides `command`, applies and submits its events (pipelined persistence: applied now,
+    /// durable later).
+    fn submit(
+        &mut self,
+        command: &A::Command,
+        ctx: &mut Context<Self>,
+    ) -> Result<Submitted<A>, ExecRefusal<A>> {
         self.last_active.touch();
-        if let Err(e) = self.usable() {
-            return Box::pin(fut::ready(Err(e)));
-        }
+        self.usable().map_err(ExecRefusal::Now)?;
         let now = Ctx {
             now_ms: self.runtime.clock.now_ms(),
         };
-        let (events, reply) = match self.state.decide(&msg.command, &now) {
+        let (events, reply) = match self.state.decide(command, &now) {
             Ok(Decision::Emit(events, reply)) if !events.is_empty() => (events, reply),
             Ok(Decision::Emit(_, reply)) | Ok(Decision::Reply(reply)) => {
-                return self.when_durable(self.version, Ok(reply))
+                return Ok(Submitted::Reply(reply, self.version))
             }
-            Err(refusal) => {
-                return self.when_durable(self.version, Err(ExecError::Rejected(refusal)))
-            }
+            Err(refusal) => return Err(ExecRefusal::Decided(refusal, self.version)),
         };
-
-        // Pipelined persistence: apply now, hold the reply until the journal acknowledges.
         let expected = self.version;
         for event in &events {
             self.state.evolve(event);
         }
         let count = events.len() as u64;
         self.version += count;
-        let mut correlation_id = A::correlation_id(&msg.command);
+        let mut correlation_id = A::correlation_id(command);
         if correlation_id.is_empty() {
             correlation_id = self
                 .stream
@@ -355,31 +378,99 @@ impl<A: Aggregate> Handler<Execute<A>> for AggregateActor<A> {
             Err(e) => {
                 // Not submitted: the in-memory state is ahead of the log. Start over from it.
                 self.break_down(ctx, &format!("append not submitted: {e}"));
-                return Box::pin(fut::ready(Err(match e {
+                return Err(ExecRefusal::Now(match e {
                     crate::events::AppendError::Overloaded => ExecError::Overloaded,
                     other => ExecError::Unavailable(other.to_string()),
-                })));
+                }));
             }
         };
         self.in_flight += 1;
-        Box::pin(ack.into_actor(self).map(move |appended, act, ctx| {
-            act.in_flight -= 1;
-            match appended {
-                Ok(appended) => {
-                    act.durable.send_if_modified(|d| {
-                        let advanced = appended.last_version > *d;
-                        *d = (*d).max(appended.last_version);
-                        advanced
-                    });
-                    act.events_since_snapshot += count;
-                    act.maybe_snapshot();
-                    Ok(reply)
-                }
-                Err(e) => {
-                    act.break_down(ctx, &format!("append failed: {e}"));
-                    Err(ExecError::Unavailable(e.to_string()))
-                }
+        Ok(Submitted::Appended(reply, ack, count))
+    }
+
+    /// What the actor does when an append of `count` events is acknowledged (or refused).
+    fn acked(
+        &mut self,
+        appended: Result<crate::events::Appended, crate::events::AppendError>,
+        count: u64,
+        ctx: &mut Context<Self>,
+    ) -> Result<(), ExecError<A::Error>> {
+        self.in_flight -= 1;
+        match appended {
+            Ok(appended) => {
+                self.durable.send_if_modified(|d| {
+                    let advanced = appended.last_version > *d;
+                    *d = (*d).max(appended.last_version);
+                    advanced
+                });
+                self.events_since_snapshot += count;
+                self.maybe_snapshot();
+                Ok(())
             }
-        }))
+            Err(e) => {
+                self.break_down(ctx, &format!("append failed: {e}"));
+                Err(ExecError::Unavailable(e.to_string()))
+            }
+        }
+    }
+
+    /// Resolves once everything up to `version` is durable (an error if the actor stops first).
+    fn durable_at(&self, version: u64) -> Durable<A::Error> {
+        let mut durable = self.durable.subscribe();
+        let stream = self.stream.clone();
+        Box::pin(async move {
+            match durable.wait_for(|d| *d >= version).await {
+                Ok(_) => Ok(()),
+                Err(_) => Err(ExecError::Unavailable(format!("{stream} stopped"))),
+            }
+        })
+    }
+}
+
+/// Why a command got no reply: at once, or a refusal to answer once its state is durable.
+enum ExecRefusal<A: Aggregate> {
+    Now(ExecError<A::Error>),
+    Decided(A::Error, u64),
+}
+
+impl<A: Aggregate> Handler<Execute<A>> for AggregateActor<A> {
+    type Result = ResponseActFuture<Self, Result<A::Reply, ExecError<A::Error>>>;
+
+    fn handle(&mut self, msg: Execute<A>, ctx: &mut Context<Self>) -> Self::Result {
+        match self.submit(&msg.command, ctx) {
+            Err(ExecRefusal::Now(e)) => Box::pin(fut::ready(Err(e))),
+            Err(ExecRefusal::Decided(refusal, version)) => {
+                self.when_durable(version, Err(ExecError::Rejected(refusal)))
+            }
+            Ok(Submitted::Reply(reply, version)) => self.when_durable(version, Ok(reply)),
+            // Held until the journal acknowledges.
+            Ok(Submitted::Appended(reply, ack, count)) => Box::pin(
+                ack.into_actor(self)
+                    .map(move |appended, act, ctx| act.acked(appended, count, ctx).map(|()| reply)),
+            ),
+        }
+    }
+}
+
+impl<A: Aggregate> Handler<ExecuteSubmitted<A>> for AggregateActor<A> {
+    type Result = Result<SubmittedReply<A>, ExecError<A::Error>>;
+
+    fn handle(&mut self, msg: ExecuteSubmitted<A>, ctx: &mut Context<Self>) -> Self::Result {
+        match self.submit(&msg.command, ctx) {
+            Err(ExecRefusal::Now(e)) => Err(e),
+            Err(ExecRefusal::Decided(refusal, version)) => {
+                Ok((Err(refusal), self.durable_at(version)))
+            }
+            Ok(Submitted::Reply(reply, version)) => Ok((Ok(reply), self.durable_at(version))),
+            Ok(Submitted::Appended(reply, ack, count)) => {
+                let durable = self.durable_at(self.version);
+                // The acknowledgement is the actor's business as for any append; the caller
+                // waits on the durable version instead.
+                ctx.spawn(ack.into_actor(self).map(move |appended, act, ctx| {
+                    let _ = act.acked(appended, count, ctx);
+                }));
+                Ok((Ok(reply), durable))
+            }
+        }
     }
 }

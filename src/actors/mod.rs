@@ -36,7 +36,7 @@ mod aggregate;
 pub mod board;
 mod registry;
 
-pub use aggregate::AggregateActor;
+pub use aggregate::{AggregateActor, Durable};
 pub use board::Board;
 pub use registry::{
     typed_answer, ExecError, Placement, Registries, Registry, RemoteAnswer, RemoteCall, RemoteOp,

@@ -1,6 +1,8 @@
 //! The registry: stream id -> live actor, activation on demand, retries across incarnations.
 
-use super::aggregate::{ActivityClock, AggregateActor, Execute, GetState, Passivate};
+use super::aggregate::{
+    ActivityClock, AggregateActor, Durable, Execute, ExecuteSubmitted, GetState, Passivate,
+};
 use super::ActorConfig;
 use crate::clock::Clock;
 use crate::domain::Aggregate;
@@ -132,6 +134,9 @@ impl<A: Aggregate> Serve for Registry<A> {
     }
 }
 
+/// A message sent to an actor: its answer, or why the mailbox gave none.
+type Sent<T, E> = BoxFuture<'static, Result<Result<T, ExecError<E>>, MailboxError>>;
+
 /// Why a command got no domain answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum ExecError<E> {
@@ -148,6 +153,23 @@ pub enum ExecError<E> {
     /// No answer within the command timeout; the outcome is unknown. Retry with the same id.
     #[error("timed out")]
     Timeout,
+}
+
+impl<E> ExecError<E> {
+    /// The same unknown outcome for a caller of another aggregate; a refusal becomes
+    /// `Unavailable` naming it (for errors that can only be unknown outcomes, such as a
+    /// [`Durable`]'s).
+    pub fn unknown<F>(self) -> ExecError<F>
+    where
+        E: std::fmt::Debug,
+    {
+        match self {
+            ExecError::Rejected(e) => ExecError::Unavailable(format!("refused: {e:?}")),
+            ExecError::Unavailable(why) => ExecError::Unavailable(why),
+            ExecError::Overloaded => ExecError::Overloaded,
+            ExecError::Timeout => ExecError::Timeout,
+        }
+    }
 }
 
 struct Handle<A: Aggregate> {
@@ -276,16 +298,74 @@ impl<A: Aggregate> Registry<A> {
         id: &str,
         command: A::Command,
     ) -> Result<A::Reply, ExecError<A::Error>> {
+        let timeout = self.runtime.config.command_timeout;
+        self.deliver(id, move |addr| {
+            let command = command.clone();
+            Box::pin(addr.send(Execute { command }).timeout(timeout))
+        })
+        .await
+    }
+
+    /// Runs a command and answers once its events are submitted to the journal, with a
+    /// future for when they are durable ([`ExecuteSubmitted`]). On a cluster node, an
+    /// aggregate of another partition answers once durable (its log is another one: nothing
+    /// orders it with the caller's next command), its future already resolved.
+    pub async fn execute_submitted(
+        self: &Arc<Self>,
+        id: &str,
+        command: A::Command,
+    ) -> Result<(A::Reply, Durable<A::Error>), ExecError<A::Error>> {
+        if self.elsewhere(id).is_some() {
+            let reply = self.execute(id, command).await?;
+            return Ok((reply, Box::pin(futures::future::ready(Ok(())))));
+        }
+        let timeout = self.runtime.config.command_timeout;
+        let (decided, durable) = self
+            .deliver(id, move |addr| {
+                let command = command.clone();
+                Box::pin(addr.send(ExecuteSubmitted { command }).timeout(timeout))
+            })
+            .await?;
+        match decided {
+            Ok(reply) => Ok((reply, durable)),
+            // A refusal rests on the state it was decided on: answered once that is durable.
+            Err(refusal) => {
+                durable.await?;
+                Err(ExecError::Rejected(refusal))
+            }
+        }
+    }
+
+    /// For a caller chaining commands and waiting for all of them before it answers: where the
+    /// store keeps submission order and stops at its first failure
+    /// ([`in_order_fail_stop`](crate::events::EventStore::in_order_fail_stop), sled), the reply
+    /// once submitted with the wait for its durability ([`Registry::execute_submitted`]), so the
+    /// next command's flush overlaps this one's; elsewhere once durable, the wait resolved.
+    pub async fn execute_chained(
+        self: &Arc<Self>,
+        id: &str,
+        command: A::Command,
+    ) -> Result<(A::Reply, Durable<A::Error>), ExecError<A::Error>> {
+        if self.runtime.store.in_order_fail_stop() {
+            return self.execute_submitted(id, command).await;
+        }
+        let reply = self.execute(id, command).await?;
+        Ok((reply, Box::pin(futures::future::ready(Ok(())))))
+    }
+
+    /// Sends a message to `id`'s actor on this runtime (`send` sends it to an address); a
+    /// broken or passivating incarnation is replaced and the message offered again (commands
+    /// are idempotent by business id).
+    async fn deliver<T>(
+        self: &Arc<Self>,
+        id: &str,
+        mut send: impl FnMut(Addr<AggregateActor<A>>) -> Sent<T, A::Error> + Send,
+    ) -> Result<T, ExecError<A::Error>> {
         let stream = Self::stream_id(id);
         let mut last = ExecError::Unavailable("actor unreachable".into());
         for _ in 0..DELIVERY_ATTEMPTS_MAX {
             let (addr, incarnation) = self.actor(&stream);
-            let sent = addr
-                .send(Execute {
-                    command: command.clone(),
-                })
-                .timeout(self.runtime.config.command_timeout)
-                .await;
+            let sent = send(addr).await;
             match sent {
                 Ok(Ok(reply)) => return Ok(reply),
                 // The incarnation broke or was passivating: a fresh one replays the log, and the

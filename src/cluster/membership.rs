@@ -61,6 +61,9 @@ pub struct Settings {
     /// The coupon intake shard count: a seq_no's shard (its intake entity, so its partition)
     /// must be the same whichever node computes it. `None`: not checked.
     pub coupon_intake_shards: Option<u32>,
+    /// The reward intake shard count per activity: an order id's shard must be the same
+    /// whichever node computes it, or a retry could be accepted by a second shard.
+    pub reward_intake_shards: Option<u32>,
 }
 
 impl Settings {
@@ -72,6 +75,7 @@ impl Settings {
             replicas: crate::events::jetstream::REPLICAS_DEFAULT,
             namespace: NAMESPACE_DEFAULT.into(),
             coupon_intake_shards: None,
+            reward_intake_shards: None,
         }
     }
 
@@ -128,6 +132,11 @@ pub enum ClusterError {
     )]
     IntakeShardsDisagree { deployed: u32, asked: u32 },
     #[error(
+        "this node says {asked} reward intake shards per activity but the deployment has {deployed}: \
+         every node must agree (an order id's shard decides which intake accepts it)"
+    )]
+    RewardIntakeShardsDisagree { deployed: u32, asked: u32 },
+    #[error(
         "node id {node} is in use by a live node (its registration was renewed for {waited:?})"
     )]
     NodeIdInUse { node: NodeId, waited: Duration },
@@ -149,6 +158,8 @@ struct Deployment {
     /// Absent in a deployment recorded before it was agreed on: not checked there.
     #[serde(default)]
     coupon_intake_shards: Option<u32>,
+    #[serde(default)]
+    reward_intake_shards: Option<u32>,
 }
 
 /// What a lease key holds.
@@ -219,6 +230,50 @@ async fn bucket(
     }
 }
 
+/// How long a starting node keeps asking for the deployment's agreement while the servers
+/// cannot answer (a cluster of fresh servers electing the bucket's leader, seen to take more
+/// than 10 s on a loaded machine).
+const AGREEMENT_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Writes `ours` as the deployment's agreement unless one is recorded; `Ok(None)`: ours is now
+/// the agreement, `Ok(Some(stored))`: the one recorded before. The write is a publish that
+/// expects no earlier value (the bucket's compare-and-set), the read asks the stream's leader
+/// (a replica's direct read, as `kv::Store::create` makes, answered "no stream found" for
+/// seconds on fresh servers). Asked again while the servers cannot answer, up to
+/// [`AGREEMENT_PATIENCE`].
+async fn agree(agreement: &kv::Store, ours: Vec<u8>) -> Result<Option<Vec<u8>>, ClusterError> {
+    let deadline = Instant::now() + AGREEMENT_PATIENCE;
+    let subject = format!("{}{DEPLOYMENT_KEY}", agreement.prefix);
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let why = match agreement
+            .update(DEPLOYMENT_KEY, ours.clone().into(), 0)
+            .await
+        {
+            Ok(_) => return Ok(None),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                match agreement
+                    .stream
+                    .get_last_raw_message_by_subject(&subject)
+                    .await
+                {
+                    Ok(message) => return Ok(Some(message.payload.to_vec())),
+                    Err(e) => format!("reading the agreement: {e}"),
+                }
+            }
+            Err(e) => format!("writing the agreement: {e}"),
+        };
+        if Instant::now() >= deadline {
+            return Err(unavailable("deployment", why));
+        }
+        if attempt % 4 == 1 {
+            tracing::warn!(attempt, why = %why, "the deployment's agreement cannot be read yet; asking again");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// Joins the deployment's agreement: the first node writes its partition count and lease TTL,
 /// every later node must say the same (a node that disagrees is refused before it touches a
 /// lease). Creates the buckets when they do not exist.
@@ -233,6 +288,7 @@ pub async fn check_deployment(
         partitions: settings.partitions.count(),
         lease_ttl_ms: u64::try_from(settings.lease_ttl.as_millis()).unwrap_or(u64::MAX),
         coupon_intake_shards: settings.coupon_intake_shards,
+        reward_intake_shards: settings.reward_intake_shards,
     };
     let agreement = bucket(
         js,
@@ -243,37 +299,36 @@ pub async fn check_deployment(
     )
     .await?;
     let encoded = serde_json::to_vec(&ours).map_err(|e| unavailable("deployment", e))?;
-    match agreement.create(DEPLOYMENT_KEY, encoded.into()).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-            let stored = agreement
-                .get(DEPLOYMENT_KEY)
-                .await
-                .map_err(|e| unavailable("deployment", e))?
-                .ok_or_else(|| unavailable("deployment", "vanished while read"))?;
-            let deployed: Deployment =
-                serde_json::from_slice(&stored).map_err(|e| unavailable("deployment", e))?;
-            if deployed.partitions != ours.partitions {
-                return Err(ClusterError::PartitionsDisagree {
-                    deployed: deployed.partitions,
-                    asked: ours.partitions,
-                });
-            }
-            if deployed.lease_ttl_ms != ours.lease_ttl_ms {
-                return Err(ClusterError::LeaseTtlDisagree {
-                    deployed_ms: deployed.lease_ttl_ms,
-                    asked_ms: ours.lease_ttl_ms,
-                });
-            }
-            if let (Some(deployed), Some(asked)) =
-                (deployed.coupon_intake_shards, ours.coupon_intake_shards)
-            {
-                if deployed != asked {
-                    return Err(ClusterError::IntakeShardsDisagree { deployed, asked });
-                }
+    let stored = agree(&agreement, encoded).await?;
+    if let Some(stored) = stored {
+        let deployed: Deployment =
+            serde_json::from_slice(&stored).map_err(|e| unavailable("deployment", e))?;
+        if deployed.partitions != ours.partitions {
+            return Err(ClusterError::PartitionsDisagree {
+                deployed: deployed.partitions,
+                asked: ours.partitions,
+            });
+        }
+        if deployed.lease_ttl_ms != ours.lease_ttl_ms {
+            return Err(ClusterError::LeaseTtlDisagree {
+                deployed_ms: deployed.lease_ttl_ms,
+                asked_ms: ours.lease_ttl_ms,
+            });
+        }
+        if let (Some(deployed), Some(asked)) =
+            (deployed.coupon_intake_shards, ours.coupon_intake_shards)
+        {
+            if deployed != asked {
+                return Err(ClusterError::IntakeShardsDisagree { deployed, asked });
             }
         }
-        Err(e) => return Err(unavailable("deployment", e)),
+        if let (Some(deployed), Some(asked)) =
+            (deployed.reward_intake_shards, ours.reward_intake_shards)
+        {
+            if deployed != asked {
+                return Err(ClusterError::RewardIntakeShardsDisagree { deployed, asked });
+            }
+        }
     }
     let ttl = settings.lease_ttl;
     let nodes = bucket(

@@ -13,15 +13,17 @@
 //!
 //! A cell's registries run a command for an entity of another partition on that partition's
 //! holder ([`CellPlacement`], the same subject as forwarded HTTP requests), so flows and
-//! handlers move money between partitions unchanged (red packets, money rewards and
-//! withdrawals are served this way; a reward is also noted pending on its wallet's partition;
+//! handlers move money between partitions unchanged (red packets, rewards and
+//! withdrawals are served this way; a reward is accepted by its activity's intake shard against
+//! a budget slice (`flows::slices`) and noted pending on its wallet's partition until its
+//! credit, delivery or failure settles the note; its status by order id is asked of the
+//! registry shard's partition, then of the intake shard's ([`Place::RewardStatus`]);
 //! the payment channels' books are the fleet's, in key-value buckets; a coupon request is
 //! served by its intake shard's partition, whose layers reach batches and groups through
 //! their holders). The switches and the withdrawal policy are the fleet's: they live in
 //! `p000`, and every node keeps their current state for its cells, read from there every
-//! [`SINGLETONS_POLL`]. Endpoints that need what is not built yet (coupon and item rewards, a
-//! reward's status by order id) answer 501 `not_in_cluster` rather than a wrong answer
-//! (docs/ARCHITECTURE.md, "Cluster").
+//! [`SINGLETONS_POLL`]. A `/v1` path the node does not place answers 501 `not_in_cluster`
+//! rather than a wrong answer (docs/ARCHITECTURE.md, "Cluster").
 
 use super::membership::{
     check_deployment, Close, ClusterView, Keeper, Lease, PartitionHost, Settings,
@@ -32,14 +34,18 @@ use crate::actors::board::{self, Current};
 use crate::actors::{typed_answer, Placement, RemoteAnswer, RemoteCall, RemoteOp};
 use crate::clock::Clock;
 use crate::config::{Config, Keys};
+use crate::domain::activity::{intake_shard_of, shard_entity};
 use crate::domain::coupon::{intake_shard, CouponIntake};
+use crate::domain::order_ids::{shard_of, OrderIds};
 use crate::domain::switches::Switches;
 use crate::domain::withdrawal::PolicyState;
 use crate::domain::Aggregate;
 use crate::events::codec;
 use crate::events::jetstream_store::{JetStreamConfig, JetStreamStore};
 use crate::http::error::ApiError;
+use crate::http::rewards::CLAIMED_BY_HEADER;
 use crate::http::{AppState, CellContext, ServeError};
+use crate::ids::Id;
 use crate::metrics::Metrics;
 use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{Extensions, Server, ServerHandle, ServiceRequest, ServiceResponse};
@@ -92,6 +98,14 @@ pub enum Place {
     /// shard count, which every node agrees on, and the seq_no): the path's seq_no, or the
     /// JSON body's `seq_no` when `None`.
     CouponIntake(Option<String>),
+    /// By the holder of the partition of a reward's intake shard (`activity:cny@3`, from the
+    /// JSON body's `activity_id` and `order_id` and the deployment's shard count), or of its
+    /// activity when the deployment has one intake shard.
+    RewardIntake,
+    /// `GET /v1/rewards/{order_id}`: by the holder of the partition of the reward's intake
+    /// shard when the query names the activity; else first by that of the order id's
+    /// registry shard, which knows the activity (see `reward_status`).
+    RewardStatus(String),
     /// Not by a cluster node yet.
     NotInCluster,
 }
@@ -104,10 +118,8 @@ pub fn place(path: &str) -> Place {
             Place::Entity(format!("wallet:{uid}"))
         }
         ["v1", "wallets", uid, "change", "deposits"] => Place::Entity(format!("wallet:{uid}")),
-        ["v1", "rewards"] => Place::BodyField {
-            prefix: "activity",
-            field: "activity_id",
-        },
+        ["v1", "rewards"] => Place::RewardIntake,
+        ["v1", "rewards", order_id] => Place::RewardStatus((*order_id).to_owned()),
         ["v1", "activities", id, ..] | ["v1", "admin", "activities", id] => {
             Place::Entity(format!("activity:{id}"))
         }
@@ -436,6 +448,7 @@ impl Node {
         let replicas = durability.replicas;
         let mut settings = settings;
         settings.coupon_intake_shards = Some(config.coupons.intake_shards.max(1));
+        settings.reward_intake_shards = Some(config.rewards.intake_shards.max(1));
         settings.replicas = replicas;
         let joined = {
             let settings = settings.clone();
@@ -1170,6 +1183,116 @@ async fn http_call(req: &mut ServiceRequest) -> Result<HttpCall, actix_web::Erro
     })
 }
 
+/// Why a partition could not be asked (Send, unlike a response).
+enum Unasked {
+    Moving(Partition, &'static str),
+    Unreachable(Partition, String),
+}
+
+impl Unasked {
+    fn response(self) -> HttpResponse {
+        match self {
+            Unasked::Moving(partition, why) => moving(partition, why),
+            Unasked::Unreachable(partition, e) => respond(
+                ApiError::unavailable("partition_unreachable", format!("{partition}: {e}"))
+                    .with("retry_after_ms", RETRY_AFTER_MS),
+            ),
+        }
+    }
+}
+
+/// Asks `partition` with `call`, marked with it: on this node through its own listener when
+/// it holds the partition, elsewhere through the partition's holder. Runs on the cluster's
+/// runtime (the router's client lives there).
+async fn ask_partition(
+    shared: &Arc<NodeShared>,
+    partition: Partition,
+    call: HttpCall,
+) -> Result<HttpAnswer, Unasked> {
+    let answer = if shared.cells.contains_key(&partition) {
+        shared
+            .loopback
+            .send(shared.port.load(Ordering::Acquire), partition, call)
+            .await
+    } else {
+        let Some(epoch) = shared.holder_epoch(partition) else {
+            return Err(Unasked::Moving(partition, "no node holds it right now"));
+        };
+        let mut marked = call;
+        marked
+            .headers
+            .push((PARTITION_HEADER.to_owned(), partition.key().into_bytes()));
+        let encoded = codec::encode(&Routed::Http(marked))
+            .map_err(|e| Unasked::Unreachable(partition, e.to_string()))?;
+        match shared.router.request(partition, epoch, encoded).await {
+            Ok(bytes) => codec::decode::<HttpAnswer>(&bytes).map_err(|e| e.to_string()),
+            Err(RouteError::NoOwner(_)) => {
+                return Err(Unasked::Moving(partition, "no node serves it right now"))
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    answer.map_err(|e| Unasked::Unreachable(partition, e))
+}
+
+/// `GET /v1/rewards/{order_id}` without `activity_id` on a cluster: the partition of the
+/// order id's registry shard names the activity that claimed it, then the partition of the
+/// reward's intake shard answers (`http::rewards::cluster_status`). Any other answer of the
+/// first step (404 unknown_order, 503) is the answer.
+async fn reward_status(
+    shared: &Arc<NodeShared>,
+    req: &mut ServiceRequest,
+    order_id: &Id,
+) -> Result<HttpResponse, actix_web::Error> {
+    let call = http_call(req).await?;
+    let registry = shared.settings.partitions.of(&format!(
+        "{}:{}",
+        OrderIds::STREAM_PREFIX,
+        shard_of(order_id)
+    ));
+    let (shared, order_id) = (shared.clone(), order_id.clone());
+    let asked = shared
+        .cluster
+        .clone()
+        .spawn(async move {
+            let claimed = ask_partition(&shared, registry, call.clone()).await?;
+            let activity = claimed
+                .headers
+                .iter()
+                .find(|(name, _)| name.eq_ignore_ascii_case(CLAIMED_BY_HEADER))
+                .and_then(|(_, value)| Id::parse(std::str::from_utf8(value).ok()?).ok());
+            let Some(activity) = activity.filter(|_| claimed.status == 200) else {
+                return Ok(claimed);
+            };
+            let shards = shared.config.rewards.intake_shards;
+            let intake = shared.settings.partitions.of(&format!(
+                "activity:{}",
+                intake_entity(&activity, &order_id, shards)
+            ));
+            let path = match call.path.split_once('?') {
+                Some((path, query)) => format!("{path}?{query}&activity_id={activity}"),
+                None => format!("{}?activity_id={activity}", call.path),
+            };
+            ask_partition(&shared, intake, HttpCall { path, ..call }).await
+        })
+        .await
+        .map_err(actix_web::error::ErrorInternalServerError)?;
+    Ok(match asked {
+        Ok(answer) => answered(answer),
+        Err(unasked) => unasked.response(),
+    })
+}
+
+/// The entity whose partition takes (and keeps) `order_id`'s reward in `activity`: its intake
+/// shard (`cny@3`) when the deployment shards intake, else the activity.
+fn intake_entity(activity: &Id, order_id: &Id, shards: u32) -> String {
+    if shards > 1 {
+        shard_entity(activity, intake_shard_of(order_id, shards))
+    } else {
+        activity.to_string()
+    }
+}
+
 /// A list over the whole fleet: the same page asked of every partition (marked with it: on
 /// this node through its own listener, elsewhere through the partition's holder), merged.
 /// Any part that cannot answer makes the whole answer its error, never a short page that
@@ -1190,8 +1313,7 @@ async fn every_partition(
     let call = http_call(req).await?;
     /// Why a partition gave no page (Send, unlike a response).
     enum Failed {
-        Moving(Partition, &'static str),
-        Unreachable(Partition, String),
+        Unasked(Unasked),
         Answered(HttpAnswer),
         NotAList(Partition, String),
     }
@@ -1199,30 +1321,9 @@ async fn every_partition(
         let partition = Partition(n);
         let (shared, call) = (shared.clone(), call.clone());
         async move {
-            let answer = if shared.cells.contains_key(&partition) {
-                shared
-                    .loopback
-                    .send(shared.port.load(Ordering::Acquire), partition, call)
-                    .await
-            } else {
-                let Some(epoch) = shared.holder_epoch(partition) else {
-                    return Err(Failed::Moving(partition, "no node holds it right now"));
-                };
-                let mut marked = call;
-                marked
-                    .headers
-                    .push((PARTITION_HEADER.to_owned(), partition.key().into_bytes()));
-                let encoded = codec::encode(&Routed::Http(marked))
-                    .map_err(|e| Failed::Unreachable(partition, e.to_string()))?;
-                match shared.router.request(partition, epoch, encoded).await {
-                    Ok(bytes) => codec::decode::<HttpAnswer>(&bytes).map_err(|e| e.to_string()),
-                    Err(RouteError::NoOwner(_)) => {
-                        return Err(Failed::Moving(partition, "no node serves it right now"))
-                    }
-                    Err(e) => Err(e.to_string()),
-                }
-            };
-            let answer = answer.map_err(|e| Failed::Unreachable(partition, e))?;
+            let answer = ask_partition(&shared, partition, call)
+                .await
+                .map_err(Failed::Unasked)?;
             if answer.status != 200 {
                 return Err(Failed::Answered(answer));
             }
@@ -1250,11 +1351,7 @@ async fn every_partition(
             Err(failed) => failed,
         };
         return Ok(match failed {
-            Failed::Moving(partition, why) => moving(partition, why),
-            Failed::Unreachable(partition, e) => respond(
-                ApiError::unavailable("partition_unreachable", format!("{partition}: {e}"))
-                    .with("retry_after_ms", RETRY_AFTER_MS),
-            ),
+            Failed::Unasked(unasked) => unasked.response(),
             Failed::Answered(answer) => answered(answer),
             Failed::NotAList(partition, e) => respond(ApiError::new(
                 StatusCode::BAD_GATEWAY,
@@ -1276,13 +1373,31 @@ async fn every_partition(
 /// hashes to, and the handler there refuses it as a single node would); the body stays in the
 /// request for the handler.
 async fn body_field(req: &mut ServiceRequest, field: &str) -> Result<String, actix_web::Error> {
-    let body = req.extract::<web::Bytes>().await?;
-    let id = serde_json::from_slice::<serde_json::Value>(&body)
-        .ok()
-        .and_then(|json| json.get(field)?.as_str().map(str::to_owned))
-        .unwrap_or_default();
-    req.set_payload(actix_web::dev::Payload::from(body));
+    let [id] = body_fields(req, [field]).await?;
     Ok(id)
+}
+
+/// The JSON body's string `fields` (empty where absent), the body left for the handler.
+async fn body_fields<const N: usize>(
+    req: &mut ServiceRequest,
+    fields: [&str; N],
+) -> Result<[String; N], actix_web::Error> {
+    let body = req.extract::<web::Bytes>().await?;
+    let json = serde_json::from_slice::<serde_json::Value>(&body).ok();
+    let values = fields.map(|field| {
+        json.as_ref()
+            .and_then(|json| json.get(field)?.as_str().map(str::to_owned))
+            .unwrap_or_default()
+    });
+    req.set_payload(actix_web::dev::Payload::from(body));
+    Ok(values)
+}
+
+/// The partition a request was sent to by the node that asked it (one step of a lookup or of a
+/// fleet-wide list), if it says.
+fn asked_partition(req: &ServiceRequest) -> Option<Partition> {
+    let value = req.headers().get(PARTITION_HEADER)?;
+    Partition::from_key(value.to_str().ok()?)
 }
 
 /// Sends each request to the cell of its home partition, here or on its holder.
@@ -1305,10 +1420,7 @@ pub(crate) async fn dispatch(
             return Ok(req.into_response(response));
         }
         Place::EveryPartition(merge) => {
-            let part = req
-                .headers()
-                .get(PARTITION_HEADER)
-                .and_then(|v| Partition::from_key(v.to_str().ok()?));
+            let part = asked_partition(&req);
             match part {
                 Some(partition) => partition,
                 None => {
@@ -1321,6 +1433,40 @@ pub(crate) async fn dispatch(
         Place::BodyField { prefix, field } => {
             let id = body_field(&mut req, field).await?;
             shared.settings.partitions.of(&format!("{prefix}:{id}"))
+        }
+        Place::RewardIntake => {
+            let [activity, order_id] = body_fields(&mut req, ["activity_id", "order_id"]).await?;
+            let shards = shared.config.rewards.intake_shards;
+            // With intake shards, the order id's shard (where its slice intake runs); a bad
+            // id goes to the activity's partition, whose handler refuses it.
+            let entity = match (Id::parse(&activity), Id::parse(&order_id)) {
+                (Ok(activity), Ok(order_id)) => intake_entity(&activity, &order_id, shards),
+                _ => activity,
+            };
+            shared.settings.partitions.of(&format!("activity:{entity}"))
+        }
+        Place::RewardStatus(order_id) => {
+            let asked = asked_partition(&req);
+            let activity = web::Query::<std::collections::HashMap<String, String>>::from_query(
+                req.query_string(),
+            )
+            .ok()
+            .and_then(|q| q.get("activity_id").cloned());
+            match (asked, Id::parse(&order_id), activity.map(|a| Id::parse(&a))) {
+                // One step of a lookup a node makes: the partition it asked.
+                (Some(partition), _, _) => partition,
+                (None, Ok(order_id), Some(Ok(activity))) => {
+                    let shards = shared.config.rewards.intake_shards;
+                    let entity = intake_entity(&activity, &order_id, shards);
+                    shared.settings.partitions.of(&format!("activity:{entity}"))
+                }
+                (None, Ok(order_id), None) => {
+                    let response = reward_status(&shared, &mut req, &order_id).await?;
+                    return Ok(req.into_response(response));
+                }
+                // A bad id: any partition's handler refuses it, as a single node would.
+                _ => Partition(0),
+            }
         }
         Place::CouponIntake(seq_no) => {
             let seq_no = match seq_no {
@@ -1604,15 +1750,10 @@ mod tests {
             place("/v1/coupon-batches/spring"),
             Place::Entity("coupon-batch:spring".into())
         );
-        // Rewards: by the activity, the wallet page's lists by the wallet; a reward's status
-        // by order id alone is not served yet.
-        assert_eq!(
-            place("/v1/rewards"),
-            Place::BodyField {
-                prefix: "activity",
-                field: "activity_id"
-            }
-        );
+        // Rewards: by the order id's intake shard, the shortcuts and budgets by the activity,
+        // the wallet page's lists by the wallet; a reward's status by order id alone is not
+        // served yet.
+        assert_eq!(place("/v1/rewards"), Place::RewardIntake);
         assert_eq!(
             place("/v1/activities/cny/rain/3/rewards"),
             Place::Entity("activity:cny".into())
@@ -1625,7 +1766,7 @@ mod tests {
             place("/v1/wallets/u1/rewards"),
             Place::Entity("wallet:u1".into())
         );
-        assert_eq!(place("/v1/rewards/o1"), Place::NotInCluster);
+        assert_eq!(place("/v1/rewards/o1"), Place::RewardStatus("o1".into()));
         assert_eq!(
             place("/v1/wallets/u1/withdrawals"),
             Place::BodyField {
@@ -1687,7 +1828,7 @@ mod tests {
                 );
                 assert_eq!(
                     operation.responses.responses.contains_key("501"),
-                    !served || crate::http::openapi::CLUSTER_PARTLY.contains(&id.as_str()),
+                    !served,
                     "{id} ({path})"
                 );
                 checked += 1;

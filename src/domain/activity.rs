@@ -18,6 +18,20 @@
 //!   issuance: whatever budget it took is returned); a reward is voided once (its budget is
 //!   returned), only while it is neither delivered, failed nor credited elsewhere.
 //!
+//! **Budget slices** (a cluster's intake shards, docs/ARCHITECTURE.md "Budget slices"): one
+//! activity's rewards may be accepted by `shards` intake shards, each an `Activity` of its own
+//! (entity `cny@3`, [`shard_entity`]), so that a hot activity's intake is not one actor on one
+//! node. The activity grants each shard slices of its budget ([`ActivityCommand::Grant`]); a
+//! shard accepts against what it received and has not released ([`ActivityCommand::AcceptInSlice`])
+//! and gives its unused slice back when recalled ([`ActivityCommand::Release`],
+//! [`ActivityCommand::TakeBack`]). Both directions carry *cumulative* totals, so a message lost
+//! or repeated between the two partitions is delivered by the next one and never counted
+//! twice: the activity grants again only what the shard has received, and takes back only up
+//! to what the shard has released. What a shard accepts is bounded by what it received minus
+//! what it released; what the activity granted minus what it took back is bounded by the
+//! budget minus what it accepted itself: so accepted never exceeds the budget (the audit checks
+//! each bound and the matching of the two sides).
+//!
 //! Idempotency memory is keyed by a 128-bit digest of the order id (collision odds ~1e-24 at
 //! 100 million orders) and holds a 64-bit payload fingerprint: about 40 bytes per order instead
 //! of the whole request.
@@ -115,6 +129,30 @@ pub(crate) fn digest(parts: &[&[u8]]) -> [u8; 32] {
 pub fn order_key(order_id: &Id) -> u128 {
     let d = digest(&[order_id.as_str().as_bytes()]);
     u128::from_be_bytes(d[..16].try_into().expect("16 bytes"))
+}
+
+/// Separates an activity id from its intake shard's number in the shard's entity id (`cny@3`).
+/// Not a character ids may hold, so no activity can be mistaken for a shard.
+pub const SHARD_SEPARATOR: char = '@';
+
+/// The entity id of intake shard `shard` of `activity` (its stream is `activity:cny@3`).
+pub fn shard_entity(activity: &Id, shard: u32) -> String {
+    format!("{activity}{SHARD_SEPARATOR}{shard}")
+}
+
+/// The intake shard that accepts `order_id` among `shards` (stable: a retry finds the same).
+pub fn intake_shard_of(order_id: &Id, shards: u32) -> u32 {
+    (order_key(order_id) % u128::from(shards.max(1))) as u32
+}
+
+/// The activity of an activity stream (`activity:cny` or its intake shard `activity:cny@3`)
+/// and the shard's number. `None` for any other stream.
+pub fn activity_of_stream(stream: &str) -> Option<(Id, Option<u32>)> {
+    let rest = stream.strip_prefix("activity:")?;
+    match rest.split_once(SHARD_SEPARATOR) {
+        None => Some((Id::parse(rest).ok()?, None)),
+        Some((activity, shard)) => Some((Id::parse(activity).ok()?, Some(shard.parse().ok()?))),
+    }
 }
 
 impl Reward {
@@ -243,6 +281,39 @@ pub enum ActivityCommand {
         uid: Id,
         reason: FailReason,
     },
+    /// An intake shard accepts a reward against its slice (money kinds), or without one
+    /// (coupon, item: they take no budget). Short of slice: [`ActivityError::SliceShort`].
+    /// `received`: a granted cumulative total to record first, in the same decision (as
+    /// `Receive`; zero: none), so that the reward that asked for a slice is accepted from it
+    /// before any other reward can take it.
+    AcceptInSlice { reward: Reward, received: Fen },
+    /// The activity grants intake shard `shard` (of `shards`) a slice of its `kind` budget. The
+    /// shard says what it has `received` so far: while that is less than what was granted, the
+    /// answer is the granted total again (a grant in transit), nothing new. Otherwise a new
+    /// slice of at least `need`, about `want` (less when the budget runs low), or
+    /// [`ActivityReply::Short`] when less than `need` is left unallocated.
+    Grant {
+        shard: u32,
+        shards: u32,
+        kind: RewardKind,
+        received: Fen,
+        need: Fen,
+        want: Fen,
+        require_budget: bool,
+    },
+    /// The shard records what the activity granted it, as the granted cumulative `total`
+    /// (only the part above what it already received counts). `total` zero reads the holding.
+    Receive { kind: RewardKind, total: Fen },
+    /// The shard gives back its unused slice; the answer is its cumulative released total.
+    Release { kind: RewardKind },
+    /// The activity takes back what shard `shard` released, as the cumulative `total`.
+    TakeBack {
+        shard: u32,
+        kind: RewardKind,
+        total: Fen,
+    },
+    /// Budget, accepted money and the number of rewards (no event).
+    Books,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -275,6 +346,29 @@ pub enum ActivityEvent {
         amount: Fen,
         reason: FailReason,
     },
+    /// Appended in issue 13 (budget slices), in the activity's stream: `amount` of the `kind`
+    /// budget granted to intake shard `shard`.
+    SliceGranted {
+        shard: u32,
+        kind: RewardKind,
+        amount: Fen,
+    },
+    /// In a shard's stream: the part of the activity's grants it had not received yet.
+    SliceReceived {
+        kind: RewardKind,
+        amount: Fen,
+    },
+    /// In a shard's stream: its unused slice given back.
+    SliceReleased {
+        kind: RewardKind,
+        amount: Fen,
+    },
+    /// In the activity's stream: what shard `shard` released, back in the budget.
+    SliceTakenBack {
+        shard: u32,
+        kind: RewardKind,
+        amount: Fen,
+    },
 }
 
 impl ActivityEvent {
@@ -286,6 +380,10 @@ impl ActivityEvent {
             ActivityEvent::RewardVoided { .. } => "activity.reward_voided",
             ActivityEvent::BudgetReturned { .. } => "activity.budget_returned",
             ActivityEvent::RewardFailed { .. } => "activity.reward_failed",
+            ActivityEvent::SliceGranted { .. } => "activity.slice_granted",
+            ActivityEvent::SliceReceived { .. } => "activity.slice_received",
+            ActivityEvent::SliceReleased { .. } => "activity.slice_released",
+            ActivityEvent::SliceTakenBack { .. } => "activity.slice_taken_back",
         }
     }
 }
@@ -303,6 +401,31 @@ pub enum ActivityReply {
     Delivered,
     Voided,
     Failed,
+    /// The shard's granted cumulative total (new or in transit).
+    Granted {
+        total: Fen,
+    },
+    /// Less than `need` is unallocated (`unallocated` of it); nothing is in transit.
+    Short {
+        total: Fen,
+        unallocated: Fen,
+    },
+    /// The shard's holding after a `Receive`.
+    Received {
+        received: Fen,
+        available: Fen,
+    },
+    /// The shard's cumulative released total, and what this command released.
+    Released {
+        total: Fen,
+        now: Fen,
+    },
+    TakenBack,
+    Books {
+        budget: Option<Budgets>,
+        accepted: Budgets,
+        rewards: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -331,6 +454,19 @@ pub enum ActivityError {
     Overflow,
     #[error("amount must be positive")]
     ZeroAmount,
+    /// An intake shard has `available` of `kind` left in its slice, less than the reward.
+    #[error("the intake shard holds {available} of {kind}, less than the reward")]
+    SliceShort {
+        kind: RewardKind,
+        received: Fen,
+        available: Fen,
+    },
+    /// A slice message that contradicts the books (more received or released than granted):
+    /// a defect, never acted on.
+    #[error("slice books disagree: {reason}")]
+    SliceMismatch { reason: String },
+    #[error("{kind} rewards have no budget to slice")]
+    NotMoney { kind: RewardKind },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -358,6 +494,32 @@ pub struct Activity {
     pub orders: HashMap<u128, OrderMemo>,
     /// Digests of the order ids whose money came back (`ReturnBudget`).
     pub returned: std::collections::HashSet<u128>,
+    /// The activity's side of budget slices: per intake shard and kind, granted and taken back.
+    pub slices: BTreeMap<(u32, RewardKind), SliceBooks>,
+    /// An intake shard's side: per kind, received from the activity and released back.
+    pub holding: BTreeMap<RewardKind, Holding>,
+}
+
+/// What the activity granted one intake shard of one kind, and took back (cumulative).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SliceBooks {
+    pub granted: Fen,
+    pub taken_back: Fen,
+}
+
+/// What an intake shard received of one kind, and released (cumulative).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holding {
+    pub received: Fen,
+    pub released: Fen,
+}
+
+fn saturating_add(a: Fen, b: Fen) -> Fen {
+    a.checked_add(b).unwrap_or(Fen::new(u64::MAX))
+}
+
+fn saturating_sub(a: Fen, b: Fen) -> Fen {
+    a.checked_sub(b).unwrap_or(Fen::ZERO)
 }
 
 impl Activity {
@@ -385,11 +547,222 @@ impl Activity {
             RewardKind::Subsidy => budget.subsidy,
             RewardKind::Coupon | RewardKind::Item => return None,
         };
-        Some(
-            total
-                .checked_sub(self.accepted_of(kind))
-                .unwrap_or(Fen::ZERO),
+        Some(saturating_sub(
+            saturating_sub(total, self.accepted_of(kind)),
+            self.outstanding(kind),
+        ))
+    }
+
+    /// Granted to intake shards and not taken back, of `kind`.
+    pub fn outstanding(&self, kind: RewardKind) -> Fen {
+        self.slices
+            .iter()
+            .filter(|((_, k), _)| *k == kind)
+            .fold(Fen::ZERO, |sum, (_, books)| {
+                saturating_add(sum, saturating_sub(books.granted, books.taken_back))
+            })
+    }
+
+    /// What an intake shard may still accept of `kind`: received, minus released, minus
+    /// accepted.
+    pub fn available(&self, kind: RewardKind) -> Fen {
+        let holding = self.holding.get(&kind).copied().unwrap_or_default();
+        saturating_sub(
+            saturating_sub(holding.received, holding.released),
+            self.accepted_of(kind),
         )
+    }
+
+    /// A reward answered before any budget is looked at: a zero amount, or an already known
+    /// order id (the original outcome again, or a conflict).
+    fn answered(
+        &self,
+        reward: &Reward,
+    ) -> Option<Result<Decision<ActivityEvent, ActivityReply>, ActivityError>> {
+        if reward.amount.is_zero() {
+            return Some(Err(ActivityError::ZeroAmount));
+        }
+        let memo = self.order(&reward.order_id)?;
+        Some(if memo.fingerprint == reward.fingerprint() {
+            Ok(Decision::Reply(ActivityReply::Accepted { replayed: true }))
+        } else {
+            Err(ActivityError::IdempotencyConflict {
+                order_id: reward.order_id.clone(),
+            })
+        })
+    }
+
+    fn accept_in_slice(
+        &self,
+        reward: &Reward,
+        received: Fen,
+    ) -> Result<Decision<ActivityEvent, ActivityReply>, ActivityError> {
+        if let Some(answered) = self.answered(reward) {
+            return answered;
+        }
+        let mut events = Vec::with_capacity(2);
+        if reward.kind.wallet_entry().is_some() {
+            self.accepted_of(reward.kind)
+                .checked_add(reward.amount)
+                .map_err(|_| ActivityError::Overflow)?;
+            let holding = self.holding.get(&reward.kind).copied().unwrap_or_default();
+            let mut available = self.available(reward.kind);
+            if received > holding.received {
+                let amount = saturating_sub(received, holding.received);
+                available = saturating_add(available, amount);
+                events.push(ActivityEvent::SliceReceived {
+                    kind: reward.kind,
+                    amount,
+                });
+            }
+            if reward.amount > available {
+                // Nothing recorded, the receipt included: the grant stays in transit and is
+                // delivered again by the activity at the next ask.
+                return Err(ActivityError::SliceShort {
+                    kind: reward.kind,
+                    received: holding.received,
+                    available: self.available(reward.kind),
+                });
+            }
+        }
+        events.push(ActivityEvent::RewardAccepted(reward.clone()));
+        Ok(Decision::Emit(
+            events,
+            ActivityReply::Accepted { replayed: false },
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn grant(
+        &self,
+        shard: u32,
+        shards: u32,
+        kind: RewardKind,
+        received: Fen,
+        need: Fen,
+        want: Fen,
+        require_budget: bool,
+    ) -> Result<Decision<ActivityEvent, ActivityReply>, ActivityError> {
+        if kind.wallet_entry().is_none() {
+            return Err(ActivityError::NotMoney { kind });
+        }
+        if need.is_zero() {
+            return Err(ActivityError::ZeroAmount);
+        }
+        let books = self.slices.get(&(shard, kind)).copied().unwrap_or_default();
+        if received > books.granted {
+            return Err(ActivityError::SliceMismatch {
+                reason: format!(
+                    "shard {shard} says it received {received} of {kind}, {} was granted",
+                    books.granted
+                ),
+            });
+        }
+        if received < books.granted {
+            // A grant in transit: delivered again, nothing new.
+            return Ok(Decision::Reply(ActivityReply::Granted {
+                total: books.granted,
+            }));
+        }
+        let amount = match self.remaining(kind) {
+            None if require_budget => return Err(ActivityError::BudgetNotSet),
+            None => need.max(want),
+            Some(free) if free < need => {
+                return Ok(Decision::Reply(ActivityReply::Short {
+                    total: books.granted,
+                    unallocated: free,
+                }))
+            }
+            // A fair part of what is left, so that one shard cannot hold it all at the end.
+            Some(free) => {
+                let part = Fen::new(free.as_u64() / (2 * u64::from(shards.max(1))));
+                free.min(need.max(want.min(part)))
+            }
+        };
+        let total = books
+            .granted
+            .checked_add(amount)
+            .map_err(|_| ActivityError::Overflow)?;
+        Ok(Decision::Emit(
+            vec![ActivityEvent::SliceGranted {
+                shard,
+                kind,
+                amount,
+            }],
+            ActivityReply::Granted { total },
+        ))
+    }
+
+    fn receive(
+        &self,
+        kind: RewardKind,
+        total: Fen,
+    ) -> Result<Decision<ActivityEvent, ActivityReply>, ActivityError> {
+        let holding = self.holding.get(&kind).copied().unwrap_or_default();
+        let available = self.available(kind);
+        if total <= holding.received {
+            return Ok(Decision::Reply(ActivityReply::Received {
+                received: holding.received,
+                available,
+            }));
+        }
+        let amount = saturating_sub(total, holding.received);
+        Ok(Decision::Emit(
+            vec![ActivityEvent::SliceReceived { kind, amount }],
+            ActivityReply::Received {
+                received: total,
+                available: saturating_add(available, amount),
+            },
+        ))
+    }
+
+    fn release(
+        &self,
+        kind: RewardKind,
+    ) -> Result<Decision<ActivityEvent, ActivityReply>, ActivityError> {
+        let holding = self.holding.get(&kind).copied().unwrap_or_default();
+        let amount = self.available(kind);
+        if amount.is_zero() {
+            return Ok(Decision::Reply(ActivityReply::Released {
+                total: holding.released,
+                now: Fen::ZERO,
+            }));
+        }
+        Ok(Decision::Emit(
+            vec![ActivityEvent::SliceReleased { kind, amount }],
+            ActivityReply::Released {
+                total: saturating_add(holding.released, amount),
+                now: amount,
+            },
+        ))
+    }
+
+    fn take_back(
+        &self,
+        shard: u32,
+        kind: RewardKind,
+        total: Fen,
+    ) -> Result<Decision<ActivityEvent, ActivityReply>, ActivityError> {
+        let books = self.slices.get(&(shard, kind)).copied().unwrap_or_default();
+        if total > books.granted {
+            return Err(ActivityError::SliceMismatch {
+                reason: format!(
+                    "shard {shard} says it released {total} of {kind}, {} was granted",
+                    books.granted
+                ),
+            });
+        }
+        if total <= books.taken_back {
+            return Ok(Decision::Reply(ActivityReply::TakenBack));
+        }
+        Ok(Decision::Emit(
+            vec![ActivityEvent::SliceTakenBack {
+                shard,
+                kind,
+                amount: saturating_sub(total, books.taken_back),
+            }],
+            ActivityReply::TakenBack,
+        ))
     }
 
     pub fn order(&self, order_id: &Id) -> Option<&OrderMemo> {
@@ -401,17 +774,8 @@ impl Activity {
         reward: &Reward,
         require_budget: bool,
     ) -> Result<Decision<ActivityEvent, ActivityReply>, ActivityError> {
-        if reward.amount.is_zero() {
-            return Err(ActivityError::ZeroAmount);
-        }
-        if let Some(memo) = self.order(&reward.order_id) {
-            return if memo.fingerprint == reward.fingerprint() {
-                Ok(Decision::Reply(ActivityReply::Accepted { replayed: true }))
-            } else {
-                Err(ActivityError::IdempotencyConflict {
-                    order_id: reward.order_id.clone(),
-                })
-            };
+        if let Some(answered) = self.answered(reward) {
+            return answered;
         }
         if reward.kind.wallet_entry().is_some() {
             self.accepted_of(reward.kind)
@@ -478,7 +842,8 @@ impl Aggregate for Activity {
                     (RewardKind::Cash, budget.cash),
                     (RewardKind::Subsidy, budget.subsidy),
                 ] {
-                    let accepted = self.accepted_of(kind);
+                    // Slices held by intake shards are spent as far as the budget knows.
+                    let accepted = saturating_add(self.accepted_of(kind), self.outstanding(kind));
                     if requested < accepted {
                         return Err(ActivityError::BudgetBelowAccepted {
                             kind,
@@ -605,6 +970,36 @@ impl Aggregate for Activity {
                 after.evolve(&event);
                 Ok(Decision::Emit(vec![event], after.budget_reply()))
             }
+            ActivityCommand::AcceptInSlice { reward, received } => {
+                self.accept_in_slice(reward, *received)
+            }
+            ActivityCommand::Grant {
+                shard,
+                shards,
+                kind,
+                received,
+                need,
+                want,
+                require_budget,
+            } => self.grant(
+                *shard,
+                *shards,
+                *kind,
+                *received,
+                *need,
+                *want,
+                *require_budget,
+            ),
+            ActivityCommand::Receive { kind, total } => self.receive(*kind, *total),
+            ActivityCommand::Release { kind } => self.release(*kind),
+            ActivityCommand::TakeBack { shard, kind, total } => {
+                self.take_back(*shard, *kind, *total)
+            }
+            ActivityCommand::Books => Ok(Decision::Reply(ActivityReply::Books {
+                budget: self.budget,
+                accepted: self.accepted,
+                rewards: self.orders.len() as u64,
+            })),
         }
     }
 
@@ -653,13 +1048,46 @@ impl Aggregate for Activity {
                 amount,
                 ..
             } => self.settle_unspent(order_id, *kind, *amount, OrderState::Failed),
+            ActivityEvent::SliceGranted {
+                shard,
+                kind,
+                amount,
+            } => {
+                let books = self.slices.entry((*shard, *kind)).or_default();
+                books.granted = saturating_add(books.granted, *amount);
+            }
+            ActivityEvent::SliceTakenBack {
+                shard,
+                kind,
+                amount,
+            } => {
+                let books = self.slices.entry((*shard, *kind)).or_default();
+                books.taken_back = saturating_add(books.taken_back, *amount);
+            }
+            ActivityEvent::SliceReceived { kind, amount } => {
+                let holding = self.holding.entry(*kind).or_default();
+                holding.received = saturating_add(holding.received, *amount);
+            }
+            ActivityEvent::SliceReleased { kind, amount } => {
+                let holding = self.holding.entry(*kind).or_default();
+                holding.released = saturating_add(holding.released, *amount);
+            }
         }
     }
 
     fn correlation_id(command: &ActivityCommand) -> String {
         match command {
             ActivityCommand::SetBudget(_) => "budget".into(),
-            ActivityCommand::Accept { reward, .. } => reward.order_id.to_string(),
+            ActivityCommand::Accept { reward, .. }
+            | ActivityCommand::AcceptInSlice { reward, .. } => reward.order_id.to_string(),
+            ActivityCommand::Grant { shard, kind, .. }
+            | ActivityCommand::TakeBack { shard, kind, .. } => {
+                format!("slice:{shard}:{kind}")
+            }
+            ActivityCommand::Receive { kind, .. } | ActivityCommand::Release { kind } => {
+                format!("slice:{kind}")
+            }
+            ActivityCommand::Books => "books".into(),
             ActivityCommand::MarkDelivered { order_id, .. }
             | ActivityCommand::MarkFailed { order_id, .. }
             | ActivityCommand::Void { order_id, .. }
@@ -1028,6 +1456,203 @@ mod tests {
         ]
     }
 
+    fn run(state: &mut Activity, command: ActivityCommand) -> Result<ActivityReply, ActivityError> {
+        match state.decide(&command, &CTX)? {
+            Decision::Emit(events, reply) => {
+                for e in &events {
+                    state.evolve(e);
+                }
+                Ok(reply)
+            }
+            Decision::Reply(reply) => Ok(reply),
+        }
+    }
+
+    fn grant(shard: u32, received: u64, need: u64, want: u64) -> ActivityCommand {
+        ActivityCommand::Grant {
+            shard,
+            shards: 4,
+            kind: RewardKind::Cash,
+            received: Fen::new(received),
+            need: Fen::new(need),
+            want: Fen::new(want),
+            require_budget: false,
+        }
+    }
+
+    fn in_slice(order: &str, amount: u64) -> ActivityCommand {
+        ActivityCommand::AcceptInSlice {
+            reward: reward(order, RewardKind::Cash, amount),
+            received: Fen::ZERO,
+        }
+    }
+
+    #[test]
+    fn an_intake_shard_accepts_only_within_the_slice_it_received() {
+        let mut shard = Activity::default();
+        assert_eq!(
+            run(&mut shard, in_slice("o1", 10)),
+            Err(ActivityError::SliceShort {
+                kind: RewardKind::Cash,
+                received: Fen::ZERO,
+                available: Fen::ZERO
+            })
+        );
+        let receive = |total| ActivityCommand::Receive {
+            kind: RewardKind::Cash,
+            total: Fen::new(total),
+        };
+        assert_eq!(
+            run(&mut shard, receive(15)),
+            Ok(ActivityReply::Received {
+                received: Fen::new(15),
+                available: Fen::new(15)
+            })
+        );
+        // The same total again (a repeated answer) adds nothing.
+        run(&mut shard, receive(15)).unwrap();
+        assert_eq!(
+            run(&mut shard, in_slice("o1", 10)),
+            Ok(ActivityReply::Accepted { replayed: false })
+        );
+        assert_eq!(
+            run(&mut shard, in_slice("o1", 10)),
+            Ok(ActivityReply::Accepted { replayed: true })
+        );
+        assert!(matches!(
+            run(&mut shard, in_slice("o2", 6)),
+            Err(ActivityError::SliceShort { available, .. }) if available == Fen::new(5)
+        ));
+        assert_eq!(
+            run(
+                &mut shard,
+                ActivityCommand::Release {
+                    kind: RewardKind::Cash
+                }
+            ),
+            Ok(ActivityReply::Released {
+                total: Fen::new(5),
+                now: Fen::new(5)
+            })
+        );
+        assert_eq!(shard.available(RewardKind::Cash), Fen::ZERO);
+    }
+
+    #[test]
+    fn the_reward_that_asked_for_a_slice_is_accepted_from_it_in_the_same_decision() {
+        let mut shard = Activity::default();
+        let with_receipt = |order: &str, amount, total| ActivityCommand::AcceptInSlice {
+            reward: reward(order, RewardKind::Cash, amount),
+            received: Fen::new(total),
+        };
+        assert_eq!(
+            shard.decide(&with_receipt("o1", 10, 30), &CTX),
+            Ok(Decision::Emit(
+                vec![
+                    ActivityEvent::SliceReceived {
+                        kind: RewardKind::Cash,
+                        amount: Fen::new(30)
+                    },
+                    ActivityEvent::RewardAccepted(reward("o1", RewardKind::Cash, 10)),
+                ],
+                ActivityReply::Accepted { replayed: false }
+            ))
+        );
+        run(&mut shard, with_receipt("o1", 10, 30)).unwrap();
+        // Still short with the receipt: nothing recorded, not even the receipt.
+        assert!(matches!(
+            run(&mut shard, with_receipt("o2", 40, 35)),
+            Err(ActivityError::SliceShort { available, .. }) if available == Fen::new(20)
+        ));
+        assert_eq!(shard.holding[&RewardKind::Cash].received, Fen::new(30));
+    }
+
+    #[test]
+    fn the_activity_grants_fair_slices_redelivers_one_in_transit_and_is_short_only_below_the_need()
+    {
+        let mut main = given(&[budget(1_000, 0)]);
+        // Wants 400; 1,000 free over 4 shards: a slice of 1,000 / 8 = 125.
+        assert_eq!(
+            run(&mut main, grant(0, 0, 10, 400)),
+            Ok(ActivityReply::Granted {
+                total: Fen::new(125)
+            })
+        );
+        // The shard did not record it and asks again: the same total, nothing new.
+        assert_eq!(
+            run(&mut main, grant(0, 0, 10, 400)),
+            Ok(ActivityReply::Granted {
+                total: Fen::new(125)
+            })
+        );
+        assert_eq!(main.remaining(RewardKind::Cash), Some(Fen::new(875)));
+        // A need above the fair part is granted whole.
+        assert_eq!(
+            run(&mut main, grant(1, 0, 800, 10)),
+            Ok(ActivityReply::Granted {
+                total: Fen::new(800)
+            })
+        );
+        assert_eq!(
+            run(&mut main, grant(2, 0, 76, 10)),
+            Ok(ActivityReply::Short {
+                total: Fen::ZERO,
+                unallocated: Fen::new(75)
+            })
+        );
+        // A shard claiming more than was granted is a defect, refused.
+        assert!(matches!(
+            run(&mut main, grant(0, 500, 1, 1)),
+            Err(ActivityError::SliceMismatch { .. })
+        ));
+        // The budget cannot go below what is accepted plus what the shards hold.
+        assert!(matches!(
+            run(&mut main, ActivityCommand::SetBudget(Budgets { cash: Fen::new(900), subsidy: Fen::ZERO })),
+            Err(ActivityError::BudgetBelowAccepted { accepted, .. }) if accepted == Fen::new(925)
+        ));
+        // Taken back (cumulative, so a repeat moves nothing), and grantable again.
+        let take_back = |total| ActivityCommand::TakeBack {
+            shard: 1,
+            kind: RewardKind::Cash,
+            total: Fen::new(total),
+        };
+        run(&mut main, take_back(300)).unwrap();
+        run(&mut main, take_back(300)).unwrap();
+        assert_eq!(main.remaining(RewardKind::Cash), Some(Fen::new(375)));
+        assert!(matches!(
+            run(&mut main, take_back(801)),
+            Err(ActivityError::SliceMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn an_activity_without_a_budget_grants_what_is_wanted_unless_budgets_are_required() {
+        let mut main = Activity::default();
+        assert_eq!(
+            run(&mut main, grant(0, 0, 10, 400)),
+            Ok(ActivityReply::Granted {
+                total: Fen::new(400)
+            })
+        );
+        let required = ActivityCommand::Grant {
+            shard: 1,
+            shards: 4,
+            kind: RewardKind::Cash,
+            received: Fen::ZERO,
+            need: Fen::new(1),
+            want: Fen::new(1),
+            require_budget: true,
+        };
+        assert_eq!(run(&mut main, required), Err(ActivityError::BudgetNotSet));
+        assert_eq!(
+            activity_of_stream("activity:cny@3"),
+            Some((id("cny"), Some(3)))
+        );
+        assert_eq!(activity_of_stream("activity:cny"), Some((id("cny"), None)));
+        assert_eq!(activity_of_stream("activity:cny@x"), None);
+        assert_eq!(activity_of_stream("wallet:u1"), None);
+    }
+
     proptest! {
         #[test]
         fn no_interleaving_of_rewards_retries_and_budget_changes_accepts_beyond_the_budget(
@@ -1107,6 +1732,92 @@ mod tests {
             let total = |kind| rewards.iter().filter(|r| r.kind == kind).map(|r| r.amount.as_u64()).sum::<u64>();
             prop_assert_eq!(wallet.activity.as_u64(), total(RewardKind::Cash));
             prop_assert_eq!(wallet.subsidy.as_u64(), total(RewardKind::Subsidy));
+        }
+
+        #[test]
+        fn budget_slices_never_let_the_shards_accept_beyond_the_budget_and_a_full_recall_strands_nothing(
+            budget_cash in 0u64..5_000,
+            shards in 1u32..5,
+            slice in 1u64..2_000,
+            steps in proptest::collection::vec((0u32..5, 1u64..400, 0u8..4, proptest::bool::ANY), 0..120),
+        ) {
+            // Goal: whatever the order of grants, receipts, acceptances and recalls between an
+            // activity and its shards, and whichever answers are lost on the way (a lost
+            // answer: the caller does not act on it), (1) the shards accept no more money than
+            // the budget, at every step; (2) once every shard has fetched what is in transit
+            // and released the rest, and the activity took it back, what is unallocated is
+            // exactly the budget minus what the shards accepted: nothing stranded.
+            let mut main = given(&[budget(budget_cash, 0)]);
+            let mut held: Vec<Activity> = (0..shards).map(|_| Activity::default()).collect();
+            let run = |state: &mut Activity, command: &ActivityCommand| -> Option<ActivityReply> {
+                match state.decide(command, &CTX) {
+                    Ok(Decision::Emit(events, reply)) => {
+                        for e in &events {
+                            state.evolve(e);
+                        }
+                        Some(reply)
+                    }
+                    Ok(Decision::Reply(reply)) => Some(reply),
+                    Err(_) => None,
+                }
+            };
+            let accepted = |held: &Vec<Activity>| held.iter().map(|h| h.accepted.cash.as_u64()).sum::<u64>();
+            for (n, (shard, amount, op, lost)) in steps.into_iter().enumerate() {
+                let k = shard % shards;
+                match op {
+                    // A reward at shard k: accepted within its slice; else a grant is asked.
+                    0 | 1 => {
+                        let r = reward(&format!("o{n}"), RewardKind::Cash, amount);
+                        if run(&mut held[k as usize], &ActivityCommand::AcceptInSlice { reward: r.clone(), received: Fen::ZERO }).is_none() {
+                            let received = held[k as usize].holding.get(&RewardKind::Cash).map_or(Fen::ZERO, |h| h.received);
+                            let available = held[k as usize].available(RewardKind::Cash);
+                            let need = Fen::new(amount.saturating_sub(available.as_u64()).max(1));
+                            let grant = ActivityCommand::Grant { shard: k, shards, kind: RewardKind::Cash, received, need, want: Fen::new(slice), require_budget: true };
+                            if let Some(ActivityReply::Granted { total }) = run(&mut main, &grant) {
+                                // The receipt alone, or with the reward that asked for it.
+                                let receipt = if op == 0 {
+                                    ActivityCommand::Receive { kind: RewardKind::Cash, total }
+                                } else {
+                                    ActivityCommand::AcceptInSlice { reward: r, received: total }
+                                };
+                                if !lost {
+                                    run(&mut held[k as usize], &receipt);
+                                }
+                            }
+                        }
+                    }
+                    // A recall of shard k's unused slice (the take-back may be lost).
+                    2 => {
+                        if let Some(ActivityReply::Released { total, .. }) = run(&mut held[k as usize], &ActivityCommand::Release { kind: RewardKind::Cash }) {
+                            if !lost {
+                                run(&mut main, &ActivityCommand::TakeBack { shard: k, kind: RewardKind::Cash, total });
+                            }
+                        }
+                    }
+                    // A stale or repeated message: an old receipt total again.
+                    _ => {
+                        let total = main.slices.get(&(k, RewardKind::Cash)).map_or(Fen::ZERO, |b| b.granted);
+                        run(&mut held[k as usize], &ActivityCommand::Receive { kind: RewardKind::Cash, total: Fen::new(total.as_u64() / 2) });
+                    }
+                }
+                prop_assert!(accepted(&held) <= budget_cash, "shards accepted {} of a budget of {}", accepted(&held), budget_cash);
+                for h in &held {
+                    prop_assert!(h.accepted.cash <= h.holding.get(&RewardKind::Cash).map_or(Fen::ZERO, |x| saturating_sub(x.received, x.released)));
+                }
+            }
+            // The drain: each shard fetches what is in transit, releases, and is taken back.
+            for k in 0..shards {
+                let received = held[k as usize].holding.get(&RewardKind::Cash).map_or(Fen::ZERO, |h| h.received);
+                let grant = ActivityCommand::Grant { shard: k, shards, kind: RewardKind::Cash, received, need: Fen::new(1), want: Fen::new(1), require_budget: true };
+                if let Some(ActivityReply::Granted { total }) = main.decide(&grant, &CTX).ok().and_then(|d| match d { Decision::Reply(r) => Some(r), Decision::Emit(..) => None }) {
+                    run(&mut held[k as usize], &ActivityCommand::Receive { kind: RewardKind::Cash, total });
+                }
+                let Some(ActivityReply::Released { total, .. }) = run(&mut held[k as usize], &ActivityCommand::Release { kind: RewardKind::Cash }) else {
+                    panic!("a release is always answered");
+                };
+                prop_assert_eq!(run(&mut main, &ActivityCommand::TakeBack { shard: k, kind: RewardKind::Cash, total }), Some(ActivityReply::TakenBack));
+            }
+            prop_assert_eq!(main.remaining(RewardKind::Cash), Some(Fen::new(budget_cash - accepted(&held))));
         }
     }
 }

@@ -88,7 +88,7 @@ impl IssueRequest {
 /// reserved seq_no `reward:<activity>:<order>` (hashed when that is too long for an id), for the
 /// reward's batch (`-`, an unknown batch, when it names none). `None` for another stream.
 pub fn reward_request(stream: &str, reward: &Reward) -> Option<(Id, IssueRequest)> {
-    let activity = Id::parse(stream.strip_prefix("activity:")?).ok()?;
+    let (activity, _shard) = crate::domain::activity::activity_of_stream(stream)?;
     let seq_no =
         Id::parse(&format!("reward:{activity}:{}", reward.order_id)).unwrap_or_else(|_| {
             let k = key(&reward.order_id) ^ key(&activity).rotate_left(1);

@@ -113,6 +113,12 @@ pub enum PacketCommand {
     Claim {
         uid: Id,
     },
+    /// Several claims decided together, in order, exactly as the same `Claim` commands one
+    /// after the other would be; new shares are recorded as one `SharesClaimed` event (one
+    /// `ShareClaimed` when only one is new). Answers `Many`, one outcome per uid, in order.
+    ClaimMany {
+        uids: Vec<Id>,
+    },
     /// At or after the deadline.
     Expire,
     /// The remainder went back (C2C: to the sender's change; B2C: to the campaign budget).
@@ -145,6 +151,11 @@ pub enum PacketEvent {
         amount: Fen,
         at_ms: Millis,
     },
+    /// Shares claimed together (a merged `ClaimMany`), in index order: the same as one
+    /// `ShareClaimed` per record. Last in the enum: older logs decode unchanged.
+    SharesClaimed {
+        claims: Vec<ClaimRecord>,
+    },
 }
 
 impl PacketEvent {
@@ -155,6 +166,7 @@ impl PacketEvent {
             PacketEvent::ShareClaimed { .. } => "packet.share_claimed",
             PacketEvent::Expired { .. } => "packet.expired",
             PacketEvent::Refunded { .. } => "packet.refunded",
+            PacketEvent::SharesClaimed { .. } => "packet.shares_claimed",
         }
     }
 }
@@ -204,6 +216,8 @@ pub enum PacketReply {
         remaining_count: u32,
         replayed: bool,
     },
+    /// `ClaimMany`'s outcomes, one per uid in the order given.
+    Many(Vec<Result<PacketReply, PacketError>>),
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -293,6 +307,97 @@ impl Packet {
     }
 }
 
+/// Claims decided in one command and not yet recorded: the packet as it would be after them
+/// is the packet plus these.
+#[derive(Default)]
+struct ClaimBatch {
+    claims: Vec<ClaimRecord>,
+    by_uid: HashMap<Id, u32>,
+}
+
+impl ClaimBatch {
+    /// The one event recording the batch's claims, if any.
+    fn event(self) -> Option<PacketEvent> {
+        let mut claims = self.claims;
+        match claims.len() {
+            0 => None,
+            1 => {
+                let ClaimRecord {
+                    uid,
+                    index,
+                    amount,
+                    at_ms,
+                } = claims.remove(0);
+                Some(PacketEvent::ShareClaimed {
+                    uid,
+                    index,
+                    amount,
+                    at_ms,
+                })
+            }
+            _ => Some(PacketEvent::SharesClaimed { claims }),
+        }
+    }
+}
+
+impl Packet {
+    /// Decides one claim (P3, P5) on the packet as it is after `batch`, adding the new claim to
+    /// `batch`. The hot path: nothing is cloned but the uid.
+    fn claim_into(
+        &self,
+        batch: &mut ClaimBatch,
+        uid: &Id,
+        at_ms: Millis,
+    ) -> Result<PacketReply, PacketError> {
+        let spec = self.spec.as_ref().ok_or(PacketError::Unknown)?;
+        let claimed = self.claims.len() + batch.claims.len();
+        let remaining_count = (self.shares.len() - claimed) as u32;
+        if let Some(&index) = self.claimed_by.get(uid).or_else(|| batch.by_uid.get(uid)) {
+            return Ok(PacketReply::Claimed {
+                amount: self.shares[index as usize],
+                remaining_count,
+                replayed: true,
+            });
+        }
+        match self.state {
+            Some(PacketState::PendingPayment) => return Err(PacketError::NotPaid),
+            Some(PacketState::Expired) => return Err(PacketError::Expired),
+            Some(PacketState::Exhausted) => return Err(PacketError::Empty),
+            _ if remaining_count == 0 => return Err(PacketError::Empty),
+            _ => {}
+        }
+        if at_ms >= spec.expires_at_ms {
+            return Err(PacketError::Expired);
+        }
+        if spec.audience.as_ref().is_some_and(|a| !a.contains(uid)) {
+            return Err(PacketError::NotInAudience);
+        }
+        let index = claimed as u32;
+        let amount = self.shares[claimed];
+        batch.by_uid.insert(uid.clone(), index);
+        batch.claims.push(ClaimRecord {
+            uid: uid.clone(),
+            index,
+            amount,
+            at_ms,
+        });
+        Ok(PacketReply::Claimed {
+            amount,
+            remaining_count: remaining_count - 1,
+            replayed: false,
+        })
+    }
+
+    /// Records one claim (`ShareClaimed`, or one of a `SharesClaimed`).
+    fn record_claim(&mut self, claim: &ClaimRecord) {
+        self.claimed_by.insert(claim.uid.clone(), claim.index);
+        self.claims.push(claim.clone());
+        if self.claims.len() == self.shares.len() {
+            self.state = Some(PacketState::Exhausted);
+        }
+    }
+}
+
 impl Aggregate for Packet {
     type Command = PacketCommand;
     type Event = PacketEvent;
@@ -366,42 +471,24 @@ impl Aggregate for Packet {
                 Some(other) => Err(PacketError::WrongState(other)),
             },
             PacketCommand::Claim { uid } => {
-                let spec = self.spec.as_ref().ok_or(PacketError::Unknown)?;
-                if let Some(&index) = self.claimed_by.get(uid) {
-                    let amount = self.shares[index as usize];
-                    return Ok(Decision::Reply(PacketReply::Claimed {
-                        amount,
-                        remaining_count: self.remaining_count(),
-                        replayed: true,
-                    }));
-                }
-                match state {
-                    Some(PacketState::PendingPayment) => return Err(PacketError::NotPaid),
-                    Some(PacketState::Expired) => return Err(PacketError::Expired),
-                    Some(PacketState::Exhausted) => return Err(PacketError::Empty),
-                    _ => {}
-                }
-                if at_ms >= spec.expires_at_ms {
-                    return Err(PacketError::Expired);
-                }
-                if spec.audience.as_ref().is_some_and(|a| !a.contains(uid)) {
-                    return Err(PacketError::NotInAudience);
-                }
-                let index = self.claims.len() as u32;
-                let amount = self.shares[index as usize];
-                let event = PacketEvent::ShareClaimed {
-                    uid: uid.clone(),
-                    index,
-                    amount,
-                    at_ms,
-                };
-                // The hot path: the reply is computed, not read from a clone of the packet.
-                let reply = PacketReply::Claimed {
-                    amount,
-                    remaining_count: self.remaining_count() - 1,
-                    replayed: false,
-                };
-                Ok(Decision::Emit(vec![event], reply))
+                let mut batch = ClaimBatch::default();
+                let reply = self.claim_into(&mut batch, uid, at_ms)?;
+                Ok(match batch.event() {
+                    Some(event) => Decision::Emit(vec![event], reply),
+                    None => Decision::Reply(reply),
+                })
+            }
+            PacketCommand::ClaimMany { uids } => {
+                let mut batch = ClaimBatch::default();
+                let replies = uids
+                    .iter()
+                    .map(|uid| self.claim_into(&mut batch, uid, at_ms))
+                    .collect();
+                let reply = PacketReply::Many(replies);
+                Ok(match batch.event() {
+                    Some(event) => Decision::Emit(vec![event], reply),
+                    None => Decision::Reply(reply),
+                })
             }
             PacketCommand::Expire => {
                 let spec = self.spec.as_ref().ok_or(PacketError::Unknown)?;
@@ -466,16 +553,15 @@ impl Aggregate for Packet {
                 index,
                 amount,
                 at_ms,
-            } => {
-                self.claimed_by.insert(uid.clone(), *index);
-                self.claims.push(ClaimRecord {
-                    uid: uid.clone(),
-                    index: *index,
-                    amount: *amount,
-                    at_ms: *at_ms,
-                });
-                if self.claims.len() == self.shares.len() {
-                    self.state = Some(PacketState::Exhausted);
+            } => self.record_claim(&ClaimRecord {
+                uid: uid.clone(),
+                index: *index,
+                amount: *amount,
+                at_ms: *at_ms,
+            }),
+            PacketEvent::SharesClaimed { claims } => {
+                for claim in claims {
+                    self.record_claim(claim);
                 }
             }
             PacketEvent::Expired { .. } => self.state = Some(PacketState::Expired),
@@ -748,6 +834,75 @@ mod tests {
             let uids: BTreeSet<&Id> = p.claims.iter().map(|c| &c.uid).collect();
             prop_assert_eq!(uids.len(), p.claims.len());
             prop_assert_eq!(replay(Packet::default(), &log), p);
+        }
+
+        #[test]
+        fn claims_merged_into_one_command_decide_and_replay_as_single_claims(
+            total in 1u64..100_000,
+            count in 1u32..40,
+            seed in any::<u64>(),
+            lucky in any::<bool>(),
+            audience in proptest::option::of(proptest::collection::btree_set(0u8..30, 1..20)),
+            paid in prop::sample::select(vec![true, true, true, false]),
+            already in proptest::collection::vec(0u8..30, 0..20),
+            lots in proptest::collection::vec(proptest::collection::vec(0u8..30, 0..25), 1..6),
+            expired in prop::sample::select(vec![false, false, false, true]),
+        ) {
+            // Goal: a packet (paid or not, with an audience or not, partly claimed, expired or
+            // not) given lots of claims (repeats within and across lots) answers every uid of a
+            // `ClaimMany` exactly as the same `Claim`s one after the other would, and its merged
+            // events replay to the same packet as their single `ShareClaimed`s.
+            prop_assume!(total >= count as u64);
+            let split = if lucky { Split::Lucky } else { Split::Even };
+            let uid = |c: &u8| id(&format!("u{c}"));
+            let audience = audience.map(|a| a.iter().map(uid).collect::<BTreeSet<_>>());
+            let mut p = run(
+                &Packet::default(),
+                PacketCommand::Create(PacketSpec { seed, audience, ..spec(total, count, split) }),
+                0,
+            ).unwrap().0;
+            if paid {
+                p = run(&p, PacketCommand::MarkPaid { payment_id: id("pay") }, 1).unwrap().0;
+            }
+            for c in &already {
+                if let Ok((next, _)) = run(&p, PacketCommand::Claim { uid: uid(c) }, 2) {
+                    p = next;
+                }
+            }
+            let now = if expired { 10_000 } else { 3 };
+            let before = p.clone();
+            let (mut single, mut merged) = (p.clone(), p);
+            let (mut single_log, mut merged_log) = (Vec::new(), Vec::new());
+            for lot in &lots {
+                let mut one_by_one = Vec::new();
+                for c in lot {
+                    match single.decide(&PacketCommand::Claim { uid: uid(c) }, &Ctx { now_ms: now }) {
+                        Ok(Decision::Emit(events, reply)) => {
+                            for e in events {
+                                single.evolve(&e);
+                                single_log.push(e);
+                            }
+                            one_by_one.push(Ok(reply));
+                        }
+                        Ok(Decision::Reply(reply)) => one_by_one.push(Ok(reply)),
+                        Err(e) => one_by_one.push(Err(e)),
+                    }
+                }
+                let command = PacketCommand::ClaimMany { uids: lot.iter().map(uid).collect() };
+                let (events, reply) = match merged.decide(&command, &Ctx { now_ms: now }).unwrap() {
+                    Decision::Emit(events, reply) => (events, reply),
+                    Decision::Reply(reply) => (Vec::new(), reply),
+                };
+                prop_assert!(events.len() <= 1, "one event per lot: {:?}", events);
+                for e in events {
+                    merged.evolve(&e);
+                    merged_log.push(e);
+                }
+                prop_assert_eq!(reply, PacketReply::Many(one_by_one));
+            }
+            prop_assert_eq!(&merged, &single);
+            prop_assert!(merged_log.len() <= single_log.len());
+            prop_assert_eq!(replay(before.clone(), &merged_log), replay(before, &single_log));
         }
     }
 }

@@ -168,9 +168,15 @@ pub enum WalletCommand {
     /// until the credit settles it (R6). Moves no money; nothing is recorded if the reward is
     /// already credited or noted. The reply moves nothing (amount 0).
     NotePending(PendingNote),
+    /// On a cluster: a reward noted pending here that its activity settled without a credit
+    /// (a coupon or item delivered or failed, a reward voided) is no longer pending. Recorded
+    /// once, noted or not, so that a note arriving after it records nothing. Moves no money;
+    /// the reply moves nothing (amount 0).
+    SettleNote { activity_id: Id, order_id: Id },
 }
 
-/// A money reward accepted by an activity, noted on the wallet it will be credited to.
+/// A reward accepted by an activity, noted on the wallet of its user (a money reward is
+/// credited to it; a coupon or item reward is delivered to the user).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PendingNote {
     pub activity_id: Id,
@@ -187,6 +193,7 @@ impl WalletCommand {
             | WalletCommand::Refund { order_id, .. }
             | WalletCommand::BarDebit { order_id, .. } => order_id,
             WalletCommand::NotePending(note) => &note.order_id,
+            WalletCommand::SettleNote { order_id, .. } => order_id,
         }
     }
 }
@@ -218,8 +225,15 @@ pub enum WalletEvent {
     Debited(Line),
     /// No money moved: the debit named will be refused from now on.
     DebitBarred(BarredDebit),
-    /// Appended in issue 13. No money moved: a reward accepted elsewhere, to be credited here.
+    /// Appended in issue 13. No money moved: a reward accepted elsewhere, to be credited here
+    /// (or, a coupon or item reward, delivered to this user).
     PendingNoted(PendingNote),
+    /// Appended in issue 13. No money moved: a reward noted here was settled by its activity
+    /// without a credit (delivered, failed or voided).
+    NoteSettled {
+        activity_id: Id,
+        order_id: Id,
+    },
 }
 
 impl WalletEvent {
@@ -229,6 +243,7 @@ impl WalletEvent {
             WalletEvent::Debited(_) => "wallet.debited",
             WalletEvent::DebitBarred(_) => "wallet.debit_barred",
             WalletEvent::PendingNoted(_) => "wallet.pending_noted",
+            WalletEvent::NoteSettled { .. } => "wallet.note_settled",
         }
     }
 
@@ -236,7 +251,9 @@ impl WalletEvent {
     pub fn line(&self) -> Option<&Line> {
         match self {
             WalletEvent::Credited(line) | WalletEvent::Debited(line) => Some(line),
-            WalletEvent::DebitBarred(_) | WalletEvent::PendingNoted(_) => None,
+            WalletEvent::DebitBarred(_)
+            | WalletEvent::PendingNoted(_)
+            | WalletEvent::NoteSettled { .. } => None,
         }
     }
 }
@@ -293,6 +310,10 @@ pub struct Wallet {
     pub barred: HashSet<BarredDebit>,
     /// Rewards noted pending and not credited yet, by (activity, order id).
     pub noted: HashSet<(Id, Id)>,
+    /// Rewards their activity settled without a credit, by (activity, order id): a note of
+    /// one records nothing. Appended in issue 13 (an older snapshot no longer decodes and is
+    /// replaced by replaying the log).
+    pub settled: HashSet<(Id, Id)>,
 }
 
 impl Wallet {
@@ -324,6 +345,22 @@ impl Wallet {
     fn emit(line: Line, event: fn(Line) -> WalletEvent) -> Decision<WalletEvent, Movement> {
         let reply = Self::movement(line.clone(), false);
         Decision::Emit(vec![event(line)], reply)
+    }
+
+    /// The answer to a note (or its settling): nothing moves; `replayed` until recorded.
+    fn note_reply(&self, entry: Entry, activity_id: &Id, order_id: &Id) -> Movement {
+        Movement {
+            account: entry.account(),
+            line: Line {
+                entry,
+                order_id: order_id.clone(),
+                amount: Fen::ZERO,
+                balance_after: self.balance(entry.account()),
+                source: Some(activity_id.clone()),
+            },
+            replayed: true,
+            barred: false,
+        }
     }
 
     /// The answer to a `BarDebit` that found no debit: nothing moved.
@@ -489,32 +526,46 @@ impl Aggregate for Wallet {
                 ))
             }
             WalletCommand::NotePending(note) => {
-                let Some(entry) = note.kind.wallet_entry() else {
-                    return Err(WalletError::WrongEntry {
-                        entry: Entry::Reward,
-                    });
-                };
-                let reply = Movement {
-                    account: entry.account(),
-                    line: Line {
-                        entry,
-                        order_id: note.order_id.clone(),
-                        amount: Fen::ZERO,
-                        balance_after: self.balance(entry.account()),
-                        source: Some(note.activity_id.clone()),
-                    },
-                    replayed: true,
-                    barred: false,
-                };
+                // A coupon or item reward moves no money; its reply names the reward entry.
+                let money = note.kind.wallet_entry();
+                let reply = self.note_reply(
+                    money.unwrap_or(Entry::Reward),
+                    &note.activity_id,
+                    &note.order_id,
+                );
                 let key = (note.activity_id.clone(), note.order_id.clone());
-                // Credited already (the credit settled it), or noted: nothing to record.
-                if self.entries.contains_key(&(entry, note.order_id.clone()))
-                    || self.noted.contains(&key)
-                {
+                // Credited already (the credit settled it), settled otherwise, or noted:
+                // nothing to record.
+                let credited =
+                    money.is_some_and(|e| self.entries.contains_key(&(e, note.order_id.clone())));
+                if credited || self.settled.contains(&key) || self.noted.contains(&key) {
                     return Ok(Decision::Reply(reply));
                 }
                 Ok(Decision::Emit(
                     vec![WalletEvent::PendingNoted(note.clone())],
+                    Movement {
+                        replayed: false,
+                        ..reply
+                    },
+                ))
+            }
+            WalletCommand::SettleNote {
+                activity_id,
+                order_id,
+            } => {
+                let reply = self.note_reply(Entry::Reward, activity_id, order_id);
+                if self
+                    .settled
+                    .contains(&(activity_id.clone(), order_id.clone()))
+                {
+                    return Ok(Decision::Reply(reply));
+                }
+                let settled = WalletEvent::NoteSettled {
+                    activity_id: activity_id.clone(),
+                    order_id: order_id.clone(),
+                };
+                Ok(Decision::Emit(
+                    vec![settled],
                     Movement {
                         replayed: false,
                         ..reply
@@ -564,6 +615,15 @@ impl Aggregate for Wallet {
             WalletEvent::PendingNoted(note) => {
                 self.noted
                     .insert((note.activity_id.clone(), note.order_id.clone()));
+                return;
+            }
+            WalletEvent::NoteSettled {
+                activity_id,
+                order_id,
+            } => {
+                let key = (activity_id.clone(), order_id.clone());
+                self.noted.remove(&key);
+                self.settled.insert(key);
                 return;
             }
         };
@@ -868,7 +928,7 @@ mod tests {
     #[test]
     fn a_noted_reward_is_settled_by_its_credit_and_never_noted_after_it() {
         // Goal: a note records once and moves no money; the reward's credit settles it; a
-        // note for a reward already credited records nothing; an item reward cannot be noted.
+        // note for a reward already credited records nothing.
         let mut w = Wallet::default();
         assert!(matches!(
             w.decide(&note("r1", 50), &CTX),
@@ -885,17 +945,42 @@ mod tests {
             w.decide(&note("r1", 50), &CTX),
             Ok(Decision::Reply(_))
         ));
-        let item = WalletCommand::NotePending(PendingNote {
-            kind: crate::domain::activity::RewardKind::Item,
-            ..match note("r2", 1) {
-                WalletCommand::NotePending(n) => n,
-                _ => unreachable!(),
-            }
-        });
+    }
+
+    #[test]
+    fn an_item_reward_noted_is_settled_once_and_never_noted_after_it() {
+        // Goal: a coupon or item reward (no money) is noted like a money one; settling it
+        // removes the note, records once, moves nothing; a note arriving after the settling
+        // (an intake retried late) records nothing, so it is never pending again.
+        let mut w = Wallet::default();
+        let item = |order: &str| {
+            WalletCommand::NotePending(PendingNote {
+                kind: crate::domain::activity::RewardKind::Item,
+                ..match note(order, 1) {
+                    WalletCommand::NotePending(n) => n,
+                    _ => unreachable!(),
+                }
+            })
+        };
+        let settle = |order: &str| WalletCommand::SettleNote {
+            activity_id: id("act1"),
+            order_id: id(order),
+        };
+        assert!(!run(&mut w, &item("i1")).unwrap().replayed);
+        assert!(w.noted.contains(&(id("act1"), id("i1"))));
+        let settled = run(&mut w, &settle("i1")).unwrap();
+        assert!(!settled.replayed && settled.line.amount.is_zero());
+        assert!(w.noted.is_empty());
+        assert!(matches!(w.decide(&settle("i1"), &CTX), Ok(Decision::Reply(m)) if m.replayed));
+        assert!(matches!(w.decide(&item("i1"), &CTX), Ok(Decision::Reply(m)) if m.replayed));
+        // Settled before it was ever noted: the late note records nothing either.
+        run(&mut w, &settle("i2")).unwrap();
         assert!(matches!(
-            w.decide(&item, &CTX),
-            Err(WalletError::WrongEntry { .. })
+            w.decide(&item("i2"), &CTX),
+            Ok(Decision::Reply(_))
         ));
+        assert!(w.noted.is_empty());
+        assert_eq!(w.balance(Account::Activity), Fen::ZERO);
     }
 
     fn run(wallet: &mut Wallet, command: &WalletCommand) -> Result<Movement, WalletError> {

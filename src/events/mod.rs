@@ -292,6 +292,16 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// Finishes every append already submitted, flushes, and stops the journal.
     fn close(&self) -> BoxFuture<'static, Result<(), StoreError>>;
+
+    /// True when appends become durable in submission order and a failed write stops the
+    /// journal for good (sled's single writer): an append submitted after another is then
+    /// durable only if that other is. A caller may act on a decision once its append is
+    /// submitted, and still answer only once everything it relies on is durable. False (the
+    /// default) where a batch can fail and a later one succeed (JetStream re-reads its head
+    /// and goes on).
+    fn in_order_fail_stop(&self) -> bool {
+        false
+    }
 }
 
 /// A record as the log stores it, for checks that must not trust the decoder (`verify`,

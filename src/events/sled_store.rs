@@ -550,6 +550,11 @@ impl super::Log for SledStore {
 }
 
 impl EventStore for SledStore {
+    /// One writer, batches in submission order, fail-stop on any failed write or flush.
+    fn in_order_fail_stop(&self) -> bool {
+        true
+    }
+
     fn append(
         &self,
         writer: u64,

@@ -24,17 +24,20 @@
 //! after a stop (C5: what is queued stays in the log) or a crash (C6) the task re-drives every
 //! request from there, and requests already decided get their recorded answers.
 
+use super::reward_lanes::settle_note;
 use super::{load_checkpoint, save_checkpoint, FlowGroup, CHECKPOINT_TREE};
 use crate::actors::{ExecError, Registry};
 use crate::clock::{Clock, Millis};
 use crate::domain::activity::{
-    order_key, Activity, ActivityCommand, ActivityEvent, FailReason, RewardKind,
+    order_key, Activity, ActivityCommand, ActivityError, ActivityEvent, FailReason, RewardClaim,
+    RewardKind,
 };
 use crate::domain::coupon::{
     intake_shard, next_step, reward_request, Acceptance, BatchCommand, BatchError, BatchInfo,
     BatchReply, BatchSpec, CouponBatch, CouponGroup, CouponIntake, GroupCommand, IntakeCommand,
     IntakeReply, IssueRequest, Outcome, Place, Progress, Refusal, Risk, RiskRules, Step, Verdict,
 };
+use crate::domain::wallet::Wallet;
 use crate::domain::Event;
 use crate::events::{Envelope, EventStore, StoreError, Subscription};
 use crate::ids::Id;
@@ -163,6 +166,8 @@ pub struct Coupons {
     pub batches: Arc<Registry<CouponBatch>>,
     pub groups: Arc<Registry<CouponGroup>>,
     activities: Arc<Registry<Activity>>,
+    /// Where a coupon reward's note is settled on a cluster.
+    wallets: Arc<Registry<Wallet>>,
     stock: DashMap<Id, Arc<StockEntry>>,
     intake: Vec<mpsc::Sender<Submission>>,
     green: mpsc::Sender<GreenRequest>,
@@ -193,6 +198,7 @@ impl Coupons {
         batches: Arc<Registry<CouponBatch>>,
         groups: Arc<Registry<CouponGroup>>,
         activities: Arc<Registry<Activity>>,
+        wallets: Arc<Registry<Wallet>>,
         db: &sled::Db,
         config: CouponConfig,
     ) -> Result<(Arc<Coupons>, CouponFlows), StoreError> {
@@ -216,6 +222,7 @@ impl Coupons {
             batches,
             groups,
             activities,
+            wallets,
             stock: DashMap::new(),
             intake: senders,
             green,
@@ -441,8 +448,9 @@ struct Tracked {
     accepted_at_ms: Millis,
     /// Accepted after this process started: it may take the local sold-out shortcut.
     fresh: bool,
-    /// A coupon reward: its activity and order id, marked delivered when final.
-    reward: Option<(Id, Id)>,
+    /// A coupon reward: the activity entity that accepted it (`cny`, or its intake shard
+    /// `cny@3` on a cluster), which marks it delivered or failed when final, and the reward.
+    reward: Option<(String, RewardClaim)>,
     screen: Option<Refusal>,
     progress: Progress,
     done: Option<Outcome>,
@@ -502,7 +510,12 @@ impl Layers {
             + self.requests_in_flight[1]
     }
 
-    fn track(&mut self, envelope: &Envelope, request: IssueRequest, reward: Option<(Id, Id)>) {
+    fn track(
+        &mut self,
+        envelope: &Envelope,
+        request: IssueRequest,
+        reward: Option<(String, RewardClaim)>,
+    ) {
         *self.outstanding.entry(envelope.seq).or_default() += 1;
         self.queue1.push_back(Tracked {
             request,
@@ -534,8 +547,11 @@ impl Layers {
                     let Some((activity, request)) = reward_request(&envelope.stream, reward) else {
                         continue;
                     };
-                    let order = reward.order_id.clone();
-                    self.track(envelope, request, Some((activity, order)));
+                    let Some(entity) = envelope.stream.strip_prefix("activity:") else {
+                        continue;
+                    };
+                    let claim = RewardClaim::of(&activity, reward);
+                    self.track(envelope, request, Some((entity.to_owned(), claim)));
                 }
                 _ => {}
             }
@@ -852,53 +868,42 @@ async fn drive(coupons: Arc<Coupons>, layer: Layer, mut items: Vec<Tracked>) -> 
     }
     // Coupon rewards: the activity settles each one by its request's final outcome.
     let settles = items.iter().filter_map(|t| {
-        let (activity, order_id) = t.reward.as_ref()?;
-        Some(settle_reward(
-            &coupons.activities,
-            activity,
-            order_id,
-            &t.request.uid,
-            t.done?,
-        ))
+        let (entity, claim) = t.reward.as_ref()?;
+        Some(settle_reward(&coupons, entity, claim, t.done?))
     });
     join_all(settles).await;
     LayerDone { layer, items }
 }
 
 /// Settles a coupon reward in its activity by its request's final outcome: delivered when the
-/// coupon was issued, failed (its budget returned) when the issuance was refused. Both are
-/// idempotent; transient errors are retried until the activity answers, so the reward never
-/// stays pending (R6) while its request is final. A refusal of the command (the reward was
-/// already settled otherwise, or predates this process's rules) is logged, not retried.
-async fn settle_reward(
-    activities: &Arc<Registry<Activity>>,
-    activity: &Id,
-    order_id: &Id,
-    uid: &Id,
-    outcome: Outcome,
-) {
+/// coupon was issued, failed (its budget returned) when the issuance was refused; then, on a
+/// cluster, the note on its user's wallet. Both are idempotent; transient errors are retried
+/// until the activity answers, so the reward never stays pending (R6) while its request is
+/// final. A refusal of the command other than "settled otherwise already" (the reward predates
+/// this process's rules) is logged, not retried.
+async fn settle_reward(coupons: &Coupons, entity: &str, claim: &RewardClaim, outcome: Outcome) {
+    let (order_id, uid) = (claim.order_id.clone(), claim.uid.clone());
     let command = match outcome {
-        Outcome::Issued(_) => ActivityCommand::MarkDelivered {
-            order_id: order_id.clone(),
-            uid: uid.clone(),
-        },
+        Outcome::Issued(_) => ActivityCommand::MarkDelivered { order_id, uid },
         Outcome::Rejected(refusal) => ActivityCommand::MarkFailed {
-            order_id: order_id.clone(),
-            uid: uid.clone(),
+            order_id,
+            uid,
             reason: FailReason::CouponRefused(refusal),
         },
     };
     let mut backoff = RETRY_BACKOFF_MIN;
     loop {
-        match activities.execute(activity.as_str(), command.clone()).await {
-            Ok(_) => return,
+        match coupons.activities.execute(entity, command.clone()).await {
+            Ok(_) | Err(ExecError::Rejected(ActivityError::WrongState { .. })) => {
+                return settle_note(&coupons.wallets, claim).await;
+            }
             Err(e) if transient(&e) => {
-                tracing::warn!(order_id = %order_id, error = ?e, "coupon reward not settled yet; retrying");
+                tracing::warn!(order_id = %claim.order_id, error = ?e, "coupon reward not settled yet; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
             }
             Err(e) => {
-                tracing::error!(order_id = %order_id, activity = %activity, error = ?e, "coupon reward cannot be settled");
+                tracing::error!(order_id = %claim.order_id, activity = %entity, error = ?e, "coupon reward cannot be settled");
                 return;
             }
         }

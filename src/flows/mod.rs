@@ -4,14 +4,18 @@
 //!
 //! - [`reward_lanes`]: credit accepted rewards to wallets, per kind, rate-limited, cash first.
 //! - [`coupons`]: coupon intake batchers, the two issuance layers, the green channel.
+//! - [`packet_claims`]: a packet's claims merged into lots, one event per lot (P3, issue 14).
 //! - [`order_claims`]: reward intake's order-id claims, merged per registry shard (R4).
+//! - [`slices`]: reward intake through budget slices on intake shards (a cluster's hot activities).
 //! - [`packets`]: red packet payment, share transfers, expiry and refunds.
 //! - [`withdrawals`]: the withdrawal request flow, payout lanes, compensation, reconciliation.
 
 pub mod coupons;
 pub mod order_claims;
+pub mod packet_claims;
 pub mod packets;
 pub mod reward_lanes;
+pub mod slices;
 pub mod withdrawals;
 
 use crate::actors::Runtime;

@@ -8,18 +8,22 @@
 //! pipelines them), so the next lot gathers while one is flushed; under light load a lot is a
 //! single claim and nothing waits for company.
 //!
-//! Each caller gets its own claim's outcome once the command is durable (or replayed from a
-//! durable state). An unknown outcome (`Unavailable`, `Timeout`) is reported to every caller
+//! Each caller gets its own claim's outcome with a future for when it is durable: on a store
+//! that keeps submission order and stops at its first failure (sled) as soon as the command is
+//! submitted, elsewhere once it is durable (see [`OrderClaims::accept`], which answers only
+//! once the claim is durable either way). An unknown outcome (`Unavailable`, `Timeout`) is reported to every caller
 //! of the lot: each retries with the same order id and gets the recorded answer.
 
+use super::slices::SlicedIntake;
 use super::FlowGroup;
-use crate::actors::{ExecError, Registry};
+use crate::actors::{Durable, ExecError, Registry};
 use crate::domain::activity::{Activity, ActivityCommand, ActivityError, ActivityReply, Reward};
 use crate::domain::order_ids::{
     shard_of, ClaimOutcome, OrderClaim, OrderIdCommand, OrderIdError, OrderIds,
     CLAIMS_PER_COMMAND_MAX, ORDER_ID_SHARDS,
 };
 use crate::ids::Id;
+use futures::future::{FutureExt, Shared};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
@@ -28,7 +32,10 @@ const CLAIMS_IN_FLIGHT_PER_SHARD: usize = 4;
 /// Claims waiting per shard before `claim` waits (backpressure on intake).
 const CLAIMS_QUEUED_PER_SHARD_MAX: usize = 16_384;
 
-type ClaimResult = Result<ClaimOutcome, ExecError<OrderIdError>>;
+/// Resolves once the claim is durable (shared by every claim of its lot).
+type ClaimDurable = Shared<Durable<OrderIdError>>;
+
+type ClaimResult = Result<(ClaimOutcome, ClaimDurable), ExecError<OrderIdError>>;
 
 struct PendingClaim {
     claim: OrderClaim,
@@ -57,7 +64,9 @@ impl OrderClaims {
         OrderClaims { shards, flows }
     }
 
-    /// Claims the reward's order id for its activity and payload; answers once durable.
+    /// Claims the reward's order id for its activity and payload; answers once the claim is
+    /// decided and submitted to the journal, with a future for when it is durable (already
+    /// resolved where the store does not keep submission order: see [`OrderClaims::accept`]).
     pub async fn claim(&self, activity_id: &Id, reward: &Reward) -> ClaimResult {
         let claim = OrderClaim::of(activity_id, reward);
         let shard = shard_of(&claim.order_id) as usize;
@@ -76,9 +85,12 @@ impl OrderClaims {
     /// and is accepted; any other payload under that order id is a conflict, in any activity.
     /// `Ok(replayed)`: accepted and durable (`replayed` for the original outcome of an
     /// identical earlier request).
+    /// With `slices` (a cluster's intake shards), the reward is accepted by its intake shard
+    /// against a budget slice instead of by the activity itself.
     pub async fn accept(
         &self,
         activities: &Arc<Registry<Activity>>,
+        slices: Option<&SlicedIntake>,
         activity_id: &Id,
         reward: Reward,
         require_budget: bool,
@@ -88,9 +100,16 @@ impl OrderClaims {
                 order_id: reward.order_id.clone(),
             })
         };
-        match self.claim(activity_id, &reward).await {
-            Ok(ClaimOutcome::Claimed | ClaimOutcome::Replayed) => {}
-            Ok(ClaimOutcome::Conflict) => return Err(conflict()),
+        // The claim answers once submitted where the journal keeps submission order and stops
+        // at its first failure (sled): the acceptance, submitted after it, cannot be durable
+        // unless the claim is, so the two flushes overlap instead of following each other.
+        // Every answer still waits for the claim to be durable.
+        let durable = match self.claim(activity_id, &reward).await {
+            Ok((ClaimOutcome::Claimed | ClaimOutcome::Replayed, durable)) => durable,
+            Ok((ClaimOutcome::Conflict, durable)) => {
+                claim_durable(durable).await?;
+                return Err(conflict());
+            }
             Err(ExecError::Rejected(e)) => {
                 // Only a claim command of the wrong size: a bug in this module.
                 tracing::error!(error = %e, "order-id registry refused a claim command");
@@ -99,17 +118,29 @@ impl OrderClaims {
             Err(ExecError::Unavailable(why)) => return Err(ExecError::Unavailable(why)),
             Err(ExecError::Overloaded) => return Err(ExecError::Overloaded),
             Err(ExecError::Timeout) => return Err(ExecError::Timeout),
-        }
-        let command = ActivityCommand::Accept {
-            reward,
-            require_budget,
         };
-        match activities.execute(activity_id.as_str(), command).await? {
-            ActivityReply::Accepted { replayed } => Ok(replayed),
-            other => Err(ExecError::Unavailable(format!(
-                "unexpected activity reply to Accept: {other:?}"
-            ))),
-        }
+        let accepted = match slices {
+            Some(slices) => {
+                slices
+                    .accept(activities, activity_id, reward, require_budget)
+                    .await
+            }
+            None => {
+                let command = ActivityCommand::Accept {
+                    reward,
+                    require_budget,
+                };
+                match activities.execute(activity_id.as_str(), command).await {
+                    Ok(ActivityReply::Accepted { replayed }) => Ok(replayed),
+                    Ok(other) => Err(ExecError::Unavailable(format!(
+                        "unexpected activity reply to Accept: {other:?}"
+                    ))),
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        claim_durable(durable).await?;
+        accepted
     }
 
     /// Stops the batchers once the lots in flight are answered (after the HTTP server has
@@ -117,6 +148,16 @@ impl OrderClaims {
     pub async fn stop(&self) {
         self.flows.stop().await;
     }
+}
+
+/// Waits for a claim to be durable; a claim that never becomes durable leaves the request's
+/// outcome unknown (the client retries with the same order id).
+async fn claim_durable(durable: ClaimDurable) -> Result<(), ExecError<ActivityError>> {
+    durable.await.map_err(|e| match e {
+        ExecError::Overloaded => ExecError::Overloaded,
+        ExecError::Timeout => ExecError::Timeout,
+        other => ExecError::Unavailable(format!("order-id claim not durable: {other}")),
+    })
 }
 
 async fn batcher(
@@ -147,16 +188,16 @@ async fn batcher(
         // On the arbiter's local set: the shard's actor is started on this arbiter.
         actix_rt::spawn(async move {
             let claims = lot.iter().map(|p| p.claim.clone()).collect();
-            let reply = registry
-                .execute(&shard_id, OrderIdCommand::Claim { claims })
-                .await;
+            let command = OrderIdCommand::Claim { claims };
+            let reply = registry.execute_chained(&shard_id, command).await;
             match reply {
-                Ok(outcomes) if outcomes.0.len() == lot.len() => {
+                Ok((outcomes, durable)) if outcomes.0.len() == lot.len() => {
+                    let durable = durable.shared();
                     for (pending, outcome) in lot.into_iter().zip(outcomes.0) {
-                        let _ = pending.reply.send(Ok(outcome));
+                        let _ = pending.reply.send(Ok((outcome, durable.clone())));
                     }
                 }
-                Ok(other) => {
+                Ok((other, _)) => {
                     tracing::error!(reply = ?other, "order-id registry answered another number of claims");
                     for pending in lot {
                         let _ = pending.reply.send(Err(ExecError::Unavailable(

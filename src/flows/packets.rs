@@ -7,7 +7,8 @@
 //!   (`PacketSubsidy`, order = the subsidy's order id, so one subsidy pays one packet) and
 //!   marks it paid. The packet exists before money moves, so no crash leaves escrow without a
 //!   packet.
-//! - One task follows the log from its checkpoint. Each `ShareClaimed` becomes a wallet credit to
+//! - One task follows the log from its checkpoint. Each claim (a `ShareClaimed`, or each of a
+//!   merged `SharesClaimed`) becomes a wallet credit to
 //!   the claimer (C2C: `change`; B2C: `activity`), idempotent by `(entry, packet id)`. Every
 //!   `expiry_check` it reads the packets view's index of live packets by deadline; those past
 //!   their deadline are expired, their remainder refunded (C2C: the sender's change; B2C: the
@@ -115,6 +116,7 @@ pub struct Packets {
     pub wallets: Arc<Registry<Wallet>>,
     pub activities: Arc<Registry<Activity>>,
     pub config: PacketConfig,
+    claims: super::packet_claims::PacketClaims,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
 }
@@ -136,6 +138,7 @@ impl Packets {
     ) -> Arc<Packets> {
         let runtime = packets.runtime().clone();
         Arc::new(Packets {
+            claims: super::packet_claims::PacketClaims::new(packets.clone()),
             packets,
             wallets,
             activities,
@@ -267,12 +270,7 @@ impl Packets {
         packet_id: &Id,
         uid: &Id,
     ) -> Result<PacketReply, ExecError<PacketError>> {
-        self.packets
-            .execute(
-                packet_id.as_str(),
-                PacketCommand::Claim { uid: uid.clone() },
-            )
-            .await
+        self.claims.claim(packet_id, uid).await
     }
 
     /// Moves one claimed share from escrow to the claimer.
@@ -390,7 +388,9 @@ impl Packets {
 /// A claimed share waiting to be transferred.
 #[derive(Debug, Clone)]
 struct Transfer {
-    seq: u64,
+    /// The claim's place in the log: its event's sequence, and its place in that event (a
+    /// merged `SharesClaimed` records several).
+    at: (u64, u32),
     packet_id: Id,
     uid: Id,
     amount: crate::money::Fen,
@@ -452,8 +452,8 @@ struct FlowTask {
     modes: HashMap<Id, Mode>,
     /// Packets whose expiry failed, and when to try again.
     retry_at: HashMap<Id, Millis>,
-    /// Transfers not done yet, by claim sequence.
-    pending: BTreeMap<u64, Transfer>,
+    /// Transfers not done yet, by their claim's place in the log.
+    pending: BTreeMap<(u64, u32), Transfer>,
     waiting: std::collections::VecDeque<Transfer>,
     in_flight: usize,
 }
@@ -465,7 +465,7 @@ impl FlowTask {
         self.pending
             .keys()
             .next()
-            .map(|s| s - 1)
+            .map(|(s, _)| s - 1)
             .unwrap_or(self.read_to)
     }
 
@@ -502,21 +502,38 @@ impl FlowTask {
             }
             PacketEvent::ShareClaimed {
                 uid, amount, at_ms, ..
-            } => {
-                let transfer = Transfer {
-                    seq: envelope.seq,
-                    packet_id,
-                    uid: uid.clone(),
-                    amount: *amount,
-                    claimed_at_ms: *at_ms,
-                };
-                self.pending.insert(envelope.seq, transfer.clone());
-                self.waiting.push_back(transfer);
+            } => self.claimed(envelope.seq, 0, &packet_id, uid, *amount, *at_ms),
+            PacketEvent::SharesClaimed { claims } => {
+                for (n, claim) in claims.iter().enumerate() {
+                    let (uid, amount, at) = (&claim.uid, claim.amount, claim.at_ms);
+                    self.claimed(envelope.seq, n as u32, &packet_id, uid, amount, at);
+                }
             }
             PacketEvent::Paid { .. }
             | PacketEvent::Expired { .. }
             | PacketEvent::Refunded { .. } => {}
         }
+    }
+
+    /// A claim to transfer: the `n`th of the event at `seq`.
+    fn claimed(
+        &mut self,
+        seq: u64,
+        n: u32,
+        packet_id: &Id,
+        uid: &Id,
+        amount: crate::money::Fen,
+        claimed_at_ms: Millis,
+    ) {
+        let transfer = Transfer {
+            at: (seq, n),
+            packet_id: packet_id.clone(),
+            uid: uid.clone(),
+            amount,
+            claimed_at_ms,
+        };
+        self.pending.insert(transfer.at, transfer.clone());
+        self.waiting.push_back(transfer);
     }
 
     async fn dispatch(&mut self, running: &mut Running) {
@@ -526,7 +543,7 @@ impl FlowTask {
             };
             let Some(mode) = self.mode_of(&transfer.packet_id).await else {
                 tracing::error!(packet = %transfer.packet_id, "claim of an unknown packet; not transferred");
-                self.pending.remove(&transfer.seq);
+                self.pending.remove(&transfer.at);
                 continue;
             };
             let packets = self.packets.clone();
@@ -544,7 +561,7 @@ impl FlowTask {
         self.in_flight -= 1;
         match result {
             Ok(()) => {
-                self.pending.remove(&transfer.seq);
+                self.pending.remove(&transfer.at);
                 self.packets.metrics.packet_transfers_total.inc();
             }
             Err(e) => {

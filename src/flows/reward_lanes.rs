@@ -22,13 +22,13 @@ use super::{load_checkpoint, save_checkpoint, FlowGroup, CHECKPOINT_TREE};
 use crate::actors::{ExecError, Registry};
 use crate::clock::Clock;
 use crate::domain::activity::{
-    Activity, ActivityCommand, ActivityError, ActivityEvent, RewardClaim, RewardKind, VoidReason,
+    activity_of_stream, Activity, ActivityCommand, ActivityError, ActivityEvent, RewardClaim,
+    RewardKind, VoidReason,
 };
 use crate::domain::switches::Switches;
-use crate::domain::wallet::{Wallet, WalletError};
+use crate::domain::wallet::{Wallet, WalletCommand, WalletError};
 use crate::domain::Event;
 use crate::events::{Envelope, EventStore, StoreError, Subscription};
-use crate::ids::Id;
 use crate::metrics::Metrics;
 use futures::stream::{FuturesUnordered, StreamExt};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -77,6 +77,8 @@ impl Default for LaneConfig {
 #[derive(Debug, Clone)]
 struct Item {
     seq: u64,
+    /// The activity entity that accepted it (the activity, or its intake shard `cny@3`).
+    entity: String,
     claim: RewardClaim,
     accepted_at_ms: i64,
 }
@@ -204,15 +206,16 @@ impl Lanes {
             let Event::Activity(ActivityEvent::RewardAccepted(reward)) = &envelope.event else {
                 continue;
             };
-            let Some(activity) = envelope
-                .stream
-                .strip_prefix("activity:")
-                .and_then(|a| Id::parse(a).ok())
-            else {
+            // An intake shard's reward is its activity's; its void or delivery is the shard's.
+            let Some((activity, _shard)) = activity_of_stream(&envelope.stream) else {
+                continue;
+            };
+            let Some(entity) = envelope.stream.strip_prefix("activity:") else {
                 continue;
             };
             let item = Item {
                 seq: envelope.seq,
+                entity: entity.to_owned(),
                 claim: RewardClaim::of(&activity, reward),
                 accepted_at_ms: envelope.recorded_at_ms,
             };
@@ -372,6 +375,35 @@ fn transient<E>(e: &ExecError<E>) -> bool {
     )
 }
 
+/// On a cluster, tells a reward's wallet (in its own partition) that its activity settled it
+/// without a credit (delivered, failed or voided: recorded there first), so that its note is
+/// no longer pending on the wallet page (R6). Asked again while the wallet's partition cannot
+/// answer; a refusal is logged. Nothing on a single node, whose wallet view reads the
+/// activity's events itself.
+pub(crate) async fn settle_note(wallets: &Arc<Registry<Wallet>>, claim: &RewardClaim) {
+    if wallets.runtime().placement.is_none() {
+        return;
+    }
+    let command = WalletCommand::SettleNote {
+        activity_id: claim.activity_id.clone(),
+        order_id: claim.order_id.clone(),
+    };
+    let mut backoff = RETRY_BACKOFF_MIN;
+    loop {
+        match wallets.execute(claim.uid.as_str(), command.clone()).await {
+            Ok(_) => return,
+            Err(e) if transient(&e) => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+            }
+            Err(e) => {
+                tracing::error!(order_id = %claim.order_id, uid = %claim.uid, error = %e, "the wallet refused to settle a reward's note");
+                return;
+            }
+        }
+    }
+}
+
 /// Credits (or delivers) one reward, retrying transient failures.
 async fn settle(
     item: Item,
@@ -391,11 +423,11 @@ async fn settle(
                         uid: item.claim.uid.clone(),
                         reason: VoidReason::DuplicateOrderId,
                     };
-                    match activities
-                        .execute(item.claim.activity_id.as_str(), void)
-                        .await
-                    {
-                        Ok(_) => Some(Outcome::Voided),
+                    match activities.execute(&item.entity, void).await {
+                        Ok(_) => {
+                            settle_note(&wallets, &item.claim).await;
+                            Some(Outcome::Voided)
+                        }
                         Err(e) if transient(&e) => None,
                         Err(e) => Some(Outcome::Parked(format!("void refused: {e}"))),
                     }
@@ -408,12 +440,13 @@ async fn settle(
                     order_id: item.claim.order_id.clone(),
                     uid: item.claim.uid.clone(),
                 };
-                match activities
-                    .execute(item.claim.activity_id.as_str(), deliver)
-                    .await
-                {
-                    Ok(_) => Some(Outcome::Credited { replayed: false }),
+                match activities.execute(&item.entity, deliver).await {
+                    Ok(_) => {
+                        settle_note(&wallets, &item.claim).await;
+                        Some(Outcome::Credited { replayed: false })
+                    }
                     Err(ExecError::Rejected(ActivityError::WrongState { .. })) => {
+                        settle_note(&wallets, &item.claim).await;
                         Some(Outcome::Credited { replayed: true })
                     }
                     Err(e) if transient(&e) => None,

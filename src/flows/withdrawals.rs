@@ -241,6 +241,13 @@ impl Withdrawals {
 
     /// Creates the order and debits the wallet (W7: the answer comes right after the debit).
     /// Idempotent: a retry resumes where the first attempt stopped.
+    ///
+    /// Three steps (order requested, wallet debited, debit recorded on the order), each
+    /// decided on the state the previous one left. On a store that keeps submission order and
+    /// stops at its first failure (sled) each step is submitted without waiting for the
+    /// previous one's flush (`Registry::execute_chained`): a later step cannot be durable
+    /// unless the earlier ones are, and a crash leaves a prefix of the three, which a retry or
+    /// the sweeper resumes as before. Every answer waits until all it rests on is durable.
     pub async fn request(
         &self,
         order_id: &Id,
@@ -248,11 +255,12 @@ impl Withdrawals {
     ) -> Result<WithdrawalOrder, ExecError<WithdrawalError>> {
         let uid = request.uid.clone();
         let amount = request.amount;
-        let order = self
+        let (order, requested) = self
             .orders
-            .execute(order_id.as_str(), WithdrawalCommand::Request(request))
+            .execute_chained(order_id.as_str(), WithdrawalCommand::Request(request))
             .await?;
         if order.state != Some(OrderState::PendingDebit) {
+            requested.await?;
             return Ok(order);
         }
         self.metrics
@@ -265,22 +273,38 @@ impl Withdrawals {
             amount,
             source: None,
         };
-        let outcome = match self.wallets.execute(uid.as_str(), debit).await {
-            Ok(_) => WithdrawalCommand::RecordDebit,
-            Err(ExecError::Rejected(WalletError::InsufficientBalance { .. })) => {
+        // A refusal comes once the wallet state it rests on is durable.
+        let (outcome, debited) = match self.wallets.execute_chained(uid.as_str(), debit).await {
+            Ok((_, debited)) => (WithdrawalCommand::RecordDebit, Some(debited)),
+            Err(ExecError::Rejected(WalletError::InsufficientBalance { .. })) => (
                 WithdrawalCommand::RecordDebitRefused {
                     reason: "insufficient_balance".into(),
-                }
-            }
-            Err(ExecError::Rejected(e)) => WithdrawalCommand::RecordDebitRefused {
-                reason: e.to_string(),
-            },
+                },
+                None,
+            ),
+            Err(ExecError::Rejected(e)) => (
+                WithdrawalCommand::RecordDebitRefused {
+                    reason: e.to_string(),
+                },
+                None,
+            ),
             // Unknown: the order stays pending_debit; a retry (or the sweeper) resumes it.
-            Err(ExecError::Unavailable(why)) => return Err(ExecError::Unavailable(why)),
-            Err(ExecError::Overloaded) => return Err(ExecError::Overloaded),
-            Err(ExecError::Timeout) => return Err(ExecError::Timeout),
+            Err(e) => {
+                requested.await?;
+                return Err(e.unknown());
+            }
         };
-        self.orders.execute(order_id.as_str(), outcome).await
+        let recorded = self
+            .orders
+            .execute_chained(order_id.as_str(), outcome)
+            .await;
+        requested.await?;
+        if let Some(debited) = debited {
+            debited.await.map_err(ExecError::unknown)?;
+        }
+        let (order, recorded) = recorded?;
+        recorded.await?;
+        Ok(order)
     }
 
     /// Records a payout outcome for the attempt in progress.

@@ -218,6 +218,15 @@ impl From<ActivityError> for ApiError {
             ActivityError::ZeroAmount => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_amount", message)
             }
+            // Slice protocol answers never reach a client as such: the intake turns a short
+            // slice into a refill or `budget_exhausted`. Should one escape, it is a retry.
+            ActivityError::SliceShort { .. } | ActivityError::SliceMismatch { .. } => {
+                tracing::error!(error = %message, "a slice answer reached the HTTP layer");
+                ApiError::unavailable("unavailable", message)
+            }
+            ActivityError::NotMoney { .. } => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_kind", message)
+            }
         }
     }
 }

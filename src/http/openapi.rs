@@ -28,8 +28,9 @@ const OPEN_TO_EVERY_ROLE: &[&str] = &["get_batch", "get_request", "reward_status
 /// reach the journal or a view, so never answer 503.
 const MEMORY_ONLY: &[&str] = &["get_policy", "list_switches", "get_channel"];
 
-/// Operations a cluster node (`serve --node-id`) serves; every other `/v1` operation answers
-/// `501 not_in_cluster` there (its work crosses partitions; `docs/ARCHITECTURE.md`, "Cluster").
+/// Operations a cluster node (`serve --node-id`) serves (every one today); an operation added
+/// without its cluster placement answers `501 not_in_cluster` there, and is documented so
+/// (`docs/ARCHITECTURE.md`, "Cluster").
 pub const CLUSTER_SERVED: &[&str] = &[
     "deposit",
     "get_wallet",
@@ -47,6 +48,7 @@ pub const CLUSTER_SERVED: &[&str] = &[
     "rain",
     "fireworks",
     "cards",
+    "reward_status",
     "set_budget",
     "get_activity",
     "force_credit",
@@ -65,10 +67,6 @@ pub const CLUSTER_SERVED: &[&str] = &[
     "get_request",
     "wallet_coupons",
 ];
-
-/// Served operations that still answer `501 not_in_cluster` on a cluster node for some input
-/// (each documents which): `send_reward` for coupon and item rewards.
-pub const CLUSTER_PARTLY: &[&str] = &["send_reward"];
 
 /// The modifier: see the module documentation.
 pub struct CommonStatuses;

@@ -271,7 +271,7 @@ impl From<PacketFlowError> for ApiError {
 fn state_body(packet_id: &Id, reply: &PacketReply) -> PacketStateBody {
     let state = match reply {
         PacketReply::State { state, .. } => *state,
-        PacketReply::Claimed { .. } => PacketState::Active,
+        PacketReply::Claimed { .. } | PacketReply::Many(_) => PacketState::Active,
     };
     PacketStateBody {
         packet_id: packet_id.to_string(),

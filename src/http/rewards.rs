@@ -169,6 +169,10 @@ pub struct UserReward {
     pub packet_id: Option<String>,
 }
 
+/// On a cluster node, the activity that claimed an order id, as the order-id registry's
+/// partition answers the first step of `GET /v1/rewards/{order_id}` (see `cluster_status`).
+pub const CLAIMED_BY_HEADER: &str = "x-hongbao-claimed-by";
+
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct StatusQuery {
@@ -230,22 +234,16 @@ async fn accept(
     reward: Reward,
 ) -> Result<HttpResponse, ApiError> {
     let kind = reward.kind;
-    // A cluster node notes a money reward on the wallet (in its own partition) as pending, so
-    // the wallet page keeps R6 there; coupon and item rewards settle on the activity, which
-    // that page cannot see yet.
+    // A cluster node notes the reward on the wallet (in its own partition) as pending, so the
+    // wallet page keeps R6 there: its credit settles a money reward's note, the lane or the
+    // coupon flow a coupon or item reward's (`WalletCommand::SettleNote`).
     let cluster = state.wallets.runtime().placement.is_some();
-    if cluster && kind.wallet_entry().is_none() {
-        return Err(ApiError::new(
-            actix_web::http::StatusCode::NOT_IMPLEMENTED,
-            "not_in_cluster",
-            "coupon and item rewards are not served by a cluster node yet; a single node serves them",
-        ));
-    }
     let claim = RewardClaim::of(&activity_id, &reward);
     let accepted = state
         .order_claims
         .accept(
             &state.activities,
+            state.slices.as_ref(),
             &activity_id,
             reward,
             state.config.rewards.require_budgets,
@@ -305,8 +303,7 @@ async fn accept(
         (status = 403, description = "Not an issuer key", body = ErrorBody),
         (status = 409, description = "idempotency_conflict (the order id is already used, in any activity, with another payload) / budget_exhausted (with remaining) / budget_not_set", body = ErrorBody),
         (status = 422, description = "invalid_amount / amount_too_large / invalid_kind / batch_id_required / invalid_ext", body = ErrorBody),
-        (status = 501, description = "not_in_cluster: a coupon or item reward sent to a cluster node (not served there yet)", body = ErrorBody),
-        (status = 503, description = "Outcome unknown, or pending_unconfirmed on a cluster node (accepted, not yet on the wallet): retry with the same order id", body = ErrorBody),
+        (status = 503, description = "Outcome unknown, or pending_unconfirmed on a cluster node (accepted, not yet on the wallet), or on a cluster an intake shard that may hold the budget this reward needs is changing hands: retry with the same order id", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -454,6 +451,14 @@ pub async fn reward_status(
 ) -> Result<HttpResponse, ApiError> {
     caller.require(&[Role::Issuer, Role::Gateway])?;
     let order_id = parse_id("order_id", &path)?;
+    if state.wallets.runtime().placement.is_some() {
+        let activity = query
+            .activity_id
+            .as_deref()
+            .map(|a| parse_id("activity_id", a))
+            .transpose()?;
+        return cluster_status(&state, order_id, activity).await;
+    }
     let tree = read_view(&state, view::NAME).await?;
     let wallets = read_view(&state, wallet_view::NAME).await?;
     let mut records = view::by_order(tree, order_id.as_str()).map_err(view_error)?;
@@ -463,16 +468,13 @@ pub async fn reward_status(
         None => (!records.is_empty()).then_some(0),
     };
     let Some(index) = chosen else {
-        return Err(ApiError::new(
-            actix_web::http::StatusCode::NOT_FOUND,
-            "unknown_order",
-            format!("no reward with order id {order_id}"),
-        ));
+        return Err(unknown_order(&order_id));
     };
     let view::RewardRow {
         record,
         voided_at,
         failed,
+        ..
     } = records.remove(index);
     // Pending lives in the wallet view, which settles it atomically with the credit.
     let pending = wallet_view::record(wallets, record.reward.uid.as_str())
@@ -503,7 +505,84 @@ pub async fn reward_status(
         (None, None, false) if record.reward.kind.wallet_entry().is_some() => "credited",
         (None, None, false) => "delivered",
     };
-    Ok(HttpResponse::Ok().json(RewardStatusBody {
+    let also_in = records.into_iter().map(|row| row.record.activity_id);
+    Ok(status_body(
+        record,
+        status,
+        voided_at,
+        failed,
+        also_in.collect(),
+    ))
+}
+
+fn unknown_order(order_id: &Id) -> ApiError {
+    ApiError::new(
+        actix_web::http::StatusCode::NOT_FOUND,
+        "unknown_order",
+        format!("no reward with order id {order_id}"),
+    )
+}
+
+/// On a cluster node, `GET /v1/rewards/{order_id}` is answered in the two steps its
+/// dispatcher makes (`cluster::node`, `Place::RewardStatus`). Without `activity_id`: in the
+/// partition of the order id's registry shard, which activity claimed it (header
+/// [`CLAIMED_BY_HEADER`]; the dispatcher then asks again with it). With it: in the partition
+/// of the reward's intake shard, from its rewards view, and whether it is credited from the
+/// wallet itself (the wallet's actor, in the wallet's partition: its record of the credit is
+/// the fact, where a pending note may never have been made).
+async fn cluster_status(
+    state: &AppState,
+    order_id: Id,
+    activity: Option<Id>,
+) -> Result<HttpResponse, ApiError> {
+    let tree = read_view(state, view::NAME).await?;
+    let Some(activity) = activity else {
+        let claimed = view::claimed_by(tree, order_id.as_str()).map_err(view_error)?;
+        let activity = claimed.ok_or_else(|| unknown_order(&order_id))?;
+        return Ok(HttpResponse::Ok()
+            .insert_header((CLAIMED_BY_HEADER, activity.clone()))
+            .json(serde_json::json!({ "activity_id": activity })));
+    };
+    let view::RewardRow {
+        record,
+        voided_at,
+        failed,
+        delivered_at,
+    } = view::by_order(tree, order_id.as_str())
+        .map_err(view_error)?
+        .into_iter()
+        .find(|row| row.record.activity_id == activity.as_str())
+        .ok_or_else(|| unknown_order(&order_id))?;
+    let status = match (voided_at, failed, record.reward.kind.wallet_entry()) {
+        (Some(_), _, _) => "voided",
+        (None, Some(_), _) => "failed",
+        (None, None, Some(entry)) => {
+            let (wallet, _) = state
+                .wallets
+                .state(record.reward.uid.as_str())
+                .await
+                .map_err(ApiError::from)?;
+            if wallet.entries.contains_key(&(entry, order_id.clone())) {
+                "credited"
+            } else {
+                "accepted"
+            }
+        }
+        // A coupon or item reward: delivered as its activity recorded it.
+        (None, None, None) if delivered_at.is_some() => "delivered",
+        (None, None, None) => "accepted",
+    };
+    Ok(status_body(record, status, voided_at, failed, Vec::new()))
+}
+
+fn status_body(
+    record: view::RewardRecord,
+    status: &str,
+    voided_at: Option<i64>,
+    failed: Option<view::Failure>,
+    also_in: Vec<String>,
+) -> HttpResponse {
+    HttpResponse::Ok().json(RewardStatusBody {
         order_id: record.reward.order_id.to_string(),
         activity_id: record.activity_id.clone(),
         uid: record.reward.uid.to_string(),
@@ -514,11 +593,8 @@ pub async fn reward_status(
         voided_at: voided_at.map(rfc3339),
         failed_at: failed.map(|f| rfc3339(f.at_ms)),
         reason: failed.map(|f| f.reason.as_str().to_owned()),
-        also_in: records
-            .into_iter()
-            .map(|row| row.record.activity_id)
-            .collect(),
-    }))
+        also_in,
+    })
 }
 
 fn pair(b: Budgets) -> MoneyPair {
@@ -606,6 +682,25 @@ pub async fn get_activity(
 ) -> Result<HttpResponse, ApiError> {
     caller.require(&[])?;
     let activity_id = parse_id("activity_id", &path)?;
+    if let Some(slices) = &state.slices {
+        // A cluster's activity is its own books and its intake shards' (in other
+        // partitions): each answers from its actor, the sum is the activity's.
+        let books = slices.books(&state.activities, &activity_id).await?;
+        if books.budget.is_none() && books.rewards == 0 {
+            return Err(ApiError::new(
+                actix_web::http::StatusCode::NOT_FOUND,
+                "unknown_activity",
+                format!("no budget or reward for activity {activity_id}"),
+            ));
+        }
+        return Ok(HttpResponse::Ok().json(ActivityBody {
+            activity_id: activity_id.to_string(),
+            budget: books.budget.map(pair),
+            accepted: pair(books.accepted),
+            remaining: books.budget.map(|b| remaining(b, books.accepted)),
+            rewards: Some(books.rewards),
+        }));
+    }
     let tree = read_view(&state, view::NAME).await?;
     let Some(totals) = view::activity(tree, activity_id.as_str()).map_err(view_error)? else {
         return Err(ApiError::new(

@@ -154,6 +154,14 @@ pub fn drive(
     })
 }
 
+/// A GET without a body or key (`/healthz`: the server's own HTTP ceiling).
+pub fn get(addr: SocketAddr, path: &str) -> Request<Full<Bytes>> {
+    Request::get(path)
+        .header("host", addr.to_string())
+        .body(Full::new(Bytes::new()))
+        .expect("static request parts")
+}
+
 /// A JSON POST with an optional bearer key.
 pub fn post_json(
     addr: SocketAddr,

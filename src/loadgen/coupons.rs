@@ -306,7 +306,7 @@ pub fn run(args: &LoadgenArgs) -> Result<(), LoadgenError> {
                 "(--target: the server's own merge_max applies; the column shows the request)"
             );
         }
-        let (status, body) = super::http_once(
+        let (status, body) = super::http_setup(
             target.addr,
             "POST",
             "/v1/coupon-batches",

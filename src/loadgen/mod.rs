@@ -3,8 +3,8 @@
 //! Scenarios:
 //! - `hello`: an in-process actix-web hello-world endpoint, the HTTP ceiling of this machine;
 //! - `deposits`: `POST /v1/wallets/{uid}/change/deposits` end to end (in-process server on a
-//!   temporary data directory, or `--target`), each followed by the hello baseline at the same
-//!   concurrency so the ratio comes from one run;
+//!   temporary data directory, or `--target`), each followed by the hello baseline and the same
+//!   server's `/healthz` at the same concurrency so the ratios come from one run;
 //! - `rewards`: `POST /v1/rewards` for one hot activity and 200,000 users: acceptance rate and
 //!   latency beside hello-world, the lanes' crediting rate during the run, the backlog left,
 //!   and how long the lanes take to drain it;
@@ -41,13 +41,13 @@ use client::{post_json, RequestFactory, RunResult};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Scenario {
     /// actix-web hello world: the HTTP ceiling of this machine.
     Hello,
-    /// Admin deposits over HTTP, end to end, beside the hello baseline.
+    /// Admin deposits over HTTP, end to end, beside the hello baseline and the same server's /healthz.
     Deposits,
     /// Reward intake over HTTP (one hot activity, many users) and the crediting lanes behind it.
     Rewards,
@@ -132,6 +132,17 @@ pub struct LoadgenArgs {
     /// withdrawals: users to seed (each funded and given a bank method).
     #[arg(long, default_value_t = 2_000)]
     pub users: usize,
+    /// deposits: spread the deposits over this many wallets (`lgw0`...), each request to a
+    /// pseudo-random one, as a campaign touches each of many wallets a few times. 0 (the
+    /// default): one wallet per connection, a few hot wallets.
+    #[arg(long, default_value_t = 0)]
+    pub wallets: u64,
+    /// deposits: run at the first --in-flight until this many deposits (one event each) are
+    /// in the log, printing a row every --duration-s seconds: the rate, p99, the process's
+    /// resident memory and the data directory's size (in-process server), so that a decay
+    /// over a long night shows.
+    #[arg(long, value_name = "EVENTS")]
+    pub sustain: Option<u64>,
     /// Skip the hello-world baseline runs.
     #[arg(long)]
     pub no_baseline: bool,
@@ -312,6 +323,24 @@ fn row(name: &str, r: &RunResult, baseline: Option<&RunResult>) {
     }
 }
 
+/// One measured run of `make`'s requests at `in_flight`, with the run's warm-up, duration and
+/// client threads.
+fn drive(
+    args: &LoadgenArgs,
+    addr: SocketAddr,
+    in_flight: usize,
+    make: RequestFactory,
+) -> Result<RunResult, LoadgenError> {
+    Ok(client::drive(
+        addr,
+        in_flight,
+        Duration::from_secs(args.warmup_s),
+        Duration::from_secs(args.duration_s),
+        args.client_threads,
+        make,
+    )?)
+}
+
 fn hello_run(args: &LoadgenArgs, in_flight: usize) -> Result<RunResult, LoadgenError> {
     let server = hello::HelloServer::start(workers(args.server_workers))?;
     let addr = server.addr;
@@ -323,14 +352,7 @@ fn hello_run(args: &LoadgenArgs, in_flight: usize) -> Result<RunResult, LoadgenE
             format!("{{\"order_id\":\"h-{c}-{n}\",\"amount\":100}}"),
         )
     });
-    Ok(client::drive(
-        addr,
-        in_flight,
-        Duration::from_secs(args.warmup_s),
-        Duration::from_secs(args.duration_s),
-        args.client_threads,
-        make,
-    )?)
+    drive(args, addr, in_flight, make)
 }
 
 /// Reads a counter-like sample (`name value`) from a Prometheus exposition.
@@ -392,6 +414,35 @@ fn http_once(
     (status, body)
 }
 
+/// A set-up request (a budget, a switch, a seeded reward, a batch...): idempotent by its ids,
+/// so it is sent again while the answer says "retry" (a connection refused, 408, 429, 503: a
+/// cluster's partition changing hands) for up to [`SETUP_RETRY_MAX`], honouring the
+/// answer's `retry_after_ms`. The load it sets up is measured, not the set-up.
+fn http_setup(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: &str,
+) -> (u16, String) {
+    let deadline = Instant::now() + SETUP_RETRY_MAX;
+    loop {
+        let (status, answer) = http_once(addr, method, path, key, body);
+        if !matches!(status, 0 | 408 | 429 | 503) || Instant::now() >= deadline {
+            return (status, answer);
+        }
+        let wait_ms = serde_json::from_str::<serde_json::Value>(&answer)
+            .ok()
+            .and_then(|v| v["retry_after_ms"].as_u64())
+            .unwrap_or(250)
+            .clamp(50, 1_000);
+        std::thread::sleep(Duration::from_millis(wait_ms));
+    }
+}
+
+/// How long a set-up request is retried.
+const SETUP_RETRY_MAX: Duration = Duration::from_secs(30);
+
 fn scrape(addr: SocketAddr) -> String {
     http_once(addr, "GET", "/metrics", None, "").1
 }
@@ -405,6 +456,8 @@ struct Target {
     admin_key: String,
     issuer_key: String,
     gateway_key: String,
+    /// The in-process server's data directory (None with --target).
+    data_dir: Option<PathBuf>,
     _temp: tempfile::TempDir,
 }
 
@@ -429,6 +482,7 @@ impl Target {
                 admin_key: args.admin_key.clone().unwrap_or_default(),
                 issuer_key: args.issuer_key.clone().unwrap_or_default(),
                 gateway_key: args.gateway_key.clone().unwrap_or_default(),
+                data_dir: None,
                 _temp: temp,
             });
         }
@@ -464,6 +518,7 @@ impl Target {
             gateway_key: Some(gateway_key.clone()),
             token_secret: Some(key("secret")),
         };
+        let data_dir = Some(config.data_dir.clone());
         let server = match RunningServer::start(config, Arc::new(SystemClock)) {
             Ok(server) => server,
             Err(e) => {
@@ -481,6 +536,7 @@ impl Target {
             admin_key,
             issuer_key,
             gateway_key,
+            data_dir,
             _temp: temp,
         })
     }
@@ -541,31 +597,54 @@ fn journal_line(before: &str, after: &str, seconds: f64) {
     }
 }
 
+/// The wallet the `n`th deposit of connection `c` goes to: the connection's own (`lg<c>`), or
+/// with `wallets` > 0 a pseudo-random one of that many (`lgw<i>`), the same for the same
+/// (c, n) in every run.
+fn deposit_wallet(wallets: u64, c: usize, n: u64) -> String {
+    if wallets == 0 {
+        return format!("lg{c}");
+    }
+    let mixed = (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ n.wrapping_add(1).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    format!("lgw{}", (mixed ^ (mixed >> 29)) % wallets)
+}
+
+/// Deposits of 1.00 yuan, each a new order id (`lg-<run>-<part>-<c>-<n>`), to
+/// [`deposit_wallet`].
+fn deposit_requests(
+    addr: SocketAddr,
+    key: String,
+    wallets: u64,
+    run_id: u32,
+    part: usize,
+) -> RequestFactory {
+    Arc::new(move |c, n| {
+        post_json(
+            addr,
+            &format!(
+                "/v1/wallets/{}/change/deposits",
+                deposit_wallet(wallets, c, n)
+            ),
+            Some(&key),
+            format!("{{\"order_id\":\"lg-{run_id}-{part}-{c}-{n}\",\"amount\":100}}"),
+        )
+    })
+}
+
 fn deposits(args: &LoadgenArgs) -> Result<(), LoadgenError> {
     let target = Target::new(args)?;
     target.require(true, false, false)?;
     let (addr, key) = (target.addr, target.admin_key.clone());
-    header();
     let run_id: u32 = rand::random();
+    if let Some(events) = args.sustain {
+        sustain(args, &target, events, run_id)?;
+        return target.stop();
+    }
+    header();
     for &in_flight in &args.in_flight {
-        let key = key.clone();
-        let make: RequestFactory = Arc::new(move |c, n| {
-            post_json(
-                addr,
-                &format!("/v1/wallets/lg{c}/change/deposits"),
-                Some(&key),
-                format!("{{\"order_id\":\"lg-{run_id}-{c}-{n}\",\"amount\":100}}"),
-            )
-        });
+        let make = deposit_requests(addr, key.clone(), args.wallets, run_id, 0);
         let before = scrape(addr);
-        let result = client::drive(
-            addr,
-            in_flight,
-            Duration::from_secs(args.warmup_s),
-            Duration::from_secs(args.duration_s),
-            args.client_threads,
-            make,
-        )?;
+        let result = drive(args, addr, in_flight, make)?;
         let after = scrape(addr);
         let baseline = if args.no_baseline {
             None
@@ -574,8 +653,131 @@ fn deposits(args: &LoadgenArgs) -> Result<(), LoadgenError> {
         };
         row("deposits", &result, baseline.as_ref());
         journal_line(&before, &after, (args.duration_s + args.warmup_s) as f64);
+        if !args.no_baseline {
+            healthz_line(args, addr, in_flight, &result)?;
+        }
     }
     target.stop()
+}
+
+/// The same server's `/healthz` at the same concurrency through the same client (its own HTTP
+/// stack, routing and middleware, no store), and the deposits' share of it.
+fn healthz_line(
+    args: &LoadgenArgs,
+    addr: SocketAddr,
+    in_flight: usize,
+    deposits: &RunResult,
+) -> Result<(), LoadgenError> {
+    let make: RequestFactory = Arc::new(move |_, _| client::get(addr, "/healthz"));
+    let healthz = drive(args, addr, in_flight, make)?;
+    println!(
+        "{:<10} healthz on the same server: {:.0} req/s, p99 {:.2} ms; deposits/healthz {:.2}",
+        "",
+        healthz.per_second(),
+        healthz.quantile_ms(0.99),
+        deposits.per_second() / healthz.per_second().max(1e-9)
+    );
+    Ok(())
+}
+
+/// `deposits --sustain`: intervals of --duration-s at the first --in-flight until `events`
+/// deposits are accepted; a row per interval.
+fn sustain(
+    args: &LoadgenArgs,
+    target: &Target,
+    events: u64,
+    run_id: u32,
+) -> Result<(), LoadgenError> {
+    let in_flight = args.in_flight.first().copied().unwrap_or(256);
+    let interval = Duration::from_secs(args.duration_s.max(1));
+    println!(
+        "{:<8} {:>7} {:>11} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9}",
+        "sustain",
+        "t_s",
+        "events",
+        "per_s",
+        "p50_ms",
+        "p99_ms",
+        "errors",
+        "rss_mb",
+        "disk_mb",
+        "B/event"
+    );
+    let started = Instant::now();
+    let (mut accepted, mut part) = (0u64, 0usize);
+    while accepted < events {
+        part += 1;
+        let make = deposit_requests(
+            target.addr,
+            target.admin_key.clone(),
+            args.wallets,
+            run_id,
+            part,
+        );
+        let warmup = if part == 1 {
+            Duration::from_secs(args.warmup_s)
+        } else {
+            Duration::ZERO
+        };
+        let result = client::drive(
+            target.addr,
+            in_flight,
+            warmup,
+            interval,
+            args.client_threads,
+            make,
+        )?;
+        accepted += result.ok();
+        let disk = target.data_dir.as_deref().map(dir_bytes);
+        let mb =
+            |bytes: Option<u64>| bytes.map_or("-".into(), |b| format!("{:.0}", b as f64 / 1e6));
+        println!(
+            "{:<8} {:>7.0} {:>11} {:>10.0} {:>8.2} {:>8.2} {:>8} {:>8} {:>9} {:>9}",
+            "sustain",
+            started.elapsed().as_secs_f64(),
+            accepted,
+            result.per_second(),
+            result.quantile_ms(0.50),
+            result.quantile_ms(0.99),
+            result.requests - result.ok(),
+            mb(target.server.as_ref().and_then(|_| resident_bytes())),
+            mb(disk),
+            disk.map_or("-".into(), |b| format!(
+                "{:.0}",
+                b as f64 / accepted.max(1) as f64
+            )),
+        );
+    }
+    Ok(())
+}
+
+/// This process's resident memory (Linux), the in-process server's and the load generator's.
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// Bytes of the files under `dir` (what the data directory takes on disk, allocated or not).
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(meta) if meta.is_dir() => dir_bytes(&entry.path()),
+            Ok(meta) => meta.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 /// One row of the journal table: the journal at one in-flight and the raw figure beside it
@@ -803,7 +1005,7 @@ fn rewards(args: &LoadgenArgs) -> Result<(), LoadgenError> {
     let addr = target.addr;
     let activity = format!("lg{}", rand::random::<u32>());
     // A budget far above what a run can accept: the budget check runs on every reward.
-    let (status, body) = http_once(
+    let (status, body) = http_setup(
         addr,
         "PUT",
         &format!("/v1/admin/activities/{activity}/budget"),
@@ -856,7 +1058,7 @@ fn rewards(args: &LoadgenArgs) -> Result<(), LoadgenError> {
         });
         let set_lanes = |on: bool| {
             let body = format!(r#"{{"on":{on}}}"#);
-            http_once(
+            http_setup(
                 addr,
                 "PUT",
                 "/v1/admin/switches/reward_lanes",
@@ -870,14 +1072,7 @@ fn rewards(args: &LoadgenArgs) -> Result<(), LoadgenError> {
         let before = scrape(addr);
         let (credited_before, accepted_before) = (credited_now(), accepted_now());
         let started = std::time::Instant::now();
-        let result = client::drive(
-            addr,
-            in_flight,
-            Duration::from_secs(args.warmup_s),
-            Duration::from_secs(args.duration_s),
-            args.client_threads,
-            make,
-        )?;
+        let result = drive(args, addr, in_flight, make)?;
         let run_s = started.elapsed().as_secs_f64();
         let after = scrape(addr);
         let credited_in_run = credited_now() - credited_before;
@@ -960,16 +1155,16 @@ fn seed_users(
                     let reward = format!(
                         r#"{{"order_id":"seed-{u}","uid":"lw{u}","activity_id":"loadgen-seed","scene":"seed","kind":"cash","amount":{funding_fen}}}"#
                     );
-                    let (status, body) = http_once(addr, "POST", "/v1/rewards", Some(&issuer), &reward);
+                    let (status, body) = http_setup(addr, "POST", "/v1/rewards", Some(&issuer), &reward);
                     if status != 202 {
                         return Err(format!("seeding reward for lw{u}: {status} {body}"));
                     }
                     let bind = format!(r#"{{"kind":"bank","account":"6222-{u}"}}"#);
-                    let (status, body) = http_once(addr, "POST", &format!("/v1/wallets/lw{u}/payout-methods"), Some(&gateway), &bind);
+                    let (status, body) = http_setup(addr, "POST", &format!("/v1/wallets/lw{u}/payout-methods"), Some(&gateway), &bind);
                     let method = serde_json::from_str::<serde_json::Value>(&body)
                         .ok()
                         .and_then(|v| v["method_id"].as_str().map(str::to_owned))
-                        .filter(|_| status == 201)
+                        .filter(|_| matches!(status, 200 | 201))
                         .ok_or_else(|| format!("binding a method for lw{u}: {status} {body}"))?;
                     methods.push((u, method));
                 }
@@ -1047,14 +1242,7 @@ fn withdrawals(args: &LoadgenArgs) -> Result<(), LoadgenError> {
         });
         let (succeeded_before, requested_before) = (succeeded(), requested());
         let run_started = std::time::Instant::now();
-        let result = client::drive(
-            addr,
-            in_flight,
-            Duration::from_secs(args.warmup_s),
-            Duration::from_secs(args.duration_s),
-            args.client_threads,
-            make,
-        )?;
+        let result = drive(args, addr, in_flight, make)?;
         let run_s = run_started.elapsed().as_secs_f64();
         // Every order accepted in the run (warm-up included) must end final.
         let started = std::time::Instant::now();
@@ -1152,7 +1340,7 @@ fn hongbao_packet(target: &Target, packet: &str, shares: u32) -> Result<(), Load
         ),
     ];
     for (path, key, body, expected) in steps {
-        let (status, answer) = http_once(target.addr, "POST", &path, Some(key), &body);
+        let (status, answer) = http_setup(target.addr, "POST", &path, Some(key), &body);
         if status != expected {
             return Err(LoadgenError::Usage(format!(
                 "POST {path}: {status} {answer}"
@@ -1428,7 +1616,30 @@ fn handover_table(args: &LoadgenArgs) -> Result<(), LoadgenError> {
 
 #[cfg(test)]
 mod tests {
-    use super::metric_value;
+    use super::{deposit_wallet, metric_value};
+
+    #[test]
+    fn spread_deposits_touch_many_wallets_a_few_times_each_and_the_default_one_per_connection() {
+        // Goal: `deposits --wallets N` reaches nearly every one of N wallets, none much more
+        // than the others, the same wallet for the same request in every run; without it each
+        // connection keeps its own wallet.
+        assert_eq!(deposit_wallet(0, 7, 123), "lg7");
+        assert_eq!(deposit_wallet(1_000, 3, 9), deposit_wallet(1_000, 3, 9));
+        let mut counts = std::collections::HashMap::new();
+        for c in 0..256 {
+            for n in 0..40 {
+                *counts.entry(deposit_wallet(1_000, c, n)).or_insert(0u32) += 1;
+            }
+        }
+        // 10,240 deposits over 1,000 wallets: about 10 each.
+        assert!(counts.len() > 990, "{} wallets touched", counts.len());
+        assert!(counts.keys().all(|w| w.starts_with("lgw")));
+        assert!(
+            counts.values().all(|&n| n <= 30),
+            "{:?}",
+            counts.values().max()
+        );
+    }
 
     #[test]
     fn a_metric_query_sums_every_series_carrying_its_labels() {

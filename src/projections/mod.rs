@@ -190,7 +190,8 @@ pub fn apply_events(
 /// View writes one commit aims at, at most (one event may exceed it alone).
 const COMMIT_WRITES_MAX: usize = 2_048;
 
-/// Roughly how many view writes an event makes: merged coupon events carry many requests.
+/// Roughly how many view writes an event makes: merged coupon events carry many requests, a
+/// packet's lot of claims a row per claim.
 fn writes_hint(envelope: &Envelope) -> usize {
     use crate::domain::coupon::{BatchEvent, GroupEvent, IntakeEvent};
     use crate::domain::Event;
@@ -204,6 +205,9 @@ fn writes_hint(envelope: &Envelope) -> usize {
             held.len() + refused.len()
         }
         Event::CouponGroup(GroupEvent::Released { released, .. }) => released.len(),
+        Event::Packet(crate::domain::packet::PacketEvent::SharesClaimed { claims }) => {
+            claims.len() + 1
+        }
         _ => 1,
     }
     .max(1)

@@ -110,28 +110,18 @@ impl Projection for PacketsView {
                 index,
                 amount,
                 at_ms,
-            } => {
-                summary.claimed_count += 1;
-                summary.claimed_amount = summary
-                    .claimed_amount
-                    .checked_add(*amount)
-                    .unwrap_or(summary.claimed_amount);
-                if summary.best.as_ref().is_none_or(|(_, best)| amount > best) {
-                    summary.best = Some((uid.to_string(), *amount));
-                }
-                let mut claim_key = claims_prefix(packet_id);
-                claim_key.extend_from_slice(&index.to_be_bytes());
-                tx.insert(
-                    claim_key,
-                    codec::encode(&ClaimLine {
-                        uid: uid.to_string(),
-                        amount: *amount,
-                        at_ms: *at_ms,
-                    })?,
-                );
-                if summary.claimed_count == summary.count {
-                    summary.state = PacketState::Exhausted;
-                    tx.remove(deadline_key(summary.expires_at_ms, packet_id));
+            } => claimed(tx, packet_id, &mut summary, uid, *index, *amount, *at_ms)?,
+            PacketEvent::SharesClaimed { claims } => {
+                for c in claims {
+                    claimed(
+                        tx,
+                        packet_id,
+                        &mut summary,
+                        &c.uid,
+                        c.index,
+                        c.amount,
+                        c.at_ms,
+                    )?;
                 }
             }
             PacketEvent::Expired { .. } => summary.state = PacketState::Expired,
@@ -143,6 +133,42 @@ impl Projection for PacketsView {
         tx.insert(key, codec::encode(&summary)?);
         Ok(())
     }
+}
+
+/// One claim in the packet's summary and claim list.
+#[allow(clippy::too_many_arguments)]
+fn claimed(
+    tx: &mut ViewTx<'_>,
+    packet_id: &str,
+    summary: &mut PacketSummary,
+    uid: &Id,
+    index: u32,
+    amount: Fen,
+    at_ms: Millis,
+) -> Result<(), StoreError> {
+    summary.claimed_count += 1;
+    summary.claimed_amount = summary
+        .claimed_amount
+        .checked_add(amount)
+        .unwrap_or(summary.claimed_amount);
+    if summary.best.as_ref().is_none_or(|(_, best)| amount > *best) {
+        summary.best = Some((uid.to_string(), amount));
+    }
+    let mut claim_key = claims_prefix(packet_id);
+    claim_key.extend_from_slice(&index.to_be_bytes());
+    tx.insert(
+        claim_key,
+        codec::encode(&ClaimLine {
+            uid: uid.to_string(),
+            amount,
+            at_ms,
+        })?,
+    );
+    if summary.claimed_count == summary.count {
+        summary.state = PacketState::Exhausted;
+        tx.remove(deadline_key(summary.expires_at_ms, packet_id));
+    }
+    Ok(())
 }
 
 fn io(e: sled::Error) -> StoreError {

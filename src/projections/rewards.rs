@@ -9,11 +9,17 @@
 //! - `r` + order id + `0x00` + activity -> [`RewardRecord`]
 //! - `v` + order id + `0x00` + activity -> voided-at (epoch ms, i64 BE)
 //! - `f` + order id + `0x00` + activity -> [`Failure`] (a coupon or item reward that failed)
+//! - `d` + order id + `0x00` + activity -> delivered-at (epoch ms, i64 BE: a coupon or item
+//!   reward delivered; a cluster node's status reads it, as its wallet view cannot say)
 //! - `a` + activity -> [`ActivityTotals`]
 //! - `k` + kind -> [`KindTotals`]
+//! - `c` + order id -> the activity its order-id claim names (from the registry's
+//!   `order_ids.claimed`: on a cluster the claim's partition is found from the order id alone,
+//!   the reward's from its activity, so `GET /v1/rewards/{order_id}` asks this first)
 
 use super::{decode_view, Projection, ViewTx};
-use crate::domain::activity::{ActivityEvent, FailReason, Reward, RewardKind};
+use crate::domain::activity::{activity_of_stream, ActivityEvent, FailReason, Reward, RewardKind};
+use crate::domain::order_ids::OrderIdEvent;
 use crate::domain::wallet::{Entry, WalletEvent};
 use crate::domain::Event;
 use crate::events::{codec, Envelope, StoreError};
@@ -46,6 +52,7 @@ pub struct RewardRow {
     pub record: RewardRecord,
     pub voided_at: Option<i64>,
     pub failed: Option<Failure>,
+    pub delivered_at: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,8 +88,16 @@ fn voided_key(order_id: &str, activity: &str) -> Vec<u8> {
     key(b'v', &[order_id.as_bytes(), activity.as_bytes()])
 }
 
+fn delivered_key(order_id: &str, activity: &str) -> Vec<u8> {
+    key(b'd', &[order_id.as_bytes(), activity.as_bytes()])
+}
+
 fn failed_key(order_id: &str, activity: &str) -> Vec<u8> {
     key(b'f', &[order_id.as_bytes(), activity.as_bytes()])
+}
+
+fn claim_key(order_id: &str) -> Vec<u8> {
+    key(b'c', &[order_id.as_bytes()])
 }
 
 fn kind_key(kind: RewardKind) -> Vec<u8> {
@@ -154,9 +169,11 @@ impl RewardsView {
     ) -> Result<(), StoreError> {
         match &envelope.event {
             Event::Activity(event) => {
-                let activity = envelope.stream.strip_prefix("activity:").ok_or_else(|| {
+                // An intake shard's rewards are its activity's (`activity:cny@3` is `cny`).
+                let (activity, _shard) = activity_of_stream(&envelope.stream).ok_or_else(|| {
                     StoreError::Corrupt(format!("activity event on stream {}", envelope.stream))
                 })?;
+                let activity = activity.as_str();
                 match event {
                     ActivityEvent::BudgetSet(b) => {
                         totals.activity(tx, activity)?.budget = Some((b.cash, b.subsidy))
@@ -189,6 +206,10 @@ impl RewardsView {
                         );
                     }
                     ActivityEvent::RewardDelivered { order_id, .. } => {
+                        tx.insert(
+                            delivered_key(order_id.as_str(), activity),
+                            envelope.recorded_at_ms.to_be_bytes().to_vec(),
+                        );
                         // Items and coupons are delivered; the event does not carry the kind
                         // (it predates coupon deliveries), the reward's record does.
                         let kind =
@@ -236,6 +257,19 @@ impl RewardsView {
                         sub(&mut t.accepted_cash, *kind, *amount, RewardKind::Cash);
                         sub(&mut t.accepted_subsidy, *kind, *amount, RewardKind::Subsidy);
                     }
+                    // Slices move budget between an activity and its intake shards: no reward.
+                    ActivityEvent::SliceGranted { .. }
+                    | ActivityEvent::SliceReceived { .. }
+                    | ActivityEvent::SliceReleased { .. }
+                    | ActivityEvent::SliceTakenBack { .. } => {}
+                }
+            }
+            Event::OrderIds(OrderIdEvent::Claimed { claims }) => {
+                for claim in claims {
+                    tx.insert(
+                        claim_key(claim.order_id.as_str()),
+                        claim.activity_id.as_str().as_bytes().to_vec(),
+                    );
                 }
             }
             Event::Wallet(WalletEvent::Credited(line)) if line.source.is_some() => {
@@ -291,7 +325,7 @@ impl Projection for RewardsView {
     }
 
     fn version(&self) -> u32 {
-        2
+        3
     }
 
     fn apply(&self, tx: &mut ViewTx<'_>, envelope: &Envelope) -> Result<(), StoreError> {
@@ -343,10 +377,14 @@ pub fn by_order(tree: &sled::Tree, order_id: &str) -> Result<Vec<RewardRow>, Sto
     tree.scan_prefix(prefix)
         .map(|item| {
             let record: RewardRecord = decode_view(&item.map_err(io)?.1)?;
-            let voided_at = tree
-                .get(voided_key(order_id, &record.activity_id))
-                .map_err(io)?
-                .and_then(|v| v.as_ref().try_into().ok().map(i64::from_be_bytes));
+            let at = |key: Vec<u8>| -> Result<Option<i64>, StoreError> {
+                Ok(tree
+                    .get(key)
+                    .map_err(io)?
+                    .and_then(|v| v.as_ref().try_into().ok().map(i64::from_be_bytes)))
+            };
+            let voided_at = at(voided_key(order_id, &record.activity_id))?;
+            let delivered_at = at(delivered_key(order_id, &record.activity_id))?;
             let failed = tree
                 .get(failed_key(order_id, &record.activity_id))
                 .map_err(io)?
@@ -356,9 +394,20 @@ pub fn by_order(tree: &sled::Tree, order_id: &str) -> Result<Vec<RewardRow>, Sto
                 record,
                 voided_at,
                 failed,
+                delivered_at,
             })
         })
         .collect()
+}
+
+/// The activity an order id was claimed for, if the registry's shard kept in this view
+/// claimed it (a claim is made before its activity accepts: the reward itself may have been
+/// refused).
+pub fn claimed_by(tree: &sled::Tree, order_id: &str) -> Result<Option<String>, StoreError> {
+    Ok(tree
+        .get(claim_key(order_id))
+        .map_err(io)?
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned()))
 }
 
 /// An activity's budget and accepted totals, if it was ever seen.

@@ -15,7 +15,7 @@
 //! single small write (no read-modify-write of the user's record).
 
 use super::{decode_view, Projection, ViewTx};
-use crate::domain::activity::{ActivityEvent, RewardKind};
+use crate::domain::activity::{activity_of_stream, ActivityEvent, RewardKind};
 use crate::domain::wallet::{Account, Entry, WalletEvent};
 use crate::domain::Event;
 use crate::events::{codec, Envelope, StoreError};
@@ -160,6 +160,14 @@ impl WalletView {
                 );
                 return Ok(());
             }
+            // Its activity (in another partition) settled it without a credit.
+            WalletEvent::NoteSettled {
+                activity_id,
+                order_id,
+            } => {
+                tx.remove(pending_key(uid, activity_id.as_str(), order_id.as_str()));
+                return Ok(());
+            }
         };
         let key = record_key(uid);
         let mut record: BalanceRecord = match tx.get(&key)? {
@@ -219,10 +227,11 @@ impl Projection for WalletView {
         match &envelope.event {
             Event::Wallet(event) => self.apply_wallet(tx, envelope, event),
             Event::Activity(event) => {
-                let activity = envelope
-                    .stream
-                    .strip_prefix("activity:")
+                // An intake shard's rewards are its activity's (`activity:cny@3` is `cny`).
+                let activity = activity_of_stream(&envelope.stream)
+                    .map(|(activity, _shard)| activity.to_string())
                     .unwrap_or_default();
+                let activity = activity.as_str();
                 match event {
                     ActivityEvent::RewardAccepted(reward) => {
                         let pending = PendingReward {
@@ -243,7 +252,12 @@ impl Projection for WalletView {
                         tx.remove(pending_key(uid.as_str(), activity, order_id.as_str()));
                         Ok(())
                     }
-                    ActivityEvent::BudgetSet(_) | ActivityEvent::BudgetReturned { .. } => Ok(()),
+                    ActivityEvent::BudgetSet(_)
+                    | ActivityEvent::BudgetReturned { .. }
+                    | ActivityEvent::SliceGranted { .. }
+                    | ActivityEvent::SliceReceived { .. }
+                    | ActivityEvent::SliceReleased { .. }
+                    | ActivityEvent::SliceTakenBack { .. } => Ok(()),
                 }
             }
             _ => Ok(()),

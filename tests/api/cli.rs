@@ -582,3 +582,44 @@ async fn the_offline_commands_read_a_jetstream_log_beside_the_running_node() {
         "{out}"
     );
 }
+
+#[test]
+fn loadgen_deposits_reports_the_same_servers_healthz_beside_hello_world() {
+    // Goal: the deposits scenario's row comes with both baselines measured in the same run:
+    // hello-world (the machine's HTTP ceiling) and the server's own /healthz, with the
+    // deposits' share of it; a short spread run, every deposit answered 2xx.
+    let (ok, stdout, stderr) = hongbao(&[
+        "loadgen",
+        "deposits",
+        "--in-flight",
+        "2",
+        "--duration-s",
+        "1",
+        "--warmup-s",
+        "0",
+        "--wallets",
+        "50",
+    ]);
+    assert!(ok, "{stdout}\n{stderr}");
+    let row: Vec<&str> = stdout
+        .lines()
+        .find(|l| l.starts_with("deposits "))
+        .unwrap_or_else(|| panic!("no deposits row: {stdout}"))
+        .split_whitespace()
+        .collect();
+    let (requests, ok_count, errors) = (row[2], row[3], row[4]);
+    assert_eq!(errors, "0", "{stdout}");
+    assert_eq!(requests, ok_count);
+    assert!(requests.parse::<u64>().unwrap() > 0, "{stdout}");
+    assert!(
+        row[9].parse::<f64>().unwrap() > 0.0,
+        "no hello-world figure: {stdout}"
+    );
+    let healthz = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("healthz on the same server: "))
+        .unwrap_or_else(|| panic!("no healthz line: {stdout}"));
+    let rate: f64 = healthz.split(' ').next().unwrap().parse().unwrap();
+    assert!(rate > 0.0, "{healthz}");
+    assert!(healthz.contains("deposits/healthz"), "{healthz}");
+}

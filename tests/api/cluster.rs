@@ -472,10 +472,10 @@ async fn every_node_gives_the_same_answer_to_the_same_request() {
     }
     let mut forwarded = 0.0;
     for base in &bases {
-        // Work not served by a cluster node yet is refused plainly, not answered wrongly; a
-        // coupon batch nobody created is unknown through every node (its partition's view).
+        // An order id nobody sent and a coupon batch nobody created are unknown through
+        // every node (their partitions' views).
         for (path, expected) in [
-            ("/v1/rewards/o1", (501, Some("not_in_cluster"))),
+            ("/v1/rewards/o1", (404, Some("unknown_order"))),
             ("/v1/coupon-batches/b1", (404, Some("unknown_batch"))),
         ] {
             let (status, body) = call(
@@ -584,6 +584,8 @@ struct Load {
     acked: Arc<Mutex<Vec<Acked>>>,
     /// 503s seen, each with its Retry-After.
     moving: Arc<Mutex<Vec<Option<String>>>>,
+    /// The first client that gave up, with the last answers it had.
+    failed: Arc<Mutex<Option<String>>>,
     stop: Arc<AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -592,6 +594,7 @@ impl Load {
     fn start(bases: Vec<String>, workers: usize) -> Load {
         let acked = Arc::new(Mutex::new(Vec::new()));
         let moving = Arc::new(Mutex::new(Vec::new()));
+        let failed = Arc::new(Mutex::new(None));
         let stop = Arc::new(AtomicBool::new(false));
         // A stopped node holds a request until the client gives up on it.
         let client = reqwest::Client::builder()
@@ -600,11 +603,12 @@ impl Load {
             .unwrap();
         let tasks = (0..workers)
             .map(|w| {
-                let (client, bases, acked, moving, stop) = (
+                let (client, bases, acked, moving, failed, stop) = (
                     client.clone(),
                     bases.clone(),
                     acked.clone(),
                     moving.clone(),
+                    failed.clone(),
                     stop.clone(),
                 );
                 tokio::spawn(async move {
@@ -617,9 +621,21 @@ impl Load {
                         let order = format!("load-w{w}-n{n}");
                         let amount = (n % 89 + 1) as i64;
                         let body = serde_json::json!({"order_id": order, "amount": amount});
-                        let deadline = Instant::now() + Duration::from_secs(30);
+                        // Long enough for a JetStream server's streams to elect new leaders
+                        // on a loaded machine (a client retries through every node meanwhile);
+                        // what is checked is that nothing acknowledged is lost.
+                        let deadline = Instant::now() + Duration::from_secs(60);
+                        // What the last attempts got, for the report if none is acknowledged.
+                        let mut answers = std::collections::VecDeque::new();
                         loop {
-                            assert!(Instant::now() < deadline, "{order} never acknowledged");
+                            if Instant::now() >= deadline {
+                                let said = format!(
+                                    "{order} never acknowledged in 60 s; the last answers: \
+                                     {answers:?}"
+                                );
+                                failed.lock().unwrap().get_or_insert(said);
+                                return;
+                            }
                             next += 1;
                             let base = &bases[next % bases.len()];
                             let sent = client
@@ -628,9 +644,23 @@ impl Load {
                                 .json(&body)
                                 .send()
                                 .await;
-                            let Ok(response) = sent else {
-                                tokio::time::sleep(Duration::from_millis(50)).await;
-                                continue;
+                            if answers.len() == 8 {
+                                answers.pop_front();
+                            }
+                            let response = match sent {
+                                Ok(response) => {
+                                    answers.push_back(format!(
+                                        "{:?} {base}: {}",
+                                        Instant::now(),
+                                        response.status()
+                                    ));
+                                    response
+                                }
+                                Err(e) => {
+                                    answers.push_back(format!("{:?} {base}: {e}", Instant::now()));
+                                    tokio::time::sleep(Duration::from_millis(50)).await;
+                                    continue;
+                                }
                             };
                             match response.status().as_u16() {
                                 201 => {
@@ -668,6 +698,7 @@ impl Load {
         Load {
             acked,
             moving,
+            failed,
             stop,
             tasks,
         }
@@ -677,22 +708,35 @@ impl Load {
         self.acked.lock().unwrap().len()
     }
 
+    /// Fails the test with the nodes' logs if a client gave up.
+    fn check(&self, fleet: &Fleet, what: &str) {
+        if let Some(failed) = self.failed.lock().unwrap().clone() {
+            panic!("{what}: {failed}\n{}", fleet.logs());
+        }
+    }
+
     /// Waits (30 s at most) for `more` further acknowledgements.
-    async fn progress(&self, more: usize, what: &str) {
+    async fn progress(&self, fleet: &Fleet, more: usize, what: &str) {
         let target = self.acked() + more;
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.acked() < target {
-            assert!(Instant::now() < deadline, "load stalled: {what}");
+            self.check(fleet, what);
+            assert!(
+                Instant::now() < deadline,
+                "load stalled: {what}\n{}",
+                fleet.logs()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     /// Stops the clients (each finishes its deposit in hand) and returns what was acknowledged.
-    async fn finish(self) -> (Vec<Acked>, Vec<Option<String>>) {
+    async fn finish(mut self, fleet: &Fleet) -> (Vec<Acked>, Vec<Option<String>>) {
         self.stop.store(true, Ordering::Relaxed);
-        for task in self.tasks {
+        for task in std::mem::take(&mut self.tasks) {
             task.await.expect("a client failed");
         }
+        self.check(fleet, "finishing the load");
         let acked = self.acked.lock().unwrap().clone();
         let moving = self.moving.lock().unwrap().clone();
         (acked, moving)
@@ -863,7 +907,7 @@ async fn kill_9_one_node_mid_load_loses_no_acknowledged_deposit() {
         return;
     };
     let load = Load::start(fleet.bases(), 12);
-    load.progress(200, "before the kill").await;
+    load.progress(&fleet, 200, "before the kill").await;
     let killed_at = Instant::now();
     let killed = fleet.nodes[1].take().unwrap();
     let port = killed.port;
@@ -872,8 +916,8 @@ async fn kill_9_one_node_mid_load_loses_no_acknowledged_deposit() {
     // goes on through them; requests to the dead node fail and are retried elsewhere.
     fleet.wait_balanced(2).await;
     let moved_in = killed_at.elapsed();
-    load.progress(300, "after the kill").await;
-    let (acked, moving) = load.finish().await;
+    load.progress(&fleet, 300, "after the kill").await;
+    let (acked, moving) = load.finish(&fleet).await;
     assert!(
         moving.iter().all(|r| r.as_deref() == Some("1")),
         "a 503 without Retry-After: {moving:?}"
@@ -904,7 +948,7 @@ async fn a_node_paused_past_its_lease_writes_nothing_when_it_wakes() {
         return;
     };
     let load = Load::start(fleet.bases(), 12);
-    load.progress(200, "before the pause").await;
+    load.progress(&fleet, 200, "before the pause").await;
     let paused = fleet.nodes[1].as_ref().unwrap();
     signal(paused, "-STOP");
     // Past its leases: the others take its partitions; requests it holds in flight wait.
@@ -928,13 +972,13 @@ async fn a_node_paused_past_its_lease_writes_nothing_when_it_wakes() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    load.progress(100, "while one node is paused").await;
+    load.progress(&fleet, 100, "while one node is paused").await;
     signal(paused, "-CONT");
     // Woken, it finds its leases gone: it closes them as lost and its stale writes are
     // refused (by its lease guard, or by the log's fencing); the clients retry elsewhere.
     fleet.wait_balanced(3).await;
-    load.progress(200, "after the wake-up").await;
-    let (acked, _) = load.finish().await;
+    load.progress(&fleet, 200, "after the wake-up").await;
+    let (acked, _) = load.finish(&fleet).await;
     check_exactly_once(&fleet.bases(), &acked).await;
     let woke = paused.log.lock().unwrap().join("\n");
     eprintln!(
@@ -954,7 +998,7 @@ async fn a_rolling_restart_under_load_loses_nothing() {
         return;
     };
     let load = Load::start(fleet.bases(), 12);
-    load.progress(150, "before the restarts").await;
+    load.progress(&fleet, 150, "before the restarts").await;
     for i in 0..3 {
         let node = fleet.nodes[i].take().unwrap();
         let port = node.port;
@@ -963,13 +1007,13 @@ async fn a_rolling_restart_under_load_loses_nothing() {
             .unwrap();
         assert!(status.success(), "node {} did not leave cleanly", i + 1);
         fleet.wait_balanced(2).await;
-        load.progress(100, "with one node down").await;
+        load.progress(&fleet, 100, "with one node down").await;
         // While it is down its address refuses connections and the clients retry elsewhere.
         fleet.restart(i, port);
         fleet.wait_balanced(3).await;
-        load.progress(100, "after a restart").await;
+        load.progress(&fleet, 100, "after a restart").await;
     }
-    let (acked, _) = load.finish().await;
+    let (acked, _) = load.finish(&fleet).await;
     check_exactly_once(&fleet.bases(), &acked).await;
 }
 
@@ -1074,10 +1118,12 @@ async fn losing_one_jetstream_server_of_three_under_load_loses_nothing() {
         return;
     };
     let load = Load::start(fleet.bases(), 12);
-    load.progress(150, "before the server is killed").await;
+    load.progress(&fleet, 150, "before the server is killed")
+        .await;
     let killed = fleet.js[0].take().unwrap().kill();
-    load.progress(300, "with one JetStream server down").await;
-    let (acked, _) = load.finish().await;
+    load.progress(&fleet, 300, "with one JetStream server down")
+        .await;
+    let (acked, _) = load.finish(&fleet).await;
     fleet.wait_balanced(3).await;
     check_exactly_once(&fleet.bases(), &acked).await;
     drop(killed);
@@ -1096,6 +1142,7 @@ async fn send_retrying(
     body: Option<Value>,
 ) -> (u16, Value) {
     let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last;
     for attempt in 0.. {
         let base = &bases[(first + attempt) % bases.len()];
         let mut request = client
@@ -1110,16 +1157,20 @@ async fn send_retrying(
                 let status = response.status().as_u16();
                 let retry = matches!(status, 408 | 429 | 503);
                 let body = response.json().await.unwrap_or(Value::Null);
+                last = format!("{status} {body} from {base}");
                 (!retry).then_some((status, body))
             }
-            Err(_) => None,
+            Err(e) => {
+                last = format!("{e} from {base}");
+                None
+            }
         };
         if let Some(answer) = answered {
             return answer;
         }
         assert!(
             Instant::now() < deadline,
-            "{method} {path}: no answer in 60 s"
+            "{method} {path}: no answer in 60 s (the last: {last})"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -1470,9 +1521,11 @@ async fn rewards_stay_within_budget_and_are_pending_or_credited_on_every_node_th
     // Goal: rewards of one activity (its budget in one partition) for users of every
     // partition, sent through every node while crediting is paused fleet-wide: accepted up
     // to the budget and not a fen beyond, each shown pending on its user's wallet page through
-    // every node (noted on the wallet's own partition), the same answers again after one node
+    // every node (noted on the wallet's own partition) and `accepted` by its order id
+    // through every node (a refused or unknown order id: 404), the same answers again after one node
     // is killed with kill -9; crediting resumed, each accepted reward is credited once and no
-    // longer pending, the activity's page agrees, and the cluster audit passes (budgets,
+    // longer pending and `credited` by its order id, the activity's page agrees, and the
+    // cluster audit passes (budgets,
     // credits and notes checked across partitions).
     let _heavy = super::heavy().await;
     let Some(mut fleet) = Fleet::start().await else {
@@ -1556,6 +1609,23 @@ async fn rewards_stay_within_budget_and_are_pending_or_credited_on_every_node_th
             assert_eq!(balances["activity"], 0, "credited while paused");
         }
     }
+    // Each reward's status by its order id alone, and with its activity, through every node
+    // (asked of the order id's registry shard, then of its intake shard): accepted. A reward
+    // refused for budget (its order id claimed all the same) and an order id never sent: 404.
+    for &k in &expected_accepted {
+        reward_status_everywhere(&client, &fleet.bases(), k, "accepted").await;
+    }
+    let refused = (0..REWARDS).find(|k| !expected_accepted.contains(k));
+    for order_id in refused
+        .map(|k| format!("rw-{k}"))
+        .into_iter()
+        .chain(["rw-none".into()])
+    {
+        for (path, status, body) in status_everywhere(&client, &fleet.bases(), &order_id).await {
+            let answer = (status, body["code"].as_str());
+            assert_eq!(answer, (404, Some("unknown_order")), "{path}: {body}");
+        }
+    }
     // The fleet's pending gauge, summed over every partition, is what is pending.
     assert_eq!(
         fleet_cash_pending(&client, &fleet.bases()).await,
@@ -1597,6 +1667,9 @@ async fn rewards_stay_within_budget_and_are_pending_or_credited_on_every_node_th
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    for &k in &expected_accepted {
+        reward_status_everywhere(&client, &fleet.bases(), k, "credited").await;
+    }
     // Every reward settled: nothing pending for the fleet. (Each partition saturating at zero,
     // as before, left the activity's partition pending for ever: its rewards were settled in
     // the wallets' partitions.)
@@ -1622,6 +1695,441 @@ async fn rewards_stay_within_budget_and_are_pending_or_credited_on_every_node_th
         expected_accepted.len(),
         owed.len()
     );
+}
+
+/// `GET /v1/rewards/{order_id}`, without and with `?activity_id=cny`, through every node:
+/// each (path via node, status, body).
+async fn status_everywhere(
+    client: &reqwest::Client,
+    bases: &[String],
+    order_id: &str,
+) -> Vec<(String, u16, Value)> {
+    let mut answers = Vec::new();
+    for base in bases {
+        for query in ["", "?activity_id=cny"] {
+            let path = format!("/v1/rewards/{order_id}{query}");
+            let one = std::slice::from_ref(base);
+            let (status, body) =
+                send_retrying(client, one, 0, reqwest::Method::GET, &path, GATEWAY, None).await;
+            answers.push((format!("{path} via {base}"), status, body));
+        }
+    }
+    answers
+}
+
+/// `rw-{k}` of `rewards_stay_within_budget...` through every node, with and without its
+/// activity: the reward as sent, in `status`.
+async fn reward_status_everywhere(
+    client: &reqwest::Client,
+    bases: &[String],
+    k: usize,
+    status: &str,
+) {
+    for (path, code, body) in status_everywhere(client, bases, &format!("rw-{k}")).await {
+        assert_eq!(code, 200, "{path}: {body}");
+        let seen = (&body["status"], &body["activity_id"], &body["uid"]);
+        let sent = (
+            &Value::from(status),
+            &Value::from("cny"),
+            &Value::from(uid(k % USERS)),
+        );
+        assert_eq!(seen, sent, "{path}: {body}");
+        let seen = (&body["amount"], &body["kind"]);
+        assert_eq!(
+            seen,
+            (&Value::from(200 + k as u64), &Value::from("cash")),
+            "{path}: {body}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coupon_and_item_rewards_are_delivered_once_and_noted_pending_until_then_on_every_node() {
+    // Goal: coupon and item rewards, sent through every node, are noted pending on their
+    // users' wallet pages (the wallets' own partitions) and `accepted` by order id through
+    // every node while the lanes are paused; a node is killed with kill -9 and the lanes
+    // resumed: each item reward is delivered, each coupon reward delivered (a coupon issued to
+    // its user) while the batch's stock lasts and failed `sold_out` beyond it, exactly the
+    // stock issued, no note left pending, the same through every node, and the audit proves
+    // every note and its settling against the activities' books.
+    let _heavy = super::heavy().await;
+    let Some(mut fleet) = Fleet::start().await else {
+        return;
+    };
+    let client = reqwest::Client::new();
+    const STOCK: u64 = 5;
+    create_coupon_batch(&client, &fleet.bases(), "cr1", STOCK, 1).await;
+    set_switch(&client, &fleet.base(0), "reward_lanes", false).await;
+    let reward = |k: usize| {
+        let (kind, order) = if k.is_multiple_of(2) {
+            ("item", "it")
+        } else {
+            ("coupon", "cp")
+        };
+        serde_json::json!({"order_id": format!("{order}-{k}"), "uid": uid(k),
+            "activity_id": "gifts", "scene": "cards", "kind": kind, "amount": 1,
+            "batch_id": (kind == "coupon").then_some("cr1")})
+    };
+    let order = |k: usize| reward(k)["order_id"].as_str().unwrap().to_owned();
+    // One user per reward (a coupon per user at most: the batch's per-user limit).
+    let rewards = 16;
+    for k in 0..rewards {
+        let (status, body) = send_retrying(
+            &client,
+            &fleet.bases(),
+            k,
+            reqwest::Method::POST,
+            "/v1/rewards",
+            ISSUER,
+            Some(reward(k)),
+        )
+        .await;
+        assert_eq!(status, 202, "{}: {body}", order(k));
+    }
+    // Paused: each item reward is pending on its user's page and `accepted` by its order id,
+    // through every node.
+    for k in (0..rewards).step_by(2) {
+        for base in fleet.bases() {
+            let wallet = get_settled(&client, &base, &format!("/v1/wallets/{}", uid(k))).await;
+            assert!(
+                wallet["pending"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|p| p["order_id"] == order(k) && p["kind"] == "item"),
+                "{} not pending via {base}: {wallet}",
+                order(k)
+            );
+            let status = get_settled(&client, &base, &format!("/v1/rewards/{}", order(k))).await;
+            assert_eq!(
+                (&status["status"], &status["kind"]),
+                (&Value::from("accepted"), &Value::from("item")),
+                "{status}"
+            );
+        }
+    }
+    let node = fleet.nodes[2].take().unwrap();
+    let port = node.port;
+    node.kill9();
+    fleet.wait_balanced(2).await;
+    set_switch(&client, &fleet.base(0), "reward_lanes", true).await;
+    // Every reward settles: items delivered, coupons delivered up to the stock, then failed.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let outcomes = loop {
+        let mut outcomes = BTreeMap::new();
+        for k in 0..rewards {
+            let status = get_settled(
+                &client,
+                &fleet.base(0),
+                &format!("/v1/rewards/{}", order(k)),
+            )
+            .await;
+            outcomes.insert(
+                k,
+                (
+                    status["status"].as_str().unwrap().to_owned(),
+                    status["reason"].clone(),
+                ),
+            );
+        }
+        if outcomes.values().all(|(s, _)| s != "accepted") {
+            break outcomes;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rewards never settled: {outcomes:?}\n{}",
+            fleet.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let mut delivered_coupons = Vec::new();
+    for (k, (status, reason)) in &outcomes {
+        match (k % 2, status.as_str()) {
+            (0, "delivered") => {}
+            (1, "delivered") => delivered_coupons.push(*k),
+            (1, "failed") => assert_eq!(reason, "sold_out", "{}", order(*k)),
+            _ => panic!("{}: {status} {reason}", order(*k)),
+        }
+    }
+    assert_eq!(delivered_coupons.len() as u64, STOCK, "{outcomes:?}");
+    // The same through every node; nothing pending on any page; each delivered coupon is its
+    // user's, and nobody else holds one of the batch.
+    for base in fleet.bases() {
+        for (k, (status, _)) in &outcomes {
+            let answer = get_settled(&client, &base, &format!("/v1/rewards/{}", order(*k))).await;
+            assert_eq!(
+                answer["status"],
+                status.as_str(),
+                "{} via {base}",
+                order(*k)
+            );
+        }
+        let mut holders = Vec::new();
+        for user in 0..rewards {
+            let wallet = get_settled(&client, &base, &format!("/v1/wallets/{}", uid(user))).await;
+            assert!(
+                wallet["pending"].as_array().unwrap().is_empty(),
+                "pending via {base}: {wallet}"
+            );
+            let coupons = get_settled(
+                &client,
+                &base,
+                &format!("/v1/wallets/{}/coupons", uid(user)),
+            )
+            .await;
+            let held = coupons
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|c| c["batch_id"] == "cr1")
+                .count();
+            holders.extend(std::iter::repeat_n(user, held));
+        }
+        let mut expected: Vec<usize> = delivered_coupons.clone();
+        expected.sort();
+        assert_eq!(holders, expected, "coupon holders via {base}");
+        let batch = get_settled(&client, &base, "/v1/coupon-batches/cr1").await;
+        assert_eq!(
+            (batch["issued"].as_u64(), batch["remaining"].as_u64()),
+            (Some(STOCK), Some(0)),
+            "{batch}"
+        );
+    }
+    fleet.restart(2, port);
+    fleet.wait_balanced(3).await;
+    fleet.audit().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_activitys_intake_shards_on_every_node_spend_its_budget_to_the_last_fen_through_a_kill(
+) {
+    // Goal: one activity's rewards from concurrent clients through every node, accepted by its
+    // 8 intake shards (spread over the partitions, so over the nodes) against slices of its
+    // budget, small slices so that grants and recalls happen all along; a node holding shards
+    // is killed with kill -9 mid-load. The demand exceeds the budget: exactly the budget is
+    // accepted (every reward is 10 fen, so "to the last fen" is exact), every accepted
+    // reward is credited once, the activity's page agrees through every node, the slices
+    // were granted and recalled (the nodes' counters say so), and the audit proves the slice
+    // books across partitions.
+    let _heavy = super::heavy().await;
+    let Some(mut fleet) =
+        Fleet::start_configured("[rewards]\nintake_shards = 8\nslice_fen = 300\n").await
+    else {
+        return;
+    };
+    const BUDGET: u64 = 4_000;
+    const AMOUNT: u64 = 10;
+    const ASKS: usize = 520;
+    const CLIENTS: usize = 8;
+    let client = reqwest::Client::new();
+    let bases = fleet.bases();
+    let (status, body) = call(
+        &client,
+        reqwest::Method::PUT,
+        format!("{}/v1/admin/activities/hot/budget", bases[0]),
+        ADMIN,
+        Some(serde_json::json!({"cash": BUDGET, "subsidy": 0})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let view = cluster_view(&client, &bases[0]).await.unwrap();
+    let partitions = hongbao::cluster::partition::Partitions::new(PARTITIONS).unwrap();
+    let holders: BTreeSet<String> = (0..8)
+        .filter_map(|shard| {
+            let partition = partitions.of(&format!("activity:hot@{shard}")).key();
+            view["partitions"]
+                .as_array()?
+                .iter()
+                .find(|p| p["partition"] == partition)?["node"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert!(
+        holders.len() >= 2,
+        "the shards' partitions on one node: {holders:?}"
+    );
+    // Reward hot-k through the nodes: accepted (true) or refused budget_exhausted (false).
+    let send = |client: reqwest::Client, bases: Vec<String>, k: usize| async move {
+        let reward = serde_json::json!({"order_id": format!("hot-{k}"), "uid": uid(k % USERS),
+            "activity_id": "hot", "scene": "rain", "kind": "cash", "amount": AMOUNT});
+        let path = "/v1/rewards";
+        let post = reqwest::Method::POST;
+        let (status, body) =
+            send_retrying(&client, &bases, k, post, path, ISSUER, Some(reward)).await;
+        match (status, body["code"].as_str()) {
+            (202, _) => true,
+            (409, Some("budget_exhausted")) => false,
+            _ => panic!("reward hot-{k}: {status} {body}"),
+        }
+    };
+    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let (client, bases, sent) = (client.clone(), bases.clone(), sent.clone());
+            tokio::spawn(async move {
+                let mut accepted = BTreeSet::new();
+                for k in (c..ASKS).step_by(CLIENTS) {
+                    if send(client.clone(), bases.clone(), k).await {
+                        accepted.insert(k);
+                    }
+                    sent.fetch_add(1, Ordering::SeqCst);
+                }
+                accepted
+            })
+        })
+        .collect();
+    // The slice steps each node took before the kill (a killed node's counters die with it).
+    wait_until_sent(&sent, ASKS / 3).await;
+    let mut steps = BTreeMap::new();
+    for (i, base) in bases.iter().enumerate() {
+        let text = scrape(&client, base).await;
+        // Every partition's series (each labelled with its partition).
+        let granted: f64 = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("hongbao_reward_slices_total{") && l.contains("step=\"granted\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        steps.insert(format!("n{}", i + 1), granted);
+    }
+    let node = fleet.nodes[2].take().unwrap();
+    let port = node.port;
+    node.kill9();
+    let mut accepted = BTreeSet::new();
+    for c in clients {
+        let answered = c.await;
+        accepted.extend(answered.unwrap_or_else(|e| panic!("{e}\n{}", fleet.logs())));
+    }
+    fleet.wait_balanced(2).await;
+    let bases = fleet.bases();
+    // A few more, one at a time, until one is refused: whatever slice a shard still held
+    // after the concurrent load is recalled by then, so the budget is spent to the last fen.
+    for k in ASKS..ASKS + 100 {
+        if !send(client.clone(), bases.clone(), k).await {
+            break;
+        }
+        accepted.insert(k);
+    }
+    let accepted_sum = accepted.len() as u64 * AMOUNT;
+    assert_eq!(accepted_sum, BUDGET, "accepted {} rewards", accepted.len());
+    for holder in &holders {
+        assert!(
+            steps.get(holder).is_some_and(|g| *g > 0.0),
+            "{holder} holds an intake shard but took no slice: {steps:?}"
+        );
+    }
+    // Every accepted reward credited once; the activity's page the same through every node.
+    let mut owed: BTreeMap<String, u64> = BTreeMap::new();
+    for k in &accepted {
+        *owed.entry(uid(k % USERS)).or_default() += AMOUNT;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut wrong = Vec::new();
+        for (user, amount) in &owed {
+            let wallet = get_settled(&client, &bases[0], &format!("/v1/wallets/{user}")).await;
+            let held = wallet["balances"]["activity"].as_u64().unwrap();
+            assert!(
+                held <= *amount,
+                "{user} credited beyond its rewards: {wallet}"
+            );
+            if held != *amount {
+                wrong.push(format!("{user}: {held} of {amount}"));
+            }
+        }
+        if wrong.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "credits never settled: {wrong:?}\n{}",
+            fleet.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for base in &bases {
+        let (status, page) = call(
+            &client,
+            reqwest::Method::GET,
+            format!("{base}/v1/admin/activities/hot"),
+            ADMIN,
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{page}");
+        assert_eq!(page["accepted"]["cash"], BUDGET, "{page}");
+        assert_eq!(page["remaining"]["cash"], 0, "{page}");
+        assert_eq!(page["rewards"], accepted.len(), "{page}");
+    }
+    fleet.restart(2, port);
+    fleet.wait_balanced(3).await;
+    // Rewards larger than a slice, concurrently, for an activity without a budget: each
+    // grant covers one reward, and the reward that asked for it is accepted from it (no
+    // reward can take another's refill until it gives up): every one accepted at the first
+    // answer, none left "retry". (Found by the benchmark's seeding: 503s when a refill was
+    // recorded apart from the acceptance.)
+    let bases = fleet.bases();
+    let answers = futures::future::join_all((0..CLIENTS).map(|c| {
+        let (client, bases) = (client.clone(), bases.clone());
+        async move {
+            let mut answers = Vec::new();
+            for k in 0..12usize {
+                let body = serde_json::json!({"order_id": format!("free-{c}-{k}"),
+                    "uid": uid(k % USERS), "activity_id": "free", "scene": "seed",
+                    "kind": "cash", "amount": 1_000});
+                let (status, body) = call(
+                    &client,
+                    reqwest::Method::POST,
+                    format!("{}/v1/rewards", bases[(c + k) % bases.len()]),
+                    ISSUER,
+                    Some(body),
+                )
+                .await;
+                answers.push((status, body));
+            }
+            answers
+        }
+    }))
+    .await;
+    let refused: Vec<_> = answers
+        .iter()
+        .flatten()
+        .filter(|(s, _)| *s != 202)
+        .collect();
+    assert!(refused.is_empty(), "not accepted at once: {refused:?}");
+    // Credited before the audit reads the heads (nothing pending over the fleet).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fleet_cash_pending(&client, &bases).await != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "never credited\n{}",
+            fleet.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let report = fleet.audit().await;
+    // The slice books matched across partitions (one check per shard and kind at least).
+    let budgets = audit_check(&report, "budgets");
+    assert_eq!(budgets["violations"], 0, "{budgets}");
+    assert!(
+        budgets["checked"].as_u64().unwrap() > ASKS as u64,
+        "{budgets}"
+    );
+    eprintln!(
+        "hot activity: {} of {ASKS}+ rewards accepted for a {BUDGET} fen budget through 8 intake shards held by {holders:?}; slices granted before the kill by node {steps:?}",
+        accepted.len()
+    );
+}
+
+/// Waits (60 s at most) until the clients have sent `n` requests.
+async fn wait_until_sent(sent: &std::sync::atomic::AtomicUsize, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sent.load(Ordering::SeqCst) < n {
+        assert!(Instant::now() < deadline, "the load did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Cash rewards credited so far by the whole fleet (every node's lanes).
@@ -1803,7 +2311,7 @@ async fn a_mixed_load_through_every_node_survives_kill_9_exactly_once() {
     let methods = fund_and_bind(&client, &bases, "mw", WITHDRAWERS, WITHDRAWER_FUNDING).await;
     create_coupon_batch(&client, &bases, "mix-cb", COUPON_STOCK, COUPON_LIMIT).await;
     let load = Load::start(bases.clone(), 6);
-    load.progress(50, "deposits before the mix").await;
+    load.progress(&fleet, 50, "deposits before the mix").await;
     // Withdrawals in waves of four, spanning the kill.
     let withdrawals = {
         let (client, bases) = (client.clone(), bases.clone());
@@ -1881,7 +2389,7 @@ async fn a_mixed_load_through_every_node_survives_kill_9_exactly_once() {
             claimed
         })
     };
-    load.progress(100, "with the mix going").await;
+    load.progress(&fleet, 100, "with the mix going").await;
     // Some coupon requests in the layers of the node about to die, the rest during and after
     // the hand-over.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -1897,14 +2405,16 @@ async fn a_mixed_load_through_every_node_survives_kill_9_exactly_once() {
     let claimed = packets.await.unwrap();
     let withdrawn = withdrawals.await.unwrap();
     let asked = coupons.await.unwrap();
-    load.progress(100, "after the kill").await;
-    let (acked, _) = load.finish().await;
+    load.progress(&fleet, 100, "after the kill").await;
+    let (acked, _) = load.finish(&fleet).await;
     let bases = fleet.bases();
     check_exactly_once(&bases, &acked).await;
-    // Rewards: within the budget, each user's activity balance their accepted rewards.
+    // Rewards: within the budget and spent to within one reward (sent one at a time, each
+    // refusal is exact: the intake shards' unused slices are recalled first), each user's
+    // activity balance their accepted rewards.
     let accepted_sum: u64 = accepted.values().sum();
     assert!(
-        accepted_sum <= BUDGET && refused > 0,
+        accepted_sum <= BUDGET && accepted_sum + 104 > BUDGET && refused > 0,
         "{accepted_sum} accepted, {refused} refused"
     );
     // Packets: each claimer's change is their claims; each sender paid exactly 600.
@@ -2224,11 +2734,7 @@ async fn a_hot_coupon_batch_takes_merged_deductions_from_every_node_and_issues_i
         .collect();
     // Merged deductions sent by each node's layers, read before the kill (a killed node's
     // counters die with it).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while sent.load(Ordering::SeqCst) < ASKS / 3 {
-        assert!(Instant::now() < deadline, "the load did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_sent(&sent, ASKS / 3).await;
     let mut deductions = BTreeMap::new();
     for (i, base) in bases.iter().enumerate() {
         let text = scrape(&client, base).await;

@@ -201,3 +201,42 @@ fn under_pressure_idle_actors_are_passivated_sooner() {
         assert!(wallets.active() >= 1);
     });
 }
+
+#[test]
+fn a_command_answered_once_submitted_says_when_it_is_durable_and_when_it_never_will_be() {
+    // Goal: `execute_submitted` answers with the decision while the journal's flush is still
+    // held, and its durable future resolves only once the flush returns; a flush that fails
+    // makes the future an error, never a success (its caller then answers "outcome unknown").
+    // The reward intake relies on both to overlap the order-id claim's flush with the
+    // acceptance's, on a store that keeps submission order and stops at its first failure.
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    assert!(store.in_order_fail_stop());
+    actix_rt::System::new().block_on(async {
+        let (wallets, _) = registry(store.clone(), ActorConfig::default());
+        let hold = store.hold_next_flush();
+        let (movement, durable) = wallets
+            .execute_submitted("u1", deposit("d1", 5))
+            .await
+            .unwrap();
+        assert!(!movement.replayed);
+        assert_eq!(movement.line.balance_after, Fen::new(5));
+        assert!(hold.wait_reached(Duration::from_secs(10)));
+        let mut durable = durable;
+        actix_rt::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            futures::poll!(&mut durable).is_pending(),
+            "durable before the flush"
+        );
+        assert_eq!(store.head(), 0);
+        hold.release();
+        durable.await.unwrap();
+        assert_eq!(store.head(), 1);
+        store.fail_next_flush();
+        let (_, durable) = wallets
+            .execute_submitted("u1", deposit("d2", 7))
+            .await
+            .unwrap();
+        assert!(durable.await.is_err(), "a failed flush resolved as durable");
+    });
+}

@@ -172,6 +172,118 @@ fn partitions_audited_together_balance_where_each_alone_cannot() {
     }
 }
 
+/// A hot activity on a cluster: its budget and grants in one partition, intake shard `cny@1`
+/// (which received a slice, accepted r1 and released the rest) and the wallet in another.
+fn sliced_history(activity: &Arc<SledStore>, shard: &Arc<SledStore>) {
+    let cash = |amount| Fen::new(amount);
+    append(
+        activity,
+        "activity:cny",
+        vec![
+            Event::Activity(ActivityEvent::BudgetSet(Budgets {
+                cash: cash(1_000),
+                subsidy: Fen::ZERO,
+            })),
+            Event::Activity(ActivityEvent::SliceGranted {
+                shard: 1,
+                kind: RewardKind::Cash,
+                amount: cash(700),
+            }),
+        ],
+    );
+    append(
+        shard,
+        "activity:cny@1",
+        vec![
+            Event::Activity(ActivityEvent::SliceReceived {
+                kind: RewardKind::Cash,
+                amount: cash(700),
+            }),
+            accepted("r1", "u1", 600),
+            Event::Activity(ActivityEvent::SliceReleased {
+                kind: RewardKind::Cash,
+                amount: cash(100),
+            }),
+        ],
+    );
+    append(
+        shard,
+        "wallet:u1",
+        vec![credit(Entry::Reward, "r1", 600, 600, Some("cny"))],
+    );
+    append(
+        activity,
+        "activity:cny",
+        vec![Event::Activity(ActivityEvent::SliceTakenBack {
+            shard: 1,
+            kind: RewardKind::Cash,
+            amount: cash(100),
+        })],
+    );
+}
+
+fn audit_sliced(logs: [&Arc<SledStore>; 2], shard: &Arc<SledStore>) -> AuditReport {
+    audit_two_logs(&logs, shard, |stream| {
+        stream.starts_with("activity:cny@") || stream.starts_with("wallet:")
+    })
+}
+
+#[test]
+fn budget_slices_across_partitions_audit_clean_whichever_partition_is_read_first() {
+    // Goal: a reward accepted by an intake shard is its activity's (the credit names `cny`),
+    // the slice books match across the two partitions, and the order the logs are read in
+    // changes nothing.
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let (activity, shard) = (open(dirs[0].path()), open(dirs[1].path()));
+    sliced_history(&activity, &shard);
+    for logs in [[&activity, &shard], [&shard, &activity]] {
+        let report = audit_sliced(logs, &shard);
+        assert!(report.ok(), "{:#?}", report.checks);
+    }
+}
+
+#[test]
+fn a_shard_accepting_beyond_its_slice_or_receiving_what_was_not_granted_is_named() {
+    // Goal: each bound of the slice protocol is checked where it can break: a shard that
+    // accepts more than it holds, a receipt above the grants, a take-back above the releases,
+    // and the activity's total over all its shards above the budget.
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let (activity, shard) = (open(dirs[0].path()), open(dirs[1].path()));
+    sliced_history(&activity, &shard);
+    append(&shard, "activity:cny@1", vec![accepted("r2", "u2", 50)]);
+    append(
+        &shard,
+        "activity:cny@2",
+        vec![
+            Event::Activity(ActivityEvent::SliceReceived {
+                kind: RewardKind::Cash,
+                amount: Fen::new(900),
+            }),
+            accepted("r3", "u3", 900),
+        ],
+    );
+    append(
+        &activity,
+        "activity:cny",
+        vec![Event::Activity(ActivityEvent::SliceTakenBack {
+            shard: 1,
+            kind: RewardKind::Cash,
+            amount: Fen::new(5),
+        })],
+    );
+    let report = audit_sliced([&activity, &shard], &shard);
+    assert_eq!(failing(&report), ["budgets"]);
+    let found = examples(&report, "budgets");
+    for expected in [
+        "intake shard cny@1 accepted cash 650 / subsidy 0 holding slices of 600 / 0",
+        "intake shard cny@2 received 900 of cash, its activity granted 0",
+        "activity cny took back 105 of cash from shard 1, which released 100",
+        "activity cny and its intake shards accepted cash 1550 / subsidy 0 against a budget of 1000 / 0",
+    ] {
+        assert!(found.contains(expected), "{expected:?} not in {found}");
+    }
+}
+
 #[test]
 fn a_credit_of_a_reward_voided_in_another_partition_is_named() {
     // Goal: the merged replay compares a movement with the decision in the other log: the
@@ -865,4 +977,58 @@ fn a_reward_noted_pending_that_its_activity_did_not_accept_is_named() {
         named.contains("notes reward cny/r1 (cash 601 fen) pending"),
         "{named}"
     );
+}
+
+#[test]
+fn a_note_settled_before_its_activity_settled_the_reward_is_named() {
+    // Goal: on a cluster a coupon or item reward's note is settled on the wallet once its
+    // activity delivered, failed or voided it; a settling the activity never made (the user
+    // no longer sees a reward still coming) is named, whichever log is read first; once the
+    // activity's delivery is in its log, the same settling passes.
+    use hongbao::domain::activity::{Reward, RewardKind};
+    use hongbao::domain::wallet::WalletEvent;
+    let (_dirs, wallets, business) = split_logs();
+    let item = Reward {
+        kind: RewardKind::Item,
+        amount: Fen::new(1),
+        ..match accepted("i1", "u1", 1) {
+            Event::Activity(ActivityEvent::RewardAccepted(reward)) => reward,
+            _ => unreachable!(),
+        }
+    };
+    append(
+        &business,
+        "activity:cny",
+        vec![Event::Activity(ActivityEvent::RewardAccepted(item))],
+    );
+    let settled = |order: &str| {
+        Event::Wallet(WalletEvent::NoteSettled {
+            activity_id: id("cny"),
+            order_id: id(order),
+        })
+    };
+    append(&wallets, "wallet:u1", vec![settled("i1"), settled("i9")]);
+    let report = run_audit_logs(&[&wallets, &business], &wallets);
+    assert_eq!(failing(&report), ["reward_credits"]);
+    let named = examples(&report, "reward_credits");
+    for order in ["i1", "i9"] {
+        assert!(
+            named.contains(&format!(
+                "settles its note of reward cny/{order}, which its activity did not deliver"
+            )),
+            "{named}"
+        );
+    }
+    append(
+        &business,
+        "activity:cny",
+        vec![Event::Activity(ActivityEvent::RewardDelivered {
+            order_id: id("i1"),
+            uid: id("u1"),
+        })],
+    );
+    let report = run_audit_logs(&[&business, &wallets], &wallets);
+    let named = examples(&report, "reward_credits");
+    assert!(!named.contains("cny/i1"), "{named}");
+    assert!(named.contains("cny/i9"), "{named}");
 }

@@ -15,7 +15,7 @@ use hongbao::channels::{PayOutcome, PaymentChannel, SimulatedChannels, Simulator
 use hongbao::clock::ManualClock;
 use hongbao::domain::activity::{ActivityEvent, Budgets};
 use hongbao::domain::coupon::{BatchEvent, BatchSpec, Grant, IntakeEvent, IssueRequest};
-use hongbao::domain::packet::{Mode, PacketEvent, PacketSpec, Split};
+use hongbao::domain::packet::{ClaimRecord, Mode, PacketEvent, PacketSpec, Split};
 use hongbao::domain::wallet::Entry;
 use hongbao::domain::withdrawal::Channel;
 use hongbao::domain::Event;
@@ -409,6 +409,24 @@ fn mutate_packet_claim_amount(f: &Fixture) {
     );
 }
 
+/// A merged claim of packet pk: dave takes share 1 as drawn, erin's record in the same event
+/// skips to share 3 (no money moves yet): the audit names the merged event's second record.
+fn mutate_packet_merged_claims(f: &Fixture) {
+    let claim = |uid: &str, index| ClaimRecord {
+        uid: id(uid),
+        index,
+        amount: Fen::new(100),
+        at_ms: 0,
+    };
+    append(
+        &f.store,
+        "packet:pk",
+        vec![Event::Packet(PacketEvent::SharesClaimed {
+            claims: vec![claim("dave", 1), claim("erin", 3)],
+        })],
+    );
+}
+
 /// A second coupon granted from batch a, whose stock is 1 (to another user, accepted: only
 /// the stock is broken).
 fn mutate_coupons(f: &Fixture) {
@@ -459,6 +477,7 @@ mutations! {
     packets: mutate_packets => ["packets"];
     packet_transfer_amount: mutate_packet_transfer_amount => ["money_conserved", "packets"];
     packet_claim_amount: mutate_packet_claim_amount => ["packets"];
+    packet_merged_claims: mutate_packet_merged_claims => ["packets"];
     coupons: mutate_coupons => ["coupons"];
     projections: mutate_projections => ["projections"];
 }

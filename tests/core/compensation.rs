@@ -2,7 +2,7 @@
 
 use super::open;
 use futures::future::BoxFuture;
-use hongbao::actors::{ActorConfig, Registry, Runtime};
+use hongbao::actors::Registry;
 use hongbao::channels::{PayOutcome, PaymentChannel, QueryOutcome};
 use hongbao::clock::ManualClock;
 use hongbao::domain::wallet::{Entry, Wallet, WalletCommand};
@@ -98,15 +98,7 @@ fn stuck_orders_are_compensated_per_state_after_the_age() {
     let clock = ManualClock::new(1_000_000);
     actix_rt::System::new().block_on(async {
         let metrics = Arc::new(Metrics::new());
-        let runtime = Arc::new(Runtime {
-            store: store.clone(),
-            clock: Arc::new(clock.clone()),
-            metrics: metrics.clone(),
-            config: ActorConfig::default(),
-            placement: None,
-            registries: Default::default(),
-            pacing: None,
-        });
+        let runtime = super::actor_runtime(&store, Arc::new(clock.clone()), metrics.clone());
         let wallets: Arc<Registry<Wallet>> = Registry::new(runtime.clone());
         let channel = Arc::new(HangingChannel {
             paid: Default::default(),
@@ -297,15 +289,7 @@ fn a_payout_lane_and_the_sweeper_never_drive_one_order_at_once() {
     let clock = ManualClock::new(1_000_000);
     actix_rt::System::new().block_on(async {
         let metrics = Arc::new(Metrics::new());
-        let runtime = Arc::new(Runtime {
-            store: store.clone(),
-            clock: Arc::new(clock.clone()),
-            metrics: metrics.clone(),
-            config: ActorConfig::default(),
-            placement: None,
-            registries: Default::default(),
-            pacing: None,
-        });
+        let runtime = super::actor_runtime(&store, Arc::new(clock.clone()), metrics.clone());
         let wallets: Arc<Registry<Wallet>> = Registry::new(runtime.clone());
         let channel = Arc::new(GatedChannel::default());
         let config = WithdrawalConfig {
@@ -393,15 +377,8 @@ fn a_debit_still_on_its_way_when_the_sweeper_abandons_the_order_never_lands() {
     let store = open(dir.path());
     let clock = ManualClock::new(1_000_000);
     actix_rt::System::new().block_on(async {
-        let runtime = Arc::new(Runtime {
-            store: store.clone(),
-            clock: Arc::new(clock.clone()),
-            metrics: Arc::new(Metrics::new()),
-            config: ActorConfig::default(),
-            placement: None,
-            registries: Default::default(),
-            pacing: None,
-        });
+        let runtime =
+            super::actor_runtime(&store, Arc::new(clock.clone()), Arc::new(Metrics::new()));
         let wallets: Arc<Registry<Wallet>> = Registry::new(runtime.clone());
         let withdrawals = Withdrawals::new(
             Registry::new(runtime.clone()),
@@ -439,5 +416,103 @@ fn a_debit_still_on_its_way_when_the_sweeper_abandons_the_order_never_lands() {
         assert!(late.is_err(), "the late debit landed: {late:?}");
         let (wallet, _) = wallets.state("slow").await.unwrap();
         assert_eq!(wallet.activity, Fen::new(1_000), "nothing left the user");
+    });
+}
+
+/// A withdrawal's runtime on `store`, with a channel that never answers (nothing here pays).
+fn intake(store: &Arc<hongbao::events::sled_store::SledStore>) -> Arc<Withdrawals> {
+    let runtime = super::actor_runtime(
+        store,
+        Arc::new(ManualClock::new(1_000_000)),
+        Arc::new(Metrics::new()),
+    );
+    let channel = Arc::new(HangingChannel {
+        paid: Default::default(),
+        release: Default::default(),
+    });
+    Withdrawals::new(
+        Registry::new(runtime.clone()),
+        Registry::new(runtime),
+        channel,
+        WithdrawalConfig::default(),
+    )
+}
+
+#[test]
+fn a_withdrawal_is_answered_once_its_three_steps_are_durable_and_a_failed_flush_debits_once() {
+    // Goal: on sled the request's three steps (order, debit, record) are submitted without
+    // waiting for each other's flush, yet the answer waits for all of them: while a flush is
+    // held the request is not answered, and once released the log holds all three. A flush
+    // that fails answers "outcome unknown", never success; after a restart the retry with the
+    // same order id finishes the order with exactly one debit.
+    use hongbao::actors::ExecError;
+    use hongbao::domain::wallet::WalletEvent;
+    use hongbao::domain::Event;
+    use hongbao::events::EventStore;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    actix_rt::System::new().block_on(async {
+        let withdrawals = intake(&store);
+        let fund = WalletCommand::Credit {
+            entry: Entry::Reward,
+            order_id: id("fund"),
+            amount: Fen::new(1_000),
+            source: Some(id("act")),
+        };
+        withdrawals.wallets.execute("u1", fund).await.unwrap();
+        let head = store.head();
+        let hold = store.hold_next_flush();
+        let w1 = id("w1");
+        let mut answer = Box::pin(withdrawals.request(&w1, request("u1")));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !hold.wait_reached(Duration::from_millis(1)) {
+            assert!(
+                futures::poll!(&mut answer).is_pending(),
+                "answered before any flush"
+            );
+            assert!(Instant::now() < deadline, "the flush was never reached");
+            actix_rt::time::sleep(Duration::from_millis(1)).await;
+        }
+        for _ in 0..20 {
+            assert!(
+                futures::poll!(&mut answer).is_pending(),
+                "answered while a flush was held"
+            );
+            actix_rt::time::sleep(Duration::from_millis(5)).await;
+        }
+        hold.release();
+        let order = answer.await.unwrap();
+        assert_eq!(order.state, Some(OrderState::PendingPayout));
+        assert_eq!(
+            store.head(),
+            head + 3,
+            "order, debit and record, all durable"
+        );
+
+        store.fail_next_flush();
+        let failed = withdrawals.request(&id("w2"), request("u1")).await;
+        assert!(
+            matches!(failed, Err(ExecError::Unavailable(_))),
+            "a failed flush answered {failed:?}"
+        );
+    });
+    drop(store);
+    let store = open(dir.path());
+    actix_rt::System::new().block_on(async {
+        let withdrawals = intake(&store);
+        let order = withdrawals.request(&id("w2"), request("u1")).await.unwrap();
+        assert_eq!(order.state, Some(OrderState::PendingPayout));
+        let (wallet, _) = withdrawals.wallets.state("u1").await.unwrap();
+        let debits = store
+            .read_stream("wallet:u1", 1)
+            .unwrap()
+            .iter()
+            .filter(|e| {
+                matches!(&e.event, Event::Wallet(WalletEvent::Debited(line))
+                    if line.order_id.as_str() == "w2")
+            })
+            .count();
+        assert_eq!(debits, 1, "w2 debited once");
+        assert_eq!(wallet.activity, Fen::new(400), "1000 - 300 - 300");
     });
 }

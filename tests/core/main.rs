@@ -39,6 +39,23 @@ pub fn event(n: u64) -> NewEvent {
     hongbao::loadgen::journal::sample_event(n)
 }
 
+/// The actors' runtime of a single node on `store`, with the default actor settings.
+pub fn actor_runtime(
+    store: &Arc<SledStore>,
+    clock: Arc<dyn hongbao::clock::Clock>,
+    metrics: Arc<Metrics>,
+) -> Arc<hongbao::actors::Runtime> {
+    Arc::new(hongbao::actors::Runtime {
+        store: store.clone(),
+        clock,
+        metrics,
+        config: hongbao::actors::ActorConfig::default(),
+        placement: None,
+        registries: Default::default(),
+        pacing: None,
+    })
+}
+
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -3,13 +3,18 @@
 //! money is where the packet says it is and the audit holds.
 
 use super::open;
-use hongbao::actors::{ActorConfig, ExecError, Registry, Runtime};
+use hongbao::actors::{ExecError, Registry};
 use hongbao::audit::{audit, AuditReport};
 use hongbao::clock::ManualClock;
 use hongbao::domain::activity::Activity;
-use hongbao::domain::packet::{Mode, PacketCommand, PacketError, PacketSpec, PacketState, Split};
+use hongbao::domain::packet::{
+    Mode, Packet, PacketCommand, PacketError, PacketEvent, PacketReply, PacketSpec, PacketState,
+    Split,
+};
 use hongbao::domain::wallet::{Entry, Wallet, WalletCommand, WalletError};
+use hongbao::domain::{Aggregate, Event};
 use hongbao::events::sled_store::SledStore;
+use hongbao::events::EventStore;
 use hongbao::flows::packets::{PacketConfig, PacketFlowError, Packets};
 use hongbao::ids::Id;
 use hongbao::metrics::Metrics;
@@ -31,15 +36,7 @@ struct World {
 
 fn world(store: &Arc<SledStore>) -> World {
     let clock = ManualClock::new(START_MS);
-    let runtime = Arc::new(Runtime {
-        store: store.clone(),
-        clock: Arc::new(clock.clone()),
-        metrics: Arc::new(Metrics::new()),
-        config: ActorConfig::default(),
-        placement: None,
-        registries: Default::default(),
-        pacing: None,
-    });
+    let runtime = super::actor_runtime(store, Arc::new(clock.clone()), Arc::new(Metrics::new()));
     let wallets: Arc<Registry<Wallet>> = Registry::new(runtime.clone());
     let packets = Packets::new(
         Registry::new(runtime.clone()),
@@ -216,6 +213,102 @@ fn a_payment_before_the_deadline_is_kept_and_refunded_at_expiry() {
         assert_eq!(change(&w).await, Fen::new(500));
         assert!(w.packets.pay_c2c(&id("kept"), &id("pay-1")).await.is_ok());
         assert_eq!(change(&w).await, Fen::new(500));
+    });
+    clean(&audit(store.as_ref(), None, |_, _| ()).unwrap());
+}
+
+#[test]
+fn a_hot_packets_claims_are_merged_into_lots_that_replay_to_the_same_packet() {
+    // Goal: 90 claims of one packet of 50 shares at once, ten uids twice: the claims are
+    // decided in lots (at least one `packet.shares_claimed` event, fewer claim events than
+    // shares), each uid gets one share and the same share when it asks again, exactly 50
+    // shares go out summing to the total, the rest find the packet empty, the log replays to
+    // the packet the actor holds, and the audit holds.
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    actix_rt::System::new().block_on(async {
+        let w = world(&store);
+        let top_up = WalletCommand::Credit {
+            entry: Entry::Deposit,
+            order_id: id("top-hot"),
+            amount: Fen::new(5_000),
+            source: None,
+        };
+        w.wallets.execute("sender", top_up).await.unwrap();
+        let spec = PacketSpec {
+            sender_uid: id("sender"),
+            mode: Mode::C2c,
+            total: Fen::new(5_000),
+            count: 50,
+            split: Split::Lucky,
+            audience: None,
+            expires_at_ms: START_MS + LIFETIME_MS,
+            seed: 11,
+            subsidy: None,
+        };
+        w.packets.create_c2c(&id("hot"), spec).await.unwrap();
+        w.packets.pay_c2c(&id("hot"), &id("pay-hot")).await.unwrap();
+        let uids: Vec<String> = (0..80)
+            .map(|i| format!("fan{i}"))
+            .chain((0..10).map(|i| format!("fan{i}")))
+            .collect();
+        let answers = futures::future::join_all(
+            uids.iter()
+                .map(|uid| async { (uid.clone(), w.packets.claim(&id("hot"), &id(uid)).await) }),
+        )
+        .await;
+        let mut shares = std::collections::HashMap::new();
+        let mut empty = 0;
+        for (uid, answer) in answers {
+            match answer {
+                Ok(PacketReply::Claimed { amount, .. }) => {
+                    let first = *shares.entry(uid.clone()).or_insert(amount);
+                    assert_eq!(first, amount, "{uid} got two different shares");
+                }
+                Err(ExecError::Rejected(PacketError::Empty)) => empty += 1,
+                other => panic!("{uid}: {other:?}"),
+            }
+        }
+        assert_eq!(shares.len(), 50, "one share per winner, 50 winners");
+        assert_eq!(
+            Fen::sum(shares.values().copied()),
+            Ok(Fen::new(5_000)),
+            "the shares sum to the total"
+        );
+        assert!(empty >= 30, "the rest find it empty ({empty})");
+        let log = store.read_stream("packet:hot", 1).unwrap();
+        let claim_events: Vec<&PacketEvent> = log
+            .iter()
+            .filter_map(|e| match &e.event {
+                Event::Packet(
+                    p @ (PacketEvent::ShareClaimed { .. } | PacketEvent::SharesClaimed { .. }),
+                ) => Some(p),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            claim_events
+                .iter()
+                .any(|e| matches!(e, PacketEvent::SharesClaimed { claims } if claims.len() > 1)),
+            "no lot was merged: {claim_events:?}"
+        );
+        assert!(
+            claim_events.len() < 50,
+            "{} claim events",
+            claim_events.len()
+        );
+        let mut replayed = Packet::default();
+        for envelope in &log {
+            if let Event::Packet(event) = &envelope.event {
+                replayed.evolve(event);
+            }
+        }
+        let held = w.packets.packet(&id("hot")).await.unwrap().unwrap();
+        assert_eq!(
+            replayed, held,
+            "the log replays to the packet the actor holds"
+        );
+        assert_eq!(held.state, Some(PacketState::Exhausted));
     });
     clean(&audit(store.as_ref(), None, |_, _| ()).unwrap());
 }

@@ -4,7 +4,7 @@
 
 use super::fixtures::examples;
 use super::open;
-use hongbao::actors::{ActorConfig, Registry, Runtime};
+use hongbao::actors::Registry;
 use hongbao::audit::audit;
 use hongbao::channels::{
     ChannelSettings, RecordStatus, SimulatedChannels, Simulator, StatementLine,
@@ -155,15 +155,7 @@ fn each_side_corrupted_raises_the_reconciler_metric_and_the_audit_names_the_orde
     actix_rt::System::new().block_on(async {
         let metrics = Arc::new(Metrics::new());
         let clock = Arc::new(SystemClock);
-        let runtime = Arc::new(Runtime {
-            store: store.clone(),
-            clock: clock.clone(),
-            metrics: metrics.clone(),
-            config: ActorConfig::default(),
-            placement: None,
-            registries: Default::default(),
-            pacing: None,
-        });
+        let runtime = super::actor_runtime(&store, clock.clone(), metrics.clone());
         let wallets: Arc<Registry<Wallet>> = Registry::new(runtime.clone());
         let channels = SimulatedChannels::open(dir.path(), clock.clone()).unwrap();
         channels
