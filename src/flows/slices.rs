@@ -225,6 +225,11 @@ impl SlicedIntake {
     /// Takes the unused `kind` slices of every shard but `except` back into the activity's
     /// budget; answers how much came back, or why a shard's part is not known (a shard in
     /// hand-over keeps its slice: still its activity's budget, recalled by a later call).
+    ///
+    /// A grant left in transit (the intake that asked for it died before the shard recorded
+    /// it) is the shard's in the activity's books and in nobody's hands: each shard first
+    /// records what the activity has granted it (read from the activity's durable state), so
+    /// that its release brings that back too.
     async fn recall(
         &self,
         activities: &Arc<Registry<Activity>>,
@@ -232,10 +237,18 @@ impl SlicedIntake {
         except: u32,
         kind: RewardKind,
     ) -> Outcome<Fen> {
+        let (books, _) = activities.state(activity.as_str()).await?;
         let returns = (0..self.shards).filter(|s| *s != except).map(|shard| {
             let activities = activities.clone();
+            let granted = books
+                .slices
+                .get(&(shard, kind))
+                .map_or(Fen::ZERO, |b| b.granted);
             async move {
                 let entity = shard_entity(activity, shard);
+                if !granted.is_zero() {
+                    receive(&activities, &entity, kind, granted).await?;
+                }
                 let (total, now) = match activities
                     .execute(&entity, ActivityCommand::Release { kind })
                     .await?

@@ -2006,6 +2006,10 @@ async fn a_hot_activitys_intake_shards_on_every_node_spend_its_budget_to_the_las
     let bases = fleet.bases();
     // A few more, one at a time, until one is refused: whatever slice a shard still held
     // after the concurrent load is recalled by then, so the budget is spent to the last fen.
+    // (First past the recall's quiet time: a node whose recall found nothing during the
+    // concurrent load, because another node's recall had just taken it, refuses at once for
+    // that long, as designed; serially, a recall finds what any shard holds.)
+    tokio::time::sleep(hongbao::flows::slices::RECALL_QUIET * 3).await;
     for k in ASKS..ASKS + 100 {
         if !send(client.clone(), bases.clone(), k).await {
             break;

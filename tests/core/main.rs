@@ -14,6 +14,7 @@ mod nats;
 mod packets;
 mod projections;
 mod reconciliation;
+mod slices;
 mod store;
 mod store_contract;
 
