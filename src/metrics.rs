@@ -42,6 +42,7 @@ pub struct Metrics {
     pub reconciliation_checks_total: IntCounter,
     pub packet_claims_total: IntCounterVec,
     pub packet_transfers_total: IntCounter,
+    pub packet_transfers_deferred_total: IntCounter,
     pub packet_claims_in_flight_peak: IntGauge,
     pub packets_expired_total: IntCounterVec,
     pub packets_stuck: IntGaugeVec,
@@ -303,6 +304,11 @@ impl Metrics {
             "Claimed shares moved from escrow to the claimer",
         )
         .expect("metric definition");
+        let packet_transfers_deferred_total = IntCounter::new(
+            "hongbao_packet_transfers_deferred_total",
+            "Share transfers held back because their packet was hot (claims queueing), each counted once",
+        )
+        .expect("metric definition");
         let packets_expired_total = counter(
             "hongbao_packets_expired_total",
             "Packets expired and refunded, by mode",
@@ -382,6 +388,7 @@ impl Metrics {
             coupon_issue_seconds,
             packet_claims_total,
             packet_transfers_total,
+            packet_transfers_deferred_total,
             packet_claims_in_flight_peak,
             packets_expired_total,
             packets_stuck,
@@ -455,6 +462,7 @@ impl Metrics {
             Box::new(self.reconciliation_checks_total.clone()),
             Box::new(self.packet_claims_total.clone()),
             Box::new(self.packet_transfers_total.clone()),
+            Box::new(self.packet_transfers_deferred_total.clone()),
             Box::new(self.packet_claims_in_flight_peak.clone()),
             Box::new(self.packets_expired_total.clone()),
             Box::new(self.packets_stuck.clone()),

@@ -65,6 +65,15 @@ impl PacketClaims {
         }
     }
 
+    /// Whether `packet_id` is hot: every claim command it may have in flight is, and claims
+    /// may be queueing behind them. Its transfers can wait (P6): they would take journal
+    /// flushes from the claims.
+    pub fn is_hot(&self, packet_id: &Id) -> bool {
+        self.lots
+            .get(packet_id)
+            .is_some_and(|lots| lots.in_flight >= LOTS_IN_FLIGHT_PER_PACKET)
+    }
+
     /// Claims a share of `packet_id` for `uid`: its outcome once durable.
     pub async fn claim(&self, packet_id: &Id, uid: &Id) -> ClaimResult {
         let (reply, answer) = oneshot::channel();

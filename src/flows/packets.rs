@@ -41,6 +41,8 @@ const FLOW: &str = "packet-flows";
 const TRANSFERS_IN_FLIGHT_MAX: usize = 512;
 const STOP_DRAIN_MAX: Duration = Duration::from_secs(10);
 const RETRY_DELAY_MS: Millis = 500;
+/// How long a transfer waits at most while its packet is hot (then it goes, hot or not).
+pub const HOT_DEFERRAL_MAX: Duration = Duration::from_secs(2);
 /// Packets one expiry tick handles at most (the rest wait for the next tick).
 const EXPIRIES_PER_TICK_MAX: usize = 1_000;
 
@@ -385,6 +387,16 @@ impl Packets {
     }
 }
 
+/// Whether a transfer waits: only while its packet is hot, and not once it has waited
+/// `HOT_DEFERRAL_MAX` since it was first held back (P6: every transfer is made).
+fn hold_back(
+    hot: bool,
+    deferred_since: Option<std::time::Instant>,
+    now: std::time::Instant,
+) -> bool {
+    hot && deferred_since.is_none_or(|since| now.duration_since(since) < HOT_DEFERRAL_MAX)
+}
+
 /// A claimed share waiting to be transferred.
 #[derive(Debug, Clone)]
 struct Transfer {
@@ -395,6 +407,8 @@ struct Transfer {
     uid: Id,
     amount: crate::money::Fen,
     claimed_at_ms: Millis,
+    /// When it was first held back because its packet was hot.
+    deferred_since: Option<std::time::Instant>,
 }
 
 /// Packets whose mode the task remembers before it forgets them all (re-read on demand).
@@ -427,6 +441,7 @@ impl PacketFlows {
             retry_at: HashMap::new(),
             pending: BTreeMap::new(),
             waiting: std::collections::VecDeque::new(),
+            deferred: Vec::new(),
             in_flight: 0,
         };
         let mut flows = FlowGroup::start();
@@ -455,6 +470,8 @@ struct FlowTask {
     /// Transfers not done yet, by their claim's place in the log.
     pending: BTreeMap<(u64, u32), Transfer>,
     waiting: std::collections::VecDeque<Transfer>,
+    /// Transfers held back while their packet is hot, back in `waiting` at the next tick.
+    deferred: Vec<Transfer>,
     in_flight: usize,
 }
 
@@ -531,6 +548,7 @@ impl FlowTask {
             uid: uid.clone(),
             amount,
             claimed_at_ms,
+            deferred_since: None,
         };
         self.pending.insert(transfer.at, transfer.clone());
         self.waiting.push_back(transfer);
@@ -538,9 +556,21 @@ impl FlowTask {
 
     async fn dispatch(&mut self, running: &mut Running) {
         while self.in_flight < TRANSFERS_IN_FLIGHT_MAX {
-            let Some(transfer) = self.waiting.pop_front() else {
+            let Some(mut transfer) = self.waiting.pop_front() else {
                 break;
             };
+            // A hot packet's transfers wait (P6: asynchronous), at most HOT_DEFERRAL_MAX:
+            // each would take a journal flush's share from the packet's claims.
+            let hot = self.packets.claims.is_hot(&transfer.packet_id);
+            let now = std::time::Instant::now();
+            if hold_back(hot, transfer.deferred_since, now) {
+                if transfer.deferred_since.is_none() {
+                    self.packets.metrics.packet_transfers_deferred_total.inc();
+                    transfer.deferred_since = Some(now);
+                }
+                self.deferred.push(transfer);
+                continue;
+            }
             let Some(mode) = self.mode_of(&transfer.packet_id).await else {
                 tracing::error!(packet = %transfer.packet_id, "claim of an unknown packet; not transferred");
                 self.pending.remove(&transfer.at);
@@ -571,8 +601,10 @@ impl FlowTask {
         }
     }
 
-    /// Expires what is due, watches for stuck work, saves the checkpoint.
+    /// Expires what is due, watches for stuck work, saves the checkpoint; deferred transfers
+    /// are looked at again.
     async fn tick(&mut self) {
+        self.waiting.extend(self.deferred.drain(..));
         let now = self.packets.clock.now_ms();
         let due = match crate::projections::packets::due(&self.view, now, EXPIRIES_PER_TICK_MAX) {
             Ok(due) => due,
@@ -664,5 +696,35 @@ impl FlowTask {
             );
         }
         let _ = save_checkpoint(&self.tree, FLOW, self.checkpoint());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{hold_back, HOT_DEFERRAL_MAX};
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_transfer_waits_only_while_its_packet_is_hot_and_never_past_the_bound() {
+        let start = Instant::now();
+        let later = |d: Duration| start + d;
+        assert!(
+            !hold_back(false, None, start),
+            "a cold packet's transfer goes at once"
+        );
+        assert!(
+            hold_back(true, None, start),
+            "a hot packet's transfer waits"
+        );
+        assert!(hold_back(true, Some(start), later(HOT_DEFERRAL_MAX / 2)));
+        assert!(
+            !hold_back(true, Some(start), later(HOT_DEFERRAL_MAX)),
+            "held back at most HOT_DEFERRAL_MAX, hot or not"
+        );
+        assert!(!hold_back(
+            false,
+            Some(start),
+            later(Duration::from_millis(1))
+        ));
     }
 }

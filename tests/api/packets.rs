@@ -132,6 +132,70 @@ async fn a_hot_packet_of_50_shares_has_exactly_50_winners_summing_to_the_total()
 }
 
 #[tokio::test]
+async fn a_hot_packets_transfers_wait_while_its_claims_queue_and_land_while_it_stays_busy() {
+    // Goal (issue 14): while a packet's claims queue (every claim command it may have in
+    // flight is), its winners' transfers are held back, so the journal's flushes go to the
+    // claims; P6 still holds: every winner is credited while the packet stays busy (the
+    // bound, `HOT_DEFERRAL_MAX`, is unit-tested in `flows::packets`). 16 clients claim again and again (each won once, then gets
+    // its share again: a command all the same) while 100 others win a share each.
+    let app = Arc::new(spawn_app());
+    c2c_paid(&app, "busy", "boss", 100_000, 1_000, json!({})).await;
+    let hammering = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let hammers: Vec<_> = (0..16)
+        .map(|i| {
+            let (app, hammering) = (app.clone(), hammering.clone());
+            tokio::spawn(async move {
+                let uid = format!("ham{i}");
+                let mut claims = 0u64;
+                while hammering.load(std::sync::atomic::Ordering::SeqCst) {
+                    let (status, body) = claim_polling(&app, "busy", &uid).await;
+                    assert_eq!(status, 200, "{uid}: {body}");
+                    claims += 1;
+                }
+                claims
+            })
+        })
+        .collect();
+    let winners = join_all((0..100).map(|i| {
+        let app = &app;
+        async move {
+            let uid = format!("fan{i}");
+            let (status, body) = claim_polling(app, "busy", &uid).await;
+            assert_eq!(status, 200, "{uid}: {body}");
+            (uid, body["amount"].as_i64().unwrap())
+        }
+    }))
+    .await;
+    // Every winner credited while the claims go on.
+    let started = Instant::now();
+    for (uid, amount) in &winners {
+        app.wait_wallet(uid, "share transferred while the packet is hot", |w| {
+            w["balances"]["change"] == *amount
+        })
+        .await;
+    }
+    let waited = started.elapsed();
+    let deferred = metric(
+        &app.metrics_text().await,
+        "hongbao_packet_transfers_deferred_total",
+    );
+    hammering.store(false, std::sync::atomic::Ordering::SeqCst);
+    let mut repeats = 0;
+    for hammer in hammers {
+        repeats += hammer.await.unwrap();
+    }
+    assert!(
+        deferred.is_some_and(|d| d > 0.0),
+        "no transfer was held back while {repeats} claims kept the packet hot: {deferred:?}"
+    );
+    assert!(
+        repeats > 16,
+        "the hammers did not keep claiming ({repeats})"
+    );
+    eprintln!("hot packet: {deferred:?} transfers held back, every winner credited {waited:?} after the last win, {repeats} repeated claims");
+}
+
+#[tokio::test]
 async fn only_the_audience_may_claim_and_unpaid_packets_give_nothing() {
     // Goal: 403 not_in_audience for others; 409 not_paid before payment; a payment refused for
     // lack of balance moves nothing and leaves the packet waiting.
