@@ -59,8 +59,9 @@ pub fn debit(entry: Entry, order: &str, amount: u64, after: u64) -> Event {
     )))
 }
 
-pub fn accepted(order: &str, uid: &str, amount: u64) -> Event {
-    Event::Activity(ActivityEvent::RewardAccepted(Reward {
+/// A cash reward of `amount` for `uid` (scene `rain`).
+pub fn cash_reward(order: &str, uid: &str, amount: u64) -> Reward {
+    Reward {
         order_id: id(order),
         uid: id(uid),
         scene: id("rain"),
@@ -70,7 +71,13 @@ pub fn accepted(order: &str, uid: &str, amount: u64) -> Event {
         app_id: None,
         batch_id: None,
         ext: BTreeMap::new(),
-    }))
+    }
+}
+
+pub fn accepted(order: &str, uid: &str, amount: u64) -> Event {
+    Event::Activity(ActivityEvent::RewardAccepted(cash_reward(
+        order, uid, amount,
+    )))
 }
 
 /// A withdrawal of `amount` by u1 to the bank, through the named steps.

@@ -22,17 +22,7 @@ fn id(s: &str) -> Id {
 }
 
 fn reward(order_id: &Id, amount: u64) -> Reward {
-    Reward {
-        order_id: order_id.clone(),
-        uid: id("u1"),
-        scene: id("rain"),
-        kind: RewardKind::Cash,
-        amount: Fen::new(amount),
-        device_id: None,
-        app_id: None,
-        batch_id: None,
-        ext: BTreeMap::new(),
-    }
+    super::fixtures::cash_reward(order_id.as_str(), "u1", amount)
 }
 
 /// The order ids `o-0`, `o-1`... that land on any shard but `except`.
