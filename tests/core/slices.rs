@@ -12,7 +12,6 @@ use hongbao::flows::slices::SlicedIntake;
 use hongbao::ids::Id;
 use hongbao::metrics::Metrics;
 use hongbao::money::Fen;
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 const SHARDS: u32 = 4;
