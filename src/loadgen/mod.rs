@@ -31,6 +31,7 @@ pub mod handover;
 pub mod hello;
 pub mod jetstream;
 pub mod journal;
+pub mod ledger;
 pub mod packets;
 
 use crate::clock::SystemClock;
@@ -140,7 +141,10 @@ pub struct LoadgenArgs {
     /// deposits: run at the first --in-flight until this many deposits (one event each) are
     /// in the log, printing a row every --duration-s seconds: the rate, p99, the process's
     /// resident memory and the data directory's size (in-process server), so that a decay
-    /// over a long night shows.
+    /// over a long night shows. Unless --no-baseline, each interval is followed by as long a
+    /// run of the same server's /healthz and of the same deposit on each other --backends
+    /// (postgres, redis, redis-always: their tables grow with the run as the log does), and
+    /// hello-world runs at the start and the end.
     #[arg(long, value_name = "EVENTS")]
     pub sustain: Option<u64>,
     /// Skip the hello-world baseline runs.
@@ -681,7 +685,7 @@ fn healthz_line(
 }
 
 /// `deposits --sustain`: intervals of --duration-s at the first --in-flight until `events`
-/// deposits are accepted; a row per interval.
+/// deposits are accepted; a row per interval, and the baselines' rows after it.
 fn sustain(
     args: &LoadgenArgs,
     target: &Target,
@@ -690,8 +694,40 @@ fn sustain(
 ) -> Result<(), LoadgenError> {
     let in_flight = args.in_flight.first().copied().unwrap_or(256);
     let interval = Duration::from_secs(args.duration_s.max(1));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.client_threads.max(1))
+        .enable_all()
+        .build()?;
+    let mut ledgers = Vec::new();
+    if !args.no_baseline {
+        for &backend in &args.backends {
+            let opened = runtime.block_on(ledger::Ledger::open(
+                backend,
+                &args.postgres_url,
+                &args.redis_url,
+                args.pool,
+                run_id,
+            ));
+            match opened {
+                Ok(Some(ledger)) => ledgers.push((backend, Arc::new(ledger))),
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(LoadgenError::Usage(format!(
+                    "the {} baseline: {e} (--no-baseline or --backends hongbao to run without it)",
+                    backend.name()
+                )))
+                }
+            }
+        }
+        let hello = hello_run(args, in_flight)?;
+        println!(
+            "baseline hello world at {in_flight} in flight: {:.0} req/s, p99 {:.2} ms (start)",
+            hello.per_second(),
+            hello.quantile_ms(0.99)
+        );
+    }
     println!(
-        "{:<8} {:>7} {:>11} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9}",
+        "{:<14} {:>7} {:>11} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9}",
         "sustain",
         "t_s",
         "events",
@@ -703,8 +739,24 @@ fn sustain(
         "disk_mb",
         "B/event"
     );
+    let baseline_row = |name: &str, elapsed: Duration, rows: String, result: &RunResult| {
+        println!(
+            "{:<14} {:>7.0} {:>11} {:>10.0} {:>8.2} {:>8.2} {:>8} {:>8} {:>9} {:>9}",
+            name,
+            elapsed.as_secs_f64(),
+            rows,
+            result.per_second(),
+            result.quantile_ms(0.50),
+            result.quantile_ms(0.99),
+            result.requests - result.ok(),
+            "-",
+            "-",
+            "-"
+        );
+    };
     let started = Instant::now();
     let (mut accepted, mut part) = (0u64, 0usize);
+    let wallets = args.wallets;
     while accepted < events {
         part += 1;
         let make = deposit_requests(
@@ -732,7 +784,7 @@ fn sustain(
         let mb =
             |bytes: Option<u64>| bytes.map_or("-".into(), |b| format!("{:.0}", b as f64 / 1e6));
         println!(
-            "{:<8} {:>7.0} {:>11} {:>10.0} {:>8.2} {:>8.2} {:>8} {:>8} {:>9} {:>9}",
+            "{:<14} {:>7.0} {:>11} {:>10.0} {:>8.2} {:>8.2} {:>8} {:>8} {:>9} {:>9}",
             "sustain",
             started.elapsed().as_secs_f64(),
             accepted,
@@ -747,6 +799,51 @@ fn sustain(
                 b as f64 / accepted.max(1) as f64
             )),
         );
+        if args.no_baseline {
+            continue;
+        }
+        let addr = target.addr;
+        let make: RequestFactory = Arc::new(move |_, _| client::get(addr, "/healthz"));
+        let healthz = client::drive(
+            addr,
+            in_flight,
+            Duration::ZERO,
+            interval,
+            args.client_threads,
+            make,
+        )?;
+        baseline_row("  healthz", started.elapsed(), "-".into(), &healthz);
+        for (backend, ledger) in &ledgers {
+            let wallet: Arc<dyn Fn(usize, u64) -> String + Send + Sync> =
+                Arc::new(move |c, n| deposit_wallet(wallets, c, n));
+            let tag = format!("lg-{run_id}-{part}");
+            let run = ledger::interval(ledger.clone(), in_flight, interval, tag, wallet);
+            let result = runtime
+                .block_on(ledger.durably(run))
+                .map_err(|e| LoadgenError::Usage(format!("{}: {e}", backend.name())))?;
+            let lines = runtime
+                .block_on(ledger.lines())
+                .map_or("-".into(), |n| n.to_string());
+            baseline_row(
+                &format!("  {}", backend.name()),
+                started.elapsed(),
+                lines,
+                &result,
+            );
+        }
+    }
+    if !args.no_baseline {
+        let hello = hello_run(args, in_flight)?;
+        println!(
+            "baseline hello world at {in_flight} in flight: {:.0} req/s, p99 {:.2} ms (end)",
+            hello.per_second(),
+            hello.quantile_ms(0.99)
+        );
+    }
+    for (backend, ledger) in &ledgers {
+        if let Err(e) = runtime.block_on(ledger.clean()) {
+            eprintln!("cleaning the {} baseline's keys: {e}", backend.name());
+        }
     }
     Ok(())
 }

@@ -623,3 +623,88 @@ fn loadgen_deposits_reports_the_same_servers_healthz_beside_hello_world() {
     assert!(rate > 0.0, "{healthz}");
     assert!(healthz.contains("deposits/healthz"), "{healthz}");
 }
+
+#[test]
+fn loadgen_sustain_runs_the_same_deposit_on_postgres_and_durable_redis_beside_each_interval() {
+    // Goal (issue 14): a long run's rows come with the baselines measured after each
+    // interval through the same client: the server's /healthz and the same deposit on
+    // PostgreSQL and on Redis with appendfsync always, whose tables grow with the run; the
+    // hello-world figure at the start and the end; Redis's own settings restored after.
+    if std::env::var("HONGBAO_SERVICES").as_deref() != Ok("1") {
+        eprintln!("skipped: set HONGBAO_SERVICES=1 to run against PostgreSQL and Redis");
+        return;
+    }
+    let redis_setting = |name: &str| {
+        let out = std::process::Command::new("redis-cli")
+            .args(["config", "get", name])
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let before = (redis_setting("appendonly"), redis_setting("appendfsync"));
+    let (ok, stdout, stderr) = hongbao(&[
+        "loadgen",
+        "deposits",
+        "--in-flight",
+        "2",
+        "--duration-s",
+        "1",
+        "--warmup-s",
+        "0",
+        "--sustain",
+        "3000",
+        "--wallets",
+        "50",
+        "--pool",
+        "4",
+        "--backends",
+        "hongbao,postgres,redis-always",
+    ]);
+    assert!(ok, "{stdout}\n{stderr}");
+    let rows = |name: &str| -> Vec<Vec<String>> {
+        stdout
+            .lines()
+            .filter(|l| l.split_whitespace().next() == Some(name))
+            .map(|l| l.split_whitespace().map(str::to_owned).collect())
+            .collect()
+    };
+    let sustain = rows("sustain");
+    assert!(
+        sustain.len() >= 3,
+        "a header and two intervals at least: {stdout}"
+    );
+    for name in ["healthz", "postgres", "redis-always"] {
+        let rows = rows(name);
+        assert_eq!(
+            rows.len(),
+            sustain.len() - 1,
+            "one {name} row per interval: {stdout}"
+        );
+        for row in &rows {
+            assert!(
+                row[3].parse::<f64>().unwrap() > 0.0,
+                "{name} rate: {stdout}"
+            );
+            assert_eq!(row[6], "0", "{name} errors: {stdout}");
+        }
+        if name != "healthz" {
+            // The ledger lines grow from one interval to the next.
+            let lines: Vec<u64> = rows.iter().map(|r| r[2].parse().unwrap()).collect();
+            assert!(lines[0] > 0, "{stdout}");
+            assert!(lines.windows(2).all(|w| w[0] < w[1]), "{name}: {lines:?}");
+        }
+    }
+    for when in ["(start)", "(end)"] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with("baseline hello world") && l.ends_with(when)),
+            "hello-world {when}: {stdout}"
+        );
+    }
+    assert_eq!(
+        (redis_setting("appendonly"), redis_setting("appendfsync")),
+        before,
+        "Redis's own settings restored"
+    );
+}
