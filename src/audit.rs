@@ -623,10 +623,21 @@ impl Auditor {
                     .returned_to_budget += amount;
                 self.escrow_covers(envelope, order_id.as_str());
                 let budget = self.budgets.entry(entity.clone()).or_default();
-                match kind {
-                    RewardKind::Cash => budget.cash = budget.cash.saturating_sub(amount),
-                    RewardKind::Subsidy => budget.subsidy = budget.subsidy.saturating_sub(amount),
-                    RewardKind::Coupon | RewardKind::Item => {}
+                let accepted = match kind {
+                    RewardKind::Cash => Some(&mut budget.cash),
+                    RewardKind::Subsidy => Some(&mut budget.subsidy),
+                    RewardKind::Coupon | RewardKind::Item => None,
+                };
+                if let Some(accepted) = accepted {
+                    // Money comes back to the books that let it out: a return beyond what
+                    // this activity (or intake shard) accepted is lost against nothing.
+                    if amount > *accepted {
+                        self.budgets_check.violation(format!(
+                            "seq {}: {entity} took back {amount} fen of {kind} for packet {order_id}, more than the {accepted} it had accepted",
+                            envelope.seq
+                        ));
+                    }
+                    *accepted = accepted.saturating_sub(amount);
                 }
             }
             ActivityEvent::RewardVoided {

@@ -586,6 +586,7 @@ impl Config {
             expiry_check: Duration::from_millis(self.packets.expiry_check_ms),
             stuck_after: Duration::from_secs(self.packets.stuck_after_s),
             checkpoint_interval: Duration::from_millis(200),
+            reward_intake_shards: 1,
         }
     }
 

@@ -21,7 +21,9 @@
 use super::{load_checkpoint, save_checkpoint, FlowGroup, CHECKPOINT_TREE};
 use crate::actors::{ExecError, Registry};
 use crate::clock::{Clock, Millis};
-use crate::domain::activity::{Activity, ActivityCommand, RewardClaim, RewardKind};
+use crate::domain::activity::{
+    intake_shard_of, shard_entity, Activity, ActivityCommand, RewardClaim, RewardKind,
+};
 use crate::domain::packet::{
     Mode, Packet, PacketCommand, PacketError, PacketEvent, PacketReply, PacketSpec, PacketState,
 };
@@ -53,6 +55,9 @@ pub struct PacketConfig {
     /// A transfer or refund not done after this long is reported as stuck.
     pub stuck_after: Duration,
     pub checkpoint_interval: Duration,
+    /// The activities' reward intake shards (1: none, the activity accepts its rewards
+    /// itself). A B2C packet's unclaimed subsidy goes back to the shard that accepted it.
+    pub reward_intake_shards: u32,
 }
 
 impl Default for PacketConfig {
@@ -61,6 +66,7 @@ impl Default for PacketConfig {
             expiry_check: Duration::from_millis(250),
             stuck_after: Duration::from_secs(60),
             checkpoint_interval: Duration::from_millis(200),
+            reward_intake_shards: 1,
         }
     }
 }
@@ -359,9 +365,19 @@ impl Packets {
                         kind: RewardKind::Subsidy,
                         amount: refund,
                     };
-                    self.activities
-                        .execute(subsidy.activity_id.as_str(), back)
-                        .await?;
+                    // Back where the subsidy was accepted: its intake shard when the
+                    // activity's rewards are sharded (the activity itself accepted none of
+                    // them, and a return there would be lost against nothing).
+                    let shards = self.config.reward_intake_shards;
+                    let entity = if shards > 1 {
+                        shard_entity(
+                            &subsidy.activity_id,
+                            intake_shard_of(&subsidy.order_id, shards),
+                        )
+                    } else {
+                        subsidy.activity_id.to_string()
+                    };
+                    self.activities.execute(&entity, back).await?;
                 }
                 _ => {
                     let credit = WalletCommand::Credit {

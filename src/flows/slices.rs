@@ -202,21 +202,22 @@ impl SlicedIntake {
             // then "retry" (503), never a refusal the budget does not justify.
             self.step("recall");
             let recalled = self.recall(activities, activity, shard, kind).await?;
-            if recalled.is_zero() {
-                self.quiet_until
-                    .insert((activity.clone(), kind), Instant::now() + RECALL_QUIET);
-            } else {
-                // The grant that was short is asked again: what came back may be enough.
-                match activities.execute(activity.as_str(), grant).await? {
-                    ActivityReply::Granted { total } => {
-                        self.step("granted");
-                        return Ok(total);
-                    }
-                    ActivityReply::Short { unallocated, .. } => {
-                        return Err(exhausted(kind, available, unallocated, amount))
-                    }
-                    other => return unexpected("Grant", other),
+            // The grant that was short is asked again, whatever this recall released itself:
+            // its take-backs may also have freed what an earlier recall released and could
+            // not take back (its answer lost), or another node's recall may have.
+            match activities.execute(activity.as_str(), grant).await? {
+                ActivityReply::Granted { total } => {
+                    self.step("granted");
+                    return Ok(total);
                 }
+                ActivityReply::Short { unallocated, .. } => {
+                    if recalled.is_zero() {
+                        self.quiet_until
+                            .insert((activity.clone(), kind), Instant::now() + RECALL_QUIET);
+                    }
+                    return Err(exhausted(kind, available, unallocated, amount));
+                }
+                other => return unexpected("Grant", other),
             }
         }
         Err(exhausted(kind, available, unallocated, amount))

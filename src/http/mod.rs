@@ -381,11 +381,17 @@ impl AppState {
             })?;
         let withdrawal_flows =
             WithdrawalFlows::start(withdrawals.clone(), &state_db, withdrawal_view)?;
+        // On a cluster with sharded reward intake, a B2C packet's unclaimed subsidy goes back
+        // to the intake shard that accepted it.
+        let mut packet_config = config.packets();
+        if slices.is_some() {
+            packet_config.reward_intake_shards = config.rewards.intake_shards;
+        }
         let packets = Packets::new(
             Registry::new(runtime.clone()),
             wallets.clone(),
             activities.clone(),
-            config.packets(),
+            packet_config,
         );
         let packet_view = projections
             .tree(crate::projections::packets::NAME)

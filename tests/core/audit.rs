@@ -285,6 +285,46 @@ fn a_shard_accepting_beyond_its_slice_or_receiving_what_was_not_granted_is_named
 }
 
 #[test]
+fn a_budget_return_to_an_activity_that_did_not_accept_the_money_is_named() {
+    // Goal: an expired B2C packet's remainder goes back to the books that accepted its
+    // subsidy: on a cluster its intake shard. Returned to the activity itself, which accepted
+    // none of its shards' rewards, it would be lost against nothing (the activity's accepted
+    // total cannot go below zero): the audit names such a return.
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let (activity, shard) = (open(dirs[0].path()), open(dirs[1].path()));
+    sliced_history(&activity, &shard);
+    append(
+        &activity,
+        "activity:cny",
+        vec![Event::Activity(ActivityEvent::BudgetReturned {
+            order_id: id("bp1"),
+            kind: RewardKind::Cash,
+            amount: Fen::new(50),
+        })],
+    );
+    let report = audit_sliced([&activity, &shard], &shard);
+    let found = examples(&report, "budgets");
+    let expected = "cny took back 50 fen of cash for packet bp1, more than the 0 it had accepted";
+    assert!(found.contains(expected), "{expected:?} not in {found}");
+    // The same return to the shard that accepted the money is in order.
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let (activity, shard) = (open(dirs[0].path()), open(dirs[1].path()));
+    sliced_history(&activity, &shard);
+    append(
+        &shard,
+        "activity:cny@1",
+        vec![Event::Activity(ActivityEvent::BudgetReturned {
+            order_id: id("bp1"),
+            kind: RewardKind::Cash,
+            amount: Fen::new(50),
+        })],
+    );
+    let report = audit_sliced([&activity, &shard], &shard);
+    let found = examples(&report, "budgets");
+    assert!(!found.contains("took back"), "{found}");
+}
+
+#[test]
 fn a_credit_of_a_reward_voided_in_another_partition_is_named() {
     // Goal: the merged replay compares a movement with the decision in the other log: the
     // credit of a reward that the activity (in another partition) voided is named, whichever

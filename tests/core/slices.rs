@@ -100,3 +100,150 @@ fn a_recall_brings_back_a_grant_left_in_transit_by_a_dead_intake() {
         }
     });
 }
+
+#[test]
+fn a_release_whose_take_back_was_lost_is_spent_by_the_next_recall() {
+    // Goal: a recall released shard 1's slice but its take-back never reached the activity
+    // (the activity's partition changing hands: that client got 503). The next recall finds
+    // shard 1 already released (nothing more to release) and sends the take-back again, which
+    // frees the slice in the activity: the reward that asked must then be granted from it,
+    // not refused budget_exhausted because this recall released nothing itself. Every reward
+    // goes to shard 0, so the other shards hold nothing to bring back.
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    actix_rt::System::new().block_on(async {
+        let metrics = Arc::new(Metrics::new());
+        let runtime = super::actor_runtime(
+            &store,
+            Arc::new(ManualClock::new(1_000)),
+            metrics.clone(),
+        );
+        let activities: Arc<Registry<Activity>> = Registry::new(runtime);
+        let intake = SlicedIntake::new(SHARDS, Fen::new(300), metrics);
+        let hot = id("hot");
+        let budget = Budgets {
+            cash: Fen::new(1_000),
+            subsidy: Fen::ZERO,
+        };
+        activities
+            .execute("hot", ActivityCommand::SetBudget(budget))
+            .await
+            .unwrap();
+        // Shard 1 got a slice and released it; the take-back was lost.
+        let grant = ActivityCommand::Grant {
+            shard: 1,
+            shards: SHARDS,
+            kind: RewardKind::Cash,
+            received: Fen::ZERO,
+            need: Fen::new(10),
+            want: Fen::new(300),
+            require_budget: true,
+        };
+        let ActivityReply::Granted { total } = activities.execute("hot", grant).await.unwrap()
+        else {
+            panic!("no grant")
+        };
+        let shard1 = shard_entity(&hot, 1);
+        let receive = ActivityCommand::Receive {
+            kind: RewardKind::Cash,
+            total,
+        };
+        activities.execute(&shard1, receive).await.unwrap();
+        let release = ActivityCommand::Release {
+            kind: RewardKind::Cash,
+        };
+        match activities.execute(&shard1, release).await.unwrap() {
+            ActivityReply::Released { now, .. } => assert_eq!(now, total),
+            other => panic!("{other:?}"),
+        }
+        let mut accepted = 0u64;
+        let orders = (0..)
+            .map(|n| id(&format!("o-{n}")))
+            .filter(|o| intake_shard_of(o, SHARDS) == 0);
+        for order in orders.take(200) {
+            match intake.accept(&activities, &hot, reward(&order, 10), true).await {
+                Ok(_) => accepted += 10,
+                Err(ExecError::Rejected(ActivityError::BudgetExhausted { .. })) => break,
+                Err(e) => panic!("{order}: {e:?}"),
+            }
+        }
+        assert_eq!(
+            accepted, 1_000,
+            "the budget was not spent to the last fen ({total} released by shard 1, its take-back lost)"
+        );
+    });
+}
+
+#[test]
+fn an_expired_b2c_packets_remainder_goes_back_to_the_intake_shard_that_accepted_its_subsidy() {
+    // Goal: with sharded reward intake (a cluster) the activity itself accepts no reward: a
+    // subsidy of 3,000 fen is accepted by its intake shard. The B2C packet it pays expires
+    // with 2,000 fen unclaimed: they go back to that shard's books (its slice can spend them
+    // again), so the activity over all its shards counts 1,000 accepted. Returned to the
+    // activity itself they were lost: its accepted total cannot go below zero.
+    use hongbao::domain::activity::RewardClaim;
+    use hongbao::domain::packet::{Mode, PacketReply, PacketSpec, Split, Subsidy};
+    use hongbao::flows::packets::{PacketConfig, Packets};
+    const START: i64 = 1_000_000;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    actix_rt::System::new().block_on(async {
+        let metrics = Arc::new(Metrics::new());
+        let clock = ManualClock::new(START);
+        let runtime = super::actor_runtime(&store, Arc::new(clock.clone()), metrics.clone());
+        let activities: Arc<Registry<Activity>> = Registry::new(runtime.clone());
+        let packets = Packets::new(
+            Registry::new(runtime.clone()),
+            Registry::new(runtime),
+            activities.clone(),
+            PacketConfig {
+                reward_intake_shards: SHARDS,
+                ..PacketConfig::default()
+            },
+        );
+        let intake = SlicedIntake::new(SHARDS, Fen::new(300), metrics);
+        let cny = id("cny");
+        let budget = Budgets {
+            cash: Fen::ZERO,
+            subsidy: Fen::new(10_000),
+        };
+        activities
+            .execute("cny", ActivityCommand::SetBudget(budget))
+            .await
+            .unwrap();
+        let mut subsidy = super::fixtures::cash_reward("sub-1", "brand", 3_000);
+        subsidy.kind = RewardKind::Subsidy;
+        intake
+            .accept(&activities, &cny, subsidy.clone(), true)
+            .await
+            .unwrap();
+        let spec = PacketSpec {
+            sender_uid: id("brand"),
+            mode: Mode::B2c,
+            total: Fen::new(3_000),
+            count: 3,
+            split: Split::Even,
+            audience: None,
+            expires_at_ms: START + 60_000,
+            seed: 7,
+            subsidy: Some(Subsidy {
+                activity_id: cny.clone(),
+                order_id: id("sub-1"),
+            }),
+        };
+        let claim = RewardClaim::of(&cny, &subsidy);
+        packets.create_b2c(&id("b-1"), spec, &claim).await.unwrap();
+        match packets.claim(&id("b-1"), &id("shopper")).await.unwrap() {
+            PacketReply::Claimed { amount, .. } => assert_eq!(amount, Fen::new(1_000)),
+            other => panic!("{other:?}"),
+        }
+        clock.advance_ms(60_001);
+        packets.expire(&id("b-1")).await.unwrap();
+        let books = intake.books(&activities, &cny).await.unwrap();
+        assert_eq!(
+            books.accepted.subsidy,
+            Fen::new(1_000),
+            "the 2,000 fen remainder did not come back to the budget"
+        );
+    });
+}
