@@ -7,7 +7,7 @@
 //! Their tables grow with the run like hongbao's log, so a decay of theirs shows beside ours.
 
 use super::client::RunResult;
-use super::packets::Backend;
+use super::packets::{pg_client, redis_pool, Backend, RedisConn};
 use deadpool::unmanaged::Pool;
 use hdrhistogram::Histogram;
 use std::collections::BTreeMap;
@@ -34,14 +34,7 @@ pub struct PgLedger {
 }
 
 async fn pg_connect(url: &str) -> Result<PgLedger, String> {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .map_err(|e| format!("connecting to PostgreSQL ({url}): {e}"))?;
-    tokio::spawn(conn);
-    client
-        .batch_execute(PG_SCHEMA)
-        .await
-        .map_err(|e| format!("creating the ledger baseline tables: {e}"))?;
+    let client = pg_client(url, PG_SCHEMA).await?;
     let credit = client
         .prepare(
             "INSERT INTO lg_wallets (uid, balance) VALUES ($1, $2) ON CONFLICT (uid) \
@@ -72,8 +65,6 @@ end
 local balance = redis.call('HINCRBY', KEYS[2], ARGV[2], ARGV[3])
 redis.call('RPUSH', KEYS[3], ARGV[1] .. ':' .. ARGV[3] .. ':' .. balance)
 return balance";
-
-type RedisConn = redis::aio::MultiplexedConnection;
 
 /// Where the baseline deposits go.
 pub enum Ledger {
@@ -116,16 +107,7 @@ impl Ledger {
                 Ok(Some(Ledger::Postgres { pool }))
             }
             Backend::Redis | Backend::RedisAlways => {
-                let client = redis::Client::open(redis_url)
-                    .map_err(|e| format!("Redis URL {redis_url}: {e}"))?;
-                let pool = Pool::new(size);
-                for _ in 0..size {
-                    let conn = client
-                        .get_multiplexed_async_connection()
-                        .await
-                        .map_err(|e| format!("connecting to Redis ({redis_url}): {e}"))?;
-                    pool.add(conn).await.map_err(|(_, e)| e.to_string())?;
-                }
+                let pool = redis_pool(redis_url, size).await?;
                 Ok(Some(Ledger::Redis {
                     durable: backend == Backend::RedisAlways,
                     prefix: format!("lgd:{run_id}:{}", backend.name()),

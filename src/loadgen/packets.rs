@@ -132,15 +132,35 @@ const PG_SCHEMA: &str = "
         claimed_at timestamptz NOT NULL DEFAULT now(),
         PRIMARY KEY (packet_id, uid));";
 
-async fn pg_connect(url: &str) -> Result<PgConn, String> {
+/// A PostgreSQL client at `url` (its connection driven by a task) with `schema` created.
+pub(super) async fn pg_client(url: &str, schema: &str) -> Result<tokio_postgres::Client, String> {
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
         .map_err(|e| format!("connecting to PostgreSQL ({url}): {e}"))?;
     tokio::spawn(conn);
     client
-        .batch_execute(PG_SCHEMA)
+        .batch_execute(schema)
         .await
         .map_err(|e| format!("creating the baseline tables: {e}"))?;
+    Ok(client)
+}
+
+/// A pool of `size` multiplexed connections to the Redis at `url`.
+pub(super) async fn redis_pool(url: &str, size: usize) -> Result<Pool<RedisConn>, String> {
+    let client = redis::Client::open(url).map_err(|e| format!("Redis URL {url}: {e}"))?;
+    let pool = Pool::new(size);
+    for _ in 0..size {
+        let conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|e| format!("connecting to Redis ({url}): {e}"))?;
+        pool.add(conn).await.map_err(|(_, e)| e.to_string())?;
+    }
+    Ok(pool)
+}
+
+async fn pg_connect(url: &str) -> Result<PgConn, String> {
+    let client = pg_client(url, PG_SCHEMA).await?;
     let prepare = |sql: &'static str| {
         let client = &client;
         async move {
@@ -215,7 +235,7 @@ end
 redis.call('HSET', KEYS[2], ARGV[1], share)
 return tonumber(share)";
 
-type RedisConn = redis::aio::MultiplexedConnection;
+pub(super) type RedisConn = redis::aio::MultiplexedConnection;
 
 /// Where the clients claim.
 pub enum Claimer {
@@ -255,15 +275,7 @@ impl Claimer {
     }
 
     pub async fn redis(url: &str, size: usize) -> Result<Claimer, String> {
-        let client = redis::Client::open(url).map_err(|e| format!("Redis URL {url}: {e}"))?;
-        let pool = Pool::new(size);
-        for _ in 0..size {
-            let conn = client
-                .get_multiplexed_async_connection()
-                .await
-                .map_err(|e| format!("connecting to Redis ({url}): {e}"))?;
-            pool.add(conn).await.map_err(|(_, e)| e.to_string())?;
-        }
+        let pool = redis_pool(url, size).await?;
         Ok(Claimer::Redis {
             script: redis::Script::new(REDIS_CLAIM),
             pool,

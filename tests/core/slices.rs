@@ -31,6 +31,48 @@ fn orders_avoiding(except: u32) -> impl Iterator<Item = Id> {
         .filter(move |o| intake_shard_of(o, SHARDS) != except)
 }
 
+/// Activity `hot` with a cash budget of 1,000 fen, its registry on `store`, and a slice intake
+/// of `SHARDS` shards asking for slices of 300 fen.
+async fn hot_activity(
+    store: &Arc<hongbao::events::sled_store::SledStore>,
+) -> (Arc<Registry<Activity>>, SlicedIntake, Id) {
+    let metrics = Arc::new(Metrics::new());
+    let runtime = super::actor_runtime(store, Arc::new(ManualClock::new(1_000)), metrics.clone());
+    let activities: Arc<Registry<Activity>> = Registry::new(runtime);
+    let budget = Budgets {
+        cash: Fen::new(1_000),
+        subsidy: Fen::ZERO,
+    };
+    activities
+        .execute("hot", ActivityCommand::SetBudget(budget))
+        .await
+        .unwrap();
+    let intake = SlicedIntake::new(SHARDS, Fen::new(300), metrics);
+    (activities, intake, id("hot"))
+}
+
+/// Rewards of 10 fen through `intake` for `orders` until one is refused budget_exhausted:
+/// the fen accepted.
+async fn spend(
+    activities: &Arc<Registry<Activity>>,
+    intake: &SlicedIntake,
+    hot: &Id,
+    orders: impl Iterator<Item = Id>,
+) -> u64 {
+    let mut accepted = 0u64;
+    for order in orders.take(200) {
+        match intake
+            .accept(activities, hot, reward(&order, 10), true)
+            .await
+        {
+            Ok(_) => accepted += 10,
+            Err(ExecError::Rejected(ActivityError::BudgetExhausted { .. })) => break,
+            Err(e) => panic!("{order}: {e:?}"),
+        }
+    }
+    accepted
+}
+
 #[test]
 fn a_recall_brings_back_a_grant_left_in_transit_by_a_dead_intake() {
     // Goal: a node that died between the activity's grant and the shard's receipt leaves the
@@ -42,23 +84,7 @@ fn a_recall_brings_back_a_grant_left_in_transit_by_a_dead_intake() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     actix_rt::System::new().block_on(async {
-        let metrics = Arc::new(Metrics::new());
-        let runtime = super::actor_runtime(
-            &store,
-            Arc::new(ManualClock::new(1_000)),
-            metrics.clone(),
-        );
-        let activities: Arc<Registry<Activity>> = Registry::new(runtime);
-        let intake = SlicedIntake::new(SHARDS, Fen::new(300), metrics);
-        let hot = id("hot");
-        let budget = Budgets {
-            cash: Fen::new(1_000),
-            subsidy: Fen::ZERO,
-        };
-        activities
-            .execute("hot", ActivityCommand::SetBudget(budget))
-            .await
-            .unwrap();
+        let (activities, intake, hot) = hot_activity(&store).await;
         // The intake of shard 2's node asked for a slice and died before recording it.
         let stranded = 2;
         let grant = ActivityCommand::Grant {
@@ -76,14 +102,7 @@ fn a_recall_brings_back_a_grant_left_in_transit_by_a_dead_intake() {
         };
         assert!(in_transit > Fen::ZERO);
         // Rewards of 10 fen on the other shards until one is refused.
-        let mut accepted = 0u64;
-        for order in orders_avoiding(stranded).take(200) {
-            match intake.accept(&activities, &hot, reward(&order, 10), true).await {
-                Ok(_) => accepted += 10,
-                Err(ExecError::Rejected(ActivityError::BudgetExhausted { .. })) => break,
-                Err(e) => panic!("{order}: {e:?}"),
-            }
-        }
+        let accepted = spend(&activities, &intake, &hot, orders_avoiding(stranded)).await;
         assert_eq!(
             accepted, 1_000,
             "the budget was not spent to the last fen ({in_transit} were in transit to shard {stranded})"
@@ -112,23 +131,7 @@ fn a_release_whose_take_back_was_lost_is_spent_by_the_next_recall() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     actix_rt::System::new().block_on(async {
-        let metrics = Arc::new(Metrics::new());
-        let runtime = super::actor_runtime(
-            &store,
-            Arc::new(ManualClock::new(1_000)),
-            metrics.clone(),
-        );
-        let activities: Arc<Registry<Activity>> = Registry::new(runtime);
-        let intake = SlicedIntake::new(SHARDS, Fen::new(300), metrics);
-        let hot = id("hot");
-        let budget = Budgets {
-            cash: Fen::new(1_000),
-            subsidy: Fen::ZERO,
-        };
-        activities
-            .execute("hot", ActivityCommand::SetBudget(budget))
-            .await
-            .unwrap();
+        let (activities, intake, hot) = hot_activity(&store).await;
         // Shard 1 got a slice and released it; the take-back was lost.
         let grant = ActivityCommand::Grant {
             shard: 1,
@@ -156,17 +159,10 @@ fn a_release_whose_take_back_was_lost_is_spent_by_the_next_recall() {
             ActivityReply::Released { now, .. } => assert_eq!(now, total),
             other => panic!("{other:?}"),
         }
-        let mut accepted = 0u64;
         let orders = (0..)
             .map(|n| id(&format!("o-{n}")))
             .filter(|o| intake_shard_of(o, SHARDS) == 0);
-        for order in orders.take(200) {
-            match intake.accept(&activities, &hot, reward(&order, 10), true).await {
-                Ok(_) => accepted += 10,
-                Err(ExecError::Rejected(ActivityError::BudgetExhausted { .. })) => break,
-                Err(e) => panic!("{order}: {e:?}"),
-            }
-        }
+        let accepted = spend(&activities, &intake, &hot, orders).await;
         assert_eq!(
             accepted, 1_000,
             "the budget was not spent to the last fen ({total} released by shard 1, its take-back lost)"
