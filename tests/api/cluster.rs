@@ -2127,6 +2127,89 @@ async fn a_hot_activitys_intake_shards_on_every_node_spend_its_budget_to_the_las
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_b2c_packets_remainder_goes_back_to_its_activitys_budget_on_a_cluster() {
+    // Goal: a subsidy reward (accepted by one of its activity's intake shards, the activity
+    // in another partition), a B2C packet paid by it through another node, one share claimed
+    // through a third; at expiry the unclaimed remainder is back in the activity's budget,
+    // as every node's page of the activity says, and the cluster audit's budget books agree.
+    // (Returned to the activity itself, which accepts none of its shards' rewards, it was
+    // lost: the page kept counting the whole subsidy accepted.)
+    let _heavy = super::heavy().await;
+    let Some(fleet) = Fleet::start().await else {
+        return;
+    };
+    let client = reqwest::Client::new();
+    let bases = fleet.bases();
+    let (status, body) = call(
+        &client,
+        reqwest::Method::PUT,
+        format!("{}/v1/admin/activities/camp/budget", bases[0]),
+        ADMIN,
+        Some(serde_json::json!({"cash": 0, "subsidy": 10_000})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let subsidy = serde_json::json!({"order_id": "sub-1", "uid": "brand", "activity_id": "camp",
+        "scene": "launch", "kind": "subsidy", "amount": 3_000});
+    let post = reqwest::Method::POST;
+    let (status, reward) = send_retrying(
+        &client,
+        &bases,
+        0,
+        post.clone(),
+        "/v1/rewards",
+        ISSUER,
+        Some(subsidy),
+    )
+    .await;
+    assert_eq!(status, 202, "{reward}");
+    let packet = serde_json::json!({"packet_id": "b-1", "sender_uid": "brand", "mode": "b2c",
+        "total": 3_000, "count": 3, "split": "even", "expires_in_s": 1,
+        "subsidy_token": reward["token"]});
+    let (status, created) = send_retrying(
+        &client,
+        &bases,
+        1,
+        post.clone(),
+        "/v1/packets",
+        GATEWAY,
+        Some(packet),
+    )
+    .await;
+    assert_eq!(
+        (status, created["state"].as_str()),
+        (201, Some("active")),
+        "{created}"
+    );
+    let claim = serde_json::json!({"uid": "shopper"});
+    let path = "/v1/packets/b-1/claims";
+    let (status, share) = send_retrying(&client, &bases, 2, post, path, GATEWAY, Some(claim)).await;
+    assert_eq!(
+        (status, share["amount"].as_i64()),
+        (200, Some(1_000)),
+        "{share}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    'nodes: for base in &bases {
+        loop {
+            let url = format!("{base}/v1/admin/activities/camp");
+            let (status, page) = call(&client, reqwest::Method::GET, url, ADMIN, None).await;
+            if status == 200 && page["accepted"]["subsidy"] == 1_000 {
+                continue 'nodes;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the remainder never came back to the budget via {base}: {page}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let report = fleet.audit().await;
+    let budgets = audit_check(&report, "budgets");
+    assert_eq!(budgets["violations"], 0, "{budgets}");
+}
+
 /// Waits (60 s at most) until the clients have sent `n` requests.
 async fn wait_until_sent(sent: &std::sync::atomic::AtomicUsize, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(60);
