@@ -336,19 +336,24 @@ impl<A: Aggregate> Registry<A> {
         }
     }
 
-    /// For a caller chaining commands and waiting for all of them before it answers: where the
-    /// store keeps submission order and stops at its first failure
-    /// ([`in_order_fail_stop`](crate::events::EventStore::in_order_fail_stop), sled), the reply
-    /// once submitted with the wait for its durability ([`Registry::execute_submitted`]), so the
-    /// next command's flush overlaps this one's; elsewhere once durable, the wait resolved.
+    /// For a caller chaining commands (each step's command sent once the previous one is
+    /// answered) and waiting for all of them before it answers: the reply once durable, the
+    /// wait resolved.
+    ///
+    /// It used to answer once *submitted* on sled ([`Registry::execute_submitted`]), so that
+    /// the next step's flush overlapped this one's, on the argument that the journal writes
+    /// in submission order and stops at its first failure. That holds for a failed write or
+    /// flush, not for an append the journal refuses on its own and goes on (a version
+    /// conflict, which a stale actor incarnation can cause after an overload; an event that
+    /// does not encode): the next step could then be durable without this one, e.g. a
+    /// withdrawal order recording a debit its wallet never wrote (a review found it, issue
+    /// 14). The overlap needs the journal to write an append only if the one it depends on
+    /// was written (a dependency carried with the append); until then each step waits.
     pub async fn execute_chained(
         self: &Arc<Self>,
         id: &str,
         command: A::Command,
     ) -> Result<(A::Reply, Durable<A::Error>), ExecError<A::Error>> {
-        if self.runtime.store.in_order_fail_stop() {
-            return self.execute_submitted(id, command).await;
-        }
         let reply = self.execute(id, command).await?;
         Ok((reply, Box::pin(futures::future::ready(Ok(())))))
     }

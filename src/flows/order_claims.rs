@@ -100,10 +100,9 @@ impl OrderClaims {
                 order_id: reward.order_id.clone(),
             })
         };
-        // The claim answers once submitted where the journal keeps submission order and stops
-        // at its first failure (sled): the acceptance, submitted after it, cannot be durable
-        // unless the claim is, so the two flushes overlap instead of following each other.
-        // Every answer still waits for the claim to be durable.
+        // The claim answers once durable (`Registry::execute_chained`: its overlap with the
+        // acceptance's flush is withdrawn, see there), so the acceptance, sent after it,
+        // cannot be durable unless the claim is.
         let durable = match self.claim(activity_id, &reward).await {
             Ok((ClaimOutcome::Claimed | ClaimOutcome::Replayed, durable)) => durable,
             Ok((ClaimOutcome::Conflict, durable)) => {

@@ -243,11 +243,10 @@ impl Withdrawals {
     /// Idempotent: a retry resumes where the first attempt stopped.
     ///
     /// Three steps (order requested, wallet debited, debit recorded on the order), each
-    /// decided on the state the previous one left. On a store that keeps submission order and
-    /// stops at its first failure (sled) each step is submitted without waiting for the
-    /// previous one's flush (`Registry::execute_chained`): a later step cannot be durable
-    /// unless the earlier ones are, and a crash leaves a prefix of the three, which a retry or
-    /// the sweeper resumes as before. Every answer waits until all it rests on is durable.
+    /// decided on the state the previous one left, each sent once the previous one is durable
+    /// (`Registry::execute_chained`, whose overlap of the flushes is withdrawn: see there), so
+    /// a crash leaves a prefix of the three, which a retry or the sweeper resumes. Every answer
+    /// waits until all it rests on is durable.
     pub async fn request(
         &self,
         order_id: &Id,

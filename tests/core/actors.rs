@@ -207,8 +207,8 @@ fn a_command_answered_once_submitted_says_when_it_is_durable_and_when_it_never_w
     // Goal: `execute_submitted` answers with the decision while the journal's flush is still
     // held, and its durable future resolves only once the flush returns; a flush that fails
     // makes the future an error, never a success (its caller then answers "outcome unknown").
-    // The reward intake relies on both to overlap the order-id claim's flush with the
-    // acceptance's, on a store that keeps submission order and stops at its first failure.
+    // The reward intake relied on both to overlap the order-id claim's flush with the
+    // acceptance's (withdrawn: see `Registry::execute_chained`); it stays for that overlap.
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     assert!(store.in_order_fail_stop());
