@@ -532,13 +532,28 @@ pub(crate) async fn call(
     key: &str,
     body: Option<Value>,
 ) -> (u16, Value) {
-    let mut request = client.request(method, url).bearer_auth(key);
-    if let Some(body) = body {
-        request = request.json(&body);
+    // A request that got no answer at all (a pooled connection to a server killed and
+    // restarted on the same port can fail before one: IncompleteMessage, seen in CI) is sent
+    // again, twice at most: every command is idempotent by its business id.
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let mut request = client.request(method.clone(), &url).bearer_auth(key);
+        if let Some(body) = &body {
+            request = request.json(body);
+        }
+        match request.send().await {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                return (status, response.json().await.unwrap_or(Value::Null));
+            }
+            Err(e) if attempts < 3 => {
+                eprintln!("{method} {url}: no answer ({e}); sent again");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{method} {url}: no answer in 3 attempts: {e}"),
+        }
     }
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
