@@ -7,7 +7,7 @@
 //! Their tables grow with the run like hongbao's log, so a decay of theirs shows beside ours.
 
 use super::client::RunResult;
-use super::packets::{pg_client, redis_pool, Backend, RedisConn};
+use super::packets::{config_get, config_set, pg_client, redis_pool, Backend, RedisConn};
 use deadpool::unmanaged::Pool;
 use hdrhistogram::Histogram;
 use std::collections::BTreeMap;
@@ -209,33 +209,14 @@ impl Ledger {
         let mut conn = pool.get().await.map_err(|e| e.to_string())?;
         let mut before = Vec::new();
         for name in ["appendonly", "appendfsync"] {
-            let pair: Vec<String> = redis::cmd("CONFIG")
-                .arg("GET")
-                .arg(name)
-                .query_async(&mut *conn)
-                .await
-                .map_err(|e| e.to_string())?;
-            before.push((name, pair.get(1).cloned().unwrap_or_default()));
+            before.push((name, config_get(&mut conn, name).await?));
         }
-        let set = |name: &'static str, value: String| {
-            redis::cmd("CONFIG")
-                .arg("SET")
-                .arg(name)
-                .arg(value)
-                .to_owned()
-        };
         for (name, value) in [("appendonly", "yes"), ("appendfsync", "always")] {
-            let _: () = set(name, value.into())
-                .query_async(&mut *conn)
-                .await
-                .map_err(|e| e.to_string())?;
+            config_set(&mut conn, name, value).await?;
         }
         let out = work.await;
         for (name, value) in before.into_iter().rev() {
-            let _: () = set(name, value)
-                .query_async(&mut *conn)
-                .await
-                .map_err(|e| e.to_string())?;
+            config_set(&mut conn, name, &value).await?;
         }
         Ok(out)
     }

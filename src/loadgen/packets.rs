@@ -459,19 +459,39 @@ pub async fn reset_baseline(claimer: &Claimer) -> Result<(), String> {
     }
 }
 
+/// Reads a Redis config value on `conn`.
+pub(super) async fn config_get(conn: &mut RedisConn, name: &str) -> Result<String, String> {
+    let pair: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg(name)
+        .query_async(conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(pair.get(1).cloned().unwrap_or_default())
+}
+
+/// Sets a Redis config value on `conn`.
+pub(super) async fn config_set(
+    conn: &mut RedisConn,
+    name: &str,
+    value: &str,
+) -> Result<(), String> {
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg(name)
+        .arg(value)
+        .query_async::<()>(conn)
+        .await
+        .map_err(|e| format!("CONFIG SET {name} {value}: {e}"))
+}
+
 /// Reads a Redis config value.
 pub async fn redis_config(claimer: &Claimer, name: &str) -> Result<String, String> {
     let Claimer::Redis { pool, .. } = claimer else {
         return Err("not Redis".into());
     };
     let mut conn = pool.get().await.map_err(|e| e.to_string())?;
-    let pair: Vec<String> = redis::cmd("CONFIG")
-        .arg("GET")
-        .arg(name)
-        .query_async(&mut *conn)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(pair.get(1).cloned().unwrap_or_default())
+    config_get(&mut conn, name).await
 }
 
 /// Sets a Redis config value.
@@ -480,13 +500,7 @@ pub async fn redis_set_config(claimer: &Claimer, name: &str, value: &str) -> Res
         return Err("not Redis".into());
     };
     let mut conn = pool.get().await.map_err(|e| e.to_string())?;
-    redis::cmd("CONFIG")
-        .arg("SET")
-        .arg(name)
-        .arg(value)
-        .query_async::<()>(&mut *conn)
-        .await
-        .map_err(|e| format!("CONFIG SET {name} {value}: {e}"))
+    config_set(&mut conn, name, value).await
 }
 
 /// Reads a PostgreSQL setting.

@@ -51,6 +51,23 @@ async fn hot_activity(
     (activities, intake, id("hot"))
 }
 
+/// The first cash slice `hot` grants `shard` (asked for 10 fen, wanting 300): its total.
+async fn first_grant(activities: &Arc<Registry<Activity>>, shard: u32) -> Fen {
+    let grant = ActivityCommand::Grant {
+        shard,
+        shards: SHARDS,
+        kind: RewardKind::Cash,
+        received: Fen::ZERO,
+        need: Fen::new(10),
+        want: Fen::new(300),
+        require_budget: true,
+    };
+    match activities.execute("hot", grant).await.unwrap() {
+        ActivityReply::Granted { total } => total,
+        other => panic!("no grant: {other:?}"),
+    }
+}
+
 /// Rewards of 10 fen through `intake` for `orders` until one is refused budget_exhausted:
 /// the fen accepted.
 async fn spend(
@@ -87,19 +104,7 @@ fn a_recall_brings_back_a_grant_left_in_transit_by_a_dead_intake() {
         let (activities, intake, hot) = hot_activity(&store).await;
         // The intake of shard 2's node asked for a slice and died before recording it.
         let stranded = 2;
-        let grant = ActivityCommand::Grant {
-            shard: stranded,
-            shards: SHARDS,
-            kind: RewardKind::Cash,
-            received: Fen::ZERO,
-            need: Fen::new(10),
-            want: Fen::new(300),
-            require_budget: true,
-        };
-        let in_transit = match activities.execute("hot", grant).await.unwrap() {
-            ActivityReply::Granted { total } => total,
-            other => panic!("{other:?}"),
-        };
+        let in_transit = first_grant(&activities, stranded).await;
         assert!(in_transit > Fen::ZERO);
         // Rewards of 10 fen on the other shards until one is refused.
         let accepted = spend(&activities, &intake, &hot, orders_avoiding(stranded)).await;
@@ -133,19 +138,7 @@ fn a_release_whose_take_back_was_lost_is_spent_by_the_next_recall() {
     actix_rt::System::new().block_on(async {
         let (activities, intake, hot) = hot_activity(&store).await;
         // Shard 1 got a slice and released it; the take-back was lost.
-        let grant = ActivityCommand::Grant {
-            shard: 1,
-            shards: SHARDS,
-            kind: RewardKind::Cash,
-            received: Fen::ZERO,
-            need: Fen::new(10),
-            want: Fen::new(300),
-            require_budget: true,
-        };
-        let ActivityReply::Granted { total } = activities.execute("hot", grant).await.unwrap()
-        else {
-            panic!("no grant")
-        };
+        let total = first_grant(&activities, 1).await;
         let shard1 = shard_entity(&hot, 1);
         let receive = ActivityCommand::Receive {
             kind: RewardKind::Cash,
