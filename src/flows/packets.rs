@@ -39,7 +39,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
-const FLOW: &str = "packet-flows";
+/// The name of the transfer task's checkpoint.
+pub const FLOW: &str = "packet-flows";
 const TRANSFERS_IN_FLIGHT_MAX: usize = 512;
 const STOP_DRAIN_MAX: Duration = Duration::from_secs(10);
 const RETRY_DELAY_MS: Millis = 500;
@@ -425,6 +426,8 @@ struct Transfer {
     claimed_at_ms: Millis,
     /// When it was first held back because its packet was hot.
     deferred_since: Option<std::time::Instant>,
+    /// Its packet could not be read yet (said once in the log).
+    mode_unknown: bool,
 }
 
 /// Packets whose mode the task remembers before it forgets them all (re-read on demand).
@@ -502,16 +505,29 @@ impl FlowTask {
             .unwrap_or(self.read_to)
     }
 
-    async fn mode_of(&self, packet_id: &Id) -> Option<Mode> {
+    /// The packet's mode, read from the packet when it is not remembered (a claim read after a
+    /// restart from a checkpoint past the packet's creation). `Ok(None)`: the log has no such
+    /// packet.
+    async fn mode_of(&mut self, packet_id: &Id) -> Result<Option<Mode>, PacketFlowError> {
         if let Some(mode) = self.modes.get(packet_id) {
-            return Some(*mode);
+            return Ok(Some(*mode));
         }
-        self.packets
+        let mode = self
+            .packets
             .packet(packet_id)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|p| p.spec.map(|s| s.mode))
+            .await?
+            .and_then(|p| p.spec.map(|s| s.mode));
+        if let Some(mode) = mode {
+            self.remember(packet_id.clone(), mode);
+        }
+        Ok(mode)
+    }
+
+    fn remember(&mut self, packet_id: Id, mode: Mode) {
+        if self.modes.len() >= MODES_CACHED_MAX {
+            self.modes.clear();
+        }
+        self.modes.insert(packet_id, mode);
     }
 
     fn observe(&mut self, envelope: &Envelope) {
@@ -527,12 +543,7 @@ impl FlowTask {
             return;
         };
         match event {
-            PacketEvent::Created { spec, .. } => {
-                if self.modes.len() >= MODES_CACHED_MAX {
-                    self.modes.clear();
-                }
-                self.modes.insert(packet_id, spec.mode);
-            }
+            PacketEvent::Created { spec, .. } => self.remember(packet_id, spec.mode),
             PacketEvent::ShareClaimed {
                 uid, amount, at_ms, ..
             } => self.claimed(envelope.seq, 0, &packet_id, uid, *amount, *at_ms),
@@ -565,6 +576,7 @@ impl FlowTask {
             amount,
             claimed_at_ms,
             deferred_since: None,
+            mode_unknown: false,
         };
         self.pending.insert(transfer.at, transfer.clone());
         self.waiting.push_back(transfer);
@@ -587,10 +599,26 @@ impl FlowTask {
                 self.deferred.push(transfer);
                 continue;
             }
-            let Some(mode) = self.mode_of(&transfer.packet_id).await else {
-                tracing::error!(packet = %transfer.packet_id, "claim of an unknown packet; not transferred");
-                self.pending.remove(&transfer.at);
-                continue;
+            // A packet that cannot be read now (a read timing out, its actor overloaded) is
+            // read again at the next tick; the transfer stays pending, never dropped: its
+            // share would stay in escrow for good.
+            let mode = match self.mode_of(&transfer.packet_id).await {
+                Ok(Some(mode)) => mode,
+                unknown => {
+                    if !transfer.mode_unknown {
+                        match unknown {
+                            Err(e) => {
+                                tracing::warn!(packet = %transfer.packet_id, error = %e, "cannot read the claimed packet; its transfer waits")
+                            }
+                            _ => {
+                                tracing::error!(packet = %transfer.packet_id, "claim of a packet the log does not hold; its transfer waits (counted stuck)")
+                            }
+                        }
+                        transfer.mode_unknown = true;
+                    }
+                    self.deferred.push(transfer);
+                    continue;
+                }
             };
             let packets = self.packets.clone();
             self.in_flight += 1;

@@ -41,8 +41,8 @@ pub fn event(n: u64) -> NewEvent {
 }
 
 /// The actors' runtime of a single node on `store`, with the default actor settings.
-pub fn actor_runtime(
-    store: &Arc<SledStore>,
+pub fn actor_runtime<S: hongbao::events::EventStore>(
+    store: &Arc<S>,
     clock: Arc<dyn hongbao::clock::Clock>,
     metrics: Arc<Metrics>,
 ) -> Arc<hongbao::actors::Runtime> {

@@ -14,11 +14,15 @@ use hongbao::domain::packet::{
 use hongbao::domain::wallet::{Entry, Wallet, WalletCommand, WalletError};
 use hongbao::domain::{Aggregate, Event};
 use hongbao::events::sled_store::SledStore;
-use hongbao::events::EventStore;
-use hongbao::flows::packets::{PacketConfig, PacketFlowError, Packets};
+use hongbao::events::{
+    AppendAck, AppendError, Envelope, EventStore, ExpectedVersion, LiveBatch, NewEvent, StoreError,
+};
+use hongbao::flows::packets::{PacketConfig, PacketFlowError, PacketFlows, Packets};
+use hongbao::flows::{save_checkpoint, CHECKPOINT_TREE};
 use hongbao::ids::Id;
 use hongbao::metrics::Metrics;
 use hongbao::money::Fen;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 const START_MS: i64 = 1_000_000;
@@ -34,7 +38,7 @@ struct World {
     wallets: Arc<Registry<Wallet>>,
 }
 
-fn world(store: &Arc<SledStore>) -> World {
+fn world<S: EventStore>(store: &Arc<S>) -> World {
     let clock = ManualClock::new(START_MS);
     let runtime = super::actor_runtime(store, Arc::new(clock.clone()), Arc::new(Metrics::new()));
     let wallets: Arc<Registry<Wallet>> = Registry::new(runtime.clone());
@@ -309,6 +313,117 @@ fn a_hot_packets_claims_are_merged_into_lots_that_replay_to_the_same_packet() {
             "the log replays to the packet the actor holds"
         );
         assert_eq!(held.state, Some(PacketState::Exhausted));
+    });
+    clean(&audit(store.as_ref(), None, |_, _| ()).unwrap());
+}
+
+/// The log on sled, except that the next `failures` reads of a packet's stream fail: a read
+/// timing out or a partition moving while an actor activates.
+struct FlakyPacketReads {
+    inner: Arc<SledStore>,
+    failures: AtomicU32,
+}
+
+impl EventStore for FlakyPacketReads {
+    fn append(
+        &self,
+        writer: u64,
+        stream: String,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendAck, AppendError> {
+        self.inner.append(writer, stream, expected, events)
+    }
+    fn read_stream(&self, stream: &str, from_version: u64) -> Result<Vec<Envelope>, StoreError> {
+        let fail = stream.starts_with("packet:")
+            && self
+                .failures
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+        if fail {
+            return Err(StoreError::Io("a log read timed out (injected)".into()));
+        }
+        self.inner.read_stream(stream, from_version)
+    }
+    fn read_all(&self, from_seq: u64, limit: usize) -> Result<Vec<Arc<Envelope>>, StoreError> {
+        self.inner.read_all(from_seq, limit)
+    }
+    fn head(&self) -> u64 {
+        self.inner.head()
+    }
+    fn live(&self) -> tokio::sync::broadcast::Receiver<LiveBatch> {
+        self.inner.live()
+    }
+    fn save_snapshot(&self, stream: &str, version: u64, state: &[u8]) -> Result<(), StoreError> {
+        self.inner.save_snapshot(stream, version, state)
+    }
+    fn load_snapshot(&self, stream: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        self.inner.load_snapshot(stream)
+    }
+    fn healthy(&self) -> bool {
+        self.inner.healthy()
+    }
+    fn close(&self) -> futures::future::BoxFuture<'static, Result<(), StoreError>> {
+        self.inner.close()
+    }
+    fn in_order_fail_stop(&self) -> bool {
+        self.inner.in_order_fail_stop()
+    }
+}
+
+#[test]
+fn a_share_is_transferred_even_when_the_first_read_of_its_packet_fails() {
+    // Goal: the transfer task starts from a checkpoint past the packet's creation (a restart),
+    // so it must read the packet to learn its mode, and that first read fails. The share is
+    // still transferred (the read is tried again), not dropped as the claim of an unknown
+    // packet and left in escrow for good; the audit holds.
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let flaky = Arc::new(FlakyPacketReads {
+        inner: store.clone(),
+        failures: AtomicU32::new(0),
+    });
+    let checkpoints = store.state_db().open_tree(CHECKPOINT_TREE).unwrap();
+    let view = store.state_db().open_tree("test-packets-view").unwrap();
+    actix_rt::System::new().block_on(async {
+        let before = world(&store);
+        unpaid_packet(&before, "p").await;
+        before
+            .packets
+            .pay_c2c(&id("p"), &id("pay-p"))
+            .await
+            .unwrap();
+        save_checkpoint(&checkpoints, hongbao::flows::packets::FLOW, store.head()).unwrap();
+        let claimed = before.packets.claim(&id("p"), &id("fan")).await.unwrap();
+        let PacketReply::Claimed { amount, .. } = claimed else {
+            panic!("{claimed:?}");
+        };
+
+        // The restarted node: no actor active yet, and the packet's next reads fail (more
+        // than one call's delivery attempts: a JetStream read times out for as long as its
+        // stream has no leader).
+        flaky.failures.store(8, Ordering::SeqCst);
+        let after = world(&flaky);
+        let flows = PacketFlows::start(after.packets.clone(), store.state_db(), view).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let transferred = loop {
+            let (fan, _) = after.wallets.state("fan").await.unwrap();
+            if let Some(recorded) = fan.entries.get(&(Entry::ClaimTransfer, id("p"))) {
+                break recorded.clone();
+            }
+            if std::time::Instant::now() > deadline {
+                flows.stop().await;
+                panic!("the share was never transferred");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        };
+        flows.stop().await;
+        assert_eq!(
+            flaky.failures.load(Ordering::SeqCst),
+            0,
+            "every injected failure was met"
+        );
+        assert_eq!(transferred.amount, amount);
     });
     clean(&audit(store.as_ref(), None, |_, _| ()).unwrap());
 }
