@@ -643,12 +643,19 @@ fn lease_value(shared: &Shared, epoch: Option<u64>) -> Vec<u8> {
 
 /// Forgets the leases that ran out or were taken (`lost`: partition and the revision found
 /// so; `taken`: another writer moved its revision, else its validity ran out) and tells the
-/// host to stop writing them. A lease renewed or re-taken meanwhile is left alone.
+/// host to stop serving them. A lease renewed or re-taken meanwhile is left alone.
+///
+/// The closes run to their end on their own, not under the gate and not awaited here: a close
+/// waits for the requests in flight, seconds on a log whose leader is being elected, and the
+/// renewals of every other lease must not wait behind it (they ran out one after the other,
+/// and leases just won were lost as soon as they were opened). Writing has stopped already:
+/// each write guard asks for the lease's validity, which ran out (or, taken, ran out before
+/// any other node could take it).
 async fn lose(shared: &Shared, lost: Vec<(Partition, u64)>, taken: bool) {
     if lost.is_empty() {
         return;
     }
-    let _gate = shared.gate.lock().await;
+    let gate = shared.gate.lock().await;
     let mut closing = Vec::new();
     for (partition, revision) in lost {
         let removed = {
@@ -668,8 +675,21 @@ async fn lose(shared: &Shared, lost: Vec<(Partition, u64)>, taken: bool) {
             closing.push(shared.host.close(partition, Close::Lost));
         }
     }
+    drop(gate);
     // Closed together: a woken node has every lease to give up at once.
-    join_all(closing).await;
+    if !closing.is_empty() {
+        tokio::spawn(join_all(closing));
+    }
+}
+
+/// [`lose`] on a task of its own, for the renewals, which must not wait for the gate (held
+/// while partitions open).
+fn lose_aside(shared: &Arc<Shared>, lost: Vec<(Partition, u64)>, taken: bool) {
+    if lost.is_empty() {
+        return;
+    }
+    let shared = shared.clone();
+    tokio::spawn(async move { lose(&shared, lost, taken).await });
 }
 
 async fn renew_loop(shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
@@ -681,12 +701,11 @@ async fn renew_loop(shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
         // First what ran out while this task was not running (a paused process wakes up
         // here), then the renewals, abandoned if they take longer than a period (the server
         // is unreachable): validity counts from renewals that were answered, so an abandoned
-        // one only costs validity, and the next period tries again.
-        expire(&shared).await;
-        // Only the renewals are timed: the host's closes of what they found lost run to
-        // their end (a close cut short could leave a partition half stopped).
+        // one only costs validity, and the next period tries again. What they find lost is
+        // given up aside: the next renewal never waits for it.
+        lose_aside(&shared, expired(&shared), false);
         match tokio::time::timeout(every, renew_once(&shared)).await {
-            Ok(lost) => lose(&shared, lost, true).await,
+            Ok(lost) => lose_aside(&shared, lost, true),
             Err(_) => tracing::warn!("lease renewals unanswered for {every:?}"),
         }
     }
@@ -711,13 +730,17 @@ async fn watchdog_loop(shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) 
 }
 
 async fn expire(shared: &Shared) {
+    lose(shared, expired(shared), false).await;
+}
+
+/// The leases held whose validity ran out.
+fn expired(shared: &Shared) -> Vec<(Partition, u64)> {
     let now = Instant::now();
-    let expired: Vec<(Partition, u64)> = lock(&shared.held)
+    lock(&shared.held)
         .iter()
         .filter(|(_, lease)| lease.valid_until <= now)
         .map(|(p, lease)| (*p, lease.revision))
-        .collect();
-    lose(shared, expired, false).await;
+        .collect()
 }
 
 /// Renews the registration and every lease; returns the leases found taken by another node.

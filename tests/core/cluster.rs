@@ -808,3 +808,91 @@ fn a_fleets_channel_book_pays_an_order_once_whichever_node_calls() {
         assert_eq!(copy.settings(Channel::Bank), settings);
     });
 }
+
+/// A recording host whose close of one partition takes `delay` (requests in flight on a log
+/// whose leader is being elected).
+struct SlowToClose {
+    recorder: Recorder,
+    partition: Partition,
+    delay: Duration,
+}
+
+impl PartitionHost for SlowToClose {
+    fn open(&self, partition: Partition, lease: Lease) -> BoxFuture<'static, Result<(), String>> {
+        self.recorder.open(partition, lease)
+    }
+
+    fn close(&self, partition: Partition, why: Close) -> BoxFuture<'static, ()> {
+        self.recorder.push(partition, What::Close(why));
+        let delay = if partition == self.partition {
+            self.delay
+        } else {
+            Duration::ZERO
+        };
+        Box::pin(tokio::time::sleep(delay))
+    }
+}
+
+#[test]
+fn a_slow_close_of_one_lost_partition_does_not_cost_the_node_its_other_leases() {
+    // Goal: one lease is taken from its holder (another value put at its key) and the host takes three TTLs
+    // to close that partition. Meanwhile the node goes on renewing its three other leases: it
+    // holds them the whole time and never closes them (they ran out one after the other when
+    // the renewals waited for the close).
+    let Some(binary) = nats::binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let server = nats::single_synced(&binary, dir.path());
+    let log = Arc::new(Mutex::new(Vec::new()));
+    runtime().block_on(async {
+        let url = server.url();
+        let js = context(&url).await;
+        let settings = settings("n1", 4);
+        let slow = settings.partitions.all().next().unwrap();
+        let others: Vec<Partition> = settings.partitions.all().filter(|p| *p != slow).collect();
+        let buckets = check_deployment(&js, &settings).await.unwrap();
+        let host = Arc::new(SlowToClose {
+            recorder: Recorder {
+                node: "n1".into(),
+                log: log.clone(),
+            },
+            partition: slow,
+            delay: TTL * 3,
+        });
+        let k1 = Keeper::start(settings, buckets, host).await.unwrap();
+        until("n1 holds everything", TTL * 4, &[&k1], || {
+            all_held(&[&k1], 4)
+        })
+        .await;
+
+        // Another holder's value at a new revision: the next renewal finds the lease taken.
+        let leases = js.get_key_value("hb_leases").await.unwrap();
+        let ghost = br#"{"node":"n9","incarnation":"ghost","epoch":null}"#;
+        leases.put(slow.key(), ghost.to_vec().into()).await.unwrap();
+        let closing = || {
+            log.lock()
+                .unwrap()
+                .iter()
+                .any(|r| r.partition == slow && r.what == What::Close(Close::Lost))
+        };
+        until("the taken lease closed", TTL * 2, &[&k1], closing).await;
+        let slow_close_ends = Instant::now() + TTL * 3;
+        while Instant::now() < slow_close_ends + TTL {
+            let held = k1.held();
+            for p in &others {
+                assert!(
+                    held.contains(p),
+                    "{p} not held while {slow} closes: {held:?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let lost_others: Vec<Record> = log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| others.contains(&r.partition) && matches!(r.what, What::Close(_)))
+            .cloned()
+            .collect();
+        assert!(lost_others.is_empty(), "{lost_others:?}");
+    });
+}
