@@ -143,6 +143,19 @@ pub enum ConnectError {
 /// Connects to `url` (`nats://host:port[,host:port...]`) and refuses a server that cannot hold
 /// a money log (see [`check_server_version`]).
 pub async fn connect(url: &str) -> Result<(async_nats::Client, Version), ConnectError> {
+    let (client, version, _) = connect_watched(url).await?;
+    Ok((client, version))
+}
+
+/// Counts the times a client lost its connection. Among several servers the client reconnects
+/// to another within milliseconds, too fast for its connection state to be seen changing, while
+/// the acknowledgements it was waiting for will never come (their server is gone).
+pub type Disconnects = tokio::sync::watch::Receiver<u64>;
+
+/// [`connect`], with the count of the client's disconnections.
+pub async fn connect_watched(
+    url: &str,
+) -> Result<(async_nats::Client, Version, Disconnects), ConnectError> {
     let addresses = url.trim_start_matches("nats://");
     let servers: Vec<String> = addresses
         .split(',')
@@ -153,13 +166,21 @@ pub async fn connect(url: &str) -> Result<(async_nats::Client, Version), Connect
         url: url.to_owned(),
         message,
     };
+    let (count, disconnects) = tokio::sync::watch::channel(0u64);
     let client = async_nats::ConnectOptions::new()
         .connection_timeout(std::time::Duration::from_secs(5))
+        // (async-nats logs every event itself.)
+        .event_callback(move |event| {
+            if matches!(event, async_nats::Event::Disconnected) {
+                count.send_modify(|n| *n += 1);
+            }
+            async {}
+        })
         .connect(servers.as_slice())
         .await
         .map_err(|e| unreachable(e.to_string()))?;
     let version = check_server_version(&client.server_info().version)?;
-    Ok((client, version))
+    Ok((client, version, disconnects))
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@
 //!
 //! Reads stop at the durable head (the last sequence acknowledged to this writer).
 
-use super::jetstream::{connect, ConnectError, Durability};
+use super::jetstream::{connect_watched, ConnectError, Disconnects, Durability};
 use super::{
     split_stored, AppendAck, AppendError, Appended, Envelope, EventStore, ExpectedVersion, Hash,
     JournalCondition, LiveBatch, NewEvent, RawRecord, StoreError, GENESIS_HASH,
@@ -360,7 +360,7 @@ impl JetStreamStore {
             config.create_stream,
         );
         let opened = run_blocking(&handle, async move {
-            let (client, _) = connect(&url).await.map_err(|e| match e {
+            let (client, _, disconnects) = connect_watched(&url).await.map_err(|e| match e {
                 ConnectError::Refused(refusal) => StoreError::Io(refusal.to_string()),
                 other => StoreError::Io(other.to_string()),
             })?;
@@ -412,9 +412,9 @@ impl JetStreamStore {
             } else {
                 None
             };
-            Ok::<_, StoreError>((js, stream, snapshots, last_seq, last_hash))
+            Ok::<_, StoreError>((js, disconnects, stream, snapshots, last_seq, last_hash))
         });
-        let (js, stream, shared_snapshots, last_seq, last_hash) = match opened {
+        let (js, disconnects, stream, shared_snapshots, last_seq, last_hash) = match opened {
             Ok(Ok(opened)) => opened,
             Ok(Err(e)) | Err(e) => {
                 // Not dropped in place: `open` may run inside another runtime (the server's).
@@ -433,6 +433,7 @@ impl JetStreamStore {
         let writer = Writer {
             incarnation: incarnation.clone(),
             js,
+            disconnects,
             stream: stream.clone(),
             prefix: config.subject_prefix.clone(),
             receiver,
@@ -579,11 +580,21 @@ async fn first_seq_at_version(
     Ok(low)
 }
 
-/// Resolves once the client has lost its connection (checked every 50 ms), so that a writer
-/// waiting for acknowledgements answers 503 at once rather than after the request timeout.
-async fn disconnected(client: &async_nats::Client) {
-    while client.connection_state() == async_nats::connection::State::Connected {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+/// Resolves once the client has lost its connection since `disconnects` was last marked seen
+/// (or is not connected now), so that a writer waiting for acknowledgements answers 503 at
+/// once rather than after the request timeout: the server that was to acknowledge may be gone,
+/// though the client is already connected to another (among several servers it reconnects
+/// within milliseconds).
+async fn disconnected(client: &async_nats::Client, disconnects: &mut Disconnects) {
+    let not_connected = async {
+        while client.connection_state() == async_nats::connection::State::Connected {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::select! {
+        // An error: the client is gone, nothing more will be acknowledged.
+        _ = disconnects.changed() => {}
+        () = not_connected => {}
     }
 }
 
@@ -964,6 +975,8 @@ struct Writer {
     /// Carried by every record this writer publishes (header [`WRITER_HEADER`]).
     incarnation: String,
     js: jetstream::Context,
+    /// The client's disconnections: a batch published before one has lost its acknowledgement.
+    disconnects: Disconnects,
     stream: stream::Stream,
     prefix: String,
     receiver: mpsc::Receiver<JournalMsg>,
@@ -1317,6 +1330,8 @@ impl Writer {
     /// carries the expected last sequence that fences it.
     async fn publish_atomic(&self, records: Vec<(String, u64, Vec<u8>)>) -> Written {
         let client = self.js.client();
+        let mut disconnects = self.disconnects.clone();
+        disconnects.borrow_and_update();
         let mut records = records.into_iter().peekable();
         while records.peek().is_some() {
             let chunk: Vec<_> = records.by_ref().take(ATOMIC_BATCH_MAX).collect();
@@ -1350,7 +1365,7 @@ impl Writer {
             let commit = commit.expect("a batch has a last record");
             let reply = match tokio::select! {
                 reply = commit => reply,
-                () = disconnected(&client) => {
+                () = disconnected(&client, &mut disconnects) => {
                     return Written::Unknown(format!(
                         "the connection dropped before the commit of seq {last_seq}"
                     ))
@@ -1407,6 +1422,8 @@ impl Writer {
     /// by its hash (`Nats-Msg-Id`) and, after the first, expects the previous record's hash as
     /// the stream's last message id: once one record is refused, every later one is too.
     async fn publish(&self, records: Vec<(String, u64, Vec<u8>)>) -> Written {
+        let mut disconnects = self.disconnects.clone();
+        disconnects.borrow_and_update();
         let mut acks = Vec::with_capacity(records.len());
         for (i, (subject, seq, stored)) in records.into_iter().enumerate() {
             let (prev_hash, hash) = match split_stored(&stored) {
@@ -1430,7 +1447,7 @@ impl Writer {
         for (seq, ack) in acks {
             let ack = tokio::select! {
                 ack = ack => ack,
-                () = disconnected(&client) => {
+                () = disconnected(&client, &mut disconnects) => {
                     return Written::Unknown(format!("the connection dropped before seq {seq}'s ack"))
                 }
             };
