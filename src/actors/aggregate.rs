@@ -304,7 +304,13 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
                 self.version = version;
                 self.durable.send_replace(version);
             }
-            Err(e) => self.break_down(ctx, &format!("activation failed: {e}")),
+            Err(e) => {
+                let why = format!("activation failed: {e}");
+                if let Some(registry) = self.registry.upgrade() {
+                    registry.activation_failed(self.incarnation, why.clone());
+                }
+                self.break_down(ctx, &why);
+            }
         }
     }
 

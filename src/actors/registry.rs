@@ -14,11 +14,13 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Times a command is offered to an incarnation before the caller gets the last error: covers
 /// an actor that passivated or broke while the message was on its way.
 const DELIVERY_ATTEMPTS_MAX: usize = 3;
+/// How long a failed activation's reason is kept for the messages that were queued to it.
+const ACTIVATION_FAILURES_KEPT: Duration = Duration::from_secs(10);
 
 /// Unique ids of actor incarnations, used as journal writer ids (never 0).
 static INCARNATIONS: AtomicU64 = AtomicU64::new(1);
@@ -185,6 +187,10 @@ const SWEEP_INTERVAL_MAX: Duration = Duration::from_secs(1);
 pub struct Registry<A: Aggregate> {
     runtime: Arc<Runtime>,
     actors: DashMap<String, Handle<A>>,
+    /// Incarnations whose activation failed, why and when (forgotten after
+    /// `ACTIVATION_FAILURES_KEPT`): the commands and reads queued to one are answered with
+    /// that reason instead of being offered to a fresh incarnation that reads the log again.
+    failed_activations: DashMap<u64, (String, Instant)>,
 }
 
 impl<A: Aggregate> Registry<A> {
@@ -196,6 +202,7 @@ impl<A: Aggregate> Registry<A> {
         let registry = Arc::new(Registry {
             runtime,
             actors: DashMap::new(),
+            failed_activations: DashMap::new(),
         });
         let serving: Arc<dyn Serve> = registry.clone();
         registry
@@ -224,6 +231,8 @@ impl<A: Aggregate> Registry<A> {
 
     /// Asks idle actors to passivate.
     fn sweep(&self) {
+        self.failed_activations
+            .retain(|_, (_, at)| at.elapsed() < ACTIVATION_FAILURES_KEPT);
         let config = self.runtime.config;
         let idle_for = if self.actors.len() > config.active_soft_max {
             config.idle_under_pressure.min(config.idle_passivate)
@@ -374,13 +383,18 @@ impl<A: Aggregate> Registry<A> {
             match sent {
                 Ok(Ok(reply)) => return Ok(reply),
                 // The incarnation broke or was passivating: a fresh one replays the log, and the
-                // command is idempotent, so offering it again is safe.
+                // command is idempotent, so offering it again is safe. Not when it could not
+                // read the log: a fresh one would wait for the same read again.
                 Ok(Err(ExecError::Unavailable(why))) => {
                     self.forget(&stream, incarnation);
+                    self.activation_failure(incarnation)?;
                     last = ExecError::Unavailable(why);
                 }
                 Ok(Err(other)) => return Err(other),
-                Err(MailboxError::Closed) => self.forget(&stream, incarnation),
+                Err(MailboxError::Closed) => {
+                    self.forget(&stream, incarnation);
+                    self.activation_failure(incarnation)?;
+                }
                 Err(MailboxError::Timeout) => return Err(ExecError::Timeout),
             }
         }
@@ -406,7 +420,10 @@ impl<A: Aggregate> Registry<A> {
                 .await
             {
                 Ok(Ok(state)) => return Ok(state),
-                Ok(Err(_)) | Err(MailboxError::Closed) => self.forget(&stream, incarnation),
+                Ok(Err(_)) | Err(MailboxError::Closed) => {
+                    self.forget(&stream, incarnation);
+                    self.activation_failure(incarnation)?;
+                }
                 Err(MailboxError::Timeout) => return Err(ExecError::Timeout),
             }
         }
@@ -438,6 +455,20 @@ impl<A: Aggregate> Registry<A> {
     }
 
     /// Removes the entry of `stream` if it still belongs to `incarnation`.
+    /// Records that `incarnation` could not read its log (see `failed_activations`).
+    pub(super) fn activation_failed(&self, incarnation: u64, why: String) {
+        self.failed_activations
+            .insert(incarnation, (why, Instant::now()));
+    }
+
+    /// `Err` with the reason when `incarnation`'s activation failed.
+    fn activation_failure(&self, incarnation: u64) -> Result<(), ExecError<A::Error>> {
+        match self.failed_activations.get(&incarnation) {
+            Some(failed) => Err(ExecError::Unavailable(failed.0.clone())),
+            None => Ok(()),
+        }
+    }
+
     pub(super) fn forget(&self, stream: &str, incarnation: u64) {
         self.actors
             .remove_if(stream, |_, handle| handle.incarnation == incarnation);

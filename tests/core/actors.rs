@@ -10,6 +10,7 @@ use hongbao::events::EventStore;
 use hongbao::ids::Id;
 use hongbao::metrics::Metrics;
 use hongbao::money::Fen;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -238,5 +239,52 @@ fn a_command_answered_once_submitted_says_when_it_is_durable_and_when_it_never_w
             .await
             .unwrap();
         assert!(durable.await.is_err(), "a failed flush resolved as durable");
+    });
+}
+
+#[test]
+fn an_actor_that_cannot_read_its_log_is_answered_at_once_and_the_next_call_reads_afresh() {
+    // Goal: the read that activates a wallet fails (on JetStream: a read timing out after 3 s
+    // while its stream has no leader). The command and a state read are each answered
+    // Unavailable with that reason after one read of the log, not offered to fresh
+    // incarnations that wait for the same read again (three reads: 9 s holding a closing
+    // partition's requests); once the log reads again, the next call activates afresh.
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let flaky = Arc::new(super::fixtures::FlakyReads::new(store.clone(), "wallet:"));
+    actix_rt::System::new().block_on(async {
+        let (wallets, _) = registry(flaky.clone(), ActorConfig::default());
+        let credit = WalletCommand::Credit {
+            entry: Entry::Deposit,
+            order_id: Id::parse("d1").unwrap(),
+            amount: Fen::new(100),
+            source: None,
+        };
+        flaky.failures.store(100, Ordering::SeqCst);
+        let refused = wallets.execute("u1", credit.clone()).await;
+        assert!(
+            matches!(&refused, Err(ExecError::Unavailable(why)) if why.contains("timed out")),
+            "{refused:?}"
+        );
+        assert_eq!(
+            flaky.reads.load(Ordering::SeqCst),
+            1,
+            "one read for the command"
+        );
+        let unread = wallets.state("u1").await;
+        assert!(
+            matches!(&unread, Err(ExecError::Unavailable(why)) if why.contains("timed out")),
+            "{unread:?}"
+        );
+        assert_eq!(
+            flaky.reads.load(Ordering::SeqCst),
+            2,
+            "one read for the state"
+        );
+
+        flaky.failures.store(0, Ordering::SeqCst);
+        let moved = wallets.execute("u1", credit).await.unwrap();
+        assert_eq!(moved.line.amount, Fen::new(100));
+        assert_eq!(wallets.state("u1").await.unwrap().0.change, Fen::new(100));
     });
 }

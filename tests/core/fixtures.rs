@@ -10,10 +10,14 @@ use hongbao::domain::withdrawal::{
 };
 use hongbao::domain::Event;
 use hongbao::events::sled_store::SledStore;
-use hongbao::events::{EventStore, ExpectedVersion, NewEvent};
+use hongbao::events::{
+    AppendAck, AppendError, Envelope, EventStore, ExpectedVersion, LiveBatch, NewEvent, StoreError,
+};
 use hongbao::ids::Id;
 use hongbao::money::Fen;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 pub fn id(s: &str) -> Id {
     Id::parse(s).unwrap()
@@ -138,4 +142,74 @@ pub fn examples(report: &AuditReport, check: &str) -> String {
         .unwrap()
         .examples
         .join(" | ")
+}
+
+/// The log on sled, except that the next `failures` reads of a stream whose id starts with
+/// `prefix` fail: a read timing out or a partition moving while an actor activates. Counts the
+/// reads of those streams.
+pub struct FlakyReads {
+    inner: Arc<SledStore>,
+    prefix: &'static str,
+    pub failures: AtomicU32,
+    pub reads: AtomicU32,
+}
+
+impl FlakyReads {
+    pub fn new(inner: Arc<SledStore>, prefix: &'static str) -> FlakyReads {
+        FlakyReads {
+            inner,
+            prefix,
+            failures: AtomicU32::new(0),
+            reads: AtomicU32::new(0),
+        }
+    }
+}
+
+impl EventStore for FlakyReads {
+    fn append(
+        &self,
+        writer: u64,
+        stream: String,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendAck, AppendError> {
+        self.inner.append(writer, stream, expected, events)
+    }
+    fn read_stream(&self, stream: &str, from_version: u64) -> Result<Vec<Envelope>, StoreError> {
+        if stream.starts_with(self.prefix) {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            let fail = self
+                .failures
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if fail {
+                return Err(StoreError::Io("a log read timed out (injected)".into()));
+            }
+        }
+        self.inner.read_stream(stream, from_version)
+    }
+    fn read_all(&self, from_seq: u64, limit: usize) -> Result<Vec<Arc<Envelope>>, StoreError> {
+        self.inner.read_all(from_seq, limit)
+    }
+    fn head(&self) -> u64 {
+        self.inner.head()
+    }
+    fn live(&self) -> tokio::sync::broadcast::Receiver<LiveBatch> {
+        self.inner.live()
+    }
+    fn save_snapshot(&self, stream: &str, version: u64, state: &[u8]) -> Result<(), StoreError> {
+        self.inner.save_snapshot(stream, version, state)
+    }
+    fn load_snapshot(&self, stream: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        self.inner.load_snapshot(stream)
+    }
+    fn healthy(&self) -> bool {
+        self.inner.healthy()
+    }
+    fn close(&self) -> futures::future::BoxFuture<'static, Result<(), StoreError>> {
+        self.inner.close()
+    }
+    fn in_order_fail_stop(&self) -> bool {
+        self.inner.in_order_fail_stop()
+    }
 }

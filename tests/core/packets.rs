@@ -2,6 +2,7 @@
 //! the pay flow and of the expiry flow are run in every order that matters, and after each the
 //! money is where the packet says it is and the audit holds.
 
+use super::fixtures::FlakyReads;
 use super::open;
 use hongbao::actors::{ExecError, Registry};
 use hongbao::audit::{audit, AuditReport};
@@ -13,16 +14,13 @@ use hongbao::domain::packet::{
 };
 use hongbao::domain::wallet::{Entry, Wallet, WalletCommand, WalletError};
 use hongbao::domain::{Aggregate, Event};
-use hongbao::events::sled_store::SledStore;
-use hongbao::events::{
-    AppendAck, AppendError, Envelope, EventStore, ExpectedVersion, LiveBatch, NewEvent, StoreError,
-};
+use hongbao::events::EventStore;
 use hongbao::flows::packets::{PacketConfig, PacketFlowError, PacketFlows, Packets};
 use hongbao::flows::{save_checkpoint, CHECKPOINT_TREE};
 use hongbao::ids::Id;
 use hongbao::metrics::Metrics;
 use hongbao::money::Fen;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 const START_MS: i64 = 1_000_000;
@@ -317,60 +315,6 @@ fn a_hot_packets_claims_are_merged_into_lots_that_replay_to_the_same_packet() {
     clean(&audit(store.as_ref(), None, |_, _| ()).unwrap());
 }
 
-/// The log on sled, except that the next `failures` reads of a packet's stream fail: a read
-/// timing out or a partition moving while an actor activates.
-struct FlakyPacketReads {
-    inner: Arc<SledStore>,
-    failures: AtomicU32,
-}
-
-impl EventStore for FlakyPacketReads {
-    fn append(
-        &self,
-        writer: u64,
-        stream: String,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
-    ) -> Result<AppendAck, AppendError> {
-        self.inner.append(writer, stream, expected, events)
-    }
-    fn read_stream(&self, stream: &str, from_version: u64) -> Result<Vec<Envelope>, StoreError> {
-        let fail = stream.starts_with("packet:")
-            && self
-                .failures
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok();
-        if fail {
-            return Err(StoreError::Io("a log read timed out (injected)".into()));
-        }
-        self.inner.read_stream(stream, from_version)
-    }
-    fn read_all(&self, from_seq: u64, limit: usize) -> Result<Vec<Arc<Envelope>>, StoreError> {
-        self.inner.read_all(from_seq, limit)
-    }
-    fn head(&self) -> u64 {
-        self.inner.head()
-    }
-    fn live(&self) -> tokio::sync::broadcast::Receiver<LiveBatch> {
-        self.inner.live()
-    }
-    fn save_snapshot(&self, stream: &str, version: u64, state: &[u8]) -> Result<(), StoreError> {
-        self.inner.save_snapshot(stream, version, state)
-    }
-    fn load_snapshot(&self, stream: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-        self.inner.load_snapshot(stream)
-    }
-    fn healthy(&self) -> bool {
-        self.inner.healthy()
-    }
-    fn close(&self) -> futures::future::BoxFuture<'static, Result<(), StoreError>> {
-        self.inner.close()
-    }
-    fn in_order_fail_stop(&self) -> bool {
-        self.inner.in_order_fail_stop()
-    }
-}
-
 #[test]
 fn a_share_is_transferred_even_when_the_first_read_of_its_packet_fails() {
     // Goal: the transfer task starts from a checkpoint past the packet's creation (a restart),
@@ -379,10 +323,7 @@ fn a_share_is_transferred_even_when_the_first_read_of_its_packet_fails() {
     // packet and left in escrow for good; the audit holds.
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
-    let flaky = Arc::new(FlakyPacketReads {
-        inner: store.clone(),
-        failures: AtomicU32::new(0),
-    });
+    let flaky = Arc::new(FlakyReads::new(store.clone(), "packet:"));
     let checkpoints = store.state_db().open_tree(CHECKPOINT_TREE).unwrap();
     let view = store.state_db().open_tree("test-packets-view").unwrap();
     actix_rt::System::new().block_on(async {
