@@ -31,7 +31,7 @@
 use super::partition::{Partition, Partitions};
 use super::{plan, NodeId};
 use async_nats::jetstream::{self, kv};
-use futures::future::{join_all, BoxFuture};
+use futures::future::{join_all, BoxFuture, FutureExt};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -469,9 +469,14 @@ struct Shared {
     /// Taken around every change of what is held together with the host's call, so that the
     /// host hears of each partition's opens and closes in the order they happened.
     gate: tokio::sync::Mutex<()>,
+    /// The closes of lost partitions, which run on their own (see [`lose`]): a partition taken
+    /// again opens only once its close has ended, and leaving waits for them.
+    closing: Mutex<BTreeMap<Partition, Closing>>,
     node_revision: Mutex<u64>,
     view: watch::Sender<Option<Arc<ClusterView>>>,
 }
+
+type Closing = futures::future::Shared<BoxFuture<'static, ()>>;
 
 /// Holds this node's registration and leases. Dropping it stops its tasks without releasing
 /// anything (as a crash would: the leases expire); [`Keeper::leave`] hands everything over.
@@ -535,6 +540,7 @@ impl Keeper {
             host,
             held: Arc::new(Mutex::new(BTreeMap::new())),
             gate: tokio::sync::Mutex::new(()),
+            closing: Mutex::new(BTreeMap::new()),
             node_revision: Mutex::new(revision),
             view,
         });
@@ -593,6 +599,11 @@ impl Keeper {
         }
         let held: Vec<(Partition, Held)> = {
             let _gate = self.shared.gate.lock().await;
+            // The closes of partitions lost before: ended before the node says it has left.
+            let closing: Vec<Closing> = std::mem::take(&mut *lock(&self.shared.closing))
+                .into_values()
+                .collect();
+            join_all(closing).await;
             let held: Vec<(Partition, Held)> = std::mem::take(&mut *lock(&self.shared.held))
                 .into_iter()
                 .collect();
@@ -645,12 +656,13 @@ fn lease_value(shared: &Shared, epoch: Option<u64>) -> Vec<u8> {
 /// so; `taken`: another writer moved its revision, else its validity ran out) and tells the
 /// host to stop serving them. A lease renewed or re-taken meanwhile is left alone.
 ///
-/// The closes run to their end on their own, not under the gate and not awaited here: a close
-/// waits for the requests in flight, seconds on a log whose leader is being elected, and the
-/// renewals of every other lease must not wait behind it (they ran out one after the other,
-/// and leases just won were lost as soon as they were opened). Writing has stopped already:
-/// each write guard asks for the lease's validity, which ran out (or, taken, ran out before
-/// any other node could take it).
+/// The closes run to their end on their own, not awaited here: a close waits for the requests
+/// in flight, seconds on a log whose leader is being elected, and the renewals of every other
+/// lease must not wait behind it (they ran out one after the other, and leases just won were
+/// lost as soon as they were opened). Writing has stopped already: each write guard asks for
+/// the lease's validity, which ran out (or, taken, ran out before any other node could take
+/// it). A partition taken again opens once its close has ended ([`take_all`]), so the host
+/// never opens a partition it is still closing.
 async fn lose(shared: &Shared, lost: Vec<(Partition, u64)>, taken: bool) {
     if lost.is_empty() {
         return;
@@ -672,7 +684,9 @@ async fn lose(shared: &Shared, lost: Vec<(Partition, u64)>, taken: bool) {
         };
         if removed.is_some() {
             tracing::warn!(%partition, "lease lost: this node stops writing the partition");
-            closing.push(shared.host.close(partition, Close::Lost));
+            let close = shared.host.close(partition, Close::Lost).shared();
+            lock(&shared.closing).insert(partition, close.clone());
+            closing.push(close);
         }
     }
     drop(gate);
@@ -1016,8 +1030,16 @@ async fn take_all(shared: &Arc<Shared>, won: Vec<(Partition, u64, u64, Instant)>
                 epoch,
                 held: shared.held.clone(),
             };
-            let opened = shared.host.open(partition, lease);
-            async move { (partition, opened.await) }
+            let (host, closing) = (
+                shared.host.clone(),
+                lock(&shared.closing).remove(&partition),
+            );
+            async move {
+                if let Some(closing) = closing {
+                    closing.await;
+                }
+                (partition, host.open(partition, lease).await)
+            }
         })
         .collect();
     let mut failed = Vec::new();
