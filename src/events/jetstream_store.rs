@@ -1331,9 +1331,11 @@ impl Writer {
     async fn publish_atomic(&self, records: Vec<(String, u64, Vec<u8>)>) -> Written {
         let client = self.js.client();
         let mut disconnects = self.disconnects.clone();
-        disconnects.borrow_and_update();
         let mut records = records.into_iter().peekable();
         while records.peek().is_some() {
+            // Each atomic batch from here: a disconnection during an earlier one (whose commit
+            // was answered) does not make this one's outcome unknown.
+            disconnects.borrow_and_update();
             let chunk: Vec<_> = records.by_ref().take(ATOMIC_BATCH_MAX).collect();
             let batch_id = format!("{:032x}", rand::random::<u128>());
             let (count, first_seq) = (chunk.len(), chunk[0].1);
