@@ -34,7 +34,7 @@ use crate::ids::Id;
 use crate::metrics::Metrics;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -583,6 +583,9 @@ impl FlowTask {
     }
 
     async fn dispatch(&mut self, running: &mut Running) {
+        // Packets that could not be read in this pass: their other transfers wait without
+        // another read (each failed read may have waited seconds for a leaderless stream).
+        let mut unreadable: HashSet<Id> = HashSet::new();
         while self.in_flight < TRANSFERS_IN_FLIGHT_MAX {
             let Some(mut transfer) = self.waiting.pop_front() else {
                 break;
@@ -602,23 +605,31 @@ impl FlowTask {
             // A packet that cannot be read now (a read timing out, its actor overloaded) is
             // read again at the next tick; the transfer stays pending, never dropped: its
             // share would stay in escrow for good.
-            let mode = match self.mode_of(&transfer.packet_id).await {
-                Ok(Some(mode)) => mode,
-                unknown => {
-                    if !transfer.mode_unknown {
-                        match unknown {
-                            Err(e) => {
-                                tracing::warn!(packet = %transfer.packet_id, error = %e, "cannot read the claimed packet; its transfer waits")
-                            }
-                            _ => {
-                                tracing::error!(packet = %transfer.packet_id, "claim of a packet the log does not hold; its transfer waits (counted stuck)")
+            let mode = if unreadable.contains(&transfer.packet_id) {
+                None
+            } else {
+                match self.mode_of(&transfer.packet_id).await {
+                    Ok(Some(mode)) => Some(mode),
+                    unknown => {
+                        unreadable.insert(transfer.packet_id.clone());
+                        if !transfer.mode_unknown {
+                            match unknown {
+                                Err(e) => {
+                                    tracing::warn!(packet = %transfer.packet_id, error = %e, "cannot read the claimed packet; its transfers wait")
+                                }
+                                _ => {
+                                    tracing::error!(packet = %transfer.packet_id, "claim of a packet the log does not hold; its transfers wait (counted stuck)")
+                                }
                             }
                         }
-                        transfer.mode_unknown = true;
+                        None
                     }
-                    self.deferred.push(transfer);
-                    continue;
                 }
+            };
+            let Some(mode) = mode else {
+                transfer.mode_unknown = true;
+                self.deferred.push(transfer);
+                continue;
             };
             let packets = self.packets.clone();
             self.in_flight += 1;
