@@ -69,6 +69,9 @@ pub enum RemoteOp {
     Execute(Vec<u8>),
     /// The answer is an encoded `Result<(state, version), ExecError<Error>>`.
     State,
+    /// An encoded question for `Aggregate::answer`; the answer is an encoded
+    /// `Result<Vec<u8>, ExecError<Error>>`. Appended last: older nodes decode the others.
+    Ask(Vec<u8>),
 }
 
 /// The answer to a [`RemoteCall`]: the typed result, encoded, or why the serving side could not
@@ -131,6 +134,7 @@ impl<A: Aggregate> Serve for Registry<A> {
                     encode(&self.execute_here(&id, command).await)
                 }
                 RemoteOp::State => encode(&self.state_here(&id).await),
+                RemoteOp::Ask(question) => encode(&self.ask_here(&id, &question).await),
             }
         })
     }
@@ -410,6 +414,33 @@ impl<A: Aggregate> Registry<A> {
         }
     }
 
+    /// Asks the aggregate `question` where it lives (`Aggregate::answer`), both encoded: on a
+    /// cluster a few bytes cross between nodes where [`state`](Self::state) sends the whole
+    /// state. Answered once the state it was read from is durable.
+    pub async fn ask(
+        self: &Arc<Self>,
+        id: &str,
+        question: Vec<u8>,
+    ) -> Result<Vec<u8>, ExecError<A::Error>> {
+        match self.elsewhere(id) {
+            None => self.ask_here(id, &question).await,
+            Some((placement, stream)) => {
+                Self::remote(placement, stream, id, RemoteOp::Ask(question)).await
+            }
+        }
+    }
+
+    async fn ask_here(
+        self: &Arc<Self>,
+        id: &str,
+        question: &[u8],
+    ) -> Result<Vec<u8>, ExecError<A::Error>> {
+        let (state, _) = self.state_here(id).await?;
+        state.answer(question).ok_or_else(|| {
+            ExecError::Unavailable(format!("not a question a {} answers", A::STREAM_PREFIX))
+        })
+    }
+
     async fn state_here(self: &Arc<Self>, id: &str) -> Result<(A, u64), ExecError<A::Error>> {
         let stream = Self::stream_id(id);
         for _ in 0..DELIVERY_ATTEMPTS_MAX {
@@ -454,7 +485,6 @@ impl<A: Aggregate> Registry<A> {
         (handle.addr.clone(), handle.incarnation)
     }
 
-    /// Removes the entry of `stream` if it still belongs to `incarnation`.
     /// Records that `incarnation` could not read its log (see `failed_activations`).
     pub(super) fn activation_failed(&self, incarnation: u64, why: String) {
         self.failed_activations
@@ -469,6 +499,7 @@ impl<A: Aggregate> Registry<A> {
         }
     }
 
+    /// Removes the entry of `stream` if it still belongs to `incarnation`.
     pub(super) fn forget(&self, stream: &str, incarnation: u64) {
         self.actors
             .remove_if(stream, |_, handle| handle.incarnation == incarnation);

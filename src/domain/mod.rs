@@ -76,6 +76,14 @@ pub trait Aggregate:
 
     fn wrap(event: Self::Event) -> Event;
     fn unwrap(event: &Event) -> Option<&Self::Event>;
+
+    /// Answers a question about the state, both encoded, where the entity lives
+    /// (`actors::Registry::ask`): on a cluster a whole state can outgrow a message between
+    /// nodes (a wallet's idempotency memory grows with every movement), the answer to one
+    /// question does not. `None`: not a question this aggregate answers.
+    fn answer(&self, _question: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
 }
 
 /// Every event of every aggregate: the payload of the global log.

@@ -670,6 +670,21 @@ impl Aggregate for Wallet {
             _ => None,
         }
     }
+
+    /// An encoded [`EntryQuestion`]: the wallet's record of that movement, encoded
+    /// `Option<Recorded>`.
+    fn answer(&self, question: &[u8]) -> Option<Vec<u8>> {
+        let EntryQuestion { entry, order_id } = crate::events::codec::decode(question).ok()?;
+        crate::events::codec::encode(&self.entries.get(&(entry, order_id))).ok()
+    }
+}
+
+/// "Did this wallet record the movement `(entry, order_id)`?", asked where the wallet lives
+/// (see [`Aggregate::answer`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryQuestion {
+    pub entry: Entry,
+    pub order_id: Id,
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use crate::domain::activity::{
     ActivityCommand, ActivityReply, Budgets, Reward, RewardClaim, RewardKind, EXT_FIELDS_MAX,
     EXT_KEY_CHARS_MAX, EXT_VALUE_CHARS_MAX,
 };
-use crate::domain::wallet::{Entry, PendingNote, WalletCommand};
+use crate::domain::wallet::{Entry, EntryQuestion, PendingNote, Recorded, WalletCommand};
 use crate::ids::Id;
 use crate::money::Fen;
 use crate::projections::rewards as view;
@@ -557,12 +557,28 @@ async fn cluster_status(
         (Some(_), _, _) => "voided",
         (None, Some(_), _) => "failed",
         (None, None, Some(entry)) => {
-            let (wallet, _) = state
+            // Asked of the wallet where it lives: its whole state can outgrow a message
+            // between nodes (its idempotency memory grows with every movement).
+            let question = EntryQuestion {
+                entry,
+                order_id: order_id.clone(),
+            };
+            let question = crate::events::codec::encode(&question).map_err(|e| {
+                ApiError::unavailable("unavailable", format!("question not encodable: {e}"))
+            })?;
+            let answer = state
                 .wallets
-                .state(record.reward.uid.as_str())
+                .ask(record.reward.uid.as_str(), question)
                 .await
                 .map_err(ApiError::from)?;
-            if wallet.entries.contains_key(&(entry, order_id.clone())) {
+            let recorded: Option<Recorded> =
+                crate::events::codec::decode(&answer).map_err(|e| {
+                    ApiError::unavailable(
+                        "unavailable",
+                        format!("the wallet's answer is unreadable: {e}"),
+                    )
+                })?;
+            if recorded.is_some() {
                 "credited"
             } else {
                 "accepted"

@@ -5,7 +5,7 @@ use super::open;
 use futures::future::join_all;
 use hongbao::actors::{ActorConfig, ExecError, Registry, Runtime};
 use hongbao::clock::ManualClock;
-use hongbao::domain::wallet::{Entry, Wallet, WalletCommand, WalletError};
+use hongbao::domain::wallet::{Entry, Recorded, Wallet, WalletCommand, WalletError};
 use hongbao::events::EventStore;
 use hongbao::ids::Id;
 use hongbao::metrics::Metrics;
@@ -286,5 +286,94 @@ fn an_actor_that_cannot_read_its_log_is_answered_at_once_and_the_next_call_reads
         let moved = wallets.execute("u1", credit).await.unwrap();
         assert_eq!(moved.line.amount, Fen::new(100));
         assert_eq!(wallets.state("u1").await.unwrap().0.change, Fen::new(100));
+    });
+}
+
+/// NATS's default largest message (1 MiB), which a node's answer to another must fit in.
+const MAX_PAYLOAD: usize = 1024 * 1024;
+
+/// Another node's runtime, reached the way a cluster node reaches one: every call and answer
+/// encoded, and an answer larger than NATS's largest message refused as the server would.
+struct OtherNode(Arc<Runtime>);
+
+impl hongbao::actors::Placement for OtherNode {
+    fn is_local(&self, _: &str) -> bool {
+        false
+    }
+
+    fn call(
+        &self,
+        _stream: &str,
+        call: hongbao::actors::RemoteCall,
+    ) -> futures::future::BoxFuture<'static, Result<hongbao::actors::RemoteAnswer, String>> {
+        let serving = self.0.registries.serve(call);
+        Box::pin(async move {
+            let answer = serving.await;
+            match &answer {
+                Ok(bytes) if bytes.len() > MAX_PAYLOAD => {
+                    Err(format!("maximum payload exceeded: {} bytes", bytes.len()))
+                }
+                _ => Ok(answer),
+            }
+        })
+    }
+}
+
+#[test]
+fn a_question_to_a_wallet_on_another_node_is_answered_where_its_whole_state_would_not_fit() {
+    // Goal: a wallet with 40,000 movements (order ids of 34 characters) lives on another node. Its whole state no longer
+    // fits in a message between nodes (the reward status of a cluster read it so, and failed);
+    // asked whether it recorded one movement, it answers with that record, and with none for
+    // a movement it never made.
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    for thousand in 0..40u64 {
+        let events = (thousand * 1_000 + 1..=(thousand + 1) * 1_000)
+            .map(|n| {
+                super::fixtures::credit(Entry::Deposit, &format!("deposit-{n:026}"), 1, n, None)
+            })
+            .collect();
+        super::fixtures::append(&store, "wallet:big", events);
+    }
+    actix_rt::System::new().block_on(async {
+        let (home, _) = registry(store.clone(), ActorConfig::default());
+        let other = Arc::new(Runtime {
+            store: open(&dir.path().join("other")),
+            clock: Arc::new(ManualClock::new(0)),
+            metrics: Arc::new(Metrics::new()),
+            config: ActorConfig::default(),
+            placement: Some(Arc::new(OtherNode(home.runtime().clone()))),
+            registries: Default::default(),
+            pacing: None,
+        });
+        let away: Arc<Registry<Wallet>> = Registry::new(other);
+
+        let whole = away.state("big").await;
+        assert!(
+            matches!(&whole, Err(ExecError::Unavailable(why)) if why.contains("maximum payload")),
+            "the whole wallet fits in a message after all: {:?}",
+            whole.map(|(w, v)| (w.change, v))
+        );
+        let ask = |order: &str| {
+            let question = hongbao::domain::wallet::EntryQuestion {
+                entry: Entry::Deposit,
+                order_id: Id::parse(order).unwrap(),
+            };
+            let away = away.clone();
+            async move {
+                let question = hongbao::events::codec::encode(&question).unwrap();
+                let answer = away.ask("big", question).await.unwrap();
+                assert!(answer.len() < 100, "{} bytes", answer.len());
+                hongbao::events::codec::decode::<Option<Recorded>>(&answer).unwrap()
+            }
+        };
+        let recorded = ask(&format!("deposit-{:026}", 39_999))
+            .await
+            .expect("recorded");
+        assert_eq!(
+            (recorded.amount, recorded.balance_after),
+            (Fen::new(1), Fen::new(39_999))
+        );
+        assert_eq!(ask(&format!("deposit-{:026}", 40_001)).await, None);
     });
 }
