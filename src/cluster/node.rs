@@ -703,6 +703,15 @@ impl PartitionHost for Host {
         let shared = self.0.clone();
         Box::pin(async move {
             let _transition = shared.transition(partition).lock_owned().await;
+            // The keeper opens a partition only once its close has ended; should a cell be
+            // there all the same, it is stopped, never left running beside the new one.
+            if let Some((_, stale)) = shared.cells.remove(&partition) {
+                tracing::error!(%partition, "a partition opened while its cell still ran; that cell is stopped first");
+                if let Some(serving) = stale.serving.lock().await.take() {
+                    serving.stop().await;
+                }
+                stop_cell(&shared, stale).await;
+            }
             let started = std::time::Instant::now();
             let cell = open_cell(&shared, partition, lease).await?;
             shared.cells.insert(partition, cell.clone());
