@@ -91,12 +91,20 @@ async fn keeper(
     settings: Settings,
     log: &Arc<Mutex<Vec<Record>>>,
 ) -> Result<Keeper, ClusterError> {
-    let js = context(url).await;
-    let buckets = check_deployment(&js, &settings).await?;
     let host = Arc::new(Recorder {
         node: settings.node.to_string(),
         log: log.clone(),
     });
+    keeper_on(url, settings, host).await
+}
+
+async fn keeper_on(
+    url: &str,
+    settings: Settings,
+    host: Arc<dyn PartitionHost>,
+) -> Result<Keeper, ClusterError> {
+    let js = context(url).await;
+    let buckets = check_deployment(&js, &settings).await?;
     Keeper::start(settings, buckets, host).await
 }
 
@@ -835,21 +843,19 @@ impl PartitionHost for SlowToClose {
 
 #[test]
 fn a_slow_close_of_one_lost_partition_does_not_cost_the_node_its_other_leases() {
-    // Goal: one lease is taken from its holder (another value put at its key) and the host takes three TTLs
-    // to close that partition. Meanwhile the node goes on renewing its three other leases: it
-    // holds them the whole time and never closes them (they ran out one after the other when
-    // the renewals waited for the close).
+    // Goal: one lease is taken from its holder (another value put at its key) and the host
+    // takes three TTLs to close that partition. Meanwhile the node goes on renewing its three
+    // other leases: it holds them the whole time and never closes them (they ran out one
+    // after the other when the renewals waited for the close).
     let Some(binary) = nats::binary() else { return };
     let dir = tempfile::tempdir().unwrap();
     let server = nats::single_synced(&binary, dir.path());
     let log = Arc::new(Mutex::new(Vec::new()));
     runtime().block_on(async {
         let url = server.url();
-        let js = context(&url).await;
         let settings = settings("n1", 4);
         let slow = settings.partitions.all().next().unwrap();
         let others: Vec<Partition> = settings.partitions.all().filter(|p| *p != slow).collect();
-        let buckets = check_deployment(&js, &settings).await.unwrap();
         let host = Arc::new(SlowToClose {
             recorder: Recorder {
                 node: "n1".into(),
@@ -858,14 +864,18 @@ fn a_slow_close_of_one_lost_partition_does_not_cost_the_node_its_other_leases() 
             partition: slow,
             delay: TTL * 3,
         });
-        let k1 = Keeper::start(settings, buckets, host).await.unwrap();
+        let k1 = keeper_on(&url, settings, host).await.unwrap();
         until("n1 holds everything", TTL * 4, &[&k1], || {
             all_held(&[&k1], 4)
         })
         .await;
 
         // Another holder's value at a new revision: the next renewal finds the lease taken.
-        let leases = js.get_key_value("hb_leases").await.unwrap();
+        let leases = context(&url)
+            .await
+            .get_key_value("hb_leases")
+            .await
+            .unwrap();
         let ghost = br#"{"node":"n9","incarnation":"ghost","epoch":null}"#;
         leases.put(slow.key(), ghost.to_vec().into()).await.unwrap();
         let closing = || {
