@@ -56,15 +56,17 @@ fi
 . "$DIR/keys.env"
 export ADMIN_KEY="$HONGBAO_ADMIN_KEY"
 
-# Three servers, routes to each other.
-JS_PORTS=() ROUTES=()
-for i in 1 2 3; do
-  JS_PORTS+=("$(free_port)")
-  ROUTES+=("nats://127.0.0.1:$(free_port)")
-done
-for i in 1 2 3; do
-  mkdir -p "$DIR/js$i"
-  cat >"$DIR/js$i.conf" <<EOF
+# Three servers, routes to each other. A port picked free can be taken by another process
+# before the server binds it (the server exits): then all three start again on fresh ports, up
+# to three times.
+start_servers() {
+  local i ports
+  read -r -a ports <<<"$(free_ports 6)"
+  JS_PORTS=("${ports[@]:0:3}") ROUTES=() JS_PIDS=()
+  for i in 3 4 5; do ROUTES+=("nats://127.0.0.1:${ports[i]}"); done
+  for i in 1 2 3; do
+    mkdir -p "$DIR/js$i"
+    cat >"$DIR/js$i.conf" <<EOF
 server_name: js$i
 listen: 127.0.0.1:${JS_PORTS[i - 1]}
 jetstream {
@@ -77,24 +79,53 @@ cluster {
   routes: [$(IFS=,; echo "${ROUTES[*]}")]
 }
 EOF
-  "$NATS" -c "$DIR/js$i.conf" >>"$DIR/js$i.log" 2>&1 &
-  PIDS+=("$!")
+    "$NATS" -c "$DIR/js$i.conf" >>"$DIR/js$i.log" 2>&1 &
+    PIDS+=("$!")
+    JS_PIDS+=("$!")
+  done
+  for i in 0 1 2; do
+    wait_listening "${JS_PIDS[i]}" "${JS_PORTS[i]}" || return 1
+  done
+}
+for attempt in 1 2 3; do
+  if start_servers; then break; fi
+  for pid in "${JS_PIDS[@]}"; do
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  if [ "$attempt" = 3 ]; then
+    echo "the JetStream servers did not start on three tries; see $DIR/js*.log" >&2
+    exit 1
+  fi
+  echo "== a JetStream server did not start (ports ${JS_PORTS[*]}); again on fresh ports"
 done
-for port in "${JS_PORTS[@]}"; do wait_port "$port" "a JetStream server; see $DIR/js*.log"; done
 STORE="nats://$(printf '127.0.0.1:%s,' "${JS_PORTS[@]}" | sed 's/,$//')"
 
+# The nodes, each retried on a fresh port (up to three times) if it exits before it listens.
 NODE_PORTS=() NODE_PIDS=()
-for i in 1 2 3; do
+start_node() {
+  local i=$1 port
   port="$(free_port)"
   "$HONGBAO" serve --data-dir "$DIR/n$i" --addr "127.0.0.1:$port" --store "$STORE" \
     --replicas 3 --node-id "n$i" --partitions "$PARTITIONS" --lease-ttl-ms "$LEASE_TTL_MS" \
     >>"$DIR/n$i.log" 2>&1 &
   PIDS+=("$!")
-  NODE_PIDS+=("$!")
-  NODE_PORTS+=("$port")
-done
-for i in 0 1 2; do
-  wait_port "${NODE_PORTS[i]}" "node n$((i + 1)); see $DIR/n$((i + 1)).log"
+  NODE_PIDS[i - 1]=$!
+  NODE_PORTS[i - 1]=$port
+}
+for i in 1 2 3; do start_node "$i"; done
+for i in 1 2 3; do
+  for attempt in 1 2 3; do
+    if wait_listening "${NODE_PIDS[i - 1]}" "${NODE_PORTS[i - 1]}"; then break; fi
+    if [ "$attempt" = 3 ]; then
+      echo "node n$i did not start on three tries; see $DIR/n$i.log" >&2
+      exit 1
+    fi
+    kill "${NODE_PIDS[i - 1]}" 2>/dev/null || true
+    wait "${NODE_PIDS[i - 1]}" 2>/dev/null || true
+    echo "== node n$i did not start (port ${NODE_PORTS[i - 1]}); again on a fresh port"
+    start_node "$i"
+  done
 done
 echo "== waiting until the three nodes share the $PARTITIONS partitions"
 for _ in $(seq 1200); do

@@ -20,6 +20,28 @@ free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
+# free_ports N: N distinct free ports (held open together while picked), space-separated.
+free_ports() {
+  python3 - "$1" <<'PYEOF'
+import socket, sys
+sockets = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in sockets:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in sockets))
+PYEOF
+}
+
+# wait_listening PID PORT: until the process PID listens on PORT (30 s at most); fails at once
+# if the process has exited (a port taken between its pick and the bind).
+wait_listening() {
+  for _ in $(seq 600); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$2") 2>/dev/null; then return 0; fi
+    kill -0 "$1" 2>/dev/null || return 1
+    sleep 0.05
+  done
+  return 1
+}
+
 # wait_port PORT [WHAT]: until something listens on PORT (30 s at most).
 wait_port() {
   for _ in $(seq 600); do
