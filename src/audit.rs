@@ -238,8 +238,9 @@ struct Auditor {
     merged: bool,
     /// With several logs: every stream in the log the deployment's map gives it.
     placement: Option<CheckResult>,
-    /// Rewards noted pending on wallets (a cluster's): (seq, uid, note).
-    notes: Vec<(u64, String, crate::domain::wallet::PendingNote)>,
+    /// Rewards noted pending on wallets (a cluster's): (seq, uid, note, whether the wallet
+    /// had already credited that reward).
+    notes: Vec<(u64, String, crate::domain::wallet::PendingNote, bool)>,
     /// Notes settled on wallets without a credit (a cluster's): (seq, uid, activity, order).
     settled_notes: Vec<(u64, String, Id, Id)>,
 }
@@ -311,7 +312,11 @@ impl Auditor {
             }
             // No money moves; checked against the accepted rewards at the end.
             WalletEvent::PendingNoted(note) => {
-                self.notes.push((envelope.seq, uid, note.clone()));
+                let credited = note
+                    .kind
+                    .wallet_entry()
+                    .is_some_and(|entry| replay.seen.contains(&(entry, note.order_id.clone())));
+                self.notes.push((envelope.seq, uid, note.clone(), credited));
                 return;
             }
             WalletEvent::NoteSettled {
@@ -969,8 +974,16 @@ impl Auditor {
             "{pending} accepted rewards still pending (not yet credited, delivered, failed or voided)"
         ));
         // A reward noted pending on a wallet is one its activity accepted, as noted.
-        for (seq, uid, note) in &self.notes {
+        for (seq, uid, note, credited) in &self.notes {
             rewards_check.checked += 1;
+            // A note after the credit would show the user, for good, a reward still coming
+            // that was paid (the wallet records no note of a credited reward).
+            if *credited {
+                rewards_check.violation(format!(
+                    "seq {seq}: wallet {uid} notes reward {}/{} ({} {}) pending after crediting it",
+                    note.activity_id, note.order_id, note.kind, note.amount
+                ));
+            }
             let matches = self.rewards.get(&note.order_id).is_some_and(|replay| {
                 replay.activity == note.activity_id.as_str()
                     && replay.reward.as_ref().is_some_and(|r| {

@@ -992,13 +992,15 @@ fn a_reward_noted_pending_that_its_activity_did_not_accept_is_named() {
             amount: Fen::new(amount),
         }))
     };
-    append(&wallets, "wallet:u1", vec![noted("r1", 600)]);
+    // r2 accepted and not credited yet: noted pending, as the cluster does.
+    append(&business, "activity:cny", vec![accepted("r2", "u1", 300)]);
+    append(&wallets, "wallet:u1", vec![noted("r2", 300)]);
     let report = run_audit_logs(&[&wallets, &business], &wallets);
     assert!(report.ok(), "{:#?}", report.checks);
     append(
         &wallets,
         "wallet:u1",
-        vec![noted("r7", 5), noted("r1", 601)],
+        vec![noted("r7", 5), noted("r2", 301)],
     );
     let report = run_audit_logs(&[&wallets, &business], &wallets);
     assert_eq!(failing(&report), ["reward_credits"]);
@@ -1008,7 +1010,35 @@ fn a_reward_noted_pending_that_its_activity_did_not_accept_is_named() {
         "{named}"
     );
     assert!(
-        named.contains("notes reward cny/r1 (cash 601 fen) pending"),
+        named.contains("notes reward cny/r2 (cash 301 fen) pending"),
+        "{named}"
+    );
+}
+
+#[test]
+fn a_reward_noted_pending_after_its_credit_is_named() {
+    // Goal: a wallet records no note of a reward it has credited (the user would see a reward
+    // still coming, for good, that was paid); a log where a note follows the credit is named,
+    // though the activity accepted that very reward.
+    use hongbao::domain::activity::RewardKind;
+    use hongbao::domain::wallet::{PendingNote, WalletEvent};
+    let (_dirs, wallets, business) = split_logs();
+    let report = run_audit_logs(&[&wallets, &business], &wallets);
+    assert!(report.ok(), "{:#?}", report.checks);
+    let noted = Event::Wallet(WalletEvent::PendingNoted(PendingNote {
+        activity_id: id("cny"),
+        order_id: id("r1"),
+        kind: RewardKind::Cash,
+        amount: Fen::new(600),
+    }));
+    append(&wallets, "wallet:u1", vec![noted]);
+    let report = run_audit_logs(&[&wallets, &business], &wallets);
+    assert_eq!(failing(&report), ["reward_credits"]);
+    let named = examples(&report, "reward_credits");
+    assert!(
+        named.contains(
+            "seq 4: wallet u1 notes reward cny/r1 (cash 600 fen) pending after crediting it"
+        ),
         "{named}"
     );
 }
