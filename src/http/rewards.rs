@@ -251,6 +251,15 @@ async fn accept(
         .await;
     match accepted {
         Ok(replayed) => {
+            // Counted once, when first accepted: before the note, whose failure answers 503
+            // and whose retry finds the reward accepted already (replayed).
+            if !replayed {
+                state
+                    .metrics
+                    .rewards_accepted_total
+                    .with_label_values(&[kind.as_str()])
+                    .inc();
+            }
             if cluster {
                 let note = WalletCommand::NotePending(PendingNote {
                     activity_id: claim.activity_id.clone(),
@@ -267,13 +276,6 @@ async fn accept(
                     )
                     .with("retry_after_ms", 1_000u64));
                 }
-            }
-            if !replayed {
-                state
-                    .metrics
-                    .rewards_accepted_total
-                    .with_label_values(&[kind.as_str()])
-                    .inc();
             }
             Ok(HttpResponse::Accepted().json(RewardAccepted {
                 order_id: claim.order_id.to_string(),
