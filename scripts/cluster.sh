@@ -92,6 +92,7 @@ for attempt in 1 2 3; do
   for pid in "${JS_PIDS[@]}"; do
     kill "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
+    forget_pid "$pid"
   done
   if [ "$attempt" = 3 ]; then
     echo "the JetStream servers did not start on three tries; see $DIR/js*.log" >&2
@@ -123,6 +124,7 @@ for i in 1 2 3; do
     fi
     kill "${NODE_PIDS[i - 1]}" 2>/dev/null || true
     wait "${NODE_PIDS[i - 1]}" 2>/dev/null || true
+    forget_pid "${NODE_PIDS[i - 1]}"
     echo "== node n$i did not start (port ${NODE_PORTS[i - 1]}); again on a fresh port"
     start_node "$i"
   done

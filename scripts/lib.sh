@@ -31,15 +31,28 @@ print(" ".join(str(s.getsockname()[1]) for s in sockets))
 PYEOF
 }
 
-# wait_listening PID PORT: until the process PID listens on PORT (30 s at most); fails at once
-# if the process has exited (a port taken between its pick and the bind).
+# wait_listening PID PORT: until the process PID listens on PORT (30 s at most), still running
+# a moment later; fails at once if it has exited (a port taken between its pick and the bind:
+# then what answers on PORT may be another process, or the process may have opened PORT and
+# exited on its next one).
 wait_listening() {
   for _ in $(seq 600); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$2") 2>/dev/null; then return 0; fi
     kill -0 "$1" 2>/dev/null || return 1
+    if (exec 3<>"/dev/tcp/127.0.0.1/$2") 2>/dev/null; then
+      sleep 0.5
+      kill -0 "$1" 2>/dev/null
+      return
+    fi
     sleep 0.05
   done
   return 1
+}
+
+# forget_pid PID: drops PID from PIDS (a process killed and reaped before the cleanup).
+forget_pid() {
+  local kept=() pid
+  for pid in "${PIDS[@]}"; do [ "$pid" = "$1" ] || kept+=("$pid"); done
+  PIDS=("${kept[@]}")
 }
 
 # wait_port PORT [WHAT]: until something listens on PORT (30 s at most).

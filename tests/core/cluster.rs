@@ -30,6 +30,8 @@ const TTL: Duration = Duration::from_secs(2);
 enum What {
     Open(u64),
     Close(Close),
+    /// A close that took time ended (`SlowToClose`).
+    Closed,
 }
 
 #[derive(Debug, Clone)]
@@ -41,6 +43,7 @@ struct Record {
 }
 
 /// A host that only records what it was told, in one log shared by every node of a test.
+#[derive(Clone)]
 struct Recorder {
     node: String,
     log: Arc<Mutex<Vec<Record>>>,
@@ -832,12 +835,14 @@ impl PartitionHost for SlowToClose {
 
     fn close(&self, partition: Partition, why: Close) -> BoxFuture<'static, ()> {
         self.recorder.push(partition, What::Close(why));
-        let delay = if partition == self.partition {
-            self.delay
-        } else {
-            Duration::ZERO
-        };
-        Box::pin(tokio::time::sleep(delay))
+        if partition != self.partition {
+            return Box::pin(async {});
+        }
+        let (delay, recorder) = (self.delay, self.recorder.clone());
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            recorder.push(partition, What::Closed);
+        })
     }
 }
 
@@ -846,7 +851,8 @@ fn a_slow_close_of_one_lost_partition_does_not_cost_the_node_its_other_leases() 
     // Goal: one lease is taken from its holder (another value put at its key) and the host
     // takes three TTLs to close that partition. Meanwhile the node goes on renewing its three
     // other leases: it holds them the whole time and never closes them (they ran out one
-    // after the other when the renewals waited for the close).
+    // after the other when the renewals waited for the close). The lost partition, taken back,
+    // opens only once its close has ended.
     let Some(binary) = nats::binary() else { return };
     let dir = tempfile::tempdir().unwrap();
     let server = nats::single_synced(&binary, dir.path());
@@ -904,5 +910,22 @@ fn a_slow_close_of_one_lost_partition_does_not_cost_the_node_its_other_leases() 
             .cloned()
             .collect();
         assert!(lost_others.is_empty(), "{lost_others:?}");
+        // The partition is taken back as soon as the ghost's lease is free (an orphan), and
+        // opened only once its close has ended: the host never opens what it is closing.
+        let log = log.lock().unwrap().clone();
+        let closed = log
+            .iter()
+            .find(|r| r.partition == slow && r.what == What::Closed)
+            .expect("the slow close ended");
+        let reopened = log
+            .iter()
+            .filter(|r| r.partition == slow && matches!(r.what, What::Open(_)))
+            .nth(1)
+            .expect("the partition taken back");
+        assert!(
+            reopened.at >= closed.at,
+            "{slow} opened {:?} before its close ended",
+            closed.at - reopened.at
+        );
     });
 }
