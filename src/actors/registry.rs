@@ -414,20 +414,25 @@ impl<A: Aggregate> Registry<A> {
         }
     }
 
-    /// Asks the aggregate `question` where it lives (`Aggregate::answer`), both encoded: on a
-    /// cluster a few bytes cross between nodes where [`state`](Self::state) sends the whole
-    /// state. Answered once the state it was read from is durable.
-    pub async fn ask(
+    /// Asks the aggregate `question` where it lives (`Aggregate::answer`, which takes and
+    /// gives them encoded): on a cluster a few bytes cross between nodes where
+    /// [`state`](Self::state) sends the whole state. `R` is the type the aggregate answers that
+    /// question with. Answered once the state it was read from is durable.
+    pub async fn ask<Q: Serialize, R: serde::de::DeserializeOwned>(
         self: &Arc<Self>,
         id: &str,
-        question: Vec<u8>,
-    ) -> Result<Vec<u8>, ExecError<A::Error>> {
-        match self.elsewhere(id) {
-            None => self.ask_here(id, &question).await,
+        question: &Q,
+    ) -> Result<R, ExecError<A::Error>> {
+        let question = crate::events::codec::encode(question)
+            .map_err(|e| ExecError::Unavailable(format!("question not encodable: {e}")))?;
+        let answer: Vec<u8> = match self.elsewhere(id) {
+            None => self.ask_here(id, &question).await?,
             Some((placement, stream)) => {
-                Self::remote(placement, stream, id, RemoteOp::Ask(question)).await
+                Self::remote(placement, stream, id, RemoteOp::Ask(question)).await?
             }
-        }
+        };
+        crate::events::codec::decode(&answer)
+            .map_err(|e| ExecError::Unavailable(format!("unreadable answer: {e}")))
     }
 
     async fn ask_here(

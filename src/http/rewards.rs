@@ -565,21 +565,11 @@ async fn cluster_status(
                 entry,
                 order_id: order_id.clone(),
             };
-            let question = crate::events::codec::encode(&question).map_err(|e| {
-                ApiError::unavailable("unavailable", format!("question not encodable: {e}"))
-            })?;
-            let answer = state
+            let recorded: Option<Recorded> = state
                 .wallets
-                .ask(record.reward.uid.as_str(), question)
+                .ask(record.reward.uid.as_str(), &question)
                 .await
                 .map_err(ApiError::from)?;
-            let recorded: Option<Recorded> =
-                crate::events::codec::decode(&answer).map_err(|e| {
-                    ApiError::unavailable(
-                        "unavailable",
-                        format!("the wallet's answer is unreadable: {e}"),
-                    )
-                })?;
             if recorded.is_some() {
                 "credited"
             } else {

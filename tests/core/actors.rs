@@ -289,8 +289,9 @@ fn an_actor_that_cannot_read_its_log_is_answered_at_once_and_the_next_call_reads
 const MAX_PAYLOAD: usize = 1024 * 1024;
 
 /// Another node's runtime, reached the way a cluster node reaches one: every call and answer
-/// encoded, and an answer larger than NATS's largest message refused as the server would.
-struct OtherNode(Arc<Runtime>);
+/// encoded, and an answer larger than NATS's largest message refused as the server would. Keeps
+/// the size of the last answer it carried.
+struct OtherNode(Arc<Runtime>, Arc<std::sync::atomic::AtomicUsize>);
 
 impl hongbao::actors::Placement for OtherNode {
     fn is_local(&self, _: &str) -> bool {
@@ -302,9 +303,12 @@ impl hongbao::actors::Placement for OtherNode {
         _stream: &str,
         call: hongbao::actors::RemoteCall,
     ) -> futures::future::BoxFuture<'static, Result<hongbao::actors::RemoteAnswer, String>> {
-        let serving = self.0.registries.serve(call);
+        let (serving, carried) = (self.0.registries.serve(call), self.1.clone());
         Box::pin(async move {
             let answer = serving.await;
+            if let Ok(bytes) = &answer {
+                carried.store(bytes.len(), Ordering::SeqCst);
+            }
             match &answer {
                 Ok(bytes) if bytes.len() > MAX_PAYLOAD => {
                     Err(format!("maximum payload exceeded: {} bytes", bytes.len()))
@@ -317,8 +321,9 @@ impl hongbao::actors::Placement for OtherNode {
 
 #[test]
 fn a_question_to_a_wallet_on_another_node_is_answered_where_its_whole_state_would_not_fit() {
-    // Goal: a wallet with 40,000 movements (order ids of 34 characters) lives on another node. Its whole state no longer
-    // fits in a message between nodes (the reward status of a cluster read it so, and failed);
+    // Goal: a wallet with 40,000 movements (order ids of 34 characters) lives on another
+    // node. Its whole state no longer fits in a message between nodes (the reward status of a
+    // cluster read it so, and failed);
     // asked whether it recorded one movement, it answers with that record, and with none for
     // a movement it never made.
     let dir = tempfile::tempdir().unwrap();
@@ -331,6 +336,7 @@ fn a_question_to_a_wallet_on_another_node_is_answered_where_its_whole_state_woul
             .collect();
         super::fixtures::append(&store, "wallet:big", events);
     }
+    let carried = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     actix_rt::System::new().block_on(async {
         let (home, _) = registry(store.clone(), ActorConfig::default());
         let other = Arc::new(Runtime {
@@ -338,7 +344,7 @@ fn a_question_to_a_wallet_on_another_node_is_answered_where_its_whole_state_woul
             clock: Arc::new(ManualClock::new(0)),
             metrics: Arc::new(Metrics::new()),
             config: ActorConfig::default(),
-            placement: Some(Arc::new(OtherNode(home.runtime().clone()))),
+            placement: Some(Arc::new(OtherNode(home.runtime().clone(), carried.clone()))),
             registries: Default::default(),
             pacing: None,
         });
@@ -355,12 +361,12 @@ fn a_question_to_a_wallet_on_another_node_is_answered_where_its_whole_state_woul
                 entry: Entry::Deposit,
                 order_id: Id::parse(order).unwrap(),
             };
-            let away = away.clone();
+            let (away, carried) = (away.clone(), carried.clone());
             async move {
-                let question = hongbao::events::codec::encode(&question).unwrap();
-                let answer = away.ask("big", question).await.unwrap();
-                assert!(answer.len() < 100, "{} bytes", answer.len());
-                hongbao::events::codec::decode::<Option<Recorded>>(&answer).unwrap()
+                let answer: Option<Recorded> = away.ask("big", &question).await.unwrap();
+                let bytes = carried.load(Ordering::SeqCst);
+                assert!(bytes < 100, "{bytes} bytes");
+                answer
             }
         };
         let recorded = ask(&format!("deposit-{:026}", 39_999))
