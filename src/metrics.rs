@@ -18,6 +18,8 @@ pub struct Metrics {
     pub journal_conflicts_total: IntCounter,
     pub events_appended_total: IntCounterVec,
     pub log_head_seq: IntGauge,
+    /// Durable events whose stream-index entries are not yet in the index tree (sled store).
+    pub index_lag_events: IntGauge,
     pub actors_active: IntGaugeVec,
     pub actor_activations_total: IntCounterVec,
     pub actor_passivations_total: IntCounterVec,
@@ -154,6 +156,11 @@ impl Metrics {
         let log_head_seq =
             IntGauge::new("hongbao_log_head_seq", "Sequence of the last durable event")
                 .expect("metric definition");
+        let index_lag_events = IntGauge::new(
+            "hongbao_index_lag_events",
+            "Durable events the stream indexer has not yet written to the index (sled store)",
+        )
+        .expect("metric definition");
         let actors_active = IntGaugeVec::new(
             Opts::new("hongbao_actors_active", "Actors currently active, by kind"),
             &["kind"],
@@ -419,6 +426,7 @@ impl Metrics {
             journal_conflicts_total,
             events_appended_total,
             log_head_seq,
+            index_lag_events,
             actors_active,
             actor_activations_total,
             actor_passivations_total,
@@ -438,6 +446,7 @@ impl Metrics {
             Box::new(self.journal_conflicts_total.clone()),
             Box::new(self.events_appended_total.clone()),
             Box::new(self.log_head_seq.clone()),
+            Box::new(self.index_lag_events.clone()),
             Box::new(self.actors_active.clone()),
             Box::new(self.actor_activations_total.clone()),
             Box::new(self.actor_passivations_total.clone()),

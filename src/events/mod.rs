@@ -13,6 +13,7 @@
 pub mod codec;
 pub mod jetstream;
 pub mod jetstream_store;
+mod sled_index;
 pub mod sled_store;
 
 use crate::domain::Event;

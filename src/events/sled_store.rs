@@ -8,14 +8,16 @@
 //! of the batch and publishes the batch to live subscribers. Throughput therefore grows with
 //! concurrency (one flush serves the whole batch) instead of being capped by the flush rate.
 //!
-//! Layout, all in the `journal` tree so that one `apply_batch` covers a record and its index:
-//! - `L` + seq (u64 big endian) -> stored record (`[prev_hash][hash][format][body]`);
-//! - `S` + stream + `0x00` + first version (u64 BE) -> first seq (u64 BE) + count (u32 BE):
-//!   one index entry per append, whose events have consecutive versions and sequences.
+//! Layout: the `journal` tree holds the records only, `L` + seq (u64 big endian) -> stored
+//! record (`[prev_hash][hash][format][body]`). The stream index (stream + first version -> runs
+//! of seqs) is written off the journal thread, into a database of its own, by the indexer of
+//! `sled_index.rs`, which says why that keeps every read whole. (A directory written before
+//! issue 14 also holds `S`-prefixed index entries in the `journal` tree; nothing reads them.)
 //!
 //! The log has a sled database of its own (`<data>/log`), so that each journal flush writes the
-//! journal and nothing else. Derived state lives in a second one (`<data>/state`): snapshots,
-//! projection views and flow checkpoints, flushed by sled in the background and on close.
+//! journal and nothing else. Derived state lives in others, flushed by sled in the background
+//! and on close: the stream index (`<data>/index`) and the state (`<data>/state`: snapshots,
+//! projection views and flow checkpoints).
 //!
 //! Snapshots live in the `snapshots` tree (`stream -> version (u64 BE) + encoded state`) and are
 //! written without a flush: a snapshot lost in a crash only costs a longer replay.
@@ -32,6 +34,8 @@
 //! batch from the tree (best effort), so that nothing sled flushes later (on drop) can carry a
 //! record that was refused: a restart continues the chain from the durable head.
 
+pub use super::sled_index::IndexEntry;
+use super::sled_index::{be_u64, io, IndexBatch, StreamIndex};
 use super::{
     AppendAck, AppendError, Appended, Envelope, EventStore, ExpectedVersion, Hash, LiveBatch,
     NewEvent, StoreError, GENESIS_HASH,
@@ -47,7 +51,6 @@ use std::time::Instant;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 const LOG_PREFIX: u8 = b'L';
-const INDEX_PREFIX: u8 = b'S';
 /// Streams whose versions the writer keeps in memory before it forgets them all (they are
 /// re-read from the index on demand): bounds the writer's memory on campaigns with many users.
 const VERSION_CACHE_STREAMS_MAX: usize = 1_000_000;
@@ -56,6 +59,11 @@ const VERSION_CACHE_STREAMS_MAX: usize = 1_000_000;
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Background flush interval of the state database (views, snapshots, checkpoints).
 const STATE_FLUSH_INTERVAL_MS: u64 = 2_000;
+/// Background flush interval of the stream index (what it had not flushed at a crash is
+/// indexed again from the log on open).
+const INDEX_FLUSH_INTERVAL_MS: u64 = 1_000;
+/// How long `verify` and the tests wait for the indexer to write what the journal made durable.
+const INDEX_SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 /// Batches a live subscriber may fall behind before it reads from the store instead.
 const LIVE_BATCHES_MAX: usize = 1024;
 
@@ -101,6 +109,7 @@ pub struct SledStore {
     db: sled::Db,
     state: sled::Db,
     journal: sled::Tree,
+    index: Arc<StreamIndex>,
     snapshots: sled::Tree,
     queue: mpsc::Sender<JournalMsg>,
     head: Arc<AtomicU64>,
@@ -108,7 +117,8 @@ pub struct SledStore {
     live: broadcast::Sender<LiveBatch>,
     metrics: Arc<Metrics>,
     config: JournalConfig,
-    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The journal writer's thread, then the indexer's (which ends once the writer has).
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     fault: Arc<FlushFault>,
 }
 
@@ -183,116 +193,6 @@ fn log_key(seq: u64) -> [u8; 9] {
     key
 }
 
-fn index_prefix(stream: &str) -> Vec<u8> {
-    let mut key = Vec::with_capacity(stream.len() + 10);
-    key.push(INDEX_PREFIX);
-    key.extend_from_slice(stream.as_bytes());
-    key.push(0);
-    key
-}
-
-fn index_key(stream: &str, first_version: u64) -> Vec<u8> {
-    let mut key = index_prefix(stream);
-    key.extend_from_slice(&first_version.to_be_bytes());
-    key
-}
-
-/// End (exclusive) of a stream's index range: the prefix with its 0x00 separator bumped.
-fn index_end(stream: &str) -> Vec<u8> {
-    let mut key = index_prefix(stream);
-    *key.last_mut().expect("prefix is never empty") = 1;
-    key
-}
-
-fn be_u64(bytes: &[u8]) -> Result<u64, StoreError> {
-    let array: [u8; 8] = bytes
-        .try_into()
-        .map_err(|_| StoreError::Corrupt("integer of wrong width".into()))?;
-    Ok(u64::from_be_bytes(array))
-}
-
-/// Bytes of one run in an index value: first seq (u64 BE) + count (u32 BE).
-const INDEX_RUN_BYTES: usize = 12;
-
-/// An index entry: a stream's events written in one batch. Their versions are consecutive from
-/// `first_version`; their sequences form `runs` of consecutive seqs (several when other streams'
-/// events were interleaved in the batch).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IndexEntry {
-    pub first_version: u64,
-    /// (first seq, count) per run, in version order.
-    pub runs: Vec<(u64, u64)>,
-}
-
-impl IndexEntry {
-    pub fn count(&self) -> u64 {
-        self.runs.iter().map(|(_, n)| n).sum()
-    }
-
-    pub fn last_version(&self) -> u64 {
-        self.first_version + self.count() - 1
-    }
-
-    /// (seq, version) of every event of the entry, in order.
-    pub fn positions(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.runs
-            .iter()
-            .flat_map(|&(seq, n)| seq..seq + n)
-            .zip(self.first_version..)
-    }
-
-    fn encode(&self) -> Vec<u8> {
-        let mut value = Vec::with_capacity(self.runs.len() * INDEX_RUN_BYTES);
-        for &(seq, n) in &self.runs {
-            value.extend_from_slice(&seq.to_be_bytes());
-            value.extend_from_slice(&(n as u32).to_be_bytes());
-        }
-        value
-    }
-}
-
-fn decode_index(key: &[u8], value: &[u8]) -> Result<IndexEntry, StoreError> {
-    if key.len() < 9 || value.is_empty() || !value.len().is_multiple_of(INDEX_RUN_BYTES) {
-        return Err(StoreError::Corrupt("malformed stream index entry".into()));
-    }
-    let first_version = be_u64(&key[key.len() - 8..])?;
-    let runs = value
-        .chunks_exact(INDEX_RUN_BYTES)
-        .map(|run| {
-            let seq = be_u64(&run[..8])?;
-            let n = u32::from_be_bytes(run[8..12].try_into().expect("4 bytes")) as u64;
-            if n == 0 {
-                return Err(StoreError::Corrupt(
-                    "empty run in stream index entry".into(),
-                ));
-            }
-            Ok((seq, n))
-        })
-        .collect::<Result<_, _>>()?;
-    Ok(IndexEntry {
-        first_version,
-        runs,
-    })
-}
-
-fn io(e: sled::Error) -> StoreError {
-    StoreError::Io(e.to_string())
-}
-
-/// The last version of a stream according to the index (0 if it has none).
-fn stream_version(journal: &sled::Tree, stream: &str) -> Result<u64, StoreError> {
-    match journal
-        .range(index_prefix(stream)..index_end(stream))
-        .next_back()
-    {
-        None => Ok(0),
-        Some(entry) => {
-            let (key, value) = entry.map_err(io)?;
-            Ok(decode_index(&key, &value)?.last_version())
-        }
-    }
-}
-
 impl SledStore {
     /// Opens (or creates) the log in `dir` and starts the journal writer.
     pub fn open(
@@ -335,7 +235,14 @@ impl SledStore {
             }
         };
         // The log is flushed by the journal itself, batch by batch: no background flusher.
-        let db = open("log", config.cache_bytes, None)?;
+        // It shares the configured cache with the stream index (the log's reads are mostly
+        // sequential; activations read the index, then a few records).
+        let db = open("log", config.cache_bytes / 2, None)?;
+        let index_db = open(
+            "index",
+            config.cache_bytes / 2,
+            Some(INDEX_FLUSH_INTERVAL_MS),
+        )?;
         // Derived state: flushed in the background, seldom (a crash costs replay, not data).
         let state = open("state", config.cache_bytes, Some(STATE_FLUSH_INTERVAL_MS))?;
         let journal = db.open_tree("journal").map_err(io)?;
@@ -359,16 +266,38 @@ impl SledStore {
             }
         };
 
+        // What the index had not written (or sled not flushed) before a crash, from the log.
+        let index = Arc::new(StreamIndex::open(index_db, last_seq, |from| {
+            journal
+                .range(log_key(from)..=log_key(u64::MAX))
+                .map(|entry| {
+                    let (key, value) = entry.map_err(io)?;
+                    Ok((be_u64(&key[1..])?, value))
+                })
+        })?);
+
         let (queue, receiver) = mpsc::channel(config.queue_requests_max);
         let head = Arc::new(AtomicU64::new(last_seq));
         let healthy = Arc::new(AtomicBool::new(true));
         let (live, _) = broadcast::channel(LIVE_BATCHES_MAX);
         let fault = Arc::new(FlushFault::default());
         metrics.log_head_seq.set(last_seq as i64);
+        metrics.index_lag_events.set(0);
 
+        let (to_indexer, indexer_queue) = std::sync::mpsc::channel();
+        let indexer = index
+            .spawn_indexer(
+                indexer_queue,
+                head.clone(),
+                healthy.clone(),
+                metrics.clone(),
+            )
+            .map_err(|e| StoreError::Io(e.to_string()))?;
         let writer = Writer {
             db: db.clone(),
             journal: journal.clone(),
+            index: index.clone(),
+            to_indexer,
             receiver,
             next_seq: last_seq + 1,
             last_hash,
@@ -391,6 +320,7 @@ impl SledStore {
             db,
             state,
             journal,
+            index,
             snapshots,
             queue,
             head,
@@ -398,7 +328,7 @@ impl SledStore {
             live,
             metrics,
             config,
-            writer: Mutex::new(Some(handle)),
+            threads: Mutex::new(vec![handle, indexer]),
             fault,
         }))
     }
@@ -438,22 +368,43 @@ impl SledStore {
         &self.state
     }
 
-    /// A stream's last version according to the durable index.
+    /// A stream's last durable version according to the index (its tree and its tail).
     pub fn stream_version(&self, stream: &str) -> Result<u64, StoreError> {
-        stream_version(&self.journal, stream)
+        self.index.version(stream)
     }
 
-    /// Every index entry of every stream, with its stream; for `hongbao verify`.
+    /// The stream index's database (derived from the log, flushed in the background).
+    pub fn index_db(&self) -> &sled::Db {
+        self.index.db()
+    }
+
+    /// Waits until the indexer has written the entries of every event durable now. False if
+    /// it has not within `timeout` (it stopped, or lags that far).
+    pub fn wait_indexed(&self, timeout: std::time::Duration) -> bool {
+        use super::EventStore;
+        self.index.wait_indexed(self.head(), timeout)
+    }
+
+    /// Test seam: while paused, the indexer writes nothing and reads are served from the
+    /// entries it has not written (the tail).
+    #[doc(hidden)]
+    pub fn pause_indexer(&self, paused: bool) {
+        self.index.pause(paused);
+    }
+
+    /// Every index entry of every stream, with its stream, once the indexer has written every
+    /// durable event's; for `hongbao verify`. An error if it has not within a minute.
     pub fn index_entries(
         &self,
-    ) -> impl Iterator<Item = Result<(String, IndexEntry), StoreError>> + '_ {
-        self.journal.scan_prefix([INDEX_PREFIX]).map(|entry| {
-            let (key, value) = entry.map_err(io)?;
-            let decoded = decode_index(&key, &value)?;
-            let stream = String::from_utf8(key[1..key.len() - 9].to_vec())
-                .map_err(|_| StoreError::Corrupt("stream id is not UTF-8".into()))?;
-            Ok((stream, decoded))
-        })
+    ) -> Result<impl Iterator<Item = Result<(String, IndexEntry), StoreError>> + '_, StoreError>
+    {
+        if !self.wait_indexed(INDEX_SETTLE_WAIT) {
+            return Err(StoreError::Io(format!(
+                "the stream indexer has not caught up with the log within {} s",
+                INDEX_SETTLE_WAIT.as_secs()
+            )));
+        }
+        Ok(self.index.tree_entries())
     }
 
     /// Raw stored records from `from_seq` on, for verification and export (no decoding).
@@ -496,7 +447,7 @@ impl super::Log for SledStore {
     ) -> Result<super::IndexCheck, StoreError> {
         let mut check = super::IndexCheck::default();
         let mut indexed: HashMap<String, u64> = HashMap::new();
-        for entry in self.index_entries() {
+        for entry in self.index_entries()? {
             let (stream, entry) = entry?;
             check.entries += 1;
             let covered = indexed.entry(stream.clone()).or_insert(0);
@@ -598,56 +549,35 @@ impl EventStore for SledStore {
         // stream is being flushed must not start from a state that may never become durable.
         let head = self.head();
         let from_version = from_version.max(1);
-        let start = index_key(stream, from_version);
-        let mut entries = Vec::new();
-        // The entry that may cover `from_version` starts at or before it.
-        if let Some(entry) = self
-            .journal
-            .range(index_prefix(stream)..=start.clone())
-            .next_back()
-        {
-            let (key, value) = entry.map_err(io)?;
-            entries.push(decode_index(&key, &value)?);
-        }
-        for entry in self.journal.range(start..index_end(stream)) {
-            let (key, value) = entry.map_err(io)?;
-            let decoded = decode_index(&key, &value)?;
-            if entries.last() != Some(&decoded) {
-                entries.push(decoded);
-            }
-        }
+        let entries = self.index.entries_from(stream, from_version)?;
         let mut out = Vec::new();
         for entry in entries {
             if entry.last_version() < from_version {
                 continue;
             }
-            let mut positions = entry.positions();
-            for &(first_seq, n) in &entry.runs {
-                if first_seq > head {
+            // Point reads, not a range: sled's range iterator clones each leaf it enters, which
+            // made activations (a stream's few records) a fifth of all CPU under spread load.
+            for (seq, version) in entry.positions() {
+                if version < from_version {
+                    continue;
+                }
+                if seq > head {
                     return Ok(out);
                 }
-                let n = n.min(head + 1 - first_seq);
-                for record in self
-                    .journal
-                    .range(log_key(first_seq)..log_key(first_seq + n))
-                {
-                    let (_, value) = record.map_err(io)?;
-                    let envelope = Envelope::decode_stored(&value)?;
-                    let (seq, version) = positions.next().unwrap_or((0, 0));
-                    // Pair assertion: the index and the record agree.
-                    if envelope.seq != seq
-                        || envelope.stream != stream
-                        || envelope.version != version
-                    {
-                        return Err(StoreError::Corrupt(format!(
-                            "index says {stream}@{version} at seq {seq}, record {} says {}@{}",
-                            envelope.seq, envelope.stream, envelope.version
-                        )));
-                    }
-                    if version >= from_version {
-                        out.push(envelope);
-                    }
+                let stored = self.journal.get(log_key(seq)).map_err(io)?.ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "index says {stream}@{version} at seq {seq}, the log has no such record"
+                    ))
+                })?;
+                let envelope = Envelope::decode_stored(&stored)?;
+                // Pair assertion: the index and the record agree.
+                if envelope.seq != seq || envelope.stream != stream || envelope.version != version {
+                    return Err(StoreError::Corrupt(format!(
+                        "index says {stream}@{version} at seq {seq}, record {} says {}@{}",
+                        envelope.seq, envelope.stream, envelope.version
+                    )));
                 }
+                out.push(envelope);
             }
         }
         Ok(out)
@@ -694,14 +624,20 @@ impl EventStore for SledStore {
 
     fn close(&self) -> BoxFuture<'static, Result<(), StoreError>> {
         let queue = self.queue.clone();
-        let handle = self.writer.lock().map(|mut h| h.take()).unwrap_or(None);
+        let threads = self
+            .threads
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default();
         let state = self.state.clone();
         Box::pin(async move {
             let (done, closed) = oneshot::channel();
             if queue.send(JournalMsg::Close(done)).await.is_ok() {
                 let _ = closed.await;
             }
-            if let Some(handle) = handle {
+            // The writer, then the indexer (which writes what the writer handed over, flushes
+            // the index and ends once the writer's sender is gone).
+            for handle in threads {
                 let _ = tokio::task::spawn_blocking(move || handle.join()).await;
             }
             // Snapshots, views and checkpoints written since sled's last background flush. Not
@@ -719,6 +655,10 @@ impl EventStore for SledStore {
 struct Writer {
     db: sled::Db,
     journal: sled::Tree,
+    /// Read on a version cache miss; its tail takes each durable batch's entries.
+    index: Arc<StreamIndex>,
+    /// Each durable batch's index entries, for the indexer thread.
+    to_indexer: std::sync::mpsc::Sender<IndexBatch>,
     receiver: mpsc::Receiver<JournalMsg>,
     next_seq: u64,
     last_hash: Hash,
@@ -768,6 +708,7 @@ impl Writer {
                     }
                 }
             }
+            self.index.throttle(self.next_seq - 1, &self.healthy);
             if !self.write(std::mem::take(&mut batch)) {
                 self.fail_remaining();
                 break;
@@ -788,7 +729,7 @@ impl Writer {
         if self.versions.len() >= VERSION_CACHE_STREAMS_MAX {
             self.versions.clear();
         }
-        let version = stream_version(&self.journal, stream)?;
+        let version = self.index.version(stream)?;
         self.versions.insert(stream.to_owned(), version);
         Ok(version)
     }
@@ -860,16 +801,13 @@ impl Writer {
             };
             // One index entry per stream per batch: a hot stream's many appends in one batch
             // cost one index write, not one each.
-            let entry = index
+            index
                 .entry(request.stream.clone())
                 .or_insert_with(|| IndexEntry {
                     first_version: current + 1,
                     runs: Vec::new(),
-                });
-            match entry.runs.last_mut() {
-                Some((seq, n)) if *seq + *n == first_seq => *n += count,
-                _ => entry.runs.push((first_seq, count)),
-            }
+                })
+                .push_run(first_seq, count);
             self.next_seq += count;
             self.versions
                 .insert(request.stream.clone(), current + count);
@@ -894,10 +832,6 @@ impl Writer {
             return true;
         }
 
-        for (stream, entry) in index {
-            batch.insert(index_key(&stream, entry.first_version), entry.encode());
-            undo.remove(index_key(&stream, entry.first_version));
-        }
         let flush_started = Instant::now();
         let written = self.journal.apply_batch(batch).and_then(|_| {
             match self.fault.take() {
@@ -922,7 +856,7 @@ impl Writer {
             // Take the refused batch back out of the tree (best effort): readers are bounded by
             // the head anyway, but sled may still flush the tree later (on drop), and a record
             // nobody was promised must not reach the disk after its flush was reported failed.
-            // Every key of the batch is new (fresh seqs, index entries keyed by first version).
+            // Every key of the batch is new (fresh seqs).
             if let Err(undo_error) = self.journal.apply_batch(undo) {
                 tracing::error!(error = %undo_error, "cannot take the refused batch back");
             }
@@ -940,8 +874,18 @@ impl Writer {
             .journal_batch_events
             .observe(published.len() as f64);
         let head = self.next_seq - 1;
+        // The index entries into the tail before the head moves: a reader that sees the head
+        // finds every entry up to it (in the tail, or in the tree once the indexer wrote it).
+        let entries: Vec<(String, IndexEntry)> = index.into_iter().collect();
+        self.index.tail.add(&entries);
         self.head.store(head, Ordering::Release);
         self.metrics.log_head_seq.set(head as i64);
+        // The indexer gone (it stopped on a failed write: `/readyz` is red) leaves the entries
+        // in the tail, where reads still find them.
+        let _ = self.to_indexer.send(IndexBatch {
+            last_seq: head,
+            entries,
+        });
         let _ = self.live.send(Arc::new(published));
         for p in pending {
             let _ = p.reply.send(Ok(p.appended));

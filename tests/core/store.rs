@@ -2,6 +2,7 @@
 //! restarts (model test), snapshots, subscriptions, fencing.
 
 use super::{event, open, runtime};
+use hongbao::events::sled_store::SledStore;
 use hongbao::events::{AppendError, EventStore, ExpectedVersion, Subscription};
 use hongbao::verify::verify_log;
 use proptest::prelude::*;
@@ -312,6 +313,7 @@ fn a_hot_stream_gets_one_index_entry_per_batch_and_reads_back_in_order() {
     );
     let hot_entries = store
         .index_entries()
+        .unwrap()
         .filter(|e| e.as_ref().unwrap().0 == "s:hot")
         .count();
     assert!(
@@ -319,10 +321,180 @@ fn a_hot_stream_gets_one_index_entry_per_batch_and_reads_back_in_order() {
         "{hot_entries} index entries for 200 appends: not merged"
     );
     assert!(
-        store.index_entries().any(|e| e.unwrap().1.runs.len() > 1),
+        store
+            .index_entries()
+            .unwrap()
+            .any(|e| e.unwrap().1.runs.len() > 1),
         "no interleaved runs exercised"
     );
     assert!(verify_log(store.as_ref(), |_, _| ()).unwrap().ok());
+}
+
+/// Appends `rounds` events to `s:hot` (from version `from`) interleaved with one event each to
+/// `s:<prefix><i>` streams, all pipelined, and waits for every acknowledgement.
+fn pipelined(store: &Arc<SledStore>, from: u64, rounds: u64, prefix: &str) {
+    runtime().block_on(async {
+        let mut acks = Vec::new();
+        for v in from..from + rounds {
+            acks.push(
+                store
+                    .append(1, "s:hot".into(), ExpectedVersion::Exact(v), vec![event(v)])
+                    .unwrap(),
+            );
+            acks.push(
+                store
+                    .append(
+                        0,
+                        format!("s:{prefix}{v}"),
+                        ExpectedVersion::Any,
+                        vec![event(v)],
+                    )
+                    .unwrap(),
+            );
+        }
+        for ack in acks {
+            ack.await.unwrap();
+        }
+    });
+}
+
+/// Versions of `stream` read back from version 1.
+fn versions(store: &SledStore, stream: &str) -> Vec<u64> {
+    store
+        .read_stream(stream, 1)
+        .unwrap()
+        .iter()
+        .map(|e| e.version)
+        .collect()
+}
+
+#[test]
+fn reads_find_the_events_whose_index_entries_the_indexer_has_not_written() {
+    // Goal (issue 14): the stream index is written off the journal thread. Until the indexer
+    // has written a durable batch's entries, reads (and the writer's version checks) find the
+    // events through the entries it has not written yet; once it has, through the tree, with a
+    // hot stream's entries of many journal batches merged.
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    pipelined(&store, 0, 50, "a");
+    assert!(store.wait_indexed(std::time::Duration::from_secs(10)));
+    store.pause_indexer(true);
+    pipelined(&store, 50, 150, "b");
+    let index = store.index_db().open_tree("index").unwrap();
+    let in_tree = |stream: &str| {
+        let mut prefix = vec![b'S'];
+        prefix.extend_from_slice(stream.as_bytes());
+        prefix.push(0);
+        index.scan_prefix(prefix).count()
+    };
+    assert_eq!(in_tree("s:b60"), 0, "the indexer was paused, yet wrote");
+    assert_eq!(versions(&store, "s:hot"), (1..=200).collect::<Vec<_>>());
+    assert_eq!(versions(&store, "s:b60"), vec![1]);
+    assert_eq!(
+        store
+            .read_stream("s:hot", 120)
+            .unwrap()
+            .first()
+            .map(|e| e.version),
+        Some(120)
+    );
+    assert_eq!(store.stream_version("s:hot").unwrap(), 200);
+    // The writer checks versions against the same view: a stale expectation is refused.
+    let stale = runtime().block_on(
+        store
+            .append(
+                2,
+                "s:hot".into(),
+                ExpectedVersion::Exact(150),
+                vec![event(0)],
+            )
+            .unwrap(),
+    );
+    assert!(
+        matches!(stale, Err(AppendError::Conflict { .. })),
+        "{stale:?}"
+    );
+
+    store.pause_indexer(false);
+    assert!(store.wait_indexed(std::time::Duration::from_secs(10)));
+    assert_eq!(in_tree("s:b60"), 1);
+    assert_eq!(versions(&store, "s:hot"), (1..=200).collect::<Vec<_>>());
+    assert!(
+        in_tree("s:hot") < 100,
+        "{} index entries for 200 appends: the indexer did not merge",
+        in_tree("s:hot")
+    );
+    assert!(verify_log(store.as_ref(), |_, _| ()).unwrap().ok());
+}
+
+#[test]
+fn an_index_that_lost_what_it_had_not_flushed_is_completed_from_the_log_on_open() {
+    // Goal (issue 14): the index is flushed in the background, so a crash can leave it behind
+    // the log (at an earlier checkpoint of its own) or without it. Opening the store indexes
+    // the records after the index's checkpoint; reads and `verify` find every event.
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    pipelined(&store, 0, 40, "a");
+    assert!(store.wait_indexed(std::time::Duration::from_secs(10)));
+    let checkpoint = store.head();
+    pipelined(&store, 40, 60, "b");
+    assert!(store.wait_indexed(std::time::Duration::from_secs(10)));
+    let head = store.head();
+    runtime().block_on(store.close()).unwrap();
+    drop(store);
+
+    // The index as it stood after its write of the first round: the later entries gone, the
+    // checkpoint back (what sled may recover of a database it had not flushed).
+    {
+        let db = open_sled(&dir.path().join("index"));
+        let index = db.open_tree("index").unwrap();
+        let later: Vec<_> = index
+            .scan_prefix([b'S'])
+            .map(|e| e.unwrap())
+            .filter(|(_, value)| u64::from_be_bytes(value[..8].try_into().unwrap()) > checkpoint)
+            .map(|(key, _)| key)
+            .collect();
+        assert!(later.len() >= 60, "only {} later entries", later.len());
+        for key in later {
+            index.remove(key).unwrap();
+        }
+        index.insert(b"C", &checkpoint.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+    let store = open(dir.path());
+    assert_eq!(store.head(), head);
+    assert_eq!(versions(&store, "s:hot"), (1..=100).collect::<Vec<_>>());
+    assert_eq!(versions(&store, "s:b70"), vec![1]);
+    assert_eq!(versions(&store, "s:a10"), vec![1]);
+    let report = verify_log(store.as_ref(), |_, _| ()).unwrap();
+    assert!(report.ok(), "{:?}", report.violation);
+    runtime().block_on(store.close()).unwrap();
+    drop(store);
+
+    // No index at all (lost, or a directory from before the index had a database of its own).
+    std::fs::remove_dir_all(dir.path().join("index")).unwrap();
+    let store = open(dir.path());
+    assert_eq!(versions(&store, "s:hot"), (1..=100).collect::<Vec<_>>());
+    assert_eq!(versions(&store, "s:b99"), vec![1]);
+    let report = verify_log(store.as_ref(), |_, _| ()).unwrap();
+    assert!(report.ok(), "{:?}", report.violation);
+    assert_eq!(report.records, head);
+}
+
+/// Opens a sled database this process has just closed (sled's I/O pool may hold its lock for
+/// a moment).
+fn open_sled(path: &std::path::Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match sled::open(path) {
+            Ok(db) => return db,
+            Err(e) if std::time::Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("cannot open {}: {e}", path.display()),
+        }
+    }
 }
 
 #[test]

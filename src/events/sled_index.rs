@@ -1,0 +1,508 @@
+//! The sled store's stream index, written off the journal thread (issue 14).
+//!
+//! The journal writer used to write each batch's index entries (one per stream per batch) in
+//! the same `apply_batch` and flush as its records. For events spread over many streams those
+//! entries land on pages all over a growing tree, and each flush rewrote them: half of the
+//! journal's write budget, and most of the disk per event. Now:
+//!
+//! - the index lives in a database of its own (`<data>/index`, tree `index`): `S` + stream +
+//!   `0x00` + first version (u64 BE) -> runs of (first seq u64 BE, count u32 BE), and the
+//!   checkpoint `C` -> the last seq whose entries are all in the tree, written in the same
+//!   atomic `apply_batch` as the entries it covers. sled flushes it in the background: the index
+//!   is derived data, rebuilt from the log;
+//! - the journal writer hands each durable batch's entries to the indexer thread and keeps them
+//!   in the [`Tail`] (memory) until the indexer has written them; the writer adds them *before*
+//!   it advances the durable head, so a reader that saw the head finds every entry up to it in
+//!   the tail or in the tree;
+//! - the indexer merges what has queued (a hot stream's entries of many journal batches become
+//!   one entry) and writes it with its checkpoint, then drops those entries from the tail;
+//! - a reader takes the tail's entries *before* it reads the tree: an entry it missed in the
+//!   tail was dropped after the indexer wrote it, so the tree read that follows finds it;
+//! - on open, the records after the checkpoint (what the indexer had not written, or sled not
+//!   flushed, at a crash) are indexed from the log before the journal starts.
+
+use super::{Envelope, StoreError};
+use crate::metrics::Metrics;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const INDEX_PREFIX: u8 = b'S';
+/// The checkpoint's key: not `S`-prefixed, so no stream's entry can collide with it.
+const CHECKPOINT_KEY: &[u8] = b"C";
+/// Most entries one indexer write takes from the queue.
+const INDEXER_ENTRIES_MAX: usize = 65_536;
+/// Records indexed per write when the index catches up with the log on open.
+const CATCH_UP_CHUNK: usize = 65_536;
+/// Durable events the indexer may lag behind before the journal waits for it: bounds the
+/// tail's memory (about 100 bytes per entry) should the indexer fall behind for good.
+const INDEX_LAG_MAX: u64 = 1_000_000;
+
+fn index_prefix(stream: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(stream.len() + 10);
+    key.push(INDEX_PREFIX);
+    key.extend_from_slice(stream.as_bytes());
+    key.push(0);
+    key
+}
+
+fn index_key(stream: &str, first_version: u64) -> Vec<u8> {
+    let mut key = index_prefix(stream);
+    key.extend_from_slice(&first_version.to_be_bytes());
+    key
+}
+
+/// End (exclusive) of a stream's index range: the prefix with its 0x00 separator bumped.
+fn index_end(stream: &str) -> Vec<u8> {
+    let mut key = index_prefix(stream);
+    *key.last_mut().expect("prefix is never empty") = 1;
+    key
+}
+
+pub(super) fn be_u64(bytes: &[u8]) -> Result<u64, StoreError> {
+    let array: [u8; 8] = bytes
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("integer of wrong width".into()))?;
+    Ok(u64::from_be_bytes(array))
+}
+
+pub(super) fn io(e: sled::Error) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+/// Bytes of one run in an index value: first seq (u64 BE) + count (u32 BE).
+const INDEX_RUN_BYTES: usize = 12;
+
+/// An index entry: events of one stream with consecutive versions from `first_version`; their
+/// sequences form `runs` of consecutive seqs (several when other streams' events were
+/// interleaved).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub first_version: u64,
+    /// (first seq, count) per run, in version order.
+    pub runs: Vec<(u64, u64)>,
+}
+
+impl IndexEntry {
+    pub fn count(&self) -> u64 {
+        self.runs.iter().map(|(_, n)| n).sum()
+    }
+
+    pub fn last_version(&self) -> u64 {
+        self.first_version + self.count() - 1
+    }
+
+    /// (seq, version) of every event of the entry, in order.
+    pub fn positions(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.runs
+            .iter()
+            .flat_map(|&(seq, n)| seq..seq + n)
+            .zip(self.first_version..)
+    }
+
+    /// Appends `count` events from `first_seq` (the versions right after this entry's).
+    pub(super) fn push_run(&mut self, first_seq: u64, count: u64) {
+        match self.runs.last_mut() {
+            Some((seq, n)) if *seq + *n == first_seq => *n += count,
+            _ => self.runs.push((first_seq, count)),
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut value = Vec::with_capacity(self.runs.len() * INDEX_RUN_BYTES);
+        for &(seq, n) in &self.runs {
+            value.extend_from_slice(&seq.to_be_bytes());
+            value.extend_from_slice(&(n as u32).to_be_bytes());
+        }
+        value
+    }
+}
+
+fn decode_index(key: &[u8], value: &[u8]) -> Result<IndexEntry, StoreError> {
+    if key.len() < 9 || value.is_empty() || !value.len().is_multiple_of(INDEX_RUN_BYTES) {
+        return Err(StoreError::Corrupt("malformed stream index entry".into()));
+    }
+    let first_version = be_u64(&key[key.len() - 8..])?;
+    let runs = value
+        .chunks_exact(INDEX_RUN_BYTES)
+        .map(|run| {
+            let seq = be_u64(&run[..8])?;
+            let n = u32::from_be_bytes(run[8..12].try_into().expect("4 bytes")) as u64;
+            if n == 0 {
+                return Err(StoreError::Corrupt(
+                    "empty run in stream index entry".into(),
+                ));
+            }
+            Ok((seq, n))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(IndexEntry {
+        first_version,
+        runs,
+    })
+}
+
+/// Appends `entry` to a stream's entries, merged into the last one when it continues it.
+fn merge_into(entries: &mut Vec<IndexEntry>, entry: IndexEntry) {
+    match entries.last_mut() {
+        Some(last) if last.last_version() + 1 == entry.first_version => {
+            for (seq, n) in entry.runs {
+                last.push_run(seq, n);
+            }
+        }
+        _ => entries.push(entry),
+    }
+}
+
+/// One durable journal batch's entries, handed from the writer to the indexer.
+pub(super) struct IndexBatch {
+    /// The batch's last seq: once written, the checkpoint.
+    pub last_seq: u64,
+    pub entries: Vec<(String, IndexEntry)>,
+}
+
+/// Entries of durable batches that the indexer has not written to the tree yet.
+#[derive(Default)]
+pub(super) struct Tail {
+    streams: Mutex<HashMap<String, Vec<IndexEntry>>>,
+}
+
+impl Tail {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<IndexEntry>>> {
+        // A panic under this lock leaves plain data, consistent between statements.
+        self.streams.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Called by the writer for each durable batch, before it advances the head.
+    pub(super) fn add(&self, entries: &[(String, IndexEntry)]) {
+        let mut streams = self.lock();
+        for (stream, entry) in entries {
+            streams
+                .entry(stream.clone())
+                .or_default()
+                .push(entry.clone());
+        }
+    }
+
+    fn of(&self, stream: &str) -> Vec<IndexEntry> {
+        self.lock().get(stream).cloned().unwrap_or_default()
+    }
+
+    fn last_version(&self, stream: &str) -> Option<u64> {
+        self.lock()
+            .get(stream)
+            .and_then(|entries| entries.last())
+            .map(IndexEntry::last_version)
+    }
+
+    /// Drops what the tree now holds: each stream's entries up to the last version written.
+    fn written(&self, merged: &HashMap<String, Vec<IndexEntry>>) {
+        let mut streams = self.lock();
+        for (stream, written) in merged {
+            let Some(upto) = written.last().map(IndexEntry::last_version) else {
+                continue;
+            };
+            if let Some(entries) = streams.get_mut(stream) {
+                entries.retain(|e| e.last_version() > upto);
+                if entries.is_empty() {
+                    streams.remove(stream);
+                }
+            }
+        }
+    }
+}
+
+/// The stream index: the tree, the tail the indexer has not written yet, and how far the tree
+/// goes.
+pub(super) struct StreamIndex {
+    db: sled::Db,
+    tree: sled::Tree,
+    pub tail: Arc<Tail>,
+    /// Every entry of the events up to this seq is in the tree.
+    indexed: Arc<AtomicU64>,
+    /// Test seam: while set, the indexer writes nothing (entries stay in the tail).
+    paused: Arc<AtomicBool>,
+}
+
+impl StreamIndex {
+    /// Opens the index in `db` and indexes the records after its checkpoint (`records` yields
+    /// the log's records from a given seq on, up to the log's last, `last_seq`).
+    pub(super) fn open<I>(
+        db: sled::Db,
+        last_seq: u64,
+        records: impl Fn(u64) -> I,
+    ) -> Result<StreamIndex, StoreError>
+    where
+        I: Iterator<Item = Result<(u64, sled::IVec), StoreError>>,
+    {
+        let tree = db.open_tree("index").map_err(io)?;
+        let mut checkpoint = match tree.get(CHECKPOINT_KEY).map_err(io)? {
+            Some(value) => be_u64(&value)?,
+            None => 0,
+        };
+        if checkpoint > last_seq {
+            // The log is the record; an index that claims more than it holds is rebuilt.
+            tracing::warn!(
+                checkpoint,
+                last_seq,
+                "the stream index is ahead of the log; rebuilding it"
+            );
+            tree.clear().map_err(io)?;
+            checkpoint = 0;
+        }
+        if checkpoint < last_seq {
+            let started = Instant::now();
+            tracing::info!(
+                from = checkpoint + 1,
+                to = last_seq,
+                "indexing the log's records the stream index does not hold yet"
+            );
+            let mut pending: HashMap<String, Vec<IndexEntry>> = HashMap::new();
+            let mut in_chunk = 0;
+            let mut last = checkpoint;
+            for record in records(checkpoint + 1) {
+                let (seq, stored) = record?;
+                if seq > last_seq {
+                    break;
+                }
+                let envelope = Envelope::decode_stored(&stored)?;
+                merge_into(
+                    pending.entry(envelope.stream).or_default(),
+                    IndexEntry {
+                        first_version: envelope.version,
+                        runs: vec![(seq, 1)],
+                    },
+                );
+                last = seq;
+                in_chunk += 1;
+                if in_chunk == CATCH_UP_CHUNK {
+                    write(&tree, &pending, last)?;
+                    pending.clear();
+                    in_chunk = 0;
+                }
+            }
+            write(&tree, &pending, last)?;
+            if last != last_seq {
+                return Err(StoreError::Corrupt(format!(
+                    "the log ends at seq {last}, its last record says {last_seq}"
+                )));
+            }
+            tracing::info!(
+                records = last_seq - checkpoint,
+                seconds = started.elapsed().as_secs_f64(),
+                "stream index caught up with the log"
+            );
+        }
+        Ok(StreamIndex {
+            db,
+            tree,
+            tail: Arc::new(Tail::default()),
+            indexed: Arc::new(AtomicU64::new(last_seq)),
+            paused: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// The entries of `stream` that may hold versions from `from_version` on, in version
+    /// order: the tree's, then the tail's beyond them. Contiguous, or `Corrupt`.
+    pub(super) fn entries_from(
+        &self,
+        stream: &str,
+        from_version: u64,
+    ) -> Result<Vec<IndexEntry>, StoreError> {
+        // The tail first: an entry missing from it was dropped after the indexer wrote it, so
+        // the tree read below finds it.
+        let tail = self.tail.of(stream);
+        let start = index_key(stream, from_version);
+        let mut entries: Vec<IndexEntry> = Vec::new();
+        // The entry that may cover `from_version` starts at or before it (from version 1, the
+        // range below starts with it: no second iterator, sled's cost per read).
+        let covering = if from_version > 1 {
+            self.tree
+                .range(index_prefix(stream)..=start.clone())
+                .next_back()
+        } else {
+            None
+        };
+        if let Some(entry) = covering {
+            let (key, value) = entry.map_err(io)?;
+            entries.push(decode_index(&key, &value)?);
+        }
+        for entry in self.tree.range(start..index_end(stream)) {
+            let (key, value) = entry.map_err(io)?;
+            let decoded = decode_index(&key, &value)?;
+            if entries.last() != Some(&decoded) {
+                entries.push(decoded);
+            }
+        }
+        let mut covered = entries.last().map(IndexEntry::last_version).unwrap_or(0);
+        for entry in tail {
+            if entry.first_version <= covered {
+                continue;
+            }
+            if entry.first_version != covered + 1 {
+                return Err(StoreError::Corrupt(format!(
+                    "stream index of {stream} jumps from version {covered} to {}",
+                    entry.first_version
+                )));
+            }
+            covered = entry.last_version();
+            entries.push(entry);
+        }
+        Ok(entries)
+    }
+
+    /// The last version of a stream (0 if it has none).
+    pub(super) fn version(&self, stream: &str) -> Result<u64, StoreError> {
+        let in_tail = self.tail.last_version(stream);
+        let in_tree = match self
+            .tree
+            .range(index_prefix(stream)..index_end(stream))
+            .next_back()
+        {
+            None => 0,
+            Some(entry) => {
+                let (key, value) = entry.map_err(io)?;
+                decode_index(&key, &value)?.last_version()
+            }
+        };
+        Ok(in_tail.unwrap_or(0).max(in_tree))
+    }
+
+    /// Called by the journal writer before each batch: waits while the indexer lags more than
+    /// `INDEX_LAG_MAX` events behind `head` (unless it stopped: `healthy` is then false).
+    pub(super) fn throttle(&self, head: u64, healthy: &AtomicBool) {
+        while head.saturating_sub(self.indexed.load(Ordering::Acquire)) > INDEX_LAG_MAX
+            && healthy.load(Ordering::Acquire)
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Waits until the tree holds every entry up to `seq`. False on timeout.
+    pub(super) fn wait_indexed(&self, seq: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.indexed.load(Ordering::Acquire) < seq {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        true
+    }
+
+    /// Every entry in the tree, with its stream.
+    pub(super) fn tree_entries(
+        &self,
+    ) -> impl Iterator<Item = Result<(String, IndexEntry), StoreError>> + '_ {
+        self.tree.scan_prefix([INDEX_PREFIX]).map(|entry| {
+            let (key, value) = entry.map_err(io)?;
+            let decoded = decode_index(&key, &value)?;
+            let stream = String::from_utf8(key[1..key.len() - 9].to_vec())
+                .map_err(|_| StoreError::Corrupt("stream id is not UTF-8".into()))?;
+            Ok((stream, decoded))
+        })
+    }
+
+    pub(super) fn pause(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Release);
+    }
+
+    pub(super) fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    /// Starts the indexer thread: it writes what the writer hands over until the writer drops
+    /// its sender, then flushes the index and ends.
+    pub(super) fn spawn_indexer(
+        &self,
+        receiver: std::sync::mpsc::Receiver<IndexBatch>,
+        head: Arc<AtomicU64>,
+        healthy: Arc<AtomicBool>,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let indexer = Indexer {
+            db: self.db.clone(),
+            tree: self.tree.clone(),
+            tail: self.tail.clone(),
+            indexed: self.indexed.clone(),
+            paused: self.paused.clone(),
+            receiver,
+            head,
+            healthy,
+            metrics,
+        };
+        std::thread::Builder::new()
+            .name("hongbao-indexer".into())
+            .spawn(move || indexer.run())
+    }
+}
+
+/// Writes merged entries and the checkpoint in one atomic batch.
+fn write(
+    tree: &sled::Tree,
+    merged: &HashMap<String, Vec<IndexEntry>>,
+    checkpoint: u64,
+) -> Result<(), StoreError> {
+    let mut batch = sled::Batch::default();
+    for (stream, entries) in merged {
+        for entry in entries {
+            batch.insert(index_key(stream, entry.first_version), entry.encode());
+        }
+    }
+    batch.insert(CHECKPOINT_KEY, &checkpoint.to_be_bytes());
+    tree.apply_batch(batch).map_err(io)
+}
+
+struct Indexer {
+    db: sled::Db,
+    tree: sled::Tree,
+    tail: Arc<Tail>,
+    indexed: Arc<AtomicU64>,
+    paused: Arc<AtomicBool>,
+    receiver: std::sync::mpsc::Receiver<IndexBatch>,
+    head: Arc<AtomicU64>,
+    healthy: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+}
+
+impl Indexer {
+    fn run(self) {
+        while let Ok(first) = self.receiver.recv() {
+            while self.paused.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            let mut merged: HashMap<String, Vec<IndexEntry>> = HashMap::new();
+            let mut last_seq = 0;
+            let mut taken = 0;
+            for batch in
+                std::iter::once(first).chain(std::iter::from_fn(|| self.receiver.try_recv().ok()))
+            {
+                last_seq = batch.last_seq;
+                taken += batch.entries.len();
+                for (stream, entry) in batch.entries {
+                    merge_into(merged.entry(stream).or_default(), entry);
+                }
+                if taken >= INDEXER_ENTRIES_MAX {
+                    break;
+                }
+            }
+            if let Err(e) = write(&self.tree, &merged, last_seq) {
+                // Reads stay whole (the entries stay in the tail); a restart indexes from the
+                // checkpoint. Red `/readyz`: the tail would grow without bound.
+                tracing::error!(error = %e, "cannot write the stream index; the indexer stops");
+                self.healthy.store(false, Ordering::Release);
+                return;
+            }
+            self.indexed.store(last_seq, Ordering::Release);
+            self.tail.written(&merged);
+            let head = self.head.load(Ordering::Acquire);
+            self.metrics
+                .index_lag_events
+                .set(head.saturating_sub(last_seq) as i64);
+        }
+        if let Err(e) = self.db.flush() {
+            tracing::warn!(error = %e, "cannot flush the stream index on close (rebuilt on open)");
+        }
+    }
+}
