@@ -601,16 +601,23 @@ fn journal_line(before: &str, after: &str, seconds: f64) {
     }
 }
 
-/// The wallet the `n`th deposit of connection `c` goes to: the connection's own (`lg<c>`), or
-/// with `wallets` > 0 a pseudo-random one of that many (`lgw<i>`), the same for the same
-/// (c, n) in every run.
-fn deposit_wallet(wallets: u64, c: usize, n: u64) -> String {
+/// The wallet the `n`th deposit of connection `c` in interval `part` goes to: the connection's
+/// own (`lg<c>`), or with `wallets` > 0 a pseudo-random one of that many (`lgw<i>`), the same
+/// for the same (part, c, n) in every run. Each interval of a long run (`--sustain`) counts its
+/// requests from 0 again, so the interval is part of the mix: without it every interval went
+/// to the same wallets (a 1.5-million-deposit run over "a million wallets" touched 205,000).
+fn deposit_wallet(wallets: u64, part: usize, c: usize, n: u64) -> String {
     if wallets == 0 {
         return format!("lg{c}");
     }
     let mixed = (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        ^ n.wrapping_add(1).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
-    format!("lgw{}", (mixed ^ (mixed >> 29)) % wallets)
+        ^ n.wrapping_add(1).wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
+        ^ (part as u64)
+            .wrapping_add(1)
+            .wrapping_mul(0x1656_67B1_9E37_79F9);
+    let mixed = mixed ^ (mixed >> 29);
+    let mixed = mixed.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    format!("lgw{}", (mixed ^ (mixed >> 32)) % wallets)
 }
 
 /// Deposits of 1.00 yuan, each a new order id (`lg-<run>-<part>-<c>-<n>`), to
@@ -627,7 +634,7 @@ fn deposit_requests(
             addr,
             &format!(
                 "/v1/wallets/{}/change/deposits",
-                deposit_wallet(wallets, c, n)
+                deposit_wallet(wallets, part, c, n)
             ),
             Some(&key),
             format!("{{\"order_id\":\"lg-{run_id}-{part}-{c}-{n}\",\"amount\":100}}"),
@@ -815,7 +822,7 @@ fn sustain(
         baseline_row("  healthz", started.elapsed(), "-".into(), &healthz);
         for (backend, ledger) in &ledgers {
             let wallet: Arc<dyn Fn(usize, u64) -> String + Send + Sync> =
-                Arc::new(move |c, n| deposit_wallet(wallets, c, n));
+                Arc::new(move |c, n| deposit_wallet(wallets, part, c, n));
             let tag = format!("lg-{run_id}-{part}");
             let run = ledger::interval(ledger.clone(), in_flight, interval, tag, wallet);
             let result = runtime
@@ -1720,12 +1727,15 @@ mod tests {
         // Goal: `deposits --wallets N` reaches nearly every one of N wallets, none much more
         // than the others, the same wallet for the same request in every run; without it each
         // connection keeps its own wallet.
-        assert_eq!(deposit_wallet(0, 7, 123), "lg7");
-        assert_eq!(deposit_wallet(1_000, 3, 9), deposit_wallet(1_000, 3, 9));
+        assert_eq!(deposit_wallet(0, 2, 7, 123), "lg7");
+        assert_eq!(
+            deposit_wallet(1_000, 2, 3, 9),
+            deposit_wallet(1_000, 2, 3, 9)
+        );
         let mut counts = std::collections::HashMap::new();
         for c in 0..256 {
             for n in 0..40 {
-                *counts.entry(deposit_wallet(1_000, c, n)).or_insert(0u32) += 1;
+                *counts.entry(deposit_wallet(1_000, 0, c, n)).or_insert(0u32) += 1;
             }
         }
         // 10,240 deposits over 1,000 wallets: about 10 each.
@@ -1736,6 +1746,24 @@ mod tests {
             "{:?}",
             counts.values().max()
         );
+    }
+
+    #[test]
+    fn the_intervals_of_a_long_run_spread_over_the_wallets_not_the_same_ones_again() {
+        // Goal: `--sustain` counts each interval's requests from 0 again; its deposits must still
+        // reach the whole of `--wallets`, as a campaign's night does, not repeat the first
+        // interval's wallets (which touched a fifth of them).
+        let mut touched = std::collections::HashSet::new();
+        for part in 0..10 {
+            for c in 0..256 {
+                for n in 0..4 {
+                    touched.insert(deposit_wallet(1_000, part, c, n));
+                }
+            }
+        }
+        // 10,240 deposits over 1,000 wallets: nearly all reached (1,024 per interval reach
+        // about 640 each time, so the same 640 again would fail).
+        assert!(touched.len() > 990, "{} wallets touched", touched.len());
     }
 
     #[test]
