@@ -511,6 +511,7 @@ impl Config {
             queue_requests_max: self.journal.queue_requests_max,
             append_events_max: self.journal.append_events_max,
             cache_bytes: self.journal.cache_bytes,
+            ..JournalConfig::default()
         }
     }
 

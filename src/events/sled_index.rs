@@ -31,13 +31,19 @@ use std::time::{Duration, Instant};
 const INDEX_PREFIX: u8 = b'S';
 /// The checkpoint's key: not `S`-prefixed, so no stream's entry can collide with it.
 const CHECKPOINT_KEY: &[u8] = b"C";
-/// Most entries one indexer write takes from the queue.
-const INDEXER_ENTRIES_MAX: usize = 65_536;
+/// Entries one indexer write takes from the queue (whole journal batches, so it may go over by
+/// one): sled's `apply_batch` holds a process-wide lock that the journal's own writes wait for,
+/// so writes stay as small as the views' (docs/ARCHITECTURE.md, "View commits are bounded").
+const INDEXER_ENTRIES_MAX: usize = 2_048;
 /// Records indexed per write when the index catches up with the log on open.
 const CATCH_UP_CHUNK: usize = 65_536;
 /// Durable events the indexer may lag behind before the journal waits for it: bounds the
-/// tail's memory (about 100 bytes per entry) should the indexer fall behind for good.
-const INDEX_LAG_MAX: u64 = 1_000_000;
+/// tail's memory (an entry is held twice, in the tail and in the indexer's queue: some 300-400
+/// bytes per event of a spread load, so about 100 MB) should the indexer fall behind for good.
+const INDEX_LAG_MAX: u64 = 250_000;
+/// Longest the test seam holds the indexer (a test that fails while holding it must not leave
+/// the thread, and the index's lock, behind for good).
+const PAUSE_MAX: Duration = Duration::from_secs(60);
 
 fn index_prefix(stream: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(stream.len() + 10);
@@ -223,6 +229,10 @@ pub(super) struct StreamIndex {
     indexed: Arc<AtomicU64>,
     /// Test seam: while set, the indexer writes nothing (entries stay in the tail).
     paused: Arc<AtomicBool>,
+    /// The indexer thread runs (cleared when it ends, whatever ended it).
+    alive: Arc<AtomicBool>,
+    /// Test seam: the indexer's next write fails.
+    fail_next: Arc<AtomicBool>,
 }
 
 impl StreamIndex {
@@ -236,7 +246,7 @@ impl StreamIndex {
     where
         I: Iterator<Item = Result<(u64, sled::IVec), StoreError>>,
     {
-        let tree = db.open_tree("index").map_err(io)?;
+        let mut tree = db.open_tree("index").map_err(io)?;
         let mut checkpoint = match tree.get(CHECKPOINT_KEY).map_err(io)? {
             Some(value) => be_u64(&value)?,
             None => 0,
@@ -248,7 +258,10 @@ impl StreamIndex {
                 last_seq,
                 "the stream index is ahead of the log; rebuilding it"
             );
-            tree.clear().map_err(io)?;
+            // Dropped whole, not cleared key by key: a crash in the middle of a clear would leave
+            // no checkpoint beside entries that the catch-up below does not overwrite.
+            db.drop_tree("index").map_err(io)?;
+            tree = db.open_tree("index").map_err(io)?;
             checkpoint = 0;
         }
         if checkpoint < last_seq {
@@ -300,18 +313,20 @@ impl StreamIndex {
             tail: Arc::new(Tail::default()),
             indexed: Arc::new(AtomicU64::new(last_seq)),
             paused: Arc::new(AtomicBool::new(false)),
+            alive: Arc::new(AtomicBool::new(false)),
+            fail_next: Arc::new(AtomicBool::new(false)),
         })
     }
 
-    /// The entries of `stream` that may hold versions from `from_version` on, in version
-    /// order: the tree's, then the tail's beyond them. Contiguous, or `Corrupt`.
-    pub(super) fn entries_from(
+    /// (seq, version) of each event of `stream` from `from_version` on, in version order:
+    /// the tree's entries joined with the tail's (see [`join`]).
+    pub(super) fn positions_from(
         &self,
         stream: &str,
         from_version: u64,
-    ) -> Result<Vec<IndexEntry>, StoreError> {
+    ) -> Result<Vec<(u64, u64)>, StoreError> {
         // The tail first: an entry missing from it was dropped after the indexer wrote it, so
-        // the tree read below finds it.
+        // the tree reads below find it.
         let tail = self.tail.of(stream);
         let start = index_key(stream, from_version);
         let mut entries: Vec<IndexEntry> = Vec::new();
@@ -330,26 +345,9 @@ impl StreamIndex {
         }
         for entry in self.tree.range(start..index_end(stream)) {
             let (key, value) = entry.map_err(io)?;
-            let decoded = decode_index(&key, &value)?;
-            if entries.last() != Some(&decoded) {
-                entries.push(decoded);
-            }
+            entries.push(decode_index(&key, &value)?);
         }
-        let mut covered = entries.last().map(IndexEntry::last_version).unwrap_or(0);
-        for entry in tail {
-            if entry.first_version <= covered {
-                continue;
-            }
-            if entry.first_version != covered + 1 {
-                return Err(StoreError::Corrupt(format!(
-                    "stream index of {stream} jumps from version {covered} to {}",
-                    entry.first_version
-                )));
-            }
-            covered = entry.last_version();
-            entries.push(entry);
-        }
-        Ok(entries)
+        join(stream, entries, tail, from_version)
     }
 
     /// The last version of a stream (0 if it has none).
@@ -369,12 +367,19 @@ impl StreamIndex {
         Ok(in_tail.unwrap_or(0).max(in_tree))
     }
 
-    /// Called by the journal writer before each batch: waits while the indexer lags more than
-    /// `INDEX_LAG_MAX` events behind `head` (unless it stopped: `healthy` is then false).
-    pub(super) fn throttle(&self, head: u64, healthy: &AtomicBool) {
-        while head.saturating_sub(self.indexed.load(Ordering::Acquire)) > INDEX_LAG_MAX
-            && healthy.load(Ordering::Acquire)
-        {
+    /// Called by the journal writer before each batch: shows the indexer's lag, and waits
+    /// while it lags more than `INDEX_LAG_MAX` events behind `head`. False if the indexer has
+    /// stopped (the journal must then stop too: nothing would ever empty the tail).
+    pub(super) fn throttle(&self, head: u64, metrics: &Metrics) -> bool {
+        loop {
+            if !self.alive.load(Ordering::Acquire) {
+                return false;
+            }
+            let lag = head.saturating_sub(self.indexed.load(Ordering::Acquire));
+            metrics.index_lag_events.set(lag as i64);
+            if lag <= INDEX_LAG_MAX {
+                return true;
+            }
             std::thread::sleep(Duration::from_millis(1));
         }
     }
@@ -404,6 +409,10 @@ impl StreamIndex {
         })
     }
 
+    pub(super) fn fail_next_write(&self) {
+        self.fail_next.store(true, Ordering::Release);
+    }
+
     pub(super) fn pause(&self, paused: bool) {
         self.paused.store(paused, Ordering::Release);
     }
@@ -427,14 +436,20 @@ impl StreamIndex {
             tail: self.tail.clone(),
             indexed: self.indexed.clone(),
             paused: self.paused.clone(),
+            fail_next: self.fail_next.clone(),
             receiver,
             head,
             healthy,
             metrics,
         };
+        self.alive.store(true, Ordering::Release);
+        let alive = Alive(self.alive.clone());
         std::thread::Builder::new()
             .name("hongbao-indexer".into())
-            .spawn(move || indexer.run())
+            .spawn(move || {
+                let _alive = alive;
+                indexer.run()
+            })
     }
 }
 
@@ -454,12 +469,57 @@ fn write(
     tree.apply_batch(batch).map_err(io)
 }
 
+/// Clears the indexer's `alive` flag when its thread ends, a panic included.
+struct Alive(Arc<AtomicBool>);
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// Joins a stream's entries read from the tree with those copied from the tail *before* the
+/// tree was read, into the (seq, version) of each event from `from_version` on.
+///
+/// The two reads are not one snapshot: between them the indexer may write entries (and drop
+/// them from the tail), and a tree read spanning sled leaves is not atomic either. But every
+/// entry of the events up to the reader's head was in the tail copy or already in the tree
+/// (which only grows), so their union holds them all; tree entries are whole tail entries
+/// merged, so they overlap the tail's exactly. Versions are taken once each, in order; an
+/// entry that starts beyond the next version wanted is a hole in the index (`Corrupt`).
+fn join(
+    stream: &str,
+    mut entries: Vec<IndexEntry>,
+    tail: Vec<IndexEntry>,
+    from_version: u64,
+) -> Result<Vec<(u64, u64)>, StoreError> {
+    entries.extend(tail);
+    entries.sort_by_key(|e| e.first_version);
+    let mut next = from_version.max(1);
+    let mut positions = Vec::new();
+    for entry in &entries {
+        if entry.last_version() < next {
+            continue;
+        }
+        if entry.first_version > next {
+            return Err(StoreError::Corrupt(format!(
+                "stream index of {stream} has no entry for version {next} (the next starts at {})",
+                entry.first_version
+            )));
+        }
+        positions.extend(entry.positions().filter(|&(_, version)| version >= next));
+        next = entry.last_version() + 1;
+    }
+    Ok(positions)
+}
+
 struct Indexer {
     db: sled::Db,
     tree: sled::Tree,
     tail: Arc<Tail>,
     indexed: Arc<AtomicU64>,
     paused: Arc<AtomicBool>,
+    fail_next: Arc<AtomicBool>,
     receiver: std::sync::mpsc::Receiver<IndexBatch>,
     head: Arc<AtomicU64>,
     healthy: Arc<AtomicBool>,
@@ -469,7 +529,8 @@ struct Indexer {
 impl Indexer {
     fn run(self) {
         while let Ok(first) = self.receiver.recv() {
-            while self.paused.load(Ordering::Acquire) {
+            let paused_at = Instant::now();
+            while self.paused.load(Ordering::Acquire) && paused_at.elapsed() < PAUSE_MAX {
                 std::thread::sleep(Duration::from_millis(2));
             }
             let mut merged: HashMap<String, Vec<IndexEntry>> = HashMap::new();
@@ -487,9 +548,17 @@ impl Indexer {
                     break;
                 }
             }
-            if let Err(e) = write(&self.tree, &merged, last_seq) {
-                // Reads stay whole (the entries stay in the tail); a restart indexes from the
-                // checkpoint. Red `/readyz`: the tail would grow without bound.
+            let written = if self.fail_next.swap(false, Ordering::AcqRel) {
+                Err(StoreError::Io(
+                    "injected index write failure (test seam)".into(),
+                ))
+            } else {
+                write(&self.tree, &merged, last_seq)
+            };
+            if let Err(e) = written {
+                // The journal stops when it sees the indexer gone (the tail would grow without
+                // bound); reads stay whole meanwhile (the entries stay in the tail), and a
+                // restart indexes from the checkpoint.
                 tracing::error!(error = %e, "cannot write the stream index; the indexer stops");
                 self.healthy.store(false, Ordering::Release);
                 return;
@@ -504,5 +573,62 @@ impl Indexer {
         if let Err(e) = self.db.flush() {
             tracing::warn!(error = %e, "cannot flush the stream index on close (rebuilt on open)");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{join, IndexEntry};
+
+    fn entry(first_version: u64, runs: &[(u64, u64)]) -> IndexEntry {
+        IndexEntry {
+            first_version,
+            runs: runs.to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_tree_read_that_missed_an_entry_the_indexer_wrote_meanwhile_is_completed_by_the_tail() {
+        // Goal (review of the indexer): the tail was copied holding 5..6 and 7..9; the indexer
+        // then wrote both, and the tree read (from version 6) saw 1..4 and 7..9 but not the entry
+        // keyed 5, which sorts before its start. Versions 5..9 are all read, each once.
+        let tree = vec![entry(1, &[(10, 4)]), entry(7, &[(40, 3)])];
+        let tail = vec![entry(5, &[(20, 2)]), entry(7, &[(40, 3)])];
+        let positions = join("s", tree, tail, 6).unwrap();
+        assert_eq!(positions, vec![(21, 6), (40, 7), (41, 8), (42, 9)]);
+    }
+
+    #[test]
+    fn merged_tree_entries_and_the_tail_entries_they_hold_give_each_version_once() {
+        let tree = vec![entry(1, &[(1, 2), (5, 3)])];
+        let tail = vec![
+            entry(1, &[(1, 2)]),
+            entry(3, &[(5, 3)]),
+            entry(6, &[(9, 1)]),
+        ];
+        let versions: Vec<u64> = join("s", tree, tail, 1)
+            .unwrap()
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(versions, vec![1, 2, 3, 4, 5, 6]);
+    }
+
+    #[test]
+    fn a_hole_in_the_index_is_corrupt_and_a_short_stream_is_not() {
+        let holed = join(
+            "s",
+            vec![entry(1, &[(1, 2)]), entry(5, &[(9, 1)])],
+            vec![],
+            1,
+        );
+        assert!(
+            matches!(&holed, Err(e) if e.to_string().contains("version 3")),
+            "{holed:?}"
+        );
+        assert_eq!(
+            join("s", vec![entry(1, &[(1, 2)])], vec![], 4).unwrap(),
+            vec![]
+        );
     }
 }

@@ -51,9 +51,6 @@ use std::time::Instant;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 const LOG_PREFIX: u8 = b'L';
-/// Streams whose versions the writer keeps in memory before it forgets them all (they are
-/// re-read from the index on demand): bounds the writer's memory on campaigns with many users.
-const VERSION_CACHE_STREAMS_MAX: usize = 1_000_000;
 /// How long `open` waits for a directory this process just closed to be released by sled's
 /// background work before calling it locked.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -78,6 +75,10 @@ pub struct JournalConfig {
     pub append_events_max: usize,
     /// sled page cache size.
     pub cache_bytes: u64,
+    /// Streams whose versions the writer keeps in memory before it forgets them all, between
+    /// two batches (they are re-read from the index on demand): bounds the writer's memory on
+    /// campaigns with many users. Not in the config file; small in tests.
+    pub version_cache_streams_max: usize,
 }
 
 impl Default for JournalConfig {
@@ -87,6 +88,7 @@ impl Default for JournalConfig {
             queue_requests_max: 65_536,
             append_events_max: 1024,
             cache_bytes: 256 * 1024 * 1024,
+            version_cache_streams_max: 1_000_000,
         }
     }
 }
@@ -392,6 +394,13 @@ impl SledStore {
         self.index.pause(paused);
     }
 
+    /// Test seam: the indexer's next write fails, as on a full disk; the indexer stops, and
+    /// the journal with it (fail-stop).
+    #[doc(hidden)]
+    pub fn fail_next_index_write(&self) {
+        self.index.fail_next_write();
+    }
+
     /// Every index entry of every stream, with its stream, once the indexer has written every
     /// durable event's; for `hongbao verify`. An error if it has not within a minute.
     pub fn index_entries(
@@ -549,36 +558,28 @@ impl EventStore for SledStore {
         // stream is being flushed must not start from a state that may never become durable.
         let head = self.head();
         let from_version = from_version.max(1);
-        let entries = self.index.entries_from(stream, from_version)?;
-        let mut out = Vec::new();
-        for entry in entries {
-            if entry.last_version() < from_version {
-                continue;
+        let positions = self.index.positions_from(stream, from_version)?;
+        let mut out = Vec::with_capacity(positions.len());
+        // Point reads, not a range: sled's range iterator clones each leaf it enters, which
+        // made activations (a stream's few records) a fifth of all CPU under spread load.
+        for (seq, version) in positions {
+            if seq > head {
+                break;
             }
-            // Point reads, not a range: sled's range iterator clones each leaf it enters, which
-            // made activations (a stream's few records) a fifth of all CPU under spread load.
-            for (seq, version) in entry.positions() {
-                if version < from_version {
-                    continue;
-                }
-                if seq > head {
-                    return Ok(out);
-                }
-                let stored = self.journal.get(log_key(seq)).map_err(io)?.ok_or_else(|| {
-                    StoreError::Corrupt(format!(
-                        "index says {stream}@{version} at seq {seq}, the log has no such record"
-                    ))
-                })?;
-                let envelope = Envelope::decode_stored(&stored)?;
-                // Pair assertion: the index and the record agree.
-                if envelope.seq != seq || envelope.stream != stream || envelope.version != version {
-                    return Err(StoreError::Corrupt(format!(
-                        "index says {stream}@{version} at seq {seq}, record {} says {}@{}",
-                        envelope.seq, envelope.stream, envelope.version
-                    )));
-                }
-                out.push(envelope);
+            let stored = self.journal.get(log_key(seq)).map_err(io)?.ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "index says {stream}@{version} at seq {seq}, the log has no such record"
+                ))
+            })?;
+            let envelope = Envelope::decode_stored(&stored)?;
+            // Pair assertion: the index and the record agree.
+            if envelope.seq != seq || envelope.stream != stream || envelope.version != version {
+                return Err(StoreError::Corrupt(format!(
+                    "index says {stream}@{version} at seq {seq}, record {} says {}@{}",
+                    envelope.seq, envelope.stream, envelope.version
+                )));
             }
+            out.push(envelope);
         }
         Ok(out)
     }
@@ -708,7 +709,19 @@ impl Writer {
                     }
                 }
             }
-            self.index.throttle(self.next_seq - 1, &self.healthy);
+            // The indexer gone (a failed write, a panic) would leave the tail to grow without
+            // bound: the journal stops as on a failed flush (fail-stop; a restart indexes from
+            // the index's checkpoint).
+            if !self.index.throttle(self.next_seq - 1, &self.metrics) {
+                tracing::error!("the stream indexer has stopped; stopping the journal (fail-stop)");
+                for request in std::mem::take(&mut batch) {
+                    let _ = request.reply.send(Err(AppendError::Unavailable(
+                        "the stream indexer has stopped".into(),
+                    )));
+                }
+                self.fail_remaining();
+                break;
+            }
             if !self.write(std::mem::take(&mut batch)) {
                 self.fail_remaining();
                 break;
@@ -722,12 +735,11 @@ impl Writer {
     }
 
     /// The version of `stream` as the writer knows it.
+    /// The version of a stream this batch has written is in the cache: it is forgotten only
+    /// between batches (`write`), since the index learns of a batch only after its flush.
     fn version_of(&mut self, stream: &str) -> Result<u64, StoreError> {
         if let Some(&version) = self.versions.get(stream) {
             return Ok(version);
-        }
-        if self.versions.len() >= VERSION_CACHE_STREAMS_MAX {
-            self.versions.clear();
         }
         let version = self.index.version(stream)?;
         self.versions.insert(stream.to_owned(), version);
@@ -736,6 +748,12 @@ impl Writer {
 
     /// Writes one batch. Returns false if the store must stop (fail-stop).
     fn write(&mut self, requests: Vec<AppendRequest>) -> bool {
+        // Forgotten here, never in the middle of a batch: a stream written earlier in this batch
+        // would be re-read from an index that does not hold the batch yet (a false conflict for
+        // `Exact`, a version given twice for `Any`).
+        if self.versions.len() >= self.config.version_cache_streams_max {
+            self.versions.clear();
+        }
         let now_ms = self.clock.now_ms();
         let mut batch = sled::Batch::default();
         // Removes what `batch` inserts: applied if the flush fails (see `write`'s end).

@@ -481,6 +481,106 @@ fn an_index_that_lost_what_it_had_not_flushed_is_completed_from_the_log_on_open(
     assert_eq!(report.records, head);
 }
 
+#[test]
+fn the_writer_forgets_versions_only_between_batches_and_a_miss_finds_the_tail() {
+    // Goal (review of the indexer): the writer's version cache is cleared when full. Cleared in
+    // the middle of a batch, a stream written earlier in that batch was re-read from an index
+    // that does not hold the batch before its flush: a false conflict (fails before the fix:
+    // "expected 2, actual 1"). A miss between batches, the indexer behind, reads the tail.
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(
+        dir.path(),
+        hongbao::events::sled_store::JournalConfig {
+            version_cache_streams_max: 2,
+            ..Default::default()
+        },
+        Arc::new(hongbao::clock::ManualClock::new(1_000)),
+        Arc::new(hongbao::metrics::Metrics::new()),
+    )
+    .unwrap();
+    store.pause_indexer(true);
+    let append = |writer, stream: &str, expected| {
+        store
+            .append(writer, stream.into(), expected, vec![event(0)])
+            .unwrap()
+    };
+    runtime().block_on(async {
+        append(1, "s:h", ExpectedVersion::Exact(0)).await.unwrap();
+        // One batch of h, n1, n2, h: queued while the flush before it is held.
+        let hold = store.hold_next_flush();
+        let first = append(0, "s:x", ExpectedVersion::Any);
+        assert!(hold.wait_reached(std::time::Duration::from_secs(5)));
+        let batch = [
+            append(1, "s:h", ExpectedVersion::Exact(1)),
+            append(0, "s:n1", ExpectedVersion::Exact(0)),
+            append(0, "s:n2", ExpectedVersion::Exact(0)),
+            append(1, "s:h", ExpectedVersion::Exact(2)),
+        ];
+        hold.release();
+        first.await.unwrap();
+        for ack in batch {
+            ack.await.unwrap();
+        }
+        // The cache, full, is cleared before the next batch: h's version comes from the tail.
+        append(1, "s:h", ExpectedVersion::Exact(3)).await.unwrap();
+        append(0, "s:y", ExpectedVersion::Any).await.unwrap();
+        append(0, "s:z", ExpectedVersion::Any).await.unwrap();
+        let stale = append(2, "s:h", ExpectedVersion::Exact(3)).await;
+        assert!(
+            matches!(stale, Err(AppendError::Conflict { actual: 4, .. })),
+            "{stale:?}"
+        );
+    });
+    store.pause_indexer(false);
+    assert_eq!(versions(&store, "s:h"), vec![1, 2, 3, 4]);
+    assert!(verify_log(store.as_ref(), |_, _| ()).unwrap().ok());
+}
+
+#[test]
+fn an_indexer_that_cannot_write_stops_the_journal_and_a_restart_indexes_what_it_missed() {
+    // Goal (review of the indexer): an indexer that stopped would leave the tail growing for
+    // good behind a journal that goes on acknowledging. The journal stops with it (fail-stop,
+    // unhealthy); what was acknowledged is read back after a restart.
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let append = |store: &SledStore, expected| {
+        store
+            .append(
+                1,
+                "s:w".into(),
+                ExpectedVersion::Exact(expected),
+                vec![event(0)],
+            )
+            .unwrap()
+    };
+    runtime().block_on(append(&store, 0)).unwrap();
+    assert!(store.wait_indexed(std::time::Duration::from_secs(10)));
+    store.fail_next_index_write();
+    runtime().block_on(append(&store, 1)).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while store.healthy() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(
+        !store.healthy(),
+        "the store stayed healthy without its indexer"
+    );
+    let refused = match store.append(1, "s:w".into(), ExpectedVersion::Exact(2), vec![event(0)]) {
+        Ok(ack) => runtime().block_on(ack),
+        Err(e) => Err(e),
+    };
+    assert!(
+        matches!(refused, Err(AppendError::Unavailable(_))),
+        "{refused:?}"
+    );
+    assert_eq!(versions(&store, "s:w"), vec![1, 2]);
+    runtime().block_on(store.close()).unwrap();
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(versions(&store, "s:w"), vec![1, 2]);
+    assert!(verify_log(store.as_ref(), |_, _| ()).unwrap().ok());
+}
+
 /// Opens a sled database this process has just closed (sled's I/O pool may hold its lock for
 /// a moment).
 fn open_sled(path: &std::path::Path) -> sled::Db {
