@@ -274,6 +274,8 @@ pub struct JournalSection {
     pub batch_events_max: usize,
     pub queue_requests_max: usize,
     pub append_events_max: usize,
+    /// sled page cache, in bytes, shared by the log and the stream index (half each); the
+    /// state database (views, snapshots) has one of the same size.
     pub cache_bytes: u64,
 }
 
