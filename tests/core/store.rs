@@ -358,6 +358,14 @@ fn pipelined(store: &Arc<SledStore>, from: u64, rounds: u64, prefix: &str) {
     });
 }
 
+/// Waits until the indexer has written every durable event's entries.
+fn indexed(store: &SledStore) {
+    assert!(
+        store.wait_indexed(std::time::Duration::from_secs(10)),
+        "the indexer did not catch up with the log"
+    );
+}
+
 /// Versions of `stream` read back from version 1.
 fn versions(store: &SledStore, stream: &str) -> Vec<u64> {
     store
@@ -377,7 +385,7 @@ fn reads_find_the_events_whose_index_entries_the_indexer_has_not_written() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     pipelined(&store, 0, 50, "a");
-    assert!(store.wait_indexed(std::time::Duration::from_secs(10)));
+    indexed(&store);
     store.pause_indexer(true);
     pipelined(&store, 50, 150, "b");
     let index = store.index_db().open_tree("index").unwrap();
@@ -416,7 +424,7 @@ fn reads_find_the_events_whose_index_entries_the_indexer_has_not_written() {
     );
 
     store.pause_indexer(false);
-    assert!(store.wait_indexed(std::time::Duration::from_secs(10)));
+    indexed(&store);
     assert_eq!(in_tree("s:b60"), 1);
     assert_eq!(versions(&store, "s:hot"), (1..=200).collect::<Vec<_>>());
     assert!(
@@ -435,10 +443,10 @@ fn an_index_that_lost_what_it_had_not_flushed_is_completed_from_the_log_on_open(
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     pipelined(&store, 0, 40, "a");
-    assert!(store.wait_indexed(std::time::Duration::from_secs(10)));
+    indexed(&store);
     let checkpoint = store.head();
     pipelined(&store, 40, 60, "b");
-    assert!(store.wait_indexed(std::time::Duration::from_secs(10)));
+    indexed(&store);
     let head = store.head();
     runtime().block_on(store.close()).unwrap();
     drop(store);
@@ -554,7 +562,7 @@ fn an_indexer_that_cannot_write_stops_the_journal_and_a_restart_indexes_what_it_
             .unwrap()
     };
     runtime().block_on(append(&store, 0)).unwrap();
-    assert!(store.wait_indexed(std::time::Duration::from_secs(10)));
+    indexed(&store);
     store.fail_next_index_write();
     runtime().block_on(append(&store, 1)).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
