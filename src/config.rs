@@ -287,6 +287,7 @@ pub struct ActorSection {
     pub idle_under_pressure_ms: u64,
     pub mailbox_capacity: usize,
     pub snapshot_every_events: u64,
+    pub snapshot_on_passivate_events: u64,
     pub command_timeout_ms: u64,
 }
 
@@ -361,6 +362,7 @@ impl Default for ActorSection {
             idle_under_pressure_ms: a.idle_under_pressure.as_millis() as u64,
             mailbox_capacity: a.mailbox_capacity,
             snapshot_every_events: a.snapshot_every_events,
+            snapshot_on_passivate_events: a.snapshot_on_passivate_events,
             command_timeout_ms: a.command_timeout.as_millis() as u64,
         }
     }
@@ -600,6 +602,7 @@ impl Config {
             idle_under_pressure: Duration::from_millis(self.actors.idle_under_pressure_ms),
             mailbox_capacity: self.actors.mailbox_capacity,
             snapshot_every_events: self.actors.snapshot_every_events,
+            snapshot_on_passivate_events: self.actors.snapshot_on_passivate_events,
             command_timeout: Duration::from_millis(self.actors.command_timeout_ms),
         }
     }

@@ -65,6 +65,13 @@ impl<A: Aggregate> Handler<Passivate> for AggregateActor<A> {
     fn handle(&mut self, msg: Passivate, ctx: &mut Context<Self>) {
         // Re-checked here: a message may have arrived since the sweeper looked.
         if self.in_flight == 0 && !self.passivating && self.idle() >= msg.idle_for {
+            // Before leaving the registry: no later incarnation can have stored a newer one.
+            // Spaced geometrically too, so a large state is not rewritten for a few events.
+            let threshold = self.runtime.config.snapshot_on_passivate_events;
+            let due = threshold.max(self.version / 4);
+            if threshold > 0 && self.events_since_snapshot >= due && !self.broken {
+                self.snapshot();
+            }
             self.passivating = true;
             self.leave_registry();
             self.runtime
@@ -232,7 +239,13 @@ impl<A: Aggregate> AggregateActor<A> {
         if every == 0 || self.events_since_snapshot < due || self.in_flight > 0 {
             return;
         }
-        // Nothing in flight: the in-memory state is exactly the durable state.
+        self.snapshot();
+    }
+
+    /// Stores the state as a snapshot. Only with nothing in flight: the in-memory state is
+    /// then exactly the durable state.
+    fn snapshot(&mut self) {
+        debug_assert_eq!(self.in_flight, 0);
         match codec::encode(&self.state) {
             Ok(bytes) if bytes.len() > SNAPSHOT_BYTES_MAX => {
                 tracing::info!(stream = %self.stream, bytes = bytes.len(), "state too large to snapshot; activation will replay");
@@ -253,8 +266,9 @@ impl<A: Aggregate> AggregateActor<A> {
     }
 }
 
-/// Loads the latest snapshot and replays the rest of the stream. Blocking.
-fn load<A: Aggregate>(store: &dyn EventStore, stream: &str) -> Result<(A, u64), StoreError> {
+/// Loads the latest snapshot and replays the rest of the stream: the state, its version, and
+/// how many events were replayed after the snapshot. Blocking.
+fn load<A: Aggregate>(store: &dyn EventStore, stream: &str) -> Result<(A, u64, u64), StoreError> {
     let (mut state, mut version) = match store.load_snapshot(stream)? {
         Some((version, bytes)) => match codec::decode::<A>(&bytes) {
             Ok(state) => (state, version),
@@ -266,6 +280,7 @@ fn load<A: Aggregate>(store: &dyn EventStore, stream: &str) -> Result<(A, u64), 
         },
         None => (A::default(), 0),
     };
+    let mut replayed = 0u64;
     for envelope in store.read_stream(stream, version + 1)? {
         let event = A::unwrap(&envelope.event).ok_or_else(|| {
             StoreError::Corrupt(format!(
@@ -276,8 +291,9 @@ fn load<A: Aggregate>(store: &dyn EventStore, stream: &str) -> Result<(A, u64), 
         })?;
         state.evolve(event);
         version = envelope.version;
+        replayed += 1;
     }
-    Ok((state, version))
+    Ok((state, version, replayed))
 }
 
 impl<A: Aggregate> Actor for AggregateActor<A> {
@@ -299,9 +315,10 @@ impl<A: Aggregate> Actor for AggregateActor<A> {
         // Replay before the first message. Inline: sled reads are microseconds for the usual
         // stream, and a hop to the blocking pool would cost more than the read itself.
         match load::<A>(&*self.runtime.store, &self.stream) {
-            Ok((state, version)) => {
+            Ok((state, version, replayed)) => {
                 self.state = state;
                 self.version = version;
+                self.events_since_snapshot = replayed;
                 self.durable.send_replace(version);
             }
             Err(e) => {

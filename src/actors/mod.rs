@@ -26,7 +26,10 @@
 //!   append in flight refuses. It leaves the registry first; messages that raced with it are
 //!   re-sent to a new incarnation by the registry, safe because nothing of them was processed.
 //! - **Snapshots**: every `snapshot_every_events` events, when nothing is in flight (so the
-//!   snapshot holds only durable events), the actor stores its encoded state.
+//!   snapshot holds only durable events), the actor stores its encoded state; and when it
+//!   passivates with at least `snapshot_on_passivate_events` events since its last snapshot
+//!   (replayed at activation or appended since), so that its next activation reads one
+//!   snapshot instead of a stream that grows all night (a wallet touched again and again).
 //! - **Bounded mailbox**: `mailbox_capacity` messages; senders beyond it wait (backpressure), and
 //!   a command that is not answered within `command_timeout` is reported as `Timeout`.
 //! - **Shutdown**: the HTTP server stops accepting and finishes in-flight requests, whose replies
@@ -54,6 +57,9 @@ pub struct ActorConfig {
     pub idle_under_pressure: Duration,
     pub mailbox_capacity: usize,
     pub snapshot_every_events: u64,
+    /// A passivating actor stores a snapshot if at least this many events were replayed or
+    /// appended since its last one (0: never on passivation).
+    pub snapshot_on_passivate_events: u64,
     pub command_timeout: Duration,
 }
 
@@ -65,6 +71,7 @@ impl Default for ActorConfig {
             idle_under_pressure: Duration::from_secs(5),
             mailbox_capacity: 1024,
             snapshot_every_events: 1000,
+            snapshot_on_passivate_events: 4,
             command_timeout: Duration::from_secs(10),
         }
     }

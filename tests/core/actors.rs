@@ -174,6 +174,77 @@ fn snapshots_are_taken_and_activation_from_them_equals_full_replay() {
     });
 }
 
+/// Deposits `orders` to `user`, then waits until the registry has passivated every actor.
+async fn touch_then_passivate(wallets: &Arc<Registry<Wallet>>, user: &str, orders: &[&str]) {
+    for order in orders {
+        wallets.execute(user, deposit(order, 10)).await.unwrap();
+    }
+    poll_until("passivation", || wallets.active() == 0).await;
+}
+
+#[test]
+fn a_passivating_actor_snapshots_once_enough_events_were_replayed_or_appended_since_the_last() {
+    // Goal: a stream touched a few events at a time and passivated in between (a campaign's
+    // wallets) gets snapshots, so that its activations stop reading a stream that grows all
+    // night. Below the threshold nothing is stored; the events replayed at activation count,
+    // so the second incarnation (2 replayed + 1 appended) stores one as it passivates; the
+    // next activation starts from it and ends in the state a full replay gives.
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    actix_rt::System::new().block_on(async {
+        let config = ActorConfig {
+            idle_passivate: Duration::from_millis(150),
+            snapshot_on_passivate_events: 3,
+            ..ActorConfig::default()
+        };
+        let (wallets, _) = registry(store.clone(), config);
+        let snapshot = || store.load_snapshot("wallet:u6").unwrap().map(|(v, _)| v);
+        touch_then_passivate(&wallets, "u6", &["d0", "d1"]).await;
+        assert_eq!(snapshot(), None, "2 events since none: below the threshold");
+        touch_then_passivate(&wallets, "u6", &["d2"]).await;
+        assert_eq!(snapshot(), Some(3), "2 replayed + 1 appended");
+        touch_then_passivate(&wallets, "u6", &["d3"]).await;
+        assert_eq!(snapshot(), Some(3), "1 event since the snapshot");
+        let (reloaded, version) = wallets.state("u6").await.unwrap();
+        assert_eq!(version, 4);
+        let events = store.read_stream("wallet:u6", 1).unwrap();
+        let replayed = hongbao::domain::replay(
+            Wallet::default(),
+            events
+                .iter()
+                .filter_map(|e| <Wallet as hongbao::domain::Aggregate>::unwrap(&e.event)),
+        );
+        assert_eq!(reloaded, replayed);
+    });
+}
+
+#[test]
+fn events_replayed_at_activation_count_towards_the_periodic_snapshot() {
+    // Goal: `snapshot_every_events` counts the stream's events since its last snapshot, not
+    // only one incarnation's appends: a stream that passivates between every few events
+    // (snapshots on passivation off here) reaches it all the same. Counted per incarnation,
+    // such a stream was never snapshotted however long it grew.
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    actix_rt::System::new().block_on(async {
+        let config = ActorConfig {
+            idle_passivate: Duration::from_millis(150),
+            snapshot_every_events: 3,
+            snapshot_on_passivate_events: 0,
+            ..ActorConfig::default()
+        };
+        let (wallets, _) = registry(store.clone(), config);
+        touch_then_passivate(&wallets, "u7", &["d0", "d1"]).await;
+        assert_eq!(store.load_snapshot("wallet:u7").unwrap(), None);
+        wallets.execute("u7", deposit("d2", 10)).await.unwrap();
+        let (version, _) = store
+            .load_snapshot("wallet:u7")
+            .unwrap()
+            .expect("a snapshot once 2 replayed + 1 appended reach 3");
+        assert_eq!(version, 3);
+    });
+}
+
 #[test]
 fn under_pressure_idle_actors_are_passivated_sooner() {
     // Goal: with more live actors than the soft maximum, actors idle for the short pressure
