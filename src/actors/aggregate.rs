@@ -70,7 +70,7 @@ impl<A: Aggregate> Handler<Passivate> for AggregateActor<A> {
             let threshold = self.runtime.config.snapshot_on_passivate_events;
             let due = threshold.max(self.version / 4);
             if threshold > 0 && self.events_since_snapshot >= due && !self.broken {
-                self.snapshot();
+                self.snapshot(false);
             }
             self.passivating = true;
             self.leave_registry();
@@ -239,24 +239,30 @@ impl<A: Aggregate> AggregateActor<A> {
         if every == 0 || self.events_since_snapshot < due || self.in_flight > 0 {
             return;
         }
-        self.snapshot();
+        self.snapshot(true);
     }
 
     /// Stores the state as a snapshot. Only with nothing in flight: the in-memory state is
     /// then exactly the durable state.
-    fn snapshot(&mut self) {
+    /// `shared`: also where other nodes find it (see `EventStore::save_snapshot_locally`).
+    /// A state over `SNAPSHOT_BYTES_MAX` is not encoded past it: the events replayed at
+    /// activation count towards the next snapshot, so a huge state meets this at every
+    /// activation.
+    fn snapshot(&mut self, shared: bool) {
         debug_assert_eq!(self.in_flight, 0);
-        match codec::encode(&self.state) {
-            Ok(bytes) if bytes.len() > SNAPSHOT_BYTES_MAX => {
-                tracing::info!(stream = %self.stream, bytes = bytes.len(), "state too large to snapshot; activation will replay");
+        match codec::encode_capped(&self.state, SNAPSHOT_BYTES_MAX) {
+            Ok(None) => {
+                tracing::info!(stream = %self.stream, bytes_max = SNAPSHOT_BYTES_MAX, "state too large to snapshot; activation will replay");
                 self.events_since_snapshot = 0;
             }
-            Ok(bytes) => {
-                if let Err(e) = self
-                    .runtime
-                    .store
-                    .save_snapshot(&self.stream, self.version, &bytes)
-                {
+            Ok(Some(bytes)) => {
+                let store = &self.runtime.store;
+                let saved = if shared {
+                    store.save_snapshot(&self.stream, self.version, &bytes)
+                } else {
+                    store.save_snapshot_locally(&self.stream, self.version, &bytes)
+                };
+                if let Err(e) = saved {
                     tracing::warn!(stream = %self.stream, error = %e, "snapshot not saved");
                 }
                 self.events_since_snapshot = 0;

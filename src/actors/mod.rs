@@ -27,9 +27,10 @@
 //!   re-sent to a new incarnation by the registry, safe because nothing of them was processed.
 //! - **Snapshots**: every `snapshot_every_events` events, when nothing is in flight (so the
 //!   snapshot holds only durable events), the actor stores its encoded state; and when it
-//!   passivates with at least `snapshot_on_passivate_events` events since its last snapshot
-//!   (replayed at activation or appended since), so that its next activation reads one
-//!   snapshot instead of a stream that grows all night (a wallet touched again and again).
+//!   passivates with at least `max(snapshot_on_passivate_events, version / 4)` events since
+//!   its last snapshot (replayed at activation or appended since), on this node only, so that
+//!   its next activation reads one snapshot instead of a stream that grows all night (a
+//!   wallet touched again and again).
 //! - **Bounded mailbox**: `mailbox_capacity` messages; senders beyond it wait (backpressure), and
 //!   a command that is not answered within `command_timeout` is reported as `Timeout`.
 //! - **Shutdown**: the HTTP server stops accepting and finishes in-flight requests, whose replies

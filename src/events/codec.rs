@@ -69,6 +69,43 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
     Ok(out)
 }
 
+/// Encodes like [`encode`] unless the encoding would exceed `max` bytes: then `None`, having
+/// written (and spent) no more than `max` bytes, however large the value.
+pub fn encode_capped<T: Serialize + ?Sized>(
+    value: &T,
+    max: usize,
+) -> Result<Option<Vec<u8>>, CodecError> {
+    struct Capped {
+        out: Vec<u8>,
+        max: usize,
+        over: bool,
+    }
+    impl std::io::Write for Capped {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            if self.out.len() + bytes.len() > self.max {
+                self.over = true;
+                return Err(std::io::Error::other("over the cap"));
+            }
+            self.out.extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut capped = Capped {
+        out: Vec::with_capacity(128),
+        max,
+        over: false,
+    };
+    capped.out.push(FORMAT_CURRENT);
+    match bincode::serde::encode_into_std_write(value, &mut capped, config()) {
+        Ok(_) => Ok(Some(capped.out)),
+        Err(_) if capped.over => Ok(None),
+        Err(e) => Err(CodecError::Encode(e.to_string())),
+    }
+}
+
 /// Decodes a value written by [`encode`] in any format this build knows.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     let (&format, rest) = bytes.split_first().ok_or(CodecError::Empty)?;
@@ -109,6 +146,17 @@ mod tests {
                 source: None,
             })),
         }
+    }
+
+    #[test]
+    fn a_capped_encoding_is_the_encoding_below_the_cap_and_none_above_it() {
+        // Goal: snapshots of huge states are refused without encoding them whole.
+        let b = body();
+        let full = encode(&b).unwrap();
+        assert_eq!(encode_capped(&b, full.len()).unwrap(), Some(full.clone()));
+        assert_eq!(encode_capped(&b, full.len() - 1).unwrap(), None);
+        let huge = vec![7u8; 1 << 20];
+        assert_eq!(encode_capped(&huge, 4096).unwrap(), None);
     }
 
     #[test]

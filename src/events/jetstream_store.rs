@@ -797,6 +797,15 @@ impl EventStore for JetStreamStore {
         Ok(())
     }
 
+    fn save_snapshot_locally(
+        &self,
+        stream: &str,
+        version: u64,
+        state: &[u8],
+    ) -> Result<(), StoreError> {
+        super::save_local_snapshot(&self.snapshots, stream, version, state)
+    }
+
     /// The later of the local snapshot and the bucket's copy.
     fn load_snapshot(&self, stream: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
         let local = super::load_local_snapshot(&self.snapshots, stream)?;

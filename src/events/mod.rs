@@ -275,6 +275,18 @@ pub trait EventStore: Send + Sync + 'static {
     /// Stores a state snapshot taken at `version` (best effort: a lost snapshot costs replay).
     fn save_snapshot(&self, stream: &str, version: u64, state: &[u8]) -> Result<(), StoreError>;
 
+    /// Stores a snapshot for this node's own activations only: where snapshots are also
+    /// shared with other nodes (JetStream's bucket, a replicated write), not there. For the
+    /// frequent snapshots of passivation, which serve the node that passivates.
+    fn save_snapshot_locally(
+        &self,
+        stream: &str,
+        version: u64,
+        state: &[u8],
+    ) -> Result<(), StoreError> {
+        self.save_snapshot(stream, version, state)
+    }
+
     /// The latest snapshot of a stream, if any.
     fn load_snapshot(&self, stream: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
 

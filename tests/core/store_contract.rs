@@ -483,6 +483,23 @@ fn a_node_on_an_empty_data_directory_finds_the_latest_snapshot_in_the_bucket() {
         "an empty data directory"
     );
     assert_eq!(third.load_snapshot("wallet:none").unwrap(), None);
+    // A snapshot saved locally (passivation's, frequent) stays on its node: no replicated
+    // write per passivation. Saved before a shared one that the bucket shows.
+    first
+        .save_snapshot_locally("wallet:l", 5, b"local")
+        .unwrap();
+    first.save_snapshot("wallet:m", 2, b"shared").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while third.load_snapshot("wallet:m").unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the bucket's copy of wallet:m");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(third.load_snapshot("wallet:l").unwrap(), None);
+    assert_eq!(
+        first.load_snapshot("wallet:l").unwrap(),
+        Some((5, b"local".to_vec()))
+    );
 }
 
 #[derive(Debug, Clone)]
