@@ -163,15 +163,19 @@ fn snapshots_are_taken_and_activation_from_them_equals_full_replay() {
         let (reloaded, version) = wallets.state("u4").await.unwrap();
         assert_eq!(version, 12);
         assert_eq!(reloaded, live);
-        let events = store.read_stream("wallet:u4", 1).unwrap();
-        let replayed = hongbao::domain::replay(
-            Wallet::default(),
-            events
-                .iter()
-                .filter_map(|e| <Wallet as hongbao::domain::Aggregate>::unwrap(&e.event)),
-        );
-        assert_eq!(replayed, live);
+        assert_eq!(full_replay(&*store, "wallet:u4"), live);
     });
+}
+
+/// The wallet a replay of its whole stream gives, no snapshot involved.
+fn full_replay(store: &dyn EventStore, stream: &str) -> Wallet {
+    let events = store.read_stream(stream, 1).unwrap();
+    hongbao::domain::replay(
+        Wallet::default(),
+        events
+            .iter()
+            .filter_map(|e| <Wallet as hongbao::domain::Aggregate>::unwrap(&e.event)),
+    )
 }
 
 /// Deposits `orders` to `user`, then waits until the registry has passivated every actor.
@@ -207,14 +211,7 @@ fn a_passivating_actor_snapshots_once_enough_events_were_replayed_or_appended_si
         assert_eq!(snapshot(), Some(3), "1 event since the snapshot");
         let (reloaded, version) = wallets.state("u6").await.unwrap();
         assert_eq!(version, 4);
-        let events = store.read_stream("wallet:u6", 1).unwrap();
-        let replayed = hongbao::domain::replay(
-            Wallet::default(),
-            events
-                .iter()
-                .filter_map(|e| <Wallet as hongbao::domain::Aggregate>::unwrap(&e.event)),
-        );
-        assert_eq!(reloaded, replayed);
+        assert_eq!(reloaded, full_replay(&*store, "wallet:u6"));
     });
 }
 
