@@ -66,10 +66,7 @@ impl<A: Aggregate> Handler<Passivate> for AggregateActor<A> {
         // Re-checked here: a message may have arrived since the sweeper looked.
         if self.in_flight == 0 && !self.passivating && self.idle() >= msg.idle_for {
             // Before leaving the registry: no later incarnation can have stored a newer one.
-            // Spaced geometrically too, so a large state is not rewritten for a few events.
-            let threshold = self.runtime.config.snapshot_on_passivate_events;
-            let due = threshold.max(self.version / 4);
-            if threshold > 0 && self.events_since_snapshot >= due && !self.broken {
+            if self.snapshot_due(self.runtime.config.snapshot_on_passivate_events) && !self.broken {
                 self.snapshot(false);
             }
             self.passivating = true;
@@ -232,14 +229,16 @@ impl<A: Aggregate> AggregateActor<A> {
     }
 
     fn maybe_snapshot(&mut self) {
-        let every = self.runtime.config.snapshot_every_events;
-        // Geometric spacing (at least every quarter of the stream) keeps the total cost of
-        // snapshotting a growing state linear in its size.
-        let due = every.max(self.version / 4);
-        if every == 0 || self.events_since_snapshot < due || self.in_flight > 0 {
-            return;
+        if self.in_flight == 0 && self.snapshot_due(self.runtime.config.snapshot_every_events) {
+            self.snapshot(true);
         }
-        self.snapshot(true);
+    }
+
+    /// Whether a snapshot rule with this threshold (0: off) is due. Geometric spacing (at
+    /// least a quarter of the stream since the last) keeps the total cost of snapshotting a
+    /// growing state linear in its size.
+    fn snapshot_due(&self, threshold: u64) -> bool {
+        threshold > 0 && self.events_since_snapshot >= threshold.max(self.version / 4)
     }
 
     /// Stores the state as a snapshot. Only with nothing in flight: the in-memory state is
