@@ -18,13 +18,16 @@
 //! - `packets`: one hot red packet claimed by many clients, hongbao beside the textbook
 //!   PostgreSQL and Redis designs (see [`packets`]);
 //! - `coupons`: one hot coupon batch, in-process and over HTTP, per merged deduction size:
-//!   acceptance and issuance rates and the acceptance-to-issued latency (see [`coupons`]).
+//!   acceptance and issuance rates and the acceptance-to-issued latency (see [`coupons`]);
+//! - `audit`: the audit's replay of a mixed log, timed over --rounds runs beside hello-world
+//!   (see [`audit`]).
 //!
 //! `--store nats://...` puts the in-process server's log (deposits, rewards, ...) on JetStream,
 //! in a stream of the load generator's own that is deleted afterwards.
 //!
 //! Every run prints requests/s and p50/p99/p99.9 latency from an hdrhistogram.
 
+pub mod audit;
 pub mod client;
 pub mod coupons;
 pub mod handover;
@@ -68,6 +71,10 @@ pub enum Scenario {
     /// --partitions; one is killed --kills times; time until its partitions are held again,
     /// and until a new node has its fair share.
     Handover,
+    /// The audit's replay of the sled log in --data-dir, --rounds times, beside hello-world;
+    /// without a log there (or without --data-dir), a mixed one is built first by the other
+    /// scenarios (about 1.5 million events at the default --duration-s 5).
+    Audit,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -173,7 +180,7 @@ pub struct LoadgenArgs {
         default_value = "hongbao,postgres,redis,redis-always"
     )]
     pub backends: Vec<packets::Backend>,
-    /// packets: packets claimed per backend (one row each).
+    /// packets: packets claimed per backend (one row each); audit: replays of the log.
     #[arg(long, default_value_t = 3)]
     pub rounds: u32,
     /// packets: PostgreSQL for the textbook baseline (tables lg_packets and lg_claims).
@@ -253,6 +260,8 @@ pub enum LoadgenError {
     Io(#[from] std::io::Error),
     #[error("cannot start the server: {0}")]
     Serve(#[from] crate::http::ServeError),
+    #[error("the log: {0}")]
+    Store(#[from] crate::events::StoreError),
     #[error("{0}")]
     Usage(String),
 }
@@ -1676,6 +1685,7 @@ pub fn run(args: LoadgenArgs) -> Result<(), LoadgenError> {
         Scenario::Packets => hot_packet(&args),
         Scenario::Coupons => coupons::run(&args),
         Scenario::Handover => handover_table(&args),
+        Scenario::Audit => audit::table(&args).map(|_| ()),
     }
 }
 
