@@ -52,13 +52,13 @@ pub fn table(args: &LoadgenArgs) -> Result<Vec<AuditRow>, LoadgenError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let mut store = open(&dir)?;
-    if store.head() == 0 {
+    let store = open(&dir, true)?;
+    let empty = store.head() == 0;
+    // Each run opens the log afresh, as `hongbao audit` does; the build's servers open it too.
+    close(&runtime, store)?;
+    if empty {
         println!("no log in {}: building a mixed one first", dir.display());
-        // The build's servers open the directory themselves.
-        close(&runtime, store)?;
         build(args, &dir)?;
-        store = open(&dir)?;
     }
     let channels = if dir.join("channels").exists() {
         Some(SimulatedChannels::open(&dir, Arc::new(SystemClock))?)
@@ -81,7 +81,9 @@ pub fn table(args: &LoadgenArgs) -> Result<Vec<AuditRow>, LoadgenError> {
     );
     let mut rows = Vec::with_capacity(args.rounds as usize);
     for run in 1..=args.rounds {
+        let store = open(&dir, false)?;
         let row = replay(store.as_ref(), channels.as_deref())?;
+        close(&runtime, store)?;
         println!(
             "{:<10} {:>5} {:>12} {:>9.2} {:>12.0} {:>6}",
             "audit",
@@ -93,7 +95,6 @@ pub fn table(args: &LoadgenArgs) -> Result<Vec<AuditRow>, LoadgenError> {
         );
         rows.push(row);
     }
-    close(&runtime, store)?;
     if let Some(before) = before {
         let after = hello_run(args, hello_in_flight)?;
         println!(
@@ -136,10 +137,10 @@ fn config(dir: &Path) -> Config {
     }
 }
 
-fn open(dir: &Path) -> Result<Arc<dyn Log>, LoadgenError> {
+fn open(dir: &Path, create: bool) -> Result<Arc<dyn Log>, LoadgenError> {
     Ok(open_log(
         &config(dir),
-        true,
+        create,
         Arc::new(SystemClock),
         Arc::new(Metrics::new()),
     )?)
