@@ -19,6 +19,8 @@
 //!   proves every money invariant, behind `hongbao audit`.
 //! - [`flows`]: log consumers with checkpoints: crediting lanes, payout lanes, compensation,
 //!   reconciliation. [`channels`]: the payment channel trait and its simulator.
+//! - [`logs`]: repeated log lines rate-limited per call site, with a count.
+//! - [`faults`]: injected disk faults for the fault tests (cargo feature `failpoints`).
 //! - [`tokens`]: HMAC-signed reward tokens. [`checkpoints`]: Ed25519-signed log heads (D4).
 //! - [`loadgen`]: the project's own load generator and its hello-world baseline.
 //! - [`cluster`]: many nodes on JetStream (issue 13, in progress): partitions, leases,
@@ -36,10 +38,12 @@ pub mod config;
 pub mod domain;
 pub mod events;
 pub mod export;
+pub mod faults;
 pub mod flows;
 pub mod http;
 pub mod ids;
 pub mod loadgen;
+pub mod logs;
 pub mod metrics;
 pub mod money;
 pub mod projections;

@@ -202,7 +202,7 @@ impl<A: Aggregate> AggregateActor<A> {
     /// Leaves the registry and stops; held replies are answered `Unavailable`.
     fn break_down(&mut self, ctx: &mut Context<Self>, why: &str) {
         if !self.broken {
-            tracing::warn!(stream = %self.stream, why, "actor stops; the next message replays the log");
+            crate::warn_limited!(stream = %self.stream, why, "actor stops; the next message replays the log");
         }
         self.broken = true;
         self.leave_registry();
@@ -262,11 +262,13 @@ impl<A: Aggregate> AggregateActor<A> {
                     store.save_snapshot_locally(&self.stream, self.version, &bytes)
                 };
                 if let Err(e) = saved {
-                    tracing::warn!(stream = %self.stream, error = %e, "snapshot not saved");
+                    crate::warn_limited!(stream = %self.stream, error = %e, "snapshot not saved");
                 }
                 self.events_since_snapshot = 0;
             }
-            Err(e) => tracing::warn!(stream = %self.stream, error = %e, "snapshot not encoded"),
+            Err(e) => {
+                crate::warn_limited!(stream = %self.stream, error = %e, "snapshot not encoded")
+            }
         }
     }
 }
@@ -279,7 +281,7 @@ fn load<A: Aggregate>(store: &dyn EventStore, stream: &str) -> Result<(A, u64, u
             Ok(state) => (state, version),
             Err(e) => {
                 // A snapshot is an optimisation; replaying from zero is always correct.
-                tracing::warn!(stream, error = %e, "ignoring undecodable snapshot");
+                crate::warn_limited!(stream, error = %e, "ignoring undecodable snapshot");
                 (A::default(), 0)
             }
         },

@@ -731,7 +731,7 @@ impl Layers {
         if checkpoint != self.saved {
             match save_checkpoint(&self.tree, FLOW, checkpoint) {
                 Ok(()) => self.saved = checkpoint,
-                Err(e) => tracing::warn!(error = %e, "coupon layers checkpoint not saved"),
+                Err(e) => crate::warn_limited!(error = %e, "coupon layers checkpoint not saved"),
             }
         }
         let backlog = &self.metrics.coupon_layer_backlog;
@@ -898,12 +898,12 @@ async fn settle_reward(coupons: &Coupons, entity: &str, claim: &RewardClaim, out
                 return settle_note(&coupons.wallets, claim).await;
             }
             Err(e) if transient(&e) => {
-                tracing::warn!(order_id = %claim.order_id, error = ?e, "coupon reward not settled yet; retrying");
+                crate::warn_limited!(order_id = %claim.order_id, error = ?e, "coupon reward not settled yet; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
             }
             Err(e) => {
-                tracing::error!(order_id = %claim.order_id, activity = %entity, error = ?e, "coupon reward cannot be settled");
+                crate::error_limited!(order_id = %claim.order_id, activity = %entity, error = ?e, "coupon reward cannot be settled");
                 return;
             }
         }
@@ -988,7 +988,7 @@ async fn execute_round(
             Ok(_) => failed = true,
             Err(e) => {
                 failed = true;
-                tracing::warn!(error = ?e, "coupon verdicts not recorded; retrying");
+                crate::warn_limited!(error = ?e, "coupon verdicts not recorded; retrying");
             }
         }
     }
@@ -1005,7 +1005,7 @@ async fn execute_round(
             }
             Err(e) => {
                 failed = true;
-                tracing::warn!(error = ?e, "coupon group command failed; retrying");
+                crate::warn_limited!(error = ?e, "coupon group command failed; retrying");
             }
         }
     }

@@ -111,7 +111,7 @@ impl OrderClaims {
             }
             Err(ExecError::Rejected(e)) => {
                 // Only a claim command of the wrong size: a bug in this module.
-                tracing::error!(error = %e, "order-id registry refused a claim command");
+                crate::error_limited!(error = %e, "order-id registry refused a claim command");
                 return Err(ExecError::Unavailable(e.to_string()));
             }
             Err(ExecError::Unavailable(why)) => return Err(ExecError::Unavailable(why)),

@@ -615,10 +615,10 @@ impl FlowTask {
                         if !transfer.mode_unknown {
                             match unknown {
                                 Err(e) => {
-                                    tracing::warn!(packet = %transfer.packet_id, error = %e, "cannot read the claimed packet; its transfers wait")
+                                    crate::warn_limited!(packet = %transfer.packet_id, error = %e, "cannot read the claimed packet; its transfers wait")
                                 }
                                 _ => {
-                                    tracing::error!(packet = %transfer.packet_id, "claim of a packet the log does not hold; its transfers wait (counted stuck)")
+                                    crate::error_limited!(packet = %transfer.packet_id, "claim of a packet the log does not hold; its transfers wait (counted stuck)")
                                 }
                             }
                         }
@@ -650,7 +650,7 @@ impl FlowTask {
                 self.packets.metrics.packet_transfers_total.inc();
             }
             Err(e) => {
-                tracing::warn!(packet = %transfer.packet_id, uid = %transfer.uid, error = %e, "share transfer failed; retrying");
+                crate::warn_limited!(packet = %transfer.packet_id, uid = %transfer.uid, error = %e, "share transfer failed; retrying");
                 self.waiting.push_back(transfer);
             }
         }
@@ -682,7 +682,7 @@ impl FlowTask {
                     self.retry_at.remove(&packet_id);
                 }
                 Err(e) => {
-                    tracing::warn!(packet = %packet_id, error = %e, "packet expiry failed; retrying");
+                    crate::warn_limited!(packet = %packet_id, error = %e, "packet expiry failed; retrying");
                     self.retry_at.insert(packet_id, now + RETRY_DELAY_MS);
                 }
             }

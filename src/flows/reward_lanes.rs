@@ -286,7 +286,7 @@ impl Lanes {
                 tracing::warn!(order_id = %item.claim.order_id, activity = %item.claim.activity_id, "reward voided: its order id was already credited from another activity");
             }
             Outcome::Parked(why) => {
-                tracing::error!(order_id = %item.claim.order_id, activity = %item.claim.activity_id, why, "reward cannot be credited; left pending");
+                crate::error_limited!(order_id = %item.claim.order_id, activity = %item.claim.activity_id, why, "reward cannot be credited; left pending");
             }
         }
     }
@@ -296,7 +296,7 @@ impl Lanes {
         if checkpoint != self.saved {
             match save_checkpoint(&self.tree, FLOW, checkpoint) {
                 Ok(()) => self.saved = checkpoint,
-                Err(e) => tracing::warn!(error = %e, "reward lanes checkpoint not saved"),
+                Err(e) => crate::warn_limited!(error = %e, "reward lanes checkpoint not saved"),
             }
         }
         let now = self.clock.now_ms();
@@ -397,7 +397,7 @@ pub(crate) async fn settle_note(wallets: &Arc<Registry<Wallet>>, claim: &RewardC
                 backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
             }
             Err(e) => {
-                tracing::error!(order_id = %claim.order_id, uid = %claim.uid, error = %e, "the wallet refused to settle a reward's note");
+                crate::error_limited!(order_id = %claim.order_id, uid = %claim.uid, error = %e, "the wallet refused to settle a reward's note");
                 return;
             }
         }

@@ -746,7 +746,7 @@ impl PayoutLanes {
                 self.delayed.push(std::cmp::Reverse((due, order_id)));
             }
             Err(e) => {
-                tracing::warn!(order_id = %order_id, error = %e, "payout step failed; retrying");
+                crate::warn_limited!(order_id = %order_id, error = %e, "payout step failed; retrying");
                 let due = self.withdrawals.clock.now_ms() + TRANSIENT_RETRY.as_millis() as i64;
                 self.delayed.push(std::cmp::Reverse((due, order_id)));
             }
@@ -821,7 +821,7 @@ async fn sweep(withdrawals: Arc<Withdrawals>, views: sled::Tree, mut stop: watch
                 return;
             }
             if let Err(e) = withdrawals.compensate(&order_id).await {
-                tracing::warn!(order_id = %order_id, error = %e, "compensation step failed; next sweep retries");
+                crate::warn_limited!(order_id = %order_id, error = %e, "compensation step failed; next sweep retries");
             }
         }
     }

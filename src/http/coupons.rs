@@ -150,7 +150,7 @@ impl From<IssueError> for ApiError {
             }
             IssueError::Overloaded(_) => ApiError::unavailable("overloaded", "retry shortly"),
             IssueError::Unavailable(why) => {
-                tracing::warn!(why, "coupon request unconfirmed");
+                crate::warn_limited!(why, "coupon request unconfirmed");
                 ApiError::unavailable(
                     "unavailable",
                     "the request could not be confirmed; retry with the same seq_no",

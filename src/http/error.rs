@@ -168,7 +168,7 @@ impl From<WalletError> for ApiError {
                     .with("order_id", order_id.to_string())
             }
             WalletError::WrongEntry { .. } => {
-                tracing::error!(error = %message, "a handler sent a misdirected wallet command");
+                crate::error_limited!(error = %message, "a handler sent a misdirected wallet command");
                 ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "internal",
@@ -221,7 +221,7 @@ impl From<ActivityError> for ApiError {
             // Slice protocol answers never reach a client as such: the intake turns a short
             // slice into a refill or `budget_exhausted`. Should one escape, it is a retry.
             ActivityError::SliceShort { .. } | ActivityError::SliceMismatch { .. } => {
-                tracing::error!(error = %message, "a slice answer reached the HTTP layer");
+                crate::error_limited!(error = %message, "a slice answer reached the HTTP layer");
                 ApiError::unavailable("unavailable", message)
             }
             ActivityError::NotMoney { .. } => {
@@ -236,7 +236,7 @@ impl<E: Into<ApiError>> From<ExecError<E>> for ApiError {
         match e {
             ExecError::Rejected(e) => e.into(),
             ExecError::Unavailable(why) => {
-                tracing::warn!(why, "command outcome unknown");
+                crate::warn_limited!(why, "command outcome unknown");
                 ApiError::unavailable(
                     "unavailable",
                     "the command could not be confirmed; retry with the same id",

@@ -235,7 +235,7 @@ pub async fn read_view<'a>(state: &'a AppState, name: &str) -> Result<&'a sled::
     let head = state.store.head();
     let wait = std::time::Duration::from_millis(state.config.server.read_wait_ms);
     if !state.projections.wait_for(name, head, wait).await {
-        tracing::warn!(
+        crate::warn_limited!(
             head,
             projection = name,
             "view lagging; answering from its last checkpoint"
@@ -251,7 +251,7 @@ pub async fn read_view<'a>(state: &'a AppState, name: &str) -> Result<&'a sled::
 
 /// A failed view read: logged, answered 503.
 pub fn view_error(e: StoreError) -> ApiError {
-    tracing::error!(error = %e, "view read failed");
+    crate::error_limited!(error = %e, "view read failed");
     ApiError::unavailable("view_unavailable", "a view cannot be read right now; retry")
 }
 

@@ -90,7 +90,7 @@ pub async fn set_switch(
             format!("no switch named {name}; see GET /v1/admin/switches"),
         ),
         ExecError::Unavailable(why) => {
-            tracing::warn!(why, "switch change unconfirmed");
+            crate::warn_limited!(why, "switch change unconfirmed");
             ApiError::unavailable("unavailable", "the change could not be confirmed; retry")
         }
         ExecError::Overloaded => ApiError::unavailable("overloaded", "retry shortly"),

@@ -257,7 +257,7 @@ impl From<PacketFlowError> for ApiError {
                 ApiError::new(StatusCode::CONFLICT, "wrong_mode", message)
             }
             PacketFlowError::Unavailable(why) => {
-                tracing::warn!(why, "packet step unconfirmed");
+                crate::warn_limited!(why, "packet step unconfirmed");
                 ApiError::unavailable(
                     "unavailable",
                     "the step could not be confirmed; retry with the same ids",
@@ -506,7 +506,7 @@ pub async fn claim(
             }))
         }
         Ok(other) => {
-            tracing::error!(reply = ?other, "unexpected packet reply to a claim");
+            crate::error_limited!(reply = ?other, "unexpected packet reply to a claim");
             Err(ApiError::unavailable("unavailable", "retry"))
         }
         Err(e) => {

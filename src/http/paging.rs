@@ -160,7 +160,7 @@ pub fn respond<T: Serialize>(
                 response.insert_header((LINK, value));
             }
             Err(_) => {
-                tracing::error!(link, "a next-page link is not a header value");
+                crate::error_limited!(link, "a next-page link is not a header value");
                 return ApiError::unavailable("link_unavailable", "cannot link the next page")
                     .error_response();
             }

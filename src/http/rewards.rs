@@ -667,7 +667,7 @@ pub async fn set_budget(
             rewards: None,
         })),
         other => {
-            tracing::error!(reply = ?other, "unexpected activity reply to SetBudget");
+            crate::error_limited!(reply = ?other, "unexpected activity reply to SetBudget");
             Err(ApiError::unavailable(
                 "unavailable",
                 "unexpected reply; retry",

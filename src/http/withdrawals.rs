@@ -788,7 +788,7 @@ fn statement_lines(
                 .statement_after(channel, after.as_deref(), STATEMENT_STREAM_CHUNK_LINES)
                 .await
                 .map_err(|e| {
-                    tracing::error!(error = %e, %channel, "statement stream cut by a read failure");
+                    crate::error_limited!(error = %e, %channel, "statement stream cut by a read failure");
                     actix_web::error::ErrorServiceUnavailable("statement read failed")
                 })?;
             if lines.is_empty() {
