@@ -1058,6 +1058,9 @@ fn list(common: Common, store: StoreArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
+    // Injected disk faults for the fault tests; nothing without the `failpoints` feature.
+    #[allow(clippy::let_unit_value)]
+    let _faults = hongbao::faults::setup();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve {

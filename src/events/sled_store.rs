@@ -851,21 +851,25 @@ impl Writer {
         }
 
         let flush_started = Instant::now();
-        let written = self.journal.apply_batch(batch).and_then(|_| {
-            match self.fault.take() {
-                None => {}
-                Some(FaultMode::Hold { reached, release }) => {
-                    let _ = reached.send(());
-                    let _ = release.recv();
+        let written = crate::faults::injected("journal-write")
+            .map_err(sled::Error::Io)
+            .and_then(|_| self.journal.apply_batch(batch))
+            .and_then(|_| {
+                match self.fault.take() {
+                    None => {}
+                    Some(FaultMode::Hold { reached, release }) => {
+                        let _ = reached.send(());
+                        let _ = release.recv();
+                    }
+                    Some(FaultMode::Fail) => {
+                        return Err(sled::Error::Io(std::io::Error::other(
+                            "injected flush failure (test seam)",
+                        )))
+                    }
                 }
-                Some(FaultMode::Fail) => {
-                    return Err(sled::Error::Io(std::io::Error::other(
-                        "injected flush failure (test seam)",
-                    )))
-                }
-            }
-            self.db.flush()
-        });
+                crate::faults::injected("journal-flush").map_err(sled::Error::Io)?;
+                self.db.flush()
+            });
         if let Err(e) = written {
             tracing::error!(error = %e, "journal write failed; stopping the journal (fail-stop)");
             // Unhealthy before anyone hears of the failure: a client told `Unavailable` finds

@@ -36,8 +36,14 @@ pub(crate) fn start_with(dir: &Path, extra: &[&str]) -> Server {
 /// Runs the binary with `args` and the test keys, and waits (30 s at most) for the log line
 /// containing `ready` that gives the port it listens on (`port=N`).
 pub(crate) fn spawn_binary(args: &[&str], ready: &'static str) -> Server {
+    spawn_binary_env(args, ready, &[])
+}
+
+/// As `spawn_binary`, with extra environment variables (e.g. `FAILPOINTS`).
+pub(crate) fn spawn_binary_env(args: &[&str], ready: &'static str, env: &[(&str, &str)]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_hongbao"))
         .args(args)
+        .envs(env.iter().copied())
         .env("NO_COLOR", "1")
         .env("RUST_LOG", "info")
         .env("HONGBAO_ADMIN_KEY", ADMIN)

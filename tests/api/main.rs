@@ -5,6 +5,8 @@ mod cli;
 mod cluster;
 mod coupons;
 mod crash;
+#[cfg(feature = "failpoints")]
+mod disk_faults;
 mod jetstream;
 mod jetstream_faults;
 mod lists;

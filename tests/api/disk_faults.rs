@@ -1,0 +1,158 @@
+//! Injected disk faults on the real binary (issue 15; cargo feature `failpoints`, which
+//! `.ci/run` turns on for these tests: `cargo test --features failpoints --test api disk_faults`).
+//!
+//! A flush that fails as a full disk does stops the journal (fail-stop): `/readyz` answers 503,
+//! every command 503 with `Retry-After`, nothing is acknowledged after the failure, the log
+//! holds a few lines about it and not one per refused request, and a restart holds every
+//! acknowledged deposit exactly once.
+
+use super::crash::{ledger, spawn_binary_env, start_with};
+use super::ADMIN;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Wallets the deposits go to.
+const WALLETS: usize = 4;
+/// Requests fired at the stopped journal, from [`WORKERS`] concurrent clients.
+const REFUSED: usize = 2_000;
+const WORKERS: usize = 16;
+/// Log lines allowed for all of [`REFUSED`] together (one per request would be thousands).
+const LINES_MAX: usize = 120;
+
+async fn deposit(
+    client: &reqwest::Client,
+    base: &str,
+    uid: &str,
+    order: &str,
+    amount: i64,
+) -> reqwest::Response {
+    client
+        .post(format!("{base}/v1/wallets/{uid}/change/deposits"))
+        .bearer_auth(ADMIN)
+        .json(&serde_json::json!({"order_id": order, "amount": amount}))
+        .send()
+        .await
+        .expect("the server answers")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_stops_the_journal_with_503s_few_log_lines_and_loses_no_acknowledged_deposit() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    // The first 25 flushes pass; every later one fails as a full disk does.
+    let server = spawn_binary_env(
+        &["serve", "--data-dir", data, "--addr", "127.0.0.1:0"],
+        "hongbao listening",
+        &[("FAILPOINTS", "journal-flush=25*off->return(enospc)")],
+    );
+    let base = server.base();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+
+    // One deposit at a time until the disk is full: each either acknowledged or refused.
+    let mut acked: Vec<(String, String, i64)> = Vec::new();
+    let mut failed_order = None;
+    for n in 0..200usize {
+        let (uid, order, amount) = (
+            format!("df{}", n % WALLETS),
+            format!("df-{n}"),
+            n as i64 + 1,
+        );
+        let response = deposit(&client, &base, &uid, &order, amount).await;
+        match response.status().as_u16() {
+            201 => acked.push((uid, order, amount)),
+            503 => {
+                failed_order = Some(order);
+                break;
+            }
+            other => panic!("deposit {order}: {other} {:?}", response.text().await),
+        }
+    }
+    let failed_order = failed_order.expect("the injected full disk refused a deposit");
+    assert!(!acked.is_empty(), "some deposits before the disk filled");
+    let ready = client.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status().as_u16(), 503, "/readyz after the failure");
+
+    // Thousands of requests at the stopped journal: each 503 with Retry-After, and the log
+    // takes a few lines for all of them.
+    let lines_before = server.log.lock().unwrap().len();
+    let statuses = Arc::new(std::sync::Mutex::new(HashMap::<String, usize>::new()));
+    let tasks: Vec<_> = (0..WORKERS)
+        .map(|w| {
+            let (client, base, statuses) = (client.clone(), base.clone(), statuses.clone());
+            tokio::spawn(async move {
+                for n in 0..REFUSED / WORKERS {
+                    let (uid, order) = (format!("df{}", n % WALLETS), format!("late-{w}-{n}"));
+                    let response = deposit(&client, &base, &uid, &order, 7).await;
+                    let status = response.status().as_u16();
+                    let retry_after = response.headers().contains_key("retry-after");
+                    let key = format!("{status} retry-after={retry_after}");
+                    *statuses.lock().unwrap().entry(key).or_default() += 1;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let statuses = statuses.lock().unwrap().clone();
+    assert_eq!(
+        statuses,
+        HashMap::from([("503 retry-after=true".to_owned(), REFUSED)]),
+        "every request after the failure: 503 with Retry-After"
+    );
+    // The limited lines pass at one per second: give the count line a chance to come.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let _ = deposit(&client, &base, "df0", "late-last", 7).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let lines: Vec<String> = server.log.lock().unwrap()[lines_before..].to_vec();
+    assert!(
+        lines.len() <= LINES_MAX,
+        "{} log lines for {REFUSED} refused requests; the first 40:\n{}",
+        lines.len(),
+        lines[..40.min(lines.len())].join("\n")
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("suppressed=") && !l.contains("suppressed=0")),
+        "no line counts the warnings held back:\n{}",
+        lines.join("\n")
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains("panicked")),
+        "{}",
+        lines.join("\n")
+    );
+
+    // A restart on a disk with room: every acknowledged deposit once, nothing refused after
+    // the failure, the one refused by the failed flush at most once (its outcome was unknown).
+    server.kill9();
+    let server = start_with(dir.path(), &[]);
+    let base = server.base();
+    let acked_orders: BTreeSet<&str> = acked.iter().map(|(_, o, _)| o.as_str()).collect();
+    let mut seen = BTreeSet::new();
+    for uid in (0..WALLETS).map(|i| format!("df{i}")) {
+        let (balance, entries) = ledger(&client, &base, &uid).await;
+        let mut sum = 0;
+        for entry in &entries {
+            let order = entry["order_id"].as_str().unwrap().to_owned();
+            sum += entry["amount"].as_i64().unwrap();
+            assert!(
+                acked_orders.contains(order.as_str()) || order == failed_order,
+                "{uid}: {order} is in the ledger but was never acknowledged: {entries:?}"
+            );
+            assert!(seen.insert(order.clone()), "{order} twice");
+        }
+        assert_eq!(balance, sum, "{uid}: balance != ledger");
+    }
+    for order in &acked_orders {
+        assert!(seen.contains(*order), "acknowledged {order} lost");
+    }
+    let ready = client.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status().as_u16(), 200, "/readyz after the restart");
+    server.terminate();
+}
