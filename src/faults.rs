@@ -10,6 +10,7 @@
 //! |---|---|---|
 //! | `journal-write` | the journal applies a batch to the log's tree | fail-stop: nothing of the batch acknowledged or visible |
 //! | `journal-flush` | the journal flushes that batch | fail-stop, the batch taken back out of the tree |
+//! | `view-commit` | a view's commit (its rows and checkpoint, one atomic batch) | the view stays at its checkpoint and is retried from the log; the journal goes on |
 //!
 //! Without the feature [`injected`] is `Ok(())` and the points cost nothing.
 

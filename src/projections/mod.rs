@@ -111,6 +111,7 @@ impl<'a> ViewTx<'a> {
             }
         }
         batch.insert(CHECKPOINT_KEY, &checkpoint.to_be_bytes());
+        crate::faults::injected("view-commit").map_err(|e| StoreError::Io(e.to_string()))?;
         self.tree
             .apply_batch(batch)
             .map_err(|e| StoreError::Io(e.to_string()))
@@ -354,10 +355,14 @@ struct Running {
     tree: sled::Tree,
     at: u64,
     publish: watch::Sender<u64>,
-    /// Set when an event could not be applied: the view stays at its checkpoint (it must not
-    /// skip the event) until a restart or a rebuild.
+    /// Set when events could not be applied (a failed write, an event it cannot apply): the
+    /// view stays at its checkpoint (it must not skip the event) and is retried from the log
+    /// every [`STALLED_RETRY`] until it is back with the others.
     stalled: bool,
 }
+
+/// How often a stalled view is retried from the log.
+const STALLED_RETRY: Duration = Duration::from_secs(1);
 
 fn run(
     store: Arc<dyn EventStore>,
@@ -371,16 +376,26 @@ fn run(
     };
     runtime.block_on(async move {
         let from = running.iter().map(|r| r.at).min().unwrap_or(0) + 1;
-        let mut subscription = Subscription::new(store, from, APPLY_BATCH_EVENTS_MAX);
+        let mut subscription = Subscription::new(store.clone(), from, APPLY_BATCH_EVENTS_MAX);
+        // The last sequence the subscription delivered to the views.
+        let mut delivered = from - 1;
+        let mut retry = tokio::time::interval(STALLED_RETRY);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 events = subscription.next() => match events {
-                    Ok(events) => apply_all(&mut running, &events, &metrics),
+                    Ok(events) => {
+                        delivered = events.last().map_or(delivered, |e| e.seq.max(delivered));
+                        apply_all(&mut running, &events, &metrics);
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, "projection runner cannot read the log; retrying");
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
                 },
+                _ = retry.tick(), if running.iter().any(|r| r.stalled) => {
+                    retry_stalled(store.as_ref(), &mut running, delivered, &metrics);
+                }
                 _ = stop.wait_for(|s| *s) => {
                     // Catch up with whatever is durable, then stop.
                     while let Ok(events) = subscription.try_next() {
@@ -398,24 +413,87 @@ fn run(
 
 fn apply_all(running: &mut [Running], events: &[Arc<Envelope>], metrics: &Metrics) {
     for r in running.iter_mut().filter(|r| !r.stalled) {
-        match apply_events(r.projection.as_ref(), &r.tree, events, r.at) {
-            Ok(last) => {
-                r.at = last;
-                r.publish.send_replace(last);
-                metrics
-                    .projection_checkpoint_seq
-                    .with_label_values(&[r.projection.name()])
-                    .set(last as i64);
+        apply_one(r, events, metrics);
+    }
+}
+
+/// Applies `events` to one view; on a failure the view stalls at the checkpoint its tree holds
+/// (a commit of an earlier chunk of `events` may have gone through before it).
+fn apply_one(r: &mut Running, events: &[Arc<Envelope>], metrics: &Metrics) {
+    match apply_events(r.projection.as_ref(), &r.tree, events, r.at) {
+        Ok(last) => {
+            r.at = last;
+            r.publish.send_replace(last);
+            metrics
+                .projection_checkpoint_seq
+                .with_label_values(&[r.projection.name()])
+                .set(last as i64);
+        }
+        Err(e) => {
+            r.stalled = true;
+            crate::error_limited!(
+                projection = r.projection.name(),
+                checkpoint = r.at,
+                error = %e,
+                "projection cannot apply events; it stays at its checkpoint and is retried from the log"
+            );
+            match checkpoint(&r.tree) {
+                Ok(at) if at > r.at => {
+                    r.at = at;
+                    r.publish.send_replace(at);
+                }
+                Ok(_) => {}
+                // The retry reads it again before applying anything.
+                Err(_) => {}
             }
+        }
+    }
+}
+
+/// Brings stalled views up to `delivered` from the log (the subscription has moved past the
+/// events they missed); a view that gets there follows the subscription again.
+fn retry_stalled(
+    store: &dyn EventStore,
+    running: &mut [Running],
+    delivered: u64,
+    metrics: &Metrics,
+) {
+    for r in running.iter_mut().filter(|r| r.stalled) {
+        // What the tree holds is what was committed: start after it, never from a guess.
+        match checkpoint(&r.tree) {
+            Ok(at) => r.at = at,
             Err(e) => {
-                r.stalled = true;
-                tracing::error!(
-                    projection = r.projection.name(),
-                    checkpoint = r.at,
-                    error = %e,
-                    "projection cannot apply an event; it stays at its checkpoint"
-                );
+                crate::error_limited!(projection = r.projection.name(), error = %e, "cannot read a stalled view's checkpoint");
+                continue;
             }
+        }
+        r.stalled = false;
+        while r.at < delivered {
+            let limit = APPLY_BATCH_EVENTS_MAX.min((delivered - r.at) as usize);
+            let events = match store.read_all(r.at + 1, limit) {
+                Ok(events) if !events.is_empty() => events,
+                // Below what was delivered, the log cannot be empty: try again later.
+                Ok(_) => {
+                    r.stalled = true;
+                    break;
+                }
+                Err(e) => {
+                    crate::error_limited!(projection = r.projection.name(), error = %e, "cannot read the log for a stalled view");
+                    r.stalled = true;
+                    break;
+                }
+            };
+            apply_one(r, &events, metrics);
+            if r.stalled {
+                break;
+            }
+        }
+        if !r.stalled {
+            tracing::info!(
+                projection = r.projection.name(),
+                checkpoint = r.at,
+                "stalled view caught up from the log"
+            );
         }
     }
 }

@@ -156,3 +156,98 @@ async fn a_full_disk_stops_the_journal_with_503s_few_log_lines_and_loses_no_ackn
     assert_eq!(ready.status().as_u16(), 200, "/readyz after the restart");
     server.terminate();
 }
+
+/// The samples of `name` in a Prometheus text, by their whole label set.
+fn samples(metrics: &str, name: &str) -> Vec<(String, f64)> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_view_write_leaves_the_view_whole_and_it_catches_up_from_the_log() {
+    // Goal: one view commit fails (a disk error in the derived-state database); the journal
+    // goes on acknowledging, the view that failed stays at its checkpoint, is brought up to
+    // the log from there without the server restarting, and equals a rebuild afterwards.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let server = spawn_binary_env(
+        &["serve", "--data-dir", data, "--addr", "127.0.0.1:0"],
+        "hongbao listening",
+        &[("FAILPOINTS", "view-commit=20*off->1*return(eio)->off")],
+    );
+    let base = server.base();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let mut total = 0;
+    for n in 0..80i64 {
+        let order = format!("vf-{n}");
+        let response = deposit(&client, &base, "vf0", &order, n + 1).await;
+        assert_eq!(
+            response.status().as_u16(),
+            201,
+            "{order}: the journal is not affected"
+        );
+        total += n + 1;
+    }
+    let failed = || {
+        server
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("projection cannot apply events"))
+    };
+    assert!(failed(), "the injected view failure did not happen");
+
+    // Every view back at the log's head, from the log, within a few retries.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (head, checkpoints) = loop {
+        let metrics = client
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let head = samples(&metrics, "hongbao_log_head_seq")[0].1;
+        let checkpoints = samples(&metrics, "hongbao_projection_checkpoint_seq");
+        if checkpoints.len() >= 3 && checkpoints.iter().all(|(_, at)| *at == head) {
+            break (head, checkpoints);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "views not back at the head {head}: {checkpoints:?}\n{}",
+            server.log.lock().unwrap().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(head >= 80.0, "{head} {checkpoints:?}");
+    assert!(
+        server
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("stalled view caught up from the log")),
+        "the view came back without the retry?"
+    );
+    let (balance, entries) = ledger(&client, &base, "vf0").await;
+    assert_eq!(balance, total);
+    assert_eq!(entries.len(), 80);
+    server.terminate();
+
+    // Every view equals a rebuild from the log up to its checkpoint.
+    let (ok, out) = super::crash::command(&["audit", "--data-dir", data]);
+    assert!(ok, "audit failed:\n{out}");
+    assert!(out.contains("result: OK"), "{out}");
+    assert!(!out.contains("no view built yet"), "{out}");
+}
