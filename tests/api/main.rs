@@ -7,6 +7,7 @@ mod coupons;
 mod crash;
 #[cfg(feature = "failpoints")]
 mod disk_faults;
+mod full_disk;
 mod jetstream;
 mod jetstream_faults;
 mod lists;
