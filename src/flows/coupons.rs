@@ -903,7 +903,7 @@ async fn settle_reward(coupons: &Coupons, entity: &str, claim: &RewardClaim, out
                 backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
             }
             Err(e) => {
-                crate::error_limited!(order_id = %claim.order_id, activity = %entity, error = ?e, "coupon reward cannot be settled");
+                tracing::error!(order_id = %claim.order_id, activity = %entity, error = ?e, "coupon reward cannot be settled");
                 return;
             }
         }

@@ -286,7 +286,7 @@ impl Lanes {
                 tracing::warn!(order_id = %item.claim.order_id, activity = %item.claim.activity_id, "reward voided: its order id was already credited from another activity");
             }
             Outcome::Parked(why) => {
-                crate::error_limited!(order_id = %item.claim.order_id, activity = %item.claim.activity_id, why, "reward cannot be credited; left pending");
+                tracing::error!(order_id = %item.claim.order_id, activity = %item.claim.activity_id, why, "reward cannot be credited; left pending");
             }
         }
     }
@@ -397,7 +397,7 @@ pub(crate) async fn settle_note(wallets: &Arc<Registry<Wallet>>, claim: &RewardC
                 backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
             }
             Err(e) => {
-                crate::error_limited!(order_id = %claim.order_id, uid = %claim.uid, error = %e, "the wallet refused to settle a reward's note");
+                tracing::error!(order_id = %claim.order_id, uid = %claim.uid, error = %e, "the wallet refused to settle a reward's note");
                 return;
             }
         }

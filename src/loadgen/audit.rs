@@ -16,6 +16,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
+/// Written into the data directory once a mixed log is built, so that a log left by an
+/// interrupted build is told apart from a finished one.
+const BUILT_MARKER: &str = "loadgen-audit-built";
+
 /// One replay of the log by the audit.
 #[derive(Debug, Clone)]
 pub struct AuditRow {
@@ -56,9 +60,16 @@ pub fn table(args: &LoadgenArgs) -> Result<Vec<AuditRow>, LoadgenError> {
     let empty = store.head() == 0;
     // Each run opens the log afresh, as `hongbao audit` does; the build's servers open it too.
     close(&runtime, store)?;
+    let marker = dir.join(BUILT_MARKER);
     if empty {
         println!("no log in {}: building a mixed one first", dir.display());
         build(args, &dir)?;
+        std::fs::write(&marker, b"built by hongbao loadgen audit\n")?;
+    } else if !marker.exists() {
+        println!(
+            "note: the log in {} was not built by `loadgen audit` (or its build was interrupted): replaying it as it is",
+            dir.display()
+        );
     }
     let channels = if dir.join("channels").exists() {
         Some(SimulatedChannels::open(&dir, Arc::new(SystemClock))?)

@@ -413,45 +413,60 @@ fn run(
 
 fn apply_all(running: &mut [Running], events: &[Arc<Envelope>], metrics: &Metrics) {
     for r in running.iter_mut().filter(|r| !r.stalled) {
-        apply_one(r, events, metrics);
+        apply_one(r, events, metrics, false);
     }
 }
 
+/// Moves a view's checkpoint where its readers and `/metrics` see it.
+fn publish(r: &mut Running, at: u64, metrics: &Metrics) {
+    r.at = at;
+    r.publish.send_replace(at);
+    metrics
+        .projection_checkpoint_seq
+        .with_label_values(&[r.projection.name()])
+        .set(at as i64);
+}
+
 /// Applies `events` to one view; on a failure the view stalls at the checkpoint its tree holds
-/// (a commit of an earlier chunk of `events` may have gone through before it).
-fn apply_one(r: &mut Running, events: &[Arc<Envelope>], metrics: &Metrics) {
+/// (a commit of an earlier chunk of `events` may have gone through before it). The first
+/// failure of a stall is always logged; a retry's failure through the limited line.
+fn apply_one(r: &mut Running, events: &[Arc<Envelope>], metrics: &Metrics, retrying: bool) {
     match apply_events(r.projection.as_ref(), &r.tree, events, r.at) {
-        Ok(last) => {
-            r.at = last;
-            r.publish.send_replace(last);
-            metrics
-                .projection_checkpoint_seq
-                .with_label_values(&[r.projection.name()])
-                .set(last as i64);
-        }
+        Ok(last) => publish(r, last, metrics),
         Err(e) => {
             r.stalled = true;
-            crate::error_limited!(
-                projection = r.projection.name(),
-                checkpoint = r.at,
-                error = %e,
-                "projection cannot apply events; it stays at its checkpoint and is retried from the log"
-            );
-            match checkpoint(&r.tree) {
-                Ok(at) if at > r.at => {
-                    r.at = at;
-                    r.publish.send_replace(at);
+            if retrying {
+                crate::error_limited!(
+                    projection = r.projection.name(),
+                    checkpoint = r.at,
+                    error = %e,
+                    "a stalled view failed again; retried from the log"
+                );
+            } else {
+                tracing::error!(
+                    projection = r.projection.name(),
+                    checkpoint = r.at,
+                    error = %e,
+                    "projection cannot apply events; it stays at its checkpoint and is retried from the log"
+                );
+            }
+            // The retry reads the checkpoint again before applying anything.
+            if let Ok(at) = checkpoint(&r.tree) {
+                if at > r.at {
+                    publish(r, at, metrics);
                 }
-                Ok(_) => {}
-                // The retry reads it again before applying anything.
-                Err(_) => {}
             }
         }
     }
 }
 
-/// Brings stalled views up to `delivered` from the log (the subscription has moved past the
-/// events they missed); a view that gets there follows the subscription again.
+/// Chunks of the log a stalled view replays per retry, at most: the healthy views and a
+/// stop wait while it does.
+const STALLED_RETRY_CHUNKS: usize = 4;
+
+/// Brings stalled views towards `delivered` from the log (the subscription has moved past the
+/// events they missed), a few chunks per retry; a view that gets there follows the
+/// subscription again.
 fn retry_stalled(
     store: &dyn EventStore,
     running: &mut [Running],
@@ -461,34 +476,36 @@ fn retry_stalled(
     for r in running.iter_mut().filter(|r| r.stalled) {
         // What the tree holds is what was committed: start after it, never from a guess.
         match checkpoint(&r.tree) {
-            Ok(at) => r.at = at,
+            Ok(at) if at != r.at => publish(r, at, metrics),
+            Ok(_) => {}
             Err(e) => {
                 crate::error_limited!(projection = r.projection.name(), error = %e, "cannot read a stalled view's checkpoint");
                 continue;
             }
         }
-        r.stalled = false;
-        while r.at < delivered {
+        for _ in 0..STALLED_RETRY_CHUNKS {
+            if r.at >= delivered {
+                break;
+            }
             let limit = APPLY_BATCH_EVENTS_MAX.min((delivered - r.at) as usize);
             let events = match store.read_all(r.at + 1, limit) {
                 Ok(events) if !events.is_empty() => events,
                 // Below what was delivered, the log cannot be empty: try again later.
-                Ok(_) => {
-                    r.stalled = true;
-                    break;
-                }
+                Ok(_) => break,
                 Err(e) => {
                     crate::error_limited!(projection = r.projection.name(), error = %e, "cannot read the log for a stalled view");
-                    r.stalled = true;
                     break;
                 }
             };
-            apply_one(r, &events, metrics);
+            r.stalled = false;
+            apply_one(r, &events, metrics, true);
             if r.stalled {
                 break;
             }
+            r.stalled = true;
         }
-        if !r.stalled {
+        if r.at >= delivered {
+            r.stalled = false;
             tracing::info!(
                 projection = r.projection.name(),
                 checkpoint = r.at,

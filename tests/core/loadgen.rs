@@ -239,6 +239,10 @@ fn the_audit_scenario_builds_a_mixed_log_once_and_replays_all_of_it_each_run() {
     assert_eq!(rows.len(), 2);
     let head = rows[0].head;
     assert!(head > 1_000, "a mixed log of a few seconds: {rows:?}");
+    assert!(
+        dir.path().join("loadgen-audit-built").exists(),
+        "a finished build is marked"
+    );
     let kinds = stream_kinds(dir.path());
     for kind in ["wallet", "activity", "packet", "withdrawal", "coupon-batch"] {
         assert!(kinds.contains(kind), "no {kind} stream in {kinds:?}");
