@@ -122,6 +122,10 @@ impl ExportReport {
 }
 
 fn parse_hash(field: &str, text: &str) -> Result<Hash, String> {
+    // Exactly as exported (lower-case hex): one hash, one spelling.
+    if text.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(format!("{field} is not lower-case hex"));
+    }
     let bytes = hex::decode(text).map_err(|_| format!("{field} is not hex"))?;
     bytes
         .try_into()
@@ -130,8 +134,10 @@ fn parse_hash(field: &str, text: &str) -> Result<Hash, String> {
 
 /// Checks one line against the previous line's hash; returns its hash.
 fn check_line(line: &str, prev: Option<&Hash>) -> Result<(ExportLine, Hash), String> {
-    let parsed: ExportLine =
+    let value: serde_json::Value =
         serde_json::from_str(line).map_err(|e| format!("not an export line: {e}"))?;
+    let parsed: ExportLine =
+        serde_json::from_value(value.clone()).map_err(|e| format!("not an export line: {e}"))?;
     let prev_hash = parse_hash("prev_hash", &parsed.prev_hash)?;
     let hash = parse_hash("hash", &parsed.hash)?;
     match prev {
@@ -157,7 +163,10 @@ fn check_line(line: &str, prev: Option<&Hash>) -> Result<(ExportLine, Hash), Str
         event_id: parsed
             .event_id
             .parse()
-            .map_err(|_| "event_id is not a number".to_string())?,
+            .ok()
+            // Exactly as exported: no sign, no leading zero.
+            .filter(|id: &u128| id.to_string() == parsed.event_id)
+            .ok_or_else(|| "event_id is not a number as exported".to_string())?,
         correlation_id: parsed.correlation_id.clone(),
         recorded_at_ms: parsed.recorded_at_ms,
         schema_version: parsed.schema_version,
@@ -170,6 +179,19 @@ fn check_line(line: &str, prev: Option<&Hash>) -> Result<(ExportLine, Hash), Str
         .map_err(|e| format!("cannot encode: {e}"))?;
     if chain_hash(&prev_hash, &record) != hash {
         return Err("hash does not match the line's contents (the record was altered)".into());
+    }
+    // Nothing in the line beside its record: a field added (which the hash does not cover
+    // and a reader might take for part of the record) or one left out (a null read back as
+    // the default) is an edit. Key order, whitespace and escapes are the JSON's own: a file
+    // passed through `jq -c` still verifies.
+    match serde_json::to_value(&parsed) {
+        Ok(exported) if exported == value => {}
+        _ => {
+            return Err(
+                "the line holds fields its record does not, or lacks some (edited; its record is intact)"
+                    .into(),
+            )
+        }
     }
     Ok((parsed, hash))
 }

@@ -7,6 +7,7 @@ mod audit_mutations;
 mod cluster;
 mod compensation;
 mod fixtures;
+mod fuzz;
 mod jetstream;
 mod loadgen;
 #[path = "../support/nats.rs"]
