@@ -8,6 +8,7 @@ mod crash;
 #[cfg(feature = "failpoints")]
 mod disk_faults;
 mod full_disk;
+mod fuzz;
 mod jetstream;
 mod jetstream_faults;
 mod lists;

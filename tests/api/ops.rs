@@ -55,7 +55,7 @@ async fn unknown_routes_and_methods_get_json_errors() {
 
 /// A documented path with its parameters filled: `bank` for a channel (so the statement is
 /// really read), `doc-1` for every id.
-fn concrete(path: &str, id: &str) -> String {
+pub(crate) fn concrete(path: &str, id: &str) -> String {
     let mut out = String::new();
     let mut rest = path;
     while let Some(open) = rest.find('{') {
