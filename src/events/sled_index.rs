@@ -233,6 +233,8 @@ pub(super) struct StreamIndex {
     alive: Arc<AtomicBool>,
     /// Test seam: the indexer's next write fails.
     fail_next: Arc<AtomicBool>,
+    /// Why the indexer stopped, when a failure stopped it (for the journal's fail-stop line).
+    stopped_because: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl StreamIndex {
@@ -314,6 +316,7 @@ impl StreamIndex {
             indexed: Arc::new(AtomicU64::new(last_seq)),
             paused: Arc::new(AtomicBool::new(false)),
             alive: Arc::new(AtomicBool::new(false)),
+            stopped_because: Arc::default(),
             fail_next: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -384,6 +387,15 @@ impl StreamIndex {
         }
     }
 
+    /// Why the indexer stopped (its failed write), or that it ended without one (a panic).
+    pub(super) fn stop_reason(&self) -> String {
+        self.stopped_because
+            .lock()
+            .ok()
+            .and_then(|why| why.clone())
+            .unwrap_or_else(|| "the indexer thread ended without an error (a panic?)".into())
+    }
+
     /// Waits until the tree holds every entry up to `seq`. False on timeout.
     pub(super) fn wait_indexed(&self, seq: u64, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
@@ -437,6 +449,7 @@ impl StreamIndex {
             indexed: self.indexed.clone(),
             paused: self.paused.clone(),
             fail_next: self.fail_next.clone(),
+            stopped_because: self.stopped_because.clone(),
             receiver,
             head,
             healthy,
@@ -520,6 +533,7 @@ struct Indexer {
     indexed: Arc<AtomicU64>,
     paused: Arc<AtomicBool>,
     fail_next: Arc<AtomicBool>,
+    stopped_because: Arc<std::sync::Mutex<Option<String>>>,
     receiver: std::sync::mpsc::Receiver<IndexBatch>,
     head: Arc<AtomicU64>,
     healthy: Arc<AtomicBool>,
@@ -560,6 +574,9 @@ impl Indexer {
                 // bound); reads stay whole meanwhile (the entries stay in the tail), and a
                 // restart indexes from the checkpoint.
                 tracing::error!(error = %e, "cannot write the stream index; the indexer stops");
+                if let Ok(mut why) = self.stopped_because.lock() {
+                    *why = Some(format!("cannot write the stream index: {e}"));
+                }
                 self.healthy.store(false, Ordering::Release);
                 return;
             }

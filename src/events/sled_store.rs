@@ -713,11 +713,12 @@ impl Writer {
             // bound: the journal stops as on a failed flush (fail-stop; a restart indexes from
             // the index's checkpoint).
             if !self.index.throttle(self.next_seq - 1, &self.metrics) {
-                tracing::error!("the stream indexer has stopped; stopping the journal (fail-stop)");
+                let why = self.index.stop_reason();
+                tracing::error!(%why, "the stream indexer has stopped; stopping the journal (fail-stop)");
                 for request in std::mem::take(&mut batch) {
-                    let _ = request.reply.send(Err(AppendError::Unavailable(
-                        "the stream indexer has stopped".into(),
-                    )));
+                    let _ = request.reply.send(Err(AppendError::Unavailable(format!(
+                        "the stream indexer has stopped: {why}"
+                    ))));
                 }
                 self.fail_remaining();
                 break;
