@@ -266,6 +266,15 @@ pub struct ServerConfig {
     /// Longer than the JetStream log's request timeout (15 s): an HTTP worker held by a log
     /// read while the log elects a leader must not turn requests that did arrive into 408s.
     pub request_head_timeout_ms: u64,
+    /// Requests per second one API key may make (0: no limit); 429 `rate_limited` beyond.
+    pub per_key_per_s: u32,
+    /// Requests one API key may make at once before `per_key_per_s` applies (0: as many as
+    /// `per_key_per_s`).
+    pub per_key_burst: u32,
+    /// Requests per second for one user's wallet paths (`/v1/wallets/{uid}/...`; 0: no limit).
+    pub per_uid_per_s: u32,
+    /// Burst of `per_uid_per_s` (0: as many as `per_uid_per_s`).
+    pub per_uid_burst: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -337,6 +346,10 @@ impl Default for ServerConfig {
             shutdown_timeout_s: 30,
             read_wait_ms: 1000,
             request_head_timeout_ms: 20_000,
+            per_key_per_s: 0,
+            per_key_burst: 0,
+            per_uid_per_s: 0,
+            per_uid_burst: 0,
         }
     }
 }

@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod coupons;
 pub mod error;
+pub mod limits;
 pub mod openapi;
 pub mod ops;
 pub mod packets;
@@ -486,8 +487,10 @@ where
         n => n,
     };
     let body_max = config.server.request_body_bytes_max;
+    let caller_limits = web::Data::new(limits::CallerLimits::from_config(&config.server));
     let server = HttpServer::new(move || {
         App::new()
+            .app_data(caller_limits.clone())
             .app_data(
                 web::JsonConfig::default()
                     .limit(body_max)
@@ -507,6 +510,7 @@ where
                 cluster,
                 from_fn(crate::cluster::node::dispatch),
             ))
+            .wrap(from_fn(limits::limit))
             .wrap(from_fn(observe))
             .configure(app.clone())
     })

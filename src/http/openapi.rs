@@ -7,7 +7,8 @@
 //!   extractors' and `parse_id`'s refusals);
 //! - a request body: `413` (above `request_body_bytes_max`);
 //! - security: `401` (no key or an unknown one: the `Caller` extractor runs first), `403` (a
-//!   role not allowed) unless every role may call it ([`OPEN_TO_EVERY_ROLE`]), and `503` with
+//!   role not allowed) unless every role may call it ([`OPEN_TO_EVERY_ROLE`]), `429` (a
+//!   configured per-key or per-user limit, `http::limits`), and `503` with
 //!   `Retry-After` (the journal or a view unavailable or overloaded) unless it reads only
 //!   in-memory state ([`MEMORY_ONLY`]).
 //!
@@ -125,6 +126,11 @@ fn add_common(operation: &mut Operation, path_parameters: bool, business: bool) 
         if !OPEN_TO_EVERY_ROLE.contains(&id.as_str()) {
             add("403", "forbidden: this key's role may not do this");
         }
+        add(
+            "429",
+            "rate_limited: this API key or this user's wallet is over its configured limit \
+             (`[server] per_key_per_s`, `per_uid_per_s`; off by default); retry after `Retry-After`",
+        );
         if !MEMORY_ONLY.contains(&id.as_str()) {
             add(
                 "503",

@@ -1,6 +1,7 @@
 //! HTTP tests against the real server: in-process on port 0 with a fresh data directory
 //! (`spawn_app`), and the real binary for crash and shutdown tests. One binary.
 
+mod abuse;
 mod cli;
 mod cluster;
 mod coupons;
