@@ -2,6 +2,7 @@
 //! (`spawn_app`), and the real binary for crash and shutdown tests. One binary.
 
 mod abuse;
+mod chaos;
 mod cli;
 mod cluster;
 mod coupons;
