@@ -60,6 +60,23 @@ fn config() -> bincode::config::Configuration {
     bincode::config::standard()
 }
 
+/// Bytes a decoding may claim for what it builds, in all. A damaged record's length prefix
+/// could otherwise ask for exabytes, and a failed allocation aborts the process (seen: the
+/// fuzzed decoder asked for 7.4 EB): `verify`, `export` or an actor's activation would die on
+/// one bad record instead of naming it. Far above anything valid (a snapshot is at most
+/// 64 MiB encoded).
+const DECODE_CLAIM_BYTES_MAX: usize = 1 << 30;
+
+/// [`config`] with the claim limit; the encoding is the same bytes (the limit is checked only
+/// while decoding).
+fn decode_config() -> bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<DECODE_CLAIM_BYTES_MAX>,
+> {
+    config().with_limit::<DECODE_CLAIM_BYTES_MAX>()
+}
+
 /// Encodes any value as `[format byte][bytes]`.
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
     let mut out = Vec::with_capacity(128);
@@ -111,7 +128,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     let (&format, rest) = bytes.split_first().ok_or(CodecError::Empty)?;
     match format {
         FORMAT_BINCODE2 => {
-            let (value, used) = bincode::serde::decode_from_slice(rest, config())
+            let (value, used) = bincode::serde::decode_from_slice(rest, decode_config())
                 .map_err(|e| CodecError::Decode(e.to_string()))?;
             if used != rest.len() {
                 return Err(CodecError::Trailing(rest.len() - used));
@@ -125,6 +142,17 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_length_prefix_asking_for_exabytes_is_an_error_not_an_abort() {
+        // Goal: a damaged length prefix (varint marker 0xFD: a u64 follows) is refused; the
+        // process aborted on the allocation before the claim limit.
+        let mut bytes = vec![FORMAT_CURRENT, 0xFD];
+        bytes.extend_from_slice(&u64::MAX.to_le_bytes());
+        assert!(decode::<String>(&bytes).is_err());
+        assert!(decode::<Vec<u8>>(&bytes).is_err());
+        assert!(decode::<Vec<u64>>(&bytes).is_err());
+    }
     use crate::domain::wallet::{Entry, Line, WalletEvent};
     use crate::ids::Id;
     use crate::money::Fen;
