@@ -134,10 +134,13 @@ fn parse_hash(field: &str, text: &str) -> Result<Hash, String> {
 
 /// Checks one line against the previous line's hash; returns its hash.
 fn check_line(line: &str, prev: Option<&Hash>) -> Result<(ExportLine, Hash), String> {
+    // Parsed straight into the line's type, which refuses a key given twice (a JSON value
+    // would keep the last one silently, and a reader taking the first would see another
+    // record), then as a value for the comparison below.
+    let parsed: ExportLine =
+        serde_json::from_str(line).map_err(|e| format!("not an export line: {e}"))?;
     let value: serde_json::Value =
         serde_json::from_str(line).map_err(|e| format!("not an export line: {e}"))?;
-    let parsed: ExportLine =
-        serde_json::from_value(value.clone()).map_err(|e| format!("not an export line: {e}"))?;
     let prev_hash = parse_hash("prev_hash", &parsed.prev_hash)?;
     let hash = parse_hash("hash", &parsed.hash)?;
     match prev {

@@ -152,3 +152,17 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn an_export_line_with_a_key_given_twice_is_refused() {
+    // Goal: `"amount":5,...,"amount":999` is not one record: a reader taking the first value
+    // and one taking the last would see different money.
+    let (envelope, _) = stored_record(7);
+    let line = serde_json::to_string(&ExportLine::from_envelope(envelope)).unwrap();
+    let doubled = line.replacen("\"seq\":7,", "\"seq\":7,\"seq\":7,", 1);
+    assert_ne!(doubled, line);
+    let report = verify_export(&mut doubled.as_bytes(), |_| {}).unwrap();
+    assert!(report.violation.is_some(), "{report:?}");
+    let report = verify_export(&mut line.as_bytes(), |_| {}).unwrap();
+    assert_eq!(report.violation, None);
+}
