@@ -435,6 +435,24 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        for (rate, burst, name) in [
+            (
+                self.server.per_key_per_s,
+                self.server.per_key_burst,
+                "per_key",
+            ),
+            (
+                self.server.per_uid_per_s,
+                self.server.per_uid_burst,
+                "per_uid",
+            ),
+        ] {
+            if rate == 0 && burst > 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "server.{name}_burst is {burst} but server.{name}_per_s is 0 (no limit): set the rate too"
+                )));
+            }
+        }
         self.store.jetstream()?;
         let positive = [
             (

@@ -73,18 +73,21 @@ impl Caller {
     }
 }
 
+/// The key an `Authorization: Bearer <key>` header names (trimmed), if any.
+pub(crate) fn bearer_key(headers: &actix_web::http::header::HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
 /// The key of a request and the role it grants.
 fn authenticate(req: &HttpRequest) -> Result<(Role, &str), ApiError> {
     let keys = req
         .app_data::<web::Data<Keys>>()
         .ok_or_else(ApiError::unauthorized)?;
-    let key = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .ok_or_else(ApiError::unauthorized)?;
+    let key = bearer_key(req.headers()).ok_or_else(ApiError::unauthorized)?;
     let role = role_of(keys, key).ok_or_else(ApiError::unauthorized)?;
     Ok((role, key))
 }

@@ -1,18 +1,27 @@
 //! Per-caller request limits (issue 15): one caller flooding the service must not starve the
 //! others. Two keyed limits (`governor`), each off unless configured (`[server]`):
-//! - per API key (`per_key_per_s`, `per_key_burst`): the bearer key of the request, whatever
-//!   its role (requests without one are answered 401 by the handlers and not counted here);
+//! - per API key (`per_key_per_s`, `per_key_burst`): the key of the request once it is known
+//!   to be one of the service's keys (a missing or unknown key is answered 401 by the handlers
+//!   and charges nothing: an outsider can neither spend a user's budget nor grow the
+//!   limiters' maps with invented keys);
 //! - per user (`per_uid_per_s`, `per_uid_burst`): the uid of a wallet path
-//!   (`/v1/wallets/{uid}/...`), so that one user hammering their wallet is slowed while every
-//!   other user is served.
+//!   (`/v1/wallets/{uid}/...`, the path as routed, percent-decoded, and a valid id), so that
+//!   one user hammering their wallet is slowed while every other user is served.
+//!
+//! A cluster node (`serve --node-id`) refuses to start with a limit configured: requests it
+//! forwards or fans out to its peers come back through their own listeners with the caller's
+//! key, so each would be charged again at every hop.
 //!
 //! Only the API's paths (`/v1/...`) are limited: health, readiness, `/metrics` and the OpenAPI
 //! document never are. A refused request is answered `429 rate_limited` with `retry_after_ms` and `Retry-After`
 //! before it reaches routing, so it costs no actor, no store and no log line; `/metrics`
 //! counts it under its code like any other error answer.
 
+use super::auth::{bearer_key, role_of};
 use super::error::ApiError;
+use crate::config::Keys;
 use crate::config::ServerConfig;
+use crate::ids::Id;
 use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::StatusCode;
@@ -97,15 +106,17 @@ pub(crate) async fn limit(
     let configured = req.app_data::<web::Data<Option<CallerLimits>>>().cloned();
     let limits = configured.as_ref().and_then(|d| d.as_ref().as_ref());
     // The API's own paths; health, readiness, metrics and the document are never limited.
-    let Some(limits) = limits.filter(|_| req.path().starts_with("/v1/")) else {
+    let Some(limits) = limits.filter(|_| req.match_info().as_str().starts_with("/v1/")) else {
         return Ok(next.call(req).await?.map_into_boxed_body());
     };
-    let key = req
-        .headers()
-        .get(actix_web::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if let Err((who, ms)) = limits.check(key, wallet_uid(req.path())) {
+    // Only a caller the service knows is charged: its role names the key.
+    let keys = req.app_data::<web::Data<Keys>>();
+    let role = keys.and_then(|keys| role_of(keys, bearer_key(req.headers())?));
+    let Some(role) = role else {
+        return Ok(next.call(req).await?.map_into_boxed_body());
+    };
+    let uid = wallet_uid(req.match_info().as_str()).filter(|uid| Id::parse(uid).is_ok());
+    if let Err((who, ms)) = limits.check(Some(role.as_str()), uid) {
         let refusal = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",

@@ -487,7 +487,15 @@ where
         n => n,
     };
     let body_max = config.server.request_body_bytes_max;
-    let caller_limits = web::Data::new(limits::CallerLimits::from_config(&config.server));
+    let caller_limits = limits::CallerLimits::from_config(&config.server);
+    if cluster && caller_limits.is_some() {
+        return Err(ServeError::Config(crate::config::ConfigError::Invalid(
+            "server.per_key_per_s and server.per_uid_per_s are not supported on a cluster node \
+             yet (a forwarded request would be charged at every node it passes): set them to 0"
+                .into(),
+        )));
+    }
+    let caller_limits = web::Data::new(caller_limits);
     let server = HttpServer::new(move || {
         App::new()
             .app_data(caller_limits.clone())
