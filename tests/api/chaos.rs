@@ -11,7 +11,7 @@
 //! `HONGBAO_CHAOS_CYCLES=100 cargo test --release --test api chaos -- --nocapture`
 //! (docs/BENCHMARKS.md gives its figures).
 
-use super::crash::{call, command, ledger, start_with};
+use super::crash::{call, command, ledger, packet_claims, start_with};
 use super::{ADMIN, GATEWAY};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -290,17 +290,7 @@ async fn kill_9_at_random_moments_under_mixed_load_loses_nothing_and_pays_nothin
         None,
     )
     .await;
-    let recorded: BTreeMap<String, i64> = packet["claims"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| {
-            (
-                c["uid"].as_str().unwrap().to_owned(),
-                c["amount"].as_i64().unwrap(),
-            )
-        })
-        .collect();
+    let recorded = packet_claims(&packet);
     let acked: BTreeMap<String, i64> = book
         .claims
         .iter()

@@ -531,6 +531,21 @@ async fn ledger_activity(client: &reqwest::Client, base: &str, uid: &str) -> (i6
     )
 }
 
+/// A packet's claims (`GET /v1/packets/{id}`), uid -> amount.
+pub(crate) fn packet_claims(packet: &Value) -> std::collections::BTreeMap<String, i64> {
+    packet["claims"]
+        .as_array()
+        .expect("claims")
+        .iter()
+        .map(|c| {
+            (
+                c["uid"].as_str().unwrap().to_owned(),
+                c["amount"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
 pub(crate) async fn call(
     client: &reqwest::Client,
     method: reqwest::Method,
@@ -863,17 +878,7 @@ async fn kill_9_mid_claim_burst_then_restart_keeps_every_share_and_refunds_expir
         (Some("expired"), Some(refund))
     );
     let (_, hot) = get(format!("{base}/v1/packets/hot"), GATEWAY).await;
-    let recorded: HashMap<String, i64> = hot["claims"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| {
-            (
-                c["uid"].as_str().unwrap().to_owned(),
-                c["amount"].as_i64().unwrap(),
-            )
-        })
-        .collect();
+    let recorded = packet_claims(&hot);
     let claimed: i64 = recorded.values().sum();
     assert_eq!(hot["remaining_amount"].as_i64(), Some(3_000 - claimed));
     for (uid, amount) in &acked {

@@ -7,7 +7,7 @@
 //! acknowledged deposit exactly once.
 
 use super::crash::{ledger, spawn_binary_env, start_with};
-use super::ADMIN;
+use super::jetstream_faults::deposit;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,22 +22,6 @@ const WORKERS: usize = 16;
 /// checkpoints, the fail-stop itself): one line per request would be thousands.
 const LIMITED_SITES: usize = 4;
 const LINES_SLACK: usize = 40;
-
-async fn deposit(
-    client: &reqwest::Client,
-    base: &str,
-    uid: &str,
-    order: &str,
-    amount: i64,
-) -> reqwest::Response {
-    client
-        .post(format!("{base}/v1/wallets/{uid}/change/deposits"))
-        .bearer_auth(ADMIN)
-        .json(&serde_json::json!({"order_id": order, "amount": amount}))
-        .send()
-        .await
-        .expect("the server answers")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_stops_the_journal_with_503s_few_log_lines_and_loses_no_acknowledged_deposit() {
@@ -76,14 +60,16 @@ async fn journal_fault(failpoints: &str) {
             format!("df-{n}"),
             n as i64 + 1,
         );
-        let response = deposit(&client, &base, &uid, &order, amount).await;
-        match response.status().as_u16() {
+        let (status, _, body) = deposit(&client, &base, &uid, &order, amount)
+            .await
+            .expect("the server answers");
+        match status {
             201 => acked.push((uid, order, amount)),
             503 => {
                 failed_order = Some(order);
                 break;
             }
-            other => panic!("deposit {order}: {other} {:?}", response.text().await),
+            other => panic!("deposit {order}: {other} {body}"),
         }
     }
     let failed_order = failed_order.expect("the injected full disk refused a deposit");
@@ -102,9 +88,10 @@ async fn journal_fault(failpoints: &str) {
             tokio::spawn(async move {
                 for n in 0..REFUSED / WORKERS {
                     let (uid, order) = (format!("df{}", n % WALLETS), format!("late-{w}-{n}"));
-                    let response = deposit(&client, &base, &uid, &order, 7).await;
-                    let status = response.status().as_u16();
-                    let retry_after = response.headers().contains_key("retry-after");
+                    let (status, retry_after, _) = deposit(&client, &base, &uid, &order, 7)
+                        .await
+                        .expect("the server answers");
+                    let retry_after = retry_after.is_some();
                     let key = format!("{status} retry-after={retry_after}");
                     *statuses.lock().unwrap().entry(key).or_default() += 1;
                 }
@@ -208,10 +195,10 @@ async fn a_failed_view_write_leaves_the_view_whole_and_it_catches_up_from_the_lo
     let mut total = 0;
     for n in 0..80i64 {
         let order = format!("vf-{n}");
-        let response = deposit(&client, &base, "vf0", &order, n + 1).await;
+        let answer = deposit(&client, &base, "vf0", &order, n + 1).await;
         assert_eq!(
-            response.status().as_u16(),
-            201,
+            answer.map(|(status, _, _)| status),
+            Some(201),
             "{order}: the journal is not affected"
         );
         total += n + 1;
@@ -231,14 +218,7 @@ async fn a_failed_view_write_leaves_the_view_whole_and_it_catches_up_from_the_lo
         hongbao::projections::all(std::sync::Arc::new(hongbao::metrics::Metrics::new())).len();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let (head, checkpoints) = loop {
-        let metrics = client
-            .get(format!("{base}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = super::scrape(&client, &base).await;
         let head = samples(&metrics, "hongbao_log_head_seq")[0].1;
         let checkpoints = samples(&metrics, "hongbao_projection_checkpoint_seq");
         if checkpoints.len() == views && checkpoints.iter().all(|(_, at)| *at == head) {

@@ -8,7 +8,7 @@
 //! `HONGBAO_SERVICES=1` (as `.ci/run` sets): then it fails, since CI must run it.
 
 use super::crash::{command, ledger, start_with};
-use super::ADMIN;
+use super::jetstream_faults::deposit;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -89,18 +89,13 @@ async fn a_disk_that_fills_under_load_stops_the_journal_cleanly_and_keeps_every_
                         format!("full-{w}-{n}"),
                         (n % 97 + 1) as i64,
                     );
-                    let response = client
-                        .post(format!("{base}/v1/wallets/{uid}/change/deposits"))
-                        .bearer_auth(ADMIN)
-                        .json(&serde_json::json!({"order_id": order, "amount": amount}))
-                        .send()
+                    let (status, retry_after, body) = deposit(&client, &base, &uid, &order, amount)
                         .await
                         .expect("the server answers on a full disk");
-                    let status = response.status().as_u16();
                     match status {
                         201 => acked.lock().unwrap().push((uid, order, amount)),
                         503 => {
-                            let retry_after = response.headers().contains_key("retry-after");
+                            let retry_after = retry_after.is_some();
                             *statuses
                                 .lock()
                                 .unwrap()
@@ -112,7 +107,7 @@ async fn a_disk_that_fills_under_load_stops_the_journal_cleanly_and_keeps_every_
                                 return;
                             }
                         }
-                        other => panic!("{order}: {other} {:?}", response.text().await),
+                        other => panic!("{order}: {other} {body}"),
                     }
                 }
             })

@@ -189,7 +189,7 @@ fn probe_client() -> reqwest::Client {
 
 /// Deposits `order` on `uid`; the answer's status, its `Retry-After` in seconds if it had one,
 /// and its body (`None` when the connection failed or timed out).
-async fn deposit(
+pub(crate) async fn deposit(
     client: &reqwest::Client,
     base: &str,
     uid: &str,

@@ -50,13 +50,16 @@ fn mutate(mut bytes: Vec<u8>, edits: &[(usize, u8, u8)]) -> Vec<u8> {
     bytes
 }
 
+/// A subsidy claim with ids at the edges of what ids allow (128 characters, every kind of
+/// allowed punctuation), so damage lands in long fields too.
 fn claim() -> RewardClaim {
+    let id = |text: &str| Id::parse(text).unwrap();
     RewardClaim {
-        activity_id: Id::parse("cny2026").unwrap(),
-        order_id: Id::parse("rain:cny2026:3:u42").unwrap(),
-        uid: Id::parse("u42").unwrap(),
-        kind: RewardKind::Cash,
-        amount: Fen::new(288),
+        activity_id: id("fuzz.act-1_x"),
+        order_id: id(&format!("o:{}", "9".repeat(126))),
+        uid: id("u-fz_1.a:b"),
+        kind: RewardKind::Subsidy,
+        amount: Fen::new(1),
     }
 }
 
