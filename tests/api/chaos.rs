@@ -1,5 +1,6 @@
 //! A chaos loop of the real binary (issue 15): `kill -9` at random moments under mixed load
-//! (deposits to a few wallets, claims on one hot packet), cycle after cycle on the same data
+//! (deposits to a few wallets, cash rewards credited by the lanes, claims on one hot packet),
+//! cycle after cycle on the same data
 //! directory. Every request whose answer was lost is resolved afterwards by retrying it with
 //! the same id, as a client must; then, from the client's side only: every acknowledged
 //! deposit and claim is there exactly once with what its answer said, the packet's claims are
@@ -12,7 +13,7 @@
 //! (docs/BENCHMARKS.md gives its figures).
 
 use super::crash::{call, command, ledger, packet_claims, start_with};
-use super::{ADMIN, GATEWAY};
+use super::{ADMIN, GATEWAY, ISSUER};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
@@ -43,6 +44,13 @@ struct Book {
     deposits: BTreeMap<String, (String, i64, Known)>,
     /// claimant uid -> what is known
     claims: BTreeMap<String, Known>,
+    /// reward order id -> (uid, amount, what is known)
+    rewards: BTreeMap<String, (String, i64, Known)>,
+}
+
+fn reward_body(order: &str, uid: &str, amount: i64) -> Value {
+    serde_json::json!({"order_id": order, "uid": uid, "activity_id": "chaos", "scene": "rain",
+        "kind": "cash", "amount": amount})
 }
 
 fn deposit_body(order: &str, amount: i64) -> Value {
@@ -79,7 +87,25 @@ async fn fire(
         if stop.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
-        if n % 2 == 0 {
+        if n % 3 == 2 {
+            let (uid, order, amount) = (
+                format!("rc{}", n as usize % WALLETS),
+                format!("{tag}-r{n}"),
+                (n % 13 + 1) as i64,
+            );
+            book.lock()
+                .unwrap()
+                .rewards
+                .insert(order.clone(), (uid.clone(), amount, Known::Lost));
+            let url = format!("{base}/v1/rewards");
+            match send(&client, url, ISSUER, &reward_body(&order, &uid, amount)).await {
+                Some((202, _)) => {
+                    book.lock().unwrap().rewards.get_mut(&order).unwrap().2 = Known::Acked(amount)
+                }
+                Some((503, _)) | None => return,
+                Some(other) => panic!("reward {order}: {other:?}"),
+            }
+        } else if n % 3 == 0 {
             let (uid, order, amount) = (
                 format!("ch{}", n as usize % WALLETS),
                 format!("{tag}-d{n}"),
@@ -247,7 +273,76 @@ async fn kill_9_at_random_moments_under_mixed_load_loses_nothing_and_pays_nothin
         };
         book.lock().unwrap().claims.insert(uid.clone(), known);
     }
+    let lost_rewards: Vec<(String, String, i64)> = book
+        .lock()
+        .unwrap()
+        .rewards
+        .iter()
+        .filter(|(_, (_, _, k))| *k == Known::Lost)
+        .map(|(o, (u, a, _))| (o.clone(), u.clone(), *a))
+        .collect();
+    for (order, uid, amount) in &lost_rewards {
+        let (status, body) = post(
+            format!("{base}/v1/rewards"),
+            ISSUER,
+            reward_body(order, uid, *amount),
+        )
+        .await;
+        assert!(
+            matches!(status, 200 | 202),
+            "retry of {order}: {status} {body}"
+        );
+        book.lock().unwrap().rewards.get_mut(order).unwrap().2 = Known::Acked(*amount);
+    }
     let book = Arc::try_unwrap(book).ok().unwrap().into_inner().unwrap();
+
+    // Rewards: every accepted one credited to its user's activity balance, once.
+    for uid in (0..WALLETS).map(|i| format!("rc{i}")) {
+        let expected: i64 = book
+            .rewards
+            .values()
+            .filter(|(owner, _, _)| *owner == uid)
+            .map(|(_, amount, _)| amount)
+            .sum();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (_, wallet) = call(
+                &client,
+                reqwest::Method::GET,
+                format!("{base}/v1/wallets/{uid}"),
+                GATEWAY,
+                None,
+            )
+            .await;
+            let credited = wallet["balances"]["activity"].as_i64().unwrap_or(0);
+            if credited == expected {
+                break;
+            }
+            assert!(
+                credited < expected,
+                "{uid}: {credited} credited, more than the {expected} accepted"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "{uid}: {credited} of {expected} credited"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (_, entries) = ledger(&client, &base, &uid).await;
+        let mut orders = BTreeSet::new();
+        for entry in &entries {
+            let order = entry["order_id"].as_str().unwrap().to_owned();
+            assert!(
+                orders.insert(order.clone()),
+                "reward {order} credited twice"
+            );
+            let (owner, amount, _) = book
+                .rewards
+                .get(&order)
+                .unwrap_or_else(|| panic!("{order} credited to {uid} was never sent"));
+            assert_eq!((owner, entry["amount"].as_i64().unwrap()), (&uid, *amount));
+        }
+    }
 
     // Deposits: each once, with its amount; balances are their ledgers' sums.
     let mut deposited = 0;
@@ -350,14 +445,17 @@ async fn kill_9_at_random_moments_under_mixed_load_loses_nothing_and_pays_nothin
         "money conserved"
     );
     eprintln!(
-        "chaos: {cycles} kills in {:.0} s, {} deposits and {} claims ({} shares won, {} refused), \
-         {} deposits and {} claims resolved by a retry after a lost answer; lost: 0, paid twice: 0",
+        "chaos: {cycles} kills in {:.0} s, {} deposits, {} rewards and {} claims ({} shares won, \
+         {} refused), {} deposits, {} rewards and {} claims resolved by a retry after a lost \
+         answer; lost: 0, paid twice: 0",
         started.elapsed().as_secs_f64(),
         book.deposits.len(),
+        book.rewards.len(),
         book.claims.len(),
         acked.len(),
         book.claims.len() - acked.len(),
         lost_deposits.len(),
+        lost_rewards.len(),
         lost_claims.len(),
     );
     assert!(server.terminate().success());
