@@ -80,6 +80,17 @@ pub(crate) fn spawn_binary_env(args: &[&str], ready: &'static str, env: &[(&str,
     Server { child, port, log }
 }
 
+/// A test that fails before stopping its server must not leave the process running (seen:
+/// a failed run left servers behind, one on a mounted tmpfs).
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 impl Server {
     pub(crate) fn base(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
