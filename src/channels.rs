@@ -218,11 +218,14 @@ impl SimulatedChannels {
 
     /// The channels of one node, their books in `<dir>/channels`.
     pub fn open(dir: &Path, clock: Arc<dyn Clock>) -> Result<Arc<SimulatedChannels>, StoreError> {
-        let db = sled::Config::new()
-            .path(dir.join("channels"))
-            .flush_every_ms(None)
-            .open()
-            .map_err(io)?;
+        // Reopened in the same process (a restart in a test, `audit` after `serve` stopped):
+        // wait out sled's pool still holding the old database for a moment.
+        let db = crate::events::sled_store::open_waiting_for_lock(
+            &sled::Config::new()
+                .path(dir.join("channels"))
+                .flush_every_ms(None),
+            dir,
+        )?;
         let settings = db.open_tree("settings").map_err(io)?;
         let mut statements = BTreeMap::new();
         let mut stored = BTreeMap::new();

@@ -195,6 +195,32 @@ fn log_key(seq: u64) -> [u8; 9] {
     key
 }
 
+/// Opens a sled database of this node (`dir` names it in a refusal). sled runs I/O on a
+/// process-wide thread pool: right after this process closed the same database, work queued
+/// there may still hold it (and its file lock) for a moment under load. That is waited out,
+/// `LOCK_WAIT` at most; another process holding the directory is still refused, only that
+/// much later.
+pub(crate) fn open_waiting_for_lock(
+    config: &sled::Config,
+    dir: &Path,
+) -> Result<sled::Db, StoreError> {
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        match config.open() {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(ref e))
+                if e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("lock") =>
+            {
+                if Instant::now() >= deadline {
+                    return Err(StoreError::Locked(dir.display().to_string()));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(other) => return Err(io(other)),
+        }
+    }
+}
+
 impl SledStore {
     /// Opens (or creates) the log in `dir` and starts the journal writer.
     pub fn open(
@@ -204,37 +230,15 @@ impl SledStore {
         metrics: Arc<Metrics>,
     ) -> Result<Arc<SledStore>, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(e.to_string()))?;
-        let open_once = |name: &str, cache_bytes: u64, flush_every_ms: Option<u64>| {
-            sled::Config::new()
-                .path(dir.join(name))
-                .cache_capacity(cache_bytes)
-                .mode(sled::Mode::HighThroughput)
-                .flush_every_ms(flush_every_ms)
-                .open()
-                .map_err(|e| match e {
-                    sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => {
-                        StoreError::Locked(dir.display().to_string())
-                    }
-                    sled::Error::Io(ref io) if io.to_string().contains("lock") => {
-                        StoreError::Locked(dir.display().to_string())
-                    }
-                    other => io(other),
-                })
-        };
-        // sled runs I/O on a process-wide thread pool: right after this process closed the
-        // same directory, work queued there may still hold the old database (and its file
-        // lock) for a moment under load. Wait that out briefly; another process holding the
-        // directory is still refused, only LOCK_WAIT later.
         let open = |name: &str, cache_bytes: u64, flush_every_ms: Option<u64>| {
-            let deadline = Instant::now() + LOCK_WAIT;
-            loop {
-                match open_once(name, cache_bytes, flush_every_ms) {
-                    Err(StoreError::Locked(_)) if Instant::now() < deadline => {
-                        std::thread::sleep(std::time::Duration::from_millis(20))
-                    }
-                    other => return other,
-                }
-            }
+            open_waiting_for_lock(
+                &sled::Config::new()
+                    .path(dir.join(name))
+                    .cache_capacity(cache_bytes)
+                    .mode(sled::Mode::HighThroughput)
+                    .flush_every_ms(flush_every_ms),
+                dir,
+            )
         };
         // The log is flushed by the journal itself, batch by batch: no background flusher.
         // It shares the configured cache with the stream index (the log's reads are mostly
