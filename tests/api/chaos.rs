@@ -12,7 +12,7 @@
 //! `HONGBAO_CHAOS_CYCLES=100 cargo test --release --test api chaos -- --nocapture`
 //! (docs/BENCHMARKS.md gives its figures).
 
-use super::crash::{call, command, ledger, packet_claims, start_with};
+use super::crash::{call, command, ledger, packet_claims, start_with, wallet};
 use super::{ADMIN, GATEWAY, ISSUER};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -306,14 +306,7 @@ async fn kill_9_at_random_moments_under_mixed_load_loses_nothing_and_pays_nothin
             .sum();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let (_, wallet) = call(
-                &client,
-                reqwest::Method::GET,
-                format!("{base}/v1/wallets/{uid}"),
-                GATEWAY,
-                None,
-            )
-            .await;
+            let wallet = wallet(&client, &base, &uid).await;
             let credited = wallet["balances"]["activity"].as_i64().unwrap_or(0);
             if credited == expected {
                 break;
@@ -407,14 +400,7 @@ async fn kill_9_at_random_moments_under_mixed_load_loses_nothing_and_pays_nothin
     let mut paid_out = 0;
     for (uid, amount) in &acked {
         loop {
-            let (_, wallet) = call(
-                &client,
-                reqwest::Method::GET,
-                format!("{base}/v1/wallets/{uid}"),
-                GATEWAY,
-                None,
-            )
-            .await;
+            let wallet = wallet(&client, &base, uid).await;
             if wallet["balances"]["change"].as_i64() == Some(*amount) {
                 paid_out += wallet["balances"]["change"].as_i64().unwrap();
                 break;

@@ -542,6 +542,19 @@ async fn ledger_activity(client: &reqwest::Client, base: &str, uid: &str) -> (i6
     )
 }
 
+/// A wallet's page (`GET /v1/wallets/{uid}`, gateway key).
+pub(crate) async fn wallet(client: &reqwest::Client, base: &str, uid: &str) -> Value {
+    call(
+        client,
+        reqwest::Method::GET,
+        format!("{base}/v1/wallets/{uid}"),
+        GATEWAY,
+        None,
+    )
+    .await
+    .1
+}
+
 /// A packet's claims (`GET /v1/packets/{id}`), uid -> amount.
 pub(crate) fn packet_claims(packet: &Value) -> std::collections::BTreeMap<String, i64> {
     packet["claims"]
@@ -759,14 +772,7 @@ async fn kill_9_during_payouts_then_restart_no_double_payout_and_no_lost_refund(
                 _ => assert_eq!(refunds, 1, "{order}: refund lost or doubled"),
             }
         }
-        let (_, wallet) = call(
-            &client,
-            reqwest::Method::GET,
-            format!("{base}/v1/wallets/{uid}"),
-            GATEWAY,
-            None,
-        )
-        .await;
+        let wallet = wallet(&client, &base, uid).await;
         assert_eq!(
             wallet["balances"]["activity"].as_i64(),
             Some(1_500 - spent),
