@@ -286,8 +286,13 @@ impl Packet {
     }
 
     fn state_reply(&self) -> PacketReply {
+        self.reply_as(self.state.unwrap_or(PacketState::PendingPayment))
+    }
+
+    /// The packet's figures with the state an earlier answer gave (a repeated request).
+    fn reply_as(&self, state: PacketState) -> PacketReply {
         PacketReply::State {
-            state: self.state.unwrap_or(PacketState::PendingPayment),
+            state,
             remaining_count: self.remaining_count(),
             remaining_amount: self.remaining_amount(),
         }
@@ -353,9 +358,11 @@ impl Packet {
         let claimed = self.claims.len() + batch.claims.len();
         let remaining_count = (self.shares.len() - claimed) as u32;
         if let Some(&index) = self.claimed_by.get(uid).or_else(|| batch.by_uid.get(uid)) {
+            // The first answer again: the count its claim left (the claim at `index` was the
+            // `index + 1`-th), not what is left now.
             return Ok(PacketReply::Claimed {
                 amount: self.shares[index as usize],
-                remaining_count,
+                remaining_count: (self.shares.len() as u32).saturating_sub(index + 1),
                 replayed: true,
             });
         }
@@ -422,7 +429,16 @@ impl Aggregate for Packet {
                         ..spec.clone()
                     } == *existing;
                     return if same {
-                        Ok(Decision::Reply(self.state_reply()))
+                        // A repeated creation answers what the creation answered (the
+                        // original outcome), not what became of the packet since (its details
+                        // tell that): a C2C packet waits for payment; a B2C packet is active
+                        // once its subsidy paid it (until then its flow resumes the funding).
+                        let answered = match (existing.mode, &self.payment_id) {
+                            (Mode::C2c, _) => PacketState::PendingPayment,
+                            (Mode::B2c, Some(_)) => PacketState::Active,
+                            (Mode::B2c, None) => state.unwrap_or(PacketState::PendingPayment),
+                        };
+                        Ok(Decision::Reply(self.reply_as(answered)))
                     } else {
                         Err(PacketError::IdempotencyConflict)
                     };
@@ -452,6 +468,11 @@ impl Aggregate for Packet {
                     }
                     Some(PacketState::Expired) if self.payment_id.is_none() => {
                         Err(PacketError::Expired)
+                    }
+                    // Paid before: the payment's answer again (the packet was active), not
+                    // what became of it since.
+                    _ if self.payment_id.is_some() => {
+                        Ok(Decision::Reply(self.reply_as(PacketState::Active)))
                     }
                     _ => Ok(Decision::Reply(self.state_reply())),
                 }
@@ -695,9 +716,72 @@ mod tests {
         p = run(&p, PacketCommand::Claim { uid: id("c") }, 3).unwrap().0;
         assert_eq!(p.state, Some(PacketState::Exhausted));
         assert_eq!(
+            run(&p, PacketCommand::Claim { uid: id("a") }, 4).unwrap().1,
+            PacketReply::Claimed {
+                amount: Fen::new(100),
+                remaining_count: 2,
+                replayed: true
+            },
+            "the first answer again, not the count left now (found by `hongbao simulate`)"
+        );
+        assert_eq!(
             run(&p, PacketCommand::Claim { uid: id("d") }, 4).unwrap_err(),
             PacketError::Empty
         );
+    }
+
+    #[test]
+    fn a_repeated_creation_or_payment_answers_as_the_first_time_whatever_became_of_the_packet() {
+        // Goal: idempotency by id: once the packet is emptied or expired, creating or paying it
+        // again answers what the first request answered (found by `hongbao simulate`: the
+        // repeat answered "exhausted" / "expired" where the creation said "pending_payment").
+        let state = |reply: PacketReply| match reply {
+            PacketReply::State { state, .. } => state,
+            other => panic!("not a state: {other:?}"),
+        };
+        let c2c = spec(200, 2, Split::Even);
+        let mut p = run(&Packet::default(), PacketCommand::Create(c2c.clone()), 0)
+            .unwrap()
+            .0;
+        let paid = PacketCommand::MarkPaid {
+            payment_id: id("pay"),
+        };
+        p = run(&p, paid, 1).unwrap().0;
+        for uid in ["a", "b"] {
+            p = run(&p, PacketCommand::Claim { uid: id(uid) }, 2).unwrap().0;
+        }
+        assert_eq!(p.state, Some(PacketState::Exhausted));
+        let again = run(&p, PacketCommand::Create(c2c), 3).unwrap().1;
+        assert_eq!(state(again), PacketState::PendingPayment);
+        let again = run(&p, PacketCommand::AcceptPayment, 3).unwrap().1;
+        assert_eq!(state(again), PacketState::Active);
+
+        // A B2C packet: active once paid by its subsidy, expired since.
+        let b2c = PacketSpec {
+            mode: Mode::B2c,
+            ..spec(300, 3, Split::Even)
+        };
+        let created = run(&Packet::default(), PacketCommand::Create(b2c.clone()), 0).unwrap();
+        assert_eq!(state(created.1), PacketState::PendingPayment);
+        let unfunded_repeat = run(&created.0, PacketCommand::Create(b2c.clone()), 1).unwrap();
+        assert_eq!(
+            state(unfunded_repeat.1),
+            PacketState::PendingPayment,
+            "not funded yet: the repeat lets the flow resume the funding"
+        );
+        let p = run(
+            &created.0,
+            PacketCommand::MarkPaid {
+                payment_id: id("subsidy"),
+            },
+            1,
+        )
+        .unwrap()
+        .0;
+        let p = run(&p, PacketCommand::Expire, 10_000).unwrap().0;
+        assert_eq!(p.state, Some(PacketState::Expired));
+        let again = run(&p, PacketCommand::Create(b2c), 10_001).unwrap().1;
+        assert_eq!(state(again), PacketState::Active);
     }
 
     #[test]

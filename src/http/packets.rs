@@ -494,7 +494,11 @@ pub async fn claim(
             remaining_count,
             replayed,
         }) => {
-            ClaimGate::observe(&admitted, remaining_count);
+            // A repeat answers the count its first claim left, not what is left now: only a
+            // new claim tells the gate.
+            if !replayed {
+                ClaimGate::observe(&admitted, remaining_count);
+            }
             metrics
                 .with_label_values(&[if replayed { "repeated" } else { "claimed" }])
                 .inc();
