@@ -1061,7 +1061,8 @@ impl Writer {
             match written {
                 Written::Ok | Written::Diverged { .. } => {}
                 Written::Unknown(why) => {
-                    tracing::warn!(why, "JetStream batch not confirmed; re-reading the head");
+                    // Limited: a full store refuses every batch, one line each was a storm.
+                    crate::warn_limited!(why, "JetStream batch not confirmed; re-reading the head");
                     self.resync().await;
                 }
                 Written::Fenced(why) => {

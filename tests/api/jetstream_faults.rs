@@ -822,3 +822,111 @@ async fn a_second_hongbao_on_the_same_log_is_fenced_and_no_deposit_is_lost() {
         assert!(ok && out.contains("result: OK"), "verify of {node}:\n{out}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_jetstream_store_answers_503_with_few_log_lines_and_recovers_once_it_has_room() {
+    // Goal: issue 15's full disk on the JetStream backend: the nats-server's store reaches its
+    // limit (`max_file_store`, the server's own bound on its disk) while 16 clients deposit.
+    // Every deposit after that is a 503 with Retry-After (thousands of them), hongbao's log
+    // takes a few lines for all of them, never a panic; once the server has room again
+    // (restarted with a larger limit) deposits are acknowledged again without restarting
+    // hongbao, and every deposit, acknowledged or retried, is in the log once; verify and
+    // audit on the log exit 0.
+    let Some(binary) = nats::binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let server = nats::single_synced_with(&binary, dir.path(), "  max_file_store: 2MB\n");
+    let args = on_jetstream(&server.url(), 1);
+    let data = data_dir(dir.path(), "data");
+    let node = Node::start(&data, &args).await;
+    let base = node.base();
+    let burst = Arc::new(Burst::default());
+    let firing = fire(&base, "full", 16, burst.clone());
+    // Until the store is full: the clients see 503s and nothing more is acknowledged.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while burst.unavailable() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the store never filled: {} acknowledged; hongbao:\n{}",
+            burst.acked(),
+            node.log().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (acked_full, lines_full) = (burst.acked(), node.log().len());
+    // A while at the full store, then 2,000 more refusals from a second set of clients.
+    let refused = Arc::new(AtomicUsize::new(0));
+    let http = client();
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..16)
+        .map(|w| {
+            let (http, base, refused) = (http.clone(), base.clone(), refused.clone());
+            tokio::spawn(async move {
+                for n in 0..125 {
+                    let order = format!("late-{w}-{n}");
+                    let answer = deposit(&http, &base, "fw0", &order, 1).await;
+                    let (status, retry_after, body) = answer.expect("an answer");
+                    assert_eq!(status, 503, "{order}: {body}");
+                    assert!(retry_after.is_some(), "{order}: 503 without Retry-After");
+                    refused.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(refused.load(Ordering::Relaxed), 2_000);
+    assert!(
+        burst.acked() <= acked_full + 16,
+        "acknowledged while the store was full: {} after {acked_full}",
+        burst.acked()
+    );
+    let log = node.log();
+    let seconds = started.elapsed().as_secs() as usize + 1;
+    let lines = &log[lines_full..];
+    // Each limited site its burst and then one a second (a few sites), and slack.
+    let lines_max = 6 * (hongbao::logs::BURST as usize + seconds) + 40;
+    assert!(
+        lines.len() <= lines_max,
+        "{} log lines for 2,000 refused deposits in {seconds} s (at most {lines_max}):\n{}",
+        lines.len(),
+        lines[..60.min(lines.len())].join("\n")
+    );
+    assert!(
+        !log.iter().any(|l| l.contains("panicked")),
+        "{}",
+        log.join("\n")
+    );
+
+    // Room again: a larger limit. hongbao goes on without a restart.
+    let _server = server
+        .stop()
+        .restart_edited(|config| config.replace("max_file_store: 2MB", "max_file_store: 1GB"));
+    burst
+        .wait_acked(acked_full + 200, "after the store had room")
+        .await;
+    firing.stop().await;
+    burst.assert_answers_were_201_or_503_with_retry_after();
+    eprintln!(
+        "{acked_full} acknowledged before the store filled, {} in all; {} answers 503 to the \
+         clients, 2,000 more refused; {} log lines while full",
+        burst.acked(),
+        burst.unavailable(),
+        lines.len()
+    );
+    // The late deposits were refused: their outcome was a 503, so a retry lands them once.
+    for w in 0..16 {
+        for n in 0..125 {
+            burst.deposits.lock().unwrap().insert(
+                format!("late-{w}-{n}"),
+                Deposit {
+                    uid: "fw0".into(),
+                    amount: 1,
+                    balance_after: None,
+                },
+            );
+        }
+    }
+    settle(&base, &burst).await;
+    check_and_stop(node, &data, &args, &[&burst]).await;
+}

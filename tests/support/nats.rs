@@ -72,6 +72,14 @@ impl Stopped {
     pub fn restart(self) -> NatsServer {
         NatsServer::spawn(self.place, self.port)
     }
+
+    /// As [`Stopped::restart`], its configuration first edited by `edit` (a larger limit).
+    pub fn restart_edited(self, edit: impl FnOnce(String) -> String) -> NatsServer {
+        let conf = self.place.dir.join(format!("{}.conf", self.place.name));
+        let config = std::fs::read_to_string(&conf).unwrap();
+        std::fs::write(&conf, edit(config)).unwrap();
+        self.restart()
+    }
 }
 
 impl NatsServer {
@@ -218,11 +226,16 @@ fn with_fresh_ports<T>(dir: &Path, start: impl Fn(&Path) -> Result<T, String>) -
 
 /// One server that fsyncs every write (`sync_interval: always`), JetStream in `dir`.
 pub fn single_synced(binary: &Path, dir: &Path) -> NatsServer {
+    single_synced_with(binary, dir, "")
+}
+
+/// As [`single_synced`], with more lines in its `jetstream` block (`max_file_store: 4MB`).
+pub fn single_synced_with(binary: &Path, dir: &Path, jetstream: &str) -> NatsServer {
     with_fresh_ports(dir, |dir| {
         let port = free_port();
         let store = dir.join("single");
         let config = format!(
-            "server_name: single\nlisten: 127.0.0.1:{port}\njetstream {{\n  store_dir: {:?}\n  sync_interval: always\n}}\n",
+            "server_name: single\nlisten: 127.0.0.1:{port}\njetstream {{\n  store_dir: {:?}\n  sync_interval: always\n{jetstream}}}\n",
             store.display().to_string()
         );
         NatsServer::start(binary, dir, "single", port, &config)
