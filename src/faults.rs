@@ -11,6 +11,8 @@
 //! | `journal-write` | the journal applies a batch to the log's tree | fail-stop: nothing of the batch acknowledged or visible |
 //! | `journal-flush` | the journal flushes that batch | fail-stop, the batch taken back out of the tree |
 //! | `view-commit` | a view's commit (its rows and checkpoint, one atomic batch) | the view stays at its checkpoint and is retried from the log; the journal goes on |
+//! | `snapshot-write` | an actor's snapshot into the derived-state database (either backend) | a warning (limited); the actor goes on, its next activation replays from the last snapshot saved |
+//! | `flow-checkpoint` | a flow's checkpoint (reward lanes, payout lanes, packets, coupons, reconciliation) | a warning (limited); the flow goes on and saves at its next checkpoint; after a crash it resumes from the older one and its repeats are idempotent |
 //!
 //! Without the feature [`injected`] is `Ok(())` and the points cost nothing.
 

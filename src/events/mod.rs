@@ -513,6 +513,7 @@ pub fn save_local_snapshot(
     version: u64,
     state: &[u8],
 ) -> Result<(), StoreError> {
+    crate::faults::injected("snapshot-write").map_err(|e| StoreError::Io(e.to_string()))?;
     let mut value = Vec::with_capacity(8 + state.len());
     value.extend_from_slice(&version.to_be_bytes());
     value.extend_from_slice(state);

@@ -131,6 +131,7 @@ pub fn load_checkpoint(tree: &sled::Tree, flow: &str) -> Result<u64, StoreError>
 /// Stores a flow's checkpoint. Not flushed here: the journal's flushes (and sled's own) make it
 /// durable soon, and a checkpoint that falls back after a crash only causes idempotent repeats.
 pub fn save_checkpoint(tree: &sled::Tree, flow: &str, seq: u64) -> Result<(), StoreError> {
+    crate::faults::injected("flow-checkpoint").map_err(|e| StoreError::Io(e.to_string()))?;
     tree.insert(flow, &seq.to_be_bytes())
         .map_err(|e| StoreError::Io(e.to_string()))?;
     Ok(())

@@ -264,3 +264,121 @@ async fn a_failed_view_write_leaves_the_view_whole_and_it_catches_up_from_the_lo
     assert!(out.contains("result: OK"), "{out}");
     assert!(!out.contains("no view built yet"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_and_flow_checkpoints_that_cannot_be_written_cost_a_replay_never_money() {
+    // Goal: every actor snapshot and every flow checkpoint fails to write (a disk error in the
+    // derived-state database): the journal goes on, the lanes credit every reward, and after a
+    // kill -9 (the flows resume from checkpoints that never moved, the actors replay from
+    // zero) every deposit and every reward is in its wallet exactly once.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let config = dir.path().join("often.toml");
+    std::fs::write(
+        &config,
+        "[actors]\nsnapshot_every_events = 2\n[rewards]\nlane_checkpoint_interval_ms = 20\n",
+    )
+    .unwrap();
+    let args = [
+        "serve",
+        "--data-dir",
+        data,
+        "--addr",
+        "127.0.0.1:0",
+        "--config",
+        config.to_str().unwrap(),
+    ];
+    let server = spawn_binary_env(
+        &args,
+        "hongbao listening",
+        &[(
+            "FAILPOINTS",
+            "snapshot-write=return(eio);flow-checkpoint=return(eio)",
+        )],
+    );
+    let base = server.base();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let mut expected: HashMap<String, Vec<(String, i64)>> = HashMap::new();
+    for n in 0..60i64 {
+        let (uid, order) = (format!("sn{}", n % 3), format!("sn-d{n}"));
+        let answer = deposit(&client, &base, &uid, &order, n + 1).await;
+        assert_eq!(answer.map(|a| a.0), Some(201), "{order}");
+        expected.entry(uid).or_default().push((order, n + 1));
+    }
+    let mut rewards = Vec::new();
+    for n in 0..40i64 {
+        let (uid, order) = (format!("sn{}", n % 4), format!("sn-r{n}"));
+        let body = serde_json::json!({"order_id": order, "uid": uid, "activity_id": "snap",
+            "scene": "rain", "kind": "cash", "amount": n + 100});
+        let answer = client
+            .post(format!("{base}/v1/rewards"))
+            .bearer_auth(super::ISSUER)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status().as_u16(), 202, "{order}");
+        expected
+            .entry(uid)
+            .or_default()
+            .push((order.clone(), n + 100));
+        rewards.push(order);
+    }
+    // Every reward credited by the lanes while no checkpoint can be saved.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    for order in &rewards {
+        loop {
+            let found: serde_json::Value = client
+                .get(format!("{base}/v1/rewards/{order}"))
+                .bearer_auth(super::ISSUER)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if found["status"] == "credited" {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{order}: {found}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let ready = client.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status().as_u16(), 200, "the journal is not affected");
+    let seen = |what: &str| server.log.lock().unwrap().iter().any(|l| l.contains(what));
+    assert!(seen("snapshot not saved"), "the snapshot fault never fired");
+    assert!(
+        seen("checkpoint not saved"),
+        "the checkpoint fault never fired"
+    );
+    server.kill9();
+
+    // Without the faults: the actors replay, the lanes start from the checkpoint they never
+    // moved and meet every reward again: each credited once.
+    let server = start_with(dir.path(), &[]);
+    let base = server.base();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (uid, orders) in &expected {
+        let (_, entries) = ledger(&client, &base, uid).await;
+        let mut found: Vec<(String, i64)> = entries
+            .iter()
+            .map(|e| {
+                (
+                    e["order_id"].as_str().unwrap().to_owned(),
+                    e["amount"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        let mut want = orders.clone();
+        found.sort();
+        want.sort();
+        assert_eq!(found, want, "{uid}: every deposit and reward once");
+    }
+    server.terminate();
+    let (ok, out) = super::crash::command(&["audit", "--data-dir", data]);
+    assert!(ok && out.contains("result: OK"), "audit failed:\n{out}");
+}
