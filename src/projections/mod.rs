@@ -396,7 +396,13 @@ fn run(
                 _ = retry.tick(), if running.iter().any(|r| r.stalled) => {
                     retry_stalled(store.as_ref(), &mut running, delivered, &metrics);
                 }
-                _ = stop.wait_for(|s| *s) => {
+                stopped = stop.wait_for(|s| *s) => {
+                    // Dropped without being stopped (the engine dropped where it stands, as
+                    // the simulation's crashes do): the views stay where they are, as after
+                    // a kill -9.
+                    if stopped.is_err() {
+                        return;
+                    }
                     // Catch up with whatever is durable, then stop.
                     while let Ok(events) = subscription.try_next() {
                         if events.is_empty() {
