@@ -48,6 +48,7 @@ pub mod metrics;
 pub mod money;
 pub mod projections;
 pub mod replay;
+pub mod simulate;
 pub mod tokens;
 pub mod verify;
 

@@ -499,21 +499,7 @@ where
     let server = HttpServer::new(move || {
         App::new()
             .app_data(caller_limits.clone())
-            .app_data(
-                web::JsonConfig::default()
-                    .limit(body_max)
-                    .content_type_required(false)
-                    .error_handler(|e, _| json_error(e).into()),
-            )
-            .app_data(
-                web::PathConfig::default()
-                    .error_handler(|e, _| ApiError::malformed(format!("invalid path: {e}")).into()),
-            )
-            .app_data(
-                web::QueryConfig::default().error_handler(|e, _| {
-                    ApiError::malformed(format!("invalid query: {e}")).into()
-                }),
-            )
+            .configure(|cfg| extractors(cfg, body_max))
             .wrap(actix_web::middleware::Condition::new(
                 cluster,
                 from_fn(crate::cluster::node::dispatch),
@@ -554,12 +540,8 @@ impl Application {
         );
         let app_state = state.clone();
         let metrics = web::Data::from(metrics);
-        let keys = web::Data::new(state.keys.clone());
         let (server, port) = serve_http(&config, false, move |cfg: &mut web::ServiceConfig| {
-            cfg.app_data(app_state.clone())
-                .app_data(metrics.clone())
-                .app_data(keys.clone());
-            routes(cfg);
+            configure_node(cfg, app_state.clone(), metrics.clone())
         })?;
         Ok(Application {
             port,
@@ -661,6 +643,37 @@ pub(crate) async fn wait_for_signal() {
 #[cfg(not(unix))]
 pub(crate) async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
+}
+
+/// How bodies, paths and queries are parsed, and their refusals: 413 beyond `body_max`, 400
+/// with a code for the rest.
+pub(crate) fn extractors(cfg: &mut web::ServiceConfig, body_max: usize) {
+    cfg.app_data(
+        web::JsonConfig::default()
+            .limit(body_max)
+            .content_type_required(false)
+            .error_handler(|e, _| json_error(e).into()),
+    )
+    .app_data(
+        web::PathConfig::default()
+            .error_handler(|e, _| ApiError::malformed(format!("invalid path: {e}")).into()),
+    )
+    .app_data(
+        web::QueryConfig::default()
+            .error_handler(|e, _| ApiError::malformed(format!("invalid query: {e}")).into()),
+    );
+}
+
+/// A single node's routes and what its handlers take from the app (its state, metrics and
+/// keys): `serve`, and the simulation's engine.
+pub(crate) fn configure_node(
+    cfg: &mut web::ServiceConfig,
+    state: web::Data<AppState>,
+    metrics: web::Data<Metrics>,
+) {
+    let keys = web::Data::new(state.keys.clone());
+    cfg.app_data(state).app_data(metrics).app_data(keys);
+    routes(cfg);
 }
 
 /// Every route of a single node.

@@ -15,6 +15,7 @@ mod nats;
 mod packets;
 mod projections;
 mod reconciliation;
+mod simulate;
 mod slices;
 mod store;
 mod store_contract;
