@@ -58,12 +58,16 @@ struct ConnectionResult {
     latency_us: Histogram<u64>,
 }
 
+/// A pace shared by the connections of a paced run: each request waits for its turn.
+pub type Pace = Arc<governor::DefaultDirectRateLimiter>;
+
 async fn connection(
     addr: SocketAddr,
     id: usize,
     make: RequestFactory,
     measure_from: Instant,
     until: Instant,
+    pace: Option<Pace>,
 ) -> ConnectionResult {
     let mut result = ConnectionResult {
         requests: 0,
@@ -83,6 +87,16 @@ async fn connection(
         };
         tokio::spawn(conn);
         while Instant::now() < until {
+            if let Some(pace) = &pace {
+                // Latency runs from the turn, not from the wait for it: with connections to
+                // spare the turn is the send (more in flight than the pace needs).
+                if tokio::time::timeout_at(until.into(), pace.until_ready())
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
             let request = make(id, n);
             n += 1;
             let started = Instant::now();
@@ -122,6 +136,28 @@ pub fn drive(
     client_threads: usize,
     make: RequestFactory,
 ) -> std::io::Result<RunResult> {
+    drive_paced(
+        addr,
+        in_flight,
+        warmup,
+        duration,
+        client_threads,
+        make,
+        None,
+    )
+}
+
+/// As [`drive`], the connections sending together at most at `pace` (requests per second)
+/// when one is given: a load below capacity.
+pub fn drive_paced(
+    addr: SocketAddr,
+    in_flight: usize,
+    warmup: Duration,
+    duration: Duration,
+    client_threads: usize,
+    make: RequestFactory,
+    pace: Option<Pace>,
+) -> std::io::Result<RunResult> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(client_threads.max(1))
         .enable_all()
@@ -130,7 +166,16 @@ pub fn drive(
         let measure_from = Instant::now() + warmup;
         let until = measure_from + duration;
         let tasks: Vec<_> = (0..in_flight)
-            .map(|id| tokio::spawn(connection(addr, id, make.clone(), measure_from, until)))
+            .map(|id| {
+                tokio::spawn(connection(
+                    addr,
+                    id,
+                    make.clone(),
+                    measure_from,
+                    until,
+                    pace.clone(),
+                ))
+            })
             .collect();
         let mut total = RunResult {
             in_flight,

@@ -36,6 +36,7 @@ pub mod jetstream;
 pub mod journal;
 pub mod ledger;
 pub mod packets;
+mod soak;
 
 use crate::clock::SystemClock;
 use crate::config::{AuthConfig, Config};
@@ -75,6 +76,12 @@ pub enum Scenario {
     /// without a log there (or without --data-dir), a mixed one is built first by the other
     /// scenarios (about 1.5 million events at the default --duration-s 5).
     Audit,
+    /// The night's mix (deposits, cash rewards, wallet reads, coupon requests, withdrawals)
+    /// paced at --rate, or at half of the capacity measured first, for --soak-s seconds
+    /// through the largest --in-flight connections; a row every --duration-s: rate, p50/p99,
+    /// resident memory, disk, the lanes' and layers' backlogs, the views' and the continuous
+    /// audit's lag, audit violations. Fails on any violation or error.
+    Soak,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -209,9 +216,13 @@ pub struct LoadgenArgs {
     )]
     pub modes: Vec<coupons::Mode>,
     /// coupons in-process: offer this many requests per second (open loop) instead of
-    /// --in-flight closed-loop submitters; for latency below capacity.
+    /// --in-flight closed-loop submitters; for latency below capacity. soak: the pace of the
+    /// mix [default: half of the capacity measured first].
     #[arg(long, value_name = "PER_S")]
     pub rate: Option<u64>,
+    /// soak: how long to run, in seconds.
+    #[arg(long, default_value_t = 1_800)]
+    pub soak_s: u64,
     /// handover: lease keepers (nodes) sharing the partitions.
     #[arg(long, default_value_t = 3)]
     pub nodes: usize,
@@ -797,8 +808,7 @@ fn sustain(
         )?;
         accepted += result.ok();
         let disk = target.data_dir.as_deref().map(dir_bytes);
-        let mb =
-            |bytes: Option<u64>| bytes.map_or("-".into(), |b| format!("{:.0}", b as f64 / 1e6));
+        let mb = megabytes;
         println!(
             "{:<14} {:>7.0} {:>11} {:>10.0} {:>8.2} {:>8.2} {:>8} {:>8} {:>9} {:>9}",
             "sustain",
@@ -862,6 +872,11 @@ fn sustain(
         }
     }
     Ok(())
+}
+
+/// Bytes as whole megabytes for a table column, `-` when unknown.
+fn megabytes(bytes: Option<u64>) -> String {
+    bytes.map_or("-".into(), |b| format!("{:.0}", b as f64 / 1e6))
 }
 
 /// This process's resident memory (Linux), the in-process server's and the load generator's.
@@ -1686,6 +1701,7 @@ pub fn run(args: LoadgenArgs) -> Result<(), LoadgenError> {
         Scenario::Coupons => coupons::run(&args),
         Scenario::Handover => handover_table(&args),
         Scenario::Audit => audit::table(&args).map(|_| ()),
+        Scenario::Soak => soak::soak(&args),
     }
 }
 
