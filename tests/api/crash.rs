@@ -216,6 +216,19 @@ async fn fire(base: String, workers: usize, acked: Arc<Mutex<Vec<Acked>>>) {
     .await
 }
 
+/// GET `url` with the bearer `key`: its JSON body.
+pub(crate) async fn get_json(client: &reqwest::Client, url: String, key: &str) -> Value {
+    client
+        .get(url)
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 pub(crate) async fn ledger(client: &reqwest::Client, base: &str, uid: &str) -> (i64, Vec<Value>) {
     let mut entries = Vec::new();
     let mut before: Option<u64> = None;
@@ -224,30 +237,14 @@ pub(crate) async fn ledger(client: &reqwest::Client, base: &str, uid: &str) -> (
             Some(b) => format!("{base}/v1/wallets/{uid}/ledger?limit=500&before={b}"),
             None => format!("{base}/v1/wallets/{uid}/ledger?limit=500"),
         };
-        let page: Value = client
-            .get(url)
-            .bearer_auth(GATEWAY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let page = get_json(client, url, GATEWAY).await;
         entries.extend(page["ledger"].as_array().unwrap().iter().cloned());
         match page["next_before"].as_u64() {
             Some(b) => before = Some(b),
             None => break,
         }
     }
-    let wallet: Value = client
-        .get(format!("{base}/v1/wallets/{uid}"))
-        .bearer_auth(GATEWAY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let wallet = get_json(client, format!("{base}/v1/wallets/{uid}"), GATEWAY).await;
     (wallet["balances"]["change"].as_i64().unwrap(), entries)
 }
 

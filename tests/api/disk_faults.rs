@@ -6,7 +6,7 @@
 //! holds a few lines about it and not one per refused request, and a restart holds every
 //! acknowledged deposit exactly once.
 
-use super::crash::{ledger, spawn_binary_env, start_with};
+use super::crash::{get_json, ledger, spawn_binary_env, start_with};
 use super::jetstream_faults::deposit;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -331,15 +331,8 @@ async fn snapshots_and_flow_checkpoints_that_cannot_be_written_cost_a_replay_nev
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     for order in &rewards {
         loop {
-            let found: serde_json::Value = client
-                .get(format!("{base}/v1/rewards/{order}"))
-                .bearer_auth(super::ISSUER)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let url = format!("{base}/v1/rewards/{order}");
+            let found = get_json(&client, url, super::ISSUER).await;
             if found["status"] == "credited" {
                 break;
             }

@@ -4,6 +4,7 @@
 
 use super::fixtures::{append, credit};
 use hongbao::domain::wallet::Entry;
+use hongbao::domain::Event;
 use hongbao::simulate::{run, run_in, SimConfig};
 
 fn env(name: &str, default: u64) -> u64 {
@@ -63,23 +64,28 @@ fn seeded_campaigns_with_crashes_lost_answers_and_duplicates_keep_every_promise(
     println!("{count} seeds: {crashes} crashes, {lost} lost answers, {openings} audits clean");
 }
 
+/// A data directory whose log holds `streams`' events as they are, closed.
+fn written(streams: Vec<(String, Vec<Event>)>) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let store = super::open(dir.path());
+    for (stream, events) in streams {
+        append(&store, &stream, events);
+    }
+    super::runtime()
+        .block_on(hongbao::events::EventStore::close(store.as_ref()))
+        .unwrap();
+    dir
+}
+
 #[test]
 fn a_forged_credit_in_the_directory_fails_the_run_and_prints_the_plan_to_replay() {
     // Goal: the simulation's checks can fail: a wallet credited from nowhere (no reward
     // behind it) is caught by the audit of the first opening, and the failure names the seed
     // and prints the plan.
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let store = super::open(dir.path());
-        append(
-            &store,
-            "wallet:u1",
-            vec![credit(Entry::Reward, "forged", 600, 600, Some("sim"))],
-        );
-        super::runtime()
-            .block_on(hongbao::events::EventStore::close(store.as_ref()))
-            .unwrap();
-    }
+    let dir = written(vec![(
+        "wallet:u1".into(),
+        vec![credit(Entry::Reward, "forged", 600, 600, Some("sim"))],
+    )]);
     let failure = run_in(
         &SimConfig {
             seed: 42,
@@ -102,19 +108,16 @@ fn a_deposit_the_clients_never_made_under_their_order_id_fails_the_client_side_c
     // already holds deposits `dep-1`..`dep-40` of 1 fen (money from outside, which the audit
     // accepts). The campaign's first deposit reuses such an id with its own amount: refused
     // (409), yet its wallet holds a line under that id, which the client-side check names.
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let store = super::open(dir.path());
-        for u in 0..12 {
-            let deposits = (1..=40)
-                .map(|n| credit(Entry::Deposit, &format!("dep-{n}"), 1, n, None))
-                .collect();
-            append(&store, &format!("wallet:u{u}"), deposits);
-        }
-        super::runtime()
-            .block_on(hongbao::events::EventStore::close(store.as_ref()))
-            .unwrap();
-    }
+    let dir = written(
+        (0..12)
+            .map(|u| {
+                let deposits = (1..=40)
+                    .map(|n| credit(Entry::Deposit, &format!("dep-{n}"), 1, n, None))
+                    .collect();
+                (format!("wallet:u{u}"), deposits)
+            })
+            .collect(),
+    );
     let failure = run_in(
         &SimConfig {
             seed: 42,
