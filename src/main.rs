@@ -372,7 +372,8 @@ fn simulate(first: u64, steps: usize, faults: bool, seeds: u64) -> anyhow::Resul
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    if seeds == 1 || !std::io::stderr().is_terminal() {
+    let terminal = std::io::stderr().is_terminal();
+    if seeds == 1 || !terminal {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     let started = std::time::Instant::now();
@@ -393,6 +394,14 @@ fn simulate(first: u64, steps: usize, faults: bool, seeds: u64) -> anyhow::Resul
                 total.lost_answers += report.lost_answers;
                 total.audits += report.audits;
                 bar.inc(1);
+                // Without a terminal (a log file), a line every hundred seeds instead.
+                let done = seed - first + 1;
+                if !terminal && seeds > 1 && done.is_multiple_of(100) {
+                    eprintln!(
+                        "{done} of {seeds} seeds held ({:.0} s)",
+                        started.elapsed().as_secs_f64()
+                    );
+                }
             }
             Err(failure) => {
                 bar.finish_and_clear();
