@@ -134,6 +134,19 @@ struct Burst {
 }
 
 impl Burst {
+    /// A deposit sent outside the burst's clients whose outcome is unknown: [`settle`]
+    /// retries it and the ledger check counts it.
+    fn unsettled(&self, order: &str, uid: &str, amount: i64) {
+        self.deposits.lock().unwrap().insert(
+            order.to_owned(),
+            Deposit {
+                uid: uid.to_owned(),
+                amount,
+                balance_after: None,
+            },
+        );
+    }
+
     fn acked(&self) -> usize {
         self.acked.load(Ordering::Relaxed)
     }
@@ -679,14 +692,7 @@ async fn the_single_server_down_answers_503_and_hongbao_recovers_when_it_is_back
     );
 
     // The probe's outcome was unknown: retried, it lands once (it is in the ledger check).
-    burst.deposits.lock().unwrap().insert(
-        "probe-down".into(),
-        Deposit {
-            uid: "fw0".into(),
-            amount: 1,
-            balance_after: None,
-        },
-    );
+    burst.unsettled("probe-down", "fw0", 1);
     settle(&base, &burst).await;
     check_and_stop(node, &data, &args, &[&burst]).await;
 }
@@ -917,14 +923,7 @@ async fn a_full_jetstream_store_answers_503_with_few_log_lines_and_recovers_once
     // The late deposits were refused: their outcome was a 503, so a retry lands them once.
     for w in 0..16 {
         for n in 0..125 {
-            burst.deposits.lock().unwrap().insert(
-                format!("late-{w}-{n}"),
-                Deposit {
-                    uid: "fw0".into(),
-                    amount: 1,
-                    balance_after: None,
-                },
-            );
+            burst.unsettled(&format!("late-{w}-{n}"), "fw0", 1);
         }
     }
     settle(&base, &burst).await;
