@@ -25,7 +25,68 @@ pub struct Config {
     pub audit: AuditSection,
     pub auth: AuthConfig,
     pub store: StoreSection,
+    pub load_test: LoadTestSection,
+    pub preflight: PreflightSection,
 }
+
+/// The night's plan, which `hongbao preflight` checks the node against (see `preflight`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PreflightSection {
+    /// The node's API (default: `server.addr`).
+    pub url: Option<String>,
+    /// The night's activities: each must have a budget with something remaining.
+    pub activities: Vec<String>,
+    /// Requests expected over the night: the data directory needs twice their disk.
+    pub expected_requests: u64,
+    /// Disk per request (the soak measured about 2,700 bytes: docs/BENCHMARKS.md).
+    pub disk_bytes_per_request: u64,
+    /// The planned state of every degradation switch.
+    pub switches: std::collections::BTreeMap<String, bool>,
+    /// Each payment channel's limit at the bank, in payments per second (bank and alipay
+    /// must be stated); the channel's configured rate must not exceed it.
+    pub channel_limits: std::collections::BTreeMap<String, u32>,
+    /// Highest acceptable share of a channel's payments failing or timing out (0..1).
+    pub channel_failure_rate_max: f64,
+    /// Largest acceptable difference between the server's clock and this machine's (ms).
+    pub clock_skew_ms_max: u64,
+    /// The night's withdrawal policy, as `PUT /v1/admin/withdrawal-policy` takes it.
+    pub withdrawal_policy: Option<toml::Value>,
+}
+
+impl Default for PreflightSection {
+    fn default() -> Self {
+        PreflightSection {
+            url: None,
+            activities: Vec::new(),
+            expected_requests: 0,
+            disk_bytes_per_request: 2_700,
+            switches: Default::default(),
+            channel_limits: Default::default(),
+            channel_failure_rate_max: 0.05,
+            clock_skew_ms_max: 2_000,
+            withdrawal_policy: None,
+        }
+    }
+}
+
+/// Load-test traffic (`X-Hongbao-Load-Test: 1`, D7): served by a second engine with its own
+/// log, views and simulated channels (see `http::load_test`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoadTestSection {
+    /// Serve marked requests (when false they are refused 403 `load_test_unavailable`).
+    pub enabled: bool,
+}
+
+impl Default for LoadTestSection {
+    fn default() -> Self {
+        LoadTestSection { enabled: true }
+    }
+}
+
+/// Where the load-test engine keeps its log and state, inside the data directory.
+pub const LOAD_TEST_DIR: &str = "load-test";
 
 /// Where the log lives: `sled` (embedded, in the data directory: the default) or NATS
 /// JetStream (`nats://host:port[,host:port...]`). Views, snapshots, checkpoints and keys stay in
@@ -37,6 +98,9 @@ pub struct StoreSection {
     pub url: String,
     /// The JetStream stream holding the log.
     pub stream: String,
+    /// The first token of the log's JetStream subjects (`<prefix>.<kind>.<id>`); streams on
+    /// one server need prefixes of their own.
+    pub subject_prefix: String,
     /// Replicas of the log's stream (JetStream): 3 by default; 1 only with
     /// `single_replica_synced`.
     pub replicas: usize,
@@ -50,6 +114,7 @@ impl Default for StoreSection {
         StoreSection {
             url: "sled".into(),
             stream: "HONGBAO_LOG".into(),
+            subject_prefix: "hb".into(),
             replicas: crate::events::jetstream::REPLICAS_DEFAULT,
             single_replica_synced: false,
         }
@@ -61,6 +126,13 @@ impl StoreSection {
     pub fn jetstream(&self) -> Result<Option<crate::events::jetstream::Durability>, ConfigError> {
         if self.url == "sled" {
             return Ok(None);
+        }
+        let token = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+        if self.subject_prefix.is_empty() || !self.subject_prefix.chars().all(token) {
+            return Err(ConfigError::Invalid(format!(
+                "store.subject_prefix is one subject token of [A-Za-z0-9_-], not {:?}",
+                self.subject_prefix
+            )));
         }
         if !self.url.starts_with("nats://") {
             return Err(ConfigError::Invalid(format!(
@@ -333,6 +405,8 @@ impl Default for Config {
             audit: AuditSection::default(),
             auth: AuthConfig::default(),
             store: StoreSection::default(),
+            load_test: LoadTestSection::default(),
+            preflight: PreflightSection::default(),
         }
     }
 }
@@ -410,6 +484,17 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The load-test engine's configuration: this one, with the log and state in
+    /// `<data_dir>/load-test` and, on JetStream, the stream `<stream>_LOAD_TEST` on subjects
+    /// `<subject_prefix>lt.>`.
+    pub fn for_load_test(&self) -> Config {
+        let mut config = self.clone();
+        config.data_dir = self.data_dir.join(LOAD_TEST_DIR);
+        config.store.stream = format!("{}_LOAD_TEST", self.store.stream);
+        config.store.subject_prefix = format!("{}lt", self.store.subject_prefix);
+        config
+    }
+
     /// Reads a config file (every field optional).
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

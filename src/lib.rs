@@ -46,6 +46,7 @@ pub mod loadgen;
 pub mod logs;
 pub mod metrics;
 pub mod money;
+pub mod preflight;
 pub mod projections;
 pub mod replay;
 pub mod simulate;

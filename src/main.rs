@@ -44,7 +44,20 @@ macro_rules! out {
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as text (for a terminal) or as JSON objects, one per line (for log
+    /// shippers: timestamp, level, message and every field).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The format every command logs in (`--log-format`), set once at start.
+static LOG_FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
 
 #[derive(clap::Args, Clone)]
 struct Common {
@@ -137,6 +150,11 @@ enum Command {
         /// between partitions); a partition without a log fails the audit.
         #[arg(long)]
         cluster: bool,
+        /// Audit the load-test traffic's log (`X-Hongbao-Load-Test: 1`) instead: kept apart
+        /// in <data-dir>/load-test (or the JetStream stream <stream>_LOAD_TEST), never part of
+        /// the real books.
+        #[arg(long, conflicts_with = "cluster")]
+        load_test: bool,
     },
     /// Check the whole log: hash chain, sequence contiguity, per-stream versions, stream index,
     /// the data directory's signed checkpoints against the log, and print its head (last seq,
@@ -246,6 +264,22 @@ enum Command {
     /// with --faults, the fault after each step (crash, crash between a journal write and its
     /// flush, failed flush then crash, lost answer, duplicated request, clock jump). Each run
     /// uses a temporary directory of its own.
+    /// The pre-night checklist, against the node that will serve the night: its API
+    /// (`[preflight] url`, default `server.addr`), its data directory's disk and this
+    /// machine's clock, judged by the plan in the config's `[preflight]` section (the
+    /// night's activities, expected requests, switch states, the bank's limits per channel,
+    /// the withdrawal policy). Prints each item with what is not ready; exits 0 only when
+    /// every item passes. See docs/RUNBOOK.md, "Before the night".
+    #[command(after_help = "Example:\n  hongbao preflight --config night.toml\n\n\
+                      Exit status: 0 ready, 1 something is not ready (listed), 2 the \
+                      checklist could not run (bad config).")]
+    Preflight {
+        #[command(flatten)]
+        common: Common,
+        /// Print the checklist as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     #[command(after_help = "Examples:\n  hongbao simulate --seed 7 --faults\n  \
                       hongbao simulate --seed 1 --seeds 1000 --steps 300 --faults")]
     Simulate {
@@ -313,13 +347,79 @@ fn load_config(common: &Common) -> anyhow::Result<Config> {
 fn init_logging(default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_writer(std::io::stderr);
+    let _ = match LOG_FORMAT.get().copied().unwrap_or(LogFormat::Text) {
+        // One JSON object per line, the event's fields flattened beside its message.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
         // Colour codes only for a terminal: a log file or a collector gets plain text.
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .try_init();
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+    };
+}
+
+/// `hongbao preflight`: the checklist, one line per item (or JSON), exit 1 when not ready.
+fn preflight(common: Common, json: bool) -> anyhow::Result<ExitCode> {
+    init_logging("warn");
+    let config = load_config(&common)?;
+    config.validate()?;
+    let env = |var: &str| std::env::var(var).ok();
+    let keys = hongbao::preflight::key_sources(&config, env);
+    // The admin key to read the node with: provisioned, else the generated one on disk.
+    let admin_key = match env("HONGBAO_ADMIN_KEY").or_else(|| config.auth.admin_key.clone()) {
+        Some(key) => key,
+        None => {
+            let path = config.data_dir.join("keys.toml");
+            let text = std::fs::read_to_string(&path).with_context(|| {
+                format!(
+                    "no admin key: set HONGBAO_ADMIN_KEY, [auth] admin_key, or run beside {}",
+                    path.display()
+                )
+            })?;
+            let stored: hongbao::config::AuthConfig =
+                toml::from_str(&text).with_context(|| format!("reading {}", path.display()))?;
+            stored
+                .admin_key
+                .with_context(|| format!("no admin_key in {}", path.display()))?
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let seen = runtime.block_on(hongbao::preflight::observe(&config, &admin_key, keys));
+    let checks = hongbao::preflight::evaluate(&config.preflight, &seen);
+    let ready = checks.iter().all(|c| c.ok);
+    if json {
+        out!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"ready": ready, "checks": checks}))?
+        )?;
+    } else {
+        for check in &checks {
+            let mark = if check.ok { "ok  " } else { "FAIL" };
+            out!("{mark} {:<22} {}", check.name, check.detail)?;
+        }
+        let failed = checks.iter().filter(|c| !c.ok).count();
+        match failed {
+            0 => out!("ready: every item of the checklist passes")?,
+            n => out!(
+                "NOT READY: {n} of {} items fail (listed above)",
+                checks.len()
+            )?,
+        }
+    }
+    Ok(if ready {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn all_projections() -> Vec<Arc<dyn Projection>> {
@@ -850,8 +950,20 @@ fn public_key(common: Common) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn audit(common: Common, store: StoreArgs, json: bool) -> anyhow::Result<ExitCode> {
-    let config = log_config(&common, store)?;
+fn audit(
+    common: Common,
+    store: StoreArgs,
+    json: bool,
+    load_test: bool,
+) -> anyhow::Result<ExitCode> {
+    let real = log_config(&common, store)?;
+    let config = match load_test {
+        true => real.for_load_test(),
+        false => real.clone(),
+    };
+    // The other books, reported apart: the real audit names the load-test log it left out.
+    let apart = (!load_test && real.for_load_test().data_dir.join("state").exists())
+        .then(|| real.for_load_test().data_dir);
     let store = open_store(&config)?;
     let channels = if config.data_dir.join("channels").exists() {
         Some(hongbao::channels::SimulatedChannels::open(
@@ -889,7 +1001,8 @@ fn audit(common: Common, store: StoreArgs, json: bool) -> anyhow::Result<ExitCod
             "{}",
             serde_json::to_string_pretty(
                 &serde_json::json!({"ok": report.ok(), "events": report.events, "replay_s": replay_s,
-                    "views_s": views_s, "checks": report.checks})
+                    "views_s": views_s, "checks": report.checks, "load_test": load_test,
+                    "load_test_log_apart": apart})
             )?
         )?;
     } else {
@@ -898,7 +1011,20 @@ fn audit(common: Common, store: StoreArgs, json: bool) -> anyhow::Result<ExitCod
             report.events,
             report.events as f64 / replay_s.max(1e-9)
         )?;
+        if load_test {
+            out!(
+                "books: load-test traffic only ({}), never part of the real books",
+                config.data_dir.display()
+            )?;
+        }
         print_checks(&report)?;
+        if let Some(dir) = apart {
+            out!(
+                "load-test traffic is kept apart in {} and is not in these books; audit it with \
+                 `hongbao audit --load-test`",
+                dir.display()
+            )?;
+        }
     }
     Ok(if report.ok() {
         ExitCode::SUCCESS
@@ -1157,6 +1283,7 @@ fn main() -> ExitCode {
     #[allow(clippy::let_unit_value)]
     let _faults = hongbao::faults::setup();
     let cli = Cli::parse();
+    let _ = LOG_FORMAT.set(cli.log_format);
     let result = match cli.command {
         Command::Serve {
             common,
@@ -1210,12 +1337,14 @@ fn main() -> ExitCode {
             store,
             json,
             cluster: false,
-        } => audit(common, store, json),
+            load_test,
+        } => audit(common, store, json, load_test),
         Command::Audit {
             common,
             store,
             json,
             cluster: true,
+            ..
         } => audit_cluster(common, store, json),
         Command::Checkpoints {
             command: CheckpointsCommand::PublicKey { common },
@@ -1237,6 +1366,7 @@ fn main() -> ExitCode {
             faults,
             seeds,
         } => simulate(seed, steps as usize, faults, seeds),
+        Command::Preflight { common, json } => preflight(common, json),
         Command::Loadgen(args) => {
             init_logging("warn");
             hongbao::loadgen::run(*args)

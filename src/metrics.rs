@@ -57,11 +57,29 @@ pub struct Metrics {
     pub coupon_issue_seconds: Histogram,
     pub audit_violations_total: IntCounterVec,
     pub audit_checked_seq: IntGauge,
+    /// `hongbao_ready`: 1 when the node would answer `/readyz` 200, else 0. Set through
+    /// [`Metrics::set_ready`], which exposes it.
+    pub ready: IntGauge,
+    ready_exposed: std::sync::Once,
 }
 
 /// The `check` labels of `hongbao_reconciliation_mismatches_total`: the order against the
 /// wallet's debit, against its refund, and against the channel's record.
 pub const RECONCILIATION_CHECKS: [&str; 3] = ["debit", "refund", "channel"];
+
+/// The `check` labels of `hongbao_audit_violations_total`: the checks the continuous audit
+/// concludes (`hongbao audit`'s, less `placement`, which only a cluster's audit has).
+pub const AUDIT_CHECKS: [&str; 9] = [
+    "hash_chain",
+    "wallet_balances",
+    "money_conserved",
+    "reward_credits",
+    "budgets",
+    "withdrawals",
+    "channel_statements",
+    "packets",
+    "coupons",
+];
 
 /// Latency buckets from 50 us to about 13 s: covers a cached read and a stalled flush alike.
 /// The issuance latency goal (99% within it): a bucket boundary of its own.
@@ -87,12 +105,22 @@ impl Metrics {
     /// The series of one partition of a cluster node: every one carries
     /// `partition="p007"`, so the node can expose all its partitions' side by side.
     pub fn for_partition(partition: &str) -> Metrics {
-        let labels =
-            std::collections::HashMap::from([("partition".to_owned(), partition.to_owned())]);
+        Metrics::labelled("partition", partition)
+    }
+
+    /// The series of the load-test engine: every one carries `traffic="load_test"`, so
+    /// dashboards and alerts on real traffic select `traffic!="load_test"`.
+    pub fn for_load_test() -> Metrics {
+        Metrics::labelled("traffic", "load_test")
+    }
+
+    /// Every series of this registry carries `name="value"`.
+    fn labelled(name: &str, value: &str) -> Metrics {
+        let labels = std::collections::HashMap::from([(name.to_owned(), value.to_owned())]);
         match Registry::new_custom(None, Some(labels)) {
             Ok(registry) => Metrics::on(registry),
             Err(e) => {
-                tracing::error!(error = %e, "partition metrics unlabelled");
+                tracing::error!(error = %e, label = name, "metrics unlabelled");
                 Metrics::new()
             }
         }
@@ -276,6 +304,10 @@ impl Metrics {
             "Payouts parked in the dead-letter set after the last attempt, by channel",
             &["channel"],
         );
+        // Every channel from the start: the alert on parked payouts fires on an increase.
+        for channel in crate::domain::withdrawal::Channel::ALL {
+            payouts_parked_total.with_label_values(&[channel.as_str()]);
+        }
         let compensations_total = counter(
             "hongbao_withdrawal_compensations_total",
             "Stuck withdrawals compensated by the sweeper, by action",
@@ -377,15 +409,26 @@ impl Metrics {
             "Invariant violations found by the continuous audit, by check (each logged with its ids)",
             &["check"],
         );
+        // Alerts fire on an increase: a check's series must exist at 0 before its first one.
+        for check in AUDIT_CHECKS {
+            audit_violations_total.with_label_values(&[check]);
+        }
         let audit_checked_seq = IntGauge::new(
             "hongbao_audit_checked_seq",
             "Last log sequence the continuous audit has replayed",
+        )
+        .expect("metric definition");
+        let ready = IntGauge::new(
+            "hongbao_ready",
+            "1 when the node would answer /readyz 200 (its journal healthy), else 0; computed at each scrape",
         )
         .expect("metric definition");
 
         let metrics = Metrics {
             audit_violations_total,
             audit_checked_seq,
+            ready,
+            ready_exposed: std::sync::Once::new(),
             coupon_requests_total,
             coupons_issued_total,
             coupon_layer_backlog,
@@ -490,6 +533,18 @@ impl Metrics {
                 .register(collector)
                 .expect("each metric is registered once");
         }
+    }
+
+    /// Sets `hongbao_ready`. The gauge joins the registry at its first setting, so that a
+    /// registry whose readiness nobody judges (a cluster node's partitions, the load-test
+    /// engine's until a marked scrape) never shows a 0 that would read as "not ready".
+    pub fn set_ready(&self, ready: bool) {
+        self.ready_exposed.call_once(|| {
+            if let Err(e) = self.registry.register(Box::new(self.ready.clone())) {
+                tracing::error!(error = %e, "hongbao_ready not exposed");
+            }
+        });
+        self.ready.set(i64::from(ready));
     }
 
     /// The Prometheus text exposition of every metric.

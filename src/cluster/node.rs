@@ -1658,14 +1658,21 @@ pub async fn cluster_view(
 
 /// Ready once the node has read the cluster and every partition it holds is being served
 /// with a healthy log.
-async fn readyz(shared: web::Data<NodeShared>) -> HttpResponse {
-    let view = shared.view.borrow().clone();
+/// The node's partitions whose journal is not ready, and whether it has joined the cluster.
+fn readiness(shared: &NodeShared) -> (bool, Vec<String>) {
+    let joined = shared.view.borrow().is_some();
     let failed: Vec<String> = shared
         .cells
         .iter()
         .filter(|c| c.state.store.condition() != crate::events::JournalCondition::Ready)
         .map(|c| c.key().key())
         .collect();
+    (joined, failed)
+}
+
+async fn readyz(shared: web::Data<NodeShared>) -> HttpResponse {
+    let (joined, failed) = readiness(&shared);
+    let view = joined.then_some(());
     let body = serde_json::json!({
         "status": if view.is_none() { "joining" } else if failed.is_empty() { "ready" } else { "partition_failed" },
         "node": shared.settings.node.to_string(),
@@ -1681,6 +1688,9 @@ async fn readyz(shared: web::Data<NodeShared>) -> HttpResponse {
 
 async fn metrics(metrics: web::Data<Metrics>, shared: web::Data<NodeShared>) -> HttpResponse {
     shared.cluster_metrics.refresh(&shared);
+    // `hongbao_ready`, as /readyz would answer (the node's own series, not a partition's).
+    let (joined, failed) = readiness(&shared);
+    metrics.set_ready(joined && failed.is_empty());
     let cells: Vec<Arc<Cell>> = shared.cells.iter().map(|c| c.value().clone()).collect();
     let parts: Vec<&Metrics> = cells.iter().map(|c| c.state.metrics.as_ref()).collect();
     HttpResponse::Ok()

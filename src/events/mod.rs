@@ -409,6 +409,7 @@ pub fn open_log(
                 config.data_dir.clone(),
             );
             js.durability = durability;
+            js.subject_prefix = config.store.subject_prefix.clone();
             js.create_stream = create;
             let store = jetstream_store::JetStreamStore::open(js, clock, metrics)?;
             Ok(store)

@@ -9,11 +9,13 @@ pub mod auth;
 pub mod coupons;
 pub mod error;
 pub mod limits;
+pub mod load_test;
 pub mod openapi;
 pub mod ops;
 pub mod packets;
 pub mod paging;
 pub mod rewards;
+pub mod status;
 pub mod wallets;
 pub mod withdrawals;
 
@@ -61,7 +63,15 @@ pub struct ErrorBody {
     info(
         title = "hongbao",
         description = "Event-sourced money engine for peak-traffic campaigns. Money is integer fen. \
-                       Every command is idempotent by its business id.",
+                       Every command is idempotent by its business id. \
+                       Load tests: any request may carry `X-Hongbao-Load-Test: 1`; it is then \
+                       served by the same routes against books of its own (a separate log, \
+                       views, simulated payment channels, metrics labelled \
+                       `traffic=\"load_test\"`, `hongbao audit --load-test`), never the real \
+                       ones. `0` (or no header) is real traffic; any other value is refused 400 \
+                       `invalid_load_test_header`; a node serving no load tests (config \
+                       `load_test.enabled = false`, or a cluster node) refuses marked requests \
+                       403 `load_test_unavailable`.",
     ),
     paths(
         wallets::deposit,
@@ -98,6 +108,8 @@ pub struct ErrorBody {
         ops::healthz,
         ops::readyz,
         ops::metrics,
+        status::status_page,
+        status::status_json,
                 ops::openapi,
         ops::set_switch,
         ops::list_switches,
@@ -282,6 +294,8 @@ pub struct Application {
     port: u16,
     server: Server,
     state: web::Data<AppState>,
+    /// The engine serving load-test traffic (None when `load_test.enabled` is false).
+    load_test: Option<web::Data<load_test::LoadTestEngine>>,
     keys_file: Option<PathBuf>,
     checkpoints: crate::checkpoints::Checkpointer,
 }
@@ -504,6 +518,7 @@ where
                 cluster,
                 from_fn(crate::cluster::node::dispatch),
             ))
+            .wrap(from_fn(load_test::route))
             .wrap(from_fn(limits::limit))
             .wrap(from_fn(observe))
             .configure(app.clone())
@@ -536,17 +551,34 @@ impl Application {
         let log = crate::events::open_log(&config, true, clock.clone(), metrics.clone())?;
         let checkpoints = start_checkpoints(&config, log.clone(), clock.clone())?;
         let state = web::Data::new(
-            AppState::build(config.clone(), keys, log, clock, metrics.clone(), None).await?,
+            AppState::build(
+                config.clone(),
+                keys.clone(),
+                log,
+                clock.clone(),
+                metrics.clone(),
+                None,
+            )
+            .await?,
         );
+        let load_test = match config.load_test.enabled {
+            true => Some(web::Data::new(start_load_test(&config, keys, clock).await?)),
+            false => None,
+        };
         let app_state = state.clone();
         let metrics = web::Data::from(metrics);
+        let engine = load_test.clone();
         let (server, port) = serve_http(&config, false, move |cfg: &mut web::ServiceConfig| {
+            if let Some(engine) = &engine {
+                cfg.app_data(engine.clone());
+            }
             configure_node(cfg, app_state.clone(), metrics.clone())
         })?;
         Ok(Application {
             port,
             server,
             state,
+            load_test,
             keys_file,
             checkpoints,
         })
@@ -586,7 +618,13 @@ impl Application {
         let served = self.server.await;
         signals.abort();
         let started = Instant::now();
-        let closed = self.state.stop().await;
+        let (closed, load_test_closed) = match &self.load_test {
+            Some(engine) => futures::join!(self.state.stop(), engine.state.stop()),
+            None => (self.state.stop().await, Ok(())),
+        };
+        if let Err(e) = &load_test_closed {
+            tracing::error!(error = %e, "the load-test log did not close cleanly");
+        }
         // After the close: the last checkpoint signs the log's final head.
         self.checkpoints.finish().await;
         tracing::info!(
@@ -598,6 +636,30 @@ impl Application {
         closed?;
         Ok(())
     }
+}
+
+/// The load-test engine (D7): the same engine on a log, views and channels of its own
+/// (`Config::for_load_test`), its metrics labelled `traffic="load_test"`, the same keys. No
+/// signed checkpoints: its log is for rehearsals, not for auditors.
+async fn start_load_test(
+    config: &Config,
+    keys: Keys,
+    clock: Arc<dyn Clock>,
+) -> Result<load_test::LoadTestEngine, ServeError> {
+    let config = config.for_load_test();
+    std::fs::create_dir_all(&config.data_dir).map_err(ServeError::Server)?;
+    let metrics = Arc::new(Metrics::for_load_test());
+    let log = crate::events::open_log(&config, true, clock.clone(), metrics.clone())?;
+    tracing::info!(
+        log = %log.describe(),
+        dir = %config.data_dir.display(),
+        "load-test traffic (X-Hongbao-Load-Test: 1) is served apart"
+    );
+    let state = AppState::build(config, keys, log, clock, metrics.clone(), None).await?;
+    Ok(load_test::LoadTestEngine {
+        state: web::Data::new(state),
+        metrics: web::Data::from(metrics),
+    })
 }
 
 /// Loads (or generates) the checkpoint key and starts signing the log's head (D4).
@@ -682,6 +744,8 @@ fn routes(cfg: &mut web::ServiceConfig) {
         ("/healthz", vec![web::get().to(ops::healthz)]),
         ("/readyz", vec![web::get().to(ops::readyz)]),
         ("/metrics", vec![web::get().to(ops::metrics)]),
+        ("/status", vec![web::get().to(status::status_page)]),
+        ("/status.json", vec![web::get().to(status::status_json)]),
         ("/openapi.json", vec![web::get().to(ops::openapi)]),
         (
             "/v1/admin/cluster",
@@ -880,7 +944,7 @@ async fn observe(
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let started = Instant::now();
     let method = req.method().as_str().to_owned();
-    let metrics = req.app_data::<web::Data<Metrics>>().cloned();
+    let metrics = load_test::metrics_of(&req);
     // No copy of the request may be held across `next.call`: routing needs the only one.
     let response = next.call(req).await;
     let route: std::borrow::Cow<'static, str> = match &response {

@@ -5,6 +5,7 @@ use super::error::ApiError;
 use super::{AppState, ErrorBody};
 use crate::actors::ExecError;
 use crate::domain::switches::{SetSwitch, SwitchError};
+use crate::events::JournalCondition;
 use crate::projections::wallet as wallet_view;
 use actix_web::{web, HttpResponse};
 use serde_json::json;
@@ -24,27 +25,40 @@ pub async fn healthz() -> HttpResponse {
     ))]
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let head = state.store.head();
-    let condition = state.store.condition();
+    let (ready, condition) = readiness(&state);
     let body = json!({
         "status": condition.as_str(),
         "log_head": head,
         "store": state.store_guarantee,
         "projections": { wallet_view::NAME: state.projections.checkpoint(wallet_view::NAME) },
     });
-    if condition == crate::events::JournalCondition::Ready {
+    if ready {
         HttpResponse::Ok().json(body)
     } else {
         HttpResponse::ServiceUnavailable().json(body)
     }
 }
 
-/// Prometheus text exposition.
+/// The readiness check of `/readyz` and `hongbao_ready`: ready while the journal is healthy.
+pub(crate) fn readiness(state: &AppState) -> (bool, JournalCondition) {
+    let condition = state.store.condition();
+    (condition == JournalCondition::Ready, condition)
+}
+
+/// Prometheus text exposition; `hongbao_ready` is judged at each scrape as `/readyz` judges.
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
-pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+pub async fn metrics(
+    state: web::Data<AppState>,
+    load_test: Option<web::Data<super::load_test::LoadTestEngine>>,
+) -> HttpResponse {
+    state.metrics.set_ready(readiness(&state).0);
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
-        .body(state.metrics.render())
+        .body(super::load_test::render_metrics(
+            &state.metrics,
+            load_test.as_ref().map(|engine| engine.get_ref()),
+        ))
 }
 
 /// This document.

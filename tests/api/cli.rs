@@ -49,14 +49,13 @@ fn a_printing_command_piped_into_a_closed_reader_exits_quietly() {
     assert!(status.success(), "{status}: {stderr}");
 }
 
-#[test]
-fn log_lines_carry_no_colour_codes_when_standard_error_is_not_a_terminal() {
-    // Goal: a server logging into a pipe or a file writes plain text (no ANSI escapes), even
-    // without NO_COLOR.
+/// The lines `hongbao serve <extra>` logs into a pipe up to the one saying it listens.
+fn lines_until_listening(extra: &[&str]) -> Vec<String> {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_hongbao"))
         .args(["serve", "--addr", "127.0.0.1:0", "--data-dir"])
         .arg(dir.path())
+        .args(extra)
         .env_remove("NO_COLOR")
         .env("RUST_LOG", "info")
         .env("HONGBAO_ADMIN_KEY", ADMIN)
@@ -82,10 +81,34 @@ fn log_lines_carry_no_colour_codes_when_standard_error_is_not_a_terminal() {
     let lines = rx.recv_timeout(Duration::from_secs(30));
     child.kill().unwrap();
     child.wait().unwrap();
-    let lines = lines.expect("the server did not log that it listens");
-    for line in &lines {
+    lines.expect("the server did not log that it listens")
+}
+
+#[test]
+fn log_lines_carry_no_colour_codes_when_standard_error_is_not_a_terminal() {
+    // Goal: a server logging into a pipe or a file writes plain text (no ANSI escapes), even
+    // without NO_COLOR.
+    for line in &lines_until_listening(&[]) {
         assert!(!line.contains('\u{1b}'), "colour code in {line:?}");
     }
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    // Goal: `--log-format json` gives a log shipper one JSON object per line, with the
+    // event's fields beside its message.
+    let lines = lines_until_listening(&["--log-format", "json"]);
+    assert!(lines.len() > 1, "{lines:?}");
+    for line in &lines {
+        let object: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        for field in ["timestamp", "level", "message"] {
+            assert!(object[field].is_string(), "no {field} in {line}");
+        }
+    }
+    let listening: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert_eq!(listening["level"], "INFO");
+    assert!(listening["port"].as_u64().unwrap_or(0) > 0, "{listening}");
 }
 
 /// A `hongbao serve` child and the lines it logged.

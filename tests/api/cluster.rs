@@ -415,6 +415,28 @@ async fn every_node_gives_the_same_answer_to_the_same_request() {
         assert_eq!(status, 201, "{answer}\n{}", fleet.logs());
         first.insert(n, (body, answer));
     }
+    // A cluster node serves no load tests: a marked deposit is refused, not taken as real
+    // (the balances checked below would be off by its amount).
+    let marked = client
+        .post(format!(
+            "{}/v1/wallets/{}/change/deposits",
+            bases[1],
+            uid(0)
+        ))
+        .bearer_auth(ADMIN)
+        .header("x-hongbao-load-test", "1")
+        .json(&serde_json::json!({"order_id": "load-test-1", "amount": 5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(marked.status().as_u16(), 403);
+    let refusal: Value = marked.json().await.unwrap();
+    assert_eq!(refusal["code"], "load_test_unavailable", "{refusal}");
+    // Each node says it is ready to Prometheus as /readyz does (the alert rules read it).
+    for base in &bases {
+        let text = scrape(&client, base).await;
+        assert_eq!(metric(&text, "hongbao_ready"), Some(1.0), "{base}");
+    }
     for (n, (body, answer)) in &first {
         for base in &bases {
             // A retry through any node replays the original answer.

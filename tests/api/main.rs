@@ -14,12 +14,15 @@ mod fuzz;
 mod jetstream;
 mod jetstream_faults;
 mod lists;
+mod load_test;
 // Shared with the core tests (it allows its own dead code).
 #[path = "../support/nats.rs"]
 mod nats;
 mod ops;
 mod packets;
+mod preflight;
 mod rewards;
+mod status;
 mod wallets;
 mod withdrawals;
 
