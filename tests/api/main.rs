@@ -7,6 +7,7 @@ mod cli;
 mod cluster;
 mod coupons;
 mod crash;
+mod deploy;
 #[cfg(feature = "failpoints")]
 mod disk_faults;
 mod full_disk;
