@@ -20,7 +20,9 @@
 //! - `coupons`: one hot coupon batch, in-process and over HTTP, per merged deduction size:
 //!   acceptance and issuance rates and the acceptance-to-issued latency (see [`coupons`]);
 //! - `audit`: the audit's replay of a mixed log, timed over --rounds runs beside hello-world
-//!   (see [`audit`]).
+//!   (see [`audit`]);
+//! - `campaign`: the night's full chain (P12) by virtual users, load-test traffic by default,
+//!   a report per endpoint over time and an SVG plot (see [`campaign`]).
 //!
 //! `--store nats://...` puts the in-process server's log (deposits, rewards, ...) on JetStream,
 //! in a stream of the load generator's own that is deleted afterwards.
@@ -28,6 +30,7 @@
 //! Every run prints requests/s and p50/p99/p99.9 latency from an hdrhistogram.
 
 pub mod audit;
+pub mod campaign;
 pub mod client;
 pub mod coupons;
 pub mod handover;
@@ -82,6 +85,13 @@ pub enum Scenario {
     /// resident memory, disk, the lanes' and layers' backlogs, the views' and the continuous
     /// audit's lag, audit violations. Fails on any violation or error.
     Soak,
+    /// The night's full chain (P12) for --duration-s by --vus virtual users through at most
+    /// --pool connections: subsidy reward -> subsidy list -> B2C packet -> --claimers
+    /// concurrent claims -> details; cash reward -> withdrawal; coupon request. Every request
+    /// carries X-Hongbao-Load-Test: 1 (unless --real-traffic). Rate and p50/p99 per endpoint
+    /// every --interval-s and in total, errors by status and code, 429s apart; writes --plot
+    /// (SVG). Fails on any unexpected error or money check.
+    Campaign,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -176,7 +186,8 @@ pub struct LoadgenArgs {
     /// packets: concurrent clients, each claiming with fresh uids until the packet is empty.
     #[arg(long, default_value_t = 1_000)]
     pub clients: usize,
-    /// packets: connections in each backend's pool, shared by the clients.
+    /// packets: connections in each backend's pool, shared by the clients; campaign: the
+    /// connections every virtual user and claimer shares (the requests in flight at most).
     #[arg(long, default_value_t = 64)]
     pub pool: usize,
     /// packets: backends to compare, in this order.
@@ -235,6 +246,8 @@ pub struct LoadgenArgs {
     /// handover: keepers killed, one after the other (a new one joins after each).
     #[arg(long, default_value_t = 10)]
     pub kills: usize,
+    #[command(flatten)]
+    pub campaign: campaign::CampaignArgs,
 }
 
 impl LoadgenArgs {
@@ -1702,6 +1715,7 @@ pub fn run(args: LoadgenArgs) -> Result<(), LoadgenError> {
         Scenario::Handover => handover_table(&args),
         Scenario::Audit => audit::table(&args).map(|_| ()),
         Scenario::Soak => soak::soak(&args),
+        Scenario::Campaign => campaign::campaign(&args)?.verdict(),
     }
 }
 

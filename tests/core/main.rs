@@ -4,6 +4,7 @@
 mod actors;
 mod audit;
 mod audit_mutations;
+mod campaign;
 mod cluster;
 mod compensation;
 mod fixtures;
