@@ -36,6 +36,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// the callers of the last moments, not by every caller ever seen).
 const SWEEP_EVERY_CHECKS: u64 = 1 << 16;
 
+/// The limits charged to load-test traffic (`X-Hongbao-Load-Test: 1`): the same
+/// configuration, buckets of their own.
+pub struct LoadTestLimits(pub Option<CallerLimits>);
+
 pub struct CallerLimits {
     per_key: Option<DefaultKeyedRateLimiter<String>>,
     per_uid: Option<DefaultKeyedRateLimiter<String>>,
@@ -103,8 +107,14 @@ pub(crate) async fn limit(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let load_test =
+        super::load_test::traffic(req.headers()) == Some(super::load_test::Traffic::LoadTest);
     let configured = req.app_data::<web::Data<Option<CallerLimits>>>().cloned();
-    let limits = configured.as_ref().and_then(|d| d.as_ref().as_ref());
+    let configured_load_test = req.app_data::<web::Data<LoadTestLimits>>().cloned();
+    let limits = match load_test {
+        true => configured_load_test.as_ref().and_then(|d| d.0.as_ref()),
+        false => configured.as_ref().and_then(|d| d.as_ref().as_ref()),
+    };
     // The API's own paths; health, readiness, metrics and the document are never limited.
     let Some(limits) = limits.filter(|_| req.match_info().as_str().starts_with("/v1/")) else {
         return Ok(next.call(req).await?.map_into_boxed_body());

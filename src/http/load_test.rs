@@ -39,8 +39,12 @@ pub enum Traffic {
     LoadTest,
 }
 
-/// The request's traffic by its header (`None`: a value that is neither `1` nor `0`).
+/// The request's traffic by its header (`None`: a value that is neither `1` nor `0`, or the
+/// header given more than once).
 pub fn traffic(headers: &actix_web::http::header::HeaderMap) -> Option<Traffic> {
+    if headers.get_all(HEADER).nth(1).is_some() {
+        return None;
+    }
     match headers.get(HEADER).map(|v| v.as_bytes()) {
         None | Some(b"0") => Some(Traffic::Real),
         Some(b"1") => Some(Traffic::LoadTest),
@@ -99,7 +103,7 @@ pub(crate) async fn route(
         None => ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_load_test_header",
-            "X-Hongbao-Load-Test is 1 (a load test) or 0 (real traffic)",
+            "X-Hongbao-Load-Test is given once, 1 (a load test) or 0 (real traffic)",
         ),
         Some(Traffic::LoadTest) => match req.app_data::<web::Data<LoadTestEngine>>().cloned() {
             Some(engine) => {
@@ -146,5 +150,12 @@ mod tests {
         for wrong in ["true", "yes", "", "01", " 1"] {
             assert_eq!(traffic(&headers(Some(wrong))), None, "{wrong:?}");
         }
+        // Twice, whatever the values: which one a proxy keeps is not ours to guess.
+        let mut twice = headers(Some("0"));
+        twice.append(
+            HeaderName::from_static(HEADER),
+            HeaderValue::from_static("1"),
+        );
+        assert_eq!(traffic(&twice), None);
     }
 }

@@ -509,10 +509,16 @@ where
                 .into(),
         )));
     }
+    // Load-test traffic is charged to limiters of its own: a rehearsal with the gateway's key
+    // must not spend the real callers' budget.
+    let load_test_limits = web::Data::new(limits::LoadTestLimits(
+        limits::CallerLimits::from_config(&config.server),
+    ));
     let caller_limits = web::Data::new(caller_limits);
     let server = HttpServer::new(move || {
         App::new()
             .app_data(caller_limits.clone())
+            .app_data(load_test_limits.clone())
             .configure(|cfg| extractors(cfg, body_max))
             .wrap(actix_web::middleware::Condition::new(
                 cluster,
@@ -561,8 +567,21 @@ impl Application {
             )
             .await?,
         );
+        // A load-test engine that cannot start (its JetStream stream refused, its directory
+        // unwritable) must not keep the real node from serving: marked requests are then
+        // refused 403, as on a node without one.
         let load_test = match config.load_test.enabled {
-            true => Some(web::Data::new(start_load_test(&config, keys, clock).await?)),
+            true => match start_load_test(&config, keys, clock).await {
+                Ok(engine) => Some(web::Data::new(engine)),
+                Err(e) => {
+                    tracing::error!(
+                        error = %e,
+                        cause = ?std::error::Error::source(&e).map(|c| c.to_string()),
+                        "the load-test engine did not start: marked requests are refused"
+                    );
+                    None
+                }
+            },
             false => None,
         };
         let app_state = state.clone();

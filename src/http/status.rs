@@ -48,6 +48,9 @@ const CLAIM_OUTCOMES: [&str; 6] = ["claimed", "repeated", "empty", "expired", "b
 /// Everything `/status.json` answers.
 #[derive(Debug, Serialize)]
 pub struct StatusBody {
+    /// Whose figures: `real`, or `load_test` for a request marked `X-Hongbao-Load-Test: 1`
+    /// (the load-test engine's books; the page asks for them with `?load_test=1`).
+    pub traffic: &'static str,
     /// When these figures were read (RFC 3339, and milliseconds since the epoch: the page's
     /// rates divide by the difference of two samples' `generated_at_ms`).
     pub generated_at: String,
@@ -199,8 +202,9 @@ pub fn yuan(fen: i64) -> String {
     format!("{sign}{}.{:02}", abs / 100, abs % 100)
 }
 
-/// One series' labels and value (a histogram's value is its sample count). Series of a load
-/// test's engine (`traffic="load_test"`) are never counted, should they share the registry.
+/// One series' labels and value (a histogram's value is its sample count). Each engine's
+/// registry is its own: the real engine's holds no load-test series, and the load-test
+/// engine's (every series labelled `traffic="load_test"`) only its own.
 fn series<'a>(
     families: &'a [MetricFamily],
     name: &'a str,
@@ -219,11 +223,6 @@ fn series<'a>(
                 };
                 (m.get_label(), value)
             })
-        })
-        .filter(|(labels, _)| {
-            !labels
-                .iter()
-                .any(|l| l.name() == "traffic" && l.value() == "load_test")
         })
 }
 
@@ -506,6 +505,7 @@ pub fn figures(state: &AppState) -> StatusBody {
     };
 
     StatusBody {
+        traffic: "real",
         generated_at: crate::clock::rfc3339(now_ms),
         generated_at_ms: now_ms,
         level,
@@ -534,10 +534,15 @@ pub fn figures(state: &AppState) -> StatusBody {
         behind the head), `payouts` (lane backlog, parked), `budgets` (remaining per activity, \
         each as `{fen, yuan}`), `switches`, `audit` (running or off, checked seq, violations), \
         `reconciliation`", body = Object)))]
-pub async fn status_json(state: web::Data<AppState>) -> HttpResponse {
+pub async fn status_json(req: actix_web::HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    let mut body = figures(&state);
+    // The load-test route middleware gave a marked request the load-test engine's state.
+    if super::load_test::traffic(req.headers()) == Some(super::load_test::Traffic::LoadTest) {
+        body.traffic = "load_test";
+    }
     HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
-        .json(figures(&state))
+        .json(body)
 }
 
 /// A status page for the night: live figures, refreshed every 2 s from `/status.json`.
@@ -598,7 +603,7 @@ const HTML: &str = r##"<!DOCTYPE html>
 </head>
 <body data-level="loading">
 <header>
-  <div class="title"><span class="mark" aria-hidden="true"></span>hongbao <span class="sub">the night</span></div>
+  <div class="title"><span class="mark" aria-hidden="true"></span>hongbao <span class="sub" data-figure="traffic">the night</span></div>
   <div class="state"><span class="pill" data-figure="level">loading</span></div>
   <div class="fresh">updated <span data-figure="refreshed">never</span>
     <span class="ago" data-figure="refreshed_ago"></span></div>
@@ -812,6 +817,7 @@ const SCRIPT: &str = r#"
     var c = s.counters;
     document.body.setAttribute("data-level", s.level);
     set("level", s.level === "ok" ? "all well" : s.level === "warn" ? "attention" : "alert");
+    set("traffic", s.traffic === "load_test" ? "load-test traffic (not real money)" : "the night");
     var problems = document.getElementById("problems");
     var list = document.createDocumentFragment();
     s.problems.forEach(function (p) {
@@ -916,8 +922,12 @@ const SCRIPT: &str = r#"
     }
   }
 
+  /* ?load_test=1: the load-test engine's books (the marked request's), never the real ones. */
+  var LOAD_TEST = /(^|[?&])load_test=1(&|$)/.test(location.search);
   function refresh() {
-    fetch("/status.json", { cache: "no-store", headers: { "Accept": "application/json" } })
+    var headers = { "Accept": "application/json" };
+    if (LOAD_TEST) { headers["X-Hongbao-Load-Test"] = "1"; }
+    fetch("/status.json", { cache: "no-store", headers: headers })
       .then(function (r) {
         if (!r.ok) { throw new Error("HTTP " + r.status); }
         return r.json();

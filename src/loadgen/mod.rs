@@ -540,7 +540,11 @@ impl Target {
                 config.store.url = url.clone();
                 config.store.replicas = durability.replicas;
                 config.store.single_replica_synced = durability.single_replica_synced;
-                config.store.stream = jetstream::fresh_names("SERVER").0;
+                // Fresh names and subjects; the load-test engine's stream follows them
+                // (`<stream>_LOAD_TEST` on `<prefix>lt.>`) and is deleted with the run's.
+                let (stream, prefix) = jetstream::fresh_names("SERVER");
+                config.store.stream = stream;
+                config.store.subject_prefix = prefix;
                 jetstream::wait_ready(&url, durability.replicas)?;
                 Some((url, config.store.stream.clone()))
             }
@@ -561,6 +565,7 @@ impl Target {
             Err(e) => {
                 if let Some((url, name)) = &nats_stream {
                     let _ = jetstream::delete_stream(url, name);
+                    let _ = jetstream::delete_stream(url, &format!("{name}_LOAD_TEST"));
                 }
                 return Err(e.into());
             }
@@ -613,6 +618,8 @@ impl Target {
         }
         if let Some((url, name)) = &self.nats_stream {
             jetstream::delete_stream(url, name)?;
+            // Absent when the load-test engine is off or did not start.
+            let _ = jetstream::delete_stream(url, &format!("{name}_LOAD_TEST"));
         }
         Ok(())
     }

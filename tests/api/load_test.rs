@@ -88,6 +88,13 @@ async fn load_test_traffic_runs_the_same_code_into_books_of_its_own() {
     // The same order id with another amount: a new real order, not a conflict with the test's.
     let (status, body) = app.deposit("u1", "dep-1", 70).await;
     assert_eq!((status, body["balance_after"].as_i64()), (201, Some(70)));
+    mark(&mut app, true);
+    assert_eq!(
+        balance(&app.wallet("u1").await, "change"),
+        150,
+        "the real deposit is not in the load test's books"
+    );
+    mark(&mut app, false);
 
     // Metrics: the load test's series carry traffic="load_test"; the real ones saw none of it.
     let text = scrape(&app.client, &app.base).await;
@@ -107,12 +114,51 @@ async fn load_test_traffic_runs_the_same_code_into_books_of_its_own() {
         None,
         "no real budget for the load test's activity"
     );
+    assert_eq!(
+        metric(
+            &text,
+            r#"hongbao_withdrawals_total{state="requested",traffic="load_test"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&text, r#"hongbao_withdrawals_total{state="requested"}"#).unwrap_or(0.0),
+        0.0,
+        "the real engine counted no withdrawal"
+    );
+    assert_eq!(
+        metric(&text, r#"hongbao_rewards_accepted_total{kind="cash"}"#).unwrap_or(0.0),
+        0.0,
+        "the real engine accepted no reward"
+    );
     let load_test_requests = text
         .lines()
         .filter(|l| l.starts_with("hongbao_http_request_duration_seconds_count{"))
         .filter(|l| l.contains(r#"traffic="load_test""#))
         .count();
     assert!(load_test_requests > 0, "load-test requests counted apart");
+    // The status page's figures: the real ones, or the load test's for a marked request.
+    let budget_of = |status: &serde_json::Value| {
+        status["budgets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["activity"] == "night")
+            .map(|b| b["cash"]["fen"].clone())
+    };
+    let (_, real_status) = app.get("/status.json", None).await;
+    assert_eq!(real_status["traffic"], "real");
+    assert_eq!(budget_of(&real_status), None, "{real_status}");
+    mark(&mut app, true);
+    let (_, marked_status) = app.get("/status.json", None).await;
+    mark(&mut app, false);
+    assert_eq!(marked_status["traffic"], "load_test");
+    assert_eq!(budget_of(&marked_status), Some(serde_json::json!(9_500)));
+    assert!(
+        marked_status["counters"]["withdrawals"]["requested"].as_u64() == Some(1),
+        "the load test's own counters: {}",
+        marked_status["counters"]
+    );
     app.server.stop().unwrap();
 
     // The offline audit: the real books hold the real deposit only and name the load-test
@@ -186,4 +232,26 @@ async fn a_node_without_a_load_test_engine_refuses_marked_requests() {
     mark(&mut app, false);
     assert_eq!(balance(&app.wallet("u3").await, "change"), 0);
     assert!(!app._dir.path().join("load-test").exists());
+}
+
+#[tokio::test]
+async fn load_test_traffic_spends_limits_of_its_own() {
+    // Goal: a rehearsal that exhausts its key's per-caller limit leaves the real callers with
+    // the same key their whole budget.
+    let mut app = spawn_app_with(|c| {
+        c.server.per_key_per_s = 1;
+        c.server.per_key_burst = 3;
+    });
+    mark(&mut app, true);
+    let mut statuses = Vec::new();
+    for n in 0..5 {
+        statuses.push(app.deposit("u4", &format!("lt-{n}"), 10).await.0);
+    }
+    assert_eq!(&statuses[..3], &[201, 201, 201], "{statuses:?}");
+    assert!(statuses[3..].contains(&429), "{statuses:?}");
+    mark(&mut app, false);
+    for n in 0..3 {
+        let (status, body) = app.deposit("u4", &format!("real-{n}"), 10).await;
+        assert_eq!(status, 201, "real deposit {n}: {body}");
+    }
 }

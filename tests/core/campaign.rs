@@ -18,6 +18,25 @@ fn args(line: &str) -> LoadgenArgs {
     Cli::try_parse_from(argv).expect("arguments").args
 }
 
+/// The head (last sequence) of the sled log in `dir`.
+fn log_head(dir: &std::path::Path) -> u64 {
+    use hongbao::events::EventStore;
+    let store = hongbao::events::sled_store::SledStore::open(
+        dir,
+        Default::default(),
+        std::sync::Arc::new(hongbao::clock::SystemClock),
+        std::sync::Arc::new(hongbao::metrics::Metrics::new()),
+    )
+    .unwrap();
+    let head = store.head();
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(store.close())
+        .unwrap();
+    head
+}
+
 #[test]
 fn a_short_campaign_drives_the_whole_chain_keeps_the_money_right_and_plots_it() {
     // Goal: 3 s, 4 users, packets of 5 shares claimed by 8 claimers each (more claimers than
@@ -26,12 +45,20 @@ fn a_short_campaign_drives_the_whole_chain_keeps_the_money_right_and_plots_it() 
     // sent was claimed to exactly its total, and the SVG has both panels' series and labels.
     let dir = tempfile::tempdir().unwrap();
     let plot = dir.path().join("campaign.svg");
+    let data = dir.path().join("data");
     let line = format!(
-        "campaign --duration-s 3 --interval-s 1 --vus 4 --claimers 8 --packet-shares 5 --pool 16 --no-baseline --plot {}",
-        plot.display()
+        "campaign --duration-s 3 --interval-s 1 --vus 4 --claimers 8 --packet-shares 5 --pool 16 --no-baseline --plot {} --data-dir {}",
+        plot.display(),
+        data.display()
     );
     let report = campaign::campaign(&args(&line)).expect("the campaign runs");
     assert!(report.load_test, "load-test traffic unless --real-traffic");
+    // The whole campaign went into the load-test books; the real log holds nothing of it.
+    assert_eq!(log_head(&data), 0, "the real log");
+    assert!(
+        log_head(&data.join("load-test")) > 1_000,
+        "the load-test log"
+    );
 
     assert_eq!(report.unexpected_errors(), 0, "{:?}", report.error_examples);
     assert!(
