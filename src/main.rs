@@ -253,17 +253,6 @@ enum Command {
     },
     /// Load generator: drive a scenario and print throughput and latency percentiles.
     Loadgen(Box<hongbao::loadgen::LoadgenArgs>),
-    /// Run a seeded campaign in process on a manual clock, with faults drawn from the seed,
-    /// and prove after every crash and at the end that the audit holds and every
-    /// acknowledged effect is there once (exit 1 on the first seed that fails, printing its
-    /// plan).
-    ///
-    /// The seed decides the whole plan: every request (budgets, cash and subsidy rewards with
-    /// retries and force-credit, deposits, withdrawals through channels that fail, time out and
-    /// throttle, C2C and B2C packets with expiry, coupon batches with groups and limits) and,
-    /// with --faults, the fault after each step (crash, crash between a journal write and its
-    /// flush, failed flush then crash, lost answer, duplicated request, clock jump). Each run
-    /// uses a temporary directory of its own.
     /// The pre-night checklist, against the node that will serve the night: its API
     /// (`[preflight] url`, default `server.addr`), its data directory's disk and this
     /// machine's clock, judged by the plan in the config's `[preflight]` section (the
@@ -280,6 +269,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run a seeded campaign in process on a manual clock, with faults drawn from the seed,
+    /// and prove after every crash and at the end that the audit holds and every
+    /// acknowledged effect is there once (exit 1 on the first seed that fails, printing its
+    /// plan).
+    ///
+    /// The seed decides the whole plan: every request (budgets, cash and subsidy rewards with
+    /// retries and force-credit, deposits, withdrawals through channels that fail, time out and
+    /// throttle, C2C and B2C packets with expiry, coupon batches with groups and limits) and,
+    /// with --faults, the fault after each step (crash, crash between a journal write and its
+    /// flush, failed flush then crash, lost answer, duplicated request, clock jump). Each run
+    /// uses a temporary directory of its own.
     #[command(after_help = "Examples:\n  hongbao simulate --seed 7 --faults\n  \
                       hongbao simulate --seed 1 --seeds 1000 --steps 300 --faults")]
     Simulate {
@@ -371,7 +371,7 @@ fn preflight(common: Common, json: bool) -> anyhow::Result<ExitCode> {
     let config = load_config(&common)?;
     config.validate()?;
     let env = |var: &str| std::env::var(var).ok();
-    let keys = hongbao::preflight::key_sources(&config, env);
+    let generated = hongbao::preflight::generated_keys(&config, env);
     // The admin key to read the node with: provisioned, else the generated one on disk.
     let admin_key = match env("HONGBAO_ADMIN_KEY").or_else(|| config.auth.admin_key.clone()) {
         Some(key) => key,
@@ -393,7 +393,7 @@ fn preflight(common: Common, json: bool) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let seen = runtime.block_on(hongbao::preflight::observe(&config, &admin_key, keys));
+    let seen = runtime.block_on(hongbao::preflight::observe(&config, &admin_key, generated));
     let checks = hongbao::preflight::evaluate(&config.preflight, &seen);
     let ready = checks.iter().all(|c| c.ok);
     if json {

@@ -36,12 +36,15 @@ fn check(name: &str, ok: bool, detail: impl Into<String>) -> Check {
     }
 }
 
-/// Which key sources the node's keys come from.
+/// Whether the node runs on keys generated on first start.
 #[derive(Debug, Clone, Default)]
 pub struct KeySources {
-    /// Keys neither the environment nor the config gives: the ones generated on first start
-    /// into `keys.toml` (or generated at the next start).
+    /// The keys of `<data_dir>/keys.toml` (generated on first start) that the node accepts:
+    /// each was tried against the node (an unknown key is answered 401).
     pub generated: Vec<&'static str>,
+    /// The token secret is neither in the environment nor in the config while keys.toml
+    /// holds a generated one (it cannot be tried from outside).
+    pub token_secret_generated: bool,
 }
 
 /// What preflight read from the node and its machine.
@@ -61,7 +64,9 @@ pub struct Observed {
     pub clock_skew_ms: Option<i64>,
     /// This machine's clock (ms since the epoch).
     pub now_ms: i64,
-    pub keys: KeySources,
+    pub keys: Result<KeySources, String>,
+    /// The node's payout rate per channel (`[withdrawals] <channel>_per_s`, 0 = unlimited).
+    pub payout_rates: BTreeMap<String, u32>,
     /// Free bytes where the data directory is.
     pub disk_free_bytes: Result<u64, String>,
 }
@@ -101,22 +106,38 @@ fn server(seen: &Observed) -> Check {
 }
 
 fn keys(seen: &Observed) -> Check {
-    if seen.keys.generated.is_empty() {
-        return check(
-            "keys provisioned",
-            true,
-            "every key and the token secret come from the environment or the config",
+    const NAME: &str = "keys provisioned";
+    let keys = match &seen.keys {
+        Err(e) => return check(NAME, false, format!("cannot tell: {e}")),
+        Ok(keys) => keys,
+    };
+    let mut problems: Vec<String> = keys
+        .generated
+        .iter()
+        .map(|role| format!("the node accepts the {role} key generated on first start"))
+        .collect();
+    if keys.token_secret_generated {
+        problems.push(
+            "the token secret is the one generated on first start (neither HONGBAO_TOKEN_SECRET \
+             nor [auth] token_secret is set)"
+                .into(),
         );
     }
-    check(
-        "keys provisioned",
-        false,
-        format!(
-            "{} come from keys generated on first start (keys.toml): provision them \
-             (HONGBAO_* variables or [auth]) and restart",
-            seen.keys.generated.join(", ")
+    match problems.is_empty() {
+        true => check(
+            NAME,
+            true,
+            "the node accepts none of the generated keys, and the token secret is provisioned",
         ),
-    )
+        false => check(
+            NAME,
+            false,
+            format!(
+                "{}: provision them (HONGBAO_* variables or [auth]) and restart",
+                problems.join("; ")
+            ),
+        ),
+    }
 }
 
 fn budgets(plan: &PreflightSection, seen: &Observed) -> Check {
@@ -188,10 +209,16 @@ fn channels(plan: &PreflightSection, seen: &Observed) -> Check {
                 plan.channel_failure_rate_max * 100.0
             ));
         }
-        let rate = body["rate_per_s"].as_u64().unwrap_or(u64::MAX);
+        // The rate the node pays at (its payout lanes), not the simulated channel's own.
+        let rate = seen.payout_rates.get(channel).copied().unwrap_or(0);
         match plan.channel_limits.get(channel) {
-            Some(&limit) if rate > u64::from(limit) => problems.push(format!(
-                "{channel}: paying at {rate}/s, over the bank's limit of {limit}/s"
+            Some(&limit) if rate == 0 => problems.push(format!(
+                "{channel}: payouts unlimited ([withdrawals] {channel}_per_s = 0), the bank's \
+                 limit is {limit}/s"
+            )),
+            Some(&limit) if rate > limit => problems.push(format!(
+                "{channel}: paying at {rate}/s ([withdrawals] {channel}_per_s), over the bank's \
+                 limit of {limit}/s"
             )),
             Some(_) => {}
             None if channel != "change" => problems.push(format!(
@@ -447,24 +474,33 @@ fn on_off(on: bool) -> &'static str {
     }
 }
 
-/// Which keys neither the environment nor the config provides.
-pub fn key_sources(config: &Config, env: impl Fn(&str) -> Option<String>) -> KeySources {
-    let auth = &config.auth;
-    let given = [
-        ("HONGBAO_ADMIN_KEY", &auth.admin_key),
-        ("HONGBAO_ISSUER_KEY", &auth.issuer_key),
-        ("HONGBAO_GATEWAY_KEY", &auth.gateway_key),
-        ("HONGBAO_TOKEN_SECRET", &auth.token_secret),
-    ];
-    KeySources {
-        generated: given
-            .into_iter()
-            .filter(|(var, configured)| {
-                env(var).filter(|v| !v.is_empty()).is_none() && configured.is_none()
-            })
-            .map(|(var, _)| var)
-            .collect(),
-    }
+/// The generated keys by role, and whether the token secret is the generated one.
+pub type GeneratedKeys = (Vec<(&'static str, String)>, bool);
+
+/// The keys `<data_dir>/keys.toml` holds (generated on first start), to be tried against the
+/// node, and whether the token secret is the generated one: neither the environment nor the
+/// config gives it while the file holds one.
+pub fn generated_keys(
+    config: &Config,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<GeneratedKeys, String> {
+    let path = config.data_dir.join("keys.toml");
+    let stored: crate::config::AuthConfig = match std::fs::read_to_string(&path) {
+        Ok(text) => toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let token_secret_given = env("HONGBAO_TOKEN_SECRET").is_some_and(|v| !v.is_empty())
+        || config.auth.token_secret.is_some();
+    let keys = [
+        ("admin", stored.admin_key),
+        ("issuer", stored.issuer_key),
+        ("gateway", stored.gateway_key),
+    ]
+    .into_iter()
+    .filter_map(|(role, key)| Some((role, key?)))
+    .collect();
+    Ok((keys, stored.token_secret.is_some() && !token_secret_given))
 }
 
 /// The server's base address: `[preflight] url`, else `server.addr`.
@@ -478,8 +514,26 @@ fn authority(config: &Config) -> String {
     url.trim_end_matches('/').to_owned()
 }
 
-/// One GET: status, body as JSON, the `Date` header.
+/// How long preflight waits for one answer: a node that accepts but never answers fails.
+const ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// One GET: status, body as JSON, the `Date` header; at most [`ANSWER_WAIT`].
 async fn get(
+    authority: &str,
+    path: &str,
+    key: &str,
+) -> Result<(u16, Value, Option<String>), String> {
+    tokio::time::timeout(ANSWER_WAIT, get_once(authority, path, key))
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "GET {path}: no answer from {authority} within {} s",
+                ANSWER_WAIT.as_secs()
+            ))
+        })
+}
+
+async fn get_once(
     authority: &str,
     path: &str,
     key: &str,
@@ -520,7 +574,11 @@ async fn get(
 
 /// Reads everything the checklist judges: the node's API (with `admin_key`), its data
 /// directory's disk, this machine's clock.
-pub async fn observe(config: &Config, admin_key: &str, keys: KeySources) -> Observed {
+pub async fn observe(
+    config: &Config,
+    admin_key: &str,
+    generated: Result<GeneratedKeys, String>,
+) -> Observed {
     let at = authority(config);
     let read = |path: String| {
         let at = at.clone();
@@ -548,9 +606,47 @@ pub async fn observe(config: &Config, admin_key: &str, keys: KeySources) -> Obse
         let answer = strip(read(format!("/v1/admin/channels/{channel}")).await);
         channels.insert(channel.to_owned(), answer);
     }
-    let disk_free_bytes = std::fs::create_dir_all(&config.data_dir)
-        .and_then(|_| fs2::available_space(&config.data_dir))
-        .map_err(|e| format!("{}: {e}", config.data_dir.display()));
+    // The node's own directory: preflight creates nothing (a wrong path must not pass on
+    // whatever disk it would land on).
+    let disk_free_bytes = match config.data_dir.join("state").exists() {
+        true => fs2::available_space(&config.data_dir)
+            .map_err(|e| format!("{}: {e}", config.data_dir.display())),
+        false => Err(format!(
+            "{} is not a node's data directory (no state in it): give the node's --data-dir \
+             or data_dir",
+            config.data_dir.display()
+        )),
+    };
+    // Each generated key tried on an endpoint every role may read: 401 means the node does
+    // not know it.
+    let mut keys = generated.map(|(keys, token_secret_generated)| {
+        (
+            keys,
+            KeySources {
+                generated: Vec::new(),
+                token_secret_generated,
+            },
+        )
+    });
+    if let Ok((candidates, sources)) = &mut keys {
+        for (role, key) in candidates.iter() {
+            match get(&at, "/v1/rewards/preflight-key-probe", key).await {
+                Ok((401, _, _)) => {}
+                Ok(_) => sources.generated.push(role),
+                Err(e) => {
+                    keys = Err(e);
+                    break;
+                }
+            }
+        }
+    }
+    let keys = keys.map(|(_, sources)| sources);
+    let w = &config.withdrawals;
+    let payout_rates = BTreeMap::from([
+        ("bank".to_owned(), w.bank_per_s),
+        ("alipay".to_owned(), w.alipay_per_s),
+        ("change".to_owned(), w.change_per_s),
+    ]);
     Observed {
         ready: strip(ready),
         activities,
@@ -560,6 +656,7 @@ pub async fn observe(config: &Config, admin_key: &str, keys: KeySources) -> Obse
         clock_skew_ms,
         now_ms,
         keys,
+        payout_rates,
         disk_free_bytes,
     }
 }
@@ -617,7 +714,12 @@ mod tests {
             )),
             clock_skew_ms: Some(300),
             now_ms: 1_800_000_000_000,
-            keys: KeySources::default(),
+            keys: Ok(KeySources::default()),
+            payout_rates: BTreeMap::from([
+                ("bank".to_owned(), 500),
+                ("alipay".to_owned(), 800),
+                ("change".to_owned(), 0),
+            ]),
             disk_free_bytes: Ok(100 << 30),
         }
     }
@@ -649,8 +751,28 @@ mod tests {
             ),
             (
                 "keys provisioned",
-                Box::new(|o| o.keys.generated = vec!["HONGBAO_ADMIN_KEY"]),
-                "HONGBAO_ADMIN_KEY",
+                Box::new(|o| {
+                    o.keys = Ok(KeySources {
+                        generated: vec!["gateway"],
+                        token_secret_generated: false,
+                    })
+                }),
+                "gateway key generated",
+            ),
+            (
+                "keys provisioned",
+                Box::new(|o| {
+                    o.keys = Ok(KeySources {
+                        generated: vec![],
+                        token_secret_generated: true,
+                    })
+                }),
+                "token secret",
+            ),
+            (
+                "keys provisioned",
+                Box::new(|o| o.keys = Err("timed out".into())),
+                "cannot tell",
             ),
             (
                 "budgets set",
@@ -669,9 +791,16 @@ mod tests {
             (
                 "channels healthy",
                 Box::new(|o| {
-                    o.channels.insert("bank".into(), healthy_channel(900));
+                    o.payout_rates.insert("bank".into(), 900);
                 }),
                 "over the bank's limit",
+            ),
+            (
+                "channels healthy",
+                Box::new(|o| {
+                    o.payout_rates.insert("alipay".into(), 0);
+                }),
+                "unlimited",
             ),
             (
                 "channels healthy",
@@ -751,14 +880,25 @@ mod tests {
     }
 
     #[test]
-    fn keys_from_the_environment_or_the_config_are_provisioned() {
-        let mut config = Config::default();
-        config.auth.token_secret = Some("x".repeat(32));
-        let env = |var: &str| (var != "HONGBAO_GATEWAY_KEY").then(|| "k".repeat(20));
-        assert_eq!(
-            key_sources(&config, env).generated,
-            vec!["HONGBAO_GATEWAY_KEY"]
-        );
-        assert_eq!(key_sources(&Config::default(), |_| None).generated.len(), 4);
+    fn generated_keys_are_read_from_the_data_directory_and_the_secret_judged_by_its_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config {
+            data_dir: dir.path().to_path_buf(),
+            ..Config::default()
+        };
+        let none = |_: &str| None;
+        assert_eq!(generated_keys(&config, none).unwrap(), (vec![], false));
+        std::fs::write(
+            dir.path().join("keys.toml"),
+            "admin_key = \"a-generated-key-0001\"\ntoken_secret = \"generated-secret-0001\"\n",
+        )
+        .unwrap();
+        let (keys, secret_generated) = generated_keys(&config, none).unwrap();
+        assert_eq!(keys, vec![("admin", "a-generated-key-0001".to_owned())]);
+        assert!(secret_generated);
+        let env = |var: &str| (var == "HONGBAO_TOKEN_SECRET").then(|| "s".repeat(20));
+        assert!(!generated_keys(&config, env).unwrap().1);
+        config.auth.token_secret = Some("t".repeat(20));
+        assert!(!generated_keys(&config, none).unwrap().1);
     }
 }

@@ -1,7 +1,7 @@
 //! `hongbao preflight` (issue 16) against a real server: ready when the node is as planned,
 //! not ready (exit 1, the item named) when one thing is not.
 
-use super::{spawn_app, ADMIN, GATEWAY, ISSUER, SECRET};
+use super::{spawn_app_with, ADMIN, GATEWAY, ISSUER, SECRET};
 use std::process::Command;
 
 fn preflight(config: &std::path::Path) -> (i32, serde_json::Value) {
@@ -38,7 +38,10 @@ fn failed(report: &serde_json::Value) -> Vec<String> {
 async fn preflight_passes_a_node_as_planned_and_names_what_is_not() {
     // Goal: the checklist reads the real node: exit 0 when budgets, channels, policy,
     // switches, disk and clock are as planned; exit 1 naming the item when a switch is not.
-    let app = spawn_app();
+    let app = spawn_app_with(|c| {
+        c.withdrawals.bank_per_s = 400;
+        c.withdrawals.alipay_per_s = 600;
+    });
     assert_eq!(app.set_budget("cny", 1_000_000, 50_000).await.0, 200);
     let policy = r#"{"min_amount":100,"closed_windows":[{"from":"2027-02-16T19:00:00+08:00","to":"2027-02-17T01:00:00+08:00"}]}"#;
     let (status, body) = app
@@ -74,6 +77,9 @@ async fn preflight_passes_a_node_as_planned_and_names_what_is_not() {
         &config,
         format!(
             r#"data_dir = "{data}"
+[withdrawals]
+bank_per_s = 400
+alipay_per_s = 600
 [preflight]
 url = "{url}"
 activities = ["cny"]
@@ -87,7 +93,7 @@ alipay = 800
 min_amount = 100
 closed_windows = [{{ from = "2027-02-16T11:00:00Z", to = "2027-02-16T17:00:00Z" }}]
 "#,
-            data = dir.path().join("data").display(),
+            data = app._dir.path().display(),
             url = app.base,
             switches = planned.join("\n"),
         ),
@@ -113,6 +119,22 @@ closed_windows = [{{ from = "2027-02-16T11:00:00Z", to = "2027-02-16T17:00:00Z" 
     assert!(
         failed[0].contains("switches as planned") && failed[0].contains(&first_switch),
         "{failed:?}"
+    );
+
+    // A key the node accepts sits in the data directory's generated keys.toml: the node runs
+    // on a generated key (tried against it), not ready.
+    let keys_file = app._dir.path().join("keys.toml");
+    std::fs::write(&keys_file, format!("gateway_key = \"{GATEWAY}\"\n")).unwrap();
+    let (code, report) = preflight(&config);
+    assert_eq!(code, 1, "{report}");
+    let failed = failed_names(&report);
+    assert!(failed.contains(&"keys provisioned".to_owned()), "{report}");
+    // One the node does not know (a stale file) is no finding.
+    std::fs::write(&keys_file, "gateway_key = \"stale-gateway-key-000001\"\n").unwrap();
+    let (_, report) = preflight(&config);
+    assert!(
+        !failed_names(&report).contains(&"keys provisioned".to_owned()),
+        "{report}"
     );
 
     // The server gone: not ready, the server named.
