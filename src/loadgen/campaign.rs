@@ -27,13 +27,13 @@
 //! claimers were answered. A plot (SVG, `--plot`) shows requests per second (all and per
 //! endpoint) and p99 per second. Any unexpected error or failed check fails the run.
 
+use super::packets::http1_connect as connect;
 use super::{hello_run, LoadgenArgs, LoadgenError, Target};
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use hyper::client::conn::http1::{self, SendRequest};
+use hyper::client::conn::http1::SendRequest;
 use hyper::{Method, Request};
-use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -529,18 +529,6 @@ struct Http {
     recorder: Arc<Recorder>,
 }
 
-async fn connect(addr: SocketAddr) -> Result<SendRequest<Full<Bytes>>, String> {
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connecting to {addr}: {e}"))?;
-    let _ = stream.set_nodelay(true);
-    let (sender, conn) = http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("HTTP handshake with {addr}: {e}"))?;
-    tokio::spawn(conn);
-    Ok(sender)
-}
-
 impl Http {
     fn new(addr: SocketAddr, load_test: bool, connections: usize, recorder: Arc<Recorder>) -> Http {
         Http {
@@ -731,6 +719,39 @@ struct Ctx {
 }
 
 impl Ctx {
+    /// A reward of the campaign's activity (`SubsidyReward`: subsidy, `CashReward`: cash),
+    /// accepted 202: its answer.
+    async fn reward(
+        &self,
+        endpoint: Endpoint,
+        order_id: &str,
+        uid: &str,
+        scene: &str,
+        amount: u64,
+    ) -> Option<Value> {
+        let kind = match endpoint {
+            Endpoint::SubsidyReward => "subsidy",
+            _ => "cash",
+        };
+        let body = serde_json::json!({
+            "order_id": order_id, "uid": uid, "activity_id": self.activity, "scene": scene,
+            "kind": kind, "amount": amount,
+        })
+        .to_string();
+        self.http
+            .step(
+                endpoint,
+                Method::POST,
+                "/v1/rewards",
+                &self.issuer,
+                Some(&body),
+                202,
+            )
+            .await
+    }
+}
+
+impl Ctx {
     fn money(&self) -> std::sync::MutexGuard<'_, Money> {
         self.money.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -816,20 +837,9 @@ async fn subsidy_chain(ctx: &Arc<Ctx>, uid: &str, v: usize, i: u64) {
     // About 100 fen a share, varied so that packets differ; at least a fen a share.
     let total = u64::from(shares) * SHARE_MEAN_FEN + (v as u64 * 31 + i * 7) % 97;
     let order_id = format!("cs{run}-{v}-{i}");
-    let reward = format!(
-        r#"{{"order_id":"{order_id}","uid":"{uid}","activity_id":"{}","scene":"packet","kind":"subsidy","amount":{total}}}"#,
-        ctx.activity
-    );
     let http = &ctx.http;
-    let Some(accepted) = http
-        .step(
-            Endpoint::SubsidyReward,
-            Method::POST,
-            "/v1/rewards",
-            &ctx.issuer,
-            Some(&reward),
-            202,
-        )
+    let Some(accepted) = ctx
+        .reward(Endpoint::SubsidyReward, &order_id, uid, "packet", total)
         .await
     else {
         return;
@@ -1042,19 +1052,14 @@ async fn cash_chain(ctx: &Ctx, uid: &str, method_id: &str, v: usize, i: u64) {
     let run = &ctx.run;
     // 1.00 to 2.99 yuan: at least the minimum withdrawal.
     let amount = 100 + (v as u64 * 13 + i * 29) % 200;
-    let reward = format!(
-        r#"{{"order_id":"kc{run}-{v}-{i}","uid":"{uid}","activity_id":"{}","scene":"rain","kind":"cash","amount":{amount}}}"#,
-        ctx.activity
-    );
     let http = &ctx.http;
-    let Some(accepted) = http
-        .step(
+    let Some(accepted) = ctx
+        .reward(
             Endpoint::CashReward,
-            Method::POST,
-            "/v1/rewards",
-            &ctx.issuer,
-            Some(&reward),
-            202,
+            &format!("kc{run}-{v}-{i}"),
+            uid,
+            "rain",
+            amount,
         )
         .await
     else {

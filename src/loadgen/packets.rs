@@ -100,6 +100,13 @@ pub struct HttpConn {
 }
 
 async fn http_connect(addr: SocketAddr) -> Result<HttpConn, String> {
+    Ok(HttpConn {
+        sender: http1_connect(addr).await?,
+    })
+}
+
+/// One keep-alive HTTP/1.1 connection to `addr` (no Nagle), its driver spawned.
+pub(super) async fn http1_connect(addr: SocketAddr) -> Result<SendRequest<Full<Bytes>>, String> {
     let stream = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connecting to {addr}: {e}"))?;
@@ -108,7 +115,7 @@ async fn http_connect(addr: SocketAddr) -> Result<HttpConn, String> {
         .await
         .map_err(|e| format!("HTTP handshake with {addr}: {e}"))?;
     tokio::spawn(conn);
-    Ok(HttpConn { sender })
+    Ok(sender)
 }
 
 /// A PostgreSQL connection with the claim's statements prepared.
