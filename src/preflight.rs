@@ -484,6 +484,12 @@ pub fn generated_keys(
     config: &Config,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<GeneratedKeys, String> {
+    if !config.data_dir.join("state").exists() {
+        return Err(format!(
+            "{} is not a node's data directory (no state in it)",
+            config.data_dir.display()
+        ));
+    }
     let path = config.data_dir.join("keys.toml");
     let stored: crate::config::AuthConfig = match std::fs::read_to_string(&path) {
         Ok(text) => toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?,
@@ -887,6 +893,8 @@ mod tests {
             ..Config::default()
         };
         let none = |_: &str| None;
+        assert!(generated_keys(&config, none).is_err(), "not a node's directory");
+        std::fs::create_dir(dir.path().join("state")).unwrap();
         assert_eq!(generated_keys(&config, none).unwrap(), (vec![], false));
         std::fs::write(
             dir.path().join("keys.toml"),
