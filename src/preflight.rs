@@ -893,7 +893,10 @@ mod tests {
             ..Config::default()
         };
         let none = |_: &str| None;
-        assert!(generated_keys(&config, none).is_err(), "not a node's directory");
+        assert!(
+            generated_keys(&config, none).is_err(),
+            "not a node's directory"
+        );
         std::fs::create_dir(dir.path().join("state")).unwrap();
         assert_eq!(generated_keys(&config, none).unwrap(), (vec![], false));
         std::fs::write(

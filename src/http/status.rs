@@ -528,7 +528,8 @@ pub fn figures(state: &AppState) -> StatusBody {
 /// The night's live figures, as the status page shows them.
 #[utoipa::path(get, path = "/status.json", tag = "operations",
     responses((status = 200, description = "The status page's figures (always 200; `ready` and \
-        `level` say whether all is well): `generated_at`, `level` (ok / warn / alert) and \
+        `level` say whether all is well): `traffic` (`real`, or `load_test` for a request marked \
+        `X-Hongbao-Load-Test: 1`: the load-test engine's figures), `generated_at`, `level` (ok / warn / alert) and \
         `problems`, `ready`, `readiness`, `store`, `log_head`, `counters` (monotonic, for rates), \
         `rewards` (lane backlog, lag seconds, pending by kind), `projections` (checkpoint and lag \
         behind the head), `payouts` (lane backlog, parked), `budgets` (remaining per activity, \
