@@ -147,6 +147,20 @@ async fn readiness_reads_0_in_the_metrics_once_the_journal_has_stopped() {
     assert_eq!(status, 503, "{ready}");
     let text = app.metrics_text().await;
     assert_eq!(metric(&text, "hongbao_ready"), Some(0.0), "{ready}");
+    // The status page turns red and says why.
+    let (status, figures) = app.get("/status.json", None).await;
+    assert_eq!(status, 200, "{figures}");
+    assert_eq!(
+        (&figures["ready"], &figures["level"]),
+        (&serde_json::json!(false), &serde_json::json!("alert")),
+        "{figures}"
+    );
+    assert!(
+        figures["problems"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p["level"] == "alert")),
+        "{figures}"
+    );
     let alerts = std::fs::read_to_string(repo(ALERTS)).unwrap();
     assert!(
         alerts.contains(r#"expr: hongbao_ready{traffic!="load_test"} == 0"#),
