@@ -1698,6 +1698,35 @@ async fn metrics(metrics: web::Data<Metrics>, shared: web::Data<NodeShared>) -> 
         .body(metrics.render_with(&parts))
 }
 
+/// The status page's figures over every partition this node serves (`/status.json`); the page
+/// itself is the single node's.
+async fn status_json(shared: web::Data<NodeShared>, metrics: web::Data<Metrics>) -> HttpResponse {
+    let (joined, failed) = readiness(&shared);
+    let cells: Vec<Arc<Cell>> = shared.cells.iter().map(|c| c.value().clone()).collect();
+    let states: Vec<&crate::http::AppState> = cells.iter().map(|c| c.state.get_ref()).collect();
+    let status = match (joined, failed.is_empty()) {
+        (false, _) => "joining",
+        (true, false) => "partition_failed",
+        (true, true) => "ready",
+    };
+    let store = states
+        .first()
+        .map(|s| format!("{} partitions: {}", states.len(), s.store_guarantee))
+        .unwrap_or_else(|| "no partition served yet".into());
+    let figures = crate::http::status::compose(
+        &states,
+        metrics.registry.gather(),
+        crate::http::status::Readiness {
+            ready: joined && failed.is_empty(),
+            status,
+        },
+        store,
+    );
+    HttpResponse::Ok()
+        .insert_header((actix_web::http::header::CACHE_CONTROL, "no-store"))
+        .json(figures)
+}
+
 async fn openapi() -> HttpResponse {
     use utoipa::OpenApi;
     HttpResponse::Ok()
@@ -1712,6 +1741,11 @@ fn routes(cfg: &mut web::ServiceConfig) {
         ("/readyz", vec![web::get().to(readyz)]),
         ("/metrics", vec![web::get().to(metrics)]),
         ("/openapi.json", vec![web::get().to(openapi)]),
+        (
+            "/status",
+            vec![web::get().to(crate::http::status::status_page)],
+        ),
+        ("/status.json", vec![web::get().to(status_json)]),
     ];
     crate::http::register(cfg, node.into_iter().chain(crate::http::api_routes()));
 }

@@ -306,30 +306,36 @@ fn parked(state: &AppState) -> (u64, bool) {
     }
 }
 
-/// The budgets left, read as integers from the gauge (its label values name the activities).
-fn budgets(state: &AppState, families: &[MetricFamily]) -> Vec<Budget> {
+/// The budgets left, read as integers from each cell's gauge (its label values name the
+/// activities); an activity in several cells (intake shards) is summed.
+fn budgets(cells: &[&AppState]) -> Vec<Budget> {
     let mut activities: BTreeMap<String, Budget> = BTreeMap::new();
-    for (labels, _) in series(families, "hongbao_budget_remaining_fen") {
-        let (Some(activity), Some(kind)) = (label(labels, "activity"), label(labels, "kind"))
-        else {
-            continue;
-        };
-        let fen = state
-            .metrics
-            .budget_remaining_fen
-            .with_label_values(&[activity, kind])
-            .get();
-        let budget = activities
-            .entry(activity.to_owned())
-            .or_insert_with(|| Budget {
-                activity: activity.to_owned(),
-                cash: None,
-                subsidy: None,
-            });
-        match kind {
-            "cash" => budget.cash = Some(Money::of(fen)),
-            "subsidy" => budget.subsidy = Some(Money::of(fen)),
-            _ => {}
+    for state in cells {
+        let families = state.metrics.registry.gather();
+        for (labels, _) in series(&families, "hongbao_budget_remaining_fen") {
+            let (Some(activity), Some(kind)) = (label(labels, "activity"), label(labels, "kind"))
+            else {
+                continue;
+            };
+            let fen = state
+                .metrics
+                .budget_remaining_fen
+                .with_label_values(&[activity, kind])
+                .get();
+            let budget = activities
+                .entry(activity.to_owned())
+                .or_insert_with(|| Budget {
+                    activity: activity.to_owned(),
+                    cash: None,
+                    subsidy: None,
+                });
+            let slot = match kind {
+                "cash" => &mut budget.cash,
+                "subsidy" => &mut budget.subsidy,
+                _ => continue,
+            };
+            let sum = slot.as_ref().map_or(0, |m| m.fen).saturating_add(fen);
+            *slot = Some(Money::of(sum));
         }
     }
     activities.into_values().collect()
@@ -356,14 +362,46 @@ fn switches(state: &AppState) -> Vec<SwitchState> {
     })
 }
 
-/// The figures, read now.
+/// The figures of a single node, read now.
 pub fn figures(state: &AppState) -> StatusBody {
+    let condition = state.store.condition();
+    compose(
+        &[state],
+        Vec::new(),
+        Readiness {
+            ready: condition == JournalCondition::Ready,
+            status: condition.as_str(),
+        },
+        state.store_guarantee.clone(),
+    )
+}
+
+/// How `/readyz` answers, in the figures.
+pub struct Readiness {
+    pub ready: bool,
+    /// `ready`, or why not (`journal_failed`, `log_unreachable`; on a cluster node `joining`,
+    /// `partition_failed`).
+    pub status: &'static str,
+}
+
+/// The figures of `cells`, the logs a node serves (one on a single node; on a cluster node its
+/// partitions, each labelled `partition`): counters and gauges summed over them with the
+/// node's own series (`node`, the HTTP requests on a cluster node), heads and view lags summed,
+/// budgets of every cell. The continuous audit runs on a single node only.
+pub fn compose(
+    cells: &[&AppState],
+    node: Vec<MetricFamily>,
+    readiness: Readiness,
+    store: String,
+) -> StatusBody {
     use crate::clock::Clock;
     let now_ms = crate::clock::SystemClock.now_ms();
-    let families = state.metrics.registry.gather();
+    let mut families = node;
+    for cell in cells {
+        families.extend(cell.metrics.registry.gather());
+    }
     let f = families.as_slice();
-    let head = state.store.head();
-    let condition = state.store.condition();
+    let head: u64 = cells.iter().map(|c| c.store.head()).sum();
     let kinds: Vec<&str> = RewardKind::ALL.iter().map(|k| k.as_str()).collect();
     let channels: Vec<&str> = Channel::ALL.iter().map(|c| c.as_str()).collect();
 
@@ -396,17 +434,24 @@ pub fn figures(state: &AppState) -> StatusBody {
     };
     let views = VIEWS
         .iter()
-        .filter(|name| state.projections.tree(name).is_some())
+        .filter(|name| cells.iter().any(|c| c.projections.tree(name).is_some()))
         .map(|name| {
-            let checkpoint = state.projections.checkpoint(name);
+            let running = cells.iter().filter(|c| c.projections.tree(name).is_some());
+            let (checkpoint, lag) = running.fold((0u64, 0u64), |(sum, lag), c| {
+                let at = c.projections.checkpoint(name);
+                (sum + at, lag + c.store.head().saturating_sub(at))
+            });
             ViewLag {
                 name,
                 checkpoint,
-                lag: head.saturating_sub(checkpoint),
+                lag,
             }
         })
         .collect();
-    let (parked_now, parked_more) = parked(state);
+    let (parked_now, parked_more) = cells
+        .iter()
+        .map(|c| parked(c))
+        .fold((0, false), |(count, more), (n, m)| (count + n, more || m));
     let payouts = Payouts {
         lane_backlog: gauges(f, "hongbao_payout_lane_backlog", "channel", &channels),
         parked: parked_now,
@@ -415,8 +460,12 @@ pub fn figures(state: &AppState) -> StatusBody {
     };
     let violations_by_check = counts(f, "hongbao_audit_violations_total", "check", &[]);
     let violations = violations_by_check.values().sum();
-    let audit = match &state.live_audit {
-        Some(_) => {
+    let live_audit = match cells {
+        [single] => single.live_audit.as_ref().map(|_| single),
+        _ => None,
+    };
+    let audit = match live_audit {
+        Some(state) => {
             let checked = state.metrics.audit_checked_seq.get().max(0) as u64;
             AuditState {
                 status: "running",
@@ -436,7 +485,10 @@ pub fn figures(state: &AppState) -> StatusBody {
     };
     let mismatches_by_check = counts(f, "hongbao_reconciliation_mismatches_total", "check", &[]);
     let reconciliation = Reconciliation {
-        checks: state.metrics.reconciliation_checks_total.get(),
+        checks: cells
+            .iter()
+            .map(|c| c.metrics.reconciliation_checks_total.get())
+            .sum(),
         mismatches: mismatches_by_check.values().sum(),
         mismatches_by_check,
     };
@@ -450,12 +502,12 @@ pub fn figures(state: &AppState) -> StatusBody {
             message,
         })
     };
-    let ready = condition == JournalCondition::Ready;
+    let ready = readiness.ready;
     if !ready {
         problem(
             "alert",
             "ready",
-            format!("not ready: {} (see /readyz)", condition.as_str()),
+            format!("not ready: {} (see /readyz)", readiness.status),
         );
     }
     if audit.violations > 0 {
@@ -511,15 +563,16 @@ pub fn figures(state: &AppState) -> StatusBody {
         level,
         problems,
         ready,
-        readiness: condition.as_str(),
-        store: state.store_guarantee.clone(),
+        readiness: readiness.status,
+        store,
         log_head: head,
         counters,
         rewards,
         projections: views,
         payouts,
-        budgets: budgets(state, f),
-        switches: switches(state),
+        budgets: budgets(cells),
+        // One node's switches are the same in every cell (the fleet's singletons).
+        switches: cells.first().map(|c| switches(c)).unwrap_or_default(),
         audit,
         reconciliation,
     }

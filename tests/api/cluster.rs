@@ -437,6 +437,31 @@ async fn every_node_gives_the_same_answer_to_the_same_request() {
         let text = scrape(&client, base).await;
         assert_eq!(metric(&text, "hongbao_ready"), Some(1.0), "{base}");
     }
+    // Each node's status figures cover the partitions it serves: together, every deposit.
+    let mut heads = 0;
+    let mut appended = 0;
+    for base in &bases {
+        let (status, figures) = call(
+            &client,
+            reqwest::Method::GET,
+            format!("{base}/status.json"),
+            ADMIN,
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{figures}");
+        assert_eq!(
+            (&figures["ready"], &figures["traffic"]),
+            (&serde_json::json!(true), &serde_json::json!("real")),
+            "{figures}"
+        );
+        heads += figures["log_head"].as_u64().unwrap();
+        appended += figures["counters"]["events_appended"].as_u64().unwrap();
+        let page = client.get(format!("{base}/status")).send().await.unwrap();
+        assert_eq!(page.status().as_u16(), 200);
+    }
+    assert!(heads >= USERS as u64, "{heads} events in the fleet's logs");
+    assert!(appended >= USERS as u64, "{appended} events appended");
     for (n, (body, answer)) in &first {
         for base in &bases {
             // A retry through any node replays the original answer.
