@@ -230,6 +230,19 @@ fn label<'a>(labels: &'a [LabelPair], name: &str) -> Option<&'a str> {
     labels.iter().find(|l| l.name() == name).map(|l| l.value())
 }
 
+/// The family `name`'s largest value by the value of `by` (an age: the oldest of several
+/// cells' is the figure, not their sum).
+fn max_by(families: &[MetricFamily], name: &str, by: &str) -> BTreeMap<String, f64> {
+    let mut maxima: BTreeMap<String, f64> = BTreeMap::new();
+    for (labels, value) in series(families, name) {
+        if let Some(key) = label(labels, by) {
+            let max = maxima.entry(key.to_owned()).or_insert(value);
+            *max = max.max(value);
+        }
+    }
+    maxima
+}
+
 /// The family `name` summed by the value of `by` (series without that label left out).
 fn sum_by(families: &[MetricFamily], name: &str, by: &str) -> BTreeMap<String, f64> {
     let mut sums = BTreeMap::new();
@@ -307,7 +320,9 @@ fn parked(state: &AppState) -> (u64, bool) {
 }
 
 /// The budgets left, read as integers from each cell's gauge (its label values name the
-/// activities); an activity in several cells (intake shards) is summed.
+/// activities). Right for a single node; a cluster node's page leaves budgets out (an
+/// activity's gauge there counts only the acceptances of its own partition, not those of its
+/// intake shards).
 fn budgets(cells: &[&AppState]) -> Vec<Budget> {
     let mut activities: BTreeMap<String, Budget> = BTreeMap::new();
     for state in cells {
@@ -386,8 +401,9 @@ pub struct Readiness {
 
 /// The figures of `cells`, the logs a node serves (one on a single node; on a cluster node its
 /// partitions, each labelled `partition`): counters and gauges summed over them with the
-/// node's own series (`node`, the HTTP requests on a cluster node), heads and view lags summed,
-/// budgets of every cell. The continuous audit runs on a single node only.
+/// node's own series (`node`, the HTTP requests on a cluster node), lane lags the oldest of
+/// them, heads and view lags summed, budgets of every cell (a cluster node drops them). The
+/// continuous audit runs on a single node only.
 pub fn compose(
     cells: &[&AppState],
     node: Vec<MetricFamily>,
@@ -401,7 +417,9 @@ pub fn compose(
         families.extend(cell.metrics.registry.gather());
     }
     let f = families.as_slice();
-    let head: u64 = cells.iter().map(|c| c.store.head()).sum();
+    // Each cell's head read once: a view's lag is measured against the same head.
+    let heads: Vec<u64> = cells.iter().map(|c| c.store.head()).collect();
+    let head: u64 = heads.iter().sum();
     let kinds: Vec<&str> = RewardKind::ALL.iter().map(|k| k.as_str()).collect();
     let channels: Vec<&str> = Channel::ALL.iter().map(|c| c.as_str()).collect();
 
@@ -426,7 +444,7 @@ pub fn compose(
     };
     let mut lane_lag_seconds: BTreeMap<String, f64> =
         kinds.iter().map(|k| (k.to_string(), 0.0)).collect();
-    lane_lag_seconds.extend(sum_by(f, "hongbao_reward_lane_lag_seconds", "kind"));
+    lane_lag_seconds.extend(max_by(f, "hongbao_reward_lane_lag_seconds", "kind"));
     let rewards = RewardLanes {
         lane_backlog: gauges(f, "hongbao_reward_lane_backlog", "kind", &kinds),
         lane_lag_seconds,
@@ -436,10 +454,13 @@ pub fn compose(
         .iter()
         .filter(|name| cells.iter().any(|c| c.projections.tree(name).is_some()))
         .map(|name| {
-            let running = cells.iter().filter(|c| c.projections.tree(name).is_some());
-            let (checkpoint, lag) = running.fold((0u64, 0u64), |(sum, lag), c| {
+            let running = cells
+                .iter()
+                .zip(&heads)
+                .filter(|(c, _)| c.projections.tree(name).is_some());
+            let (checkpoint, lag) = running.fold((0u64, 0u64), |(sum, lag), (c, head)| {
                 let at = c.projections.checkpoint(name);
-                (sum + at, lag + c.store.head().saturating_sub(at))
+                (sum + at, lag + head.saturating_sub(at))
             });
             ViewLag {
                 name,

@@ -155,10 +155,15 @@ async fn readiness_reads_0_in_the_metrics_once_the_journal_has_stopped() {
         (&serde_json::json!(false), &serde_json::json!("alert")),
         "{figures}"
     );
+    assert_eq!(figures["readiness"], "journal_failed", "{figures}");
     assert!(
         figures["problems"]
             .as_array()
-            .is_some_and(|p| p.iter().any(|p| p["level"] == "alert")),
+            .is_some_and(|p| p.iter().any(|p| p["figure"] == "ready"
+                && p["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("journal_failed"))),
         "{figures}"
     );
     let alerts = std::fs::read_to_string(repo(ALERTS)).unwrap();
