@@ -557,33 +557,48 @@ impl Metrics {
     /// is left out of a family the parts have: on a cluster node the node's own copy of a
     /// per-log series (the log head, the lanes' backlog) is never set, only the partitions'.
     pub fn render_with(&self, parts: &[&Metrics]) -> String {
-        let mut families: std::collections::BTreeMap<String, prometheus::proto::MetricFamily> =
-            std::collections::BTreeMap::new();
+        let mut families = Families::new();
         for part in parts {
-            for mut family in part.registry.gather() {
-                match families.get_mut(family.name()) {
-                    Some(merged) => merged.mut_metric().extend(family.take_metric()),
-                    None => {
-                        families.insert(family.name().to_owned(), family);
-                    }
-                }
-            }
+            merge(&mut families, part.registry.gather(), |_| true);
         }
-        for mut family in self.registry.gather() {
-            match families.get_mut(family.name()) {
-                Some(merged) => {
-                    let labelled = family
-                        .take_metric()
-                        .into_iter()
-                        .filter(|m| !m.get_label().is_empty());
-                    merged.mut_metric().extend(labelled);
-                }
-                None => {
-                    families.insert(family.name().to_owned(), family);
-                }
-            }
-        }
+        merge(&mut families, self.registry.gather(), |m| {
+            !m.get_label().is_empty()
+        });
         render_families(&families.into_values().collect::<Vec<_>>())
+    }
+
+    /// This registry's series with every series of `other` (the load-test engine's, each
+    /// labelled `traffic="load_test"`), one family per name.
+    pub fn render_beside(&self, other: &Metrics) -> String {
+        let mut families = Families::new();
+        merge(&mut families, self.registry.gather(), |_| true);
+        merge(&mut families, other.registry.gather(), |_| true);
+        render_families(&families.into_values().collect::<Vec<_>>())
+    }
+}
+
+type Families = std::collections::BTreeMap<String, prometheus::proto::MetricFamily>;
+
+/// Adds `gathered` to `families`, one family per name. A family already there keeps only
+/// the added series that `keep_when_present` keeps; a new family is taken whole.
+fn merge(
+    families: &mut Families,
+    gathered: Vec<prometheus::proto::MetricFamily>,
+    keep_when_present: impl Fn(&prometheus::proto::Metric) -> bool,
+) {
+    for mut family in gathered {
+        match families.get_mut(family.name()) {
+            Some(merged) => {
+                let kept = family
+                    .take_metric()
+                    .into_iter()
+                    .filter(|m| keep_when_present(m));
+                merged.mut_metric().extend(kept);
+            }
+            None => {
+                families.insert(family.name().to_owned(), family);
+            }
+        }
     }
 }
 

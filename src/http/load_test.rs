@@ -69,27 +69,7 @@ pub fn render_metrics(real: &Metrics, engine: Option<&LoadTestEngine>) -> String
     let Some(engine) = engine.filter(|e| !std::ptr::eq(real, e.metrics.as_ref())) else {
         return real.render();
     };
-    let mut families: std::collections::BTreeMap<String, prometheus::proto::MetricFamily> =
-        std::collections::BTreeMap::new();
-    for registry in [&real.registry, &engine.metrics.registry] {
-        for mut family in registry.gather() {
-            match families.get_mut(family.name()) {
-                Some(merged) => merged.mut_metric().extend(family.take_metric()),
-                None => {
-                    families.insert(family.name().to_owned(), family);
-                }
-            }
-        }
-    }
-    let families: Vec<_> = families.into_values().collect();
-    let mut out = Vec::new();
-    match prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &families, &mut out) {
-        Ok(()) => String::from_utf8(out).unwrap_or_default(),
-        Err(e) => {
-            crate::error_limited!(error = %e, "metrics cannot be encoded");
-            String::new()
-        }
-    }
+    real.render_beside(&engine.metrics)
 }
 
 /// The middleware: a marked request sees the load-test engine's state, metrics and keys in

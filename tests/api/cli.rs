@@ -6,28 +6,12 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-/// A data directory holding an (empty) log, as `hongbao serve` leaves it.
-fn data_dir_with_log(dir: &Path) {
-    let store = hongbao::events::sled_store::SledStore::open(
-        dir,
-        Default::default(),
-        std::sync::Arc::new(hongbao::clock::SystemClock),
-        std::sync::Arc::new(hongbao::metrics::Metrics::new()),
-    )
-    .unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    use hongbao::events::EventStore;
-    runtime.block_on(store.close()).unwrap();
-}
-
 #[test]
 fn a_printing_command_piped_into_a_closed_reader_exits_quietly() {
     // Goal: `hongbao projections list | head` does not panic when the reader is gone; the read
     // end is closed before the process starts, so its first write meets EPIPE for certain.
     let dir = tempfile::tempdir().unwrap();
-    data_dir_with_log(dir.path());
+    super::sled_log::sled_head(dir.path());
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
     let mut child = Command::new(env!("CARGO_BIN_EXE_hongbao"))

@@ -23,6 +23,8 @@ mod ops;
 mod packets;
 mod preflight;
 mod rewards;
+#[path = "../support/sled_log.rs"]
+mod sled_log;
 mod status;
 mod wallets;
 mod withdrawals;

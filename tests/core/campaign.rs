@@ -18,25 +18,6 @@ fn args(line: &str) -> LoadgenArgs {
     Cli::try_parse_from(argv).expect("arguments").args
 }
 
-/// The head (last sequence) of the sled log in `dir`.
-fn log_head(dir: &std::path::Path) -> u64 {
-    use hongbao::events::EventStore;
-    let store = hongbao::events::sled_store::SledStore::open(
-        dir,
-        Default::default(),
-        std::sync::Arc::new(hongbao::clock::SystemClock),
-        std::sync::Arc::new(hongbao::metrics::Metrics::new()),
-    )
-    .unwrap();
-    let head = store.head();
-    tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap()
-        .block_on(store.close())
-        .unwrap();
-    head
-}
-
 #[test]
 fn a_short_campaign_drives_the_whole_chain_keeps_the_money_right_and_plots_it() {
     // Goal: 3 s, 4 users, packets of 5 shares claimed by 8 claimers each (more claimers than
@@ -54,9 +35,9 @@ fn a_short_campaign_drives_the_whole_chain_keeps_the_money_right_and_plots_it() 
     let report = campaign::campaign(&args(&line)).expect("the campaign runs");
     assert!(report.load_test, "load-test traffic unless --real-traffic");
     // The whole campaign went into the load-test books; the real log holds nothing of it.
-    assert_eq!(log_head(&data), 0, "the real log");
+    assert_eq!(super::sled_log::sled_head(&data), 0, "the real log");
     assert!(
-        log_head(&data.join("load-test")) > 1_000,
+        super::sled_log::sled_head(&data.join("load-test")) > 1_000,
         "the load-test log"
     );
 

@@ -17,6 +17,8 @@ mod packets;
 mod projections;
 mod reconciliation;
 mod simulate;
+#[path = "../support/sled_log.rs"]
+mod sled_log;
 mod slices;
 mod store;
 mod store_contract;
